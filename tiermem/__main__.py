@@ -1,0 +1,5 @@
+"""``python -m tiermem``."""
+
+from tiermem.cli.main import main
+
+main()

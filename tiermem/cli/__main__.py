@@ -1,0 +1,5 @@
+"""``python -m tiermem.cli``."""
+
+from tiermem.cli.main import main
+
+main()

@@ -1,0 +1,191 @@
+"""Typed settings, one model per service: a TOML file, then environment, then flags.
+
+Environment variables use a prefix per service and ``__`` for nesting, e.g.
+``TIERMEM_AGENT_LISTEN=0.0.0.0:7070`` or ``TIERMEM_AGENT_TLS__CERT_FILE=/etc/tiermem/agent.pem``.
+Flags given to ``tiermem serve`` override both. The README lists every field.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from tiermem.errors import ConfigurationError
+
+__all__ = ["AgentSettings", "ClientSettings", "ControlPlaneSettings", "TlsSettings", "load_settings"]
+
+
+class TlsSettings(BaseModel):
+    """TLS for a gRPC server or client. Empty cert_file means plaintext."""
+
+    cert_file: str = ""
+    """PEM certificate chain of this side."""
+    key_file: str = ""
+    """PEM private key of this side."""
+    ca_file: str = ""
+    """PEM CA bundle used to verify the peer."""
+    require_client_cert: bool = False
+    """Server only: require and verify client certificates (mTLS)."""
+    server_name: str = ""
+    """Client only: override the name checked in the server certificate."""
+
+    @property
+    def enabled(self) -> bool:
+        """True when this side speaks TLS."""
+        return bool(self.cert_file or self.ca_file)
+
+
+class _Base(BaseSettings):
+    model_config = SettingsConfigDict(env_nested_delimiter="__", extra="forbid")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # flags (init) > environment > TOML file named by TIERMEM_CONFIG
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = os.environ.get("TIERMEM_CONFIG")
+        if path:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+
+class AgentSettings(_Base):
+    """The node agent."""
+
+    model_config = SettingsConfigDict(env_prefix="TIERMEM_AGENT_", env_nested_delimiter="__", extra="forbid")
+
+    node_id: str = Field(default_factory=lambda: os.uname().nodename.split(".")[0] or "node")
+    """This node's id in the control plane registry."""
+    listen: str = "127.0.0.1:7070"
+    """gRPC listen address (host:port; port 0 picks a free one)."""
+    advertise: str = ""
+    """Address the control plane uses to reach this agent (default: listen)."""
+    data_dir: str = "/var/lib/tiermem/agent"
+    """Durable state: the evicted-page index and the default local store."""
+    stores: dict[str, str] = Field(default_factory=dict)
+    """Page stores by name -> URL. ``default`` is ``file://<data_dir>/pages`` unless given."""
+    handoff_socket: str = ""
+    """Unix socket where VMMs hand off their uffd and memfd (default: <data_dir>/handoff.sock)."""
+    control_plane: str = ""
+    """Control plane address; empty runs the agent autonomously."""
+    heartbeat_ms: int = 2000
+    """Heartbeat period towards the control plane, milliseconds."""
+    autonomous_after_ms: int = 10_000
+    """Run cycles from local policies when the control plane has been unreachable this long."""
+    fsync: bool = True
+    """fsync the index and local store before punching pages."""
+    token: str = ""
+    """Bearer token the agent requires from callers (empty: no token auth)."""
+    control_plane_token: str = ""
+    """Bearer token the agent presents to the control plane."""
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+    """Server TLS."""
+    client_tls: TlsSettings = Field(default_factory=TlsSettings)
+    """TLS used when calling the control plane."""
+    metrics_listen: str = ""
+    """Prometheus endpoint host:port (empty: off)."""
+    reflection: bool = False
+    """Serve gRPC reflection."""
+    log_json: bool = True
+    """Structured JSON logs (false: console format)."""
+
+    @field_validator("stores")
+    @classmethod
+    def _check_stores(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            if not name or not name.replace("-", "").replace("_", "").isalnum():
+                raise ValueError(f"invalid store name {name!r}")
+        return v
+
+    def store_urls(self) -> dict[str, str]:
+        """Stores by name, with the default filled in."""
+        urls = dict(self.stores)
+        urls.setdefault("default", f"file://{Path(self.data_dir).resolve() / 'pages'}")
+        return urls
+
+    def handoff_path(self) -> str:
+        """The handoff socket path."""
+        return self.handoff_socket or str(Path(self.data_dir) / "handoff.sock")
+
+
+class ControlPlaneSettings(_Base):
+    """The control plane."""
+
+    model_config = SettingsConfigDict(env_prefix="TIERMEM_CP_", env_nested_delimiter="__", extra="forbid")
+
+    listen: str = "127.0.0.1:7000"
+    """gRPC listen address."""
+    state: str = "sqlite:///var/lib/tiermem/control.db"
+    """State store: ``sqlite:///path`` (embedded) or ``redis://host:port/db`` (shared, with leader election)."""
+    replica_id: str = Field(default_factory=lambda: f"{os.uname().nodename}-{os.getpid()}")
+    """This replica's id in leader election."""
+    lease_ttl_ms: int = 10_000
+    """Node lease: a node that misses heartbeats this long is marked down."""
+    leader_lease_ms: int = 5000
+    """Leader lease among replicas (Redis state only)."""
+    max_concurrent_cycles_per_node: int = 4
+    """Default per-node limit on concurrent cycles."""
+    node_evict_mbps: float = 0.0
+    """Default per-node eviction bandwidth, MB/s (0: unlimited)."""
+    store_write_mbps: dict[str, float] = Field(default_factory=dict)
+    """Per-store write bandwidth limits, MB/s."""
+    jitter: float = 0.1
+    """Fraction of each interval used to spread cycle start times."""
+    scheduler: bool = True
+    """Run the scheduler (false: registry and manual cycles only)."""
+    token: str = ""
+    """Bearer token required from callers (empty: no token auth)."""
+    agent_token: str = ""
+    """Bearer token presented to agents."""
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+    """Server TLS."""
+    agent_tls: TlsSettings = Field(default_factory=TlsSettings)
+    """TLS used when calling agents."""
+    metrics_listen: str = ""
+    """Prometheus endpoint host:port (empty: off)."""
+    reflection: bool = False
+    """Serve gRPC reflection."""
+    log_json: bool = True
+    """Structured JSON logs."""
+
+
+class ClientSettings(_Base):
+    """The CLI's connection to the control plane."""
+
+    model_config = SettingsConfigDict(env_prefix="TIERMEM_", env_nested_delimiter="__", extra="ignore")
+
+    server: str = "127.0.0.1:7000"
+    """Control plane address."""
+    token: str = ""
+    """Bearer token."""
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+    """Client TLS (ca_file to verify the server; cert/key for mTLS)."""
+    timeout_s: float = 30.0
+    """Default deadline per call, seconds."""
+
+
+def load_settings(cls: type[_Base], **overrides: Any) -> Any:
+    """Build settings from file/env plus non-None ``overrides``; errors become ConfigurationError."""
+    from pydantic import ValidationError
+
+    try:
+        return cls(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"])
+        raise ConfigurationError(f"invalid setting {loc}: {first['msg']}") from None

@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC code for the tiermem.v1 contracts. Do not edit."""
