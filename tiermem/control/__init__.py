@@ -1,0 +1,1 @@
+"""The control plane: registry, policies, scheduler, state stores and gRPC service."""

@@ -1,0 +1,1 @@
+"""Page stores: one interface (``base``), a shared codec, and local, Redis, S3 and memory backends."""

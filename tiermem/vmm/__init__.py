@@ -1,0 +1,1 @@
+"""VMM side: handoff protocol, VMM client library, process guest, KVM VMM, workloads and traces."""
