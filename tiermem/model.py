@@ -30,6 +30,8 @@ __all__ = [
     "VmState",
     "VmStatus",
     "now_ms",
+    "policy_from_dict",
+    "policy_to_dict",
     "validate_id",
 ]
 
@@ -290,3 +292,37 @@ class Event:
     seq: int = 0
     time_unix_ms: int = field(default_factory=now_ms)
     attributes: dict[str, str] = field(default_factory=dict)
+
+
+def policy_to_dict(p: EvictionPolicy) -> dict[str, Any]:
+    """A JSON-serialisable form of a policy (for durable state)."""
+    return {
+        "interval_ms": p.interval_ms, "cold_after": p.cold_after,
+        "max_evict": {"pages": p.max_evict.pages, "bytes": p.max_evict.bytes, "fraction": p.max_evict.fraction},
+        "min_resident_bytes": p.min_resident_bytes, "store": p.store, "compression": p.compression.value,
+        "prefetch_pages": p.prefetch_pages, "paused": p.paused, "slo_promotion_rate": p.slo_promotion_rate,
+        "version": p.version,
+    }  # fmt: skip
+
+
+def policy_from_dict(d: dict[str, Any]) -> EvictionPolicy:
+    """The inverse of :func:`policy_to_dict`; unknown keys are ignored, missing ones take defaults."""
+    base = EvictionPolicy()
+    cap = d.get("max_evict") or {}
+    try:
+        return EvictionPolicy(
+            interval_ms=int(d.get("interval_ms", base.interval_ms)),
+            cold_after=int(d.get("cold_after", base.cold_after)),
+            max_evict=EvictionCap(
+                pages=cap.get("pages"), bytes=cap.get("bytes"), fraction=cap.get("fraction")
+            ),
+            min_resident_bytes=int(d.get("min_resident_bytes", 0)),
+            store=str(d.get("store", base.store)),
+            compression=Compression(d.get("compression", "none")),
+            prefetch_pages=int(d.get("prefetch_pages", base.prefetch_pages)),
+            paused=bool(d.get("paused", False)),
+            slo_promotion_rate=float(d.get("slo_promotion_rate", 0.0)),
+            version=int(d.get("version", 0)),
+        )
+    except (TypeError, ValueError) as e:
+        raise InvalidArgument(f"invalid policy: {e}") from None
