@@ -1,0 +1,281 @@
+"""``RedisPageStore``: pages as binary Redis strings (redis-py).
+
+Key layout (the hash tag ``{<vm>}`` puts all of one VM's keys in one Redis
+Cluster slot, so a batch is a single-slot operation)::
+
+    <prefix>:{<vm>}:p:<page>:<generation>   the payload
+    <prefix>:{<vm>}:usage                   hash: pages, bytes
+
+A put batch is one ``EVALSHA`` of a small Lua script that SETs every key and
+adjusts the usage hash by the *actual* delta (``STRLEN`` before each SET), so:
+
+- it is all-or-nothing like MULTI/EXEC (a script runs atomically, and Redis
+  refuses a writing script under maxmemory before its first write), and
+- unlike MULTI/EXEC it stays exact when a batch is retried after a lost reply
+  (redis-py's Retry re-sends it): overwriting a key never counts it twice.
+
+Deletes use the same pattern. Reads are one MGET. Purge walks the VM's keys
+with SCAN MATCH and UNLINKs them in batches, never KEYS or a blocking DEL.
+
+Connections: redis-py's ConnectionPool (thread-safe), socket timeouts, and
+``Retry(ExponentialBackoff(), retries)`` on ConnectionError/TimeoutError. The
+password is never part of ``url``, logs or error messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from tiermem.errors import ConfigurationError, NotFound, StoreFull, StoreUnavailable, TiermemError
+from tiermem.store.base import StoredPage
+from tiermem.store.payload import EncodedPage, PayloadStore
+
+__all__ = ["RedisPageStore", "redis_error"]
+
+_PUT = """
+local dp, db = 0, 0
+for i = 2, #KEYS do
+  local old = redis.call('STRLEN', KEYS[i])
+  if old > 0 then dp = dp - 1; db = db - old end
+  redis.call('SET', KEYS[i], ARGV[i - 1])
+  dp = dp + 1; db = db + #ARGV[i - 1]
+end
+redis.call('HINCRBY', KEYS[1], 'pages', dp)
+redis.call('HINCRBY', KEYS[1], 'bytes', db)
+return dp
+"""
+
+_DELETE = """
+local dp, db = 0, 0
+for i = 2, #KEYS do
+  local old = redis.call('STRLEN', KEYS[i])
+  if old > 0 then
+    redis.call('UNLINK', KEYS[i])
+    dp = dp + 1; db = db + old
+  end
+end
+if dp > 0 then
+  redis.call('HINCRBY', KEYS[1], 'pages', -dp)
+  redis.call('HINCRBY', KEYS[1], 'bytes', -db)
+end
+return dp
+"""
+
+_SCAN_COUNT = 1000
+_OOM = re.compile(r"\bOOM\b")
+_OPTIONS = {
+    "timeout", "connect_timeout", "retries", "prefix", "max_connections", "health_check_interval",
+    "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname",
+}  # fmt: skip
+
+
+def redis_error(e: Exception, what: str) -> TiermemError:
+    """Translate a redis-py error into the tiermem tree, most specific first."""
+    msg = f"{what}: {type(e).__name__}: {e}"
+    if isinstance(e, redis.exceptions.AuthenticationError | redis.exceptions.AuthorizationError):
+        return ConfigurationError(f"{what}: Redis rejected the credentials ({e})")
+    if isinstance(e, redis.exceptions.NoPermissionError):
+        return ConfigurationError(f"{what}: the Redis user lacks a permission ({e})")
+    if isinstance(e, redis.exceptions.OutOfMemoryError) or _OOM.search(str(e)):
+        return StoreFull(f"{what}: Redis is out of memory (maxmemory reached)")
+    if isinstance(
+        e, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError | TimeoutError | OSError
+    ):
+        return StoreUnavailable(msg)  # BusyLoading and MaxConnections are ConnectionErrors too
+    if isinstance(e, redis.exceptions.ReadOnlyError | redis.exceptions.TryAgainError):
+        return StoreUnavailable(msg)
+    if isinstance(e, redis.exceptions.ClusterDownError | redis.exceptions.MasterDownError):
+        return StoreUnavailable(msg)
+    if isinstance(e, redis.exceptions.ResponseError) and str(e).startswith(("NOAUTH", "WRONGPASS")):
+        return ConfigurationError(f"{what}: Redis requires other credentials ({e})")
+    if isinstance(e, redis.exceptions.ResponseError) and "DB index is out of range" in str(e):
+        return ConfigurationError(f"{what}: the Redis database number does not exist")
+    return StoreUnavailable(msg)
+
+
+def _float(opts: dict[str, str], key: str, default: float) -> float:
+    raw = opts.pop(key, None)
+    try:
+        v = float(raw) if raw is not None else default
+    except ValueError:
+        raise ConfigurationError(f"Redis store option {key}={raw!r} is not a number") from None
+    if v <= 0:
+        raise ConfigurationError(f"Redis store option {key} must be positive")
+    return v
+
+
+class RedisPageStore(PayloadStore):
+    """Pages in Redis (standalone, or a Cluster-compatible key layout)."""
+
+    kind = "redis"
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        url: str,
+        name: str = "default",
+        page_size: int = 4096,
+        prefix: str = "tiermem",
+    ) -> None:
+        super().__init__(name, page_size)
+        self.client = client
+        self.prefix = prefix
+        self._url = url
+        self._put = client.register_script(_PUT)
+        self._delete = client.register_script(_DELETE)
+
+    @classmethod
+    def from_url(cls, url: str, name: str = "default", page_size: int = 4096, **opts: Any) -> RedisPageStore:
+        """Open ``redis://[user:pass@]host[:port][/db][?options]`` or ``rediss://…`` (TLS).
+
+        Options: ``timeout`` (socket, seconds, default 5), ``connect_timeout``
+        (default 2), ``retries`` (default 3), ``prefix`` (default ``tiermem``),
+        ``max_connections``, ``health_check_interval``, and for TLS
+        ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``,
+        ``ssl_cert_reqs`` (required|optional|none), ``ssl_check_hostname`` (0|1).
+        """
+        from tiermem.store.url import redact_url
+
+        safe = redact_url(url)
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss"):
+            raise ConfigurationError(f"not a Redis URL: {safe}")
+        q: dict[str, str] = dict(parse_qsl(parts.query, keep_blank_values=True))
+        q.update({k: str(v) for k, v in opts.items()})
+        unknown = sorted(set(q) - _OPTIONS)
+        if unknown:
+            raise ConfigurationError(f"unknown Redis store option {unknown[0]!r} in {safe}")
+        try:
+            host, port = parts.hostname, parts.port or 6379
+        except ValueError:
+            raise ConfigurationError(f"invalid port in Redis URL {safe}") from None
+        if not host:
+            raise ConfigurationError(f"Redis URL {safe} has no host")
+        path = parts.path.strip("/")
+        if path and not path.isdigit():
+            raise ConfigurationError(f"Redis URL {safe}: the path must be a database number, not {path!r}")
+        kw: dict[str, Any] = {
+            "host": host,
+            "port": port,
+            "db": int(path or 0),
+            "username": unquote(parts.username) if parts.username else None,
+            "password": unquote(parts.password) if parts.password is not None else None,
+            "socket_timeout": _float(q, "timeout", 5.0),
+            "socket_connect_timeout": _float(q, "connect_timeout", 2.0),
+            "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), int(_float(q, "retries", 3))),
+            "retry_on_error": [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
+            "health_check_interval": int(_float(q, "health_check_interval", 30)),
+            "decode_responses": False,
+            "client_name": f"tiermem-{name}",
+        }
+        if "max_connections" in q:
+            kw["max_connections"] = int(_float(q, "max_connections", 0))
+        prefix = q.pop("prefix", "tiermem")
+        if not prefix or any(c in prefix for c in "{}*?[] "):
+            raise ConfigurationError(
+                f"Redis store prefix {prefix!r} may not be empty or contain {{}}*?[] or spaces"
+            )
+        ssl_opts = {k: q.pop(k) for k in list(q) if k.startswith("ssl_")}
+        if parts.scheme == "rediss":
+            kw["ssl"] = True
+            for k in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+                if k in ssl_opts:
+                    kw[k] = ssl_opts[k]
+            reqs = ssl_opts.get("ssl_cert_reqs", "required")
+            if reqs not in ("required", "optional", "none"):
+                raise ConfigurationError(f"ssl_cert_reqs must be required, optional or none, not {reqs!r}")
+            kw["ssl_cert_reqs"] = reqs
+            kw["ssl_check_hostname"] = ssl_opts.get(
+                "ssl_check_hostname", "1" if reqs == "required" else "0"
+            ) in (
+                "1",
+                "true",
+                "yes",
+            )
+        elif ssl_opts:
+            raise ConfigurationError(f"TLS options need a rediss:// URL: {safe}")
+        return cls(redis.Redis(**kw), safe, name=name, page_size=page_size, prefix=prefix)
+
+    @property
+    def url(self) -> str:
+        """The store URL, password redacted."""
+        return self._url
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self.client.close()
+
+    @contextlib.contextmanager
+    def _translate(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except redis.exceptions.RedisError as e:
+            raise redis_error(e, f"{what} on {self._url}") from None
+        except OSError as e:
+            raise redis_error(e, f"{what} on {self._url}") from None
+
+    def key(self, vm_id: str, page: int, generation: int) -> str:
+        """The Redis key of one page (deterministic: invariant 5 never trusts a location)."""
+        return f"{self.prefix}:{{{vm_id}}}:p:{page}:{generation}"
+
+    def _usage_key(self, vm_id: str) -> str:
+        return f"{self.prefix}:{{{vm_id}}}:usage"
+
+    # -- backend hooks ------------------------------------------------------------------
+
+    def _put_payloads(self, vm_id: str, items: Sequence[EncodedPage]) -> list[str]:
+        keys = [self.key(vm_id, it.page, it.generation) for it in items]
+        with self._translate(f"put of {len(items)} pages of VM {vm_id}"):
+            self._put(keys=[self._usage_key(vm_id), *keys], args=[it.payload for it in items])
+        return keys
+
+    def _get_payloads(self, vm_id: str, entries: Sequence[StoredPage]) -> list[bytes]:
+        keys = [self.key(vm_id, e.page, e.generation) for e in entries]
+        with self._translate(f"get of {len(keys)} pages of VM {vm_id}"):
+            values: list[Any] = [self.client.get(keys[0])] if len(keys) == 1 else list(self.client.mget(keys))
+        out: list[bytes] = []
+        for e, v in zip(entries, values, strict=True):
+            if v is None:
+                raise NotFound(f"VM {vm_id} page {e.page} generation {e.generation} is not in {self._url}")
+            out.append(bytes(v))
+        return out
+
+    def _delete_payloads(self, vm_id: str, entries: Sequence[StoredPage]) -> None:
+        keys = [self.key(vm_id, e.page, e.generation) for e in entries]
+        with self._translate(f"delete of {len(keys)} pages of VM {vm_id}"):
+            self._delete(keys=[self._usage_key(vm_id), *keys], args=[])
+
+    def _purge(self, vm_id: str) -> int:
+        removed = 0
+        with self._translate(f"purge of VM {vm_id}"):
+            batch: list[bytes] = []
+            for k in self.client.scan_iter(match=f"{self.prefix}:{{{vm_id}}}:p:*", count=_SCAN_COUNT):
+                batch.append(k)
+                if len(batch) >= _SCAN_COUNT:
+                    removed += int(self.client.unlink(*batch))  # type: ignore[arg-type]
+                    batch = []
+            if batch:
+                removed += int(self.client.unlink(*batch))  # type: ignore[arg-type]
+            self.client.unlink(self._usage_key(vm_id))
+        return removed
+
+    def _payload_usage(self, vm_id: str | None) -> tuple[int, int]:
+        with self._translate("usage"):
+            if vm_id is not None:
+                keys = [self._usage_key(vm_id)]
+            else:
+                keys = list(self.client.scan_iter(match=f"{self.prefix}:{{*}}:usage", count=_SCAN_COUNT))
+            pages = stored = 0
+            for k in keys:
+                p, b = self.client.hmget(k, ["pages", "bytes"])  # type: ignore[misc]
+                pages += int(p or 0)
+                stored += int(b or 0)
+        return pages, stored

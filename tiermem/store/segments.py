@@ -1,0 +1,528 @@
+"""A log-structured segment engine, shared by the local directory and S3 stores.
+
+Each put batch becomes one or more immutable *segment* blobs (a file, or an S3
+object) under the VM's own namespace: ``<vm>/seg/<id>``, plus tombstone blobs
+``<vm>/del/<id>`` (formats in :mod:`tiermem.store.segfile`). Each VM has an
+in-memory (page, generation) -> (segment, offset, length) map, rebuilt on first
+use after a restart from the segments' footers and the tombstones.
+
+Deletes drop map entries at once. A segment left with no live page is deleted;
+one whose live bytes fall below ``compact_below`` of its payload bytes is
+compacted (live pages rewritten into a new segment, the map repointed, then the
+old segment deleted); otherwise the deleted entries are written to a tombstone
+blob so a restart does not resurrect them. Tombstones that only name deleted
+segments are removed. A lost tombstone or an interrupted compaction can only
+leak space, never lose or misdirect a page: reads always go through the map by
+(page, generation), so a StoredPage whose location went stale after compaction
+still resolves, and every payload is verified by the codec anyway.
+
+Reads group the batch by segment, coalesce neighbouring ranges (gaps up to
+``max_gap``, spans up to ``max_span``) into one read each, and issue the reads
+of different segments in parallel when the backend has ``workers`` > 1.
+
+One process owns a VM's namespace at a time (the agent that serves the VM).
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import structlog
+
+from tiermem.errors import IntegrityError, NotFound, TiermemError
+from tiermem.store.base import StoredPage
+from tiermem.store.payload import EncodedPage, PayloadStore
+from tiermem.store.segfile import (
+    ID_RE,
+    TAIL_READ,
+    Key,
+    Loc,
+    decode_segment_index,
+    decode_tombs,
+    encode_segment,
+    encode_tombs,
+    new_id,
+    parse_location,
+    seq_of,
+)
+
+__all__ = ["SegmentStore"]
+
+log = structlog.get_logger("tiermem.store.segments")
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass
+class _Seg:
+    name: str
+    payload_bytes: int
+    keys: list[Key]
+    live: int = 0
+    live_bytes: int = 0
+    busy: bool = False  # being deleted or compacted
+
+
+@dataclass
+class _Vm:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    load_lock: threading.Lock = field(default_factory=threading.Lock)
+    loaded: bool = False
+    map: dict[Key, Loc] = field(default_factory=dict)
+    segs: dict[str, _Seg] = field(default_factory=dict)
+    tombs: dict[str, set[str]] = field(default_factory=dict)
+    live_bytes: int = 0
+
+
+class SegmentStore(PayloadStore):
+    """A PayloadStore over immutable segment blobs; subclasses provide blob I/O."""
+
+    def __init__(
+        self,
+        name: str = "default",
+        page_size: int = 4096,
+        *,
+        segment_bytes: int = 4 << 20,
+        compact_below: float = 0.5,
+        max_gap: int = 64 << 10,
+        max_span: int = 8 << 20,
+        workers: int = 1,
+    ) -> None:
+        super().__init__(name, page_size)
+        self.segment_bytes = segment_bytes
+        self.compact_below = compact_below
+        self.max_gap = max_gap
+        self.max_span = max_span
+        self._workers = workers
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+        self._vms_lock = threading.Lock()
+        self._vms: dict[str, _Vm] = {}
+
+    # -- blob hooks -------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _blob_put(self, vm_id: str, kind: str, name: str, data: bytes) -> None:
+        """Durably write a whole blob (``kind`` is ``seg`` or ``del``)."""
+
+    @abc.abstractmethod
+    def _blob_read(self, vm_id: str, kind: str, name: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of a blob; NotFound if it is gone, IntegrityError if short."""
+
+    @abc.abstractmethod
+    def _blob_get(self, vm_id: str, kind: str, name: str) -> bytes:
+        """A whole blob; NotFound if it is gone."""
+
+    @abc.abstractmethod
+    def _blob_delete(self, vm_id: str, kind: str, names: Sequence[str]) -> None:
+        """Delete blobs; missing ones are ignored."""
+
+    @abc.abstractmethod
+    def _blob_list(self, vm_id: str, kind: str) -> list[tuple[str, int]]:
+        """``(name, size)`` of every complete blob of ``kind`` for the VM."""
+
+    @abc.abstractmethod
+    def _blob_vms(self) -> list[str]:
+        """VM ids that have a namespace in this store."""
+
+    @abc.abstractmethod
+    def _blob_purge(self, vm_id: str) -> None:
+        """Delete the VM's whole namespace."""
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _parallel(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        if len(items) <= 1 or self._workers <= 1:
+            return [fn(it) for it in items]
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix=f"store-{self.name}")
+            pool = self._pool
+        return list(pool.map(fn, items))
+
+    def close(self) -> None:
+        """Stop the I/O threads."""
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+    def _vm(self, vm_id: str) -> _Vm:
+        with self._vms_lock:
+            st = self._vms.get(vm_id)
+            if st is None:
+                st = self._vms[vm_id] = _Vm()
+        if not st.loaded:
+            with st.load_lock:
+                if not st.loaded:
+                    self._load(vm_id, st)
+                    st.loaded = True
+        return st
+
+    def _read_index(self, vm_id: str, name: str, size: int) -> list[tuple[Key, Loc]]:
+        tail = self._blob_read(vm_id, "seg", name, max(0, size - TAIL_READ), size)
+        got = decode_segment_index(tail, size)
+        if isinstance(got, tuple):
+            off, _ = got
+            tail = self._blob_read(vm_id, "seg", name, off, size)
+            got = decode_segment_index(tail, size)
+            assert isinstance(got, list)
+        return [(k, loc._replace(seg=name)) for k, loc in got]
+
+    def _load(self, vm_id: str, st: _Vm) -> None:
+        """Rebuild the VM's map from segment footers and tombstones."""
+        segs = sorted(n for n in self._blob_list(vm_id, "seg") if ID_RE.match(n[0]))
+        tombs = sorted(n for n, _ in self._blob_list(vm_id, "del") if ID_RE.match(n))
+
+        def read(item: tuple[str, int]) -> list[tuple[Key, Loc]] | None:
+            try:
+                return self._read_index(vm_id, *item)
+            except (IntegrityError, NotFound) as e:
+                log.error("unreadable segment index; its pages are served by location only",
+                          store=self.url, vm=vm_id, segment=item[0], error=str(e))  # fmt: skip
+                return None
+
+        indexes = self._parallel(read, segs)
+        tomb_data = self._parallel(lambda n: self._blob_read_all(vm_id, "del", n), tombs)
+        with st.lock:
+            for (name, _), entries in zip(segs, indexes, strict=True):
+                if entries is None:
+                    continue
+                seg = st.segs[name] = _Seg(
+                    name, sum(loc.length for _, loc in entries), [k for k, _ in entries]
+                )
+                for key, loc in entries:
+                    old = st.map.get(key)
+                    # Newer original write wins; on a tie the later segment (a compacted copy).
+                    if old is None or (loc.seq, loc.seg) >= (old.seq, old.seg):
+                        self._link(st, key, loc, seg)
+            for name, data in zip(tombs, tomb_data, strict=True):
+                try:
+                    dead = decode_tombs(data) if data is not None else []
+                except IntegrityError as e:
+                    log.warning(
+                        "bad tombstone blob ignored", store=self.url, vm=vm_id, blob=name, error=str(e)
+                    )
+                    dead = []
+                st.tombs[name] = {seg for seg, _ in dead}
+                for seg_name, key in dead:
+                    cur = st.map.get(key)
+                    if cur is not None and cur.seg == seg_name:
+                        self._unlink(st, key)
+            empty = [s.name for s in st.segs.values() if s.live == 0]
+            for n in empty:
+                st.segs[n].busy = True
+        if empty:
+            self._drop_segments(vm_id, st, empty)
+        self._gc_tombs(vm_id, st)
+
+    def _blob_read_all(self, vm_id: str, kind: str, name: str) -> bytes | None:
+        try:
+            return self._blob_get(vm_id, kind, name)
+        except NotFound:
+            return None
+
+    @staticmethod
+    def _link(st: _Vm, key: Key, loc: Loc, seg: _Seg) -> None:
+        """Make ``loc`` (in ``seg``) the live copy of ``key``."""
+        old = st.map.get(key)
+        if old is not None:
+            prev = st.segs.get(old.seg)
+            if prev is not None:
+                prev.live -= 1
+                prev.live_bytes -= old.length
+            st.live_bytes -= old.length
+        st.map[key] = loc
+        seg.live += 1
+        seg.live_bytes += loc.length
+        st.live_bytes += loc.length
+
+    @staticmethod
+    def _unlink(st: _Vm, key: Key) -> Loc | None:
+        loc = st.map.pop(key, None)
+        if loc is not None:
+            seg = st.segs.get(loc.seg)
+            if seg is not None:
+                seg.live -= 1
+                seg.live_bytes -= loc.length
+            st.live_bytes -= loc.length
+        return loc
+
+    def _location(self, seg: str, offset: int, length: int) -> str:
+        return f"seg/{seg}@{offset}+{length}"
+
+    # -- put ---------------------------------------------------------------------------
+
+    def _put_payloads(self, vm_id: str, items: Sequence[EncodedPage]) -> list[str]:
+        st = self._vm(vm_id)
+        chunks: list[list[EncodedPage]] = [[]]
+        size = 0
+        for it in items:
+            if chunks[-1] and size + len(it.payload) > self.segment_bytes:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(it)
+            size += len(it.payload)
+        built: list[tuple[str, list[EncodedPage], bytes, list[int]]] = []
+        for chunk in chunks:
+            name = new_id()
+            seq = seq_of(name)
+            blob, offsets = encode_segment(
+                [((it.page, it.generation), int(it.codec), it.checksum, seq, it.payload) for it in chunk]
+            )
+            built.append((name, chunk, blob, offsets))
+        try:
+            self._parallel(lambda b: self._blob_put(vm_id, "seg", b[0], b[2]), built)
+        except TiermemError:
+            if len(built) > 1:  # all or nothing: remove the segments that did land
+                try:
+                    self._blob_delete(vm_id, "seg", [b[0] for b in built])
+                except TiermemError as e:
+                    log.warning(
+                        "could not remove segments of a failed put", store=self.url, vm=vm_id, error=str(e)
+                    )
+            raise
+        emptied: list[str] = []
+        out: list[str] = []
+        with st.lock:
+            for name, chunk, _, offsets in built:
+                seq = seq_of(name)
+                seg = st.segs[name] = _Seg(name, sum(len(it.payload) for it in chunk), [])
+                for it, off in zip(chunk, offsets, strict=True):
+                    key = (it.page, it.generation)
+                    seg.keys.append(key)
+                    old = st.map.get(key)
+                    self._link(st, key, Loc(name, off, len(it.payload), int(it.codec), it.checksum, seq), seg)
+                    if (
+                        old is not None
+                        and (prev := st.segs.get(old.seg))
+                        and prev.live == 0
+                        and not prev.busy
+                    ):
+                        prev.busy = True
+                        emptied.append(prev.name)
+                    out.append(self._location(name, off, len(it.payload)))
+        if emptied:  # re-puts superseded every page of these; best effort, a leak at worst
+            self._drop_segments(vm_id, st, emptied)
+        return out
+
+    # -- get ---------------------------------------------------------------------------
+
+    def _get_payloads(self, vm_id: str, entries: Sequence[StoredPage]) -> list[bytes]:
+        st = self._vm(vm_id)
+        locs = self._resolve(vm_id, st, entries)
+        try:
+            return self._read_locs(vm_id, locs)
+        except NotFound:
+            # A segment vanished under us: compaction moved its pages. Resolve again, once.
+            again = self._resolve(vm_id, st, entries)
+            if again == locs:
+                raise
+            return self._read_locs(vm_id, again)
+
+    def _resolve(self, vm_id: str, st: _Vm, entries: Sequence[StoredPage]) -> list[Loc]:
+        out: list[Loc] = []
+        with st.lock:
+            for e in entries:
+                loc = st.map.get((e.page, e.generation))
+                if loc is None:
+                    # Not in the map (e.g. its segment's index is unreadable): trust the entry's
+                    # own location; the codec verifies whatever it yields.
+                    parsed = parse_location(e.location)
+                    if parsed is None:
+                        raise NotFound(
+                            f"VM {vm_id} page {e.page} generation {e.generation} is not in {self.url}"
+                        )
+                    loc = Loc(parsed[0], parsed[1], parsed[2], int(e.codec), e.checksum, 0)
+                out.append(loc)
+        return out
+
+    def _read_locs(self, vm_id: str, locs: Sequence[Loc]) -> list[bytes]:
+        by_seg: dict[str, list[int]] = {}
+        for i, loc in enumerate(locs):
+            by_seg.setdefault(loc.seg, []).append(i)
+        ranges: list[tuple[str, int, int, list[int]]] = []
+        for seg, idx in by_seg.items():
+            idx.sort(key=lambda i: locs[i].offset)
+            start = locs[idx[0]].offset
+            end = start + locs[idx[0]].length
+            members = [idx[0]]
+            for i in idx[1:]:
+                loc = locs[i]
+                if loc.offset - end <= self.max_gap and loc.offset + loc.length - start <= self.max_span:
+                    end = max(end, loc.offset + loc.length)
+                    members.append(i)
+                else:
+                    ranges.append((seg, start, end, members))
+                    start, end, members = loc.offset, loc.offset + loc.length, [i]
+            ranges.append((seg, start, end, members))
+        blobs = self._parallel(lambda r: self._blob_read(vm_id, "seg", r[0], r[1], r[2]), ranges)
+        out: list[bytes] = [b""] * len(locs)
+        for (_, start, _, members), blob in zip(ranges, blobs, strict=True):
+            for i in members:
+                off = locs[i].offset - start
+                out[i] = blob[off : off + locs[i].length] if len(members) > 1 else blob
+        return out
+
+    # -- delete, compaction, tombstones -----------------------------------------------------
+
+    def _delete_payloads(self, vm_id: str, entries: Sequence[StoredPage]) -> None:
+        st = self._vm(vm_id)
+        touched: dict[str, list[Key]] = {}
+        with st.lock:
+            for e in entries:
+                key = (e.page, e.generation)
+                loc = self._unlink(st, key)
+                if loc is not None:
+                    touched.setdefault(loc.seg, []).append(key)
+            dead: list[str] = []
+            compact: list[str] = []
+            tombs: list[tuple[str, Key]] = []
+            for name, keys in touched.items():
+                seg = st.segs.get(name)
+                if seg is None:
+                    continue
+                if seg.busy:
+                    tombs += [(name, k) for k in keys]
+                elif seg.live == 0:
+                    seg.busy = True
+                    dead.append(name)
+                elif seg.live_bytes < self.compact_below * seg.payload_bytes:
+                    seg.busy = True
+                    compact.append(name)
+                else:
+                    tombs += [(name, k) for k in keys]
+        errors: list[TiermemError] = []
+        for name in self._drop_segments(vm_id, st, dead):
+            tombs += [(name, k) for k in touched[name]]
+        for name in compact:
+            try:
+                self._compact(vm_id, st, name)
+            except TiermemError as e:
+                errors.append(e)
+                tombs += [(name, k) for k in touched[name]]
+        if tombs:
+            self._write_tombs(vm_id, st, tombs)
+        if dead or compact:
+            self._gc_tombs(vm_id, st)
+        if errors:
+            raise errors[0]
+
+    def _drop_segments(self, vm_id: str, st: _Vm, names: Sequence[str]) -> list[str]:
+        """Delete segments marked busy; returns the names that could not be deleted."""
+        if not names:
+            return []
+        try:
+            self._blob_delete(vm_id, "seg", names)
+        except TiermemError as e:
+            log.warning("could not delete dead segments", store=self.url, vm=vm_id, error=str(e))
+            with st.lock:
+                for n in names:
+                    if n in st.segs:
+                        st.segs[n].busy = False
+            return list(names)
+        with st.lock:
+            for n in names:
+                st.segs.pop(n, None)
+        return []
+
+    def _compact(self, vm_id: str, st: _Vm, name: str) -> None:
+        """Rewrite the live pages of segment ``name`` into a new segment, then delete it."""
+        with st.lock:
+            seg = st.segs[name]
+            live = [(k, loc) for k in seg.keys if (loc := st.map.get(k)) is not None and loc.seg == name]
+        try:
+            if live:
+                start = min(loc.offset for _, loc in live)
+                end = max(loc.offset + loc.length for _, loc in live)
+                blob = self._blob_read(vm_id, "seg", name, start, end)
+                new = new_id()
+                data, offsets = encode_segment(
+                    [
+                        (
+                            k,
+                            loc.codec,
+                            loc.checksum,
+                            loc.seq,
+                            blob[loc.offset - start : loc.offset - start + loc.length],
+                        )
+                        for k, loc in live
+                    ]
+                )
+                self._blob_put(vm_id, "seg", new, data)
+                orphans: list[tuple[str, Key]] = []
+                with st.lock:
+                    nseg = st.segs[new] = _Seg(new, sum(loc.length for _, loc in live), [k for k, _ in live])
+                    for (k, loc), off in zip(live, offsets, strict=True):
+                        if st.map.get(k) == loc:
+                            self._link(st, k, loc._replace(seg=new, offset=off), nseg)
+                        else:  # deleted or re-put while we copied: the copy is dead
+                            orphans.append((new, k))
+                if orphans:
+                    self._write_tombs(vm_id, st, orphans)
+                log.debug("segment compacted", store=self.url, vm=vm_id, old=name, new=new, pages=len(live))
+        except TiermemError:
+            with st.lock:
+                seg.busy = False
+            raise
+        self._drop_segments(vm_id, st, [name])
+
+    def _write_tombs(self, vm_id: str, st: _Vm, entries: Sequence[tuple[str, Key]]) -> None:
+        name = new_id()
+        try:
+            self._blob_put(vm_id, "del", name, encode_tombs(entries))
+        except TiermemError as e:
+            # Only space is at stake: a restart would see these pages as live until a purge.
+            log.warning(
+                "could not write tombstones", store=self.url, vm=vm_id, pages=len(entries), error=str(e)
+            )
+            return
+        with st.lock:
+            st.tombs[name] = {seg for seg, _ in entries}
+
+    def _gc_tombs(self, vm_id: str, st: _Vm) -> None:
+        with st.lock:
+            stale = [n for n, segs in st.tombs.items() if not any(s in st.segs for s in segs)]
+        if not stale:
+            return
+        try:
+            self._blob_delete(vm_id, "del", stale)
+        except TiermemError as e:
+            log.warning("could not delete stale tombstones", store=self.url, vm=vm_id, error=str(e))
+            return
+        with st.lock:
+            for n in stale:
+                st.tombs.pop(n, None)
+
+    # -- purge and usage -------------------------------------------------------------------
+
+    def _purge(self, vm_id: str) -> int:
+        st = self._vm(vm_id)
+        with st.lock:
+            pages = len(st.map)
+        self._blob_purge(vm_id)
+        with self._vms_lock:
+            self._vms.pop(vm_id, None)
+        return pages
+
+    def _payload_usage(self, vm_id: str | None) -> tuple[int, int]:
+        vms: Iterable[str] = [vm_id] if vm_id is not None else self._blob_vms()
+        pages = stored = 0
+        for v in vms:
+            st = self._vm(v)
+            with st.lock:
+                pages += len(st.map)
+                stored += st.live_bytes
+        return pages, stored
+
+    def segments(self, vm_id: str) -> dict[str, tuple[int, int, int]]:
+        """``segment id -> (live pages, live bytes, payload bytes)`` for one VM (diagnostics, tests)."""
+        st = self._vm(vm_id)
+        with st.lock:
+            return {n: (s.live, s.live_bytes, s.payload_bytes) for n, s in st.segs.items()}

@@ -1,0 +1,108 @@
+"""Store selection from a URL, one form per backend.
+
+==========================================================  ==============================
+``file:///var/lib/tiermem/pages[?fsync=0]``                  local directory (default)
+``memory://[name]``                                          in-process (tests, simulate)
+``redis://[user:pass@]host[:6379][/db][?timeout=5&...]``      Redis
+``rediss://[user:pass@]host[:6380][/db][?ssl_ca_certs=...]``  Redis over TLS
+``s3://bucket[/prefix]?endpoint=http://host:port&region=..``  S3 or an S3-compatible server
+==========================================================  ==============================
+
+An invalid URL raises ConfigurationError with one line naming what is wrong,
+and never echoes a password. Backend modules are imported only when used
+(boto3 alone takes a few hundred milliseconds to import).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from tiermem.errors import ConfigurationError, TiermemError
+from tiermem.store.base import PageStore
+from tiermem.store.payload import check_page_size
+
+__all__ = ["SCHEMES", "open_store", "redact_url"]
+
+SCHEMES = ("file", "memory", "redis", "rediss", "s3")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (and secret-looking query values) replaced by ``***``."""
+    from tiermem.logging import redact_text
+
+    return redact_text(url)
+
+
+def _bool(value: object, what: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ConfigurationError(f"{what} must be 0 or 1, not {value!r}")
+
+
+def _open_file(url: str, parts: Any, name: str, page_size: int, opts: dict[str, Any]) -> PageStore:
+    from tiermem.store.local import LocalPageStore
+
+    if parts.netloc not in ("", "localhost"):
+        raise ConfigurationError(
+            f"file store URL {url} names host {parts.netloc!r}: use file:///absolute/path"
+        )
+    path = unquote(parts.path)
+    if not path.startswith("/") or path == "/":
+        raise ConfigurationError(
+            f"file store URL {url} needs an absolute directory: file:///var/lib/tiermem/pages"
+        )
+    q: dict[str, Any] = dict(parse_qsl(parts.query, keep_blank_values=True))
+    q.update(opts)
+    unknown = sorted(set(q) - {"fsync"})
+    if unknown:
+        raise ConfigurationError(f"unknown file store option {unknown[0]!r} in {url} (known: fsync)")
+    return LocalPageStore(path, fsync=_bool(q.get("fsync", True), "file store option fsync"), name=name,
+                          page_size=page_size)  # fmt: skip
+
+
+def open_store(url: str, name: str = "default", page_size: int = 4096, **opts: Any) -> PageStore:
+    """Open the page store that ``url`` names; ``opts`` add to (and override) the URL's query options."""
+    if not isinstance(url, str) or not url.strip():
+        raise ConfigurationError("empty store URL: use file://, memory://, redis://, rediss:// or s3://")
+    check_page_size(page_size)
+    safe = redact_url(url)
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError as e:
+        raise ConfigurationError(f"malformed store URL {safe}: {e}") from None
+    scheme = parts.scheme.lower()
+    try:
+        if scheme == "file":
+            return _open_file(safe, parts, name, page_size, opts)
+        if scheme == "memory":
+            from tiermem.store.memory import MemoryPageStore
+
+            if parts.query or parts.path.strip("/") or opts:
+                raise ConfigurationError(
+                    f"memory store URL {safe} takes no path or options (memory://[name])"
+                )
+            return MemoryPageStore(name, page_size=page_size)
+        if scheme in ("redis", "rediss"):
+            from tiermem.store.redis_store import RedisPageStore
+
+            return RedisPageStore.from_url(url.strip(), name=name, page_size=page_size, **opts)
+        if scheme == "s3":
+            from tiermem.store.s3_store import S3PageStore
+
+            return S3PageStore.from_url(url.strip(), name=name, page_size=page_size, **opts)
+    except TiermemError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigurationError(f"invalid store URL {safe}: {e}") from None
+    shown = f"{scheme!r}" if scheme else "no scheme"
+    raise ConfigurationError(
+        f"unsupported store URL {safe} ({shown}): use file://, memory://, redis://, rediss:// or s3://"
+    )
