@@ -10,9 +10,11 @@ five hooks that only move opaque payload bytes:
 - ``_purge(vm_id) -> payloads removed``,
 - ``_payload_usage(vm_id | None) -> (payloads, payload bytes)``.
 
-Zero pages are counted in this process only (they never reach a backend, so
-no backend can count them after a restart); the agent's index is their
-durable record.
+Zero pages are a tally in this process only (puts minus deletes, never below
+zero): they never reach a backend, so no backend can count them after a
+restart, and remembering each one would cost memory per zero page. The agent's
+index is their exact and durable record; deleting the same zero entry twice
+makes the tally low.
 """
 
 from __future__ import annotations

@@ -332,10 +332,11 @@ class SegmentStore(PayloadStore):
             for e in entries:
                 loc = st.map.get((e.page, e.generation))
                 if loc is None:
-                    # Not in the map (e.g. its segment's index is unreadable): trust the entry's
-                    # own location; the codec verifies whatever it yields.
+                    # Not in the map. If the entry names a segment the map does not know (its
+                    # index was unreadable at load), read where the entry says: the codec
+                    # verifies whatever comes back. A known segment means the page was deleted.
                     parsed = parse_location(e.location)
-                    if parsed is None:
+                    if parsed is None or parsed[0] in st.segs:
                         raise NotFound(
                             f"VM {vm_id} page {e.page} generation {e.generation} is not in {self.url}"
                         )
