@@ -10,10 +10,14 @@ import math
 import re
 
 from tiermem.errors import InvalidArgument
+from tiermem.model import PAGE_SIZE, EvictionCap
 
 __all__ = [
     "format_bytes",
+    "format_duration_ms",
+    "format_rate_per_min",
     "parse_duration_ms",
+    "parse_eviction_cap",
     "parse_memory",
     "parse_percent",
     "parse_rate_per_min",
@@ -28,6 +32,7 @@ _SIZE_UNITS = {
 }  # fmt: skip
 _DURATION_UNITS = {"ms": 1.0, "s": 1000.0, "m": 60_000.0, "min": 60_000.0, "h": 3_600_000.0}
 _NUM = r"([0-9]+(?:\.[0-9]+)?)"
+_MAX_BYTES = 2**62
 
 
 def parse_size(text: str) -> int:
@@ -41,7 +46,7 @@ def parse_size(text: str) -> int:
     if not m or m.group(2).lower() not in _SIZE_UNITS:
         raise InvalidArgument(f"invalid size {text!r}: use e.g. 4096, 512MiB, 1GiB, 2GB")
     value = float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
-    if not math.isfinite(value) or value > 2**62:
+    if not math.isfinite(value) or value > _MAX_BYTES:
         raise InvalidArgument(f"size {text!r} is too large")
     return int(value)
 
@@ -52,8 +57,13 @@ def parse_memory(text: str) -> int:
     if not m:
         raise InvalidArgument(f"invalid memory size {text!r}: use e.g. 256M, 1G")
     unit = m.group(2).lower()
+    if m.group(3).lower().startswith("i") and not unit:
+        raise InvalidArgument(f"invalid memory size {text!r}: use e.g. 256M, 1G")
     mult = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}[unit]
-    return int(float(m.group(1)) * mult)
+    value = float(m.group(1)) * mult
+    if value > _MAX_BYTES:
+        raise InvalidArgument(f"memory size {text!r} is too large")
+    return int(value)
 
 
 def parse_duration_ms(text: str) -> int:
@@ -91,6 +101,50 @@ def parse_rate_per_min(text: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise InvalidArgument(f"rate {text!r} must be between 0 and 100%/min")
     return value
+
+
+def parse_eviction_cap(text: str) -> EvictionCap:
+    """Parse a per-cycle eviction cap: ``20%`` (of the VM), ``512MiB``, ``1000pages`` or ``none``.
+
+    A bare number is refused: ``20`` could mean pages, bytes or percent.
+    """
+    t = text.strip().lower()
+    hint = "use e.g. 20%, 512MiB, 1000pages or none"
+    if t in ("none", "unlimited", "off"):
+        return EvictionCap()
+    if t.endswith("%"):
+        return EvictionCap(fraction=parse_percent(t))
+    m = re.fullmatch(r"([0-9]+)\s*(pages?|p)", t)
+    if m:
+        pages = int(m.group(1))
+        if pages * PAGE_SIZE > _MAX_BYTES:
+            raise InvalidArgument(f"eviction cap {text!r} is too large")
+        return EvictionCap(pages=pages)
+    if re.fullmatch(_NUM + r"\s*", t):
+        raise InvalidArgument(f"eviction cap {text!r} needs a unit: {hint}")
+    try:
+        return EvictionCap(bytes=parse_size(t))
+    except InvalidArgument:
+        raise InvalidArgument(f"invalid eviction cap {text!r}: {hint}") from None
+
+
+def format_duration_ms(ms: float) -> str:
+    """Format milliseconds compactly: ``500ms``, ``30s``, ``1.5s``, ``2m``, ``1h30m``."""
+    if ms < 1000:
+        return f"{ms:.0f}ms"
+    if ms < 60_000:
+        s = ms / 1000
+        return f"{s:.0f}s" if s == int(s) else f"{s:.3g}s"
+    if ms < 3_600_000:
+        m, s = divmod(round(ms / 1000), 60)
+        return f"{m}m{s}s" if s else f"{m}m"
+    h, m = divmod(round(ms / 60_000), 60)
+    return f"{h}h{m}m" if m else f"{h}h"
+
+
+def format_rate_per_min(rate: float) -> str:
+    """Format a per-minute fraction as a percentage: ``0.002`` -> ``0.2%/min``."""
+    return f"{rate * 100:.3g}%/min"
 
 
 def format_bytes(n: float) -> str:

@@ -1,0 +1,55 @@
+"""``tiermem events``: the control plane's event stream (cycles, policy changes, node leases, errors)."""
+
+from __future__ import annotations
+
+import click
+
+from tiermem.cli.options import connection_options, get_client, json_option
+from tiermem.cli.output import emit_json_line, fmt_time
+from tiermem.cli.vm import check_id
+from tiermem.model import Event, EventKind
+
+__all__ = ["events", "format_event"]
+
+_ERROR_KINDS = {EventKind.CYCLE_FAILED, EventKind.STORE_ERROR, EventKind.INTEGRITY_ERROR, EventKind.NODE_DOWN,
+                EventKind.EVICTION_STOPPED, EventKind.VMM_DISCONNECTED}  # fmt: skip
+
+
+def format_event(e: Event) -> str:
+    """One line: time, kind, VM/node, message and attributes."""
+    where = " ".join(
+        x for x in (f"vm={e.vm_id}" if e.vm_id else "", f"node={e.node_id}" if e.node_id else "") if x
+    )
+    attrs = " ".join(f"{k}={v}" for k, v in sorted(e.attributes.items()))
+    parts = [fmt_time(e.time_unix_ms), f"#{e.seq}", e.kind.value, where, e.message, attrs]
+    return "  ".join(p for p in parts if p)
+
+
+@click.command()
+@click.option("--vm", "vm_id", metavar="VM", help="Only events about this VM.")
+@click.option("--follow", "-f", is_flag=True, help="Keep streaming new events (Ctrl-C stops).")
+@click.option("--after", "after_seq", type=click.IntRange(0), default=0, metavar="SEQ",
+              help="Only events after this sequence number.")  # fmt: skip
+@json_option
+@connection_options
+@click.pass_context
+def events(ctx: click.Context, vm_id: str | None, follow: bool, after_seq: int, as_json: bool) -> None:
+    """Print the buffered events, then (with --follow) new ones as they happen.
+
+    JSON: one Event object per line (kind, message, vm_id, node_id, seq, time_unix_ms, attributes).
+    """
+    if vm_id:
+        check_id(vm_id, "VM id", "--vm")
+    stream = get_client(ctx).stream_events(vm_id or "", after_seq, follow)
+    try:
+        for e in stream:
+            if as_json:
+                emit_json_line(e)
+            else:
+                line = format_event(e)
+                click.secho(line, fg="red" if e.kind in _ERROR_KINDS else None)
+    except KeyboardInterrupt:
+        # Ctrl-C is how --follow ends; it is not an error.
+        cancel = getattr(stream, "cancel", None)
+        if callable(cancel):
+            cancel()
