@@ -29,9 +29,10 @@ Servicers that need an explicit check (e.g. a VM found by another key) call
 :func:`require_tenant` or :func:`tenant_allows` with :func:`caller_tenant`.
 
 Token specs (``token`` settings): comma- or newline-separated entries, each
-``TOKEN`` (valid for every tenant) or ``TENANT:TOKEN``; a spec starting with
-``@`` names a file holding entries one per line (``#`` comments allowed), which
-is how Kubernetes Secrets mounted as files are used.
+``TOKEN`` (valid for every tenant) or ``TENANT:TOKEN``, ``#`` starting a comment;
+a spec starting with ``@`` names a file holding such entries, which is how
+Kubernetes Secrets mounted as files are used. Tokens never contain spaces, commas,
+colons or ``#`` (use ``openssl rand -hex 32``).
 """
 
 from __future__ import annotations
@@ -140,9 +141,11 @@ def parse_tokens(spec: str) -> dict[str, str]:
             text = Path(path).read_text()
         except OSError as e:
             raise ConfigurationError(f"cannot read token file {path!r}: {e.strerror}") from None
-        entries = [ln.split("#", 1)[0].strip() for ln in text.splitlines()]
     else:
-        entries = [e.strip() for e in re.split(r"[,\n]", spec)]
+        text = spec
+    # "#" starts a comment to the end of the line, in files and inline specs alike
+    lines = [ln.split("#", 1)[0] for ln in text.splitlines()]
+    entries = [e.strip() for ln in lines for e in ln.split(",")]
     tokens: dict[str, str] = {}
     for entry in filter(None, entries):
         tenant, sep, token = entry.partition(":")
