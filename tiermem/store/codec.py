@@ -27,6 +27,7 @@ import xxhash
 import zstandard
 
 from tiermem.errors import IntegrityError, InvalidArgument
+from tiermem.model import Compression
 from tiermem.store.base import Codec
 
 __all__ = ["COMPRESSIONS", "decode", "encode", "zero_checksum"]
@@ -78,7 +79,7 @@ def _compression_name(compression: object) -> str:
     return str(name)
 
 
-def encode(data: bytes | memoryview, compression: str = "none") -> tuple[Codec, bytes, int]:
+def encode(data: bytes | memoryview, compression: str | Compression = "none") -> tuple[Codec, bytes, int]:
     """Encode one raw page: returns ``(codec, payload, checksum)``.
 
     ``compression`` is ``none``, ``zstd`` or ``lz4``. A zero page gives

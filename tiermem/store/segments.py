@@ -55,6 +55,9 @@ __all__ = ["SegmentStore"]
 
 log = structlog.get_logger("tiermem.store.segments")
 
+_MAX_MOVES = 8
+"""How many times one read follows pages that compaction moved while it ran."""
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -317,14 +320,17 @@ class SegmentStore(PayloadStore):
     def _get_payloads(self, vm_id: str, entries: Sequence[StoredPage]) -> list[bytes]:
         st = self._vm(vm_id)
         locs = self._resolve(vm_id, st, entries)
-        try:
-            return self._read_locs(vm_id, locs)
-        except NotFound:
-            # A segment vanished under us: compaction moved its pages. Resolve again, once.
-            again = self._resolve(vm_id, st, entries)
-            if again == locs:
-                raise
-            return self._read_locs(vm_id, again)
+        for _ in range(_MAX_MOVES):
+            try:
+                return self._read_locs(vm_id, locs)
+            except NotFound:
+                # A segment vanished under us: compaction moved its pages (maybe more than
+                # once). Retry only while the map changed, so a page that is really gone fails.
+                again = self._resolve(vm_id, st, entries)
+                if again == locs:
+                    raise
+                locs = again
+        return self._read_locs(vm_id, locs)
 
     def _resolve(self, vm_id: str, st: _Vm, entries: Sequence[StoredPage]) -> list[Loc]:
         out: list[Loc] = []
@@ -404,9 +410,11 @@ class SegmentStore(PayloadStore):
             tombs += [(name, k) for k in touched[name]]
         for name in compact:
             try:
-                self._compact(vm_id, st, name)
+                gone = self._compact(vm_id, st, name)
             except TiermemError as e:
                 errors.append(e)
+                gone = False
+            if not gone:  # the old segment stays (for now): its deletes must survive a restart
                 tombs += [(name, k) for k in touched[name]]
         if tombs:
             self._write_tombs(vm_id, st, tombs)
@@ -433,8 +441,11 @@ class SegmentStore(PayloadStore):
                 st.segs.pop(n, None)
         return []
 
-    def _compact(self, vm_id: str, st: _Vm, name: str) -> None:
-        """Rewrite the live pages of segment ``name`` into a new segment, then delete it."""
+    def _compact(self, vm_id: str, st: _Vm, name: str) -> bool:
+        """Rewrite the live pages of segment ``name`` into a new segment, then delete it.
+
+        Returns whether the old segment is gone; raises if the copy could not be made.
+        """
         with st.lock:
             seg = st.segs[name]
             live = [(k, loc) for k in seg.keys if (loc := st.map.get(k)) is not None and loc.seg == name]
@@ -472,7 +483,7 @@ class SegmentStore(PayloadStore):
             with st.lock:
                 seg.busy = False
             raise
-        self._drop_segments(vm_id, st, [name])
+        return not self._drop_segments(vm_id, st, [name])
 
     def _write_tombs(self, vm_id: str, st: _Vm, entries: Sequence[tuple[str, Key]]) -> None:
         name = new_id()
