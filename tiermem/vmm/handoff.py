@@ -1,0 +1,676 @@
+"""The VMM handoff protocol, agent side: listener, per-VMM connection, attach description.
+
+Spec: ``docs/handoff.md``; wire format: :mod:`tiermem.vmm.handoff_wire`. A VMM
+connects to the agent's Unix stream socket (0600, in a 0700 directory; the peer
+pid comes from SO_PEERCRED) and sends one frame carrying ``[uffd, memfd]``
+(SCM_RIGHTS) and a JSON description. The socket stays open as the control channel:
+agent->VMM ``zap``, ``ping``, ``detach``; VMM->agent ``ack``/``nack``, ``pong``.
+After an agent restart the VMM reconnects and sends the same fds again
+(``type: reattach``).
+
+Firecracker's own handshake is accepted too: one ``sendmsg`` with one fd (the
+uffd) and an unframed JSON array of ``GuestRegionUffdMapping``; its guest memory
+is private anonymous memory, so such a VM is served MISSING faults only.
+
+Anything malformed (garbage, oversized, wrong fd count, wrong JSON types, unknown
+version) gets a JSON error reply and a log line; received fds are closed; the
+listener keeps serving everyone else. Each connection has its own thread, so a
+slow or silent peer never blocks another VM's handshake.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import select
+import socket
+import stat
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tiermem import errors
+from tiermem.kernel.backend import Region
+from tiermem.kernel.uffd_base import RealBackend
+from tiermem.kernel.uffd_ioctl import is_memfd, is_userfaultfd
+from tiermem.model import validate_id
+from tiermem.vmm.handoff_wire import (
+    MAX_MESSAGE,
+    PROTOCOL_VERSION,
+    FrameReader,
+    ProtocolError,
+    decode_body,
+    decode_frame_length,
+    encode_frame,
+    parse_regions,
+    peercred,
+    recv_fds,
+)
+
+__all__ = ["HandoffAttach", "HandoffConnection", "HandoffListener", "ProtocolError"]
+
+log = logging.getLogger(__name__)
+
+_ZAP_RANGES_PER_MSG = 1000
+_ERROR_CODES: dict[type[Exception], str] = {
+    errors.AlreadyExists: "already_exists",
+    errors.InvalidArgument: "invalid_argument",
+    errors.FailedPrecondition: "failed_precondition",
+    errors.NotFound: "not_found",
+    errors.Unavailable: "unavailable",
+}
+
+
+# --- the connection -------------------------------------------------------------------------------------
+class _Reply:
+    """A request waiting for its answer (implements kernel.uffd_base.PendingReply)."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._error: errors.TiermemError | None = None
+
+    def set(self, error: errors.TiermemError | None = None) -> None:
+        if not self._done.is_set():
+            self._error = error
+            self._done.set()
+
+    def wait(self, timeout: float) -> bool:
+        return self._done.wait(timeout)
+
+    def result(self) -> None:
+        if not self._done.is_set():
+            raise errors.Unavailable("no answer from the VMM yet")
+        if self._error is not None:
+            raise self._error
+
+
+class _AllReplies:
+    def __init__(self, parts: list[_Reply]) -> None:
+        self.parts = parts
+
+    def wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        return all(p.wait(max(deadline - time.monotonic(), 0.0)) for p in self.parts)
+
+    def result(self) -> None:
+        for p in self.parts:
+            p.result()
+
+
+class HandoffConnection:
+    """The agent's end of one VMM's control channel."""
+
+    def __init__(
+        self, sock: socket.socket, *, vm_id: str, peer_pid: int, firecracker: bool, pending: bytes = b""
+    ) -> None:
+        self.vm_id = vm_id
+        self.peer_pid = peer_pid
+        self.firecracker = firecracker
+        """Firecracker's handshake: the VMM never reads this socket (no zap, no detach)."""
+        self._sock = sock
+        self._reader = FrameReader(sock, pending)
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._next_id = 1
+        self._waiters: dict[int, tuple[_Reply, float]] = {}
+        self._closed = threading.Event()
+        self._callbacks: list[Callable[[], None]] = []
+        self._on_close: Callable[[], None] | None = None
+
+    # --- requests -------------------------------------------------------------------------------
+    def _request(self, msg: dict[str, Any]) -> _Reply:
+        reply = _Reply()
+        if self.firecracker:
+            reply.set(errors.FailedPrecondition("Firecracker's handshake has no control channel"))
+            return reply
+        with self._lock:
+            if self._closed.is_set():
+                reply.set(errors.Unavailable(f"VMM of {self.vm_id} is gone"))
+                return reply
+            rid = self._next_id
+            self._next_id += 1
+            self._waiters[rid] = (reply, time.monotonic())
+        try:
+            self._send({**msg, "id": rid})
+        except OSError as e:
+            with self._lock:
+                self._waiters.pop(rid, None)
+            reply.set(errors.Unavailable(f"VMM of {self.vm_id} is gone: {e}"))
+            self._shutdown()
+        return reply
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        with self._send_lock:
+            self._sock.sendall(encode_frame(msg))
+
+    def zap_start(self, ranges: Sequence[tuple[int, int]]) -> _AllReplies:
+        """Ask the VMM to zap the guest PTEs of ``[(start, length)]``; answer when all are done."""
+        parts = [
+            self._request(
+                {"type": "zap", "ranges": [[int(s), int(n)] for s, n in ranges[i : i + _ZAP_RANGES_PER_MSG]]}
+            )
+            for i in range(0, max(len(ranges), 1), _ZAP_RANGES_PER_MSG)
+        ]
+        return _AllReplies(parts)
+
+    def zap(self, ranges: Sequence[tuple[int, int]], timeout: float) -> None:
+        """Zap and wait for the ack; Unavailable if the VMM is gone or silent, KernelError on nack."""
+        r = self.zap_start(ranges)
+        if not r.wait(timeout):
+            raise errors.Unavailable(f"VMM of {self.vm_id} did not ack a zap within {timeout}s")
+        r.result()
+
+    def ping(self, timeout: float = 5.0) -> float:
+        """Round trip to the VMM in seconds; Unavailable if it does not answer."""
+        t0 = time.perf_counter()
+        r = self._request({"type": "ping"})
+        if not r.wait(timeout):
+            raise errors.Unavailable(f"VMM of {self.vm_id} did not answer a ping within {timeout}s")
+        r.result()
+        return time.perf_counter() - t0
+
+    def send_detach(self) -> None:
+        """Tell the VMM the agent is done with it: it unregisters its guest memory and stops reconnecting."""
+        if self.firecracker or self._closed.is_set():
+            return
+        with contextlib.suppress(OSError):
+            self._send({"type": "detach"})
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        """True once the connection is closed (by either side)."""
+        return self._closed.is_set()
+
+    @property
+    def on_close(self) -> Callable[[], None] | None:
+        """Callback run once when the connection closes (set after close: runs at once)."""
+        return self._on_close
+
+    @on_close.setter
+    def on_close(self, cb: Callable[[], None] | None) -> None:
+        self._on_close = cb
+        if cb is not None and self._closed.is_set():
+            cb()
+
+    def add_close_callback(self, cb: Callable[[], None]) -> None:
+        """Run ``cb`` once when the connection closes (immediately if it already has)."""
+        with self._lock:
+            if not self._closed.is_set():
+                self._callbacks.append(cb)
+                return
+        cb()
+
+    def close(self) -> None:
+        """Close the socket; the VMM sees EOF (and reconnects if it wants to)."""
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+
+    def serve(self) -> None:
+        """Read the VMM's messages until EOF (runs on the listener's connection thread)."""
+        try:
+            while True:
+                msg = self._reader.read()
+                if msg is None:
+                    break
+                self._dispatch(msg)
+        except ProtocolError as e:
+            log.warning("handoff %s: protocol error from the VMM, closing: %s", self.vm_id, e)
+            with contextlib.suppress(OSError):
+                self._send({"type": "error", "error": str(e), "code": e.code})
+        except OSError as e:
+            log.info("handoff %s: connection error: %s", self.vm_id, e)
+        finally:
+            self._finish()
+
+    def _dispatch(self, msg: dict[str, Any]) -> None:
+        typ = msg.get("type")
+        if self.firecracker:
+            return  # Firecracker sends nothing after its handshake; ignore whatever arrives
+        if typ in ("ack", "nack", "pong"):
+            rid = msg.get("id")
+            with self._lock:
+                entry = self._waiters.pop(rid, None) if isinstance(rid, int) else None
+            if entry is None:
+                log.warning("handoff %s: answer to unknown request %r", self.vm_id, rid)
+                return
+            if typ == "nack":
+                err = msg.get("errno")
+                entry[0].set(
+                    errors.KernelError(
+                        f"VMM: {msg.get('error', 'failed')}", err if isinstance(err, int) else 0
+                    )
+                )
+            else:
+                entry[0].set()
+        elif typ in ("bye", "detach"):
+            log.info("handoff %s: VMM says goodbye", self.vm_id)
+            self._shutdown()
+        elif typ == "error":
+            log.warning("handoff %s: VMM reports an error: %s", self.vm_id, msg.get("error"))
+        else:
+            log.warning("handoff %s: ignoring unknown message type %r", self.vm_id, typ)
+
+    def _finish(self) -> None:
+        with self._lock:
+            self._closed.set()
+            waiters, self._waiters = self._waiters, {}
+            callbacks, self._callbacks = self._callbacks, []
+        for reply, _ in waiters.values():
+            reply.set(errors.Unavailable(f"VMM of {self.vm_id} went away"))
+        with contextlib.suppress(OSError):
+            self._sock.close()
+        for cb in [*callbacks, *([self._on_close] if self._on_close else [])]:
+            try:
+                cb()
+            except Exception:
+                log.exception("handoff %s: close callback failed", self.vm_id)
+
+
+# --- what the agent receives -----------------------------------------------------------------------
+@dataclass
+class HandoffAttach:
+    """One VMM handing over its guest memory."""
+
+    vm_id: str
+    mode: str
+    """``uffd``, ``rwp`` or ``firecracker`` (MISSING-only over private anonymous memory)."""
+    regions: tuple[Region, ...]
+    uffd_fd: int
+    memfd: int | None
+    peer_pid: int
+    peer_uid: int
+    features: int
+    """UFFDIO_API features the VMM negotiated (0 if it did not say: Firecracker)."""
+    reattach: bool
+    connection: HandoffConnection
+    description: dict[str, Any] = field(default_factory=dict)
+    _taken: bool = False
+
+    @property
+    def tracking(self) -> bool:
+        """False for Firecracker's handshake: MISSING faults only, no cycles."""
+        return self.mode != "firecracker"
+
+    @property
+    def fds(self) -> tuple[int, ...]:
+        """The received fds (uffd first)."""
+        return (self.uffd_fd,) if self.memfd is None else (self.uffd_fd, self.memfd)
+
+    def take_fds(self) -> tuple[int, int | None]:
+        """Take ownership of the fds (the listener no longer closes them on failure)."""
+        self._taken = True
+        return self.uffd_fd, self.memfd
+
+    def close_fds(self) -> None:
+        """Close the fds unless someone took them."""
+        if not self._taken:
+            self._taken = True
+            for fd in self.fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def make_backend(self, *, arm: bool = True) -> RealBackend:
+        """The kernel backend for this VM; it owns the fds. ``arm`` negotiates and registers
+        the RWP workflow (``api(RWP|RWP_ASYNC)``, ``register(MISSING|RWP)``) like the sim."""
+        from tiermem.kernel import uapi
+        from tiermem.kernel.rwp import RwpBackend
+        from tiermem.kernel.uffd import MissingOnlyBackend, UffdBackend
+
+        backend: RealBackend
+        if self.mode == "firecracker":
+            backend = MissingOnlyBackend(self.uffd_fd, self.regions, self.connection, vmm_pid=self.peer_pid)
+        elif self.mode == "uffd":
+            assert self.memfd is not None
+            backend = UffdBackend(
+                self.uffd_fd, self.memfd, self.regions, self.connection,
+                vmm_pid=self.peer_pid, features=self.features,
+            )  # fmt: skip
+        else:
+            assert self.memfd is not None
+            backend = RwpBackend(
+                self.uffd_fd, self.memfd, self.regions, self.connection,
+                vmm_pid=self.peer_pid, features=self.features,
+            )  # fmt: skip
+        self._taken = True
+        if arm and backend.tracking:
+            try:
+                backend.api(uapi.UFFD_FEATURE_RWP | uapi.UFFD_FEATURE_RWP_ASYNC)
+                backend.register(
+                    backend.base,
+                    backend.size,
+                    uapi.UFFDIO_REGISTER_MODE_MISSING | uapi.UFFDIO_REGISTER_MODE_RWP,
+                )
+            except BaseException:
+                backend.close()
+                raise
+        return backend
+
+
+def _code_of(e: BaseException) -> str:
+    if isinstance(e, ProtocolError):
+        return e.code
+    return next((c for t, c in _ERROR_CODES.items() if isinstance(e, t)), "internal")
+
+
+class HandoffListener:
+    """The agent's handoff socket: accepts VMMs and calls ``on_attach`` for each valid handshake.
+
+    ``on_attach`` runs on the connection's own thread; if it raises, the VMM gets an
+    error reply and the fds are closed (unless it took them, e.g. ``make_backend``).
+    Otherwise the VMM gets ``attached`` and the thread serves the control channel
+    until the VMM goes away.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        on_attach: Callable[[HandoffAttach], None],
+        *,
+        handshake_timeout: float = 5.0,
+        max_connections: int = 1024,
+        firecracker_vm_id: Callable[[int], str] | None = None,
+    ) -> None:
+        if len(os.fsencode(os.path.abspath(path))) >= 108:
+            raise errors.ConfigurationError(
+                f"handoff socket path is too long for AF_UNIX (< 108 bytes): {path}"
+            )
+        self.path = os.path.abspath(path)
+        self._on_attach = on_attach
+        self.handshake_timeout = handshake_timeout
+        self.max_connections = max_connections
+        self._fc_vm_id = firecracker_vm_id or (lambda pid: f"fc-{pid}")
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._active = 0
+        self._conns: set[HandoffConnection] = set()
+        self._ino = 0
+        self.rejected = 0
+        """Handshakes rejected so far."""
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> HandoffListener:
+        """Create the socket (0600 in a 0700 directory) and start accepting."""
+        d = os.path.dirname(self.path)
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        if os.stat(d).st_mode & 0o077:
+            log.warning(
+                "handoff socket directory %s is accessible to group/others; the socket itself is 0600", d
+            )
+        if os.path.lexists(self.path):
+            if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                raise errors.FailedPrecondition(f"{self.path} exists and is not a socket")
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.connect(self.path)
+                except OSError:
+                    os.unlink(self.path)  # stale socket of a dead agent
+                else:
+                    raise errors.FailedPrecondition(f"another process is listening on {self.path}")
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(tmp)
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, self.path)  # atomic: the socket is never reachable with wider permissions
+            self._ino = os.stat(self.path).st_ino
+            sock.listen(128)
+        except BaseException:
+            sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        self._sock = sock
+        self._thread = threading.Thread(target=self._accept_loop, name="handoff-accept", daemon=True)
+        self._thread.start()
+        log.info("handoff listener on %s", self.path)
+        return self
+
+    def stop(self, *, close_connections: bool = True) -> None:
+        """Stop accepting (and close the VMM connections unless told not to)."""
+        self._stopping.set()
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+            self._sock.close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        with contextlib.suppress(OSError):
+            if os.stat(self.path).st_ino == self._ino:
+                os.unlink(self.path)
+        if close_connections:
+            with self._lock:
+                conns = list(self._conns)
+            for c in conns:
+                c.close()
+
+    @property
+    def connections(self) -> list[HandoffConnection]:
+        """Open VMM connections."""
+        with self._lock:
+            return [c for c in self._conns if not c.closed]
+
+    def _accept_loop(self) -> None:
+        assert self._sock is not None
+        while not self._stopping.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                time.sleep(0.01)
+                continue
+            with self._lock:
+                full = self._active >= self.max_connections
+                if not full:
+                    self._active += 1
+            if full:
+                self._reject(conn, [], ProtocolError("too many connections", "unavailable"), fc=False)
+                conn.close()
+                continue
+            threading.Thread(target=self._connection, args=(conn,), name="handoff-conn", daemon=True).start()
+
+    # --- one connection ---------------------------------------------------------------------------
+    def _connection(self, sock: socket.socket) -> None:
+        try:
+            self._handle(sock)
+        except Exception:
+            log.exception("handoff: unexpected error on a connection")
+        finally:
+            with self._lock:
+                self._active -= 1
+
+    def _handle(self, sock: socket.socket) -> None:
+        fds: list[int] = []
+        fc = False
+        try:
+            pid, uid, _ = peercred(sock)
+            sock.settimeout(self.handshake_timeout)
+            try:
+                desc, fds, fc, pending = self._read_handshake(sock)
+                attach = (
+                    self._fc_attach(desc, fds, pid, uid, sock)
+                    if fc
+                    else self._attach(desc, fds, pid, uid, sock)
+                )
+                attach.connection._reader.buf += pending
+            except TimeoutError:
+                raise ProtocolError("handshake timed out") from None
+        except ProtocolError as e:
+            self._reject(sock, fds, e, fc=fc)
+            sock.close()
+            return
+        except OSError as e:
+            log.info("handoff: connection failed during the handshake: %s", e)
+            _close_all(fds)
+            sock.close()
+            return
+        try:
+            self._on_attach(attach)
+        except Exception as e:
+            log.warning("handoff: attach of VM %s refused: %s", attach.vm_id, e)
+            self.rejected += 1
+            attach.close_fds()
+            with contextlib.suppress(OSError):
+                _reply_error(sock, str(e), _code_of(e), fc=fc)
+            sock.close()
+            return
+        conn = attach.connection
+        with self._lock:
+            self._conns.add(conn)
+        try:
+            sock.settimeout(None)
+            if not fc:
+                conn._send({"type": "attached", "version": PROTOCOL_VERSION, "vm_id": attach.vm_id})
+            log.info("handoff: VM %s attached (%s, pid %d%s)", attach.vm_id, attach.mode, pid,
+                     ", reattach" if attach.reattach else "")  # fmt: skip
+            conn.serve()
+        except OSError as e:
+            log.info("handoff: VM %s connection failed: %s", attach.vm_id, e)
+            conn._finish()
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+
+    def _reject(self, sock: socket.socket, fds: list[int], e: ProtocolError, *, fc: bool) -> None:
+        self.rejected += 1
+        _close_all(fds)
+        fds.clear()
+        log.warning("handoff: rejected a handshake: %s", e)
+        with contextlib.suppress(OSError):
+            _reply_error(sock, str(e), e.code, fc=fc)
+
+    def _read_handshake(self, sock: socket.socket) -> tuple[Any, list[int], bool, bytes]:
+        """(description, fds, firecracker format, bytes after the handshake); fds grow as they arrive."""
+        fds: list[int] = []
+        buf = bytearray()
+
+        def more(timeout: float | None = None) -> bool:
+            if timeout is not None:
+                r, _, _ = select.select([sock], [], [], timeout)
+                if not r:
+                    return False
+            data, got, trunc = recv_fds(sock, 4 + MAX_MESSAGE - len(buf) + 1)
+            fds.extend(got)
+            if trunc:
+                raise ProtocolError("too many file descriptors in the handshake")
+            if not data:
+                raise ProtocolError("connection closed inside the handshake")
+            buf.extend(data)
+            return True
+
+        try:
+            more()
+            first = bytes(buf).lstrip()[:1]
+            if first == b"[":  # Firecracker: one unframed JSON array, sent with one sendmsg
+                while True:
+                    try:
+                        return json.loads(bytes(buf).decode()), fds, True, b""
+                    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                        if len(buf) > MAX_MESSAGE:
+                            raise ProtocolError(f"handshake larger than {MAX_MESSAGE} bytes") from None
+                        if not more(timeout=0.2):
+                            raise ProtocolError(f"malformed JSON in Firecracker's handshake: {e}") from None
+            if first == b"{":
+                raise ProtocolError("JSON without the 4-byte big-endian length prefix")
+            while len(buf) < 4:
+                more()
+            n = decode_frame_length(bytes(buf[:4]))
+            while len(buf) < 4 + n:
+                more()
+            return decode_body(bytes(buf[4 : 4 + n])), fds, False, bytes(buf[4 + n :])
+        except BaseException:
+            # the caller only learns about fds through the return value: close them here
+            _close_all(fds)
+            raise
+
+    def _fc_attach(self, desc: Any, fds: list[int], pid: int, uid: int, sock: socket.socket) -> HandoffAttach:
+        try:
+            regions = parse_regions(desc, memfd_backed=False)
+            if len(fds) != 1:
+                raise ProtocolError(
+                    f"Firecracker's handshake carries exactly 1 fd (the uffd), got {len(fds)}"
+                )
+            if not is_userfaultfd(fds[0]):
+                raise ProtocolError("the fd is not a userfaultfd")
+            vm_id = validate_id(self._fc_vm_id(pid), "vm id")
+        except BaseException:
+            _close_all(fds)
+            raise
+        conn = HandoffConnection(sock, vm_id=vm_id, peer_pid=pid, firecracker=True)
+        return HandoffAttach(vm_id=vm_id, mode="firecracker", regions=regions, uffd_fd=fds[0], memfd=None,
+                             peer_pid=pid, peer_uid=uid, features=0, reattach=False, connection=conn,
+                             description={"regions": desc})  # fmt: skip
+
+    def _attach(self, desc: Any, fds: list[int], pid: int, uid: int, sock: socket.socket) -> HandoffAttach:
+        try:
+            if not isinstance(desc, dict):
+                raise ProtocolError("the handshake must be a JSON object (or Firecracker's JSON array)")
+            version = desc.get("version")
+            if version != PROTOCOL_VERSION or isinstance(version, bool):
+                raise ProtocolError(f"unsupported protocol version {version!r}; this agent speaks "
+                                    f"{PROTOCOL_VERSION}", "unsupported_version")  # fmt: skip
+            typ = desc.get("type", "attach")
+            if typ not in ("attach", "reattach"):
+                raise ProtocolError(f"the first message must be attach or reattach, got {typ!r}")
+            raw_id = desc.get("vm_id")
+            try:
+                vm_id = validate_id(raw_id, "vm_id") if isinstance(raw_id, str) else ""
+            except errors.InvalidArgument as e:
+                raise ProtocolError(str(e)) from None
+            if not vm_id:
+                raise ProtocolError(f"vm_id must be a string, got {raw_id!r}")
+            mode = desc.get("mode")
+            if mode not in ("uffd", "rwp"):
+                raise ProtocolError(f"mode must be 'uffd' or 'rwp', got {mode!r}")
+            regions = parse_regions(desc.get("regions"), memfd_backed=True)
+            features = desc.get("features", 0)
+            if not isinstance(features, int) or isinstance(features, bool) or not 0 <= features < 1 << 64:
+                raise ProtocolError(f"features must be an unsigned 64-bit integer, got {features!r}")
+            vmm_pid = desc.get("vmm_pid")
+            if vmm_pid is not None and (not isinstance(vmm_pid, int) or isinstance(vmm_pid, bool)):
+                raise ProtocolError(f"vmm_pid must be an integer, got {vmm_pid!r}")
+            if vmm_pid is not None and vmm_pid != pid:
+                log.warning("handoff: VM %s says vmm_pid %s, SO_PEERCRED says %d (pid namespace?); using %d",
+                            vm_id, vmm_pid, pid, pid)  # fmt: skip
+            if len(fds) != 2:
+                raise ProtocolError(f"the attach message carries exactly 2 fds [uffd, memfd], got {len(fds)}")
+            if not is_userfaultfd(fds[0]):
+                raise ProtocolError("fd 0 is not a userfaultfd")
+            if not is_memfd(fds[1]):
+                raise ProtocolError("fd 1 is not a memfd")
+            span = max(r.offset + r.size for r in regions)
+            if os.fstat(fds[1]).st_size < span:
+                raise ProtocolError(f"the memfd is smaller than the regions ({span} bytes)")
+        except BaseException:
+            _close_all(fds)
+            raise
+        conn = HandoffConnection(sock, vm_id=vm_id, peer_pid=pid, firecracker=False)
+        return HandoffAttach(vm_id=vm_id, mode=mode, regions=regions, uffd_fd=fds[0], memfd=fds[1], peer_pid=pid,
+                             peer_uid=uid, features=features, reattach=typ == "reattach", connection=conn,
+                             description=desc)  # fmt: skip
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _reply_error(sock: socket.socket, message: str, code: str, *, fc: bool) -> None:
+    msg = {"type": "error", "version": PROTOCOL_VERSION, "error": message, "code": code}
+    if fc:  # Firecracker never reads; a human with socat does: plain JSON line
+        sock.sendall((json.dumps(msg) + "\n").encode())
+    else:
+        sock.sendall(encode_frame(msg))
