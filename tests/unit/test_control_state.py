@@ -62,6 +62,8 @@ async def test_vm_create_is_exclusive_and_delete_cascades(env: tuple[StateStore,
     assert await st.create_vm(spec) is True
     assert await st.create_vm(VmSpec("vm-1", "n2", 4096)) is False
     assert (await st.get_vm("vm-1")) == spec  # the loser changed nothing
+    assert await st.get_vms(["vm-1", "nope", "vm-1"]) == {"vm-1": spec}
+    assert await st.get_vms([]) == {}
     await st.create_vm(VmSpec("vm-2", "n1", 4096))
     await st.put_statuses([VmStatus("vm-1", evicted_pages=7), VmStatus("vm-2", evicted_pages=1)])
     await st.put_adjustment(Adjustment("vm-1", level=2, version=9))

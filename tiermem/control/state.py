@@ -87,6 +87,10 @@ class StateStore(abc.ABC):
         """A VM, or None."""
 
     @abc.abstractmethod
+    async def get_vms(self, vm_ids: Sequence[str]) -> dict[str, VmSpec]:
+        """The known VMs among ``vm_ids``, by id."""
+
+    @abc.abstractmethod
     async def delete_vm(self, vm_id: str) -> bool:
         """Remove a VM with its status, SLO adjustment, VM policy and reports; False if unknown."""
 

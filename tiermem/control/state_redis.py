@@ -199,6 +199,15 @@ class RedisState(StateStore):
         v = await self._hget(self._k("vms"), vm_id)
         return loads(VmSpec, v) if v else None
 
+    async def get_vms(self, vm_ids: Sequence[str]) -> dict[str, VmSpec]:
+        """The known VMs among ``vm_ids`` (one HMGET)."""
+        ids = list(dict.fromkeys(vm_ids))
+        if not ids:
+            return {}
+        async with self._guard():
+            raw: Any = await self.r.hmget(self._k("vms"), ids)  # type: ignore[misc]
+        return {vm_id: loads(VmSpec, v) for vm_id, v in zip(ids, raw, strict=True) if v}
+
     async def delete_vm(self, vm_id: str) -> bool:
         """Remove a VM and everything kept for it (one MULTI)."""
         async with self._guard():

@@ -166,6 +166,17 @@ class SqliteState(StateStore):
         row = self._one("SELECT doc FROM vms WHERE vm_id = ?", (vm_id,))
         return loads(VmSpec, row[0]) if row else None
 
+    async def get_vms(self, vm_ids: Sequence[str]) -> dict[str, VmSpec]:
+        """The known VMs among ``vm_ids``."""
+        out: dict[str, VmSpec] = {}
+        ids = list(dict.fromkeys(vm_ids))
+        for i in range(0, len(ids), 500):  # stay under SQLite's bound-parameter limit
+            chunk = ids[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            for vm_id, doc in self._rows(f"SELECT vm_id, doc FROM vms WHERE vm_id IN ({marks})", chunk):
+                out[vm_id] = loads(VmSpec, doc)
+        return out
+
     async def delete_vm(self, vm_id: str) -> bool:
         """Remove a VM and everything kept for it."""
         with self._tx() as db:

@@ -160,6 +160,8 @@ class EffectivePolicy:
     source: PolicyScope | None
     """None: the built-in defaults."""
     adjusted: bool = False
+    level: int = 0
+    """The SLO back-off level applied (0: the source policy as set)."""
 
 
 @dataclass
@@ -172,8 +174,6 @@ class Adjustment:
     version: int = 0
     reason: str = ""
     updated_ms: int = 0
-    low_windows: int = 0
-    """Consecutive windows far below the SLO (tightening happens after several)."""
 
 
 @dataclass(frozen=True)

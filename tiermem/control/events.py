@@ -1,0 +1,73 @@
+"""The control plane's event log: publish to the state store, replay and follow.
+
+Followers wake at once on events published by this replica and poll the store
+(every ``poll_s``) for events other replicas published to a shared store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import structlog
+
+from tiermem.control.clock import Clock, clock_ms
+from tiermem.control.state import StateStore
+from tiermem.model import Event, EventKind
+
+__all__ = ["EventLog"]
+
+log = structlog.get_logger("tiermem.control.events")
+
+
+class EventLog:
+    """Sequenced events, kept in the state store."""
+
+    def __init__(self, state: StateStore, clock: Clock, poll_s: float = 0.5) -> None:
+        self._state = state
+        self._clock = clock
+        self._poll_s = poll_s
+        self._new = asyncio.Event()
+
+    async def publish(
+        self, kind: EventKind, message: str, vm_id: str = "", node_id: str = "", **attributes: object
+    ) -> Event:
+        """Append an event and wake followers; returns it with its seq."""
+        ev = Event(
+            kind=kind,
+            message=message,
+            vm_id=vm_id,
+            node_id=node_id,
+            time_unix_ms=clock_ms(self._clock),
+            attributes={k: str(v) for k, v in attributes.items()},
+        )
+        ev = await self._state.append_event(ev)
+        log.info(
+            "event", kind=kind.value, seq=ev.seq, vm_id=vm_id or None, node_id=node_id or None, msg=message
+        )
+        self._new.set()
+        self._new = asyncio.Event()
+        return ev
+
+    async def follow(self, after_seq: int = 0, vm_id: str = "", follow: bool = False) -> AsyncIterator[Event]:
+        """Events with seq > ``after_seq`` (of one VM, or all); with ``follow``, then new ones forever."""
+        cursor = after_seq
+        while True:
+            waiter = self._new  # taken before the read, so nothing published after it is missed
+            while True:
+                batch = await self._state.events_after(cursor, vm_id, limit=500)
+                for ev in batch:
+                    cursor = max(cursor, ev.seq)
+                    yield ev
+                if len(batch) < 500:
+                    break
+            if not follow:
+                return
+            try:
+                await asyncio.wait_for(waiter.wait(), self._poll_s)
+            except TimeoutError:
+                pass
+
+    async def last_seq(self) -> int:
+        """The newest event's seq."""
+        return await self._state.last_event_seq()

@@ -1,0 +1,220 @@
+"""The node and VM registry: registration, node leases kept by heartbeats, the latest VM status.
+
+A node whose lease expires is marked down (event NODE_DOWN); its VMs keep their
+state and the scheduler orders nothing for them until a heartbeat or a new
+registration brings it back (NODE_UP).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import structlog
+
+from tiermem.control.clock import Clock, clock_ms
+from tiermem.control.events import EventLog
+from tiermem.control.selector import matches, parse_selector
+from tiermem.control.state import StateStore
+from tiermem.control.types import HeartbeatResult, NodeInfo, VmSpec
+from tiermem.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from tiermem.model import CycleReport, EventKind, VmStatus, validate_id
+
+__all__ = ["Registry"]
+
+log = structlog.get_logger("tiermem.control.registry")
+
+
+class Registry:
+    """Nodes and VMs, backed by the state store."""
+
+    def __init__(self, state: StateStore, events: EventLog, clock: Clock, lease_ttl_ms: int = 10_000) -> None:
+        if lease_ttl_ms <= 0:
+            raise InvalidArgument("lease_ttl_ms must be > 0")
+        self.state = state
+        self.events = events
+        self.clock = clock
+        self.lease_ttl_ms = lease_ttl_ms
+
+    def _live(self, node: NodeInfo, now: int) -> NodeInfo:
+        node.up = node.up and node.lease_expires_ms > now
+        return node
+
+    # -- nodes
+    async def register_node(self, node: NodeInfo) -> int:
+        """Register (or re-register, after an agent restart) a node; returns the lease TTL, ms.
+
+        A node id already held by another address with a valid lease is
+        ALREADY_EXISTS: two hosts must not share an id.
+        """
+        node.validate()
+        now = clock_ms(self.clock)
+        old = await self.state.get_node(node.node_id)
+        if old is not None and old.address != node.address and old.up and old.lease_expires_ms > now:
+            raise AlreadyExists(
+                f"node {node.node_id!r} is registered at {old.address} with a valid lease; "
+                "deregister it or wait for its lease to expire"
+            )
+        node.up = True
+        node.lease_expires_ms = now + self.lease_ttl_ms
+        node.registered_ms = old.registered_ms if old is not None else now
+        node.vms = 0
+        await self.state.put_node(node)
+        if old is None or not (old.up and old.lease_expires_ms > now):
+            await self.events.publish(
+                EventKind.NODE_UP,
+                f"node {node.node_id} registered at {node.address}",
+                node_id=node.node_id,
+                address=node.address,
+            )
+        return self.lease_ttl_ms
+
+    async def heartbeat(self, node_id: str, statuses: Sequence[VmStatus] = ()) -> HeartbeatResult:
+        """Renew a node's lease and keep the latest status of its VMs."""
+        validate_id(node_id, "node id")
+        node = await self.state.get_node(node_id)
+        if node is None:
+            return HeartbeatResult(self.lease_ttl_ms, reregister=True)
+        now = clock_ms(self.clock)
+        was_up = node.up and node.lease_expires_ms > now
+        node.up = True
+        node.lease_expires_ms = now + self.lease_ttl_ms
+        await self.state.put_node(node)
+        if not was_up:
+            await self.events.publish(EventKind.NODE_UP, f"node {node_id} is back", node_id=node_id)
+        await self._keep_statuses(node_id, statuses, now)
+        return HeartbeatResult(self.lease_ttl_ms)
+
+    async def _keep_statuses(self, node_id: str, statuses: Sequence[VmStatus], now: int) -> None:
+        if not statuses:
+            return
+        specs = await self.state.get_vms([s.vm_id for s in statuses])
+        keep: list[VmStatus] = []
+        for s in statuses:
+            spec = specs.get(s.vm_id)
+            if spec is None or spec.node_id != node_id:
+                continue  # not registered here: an agent-local VM, or a VM that moved
+            s.node_id = node_id
+            s.updated_unix_ms = s.updated_unix_ms or now
+            keep.append(s)
+        await self.state.put_statuses(keep)
+
+    async def deregister_node(self, node_id: str) -> None:
+        """Forget a node; refused while VMs are registered on it."""
+        validate_id(node_id, "node id")
+        if await self.state.get_node(node_id) is None:
+            raise NotFound(f"unknown node {node_id!r}")
+        on_node = [v.vm_id for v in await self.state.list_vms() if v.node_id == node_id]
+        if on_node:
+            raise FailedPrecondition(
+                f"node {node_id!r} still has {len(on_node)} VM(s) ({', '.join(on_node[:5])}); deregister them first"
+            )
+        await self.state.delete_node(node_id)
+        await self.events.publish(EventKind.NODE_DOWN, f"node {node_id} deregistered", node_id=node_id)
+
+    async def get_node(self, node_id: str) -> NodeInfo:
+        """A node with ``up`` computed from its lease; NotFound if unknown."""
+        validate_id(node_id, "node id")
+        node = await self.state.get_node(node_id)
+        if node is None:
+            raise NotFound(f"unknown node {node_id!r}")
+        return self._live(node, clock_ms(self.clock))
+
+    async def list_nodes(self) -> list[NodeInfo]:
+        """Every node, with ``up`` from its lease and ``vms`` counted."""
+        now = clock_ms(self.clock)
+        counts: dict[str, int] = {}
+        for v in await self.state.list_vms():
+            counts[v.node_id] = counts.get(v.node_id, 0) + 1
+        nodes = [self._live(n, now) for n in await self.state.list_nodes()]
+        for n in nodes:
+            n.vms = counts.get(n.node_id, 0)
+        return nodes
+
+    async def expire_leases(self) -> list[str]:
+        """Mark down every node whose lease has expired; returns their ids (events NODE_DOWN)."""
+        now = clock_ms(self.clock)
+        down = []
+        for node in await self.state.list_nodes():
+            if node.up and node.lease_expires_ms <= now:
+                node.up = False
+                await self.state.put_node(node)
+                down.append(node.node_id)
+                await self.events.publish(
+                    EventKind.NODE_DOWN,
+                    f"node {node.node_id} missed its heartbeats; lease expired",
+                    node_id=node.node_id,
+                )
+        return down
+
+    # -- VMs
+    async def add_vm(self, spec: VmSpec) -> VmSpec:
+        """Register a VM on a known node (validated; ALREADY_EXISTS for a taken id)."""
+        spec.validate()
+        node = await self.state.get_node(spec.node_id)
+        if node is None:
+            raise NotFound(f"unknown node {spec.node_id!r}; the node's agent registers it")
+        if node.backends and spec.backend not in node.backends:
+            have = ", ".join(b.value for b in node.backends)
+            raise FailedPrecondition(
+                f"node {spec.node_id!r} cannot run the {spec.backend.value} backend (it has {have})"
+            )
+        if node.capacity_bytes:
+            used = sum(v.memory_bytes for v in await self.state.list_vms() if v.node_id == spec.node_id)
+            if used + spec.memory_bytes > node.capacity_bytes:
+                raise FailedPrecondition(
+                    f"node {spec.node_id!r} has {node.capacity_bytes - used} bytes of capacity left, "
+                    f"VM {spec.vm_id!r} needs {spec.memory_bytes}"
+                )
+        spec.registered_ms = clock_ms(self.clock)
+        if not await self.state.create_vm(spec):
+            raise AlreadyExists(f"VM {spec.vm_id!r} is already registered")
+        return spec
+
+    async def remove_vm(self, vm_id: str) -> None:
+        """Forget a VM and everything kept for it."""
+        if not await self.state.delete_vm(vm_id):
+            raise NotFound(f"unknown VM {vm_id!r}")
+
+    async def get_vm(self, vm_id: str) -> VmSpec:
+        """A VM; NotFound if unknown."""
+        validate_id(vm_id, "VM id")
+        spec = await self.state.get_vm(vm_id)
+        if spec is None:
+            raise NotFound(f"unknown VM {vm_id!r}")
+        return spec
+
+    async def list_vms(self, node_id: str = "", selector: str = "") -> list[VmSpec]:
+        """VMs, optionally of one node and matching a label selector."""
+        if node_id:
+            validate_id(node_id, "node id")
+        terms = parse_selector(selector) if selector else {}
+        return [
+            v
+            for v in await self.state.list_vms()
+            if (not node_id or v.node_id == node_id) and matches(terms, v.labels)
+        ]
+
+    async def get_status(self, vm_id: str) -> VmStatus | None:
+        """The latest status the VM's agent reported, or None."""
+        return await self.state.get_status(vm_id)
+
+    async def put_status(self, status: VmStatus) -> None:
+        """Keep a status obtained otherwise (e.g. the AttachVm answer)."""
+        status.updated_unix_ms = status.updated_unix_ms or clock_ms(self.clock)
+        await self.state.put_statuses([status])
+
+    async def accept_reports(self, node_id: str, reports: Sequence[CycleReport]) -> list[CycleReport]:
+        """Validate reports an agent sent for its VMs; returns those of VMs registered on the node."""
+        validate_id(node_id, "node id")
+        if await self.state.get_node(node_id) is None:
+            raise NotFound(f"unknown node {node_id!r}; register it first")
+        specs = await self.state.get_vms([r.vm_id for r in reports])
+        ok = []
+        for r in reports:
+            spec = specs.get(r.vm_id)
+            if spec is None or spec.node_id != node_id:
+                log.debug("report for an unregistered VM dropped", vm_id=r.vm_id, node_id=node_id)
+                continue
+            r.node_id = node_id
+            ok.append(r)
+        return ok

@@ -1,0 +1,531 @@
+"""The scheduler: orders an eviction cycle for every VM at its interval, across nodes, within limits.
+
+* **Planning.** Each VM's cycles start on a grid: ``k * interval + phase``,
+  where the phase is a deterministic per-VM offset in ``[0, jitter * interval)``
+  so thousands of VMs with the same interval spread out. The next start is
+  planned from the previous *planned* start (no drift); the agent's RunCycle
+  lasts about one interval (protect, wait, scan, evict), so back-to-back cycles
+  cover the VM continuously. A VM never has two cycles at once. Every replica
+  computes the same grid, which makes ``order_id = "<vm>@<planned ms>"`` the
+  same on all of them: with a shared state store the order is claimed (SET NX)
+  before it is sent, so two replicas never order one VM's cycle for the same
+  slot.
+* **Limits.** Per node: concurrent cycles and an eviction-bandwidth token
+  bucket; per store: a write-bandwidth bucket. Buckets are debited with the
+  bytes each report says were written.
+* **Priority.** Among due VMs, those with the most reclaimable cold memory go
+  first (from the last report: cold minus evicted pages; before any report:
+  resident minus working set).
+* **Backoff.** An unreachable or slow agent (UNAVAILABLE, DEADLINE_EXCEEDED)
+  backs its whole node off exponentially; other failures back off the VM.
+* **Skips.** Paused policies, nodes that are down, and VMs whose agent says
+  they are draining, detached or disconnected get no orders.
+* **SLO.** Statuses feed the promotion-rate controller; its decisions become
+  policy adjustments (new versions) that the next order carries.
+
+Time comes from an injectable clock; :meth:`Scheduler.tick` does one
+deterministic scheduling pass, and :meth:`Scheduler.run` loops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+
+import structlog
+
+from tiermem.control import metrics
+from tiermem.control.agentapi import AgentApi
+from tiermem.control.clock import Clock, clock_ms
+from tiermem.control.limits import Backoff, TokenBucket, phase_fraction
+from tiermem.control.policies import PolicyBook
+from tiermem.control.slo import SloController
+from tiermem.control.state import StateStore
+from tiermem.errors import FailedPrecondition, NotFound, TiermemError, Unavailable
+from tiermem.model import CycleMode, CycleReport, EvictionPolicy, VmState
+
+__all__ = ["ReportSink", "Scheduler", "SchedulerConfig", "SchedulerStats"]
+
+log = structlog.get_logger("tiermem.control.scheduler")
+
+ReportSink = Callable[[CycleReport, str], Awaitable[None]]
+"""Called with (report, error) after every cycle: records it and emits the event."""
+
+_NOT_SCHEDULABLE = (VmState.DRAINING, VmState.DETACHED, VmState.DISCONNECTED)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Scheduling parameters (from ControlPlaneSettings)."""
+
+    max_concurrent_per_node: int = 4
+    node_evict_mbps: float = 0.0
+    store_write_mbps: Mapping[str, float] = field(default_factory=dict)
+    jitter: float = 0.1
+    resync_s: float = 1.0
+    """Full reload of nodes, VMs, policies and statuses from the state store."""
+    max_sleep_s: float = 0.5
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 60.0
+    cycle_slack_s: float = 60.0
+    """Deadline of an agent cycle call: the interval plus this."""
+    bucket_burst_s: float = 1.0
+    claim_orders: bool | None = None
+    """Claim each order in the state store first (default: when the store is shared)."""
+
+
+@dataclass
+class SchedulerStats:
+    """Counters and recent lags (for the benchmark and tests)."""
+
+    orders: int = 0
+    ok: int = 0
+    failed: int = 0
+    claimed_elsewhere: int = 0
+    skipped_slots: int = 0
+    lags_ms: deque[int] = field(default_factory=lambda: deque(maxlen=200_000))
+
+
+class _Gate:
+    """One VM's exclusivity: a scheduled cycle, a manual cycle or a drain, never two at once."""
+
+    def __init__(self) -> None:
+        self.busy = False
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def take(self) -> None:
+        self.busy = True
+        self.idle.clear()
+
+    def release(self) -> None:
+        self.busy = False
+        self.idle.set()
+
+    async def acquire(self) -> None:
+        while self.busy:
+            await self.idle.wait()
+        self.take()
+
+
+@dataclass
+class _Vm:
+    vm_id: str
+    node_id: str
+    policy: EvictionPolicy
+    grid_interval_ms: int = 0
+    phase_ms: int = 0
+    planned_ms: int = 0
+    gen: int = 0
+    queued: bool = False
+    schedulable: bool = True
+    reclaimable: int = 0
+    reclaim_from_report: bool = False
+    level: int = 0
+    backoff: Backoff = field(default_factory=Backoff)
+
+
+@dataclass
+class _Node:
+    node_id: str
+    address: str
+    up: bool
+    max_concurrent: int
+    bucket: TokenBucket
+    running: int = 0
+    backoff: Backoff = field(default_factory=Backoff)
+
+
+class Scheduler:
+    """Orders cycles; run it on the leader only."""
+
+    def __init__(
+        self,
+        *,
+        state: StateStore,
+        policies: PolicyBook,
+        agents: AgentApi,
+        clock: Clock,
+        on_report: ReportSink,
+        config: SchedulerConfig | None = None,
+        slo: SloController | None = None,
+        owner: str = "",
+    ) -> None:
+        self.state = state
+        self.policies = policies
+        self.agents = agents
+        self.clock = clock
+        self.on_report = on_report
+        self.config = config or SchedulerConfig()
+        self.slo = slo or SloController()
+        self.owner = owner or uuid.uuid4().hex
+        self.claim = state.shared if self.config.claim_orders is None else self.config.claim_orders
+        self.stats = SchedulerStats()
+        self._vms: dict[str, _Vm] = {}
+        self._nodes: dict[str, _Node] = {}
+        self._gates: dict[str, _Gate] = {}
+        self._stores: dict[str, TokenBucket] = {}
+        self._heap: list[tuple[int, int, str]] = []  # (planned ms, gen, vm id)
+        self._ready: dict[str, _Vm] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._poke = asyncio.Event()
+        self._dirty = True
+
+    # ------------------------------------------------------------ time and grid
+    def _now_ms(self) -> int:
+        return clock_ms(self.clock)
+
+    def _regrid(self, v: _Vm) -> None:
+        iv = v.policy.interval_ms
+        v.grid_interval_ms = iv
+        v.phase_ms = int(phase_fraction(v.vm_id) * max(0.0, min(1.0, self.config.jitter)) * iv)
+
+    def _slot_at_or_after(self, v: _Vm, t_ms: int) -> int:
+        iv = v.grid_interval_ms
+        k = -((v.phase_ms - t_ms) // iv)  # ceil((t - phase) / iv)
+        return k * iv + v.phase_ms
+
+    def _queue(self, v: _Vm, planned_ms: int) -> None:
+        v.planned_ms = planned_ms
+        v.gen += 1
+        v.queued = True
+        heapq.heappush(self._heap, (planned_ms, v.gen, v.vm_id))
+
+    def gate(self, vm_id: str) -> _Gate:
+        """The VM's exclusivity gate."""
+        g = self._gates.get(vm_id)
+        if g is None:
+            g = self._gates[vm_id] = _Gate()
+        return g
+
+    def notify(self) -> None:
+        """State changed (VM, node or policy): reload before the next pass."""
+        self._dirty = True
+        self._poke.set()
+
+    def planned(self, vm_id: str) -> int | None:
+        """The next planned start of a VM, ms (tests, status)."""
+        v = self._vms.get(vm_id)
+        return v.planned_ms if v is not None and v.queued else None
+
+    # ------------------------------------------------------------ reload
+    async def sync(self) -> None:
+        """Reload nodes, VMs, effective policies and statuses; run the SLO controller."""
+        self._dirty = False
+        now = self._now_ms()
+        now_s = now / 1000
+        nodes = await self.state.list_nodes()
+        specs = await self.state.list_vms()
+        eff = await self.policies.effective_all(specs)
+        statuses = await self.state.list_statuses()
+        cfg = self.config
+        seen_nodes = set()
+        for n in nodes:
+            seen_nodes.add(n.node_id)
+            up = n.up and n.lease_expires_ms > now
+            rate = n.evict_mbps or cfg.node_evict_mbps
+            node = self._nodes.get(n.node_id)
+            if node is None:
+                node = self._nodes[n.node_id] = _Node(
+                    n.node_id, n.address, up, 0, TokenBucket.mbps(rate, now_s, cfg.bucket_burst_s)
+                )
+                node.backoff = Backoff(cfg.backoff_base_s, cfg.backoff_max_s)
+            elif node.bucket.rate != rate * 1e6:
+                node.bucket.set_rate(rate, cfg.bucket_burst_s)
+            node.address, node.up = n.address, up
+            node.max_concurrent = n.max_concurrent_cycles or cfg.max_concurrent_per_node
+        for gone in set(self._nodes) - seen_nodes:
+            del self._nodes[gone]
+        seen = set()
+        for spec in specs:
+            seen.add(spec.vm_id)
+            e = eff[spec.vm_id]
+            v = self._vms.get(spec.vm_id)
+            if v is None:
+                v = self._vms[spec.vm_id] = _Vm(spec.vm_id, spec.node_id, e.policy)
+                v.backoff = Backoff(cfg.backoff_base_s, cfg.backoff_max_s)
+                self._regrid(v)
+                self._queue(v, self._slot_at_or_after(v, now + 1))
+            v.node_id, v.policy, v.level = spec.node_id, e.policy, e.level
+            if v.grid_interval_ms != e.policy.interval_ms and not self.gate(v.vm_id).busy:
+                # a new interval takes a new grid from now; a running cycle re-plans when it ends
+                self._regrid(v)
+                self._ready.pop(v.vm_id, None)
+                self._queue(v, self._slot_at_or_after(v, now + 1))
+            st = statuses.get(spec.vm_id)
+            if st is not None:
+                v.schedulable = st.state not in _NOT_SCHEDULABLE
+                if not v.reclaim_from_report:
+                    v.reclaimable = max(0, st.resident_pages - st.working_set_pages)
+                self.slo.observe(st, now)
+        for gone in set(self._vms) - seen:
+            del self._vms[gone]
+            self._ready.pop(gone, None)
+            self.slo.forget(gone)
+            g = self._gates.get(gone)
+            if g is not None and not g.busy:
+                del self._gates[gone]
+        metrics.NODES_UP.set(sum(1 for n in self._nodes.values() if n.up))
+        metrics.VMS.set(len(self._vms))
+        await self._run_slo(now)
+
+    async def _run_slo(self, now: int) -> None:
+        changed = False
+        for v in self._vms.values():
+            slo = v.policy.slo_promotion_rate
+            if slo <= 0:
+                continue
+            d = self.slo.evaluate(v.vm_id, slo, v.level, now)
+            if d is None:
+                continue
+            await self.policies.adjust(
+                d.vm_id, d.level, d.reason, previous=d.previous, rate=f"{d.rate:.6f}", slo=f"{d.slo:.6f}",
+                direction="backoff" if d.level > d.previous else "tighten",
+            )  # fmt: skip
+            metrics.SLO_ADJUSTMENTS.labels("backoff" if d.level > d.previous else "tighten").inc()
+            changed = True
+        if changed:
+            self._dirty = True  # the next pass reloads the adjusted policies
+
+    # ------------------------------------------------------------ scheduling pass
+    def _store_bucket(self, store: str, now_s: float) -> TokenBucket | None:
+        rate = self.config.store_write_mbps.get(store, 0.0)
+        if rate <= 0:
+            return None
+        b = self._stores.get(store)
+        if b is None:
+            b = self._stores[store] = TokenBucket.mbps(rate, now_s, self.config.bucket_burst_s)
+        return b
+
+    def tick(self) -> float:
+        """One scheduling pass: dispatch every due VM the limits allow; returns seconds until the next pass."""
+        now = self._now_ms()
+        now_s = now / 1000
+        while self._heap and self._heap[0][0] <= now:
+            _, gen, vm_id = heapq.heappop(self._heap)
+            v = self._vms.get(vm_id)
+            if v is not None and v.gen == gen and v.queued:
+                v.queued = False
+                self._ready[vm_id] = v
+        wake = now + int(self.config.max_sleep_s * 1000)
+        if self._heap:
+            wake = min(wake, self._heap[0][0])
+        for v in sorted(self._ready.values(), key=lambda x: (-x.reclaimable, x.planned_ms, x.vm_id)):
+            gate = self.gate(v.vm_id)
+            if gate.busy:
+                continue  # a manual cycle or a drain; poked when it ends
+            node = self._nodes.get(v.node_id)
+            if node is None or not node.up or v.policy.paused or not v.schedulable:
+                del self._ready[v.vm_id]
+                self._queue(v, self._slot_at_or_after(v, now + 1))
+                wake = min(wake, v.planned_ms)
+                continue
+            if node.backoff.blocked(now_s):
+                wake = min(wake, int(node.backoff.until * 1000) + 1)
+                continue
+            if node.running >= node.max_concurrent:
+                continue
+            waits = [node.bucket.wait_s(now_s)]
+            sb = self._store_bucket(v.policy.store, now_s)
+            if sb is not None:
+                waits.append(sb.wait_s(now_s))
+            if max(waits) > 0:
+                wake = min(wake, now + int(max(waits) * 1000) + 1)
+                continue
+            del self._ready[v.vm_id]
+            self._dispatch(v, node, gate, now)
+        return max(0.0, (wake - now) / 1000)
+
+    def _dispatch(self, v: _Vm, node: _Node, gate: _Gate, now: int) -> None:
+        iv = v.grid_interval_ms
+        if now - v.planned_ms >= iv:
+            missed = (now - v.planned_ms) // iv
+            v.planned_ms += missed * iv  # overdue by whole intervals: run the latest slot, count the rest
+            self.stats.skipped_slots += missed
+            metrics.CYCLE_ORDERS.labels("skipped").inc(missed)
+        gate.take()
+        node.running += 1
+        task = asyncio.get_running_loop().create_task(self._run(v, node, gate, v.planned_ms, v.policy))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, v: _Vm, node: _Node, gate: _Gate, planned: int, policy: EvictionPolicy) -> None:
+        order_id = f"{v.vm_id}@{planned}"
+        try:
+            if self.claim:
+                ttl = max(2 * policy.interval_ms, 10_000)
+                if not await self.state.claim_order(order_id, self.owner, ttl):
+                    self.stats.claimed_elsewhere += 1
+                    metrics.CYCLE_ORDERS.labels("claimed_elsewhere").inc()
+                    return
+            start = self._now_ms()
+            lag = max(0, start - planned)
+            self.stats.orders += 1
+            self.stats.lags_ms.append(lag)
+            metrics.SCHEDULER_LAG.observe(lag / 1000)
+            await self._order(v, node, policy, order_id)
+        except Exception:
+            log.exception("scheduling a cycle failed", vm_id=v.vm_id, order_id=order_id)
+        finally:
+            gate.release()
+            node.running -= 1
+            if self._vms.get(v.vm_id) is v and not v.queued:
+                self._queue(v, self._next_after(v, planned))
+            self._poke.set()
+
+    def _next_after(self, v: _Vm, planned: int) -> int:
+        now = self._now_ms()
+        if v.grid_interval_ms != v.policy.interval_ms:
+            self._regrid(v)
+            nxt = self._slot_at_or_after(v, now)
+        else:
+            nxt = planned + v.grid_interval_ms
+        if v.backoff.blocked(now / 1000):
+            nxt = max(nxt, self._slot_at_or_after(v, int(v.backoff.until * 1000)))
+        return nxt
+
+    async def _order(self, v: _Vm, node: _Node, policy: EvictionPolicy, order_id: str) -> None:
+        timeout = policy.interval_ms / 1000 + self.config.cycle_slack_s
+        try:
+            report = await self.agents.run_cycle(
+                node.address, v.vm_id, CycleMode.EVICT, policy.interval_ms, policy, order_id, timeout
+            )
+        except Unavailable as e:
+            delay = node.backoff.fail(self.clock.now())
+            self._failed(
+                "unavailable",
+                v,
+                f"agent of node {node.node_id} unavailable: {e}; node backs off {delay:.1f}s",
+            )
+            await self.on_report(self._failure_report(v, node, policy), str(e))
+            return
+        except TiermemError as e:
+            delay = v.backoff.fail(self.clock.now())
+            self._failed("agent_error", v, f"{type(e).__name__}: {e}; VM backs off {delay:.1f}s")
+            await self.on_report(self._failure_report(v, node, policy), f"{type(e).__name__}: {e}")
+            return
+        node.backoff.succeed()
+        if report.error:
+            v.backoff.fail(self.clock.now())
+            self._failed("cycle_error", v, report.error)
+        else:
+            v.backoff.succeed()
+            self.stats.ok += 1
+            metrics.CYCLE_ORDERS.labels("ok").inc()
+        report.node_id = report.node_id or node.node_id
+        self.observe_report(report, policy.store)
+        await self.on_report(report, report.error)
+
+    def _failed(self, reason: str, v: _Vm, message: str) -> None:
+        self.stats.failed += 1
+        metrics.CYCLE_ORDERS.labels("error").inc()
+        metrics.ORDER_FAILURES.labels(reason).inc()
+        log.warning("cycle order failed", vm_id=v.vm_id, node_id=v.node_id, reason=reason, error=message)
+
+    def _failure_report(self, v: _Vm, node: _Node, policy: EvictionPolicy) -> CycleReport:
+        return CycleReport(
+            vm_id=v.vm_id, mode=CycleMode.EVICT, started_unix_ms=self._now_ms(), policy_version=policy.version,
+            node_id=node.node_id,
+        )  # fmt: skip
+
+    def observe_report(self, report: CycleReport, store: str = "") -> None:
+        """Account a report (scheduled, manual or sent by an agent): buckets and reclaimable memory."""
+        now_s = self.clock.now()
+        v = self._vms.get(report.vm_id)
+        if v is not None:
+            v.reclaimable = max(0, report.pages_cold - report.pages_evicted)
+            v.reclaim_from_report = True
+            store = store or v.policy.store
+        node = self._nodes.get(report.node_id or (v.node_id if v else ""))
+        if node is not None:
+            node.bucket.debit(report.bytes_written, now_s)
+        sb = self._store_bucket(store or "default", now_s)
+        if sb is not None:
+            sb.debit(report.bytes_written, now_s)
+
+    # ------------------------------------------------------------ manual cycles and drains
+    async def run_now(
+        self, vm_id: str, mode: CycleMode, interval_ms: int, policy: EvictionPolicy, node_id: str, address: str,
+        timeout: float,
+    ) -> CycleReport:  # fmt: skip
+        """Run one cycle now (TriggerCycle), after any cycle or drain of the VM in progress."""
+        gate = self.gate(vm_id)
+        await asyncio.wait_for(gate.acquire(), timeout)
+        node = self._nodes.get(node_id)
+        if node is not None:
+            node.running += 1
+        try:
+            order_id = f"{vm_id}@manual-{uuid.uuid4().hex[:12]}"
+            report = await self.agents.run_cycle(address, vm_id, mode, interval_ms, policy, order_id, timeout)
+            report.node_id = report.node_id or node_id
+            self.observe_report(report, policy.store)
+            return report
+        finally:
+            if node is not None:
+                node.running -= 1
+            gate.release()
+            self._poke.set()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, vm_id: str, timeout: float) -> AsyncIterator[None]:
+        """Keep the scheduler away from a VM (drain, detach), after its cycle in progress ends."""
+        gate = self.gate(vm_id)
+        try:
+            await asyncio.wait_for(gate.acquire(), timeout)
+        except TimeoutError:
+            raise FailedPrecondition(f"VM {vm_id!r} is busy with a cycle; try again") from None
+        try:
+            yield
+        finally:
+            gate.release()
+            self._poke.set()
+
+    # ------------------------------------------------------------ loop
+    async def run(self) -> None:
+        """Schedule until cancelled."""
+        next_sync = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._dirty or loop.time() >= next_sync:
+                try:
+                    await self.sync()
+                except TiermemError as e:
+                    log.warning("scheduler reload failed; keeping the last view", error=str(e))
+                next_sync = loop.time() + self.config.resync_s
+            self._poke.clear()
+            sleep = min(self.tick(), max(0.0, next_sync - loop.time()))
+            if sleep > 0 and not self._poke.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._poke.wait(), sleep)
+
+    def reset(self) -> None:
+        """Forget the plan (a new leadership term); gates and in-flight cycles are kept."""
+        self._vms.clear()
+        self._ready.clear()
+        self._heap.clear()
+        self._dirty = True
+
+    async def wait_idle(self) -> None:
+        """Wait until no ordered cycle is in flight (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def stop(self) -> None:
+        """Cancel in-flight orders."""
+        for t in list(self._tasks):
+            t.cancel()
+        await self.wait_idle()
+
+    def known(self, vm_id: str) -> bool:
+        """True once the VM is in the scheduler's view."""
+        return vm_id in self._vms
+
+    def require(self, vm_id: str) -> None:
+        """NotFound unless the VM is in the scheduler's view."""
+        if vm_id not in self._vms:
+            raise NotFound(f"VM {vm_id!r} is not scheduled")
