@@ -1,0 +1,95 @@
+"""docs/metrics.md against the series the code registers, and the shared metrics endpoint."""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter
+
+from tiermem.errors import ConfigurationError
+from tiermem.metrics import metrics_port, start_metrics, stop_metrics
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
+
+
+def _documented() -> set[str]:
+    return set(re.findall(r"^\| `(tiermem_[a-z0-9_]+)` \|", DOC.read_text(), re.M))
+
+
+def _families(registry: CollectorRegistry) -> set[str]:
+    names = set()
+    for fam in registry.collect():
+        if fam.name.startswith("tiermem_"):
+            names.add(fam.name + "_total" if fam.type == "counter" else fam.name)
+    return names
+
+
+def _agent_series() -> set[str]:
+    mod = pytest.importorskip("tiermem.agent.metrics", reason="the agent's metrics module has not landed")
+    m = mod.AgentMetrics(CollectorRegistry())
+    m.watch_vms(lambda: [("acme.vm-1", 10, 5, 3)])
+    return _families(m.registry)
+
+
+def _control_series() -> set[str]:
+    mod = pytest.importorskip(
+        "tiermem.control.metrics", reason="the control plane's metrics module has not landed"
+    )
+    from prometheus_client import REGISTRY
+
+    names = {getattr(mod, n)._name for n in mod.__all__}
+    return {n for n in _families(REGISTRY) if n.removesuffix("_total") in names}
+
+
+def test_every_agent_series_is_documented_and_nothing_more() -> None:
+    code = _agent_series()
+    doc = {n for n in _documented() if n.startswith("tiermem_agent_")}
+    assert code == doc, f"code only: {sorted(code - doc)}; doc only: {sorted(doc - code)}"
+
+
+def test_every_control_plane_series_is_documented_and_nothing_more() -> None:
+    code = _control_series()
+    doc = {n for n in _documented() if n.startswith("tiermem_cp_")}
+    assert code == doc, f"code only: {sorted(code - doc)}; doc only: {sorted(doc - code)}"
+
+
+@pytest.fixture
+def endpoint() -> Iterator[None]:
+    stop_metrics()
+    yield
+    stop_metrics()
+
+
+def test_start_metrics_serves_the_registry(endpoint: None) -> None:
+    reg = CollectorRegistry()
+    Counter("tiermem_test_things_total", "Things.", registry=reg).inc(3)
+    port = start_metrics("127.0.0.1:0", registry=reg)
+    assert metrics_port() == port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        body = r.read().decode()
+    assert "tiermem_test_things_total 3.0" in body
+    assert start_metrics("127.0.0.1:0", registry=reg) == port  # idempotent for the same address
+    with pytest.raises(ConfigurationError, match="already served"):
+        start_metrics("127.0.0.1:1", registry=reg)
+    stop_metrics()
+    assert metrics_port() is None
+
+
+@pytest.mark.parametrize("bad", ["", "9100", "host:port", "127.0.0.1:99999"])
+def test_bad_listen_addresses_are_configuration_errors(bad: str, endpoint: None) -> None:
+    with pytest.raises(ConfigurationError):
+        start_metrics(bad, registry=CollectorRegistry())
+
+
+def test_a_busy_port_is_a_configuration_error(endpoint: None) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.raises(ConfigurationError, match="cannot serve metrics"):
+            start_metrics(f"127.0.0.1:{s.getsockname()[1]}", registry=CollectorRegistry())
