@@ -123,14 +123,21 @@ class ControlPlane:
         await asyncio.sleep(self.elector.lease_ms / 3000)
         await self.elector.run()
 
-    async def stop(self) -> None:
-        """Stop scheduling, give up the lease, cancel in-flight orders."""
+    async def stop(self, resign: bool = True) -> None:
+        """Stop scheduling, give up the lease, cancel in-flight orders.
+
+        ``resign=False`` keeps the lease until it expires, as a crashed replica would.
+        """
         if self._elector_task is not None:
             self._elector_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._elector_task
             self._elector_task = None
-        await self.elector.resign()
+        if resign:
+            await self.elector.resign()
+        else:
+            self.elector.is_leader = False
+            await self._on_leadership(False)
         await self.scheduler.stop()
 
     async def _on_leadership(self, leading: bool) -> None:
