@@ -152,7 +152,7 @@ async def wait_for(pred: Any, timeout: float = 10.0) -> None:
 
 
 async def test_register_attach_schedule_report_policy_change_drain_deregister(fleet: Any) -> None:
-    cp, client, (a1, a2) = fleet
+    _cp, client, (a1, a2) = fleet
     await client.set_policy(PolicyScope.fleet(), EvictionPolicy(interval_ms=200, cold_after=2))
     st = await client.register_vm(VmSpec("vm-1", "n1", 1 << 20, labels={"tier": "gold"}), attach=True)
     assert st.vm_id == "vm-1" and st.node_up and st.state is VmState.ARMED and st.labels == {"tier": "gold"}
@@ -219,31 +219,32 @@ async def test_bad_requests_get_the_right_codes_and_change_nothing(fleet: Any) -
             await coro
         return ei.value.code  # type: ignore[attr-defined,no-any-return]
 
-    I, N, A, F = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS,
-                  grpc.StatusCode.FAILED_PRECONDITION)  # fmt: skip
-    assert await code(client.register_vm(VmSpec("bad id", "n1", 1 << 20))) == I
-    assert await code(client.register_vm(VmSpec("vm-2", "n1", 1000))) == I  # not page aligned
-    assert await code(client.register_vm(VmSpec("vm-2", "n1", 0))) == I
+    INV, N, A, F = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS,
+                    grpc.StatusCode.FAILED_PRECONDITION)  # fmt: skip
+    assert await code(client.register_vm(VmSpec("bad id", "n1", 1 << 20))) == INV
+    assert await code(client.register_vm(VmSpec("vm-2", "n1", 1000))) == INV  # not page aligned
+    assert await code(client.register_vm(VmSpec("vm-2", "n1", 0))) == INV
     assert await code(client.register_vm(VmSpec("vm-2", "nowhere", 1 << 20))) == N
     assert await code(client.register_vm(VmSpec("vm-1", "n1", 1 << 20))) == A
     assert await code(client.register_vm(VmSpec("vm-2", "n1", 1 << 20, backend=Backend.UFFD))) == F
     assert await code(client.get_vm_status("vm-404")) == N
-    assert await code(client.get_vm_status("../x")) == I
+    assert await code(client.get_vm_status("../x")) == INV
     assert (
-        await code(client.set_policy(PolicyScope.fleet(), EvictionPolicy(cold_after=0), ["cold_after"])) == I
+        await code(client.set_policy(PolicyScope.fleet(), EvictionPolicy(cold_after=0), ["cold_after"]))
+        == INV
     )
-    assert await code(client.set_policy(PolicyScope.fleet(), EvictionPolicy(store="nfs"))) == I
-    assert await code(client.set_policy(PolicyScope.fleet(), EvictionPolicy(), ["version"])) == I
+    assert await code(client.set_policy(PolicyScope.fleet(), EvictionPolicy(store="nfs"))) == INV
+    assert await code(client.set_policy(PolicyScope.fleet(), EvictionPolicy(), ["version"])) == INV
     assert await code(client.set_policy(PolicyScope.for_vm("vm-404"), EvictionPolicy())) == N
     assert await code(client.get_policy("vm-404")) == N
     assert await code(client.delete_policy(PolicyScope.fleet())) == N
-    assert await code(client.list_vm_status(selector="tier")) == I
-    assert await code(client.list_cycle_reports("no/such")) == I
+    assert await code(client.list_vm_status(selector="tier")) == INV
+    assert await code(client.list_cycle_reports("no/such")) == INV
     assert await code(client.deregister_vm("vm-404")) == N
     assert await code(client.deregister_node("n1")) == F  # has a VM
     assert await code(client.register_node(NodeInfo("n1", "10.9.9.9:1"))) == A  # another host, valid lease
-    assert await code(client.trigger_cycle("vm-1", interval_ms=2**60)) == I
-    assert await code(client.heartbeat("bad id")) == I
+    assert await code(client.trigger_cycle("vm-1", interval_ms=2**60)) == INV
+    assert await code(client.heartbeat("bad id")) == INV
     with pytest.raises(InvalidArgument):
         [e async for e in client.stream_events(vm_id="bad id")]
     # raw requests the typed client cannot produce
@@ -265,13 +266,13 @@ async def test_bad_requests_get_the_right_codes_and_change_nothing(fleet: Any) -
         ]:
             with pytest.raises(grpc.aio.AioRpcError) as ei:
                 await call(req, timeout=5)
-            assert ei.value.code() == I, req
+            assert ei.value.code() == INV, req
     assert (await client.list_vm_status(), await client.list_policies(), await client.list_nodes()) == before
     assert a1.vms == {}  # nothing reached the agent
 
 
 async def test_unreachable_agent_is_unavailable_and_attach_is_rolled_back(fleet: Any) -> None:
-    cp, client, _ = fleet
+    _cp, client, _ = fleet
     from tests.helpers.servers import free_port
 
     await client.register_node(NodeInfo("dead", f"127.0.0.1:{free_port()}"))
@@ -289,7 +290,7 @@ async def test_unreachable_agent_is_unavailable_and_attach_is_rolled_back(fleet:
 
 
 async def test_trigger_cycle_and_deadlines_are_passed_to_the_agent(fleet: Any) -> None:
-    cp, client, (a1, _) = fleet
+    _cp, client, (a1, _) = fleet
     await client.set_policy(PolicyScope.fleet(), EvictionPolicy(interval_ms=3_600_000))  # no scheduled cycle
     await client.register_vm(VmSpec("vm-1", "n1", 1 << 20), attach=True)
     r = await client.trigger_cycle("vm-1", CycleMode.DETECT, interval_ms=50, timeout=4)
@@ -334,7 +335,7 @@ async def test_lease_expiry_marks_the_node_down_and_heartbeat_brings_it_back(tmp
 
 
 async def test_event_stream_replays_then_follows(fleet: Any) -> None:
-    cp, client, _ = fleet
+    _cp, client, _ = fleet
     await client.set_policy(PolicyScope.fleet(), EvictionPolicy(interval_ms=60_000))
     last = [e async for e in client.stream_events()][-1].seq
     got: list[Any] = []
