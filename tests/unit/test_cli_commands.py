@@ -450,3 +450,12 @@ def test_shell_completion_lists_commands() -> None:
     assert "policy" in r.stdout
     r = CliRunner().invoke(cli, [], prog_name="tiermem", env={"_TIERMEM_COMPLETE": "bash_source"})
     assert "_TIERMEM_COMPLETE=bash_complete" in r.stdout
+
+
+def test_vm_ids_complete_from_the_server(stub: StubClient) -> None:
+    env = {"_TIERMEM_COMPLETE": "bash_complete", "COMP_WORDS": "tiermem vm show v", "COMP_CWORD": "3"}
+    r = CliRunner().invoke(cli, [], prog_name="tiermem", env=env, obj={"client_factory": lambda s: stub})
+    assert r.stdout.split() == ["plain,vm1", "plain,vm2"]
+    stub.fail_with = errors.Unavailable("down")  # an unreachable server completes nothing, silently
+    r = CliRunner().invoke(cli, [], prog_name="tiermem", env=env, obj={"client_factory": lambda s: stub})
+    assert r.exit_code == 0 and r.stdout.strip() == "" and r.stderr == ""

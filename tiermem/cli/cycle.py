@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from tiermem.cli.options import DURATION, connection_options, get_client, json_option
+from tiermem.cli.options import DURATION, complete_vm_ids, connection_options, get_client, json_option
 from tiermem.cli.output import console, emit_json, fmt_time, kv_table, phase_table
 from tiermem.cli.vm import check_id, cycle_table
 from tiermem.errors import InvalidArgument
@@ -20,7 +20,7 @@ def cycle() -> None:
 
 
 @cycle.command("run")
-@click.argument("vm_id", metavar="VM")
+@click.argument("vm_id", metavar="VM", shell_complete=complete_vm_ids)
 @click.option("--dry-run", is_flag=True, help="Detect only: report the hot and cold pages, evict nothing.")
 @click.option("--interval", type=DURATION, metavar="DURATION",
               help="Detection wait for this cycle, e.g. 5s (default: the VM's policy).")  # fmt: skip
@@ -60,7 +60,7 @@ def run_cycle(ctx: click.Context, vm_id: str, dry_run: bool, interval: int | Non
 
 
 @cycle.command("history")
-@click.argument("vm_id", metavar="[VM]", required=False)
+@click.argument("vm_id", metavar="[VM]", required=False, shell_complete=complete_vm_ids)
 @click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True,
               help="Newest reports to show.")  # fmt: skip
 @json_option

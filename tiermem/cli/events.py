@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from tiermem.cli.options import connection_options, get_client, json_option
+from tiermem.cli.options import complete_vm_ids, connection_options, get_client, json_option
 from tiermem.cli.output import emit_json_line, fmt_time
 from tiermem.cli.vm import check_id
 from tiermem.model import Event, EventKind
@@ -26,7 +26,9 @@ def format_event(e: Event) -> str:
 
 
 @click.command()
-@click.option("--vm", "vm_id", metavar="VM", help="Only events about this VM.")
+@click.option(
+    "--vm", "vm_id", metavar="VM", shell_complete=complete_vm_ids, help="Only events about this VM."
+)
 @click.option("--follow", "-f", is_flag=True, help="Keep streaming new events (Ctrl-C stops).")
 @click.option("--after", "after_seq", type=click.IntRange(0), default=0, metavar="SEQ",
               help="Only events after this sequence number.")  # fmt: skip
@@ -49,7 +51,7 @@ def events(ctx: click.Context, vm_id: str | None, follow: bool, after_seq: int, 
                 line = format_event(e)
                 click.secho(line, fg="red" if e.kind in _ERROR_KINDS else None)
     except KeyboardInterrupt:
-        # Ctrl-C is how --follow ends; it is not an error.
-        cancel = getattr(stream, "cancel", None)
-        if callable(cancel):
-            cancel()
+        # Ctrl-C is how --follow ends; it is not an error. Closing the stream cancels the call.
+        close = getattr(stream, "close", None)
+        if callable(close):
+            close()

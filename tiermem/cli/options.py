@@ -10,7 +10,7 @@ leave ``ClientSettings`` to the environment (``TIERMEM_SERVER``,
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -33,10 +33,15 @@ __all__ = [
     "ClientFactory",
     "Parsed",
     "client_settings",
+    "complete_node_ids",
+    "complete_vm_ids",
     "connection_options",
     "get_client",
     "json_option",
 ]
+
+if TYPE_CHECKING:
+    from tiermem.rpc.clients import ControlPlaneClient
 
 F = TypeVar("F", bound=Callable[..., Any])
 ClientFactory = Callable[[ClientSettings], Any]
@@ -132,13 +137,13 @@ def client_settings(ctx: click.Context) -> ClientSettings:
     return settings
 
 
-def _default_factory(settings: ClientSettings) -> Any:
+def _default_factory(settings: ClientSettings) -> ControlPlaneClient:
     from tiermem.rpc.clients import ControlPlaneClient
 
     return ControlPlaneClient.from_settings(settings)
 
 
-def get_client(ctx: click.Context) -> Any:
+def get_client(ctx: click.Context) -> ControlPlaneClient:
     """The control-plane client for this invocation (built once, closed when the command ends)."""
     obj = _obj(ctx)
     if "client" not in obj:
@@ -150,4 +155,25 @@ def get_client(ctx: click.Context) -> Any:
         close = getattr(client, "close", None)
         if callable(close):
             ctx.find_root().call_on_close(close)
-    return obj["client"]
+    client_: ControlPlaneClient = obj["client"]
+    return client_
+
+
+def complete_vm_ids(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Shell completion of VM ids from the control plane (nothing if it cannot be reached quickly)."""
+    try:
+        _obj(ctx).setdefault("conn", {}).setdefault("timeout_ms", 2000)
+        vms = get_client(ctx).list_vm_status()
+    except Exception:  # completion must never print an error into the user's shell
+        return []
+    return sorted(s.vm_id for s in vms if s.vm_id.startswith(incomplete))
+
+
+def complete_node_ids(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Shell completion of node ids from the control plane."""
+    try:
+        _obj(ctx).setdefault("conn", {}).setdefault("timeout_ms", 2000)
+        nodes = get_client(ctx).list_nodes()
+    except Exception:
+        return []
+    return sorted(n.node_id for n in nodes if n.node_id.startswith(incomplete))

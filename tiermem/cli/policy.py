@@ -12,7 +12,16 @@ from typing import Any
 import click
 
 from tiermem.cli.errors import fail
-from tiermem.cli.options import CAP, DURATION, RATE, SIZE, connection_options, get_client, json_option
+from tiermem.cli.options import (
+    CAP,
+    DURATION,
+    RATE,
+    SIZE,
+    complete_vm_ids,
+    connection_options,
+    get_client,
+    json_option,
+)
 from tiermem.cli.output import console, emit_json, fmt_cap, fmt_time, kv_table, policy_rows, table
 from tiermem.control.types import PolicyScope, ScopeKind
 from tiermem.errors import InvalidArgument
@@ -59,7 +68,7 @@ def _target_options(f: Any) -> Any:
         "--fleet", is_flag=True, help="The fleet default (applies to every VM without a closer policy)."
     )(f)
     f = click.option("--selector", metavar="K=V[,K=V]", help="A default for VMs whose labels match.")(f)
-    return click.argument("vm_id", metavar="[VM]", required=False)(f)
+    return click.argument("vm_id", metavar="[VM]", required=False, shell_complete=complete_vm_ids)(f)
 
 
 def _check_range(flag: str, value: int | None, lo: int, hi: int) -> None:
@@ -133,7 +142,7 @@ def set_policy(ctx: click.Context, vm_id: str | None, selector: str | None, flee
 
 
 @policy.command("get")
-@click.argument("vm_id", metavar="VM")
+@click.argument("vm_id", metavar="VM", shell_complete=complete_vm_ids)
 @json_option
 @connection_options
 @click.pass_context

@@ -9,7 +9,14 @@ import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tiermem.cli.errors import fail
-from tiermem.cli.options import MEMORY, connection_options, get_client, json_option
+from tiermem.cli.options import (
+    MEMORY,
+    complete_node_ids,
+    complete_vm_ids,
+    connection_options,
+    get_client,
+    json_option,
+)
 from tiermem.cli.output import (
     console,
     emit_json,
@@ -56,7 +63,9 @@ def vm() -> None:
 
 
 @vm.command("list")
-@click.option("--node", "node_id", metavar="NODE", help="Only VMs on this node.")
+@click.option(
+    "--node", "node_id", metavar="NODE", shell_complete=complete_node_ids, help="Only VMs on this node."
+)
 @click.option("--selector", metavar="K=V[,K=V]", help="Only VMs whose labels match.")
 @json_option
 @connection_options
@@ -88,7 +97,7 @@ def list_vms(ctx: click.Context, node_id: str | None, selector: str | None, as_j
 
 
 @vm.command("show")
-@click.argument("vm_id", metavar="VM")
+@click.argument("vm_id", metavar="VM", shell_complete=complete_vm_ids)
 @click.option("--cycles", "last", type=click.IntRange(0, 1000), default=LAST_CYCLES, show_default=True,
               help="How many recent cycles to show.")  # fmt: skip
 @json_option
@@ -162,7 +171,14 @@ def cycle_table(reports: list[Any], title: str | None) -> Any:
 
 @vm.command("register")
 @click.argument("vm_id", metavar="VM")
-@click.option("--node", "node_id", required=True, metavar="NODE", help="Node whose agent tracks the VM.")
+@click.option(
+    "--node",
+    "node_id",
+    required=True,
+    metavar="NODE",
+    shell_complete=complete_node_ids,
+    help="Node whose agent tracks the VM.",
+)
 @click.option("--memory", type=MEMORY, required=True, metavar="SIZE", help="Guest memory, e.g. 1GiB, 256M.")
 @click.option("--label", "labels", multiple=True, metavar="K=V", help="A label (repeatable).")
 @click.option("--backend", type=click.Choice([b.value for b in Backend]), default=Backend.SIM.value,
@@ -209,7 +225,7 @@ def register_vm(ctx: click.Context, vm_id: str, node_id: str, memory: int, label
 
 
 @vm.command("drain")
-@click.argument("vm_id", metavar="VM")
+@click.argument("vm_id", metavar="VM", shell_complete=complete_vm_ids)
 @json_option
 @connection_options
 @click.pass_context
@@ -240,7 +256,7 @@ def drain_vm(ctx: click.Context, vm_id: str, as_json: bool) -> None:
 
 
 @vm.command("deregister")
-@click.argument("vm_id", metavar="VM")
+@click.argument("vm_id", metavar="VM", shell_complete=complete_vm_ids)
 @click.option(
     "--purge",
     is_flag=True,
