@@ -1,0 +1,624 @@
+"""The simulated kernel: guest memory, page tables and a userfaultfd context with RWP v10 semantics.
+
+``SimKernel`` implements :class:`tiermem.kernel.backend.KernelBackend` the way the
+patched kernel behaves (``../shared/reference/rwp-uapi.md`` §2-5), for one VM whose
+guest RAM is a shmem memfd mapped twice: the tracked guest mapping (what vCPUs
+touch, registered with the uffd) and the I/O mapping (``io_read``/``io_write``,
+never tracked). Errors are ``OSError(errno, message)`` with the kernel's errno.
+
+State, one byte per page (``sim_scan.ST_*``): unpopulated, present+protected
+(uffd bit set), present+accessed (uffd bit clear). Registration modes live in a
+short VMA list, as in the kernel, so a full-range UFFDIO_RWPROTECT is one numpy
+pass and a hot-set PAGEMAP_SCAN two. Contents follow :mod:`tiermem.vmm.content`:
+real bytes (``synthetic=False``) or, for fleet-scale runs, only a u32 counter per
+page from which ``page_bytes`` is materialised on ``io_read`` and decoded on
+``copy``; a page installed with bytes that are not a valid ``page_bytes`` gets the
+counter ``CORRUPT`` so verification still catches it.
+
+Guest side (vCPU threads): ``access``, ``access_batch``, ``read_page``. In sync
+mode a faulting thread blocks on a per-waiter Condition until woken (RWPROTECT
+clear, COPY/ZEROPAGE/CONTINUE without DONTWAKE, WAKE, UNREGISTER, SET_MODE to
+async for RWP waiters, close) and then retries the access, re-faulting with a new
+message if the cause is still there, exactly like ``handle_userfault``.
+
+Deterministic replay: ``set_fault_handler(fn)`` calls ``fn(msg)`` in the faulting
+thread instead of blocking, then retries.
+
+Fault injection (reliability tests): ``fault_delay_s`` delays every fault once in
+the faulting thread (lock released) before it is delivered; ``inject_error(op,
+errno, count)`` makes the next ``count`` calls of an ioctl fail.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from tiermem.errors import InvalidArgument
+from tiermem.kernel import uapi
+from tiermem.kernel.backend import ApiInfo, KernelBackend, ScanResult
+from tiermem.kernel.sim_mem import CORRUPT, SimMemory
+from tiermem.kernel.sim_scan import (
+    ST_ACC,
+    ST_NONE,
+    ST_PROT,
+    check_scan_args,
+    check_scan_flags,
+    limit_regions,
+    scan_runs,
+    to_regions,
+)
+from tiermem.kernel.sim_scan import kerr as _err
+
+__all__ = ["CORRUPT", "SIM_FEATURES", "SimKernel", "SimStats"]
+
+SIM_FEATURES = (
+    uapi.UFFD_FEATURE_PAGEFAULT_FLAG_WP
+    | uapi.UFFD_FEATURE_EVENT_REMOVE
+    | uapi.UFFD_FEATURE_MISSING_SHMEM
+    | uapi.UFFD_FEATURE_THREAD_ID
+    | uapi.UFFD_FEATURE_MINOR_SHMEM
+    | uapi.UFFD_FEATURE_EXACT_ADDRESS
+    | uapi.UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+    | uapi.UFFD_FEATURE_RWP
+    | uapi.UFFD_FEATURE_RWP_ASYNC
+)
+"""What the modelled kernel offers for a shmem memfd. WP async tracking and fork/remap
+events are not modelled, so they are not offered."""
+
+_MISSING = uapi.UFFDIO_REGISTER_MODE_MISSING
+_RWP = uapi.UFFDIO_REGISTER_MODE_RWP
+_WP = uapi.UFFDIO_REGISTER_MODE_WP
+_MODES = _MISSING | _WP | uapi.UFFDIO_REGISTER_MODE_MINOR | _RWP
+_OPS = frozenset({"api", "register", "unregister", "rwprotect", "set_mode", "pagemap_scan", "copy", "zeropage",
+                  "continue", "wake", "punch_hole", "io_read", "io_write"})  # fmt: skip
+_FIRST_WINDOW = 256
+
+
+@dataclass
+class SimStats:
+    """What happened on the guest side (for tests and benchmarks)."""
+
+    rwp_faults: int = 0
+    """Sync RWP faults raised (each retry counts)."""
+    missing_faults: int = 0
+    """MISSING faults raised (each retry counts)."""
+    async_resolved: int = 0
+    """Accesses to protected pages auto-resolved in RWP_ASYNC mode."""
+    zero_fills: int = 0
+    """Unpopulated pages filled with zeros by an access (no MISSING registration)."""
+    handler_calls: int = 0
+
+
+class _Waiter:
+    __slots__ = ("cond", "msg", "page", "queued", "reason", "woken")
+
+    def __init__(self, page: int, msg: uapi.UffdMsg, reason: int, cond: threading.Condition) -> None:
+        self.page = page
+        self.msg = msg
+        self.reason = reason
+        self.cond = cond
+        self.woken = False
+        self.queued = True
+
+
+class SimKernel(KernelBackend):
+    """One simulated VM: guest RAM (a shmem memfd mapped twice) and its userfaultfd."""
+
+    name = "sim"
+
+    def __init__(
+        self,
+        n_pages: int,
+        *,
+        page_size: int = 4096,
+        base: int = 0x7F00_0000_0000,
+        synthetic: bool = False,
+        populated: bool = True,
+        features: int = SIM_FEATURES,
+    ) -> None:
+        if n_pages <= 0:
+            raise InvalidArgument(f"n_pages must be > 0, got {n_pages}")
+        if page_size < 64 or page_size & (page_size - 1):
+            raise InvalidArgument(f"page_size must be a power of two >= 64, got {page_size}")
+        if base % page_size or base <= 0:
+            raise InvalidArgument(f"base {base:#x} must be a positive multiple of the page size")
+        super().__init__(base, n_pages * page_size, page_size)
+        self.synthetic = synthetic
+        self.kernel_features = features
+        self.mem = SimMemory(n_pages, page_size, synthetic=synthetic, populated=populated)
+        """The memfd's pages and the guest PTE state (read it only with the lock held, or quiescent)."""
+        self._state = self.mem.state
+        self._lock = threading.Lock()
+        self._msg_cond = threading.Condition(self._lock)
+        self._vmas: list[tuple[int, int, int]] = [(0, n_pages, 0)]
+        self._vma_start_list = [0]
+        self._vma_starts = np.zeros(1, dtype=np.int64)
+        self._vma_modes = np.zeros(1, dtype=np.int64)
+        self._ctx: int | None = None  # negotiated features; None until UFFDIO_API succeeds
+        self._closed = False
+        self._waiters: list[_Waiter] = []
+        self._pending: deque[_Waiter] = deque()
+        self._handler: Callable[[uapi.UffdMsg], None] | None = None
+        self._fail: dict[str, list[int]] = {}
+        self.fault_delay_s = 0.0
+        """Delay (seconds) applied once to every fault before it is delivered, lock released."""
+        self.stats = SimStats()
+
+    # --- plumbing -------------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def async_mode(self) -> bool:
+        """True while RWP faults auto-resolve (UFFD_FEATURE_RWP_ASYNC is set on the ctx)."""
+        return bool(self._ctx and self._ctx & uapi.UFFD_FEATURE_RWP_ASYNC)
+
+    def state_bytes_per_page(self) -> tuple[int, int]:
+        """(tracking state bytes per page, content bytes per page)."""
+        return self.mem.bytes_per_page()
+
+    def inject_error(self, op: str, err: int, count: int = 1) -> None:
+        """Make the next ``count`` calls of ``op`` (an ioctl/backend method name) raise OSError(err)."""
+        if op not in _OPS:
+            raise InvalidArgument(f"unknown operation {op!r}; use one of {', '.join(sorted(_OPS))}")
+        with self._lock:
+            self._fail.setdefault(op, []).extend([err] * count)
+
+    def set_fault_handler(self, fn: Callable[[uapi.UffdMsg], None] | None) -> None:
+        """Inline mode: faults that would block call ``fn(msg)`` in the faulting thread, then retry."""
+        self._handler = fn
+
+    def _injected(self, op: str) -> None:
+        if self._fail.get(op):
+            with self._lock:
+                queue = self._fail.get(op)
+                if queue:
+                    raise _err(queue.pop(0), f"{op} (injected)")
+
+    def _enter(self, op: str, *, init: bool = True) -> None:
+        """Checks of every uffd ioctl: fd open, UFFDIO_API done (else EINVAL), injected errors."""
+        if self._closed:
+            raise _err(errno.EBADF, op)
+        if init and self._ctx is None:
+            raise _err(errno.EINVAL, f"{op} before UFFDIO_API")
+        self._injected(op)
+
+    def _pages(self, op: str, start: int, length: int) -> tuple[int, int]:
+        """validate_range: aligned, non-empty; returns the page span (may lie outside the mapping)."""
+        if start < 0 or length <= 0 or start % self.page_size or length % self.page_size:
+            raise _err(errno.EINVAL, f"{op} [{start:#x}, +{length:#x})")
+        p0 = (start - self.base) // self.page_size
+        return p0, p0 + length // self.page_size
+
+    def _inside(self, p0: int, p1: int) -> bool:
+        return p0 >= 0 and p1 <= self.n_pages
+
+    def _modes_in(self, p0: int, p1: int) -> list[int]:
+        return [m for s, e, m in self._vmas if s < p1 and e > p0]
+
+    def _set_modes(self, p0: int, p1: int, mode: int) -> None:
+        pieces: list[tuple[int, int, int]] = []
+        for s, e, m in self._vmas:
+            if s < p0:
+                pieces.append((s, min(e, p0), m))
+            if e > p1:
+                pieces.append((max(s, p1), e, m))
+        pieces.append((p0, p1, mode))
+        pieces.sort()
+        merged: list[tuple[int, int, int]] = []
+        for s, e, m in pieces:
+            if merged and merged[-1][2] == m and merged[-1][1] == s:
+                merged[-1] = (merged[-1][0], e, m)
+            else:
+                merged.append((s, e, m))
+        self._vmas = merged
+        self._vma_start_list = [s for s, _, _ in merged]
+        self._vma_starts = np.array(self._vma_start_list, dtype=np.int64)
+        self._vma_modes = np.array([m for _, _, m in merged], dtype=np.int64)
+
+    def _mode_of(self, page: int) -> int:
+        if len(self._vmas) == 1:
+            return self._vmas[0][2]
+        return self._vmas[bisect.bisect_right(self._vma_start_list, page) - 1][2]
+
+    def _wake(self, p0: int, p1: int, reason: int | None = None) -> None:
+        for w in self._waiters:
+            if p0 <= w.page < p1 and (reason is None or w.reason == reason) and not w.woken:
+                w.woken = True
+                w.cond.notify()
+
+    # --- negotiation and registration ---------------------------------------------------------
+    def api(self, features: int) -> ApiInfo:
+        self._enter("api", init=False)
+        with self._lock:
+            if self._ctx is not None:
+                raise _err(errno.EINVAL, "UFFDIO_API called twice")
+            if features & ~self.kernel_features:
+                raise _err(
+                    errno.EINVAL, f"UFFDIO_API: unsupported features {features & ~self.kernel_features:#x}"
+                )
+            if features & uapi.UFFD_FEATURE_RWP_ASYNC and not features & uapi.UFFD_FEATURE_RWP:
+                raise _err(errno.EINVAL, "UFFDIO_API: RWP_ASYNC requires RWP")
+            self._ctx = features
+        return ApiInfo(self.kernel_features, uapi.UFFD_API_IOCTLS)
+
+    def register(self, start: int, length: int, mode: int) -> int:
+        self._enter("register")
+        if mode == 0 or mode & ~_MODES:
+            raise _err(errno.EINVAL, f"UFFDIO_REGISTER: bad mode {mode:#x}")
+        if mode & _WP and mode & _RWP:
+            raise _err(errno.EINVAL, "UFFDIO_REGISTER: MODE_WP and MODE_RWP are exclusive")
+        assert self._ctx is not None
+        if mode & _RWP and not self._ctx & uapi.UFFD_FEATURE_RWP:
+            raise _err(errno.EINVAL, "UFFDIO_REGISTER: MODE_RWP without UFFD_FEATURE_RWP")
+        if (
+            mode & uapi.UFFDIO_REGISTER_MODE_MINOR
+            and not self.kernel_features & uapi.UFFD_FEATURE_MINOR_SHMEM
+        ):
+            raise _err(errno.EINVAL, "UFFDIO_REGISTER: MODE_MINOR unsupported")
+        p0, p1 = self._pages("UFFDIO_REGISTER", start, length)
+        if not self._inside(p0, p1):
+            raise _err(errno.EINVAL, "UFFDIO_REGISTER: range outside the guest mapping")
+        with self._lock:
+            for old in self._modes_in(p0, p1):
+                dropped = old & (_WP | _RWP) & ~mode
+                if dropped:
+                    raise _err(errno.EBUSY, "UFFDIO_REGISTER: re-registration would drop WP/RWP")
+            self._set_modes(p0, p1, mode)
+        ioctls = uapi.UFFD_API_RANGE_IOCTLS
+        if not mode & uapi.UFFDIO_REGISTER_MODE_MINOR:
+            ioctls &= ~(1 << uapi._UFFDIO_CONTINUE)
+        if not mode & _WP:
+            ioctls &= ~(1 << uapi._UFFDIO_WRITEPROTECT)
+        if not mode & _RWP:
+            ioctls &= ~(1 << uapi._UFFDIO_RWPROTECT)
+        return ioctls
+
+    def unregister(self, start: int, length: int) -> None:
+        self._enter("unregister")
+        p0, p1 = self._pages("UFFDIO_UNREGISTER", start, length)
+        if not self._inside(p0, p1):
+            raise _err(errno.EINVAL, "UFFDIO_UNREGISTER: range outside the guest mapping")
+        with self._lock:
+            self.mem.resolve(p0, p1)  # protection never outlives the registration
+            self._set_modes(p0, p1, 0)
+            self._wake(p0, p1)
+
+    # --- tracking -----------------------------------------------------------------------------
+    def rwprotect(self, start: int, length: int, *, protect: bool, dontwake: bool = False) -> None:
+        self._enter("rwprotect")
+        if protect and dontwake:
+            raise _err(errno.EINVAL, "UFFDIO_RWPROTECT: MODE_RWP with MODE_DONTWAKE")
+        p0, p1 = self._pages("UFFDIO_RWPROTECT", start, length)
+        with self._lock:
+            if not self._inside(p0, p1) or any(not m & _RWP for m in self._modes_in(p0, p1)):
+                raise _err(errno.ENOENT, "UFFDIO_RWPROTECT: range not entirely RWP-registered")
+            if protect:
+                self.mem.protect(p0, p1)
+            else:
+                self.mem.resolve(p0, p1)
+                if not dontwake:
+                    self._wake(p0, p1)
+
+    def set_mode(self, *, enable: int = 0, disable: int = 0) -> None:
+        self._enter("set_mode")
+        if enable & disable:
+            raise _err(errno.EINVAL, "UFFDIO_SET_MODE: a bit is both enabled and disabled")
+        if (enable | disable) & ~uapi.UFFD_FEATURE_RWP_ASYNC:
+            raise _err(errno.EINVAL, "UFFDIO_SET_MODE: only UFFD_FEATURE_RWP_ASYNC can be toggled")
+        if not self.kernel_features & uapi.UFFD_FEATURE_RWP:
+            raise _err(errno.EINVAL, "UFFDIO_SET_MODE: RWP unsupported")
+        assert self._ctx is not None
+        if enable and not self._ctx & uapi.UFFD_FEATURE_RWP:
+            raise _err(errno.EINVAL, "UFFDIO_SET_MODE: RWP_ASYNC on a ctx without UFFD_FEATURE_RWP")
+        # Taking the lock drains in-flight accesses (the kernel's mmap_write_lock + vma_start_write).
+        with self._lock:
+            was_async = self.async_mode
+            self._ctx = (self._ctx | enable) & ~disable
+            if enable and not was_async:
+                self._wake(0, self.n_pages, uapi.UFFD_PAGEFAULT_FLAG_RWP)  # they retry and auto-resolve
+
+    def pagemap_scan(
+        self,
+        start: int,
+        end: int,
+        *,
+        category_mask: int = 0,
+        category_inverted: int = 0,
+        category_anyof_mask: int = 0,
+        return_mask: int = 0,
+        max_pages: int = 0,
+        vec_len: int = 0,
+        flags: int = 0,
+        size: int = 96,
+    ) -> ScanResult:
+        """PAGEMAP_SCAN; ``flags`` and ``size`` are the pm_scan_arg fields (checked like the kernel)."""
+        self._injected("pagemap_scan")
+        masks = (category_mask, category_inverted, category_anyof_mask, return_mask)
+        end = check_scan_args(start, end, self.page_size, flags=flags, size=size, masks=masks,
+                              max_pages=max_pages, vec_len=vec_len)  # fmt: skip
+        p0 = max(0, (start - self.base) // self.page_size)
+        p1 = min(self.n_pages, (end - self.base) // self.page_size)
+        with self._lock:
+            vmas = [v for v in self._vmas if v[0] < p1 and v[1] > p0]
+            if check_scan_flags(flags, [m for _, _, m in vmas]) or p0 >= p1:
+                return ScanResult.empty(end)
+            s, e, k = scan_runs(
+                self._state, vmas, p0, p1, mask=category_mask, inverted=category_inverted,
+                anyof=category_anyof_mask, ret=return_mask,
+            )  # fmt: skip
+        s, e, k, stop = limit_regions(s, e, k, max_pages=max_pages, vec_len=vec_len)
+        return ScanResult(
+            to_regions(s, e, k, self.base, self.page_size), end if stop is None else self.addr(stop)
+        )
+
+    # --- resolving faults -----------------------------------------------------------------------
+    def _install_span(self, op: str, dst: int, length: int) -> tuple[int, int, int]:
+        """Checks shared by COPY/ZEROPAGE: returns (p0, pages to install, pages asked); lock held."""
+        p0, p1 = self._pages(op, dst, length)
+        if not self._inside(p0, p1) or any(m == 0 for m in self._modes_in(p0, p1)):
+            raise _err(errno.ENOENT, f"{op}: destination not registered with this userfaultfd")
+        present = self._state[p0:p1] != ST_NONE
+        if present[0]:
+            raise _err(errno.EEXIST, f"{op}: page {p0} is present")
+        k = int(present.argmax()) if present.any() else p1 - p0
+        return p0, k, p1 - p0
+
+    def copy(self, dst: int, data: bytes | memoryview, *, dontwake: bool = False) -> int:
+        """UFFDIO_COPY; a copy stopped by a present page returns the bytes copied (the kernel's ``copy``)."""
+        self._enter("copy")
+        with self._lock:
+            p0, k, _ = self._install_span("UFFDIO_COPY", dst, len(data))
+            self.mem.install(p0, memoryview(data)[: k * self.page_size])  # no uffd bit: reads as accessed
+            if not dontwake:
+                self._wake(p0, p0 + k)
+        return k * self.page_size
+
+    def zeropage(self, start: int, length: int, *, dontwake: bool = False) -> int:
+        self._enter("zeropage")
+        with self._lock:
+            p0, k, _ = self._install_span("UFFDIO_ZEROPAGE", start, length)
+            self.mem.install_zero(p0, p0 + k)
+            if not dontwake:
+                self._wake(p0, p0 + k)
+        return k * self.page_size
+
+    def continue_(self, start: int, length: int, *, dontwake: bool = False) -> int:
+        """UFFDIO_CONTINUE: the sim has no cached-but-unmapped state, so present pages just "map"."""
+        self._enter("continue")
+        p0, p1 = self._pages("UFFDIO_CONTINUE", start, length)
+        with self._lock:
+            if not self._inside(p0, p1) or any(m == 0 for m in self._modes_in(p0, p1)):
+                raise _err(errno.ENOENT, "UFFDIO_CONTINUE: range not registered with this userfaultfd")
+            if (self._state[p0:p1] == ST_NONE).any():
+                raise _err(errno.EFAULT, "UFFDIO_CONTINUE: no page in the page cache")
+            if not dontwake:
+                self._wake(p0, p1)
+        return length
+
+    def wake(self, start: int, length: int) -> None:
+        self._enter("wake")
+        p0, p1 = self._pages("UFFDIO_WAKE", start, length)
+        with self._lock:
+            self._wake(p0, p1)
+
+    # --- backing memory -------------------------------------------------------------------------
+    def _io_span(self, op: str, offset: int, length: int, *, whole: bool) -> tuple[int, int]:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise _err(errno.EINVAL, f"{op} [{offset:#x}, +{length:#x}) outside the memfd")
+        if whole and (offset % self.page_size or length % self.page_size):
+            raise _err(errno.EINVAL, f"{op} [{offset:#x}, +{length:#x}) not page aligned")
+        return offset, offset + length
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        """fallocate(PUNCH_HOLE|KEEP_SIZE); the sim insists on whole pages inside the memfd."""
+        self._injected("punch_hole")
+        if length == 0:
+            raise _err(errno.EINVAL, "fallocate: zero length")
+        a, b = self._io_span("fallocate(PUNCH_HOLE)", offset, length, whole=True)
+        p0, p1 = a // self.page_size, b // self.page_size
+        with self._lock:
+            self.mem.punch(p0, p1)  # the marker goes with the PTE; nobody is woken
+
+    def io_read(self, offset: int, length: int) -> bytes:
+        self._injected("io_read")
+        a, b = self._io_span("io_read", offset, length, whole=False)
+        with self._lock:
+            return self.mem.read(a, b)
+
+    def io_write(self, offset: int, data: bytes | memoryview) -> None:
+        """Write through the I/O mapping; a hole written to becomes present (no uffd bit)."""
+        self._injected("io_write")
+        a, b = self._io_span("io_write", offset, len(data), whole=self.synthetic)
+        if a == b:
+            return
+        with self._lock:
+            self.mem.write(a, memoryview(data))
+
+    def populated(self) -> np.ndarray:
+        with self._lock:
+            return (self._state & 1).astype(bool)
+
+    def counters(self) -> np.ndarray:
+        """The write counter of every page (0 for unpopulated pages); a copy."""
+        with self._lock:
+            return np.array(self.mem.ctr, dtype=np.uint32)
+
+    def compare(self, expected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(present pages whose bytes differ from ``page_bytes(page, expected)``, unpopulated pages)."""
+        with self._lock:
+            return self.mem.compare(expected)
+
+    # --- messages ---------------------------------------------------------------------------------
+    def read_messages(self, timeout: float | None) -> list[uapi.UffdMsg]:
+        if self._closed:
+            return []
+        if self._ctx is None:
+            raise _err(errno.EINVAL, "read before UFFDIO_API")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while not self._pending and not self._closed:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return []
+                self._msg_cond.wait(left)
+            if self._closed:
+                return []
+            out = [w.msg for w in self._pending]
+            for w in self._pending:
+                w.queued = False
+            self._pending.clear()
+            return out
+
+    def close(self) -> None:
+        """Release the uffd: protection is resolved, registrations dropped, every waiter woken."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self.mem.resolve(0, self.n_pages)
+            self._set_modes(0, self.n_pages, 0)
+            self._wake(0, self.n_pages)
+            self._pending.clear()
+            self._msg_cond.notify_all()
+
+    # --- guest side ---------------------------------------------------------------------------------
+    def _check_pages(self, pages: np.ndarray) -> None:
+        if len(pages) and (int(pages.min()) < 0 or int(pages.max()) >= self.n_pages):
+            raise InvalidArgument(f"guest access outside RAM (pages 0..{self.n_pages - 1})")
+
+    def access(self, page: int, write: bool = False, tid: int = 0) -> None:
+        """One guest access through the tracked mapping; blocks (or calls the handler) on a fault."""
+        self._check_pages(np.array([page]))
+        with self._lock:
+            self._access_locked(int(page), write, tid)
+
+    def read_page(self, page: int, tid: int = 0) -> bytes:
+        """A guest read of a whole page through the tracked mapping (faults like ``access``)."""
+        self._check_pages(np.array([page]))
+        with self._lock:
+            self._access_locked(int(page), False, tid)
+            return self.mem.page(int(page))
+
+    def access_batch(self, pages: np.ndarray, writes: np.ndarray | None = None, tid: int = 0) -> None:
+        """Guest accesses in order: a numpy pass for runs that cannot fault, one by one for faults."""
+        pages = np.asarray(pages, dtype=np.int64)
+        if writes is not None:
+            writes = np.asarray(writes, dtype=bool)
+            if writes.shape != pages.shape:
+                raise InvalidArgument("writes must have the same length as pages")
+        self._check_pages(pages)
+        n, i, win = len(pages), 0, len(pages)
+        with self._lock:
+            while i < n:
+                j = min(n, i + win)
+                seg = pages[i:j]
+                st = self._state[seg]
+                blk = self._blocking(seg, st)
+                k = int(blk.argmax()) if blk is not None and blk.any() else j - i
+                if k:
+                    self._apply(seg[:k], st[:k], None if writes is None else writes[i : i + k])
+                if i + k == j:
+                    i, win = j, win * 4  # no fault in this window: gallop
+                    continue
+                self._access_locked(int(seg[k]), bool(writes is not None and writes[i + k]), tid)
+                i, win = i + k + 1, _FIRST_WINDOW
+
+    def _blocking(self, seg: np.ndarray, st: np.ndarray) -> np.ndarray | None:
+        """Mask of accesses that would fault to the handler (MISSING, or RWP in sync mode)."""
+        sync = not self.async_mode
+        if len(self._vmas) == 1:
+            mode = self._vmas[0][2]
+            blk = (st == ST_NONE) if mode & _MISSING else None
+            if sync and mode & _RWP:
+                prot = st == ST_PROT
+                blk = prot if blk is None else blk | prot
+            return blk
+        modes = self._vma_modes[np.searchsorted(self._vma_starts, seg, side="right") - 1]
+        mixed: np.ndarray = (st == ST_NONE) & ((modes & _MISSING) != 0)
+        if sync:
+            mixed |= st == ST_PROT  # only RWP VMAs hold protected pages
+        return mixed
+
+    def _apply(self, seg: np.ndarray, st: np.ndarray, writes: np.ndarray | None) -> None:
+        if self.async_mode and (prot := st == ST_PROT).any():
+            self.stats.async_resolved += len(np.unique(seg[prot]))  # a page resolves once
+        if (hole := st == ST_NONE).any():
+            self.stats.zero_fills += len(np.unique(seg[hole]))
+        self.mem.touch(seg, writes)
+
+    def _fault_reason(self, page: int) -> int | None:
+        st = self._state[page]
+        if st == ST_ACC:
+            return None
+        if st == ST_NONE:
+            return 0 if self._mode_of(page) & _MISSING else None
+        return None if self.async_mode else uapi.UFFD_PAGEFAULT_FLAG_RWP
+
+    def _access_locked(self, page: int, write: bool, tid: int) -> None:
+        delayed = False
+        last_reason: int | None = None
+        calls = 0
+        while True:
+            reason = self._fault_reason(page)
+            if reason is None:
+                self._apply(np.array([page]), self._state[page : page + 1].copy(),
+                            np.array([write]) if write else None)  # fmt: skip
+                return
+            if self.fault_delay_s > 0 and not delayed:
+                delayed = True
+                self._lock.release()
+                try:
+                    time.sleep(self.fault_delay_s)
+                finally:
+                    self._lock.acquire()
+                continue
+            if reason:
+                self.stats.rwp_faults += 1
+            else:
+                self.stats.missing_faults += 1
+            assert self._ctx is not None  # a registered range implies a negotiated ctx
+            msg = uapi.UffdMsg(
+                uapi.UFFD_EVENT_PAGEFAULT,
+                flags=reason | (uapi.UFFD_PAGEFAULT_FLAG_WRITE if write else 0),
+                address=self.addr(page),
+                ptid=tid if self._ctx & uapi.UFFD_FEATURE_THREAD_ID else 0,
+            )
+            handler = self._handler
+            if handler is None:
+                self._block(page, msg, reason)
+                continue
+            # The handler must resolve what it was given; a different fault after it (an RWP
+            # fault on a page the handler evicted turns MISSING) gets another call, up to 3.
+            if last_reason == reason or calls >= 3:
+                raise RuntimeError(f"fault handler did not resolve {msg}")
+            last_reason = reason
+            calls += 1
+            self.stats.handler_calls += 1
+            self._lock.release()
+            try:
+                handler(msg)
+            finally:
+                self._lock.acquire()
+
+    def _block(self, page: int, msg: uapi.UffdMsg, reason: int) -> None:
+        w = _Waiter(page, msg, reason, threading.Condition(self._lock))
+        self._waiters.append(w)
+        self._pending.append(w)
+        self._msg_cond.notify_all()
+        try:
+            while not w.woken:
+                w.cond.wait()
+        finally:
+            self._waiters.remove(w)
+            if w.queued:
+                self._pending.remove(w)  # never read: the kernel drops it with the wait entry

@@ -1,0 +1,135 @@
+"""Guest memory of the simulated kernel: the shmem memfd's pages and the guest PTE state.
+
+One state byte per page (``sim_scan.ST_*``) stands for the page cache + guest PTE:
+unpopulated, present with the uffd bit (RWP-protected), present without it.
+Contents follow :mod:`tiermem.vmm.content`, either as real bytes (a numpy image
+of the memfd) or, in synthetic mode, as one u32 write counter per page from which
+the bytes are materialised and into which installed bytes are decoded.
+
+No locking here: :class:`tiermem.kernel.sim.SimKernel` holds its lock around every call.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tiermem.kernel.sim_scan import ST_ACC, ST_NONE, ST_PROT
+from tiermem.vmm import content
+
+__all__ = ["CORRUPT", "SimMemory"]
+
+CORRUPT = 0xFFFF_FFFF
+"""Synthetic-mode counter of a page installed with bytes that are not a valid ``page_bytes``."""
+
+
+class SimMemory:
+    """Pages of one simulated memfd and their guest PTE state."""
+
+    def __init__(self, n_pages: int, page_size: int, *, synthetic: bool, populated: bool) -> None:
+        self.n_pages = n_pages
+        self.page_size = page_size
+        self.synthetic = synthetic
+        self.state = np.full(n_pages, ST_ACC if populated else ST_NONE, dtype=np.uint8)
+        self.image: np.ndarray | None = None
+        self.ctr: np.ndarray
+        if synthetic:
+            self.ctr = np.zeros(n_pages, dtype=np.uint32)
+        else:
+            self.image = np.zeros(n_pages * page_size, dtype=np.uint8)  # calloc: untouched = no RSS
+            self.ctr = self.image.reshape(n_pages, page_size).view("<u4")[:, content.COUNTER_OFFSET // 4]
+
+    def bytes_per_page(self) -> tuple[int, int]:
+        """(PTE state bytes per page, content bytes per page)."""
+        return self.state.itemsize, (self.ctr.itemsize if self.synthetic else self.page_size)
+
+    # --- PTE state --------------------------------------------------------------------------------
+    def protect(self, p0: int, p1: int) -> None:
+        """UFFDIO_RWPROTECT(MODE_RWP): present pages get PAGE_NONE + the uffd bit; holes stay holes."""
+        sl = self.state[p0:p1]
+        np.bitwise_and(sl, ST_PROT, out=sl)
+
+    def resolve(self, p0: int, p1: int) -> None:
+        """Restore the VMA permissions of protected pages (RWPROTECT clear, unregister, close)."""
+        sl = self.state[p0:p1]
+        np.bitwise_or(sl, (sl & 1) << 1, out=sl)
+
+    def touch(self, pages: np.ndarray, writes: np.ndarray | None) -> None:
+        """Non-faulting guest accesses: each page ends present without the uffd bit; writes count."""
+        self.state[pages] = ST_ACC
+        if writes is not None and writes.any():
+            w = pages[writes]
+            np.add.at(self.ctr, w, np.uint32(1))
+            if self.image is not None:
+                stamps = self.image.reshape(self.n_pages, self.page_size).view("<u8")
+                stamps[w, content.PAGE_INDEX_OFFSET // 8] = w.astype(np.uint64)
+
+    # --- contents ---------------------------------------------------------------------------------
+    def install(self, p0: int, data: memoryview) -> None:
+        """Place whole pages of ``data`` at page ``p0`` (UFFDIO_COPY); they become present."""
+        n = len(data) // self.page_size
+        if not n:
+            return
+        if self.image is not None:
+            a = p0 * self.page_size
+            self.image[a : a + n * self.page_size] = np.frombuffer(
+                data, dtype=np.uint8, count=n * self.page_size
+            )
+        else:
+            ctr, valid = content.decode_pages(data[: n * self.page_size], p0, self.page_size)
+            self.ctr[p0 : p0 + n] = np.where(valid, ctr, np.uint32(CORRUPT))
+        self.state[p0 : p0 + n] = ST_ACC
+
+    def install_zero(self, p0: int, p1: int) -> None:
+        """UFFDIO_ZEROPAGE: zero-filled pages become present."""
+        self._zero(p0, p1)
+        self.state[p0:p1] = ST_ACC
+
+    def punch(self, p0: int, p1: int) -> None:
+        """fallocate(PUNCH_HOLE): the pages and their PTEs (and so the RWP marker) are gone."""
+        self._zero(p0, p1)
+        self.state[p0:p1] = ST_NONE
+
+    def _zero(self, p0: int, p1: int) -> None:
+        if self.image is not None:
+            self.image[p0 * self.page_size : p1 * self.page_size] = 0
+        else:
+            self.ctr[p0:p1] = 0
+
+    def read(self, a: int, b: int) -> bytes:
+        """Bytes [a, b) of the memfd (holes read as zeros)."""
+        if self.image is not None:
+            return self.image[a:b].tobytes()
+        p0, p1 = a // self.page_size, -(-b // self.page_size)
+        raw = content.pages_bytes(np.arange(p0, p1), self.ctr[p0:p1], self.page_size)
+        off = a - p0 * self.page_size
+        return raw[off : off + (b - a)]
+
+    def write(self, a: int, data: memoryview) -> None:
+        """Write through the I/O mapping (whole pages in synthetic mode); holes become present."""
+        b = a + len(data)
+        if self.image is not None:
+            self.image[a:b] = np.frombuffer(data, dtype=np.uint8)
+            sl = self.state[a // self.page_size : -(-b // self.page_size)]
+            sl[sl == ST_NONE] = ST_ACC
+        else:
+            # A hole written through the I/O mapping is allocated in the page cache.
+            p0, p1 = a // self.page_size, b // self.page_size
+            prot = self.state[p0:p1] == ST_PROT
+            self.install(p0, data)
+            self.state[p0:p1][prot] = ST_PROT  # the I/O mapping does not touch the guest PTEs
+
+    def page(self, page: int) -> bytes:
+        """The bytes of one page."""
+        if self.image is not None:
+            return self.image[page * self.page_size : (page + 1) * self.page_size].tobytes()
+        return content.page_bytes(page, int(self.ctr[page]), self.page_size)
+
+    def compare(self, expected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(present pages whose bytes differ from ``page_bytes(page, expected)``, unpopulated pages)."""
+        present = self.state != ST_NONE
+        if self.image is not None:
+            ctr, valid = content.decode_pages(self.image, 0, self.page_size)
+        else:
+            ctr, valid = self.ctr, self.ctr != CORRUPT
+        bad = present & (~valid | (ctr != expected))
+        return np.flatnonzero(bad), np.flatnonzero(~present)

@@ -1,0 +1,219 @@
+"""PAGEMAP_SCAN for the simulated kernel: categories, matching and merged regions, vectorised.
+
+The sim keeps one state byte per page (see :mod:`tiermem.kernel.sim`) that takes
+three values: ``ST_NONE`` (unpopulated), ``ST_PROT`` (present, uffd bit set) and
+``ST_ACC`` (present, uffd bit clear). Inside one VMA the PAGEMAP_SCAN categories
+of a page depend only on that byte and on the VMA's registration mode, so a scan
+is: per VMA, map the three states to "region key" (``categories & return_mask``
+when the page matches, else no match), find where the key changes with a couple
+of whole-array numpy passes, and merge runs across VMA boundaries as the kernel's
+``pagemap_scan_push_range`` does. No per-page Python loop.
+
+Categories follow ``fs/proc/task_mmu.c`` with the RWP series (v10):
+
+* present shmem page: ``PAGE_IS_PRESENT | PAGE_IS_FILE``;
+* ``PAGE_IS_ACCESSED`` only inside ``VM_UFFD_RWP`` VMAs, for present pages whose
+  uffd bit is clear; unpopulated pages there are "neither hot nor cold" (v10): they
+  never appear in a scan, inverted or not, so "not accessed" means resident and
+  still protected;
+* ``PAGE_IS_WRITTEN`` only inside ``VM_UFFD_WP`` VMAs (unpopulated pages included);
+* soft-dirty is compiled out of the modelled kernel, nothing is swapped or huge.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Sequence
+
+import numpy as np
+
+from tiermem.kernel import uapi
+
+__all__ = [
+    "ST_ACC",
+    "ST_NONE",
+    "ST_PROT",
+    "categories_by_state",
+    "check_scan_args",
+    "check_scan_flags",
+    "kerr",
+    "limit_regions",
+    "scan_runs",
+    "to_regions",
+]
+
+ST_NONE = 0
+"""Unpopulated: never touched (``populated=False``) or punched."""
+ST_PROT = 1
+"""Present with the uffd bit set: RWP-protected (PAGE_NONE + marker)."""
+ST_ACC = 3
+"""Present with the uffd bit clear: accessed (or never protected) since the last protect."""
+
+_NO_MATCH = -1
+
+
+def categories_by_state(mode: int) -> tuple[int, int, int]:
+    """PAGEMAP_SCAN categories of (ST_NONE, ST_PROT, ST_ACC) pages in a VMA registered with ``mode``."""
+    wp = bool(mode & uapi.UFFDIO_REGISTER_MODE_WP)
+    rwp = bool(mode & uapi.UFFDIO_REGISTER_MODE_RWP)
+    present = uapi.PAGE_IS_PRESENT | uapi.PAGE_IS_FILE
+    c_none = uapi.PAGE_IS_WRITTEN if wp else 0
+    c_acc = present | (uapi.PAGE_IS_WRITTEN if wp else 0) | (uapi.PAGE_IS_ACCESSED if rwp else 0)
+    return c_none, present, c_acc
+
+
+def _key(categories: int, mask: int, inverted: int, anyof: int, ret: int) -> int:
+    c = categories ^ inverted
+    if (c & mask) != mask:
+        return _NO_MATCH
+    if anyof and not (c & anyof):
+        return _NO_MATCH
+    return categories & ret
+
+
+def scan_runs(
+    state: np.ndarray,
+    vmas: Sequence[tuple[int, int, int]],
+    p0: int,
+    p1: int,
+    *,
+    mask: int,
+    inverted: int,
+    anyof: int,
+    ret: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Matching regions of pages [p0, p1): (start pages, end pages exclusive, categories & ret).
+
+    ``vmas`` tiles the guest with (start page, end page, registration mode).
+    Adjacent matching pages with equal returned categories form one region.
+    """
+    starts: list[np.ndarray] = []
+    ends: list[np.ndarray] = []
+    keys: list[np.ndarray] = []
+    for vs, ve, mode in vmas:
+        a, b = max(vs, p0), min(ve, p1)
+        if a >= b:
+            continue
+        c_none, c_prot, c_acc = categories_by_state(mode)
+        k_none, k_prot, k_acc = (_key(c, mask, inverted, anyof, ret) for c in (c_none, c_prot, c_acc))
+        if mode & uapi.UFFDIO_REGISTER_MODE_RWP:
+            k_none = _NO_MATCH  # pte_none in an RWP VMA is not part of the working set
+        if k_none == k_prot == k_acc:
+            starts.append(np.array([a], dtype=np.int64))
+            ends.append(np.array([b], dtype=np.int64))
+            keys.append(np.array([k_none], dtype=np.int64))
+            continue
+        sl = state[a:b]
+        # One cheap pass that gives equal values exactly to states with equal keys.
+        if k_prot == k_acc:
+            cls = sl & 1
+        elif k_none == k_prot:
+            cls = sl >> 1
+        elif k_none == k_acc:
+            cls = sl == ST_PROT
+        else:
+            cls = sl
+        edges = np.flatnonzero(cls[1:] != cls[:-1]) + 1
+        s = np.empty(len(edges) + 1, dtype=np.int64)
+        s[0] = 0
+        s[1:] = edges
+        e = np.empty_like(s)
+        e[:-1] = edges
+        e[-1] = b - a
+        lut = np.array([k_none, k_prot, _NO_MATCH, k_acc], dtype=np.int64)
+        starts.append(s + a)
+        ends.append(e + a)
+        keys.append(lut[sl[s]])
+    if not starts:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    st, en, ky = (np.concatenate(x) for x in (starts, ends, keys))
+    if len(starts) > 1:
+        # Merge runs across VMA boundaries, as pagemap_scan_push_range does.
+        new = np.empty(len(ky), dtype=bool)
+        new[0] = True
+        new[1:] = ky[1:] != ky[:-1]
+        last = np.empty_like(new)
+        last[:-1] = new[1:]
+        last[-1] = True
+        st, en, ky = st[new], en[last], ky[new]
+    sel = ky != _NO_MATCH
+    return st[sel], en[sel], ky[sel]
+
+
+def limit_regions(
+    starts: np.ndarray, ends: np.ndarray, keys: np.ndarray, *, max_pages: int, vec_len: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int | None]:
+    """Apply ``max_pages`` (0 = unlimited) and ``vec_len`` (0 = unlimited) as the kernel walk does.
+
+    Returns the kept regions and the page where the walk stopped early, or None
+    when it ran to the end.
+    """
+    stop: int | None = None
+    if max_pages and len(starts):
+        cum = np.cumsum(ends - starts)
+        if cum[-1] > max_pages:
+            i = int(np.searchsorted(cum, max_pages, side="right"))
+            before = int(cum[i - 1]) if i else 0
+            keep = max_pages - before
+            stop = int(starts[i]) + keep
+            n = i + 1 if keep else i
+            starts, ends, keys = starts[:n].copy(), ends[:n].copy(), keys[:n]
+            if keep:
+                ends[-1] = stop
+    if vec_len and len(starts) > vec_len:
+        stop = int(starts[vec_len])
+        starts, ends, keys = starts[:vec_len], ends[:vec_len], keys[:vec_len]
+    return starts, ends, keys, stop
+
+
+def kerr(code: int, what: str) -> OSError:
+    """The OSError a kernel call fails with (errno set, message naming the call)."""
+    return OSError(code, f"{what}: {errno.errorcode.get(code, code)} (sim)")
+
+
+def check_scan_args(
+    start: int, end: int, page_size: int, *, flags: int, size: int, masks: Sequence[int], max_pages: int,
+    vec_len: int,
+) -> int:  # fmt: skip
+    """pagemap_scan_get_args: EINVAL/EFAULT on a bad pm_scan_arg; returns ``end`` rounded up to a page."""
+    if size != 96:
+        raise kerr(errno.EINVAL, f"PAGEMAP_SCAN: size {size} != sizeof(struct pm_scan_arg)")
+    if flags < 0 or flags & ~(uapi.PM_SCAN_WP_MATCHING | uapi.PM_SCAN_CHECK_WPASYNC):
+        raise kerr(errno.EINVAL, f"PAGEMAP_SCAN: bad flags {flags:#x}")
+    for m in masks:
+        if m < 0 or m & ~uapi.PM_SCAN_CATEGORIES:
+            raise kerr(errno.EINVAL, f"PAGEMAP_SCAN: unknown category bits in {m:#x}")
+    if max_pages < 0 or vec_len < 0:
+        raise kerr(errno.EINVAL, "PAGEMAP_SCAN: negative max_pages or vec_len")
+    if start < 0 or start % page_size:
+        raise kerr(errno.EINVAL, f"PAGEMAP_SCAN: start {start:#x} not page aligned")
+    if end < start:
+        raise kerr(errno.EFAULT, "PAGEMAP_SCAN: end before start")  # access_ok() fails
+    return -(-end // page_size) * page_size
+
+
+def check_scan_flags(flags: int, modes: Sequence[int]) -> bool:
+    """pagemap_scan_test_walk for the VMAs' registration modes; True means "skip them all".
+
+    The sim models no WP-async VMA, so PM_SCAN_CHECK_WPASYNC fails with EPERM and
+    PM_SCAN_WP_MATCHING skips every VMA, except an RWP one, which is EINVAL (v2 10/14).
+    """
+    for mode in modes:
+        if flags & uapi.PM_SCAN_WP_MATCHING and mode & uapi.UFFDIO_REGISTER_MODE_RWP:
+            raise kerr(errno.EINVAL, "PAGEMAP_SCAN: PM_SCAN_WP_MATCHING on an RWP range")
+        if flags & uapi.PM_SCAN_CHECK_WPASYNC:
+            raise kerr(errno.EPERM, "PAGEMAP_SCAN: range is not WP-async")
+    return bool(flags & uapi.PM_SCAN_WP_MATCHING)
+
+
+def to_regions(
+    starts: np.ndarray, ends: np.ndarray, keys: np.ndarray, base: int, page_size: int
+) -> np.ndarray:
+    """Page-index runs as a ``PAGE_REGION_DTYPE`` array of addresses."""
+    out = np.empty(len(starts), dtype=uapi.PAGE_REGION_DTYPE)
+    ps, b = np.uint64(page_size), np.uint64(base)
+    out["start"] = starts.astype(np.uint64) * ps + b
+    out["end"] = ends.astype(np.uint64) * ps + b
+    out["categories"] = keys.astype(np.uint64)
+    return out
