@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +36,12 @@ ROOT = Path(__file__).resolve().parents[2]
 class MiniAgent:
     """Handoff listener + one fault thread per attached backend."""
 
-    def __init__(self, socket_path: Path | str, **listener_kw: Any) -> None:
+    def __init__(self, socket_path: Path | str, on_attach: Callable[[HandoffAttach], None] | None = None,
+                 **listener_kw: Any) -> None:  # fmt: skip
         self.path = str(socket_path)
         self.attaches: queue.Queue[HandoffAttach] = queue.Queue()
-        self.listener = HandoffListener(self.path, self.attaches.put, **listener_kw).start()
+        self._hook = on_attach
+        self.listener = HandoffListener(self.path, self._on_attach, **listener_kw).start()
         self.saved: dict[int, bytes] = {}
         self.events: list[UffdMsg] = []
         self.rwp_faults: list[int] = []
@@ -49,6 +52,11 @@ class MiniAgent:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
+
+    def _on_attach(self, attach: HandoffAttach) -> None:
+        if self._hook is not None:
+            self._hook(attach)  # runs before the VMM hears "attached"
+        self.attaches.put(attach)
 
     def wait_attach(self, timeout: float = 10.0) -> HandoffAttach:
         return self.attaches.get(timeout=timeout)
@@ -83,8 +91,8 @@ class MiniAgent:
                 be.rwprotect(be.addr(page), be.page_size, protect=False)
             return
         t0 = time.perf_counter()
-        with self._lock:
-            data = self.saved.get(page)
+        with self._lock:  # taken before the install, so a test never sees a restored page still "saved"
+            data = self.saved.pop(page, None)
         try:
             if data is not None:
                 be.copy(be.addr(page), data)
@@ -92,10 +100,11 @@ class MiniAgent:
                 be.zeropage(be.addr(page), be.page_size)
         except OSError as e:
             if e.errno != errno.EEXIST:  # already installed: success
+                if data is not None:
+                    with self._lock:
+                        self.saved[page] = data
                 raise
         with self._lock:
-            if data is not None:
-                self.saved.pop(page, None)
             self.service_us.append((time.perf_counter() - t0) * 1e6)
 
     def evict(self, be: KernelBackend, pages: np.ndarray) -> None:

@@ -174,8 +174,10 @@ def emulate_scan(
         walk_end = base + (p0 + int(pages[starts[vec_len]])) * page_size
         pages_kept = int(starts[vec_len])
         pages, out_c, starts = pages[:pages_kept], out_c[:pages_kept], starts[:vec_len]
-    ends = np.append(starts[1:], len(pages)) - 1
     regions = np.zeros(len(starts), dtype=uapi.PAGE_REGION_DTYPE)
+    if not len(starts):
+        return ScanResult(regions, int(walk_end))
+    ends = np.append(starts[1:], len(pages)) - 1
     regions["start"] = base + (p0 + pages[starts]).astype(np.uint64) * page_size
     regions["end"] = base + (p0 + pages[ends] + 1).astype(np.uint64) * page_size
     regions["categories"] = out_c[starts]
@@ -286,12 +288,14 @@ class RealBackend(KernelBackend):
             try:
                 with self._state_lock:
                     self._check_open()
+                    # A successful ioctl did the whole range (partial progress is EAGAIN).
+                    n = length - pos
                     if op == "copy":
-                        n = self._uffd.copy(dst + pos, src + pos, length - pos, mode)
+                        self._uffd.copy(dst + pos, src + pos, n, mode)
                     elif op == "zeropage":
-                        n = self._uffd.zeropage(dst + pos, length - pos, mode)
+                        self._uffd.zeropage(dst + pos, n, mode)
                     else:
-                        n = self._uffd.continue_(dst + pos, length - pos, mode)
+                        self._uffd.continue_(dst + pos, n, mode)
                     self._installed(dst + pos, n)
                 pos += n
             except UffdOpError as e:

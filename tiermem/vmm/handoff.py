@@ -508,7 +508,7 @@ class HandoffListener:
             except TimeoutError:
                 raise ProtocolError("handshake timed out") from None
         except ProtocolError as e:
-            self._reject(sock, fds, e, fc=fc)
+            self._reject(sock, fds, e, fc=fc or e.firecracker)
             sock.close()
             return
         except OSError as e:
@@ -574,14 +574,20 @@ class HandoffListener:
             more()
             first = bytes(buf).lstrip()[:1]
             if first == b"[":  # Firecracker: one unframed JSON array, sent with one sendmsg
-                while True:
-                    try:
-                        return json.loads(bytes(buf).decode()), fds, True, b""
-                    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                        if len(buf) > MAX_MESSAGE:
-                            raise ProtocolError(f"handshake larger than {MAX_MESSAGE} bytes") from None
-                        if not more(timeout=0.2):
-                            raise ProtocolError(f"malformed JSON in Firecracker's handshake: {e}") from None
+                try:
+                    while True:
+                        try:
+                            return json.loads(bytes(buf).decode()), fds, True, b""
+                        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                            if len(buf) > MAX_MESSAGE:
+                                raise ProtocolError(f"handshake larger than {MAX_MESSAGE} bytes") from None
+                            if not more(timeout=0.2):
+                                raise ProtocolError(
+                                    f"malformed JSON in Firecracker's handshake: {e}"
+                                ) from None
+                except ProtocolError as pe:
+                    pe.firecracker = True
+                    raise
             if first == b"{":
                 raise ProtocolError("JSON without the 4-byte big-endian length prefix")
             while len(buf) < 4:

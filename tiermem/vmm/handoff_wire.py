@@ -49,6 +49,8 @@ class ProtocolError(errors.InvalidArgument):
     def __init__(self, message: str, code: str = "invalid_argument") -> None:
         super().__init__(message)
         self.code = code
+        self.firecracker = False
+        """Raised while reading Firecracker's (unframed) handshake: reply with a plain JSON line."""
 
 
 # --- framing ----------------------------------------------------------------------------------------
