@@ -17,12 +17,13 @@ from tiermem.errors import ConfigurationError, IntegrityError, NotFound, StoreUn
 from tiermem.store import s3_store
 from tiermem.store.base import PageBlob, StoredPage
 from tiermem.store.s3_store import S3PageStore
-from tiermem.store.segfile import parse_location
+from tiermem.store.segfile import HEAD_SIZE, parse_location
 from tiermem.store.url import open_store
 
 pytestmark = pytest.mark.s3
 
 PS = 4096
+H = HEAD_SIZE  # payloads start after the record head
 
 
 def vm() -> str:
@@ -91,7 +92,7 @@ def test_a_batch_is_one_segment_and_a_single_read_is_one_ranged_get(env: Env, st
     assert len(env.keys(v, "seg")) == 1
     gets = count_gets(store)
     assert store.get_pages(v, [entries[42]]) == [bytes(pages[42].data)]
-    assert gets == [f"bytes={42 * PS}-{43 * PS - 1}"]
+    assert gets == [f"bytes={H + 42 * PS}-{H + 43 * PS - 1}"]
 
 
 def test_batched_reads_coalesce_neighbouring_ranges(env: Env, store: S3PageStore) -> None:
@@ -105,7 +106,7 @@ def test_batched_reads_coalesce_neighbouring_ranges(env: Env, store: S3PageStore
     gets.clear()
     pick = ea[10:20] + ea[22:30:2]  # small gaps are read through
     assert store.get_pages(v, pick) == [bytes(a[e.page].data) for e in pick]
-    assert gets == [f"bytes={10 * PS}-{29 * PS - 1}"]
+    assert gets == [f"bytes={H + 10 * PS}-{H + 29 * PS - 1}"]
     gets.clear()
     assert store.get_pages(v, [ea[0], ea[199]]) == [bytes(a[0].data), bytes(a[199].data)]
     assert len(gets) == 2  # 800 KiB apart: not worth one GET

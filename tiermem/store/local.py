@@ -4,22 +4,26 @@ On-disk layout under ``root`` (the segment and tombstone formats are in
 :mod:`tiermem.store.segments`)::
 
     .lock                 flock held by the one process that owns this root
-    <vm>/seg/<id>         immutable segment files, one or more per put batch
+    <vm>/seg/<id>         segment files: records appended one per put batch, up to segment_bytes
     <vm>/del/<id>         tombstone files (deletes in segments that stay)
-    <vm>/*/<id>.tmp       a blob being written; leftovers are removed at open
+    <vm>/del/<id>.tmp     a tombstone being written; leftovers are removed at open
     .purge-<vm>-<rand>    a VM directory being purged; leftovers are removed at open
 
-Durability: a blob is written to ``<id>.tmp``, fsynced, renamed to ``<id>`` and
-its directory fsynced before ``put_pages`` returns (with ``fsync=False`` the
-data reaches the page cache only: fast, but a host crash can lose pages that
-were already punched). A torn write can only leave a ``.tmp`` file, never a
-half segment under its real name.
+Durability: ``put_pages`` appends one record to the VM's active segment file
+with ``pwrite`` and returns after ``fdatasync`` (and, when the file is new, an
+fsync of its directory), so a put costs what a plain pwrite + fdatasync costs.
+With ``fsync=False`` the data reaches the page cache only: fast, but a host
+crash can lose pages that were already punched. A torn append can only leave
+an incomplete last record, which no index entry points to; a restarted
+process never appends to an existing file. Tombstones are written to
+``<id>.tmp`` and renamed.
 
-Concurrency: segments are immutable, so readers never see a partial write;
-the map is guarded per VM by the engine, and open file descriptors are shared
-through a reference-counted cache so that deleting a segment never closes a
-descriptor another thread is reading from. One process owns a root at a time
-(``flock`` on ``.lock``): a second opener gets ConfigurationError.
+Concurrency: appends to a VM's active file are serialized by the engine;
+bytes once written never change, so readers never see a partial record; the
+map is guarded per VM, and read descriptors are shared through a
+reference-counted cache so that deleting a segment never closes a descriptor
+another thread is reading from. One process owns a root at a time (``flock``
+on ``.lock``): a second opener gets ConfigurationError.
 
 Restart: a new process rebuilds each VM's map from segment footers on first
 use, so the StoredPage entries in the agent's index keep resolving.
@@ -34,7 +38,7 @@ import os
 import shutil
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from tiermem.errors import (
@@ -99,8 +103,8 @@ class _FdCache:
         self._open: OrderedDict[str, _Fd] = OrderedDict()
         self._limit = limit
 
-    @contextlib.contextmanager
-    def use(self, path: str) -> Iterator[int]:
+    def acquire(self, path: str) -> _Fd:
+        """A descriptor for ``path``, held until :meth:`release` (opens it if needed)."""
         with self._lock:
             ent = self._open.get(path)
             if ent is None:
@@ -111,13 +115,14 @@ class _FdCache:
             else:
                 self._open.move_to_end(path)
             ent.refs += 1
-        try:
-            yield ent.fd
-        finally:
-            with self._lock:
-                ent.refs -= 1
-                if ent.closing and ent.refs == 0:
-                    os.close(ent.fd)
+            return ent
+
+    def release(self, ent: _Fd) -> None:
+        """Drop a hold; a descriptor forgotten meanwhile is closed by its last holder."""
+        with self._lock:
+            ent.refs -= 1
+            if ent.closing and ent.refs == 0:
+                os.close(ent.fd)
 
     def _retire(self, ent: _Fd) -> None:
         if ent.refs == 0:
@@ -136,6 +141,7 @@ class LocalPageStore(SegmentStore):
     """Pages in segment files under ``root``, one directory per VM."""
 
     kind = "file"
+    appendable = True
 
     def __init__(
         self,
@@ -151,6 +157,7 @@ class LocalPageStore(SegmentStore):
             name, page_size, segment_bytes=segment_bytes, compact_below=compact_below, max_gap=16 << 10
         )
         self.root = Path(root).resolve()
+        self._root = str(self.root)
         self.fsync = fsync
         self._fds = _FdCache()
         self._dirs_lock = threading.Lock()
@@ -230,11 +237,33 @@ class LocalPageStore(SegmentStore):
                     os.unlink(tmp)
             raise os_error(e, f"writing {kind} {name} of VM {vm_id} in {self.root}") from None
 
-    def _blob_read(self, vm_id: str, kind: str, name: str, start: int, end: int) -> bytes:
-        path = str(self.root / vm_id / kind / name)
+    def _blob_append(self, vm_id: str, name: str, offset: int, data: bytes, create: bool) -> None:
         try:
-            with self._fds.use(path) as fd:
-                data = os.pread(fd, end - start, start)
+            d = self._dir(vm_id, "seg", create=True)
+            flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if create else 0)
+            fd = os.open(f"{d}/{name}", flags, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    n = os.pwrite(fd, view, offset)
+                    view, offset = view[n:], offset + n
+                if self.fsync:
+                    os.fdatasync(fd)  # covers the new file size, which reading the data needs
+            finally:
+                os.close(fd)
+            if create and self.fsync:
+                _fsync_dir(d)
+        except OSError as e:
+            raise os_error(e, f"appending to segment {name} of VM {vm_id} in {self.root}") from None
+
+    def _blob_read(self, vm_id: str, kind: str, name: str, start: int, end: int) -> bytes:
+        path = f"{self._root}/{vm_id}/{kind}/{name}"  # str, not Path: this is the fault path
+        try:
+            ent = self._fds.acquire(path)
+            try:
+                data = os.pread(ent.fd, end - start, start)
+            finally:
+                self._fds.release(ent)
         except OSError as e:
             raise os_error(e, f"reading {kind} {name} of VM {vm_id} in {self.root}") from None
         if len(data) != end - start:

@@ -1,10 +1,19 @@
 """A log-structured segment engine, shared by the local directory and S3 stores.
 
-Each put batch becomes one or more immutable *segment* blobs (a file, or an S3
-object) under the VM's own namespace: ``<vm>/seg/<id>``, plus tombstone blobs
-``<vm>/del/<id>`` (formats in :mod:`tiermem.store.segfile`). Each VM has an
-in-memory (page, generation) -> (segment, offset, length) map, rebuilt on first
-use after a restart from the segments' footers and the tombstones.
+Each put batch becomes one or more *records* in *segment* blobs under the VM's
+own namespace, ``<vm>/seg/<id>``, plus tombstone blobs ``<vm>/del/<id>``
+(formats in :mod:`tiermem.store.segfile`):
+
+- on S3 every record is a new immutable object (objects cannot be appended);
+- on local disk (``appendable`` backends) records are appended to the VM's
+  *active* segment file until it reaches ``segment_bytes``; a put then costs
+  one write and one fdatasync, like a plain pwrite. A restarted process never
+  appends to an old file, so a torn append can only damage the end of a file
+  that no one writes any more.
+
+Each VM has an in-memory (page, generation) -> (segment, offset, length) map,
+rebuilt on first use after a restart from the records' footers and the
+tombstones.
 
 Deletes drop map entries at once. A segment left with no live page is deleted;
 one whose live bytes fall below ``compact_below`` of its payload bytes is
@@ -20,12 +29,17 @@ Reads group the batch by segment, coalesce neighbouring ranges (gaps up to
 ``max_gap``, spans up to ``max_span``) into one read each, and issue the reads
 of different segments in parallel when the backend has ``workers`` > 1.
 
+A segment whose index cannot be read completely at load (damage, or a torn
+last append) keeps its unreadable part forever (never compacted or dropped,
+only purged); pages there are read where their StoredPage says, and verified.
+
 One process owns a VM's namespace at a time (the agent that serves the VM).
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -38,13 +52,16 @@ from tiermem.errors import IntegrityError, NotFound, TiermemError
 from tiermem.store.base import StoredPage
 from tiermem.store.payload import EncodedPage, PayloadStore
 from tiermem.store.segfile import (
+    HEAD_SIZE,
     ID_RE,
     TAIL_READ,
     Key,
     Loc,
-    decode_segment_index,
+    coalesce,
+    decode_head,
+    decode_index,
     decode_tombs,
-    encode_segment,
+    encode_record,
     encode_tombs,
     new_id,
     parse_location,
@@ -60,31 +77,41 @@ _MAX_MOVES = 8
 
 T = TypeVar("T")
 R = TypeVar("R")
+Record = list[tuple[Key, int, int, int, bytes]]
+"""``(key, codec, checksum, seq, payload)`` per page of one record."""
 
 
 @dataclass
 class _Seg:
     name: str
-    payload_bytes: int
-    keys: list[Key]
+    payload_bytes: int = 0
+    keys: list[Key] = field(default_factory=list)
     live: int = 0
     live_bytes: int = 0
-    busy: bool = False  # being deleted or compacted
+    busy: bool = False  # being deleted or compacted, or damaged: never compacted or dropped
+    unindexed_from: int | None = None  # offset from which the index could not be read at load
+    pending: int = 0  # records written but not yet linked into the map
 
 
 @dataclass
 class _Vm:
     lock: threading.Lock = field(default_factory=threading.Lock)
     load_lock: threading.Lock = field(default_factory=threading.Lock)
+    append_lock: threading.Lock = field(default_factory=threading.Lock)
     loaded: bool = False
     map: dict[Key, Loc] = field(default_factory=dict)
     segs: dict[str, _Seg] = field(default_factory=dict)
     tombs: dict[str, set[str]] = field(default_factory=dict)
     live_bytes: int = 0
+    active: str | None = None  # appendable backends: the segment that takes new records
+    active_size: int = 0
 
 
 class SegmentStore(PayloadStore):
-    """A PayloadStore over immutable segment blobs; subclasses provide blob I/O."""
+    """A PayloadStore over segment blobs; subclasses provide blob I/O."""
+
+    appendable = False
+    """True if the backend appends records to an active segment (``_blob_append``)."""
 
     def __init__(
         self,
@@ -112,7 +139,11 @@ class SegmentStore(PayloadStore):
 
     @abc.abstractmethod
     def _blob_put(self, vm_id: str, kind: str, name: str, data: bytes) -> None:
-        """Durably write a whole blob (``kind`` is ``seg`` or ``del``)."""
+        """Durably write a whole new blob (``kind`` is ``seg`` or ``del``)."""
+
+    def _blob_append(self, vm_id: str, name: str, offset: int, data: bytes, create: bool) -> None:
+        """Durably write ``data`` at ``offset`` of segment ``name`` (a new file if ``create``)."""
+        raise NotImplementedError
 
     @abc.abstractmethod
     def _blob_read(self, vm_id: str, kind: str, name: str, start: int, end: int) -> bytes:
@@ -128,7 +159,7 @@ class SegmentStore(PayloadStore):
 
     @abc.abstractmethod
     def _blob_list(self, vm_id: str, kind: str) -> list[tuple[str, int]]:
-        """``(name, size)`` of every complete blob of ``kind`` for the VM."""
+        """``(name, size)`` of every blob of ``kind`` for the VM."""
 
     @abc.abstractmethod
     def _blob_vms(self) -> list[str]:
@@ -168,68 +199,9 @@ class SegmentStore(PayloadStore):
                     st.loaded = True
         return st
 
-    def _read_index(self, vm_id: str, name: str, size: int) -> list[tuple[Key, Loc]]:
-        tail = self._blob_read(vm_id, "seg", name, max(0, size - TAIL_READ), size)
-        got = decode_segment_index(tail, size)
-        if isinstance(got, tuple):
-            off, _ = got
-            tail = self._blob_read(vm_id, "seg", name, off, size)
-            got = decode_segment_index(tail, size)
-            assert isinstance(got, list)
-        return [(k, loc._replace(seg=name)) for k, loc in got]
-
-    def _load(self, vm_id: str, st: _Vm) -> None:
-        """Rebuild the VM's map from segment footers and tombstones."""
-        segs = sorted(n for n in self._blob_list(vm_id, "seg") if ID_RE.match(n[0]))
-        tombs = sorted(n for n, _ in self._blob_list(vm_id, "del") if ID_RE.match(n))
-
-        def read(item: tuple[str, int]) -> list[tuple[Key, Loc]] | None:
-            try:
-                return self._read_index(vm_id, *item)
-            except (IntegrityError, NotFound) as e:
-                log.error("unreadable segment index; its pages are served by location only",
-                          store=self.url, vm=vm_id, segment=item[0], error=str(e))  # fmt: skip
-                return None
-
-        indexes = self._parallel(read, segs)
-        tomb_data = self._parallel(lambda n: self._blob_read_all(vm_id, "del", n), tombs)
-        with st.lock:
-            for (name, _), entries in zip(segs, indexes, strict=True):
-                if entries is None:
-                    continue
-                seg = st.segs[name] = _Seg(
-                    name, sum(loc.length for _, loc in entries), [k for k, _ in entries]
-                )
-                for key, loc in entries:
-                    old = st.map.get(key)
-                    # Newer original write wins; on a tie the later segment (a compacted copy).
-                    if old is None or (loc.seq, loc.seg) >= (old.seq, old.seg):
-                        self._link(st, key, loc, seg)
-            for name, data in zip(tombs, tomb_data, strict=True):
-                try:
-                    dead = decode_tombs(data) if data is not None else []
-                except IntegrityError as e:
-                    log.warning(
-                        "bad tombstone blob ignored", store=self.url, vm=vm_id, blob=name, error=str(e)
-                    )
-                    dead = []
-                st.tombs[name] = {seg for seg, _ in dead}
-                for seg_name, key in dead:
-                    cur = st.map.get(key)
-                    if cur is not None and cur.seg == seg_name:
-                        self._unlink(st, key)
-            empty = [s.name for s in st.segs.values() if s.live == 0]
-            for n in empty:
-                st.segs[n].busy = True
-        if empty:
-            self._drop_segments(vm_id, st, empty)
-        self._gc_tombs(vm_id, st)
-
-    def _blob_read_all(self, vm_id: str, kind: str, name: str) -> bytes | None:
-        try:
-            return self._blob_get(vm_id, kind, name)
-        except NotFound:
-            return None
+    @staticmethod
+    def _location(seg: str, offset: int, length: int) -> str:
+        return f"seg/{seg}@{offset}+{length}"
 
     @staticmethod
     def _link(st: _Vm, key: Key, loc: Loc, seg: _Seg) -> None:
@@ -257,62 +229,198 @@ class SegmentStore(PayloadStore):
             st.live_bytes -= loc.length
         return loc
 
-    def _location(self, seg: str, offset: int, length: int) -> str:
-        return f"seg/{seg}@{offset}+{length}"
+    # -- load ---------------------------------------------------------------------------
 
-    # -- put ---------------------------------------------------------------------------
+    def _record_index(self, vm_id: str, name: str, base: int, end: int) -> list[tuple[Key, Loc]]:
+        """The entries of the record at ``[base, end)`` of segment ``name``."""
+        body = end - base - HEAD_SIZE
+        tail = self._blob_read(vm_id, "seg", name, max(base + HEAD_SIZE, end - TAIL_READ), end)
+        got = decode_index(tail, body, base)
+        if isinstance(got, tuple):
+            tail = self._blob_read(vm_id, "seg", name, base + HEAD_SIZE + got[0], end)
+            got = decode_index(tail, body, base)
+            assert isinstance(got, list)
+        return [(k, loc._replace(seg=name)) for k, loc in got]
+
+    def _segment_index(self, vm_id: str, name: str, size: int) -> tuple[list[tuple[Key, Loc]], int | None]:
+        """All readable entries of a segment, and the offset where reading failed (if it did)."""
+        out: list[tuple[Key, Loc]] = []
+        pos = 0
+        try:
+            if not self.appendable:  # one record per blob: one read of its tail
+                return self._record_index(vm_id, name, 0, size), None
+            while pos < size:
+                end = pos + HEAD_SIZE + decode_head(self._blob_read(vm_id, "seg", name, pos, pos + HEAD_SIZE))
+                if end > size:
+                    raise IntegrityError(f"record at {pos} ends past the end of the file")
+                out += self._record_index(vm_id, name, pos, end)
+                pos = end
+        except (IntegrityError, NotFound) as e:
+            log.error("segment index unreadable from here on; its pages are served by location only",
+                      store=self.url, vm=vm_id, segment=name, offset=pos, error=str(e))  # fmt: skip
+            return out, pos
+        return out, None
+
+    def _load(self, vm_id: str, st: _Vm) -> None:
+        """Rebuild the VM's map from record footers and tombstones."""
+        segs = sorted(n for n in self._blob_list(vm_id, "seg") if ID_RE.match(n[0]))
+        tombs = sorted(n for n, _ in self._blob_list(vm_id, "del") if ID_RE.match(n))
+        indexes = self._parallel(lambda it: self._segment_index(vm_id, *it), segs)
+        tomb_data = self._parallel(lambda n: self._blob_get_or_none(vm_id, "del", n), tombs)
+        with st.lock:
+            for (name, _), (entries, bad_from) in zip(segs, indexes, strict=True):
+                seg = st.segs[name] = _Seg(
+                    name, sum(loc.length for _, loc in entries), [k for k, _ in entries]
+                )
+                seg.unindexed_from = bad_from
+                seg.busy = bad_from is not None
+                for key, loc in entries:
+                    old = st.map.get(key)
+                    # Newer original write wins; on a tie the later segment (a compacted copy).
+                    if old is None or (loc.seq, loc.seg) >= (old.seq, old.seg):
+                        self._link(st, key, loc, seg)
+            for name, data in zip(tombs, tomb_data, strict=True):
+                try:
+                    dead = decode_tombs(data) if data is not None else []
+                except IntegrityError as e:
+                    log.warning(
+                        "bad tombstone blob ignored", store=self.url, vm=vm_id, blob=name, error=str(e)
+                    )
+                    dead = []
+                st.tombs[name] = {seg for seg, _ in dead}
+                for seg_name, key in dead:
+                    cur = st.map.get(key)
+                    if cur is not None and cur.seg == seg_name:
+                        self._unlink(st, key)
+            empty = [s.name for s in st.segs.values() if s.live == 0 and not s.busy]
+            for n in empty:
+                st.segs[n].busy = True
+        self._drop_segments(vm_id, st, empty)
+        self._gc_tombs(vm_id, st)
+
+    def _blob_get_or_none(self, vm_id: str, kind: str, name: str) -> bytes | None:
+        try:
+            return self._blob_get(vm_id, kind, name)
+        except NotFound:
+            return None
+
+    # -- writing records ------------------------------------------------------------------
+
+    def _write_records(self, vm_id: str, st: _Vm, records: Sequence[Record]) -> list[tuple[str, list[int]]]:
+        """Durably write records, all or nothing; returns (segment, absolute offsets) per record.
+
+        Each returned record counts as *pending* in its segment until the caller has
+        linked its pages and calls :meth:`_linked`: a segment with pending records is
+        never dropped or compacted, so bytes on their way into the map cannot vanish.
+        """
+        encoded = [encode_record(r) for r in records]
+        if not self.appendable:
+            names = [new_id() for _ in encoded]
+            try:
+                self._parallel(
+                    lambda i: self._blob_put(vm_id, "seg", names[i], encoded[i][0]), range(len(names))
+                )
+            except TiermemError:
+                if len(names) > 1:  # remove the ones that did land
+                    with contextlib.suppress(TiermemError):
+                        self._blob_delete(vm_id, "seg", names)
+                raise
+            with st.lock:
+                for n in names:
+                    st.segs[n] = _Seg(n, pending=1)
+            return [(n, offs) for n, (_, offs) in zip(names, encoded, strict=True)]
+        out: list[tuple[str, list[int]]] = []
+        sealed: list[str] = []
+        with st.append_lock:
+            try:
+                for blob, offs in encoded:
+                    with st.lock:
+                        create = st.active is None or (
+                            st.active_size > 0 and st.active_size + len(blob) > self.segment_bytes
+                        )
+                        if create:
+                            if st.active is not None:
+                                sealed.append(st.active)
+                            st.active, st.active_size = new_id(), 0
+                            st.segs[st.active] = _Seg(st.active)
+                        name, base = st.active, st.active_size
+                        assert name is not None
+                        st.segs[name].pending += 1
+                    try:
+                        self._blob_append(vm_id, name, base, blob, create)
+                    except TiermemError:
+                        with st.lock:
+                            st.segs[name].pending -= 1
+                        raise
+                    st.active_size = base + len(blob)
+                    out.append((name, [base + o for o in offs]))
+            except TiermemError:
+                with st.lock:  # a failed append may have left part of a record: never append after it
+                    if st.active is not None:
+                        sealed.append(st.active)
+                    st.active = None
+                for n, _ in out:  # records that landed before the failure are not pages anyone holds
+                    self._linked(st, n)
+                if out:
+                    self._write_tombs(
+                        vm_id,
+                        st,
+                        [(n, key) for (n, _), r in zip(out, records, strict=False) for key, *_ in r],
+                    )
+                raise
+            finally:
+                self._retire_sealed(vm_id, st, sealed)
+        return out
+
+    @staticmethod
+    def _linked(st: _Vm, name: str) -> None:
+        with st.lock:
+            seg = st.segs.get(name)
+            if seg is not None:
+                seg.pending -= 1
+
+    @staticmethod
+    def _idle(seg: _Seg) -> bool:
+        """Whether the segment may be dropped or compacted now."""
+        return not seg.busy and seg.pending == 0
+
+    def _retire_sealed(self, vm_id: str, st: _Vm, names: Sequence[str]) -> None:
+        """Drop sealed segments that hold no live page (no later delete would ever touch them)."""
+        with st.lock:
+            dead = [n for n in names if (s := st.segs.get(n)) is not None and s.live == 0 and self._idle(s)]
+            for n in dead:
+                st.segs[n].busy = True
+        self._drop_segments(vm_id, st, dead)
 
     def _put_payloads(self, vm_id: str, items: Sequence[EncodedPage]) -> list[str]:
         st = self._vm(vm_id)
-        chunks: list[list[EncodedPage]] = [[]]
+        records: list[Record] = [[]]
         size = 0
         for it in items:
-            if chunks[-1] and size + len(it.payload) > self.segment_bytes:
-                chunks.append([])
+            if records[-1] and size + len(it.payload) > self.segment_bytes:
+                records.append([])
                 size = 0
-            chunks[-1].append(it)
+            records[-1].append(((it.page, it.generation), int(it.codec), it.checksum, 0, it.payload))
             size += len(it.payload)
-        built: list[tuple[str, list[EncodedPage], bytes, list[int]]] = []
-        for chunk in chunks:
-            name = new_id()
-            seq = seq_of(name)
-            blob, offsets = encode_segment(
-                [((it.page, it.generation), int(it.codec), it.checksum, seq, it.payload) for it in chunk]
-            )
-            built.append((name, chunk, blob, offsets))
-        try:
-            self._parallel(lambda b: self._blob_put(vm_id, "seg", b[0], b[2]), built)
-        except TiermemError:
-            if len(built) > 1:  # all or nothing: remove the segments that did land
-                try:
-                    self._blob_delete(vm_id, "seg", [b[0] for b in built])
-                except TiermemError as e:
-                    log.warning(
-                        "could not remove segments of a failed put", store=self.url, vm=vm_id, error=str(e)
-                    )
-            raise
+        records = [[(k, c, s, seq_of(new_id()), p) for k, c, s, _, p in r] for r in records]
+        written = self._write_records(vm_id, st, records)
         emptied: list[str] = []
         out: list[str] = []
         with st.lock:
-            for name, chunk, _, offsets in built:
-                seq = seq_of(name)
-                seg = st.segs[name] = _Seg(name, sum(len(it.payload) for it in chunk), [])
-                for it, off in zip(chunk, offsets, strict=True):
-                    key = (it.page, it.generation)
+            for record, (name, offsets) in zip(records, written, strict=True):
+                seg = st.segs.setdefault(name, _Seg(name))
+                for (key, codec, checksum, seq, payload), off in zip(record, offsets, strict=True):
                     seg.keys.append(key)
+                    seg.payload_bytes += len(payload)
                     old = st.map.get(key)
-                    self._link(st, key, Loc(name, off, len(it.payload), int(it.codec), it.checksum, seq), seg)
-                    if (
-                        old is not None
-                        and (prev := st.segs.get(old.seg))
-                        and prev.live == 0
-                        and not prev.busy
-                    ):
-                        prev.busy = True
+                    self._link(st, key, Loc(name, off, len(payload), codec, checksum, seq), seg)
+                    prev = st.segs.get(old.seg) if old is not None else None
+                    if prev is not None and prev.live == 0 and self._idle(prev) and prev.name != st.active:
+                        prev.busy = True  # a re-put superseded its last live page
                         emptied.append(prev.name)
-                    out.append(self._location(name, off, len(it.payload)))
-        if emptied:  # re-puts superseded every page of these; best effort, a leak at worst
-            self._drop_segments(vm_id, st, emptied)
+                    out.append(self._location(name, off, len(payload)))
+                seg.pending -= 1
+        self._drop_segments(vm_id, st, emptied)
         return out
 
     # -- get ---------------------------------------------------------------------------
@@ -338,11 +446,14 @@ class SegmentStore(PayloadStore):
             for e in entries:
                 loc = st.map.get((e.page, e.generation))
                 if loc is None:
-                    # Not in the map. If the entry names a segment the map does not know (its
-                    # index was unreadable at load), read where the entry says: the codec
-                    # verifies whatever comes back. A known segment means the page was deleted.
+                    # Not in the map. If the entry points where the index could not be read at
+                    # load, read where it says: the codec verifies whatever comes back. Anywhere
+                    # else, the page was deleted (or never stored).
                     parsed = parse_location(e.location)
-                    if parsed is None or parsed[0] in st.segs:
+                    seg = st.segs.get(parsed[0]) if parsed is not None else None
+                    if parsed is None or (
+                        seg is not None and (seg.unindexed_from is None or parsed[1] < seg.unindexed_from)
+                    ):
                         raise NotFound(
                             f"VM {vm_id} page {e.page} generation {e.generation} is not in {self.url}"
                         )
@@ -351,24 +462,10 @@ class SegmentStore(PayloadStore):
         return out
 
     def _read_locs(self, vm_id: str, locs: Sequence[Loc]) -> list[bytes]:
-        by_seg: dict[str, list[int]] = {}
-        for i, loc in enumerate(locs):
-            by_seg.setdefault(loc.seg, []).append(i)
-        ranges: list[tuple[str, int, int, list[int]]] = []
-        for seg, idx in by_seg.items():
-            idx.sort(key=lambda i: locs[i].offset)
-            start = locs[idx[0]].offset
-            end = start + locs[idx[0]].length
-            members = [idx[0]]
-            for i in idx[1:]:
-                loc = locs[i]
-                if loc.offset - end <= self.max_gap and loc.offset + loc.length - start <= self.max_span:
-                    end = max(end, loc.offset + loc.length)
-                    members.append(i)
-                else:
-                    ranges.append((seg, start, end, members))
-                    start, end, members = loc.offset, loc.offset + loc.length, [i]
-            ranges.append((seg, start, end, members))
+        if len(locs) == 1:  # the common fault: one page, one ranged read
+            loc = locs[0]
+            return [self._blob_read(vm_id, "seg", loc.seg, loc.offset, loc.offset + loc.length)]
+        ranges = coalesce(locs, self.max_gap, self.max_span)
         blobs = self._parallel(lambda r: self._blob_read(vm_id, "seg", r[0], r[1], r[2]), ranges)
         out: list[bytes] = [b""] * len(locs)
         for (_, start, _, members), blob in zip(ranges, blobs, strict=True):
@@ -382,20 +479,20 @@ class SegmentStore(PayloadStore):
     def _delete_payloads(self, vm_id: str, entries: Sequence[StoredPage]) -> None:
         st = self._vm(vm_id)
         touched: dict[str, list[Key]] = {}
+        dead: list[str] = []
+        compact: list[str] = []
+        tombs: list[tuple[str, Key]] = []
         with st.lock:
             for e in entries:
                 key = (e.page, e.generation)
                 loc = self._unlink(st, key)
                 if loc is not None:
                     touched.setdefault(loc.seg, []).append(key)
-            dead: list[str] = []
-            compact: list[str] = []
-            tombs: list[tuple[str, Key]] = []
             for name, keys in touched.items():
                 seg = st.segs.get(name)
                 if seg is None:
                     continue
-                if seg.busy:
+                if not self._idle(seg) or name == st.active:  # the active segment is still being appended to
                     tombs += [(name, k) for k in keys]
                 elif seg.live == 0:
                     seg.busy = True
@@ -442,7 +539,7 @@ class SegmentStore(PayloadStore):
         return []
 
     def _compact(self, vm_id: str, st: _Vm, name: str) -> bool:
-        """Rewrite the live pages of segment ``name`` into a new segment, then delete it.
+        """Rewrite the live pages of segment ``name`` into a new record, then delete the segment.
 
         Returns whether the old segment is gone; raises if the copy could not be made.
         """
@@ -454,28 +551,20 @@ class SegmentStore(PayloadStore):
                 start = min(loc.offset for _, loc in live)
                 end = max(loc.offset + loc.length for _, loc in live)
                 blob = self._blob_read(vm_id, "seg", name, start, end)
-                new = new_id()
-                data, offsets = encode_segment(
-                    [
-                        (
-                            k,
-                            loc.codec,
-                            loc.checksum,
-                            loc.seq,
-                            blob[loc.offset - start : loc.offset - start + loc.length],
-                        )
-                        for k, loc in live
-                    ]
-                )
-                self._blob_put(vm_id, "seg", new, data)
+                record = [(k, loc.codec, loc.checksum, loc.seq, blob[loc.offset - start : loc.offset - start + loc.length])
+                          for k, loc in live]  # fmt: skip
+                ((new, offsets),) = self._write_records(vm_id, st, [record])
                 orphans: list[tuple[str, Key]] = []
                 with st.lock:
-                    nseg = st.segs[new] = _Seg(new, sum(loc.length for _, loc in live), [k for k, _ in live])
+                    nseg = st.segs.setdefault(new, _Seg(new))
                     for (k, loc), off in zip(live, offsets, strict=True):
+                        nseg.keys.append(k)
+                        nseg.payload_bytes += loc.length
                         if st.map.get(k) == loc:
                             self._link(st, k, loc._replace(seg=new, offset=off), nseg)
                         else:  # deleted or re-put while we copied: the copy is dead
                             orphans.append((new, k))
+                    nseg.pending -= 1
                 if orphans:
                     self._write_tombs(vm_id, st, orphans)
                 log.debug("segment compacted", store=self.url, vm=vm_id, old=name, new=new, pages=len(live))
@@ -516,7 +605,7 @@ class SegmentStore(PayloadStore):
 
     def _purge(self, vm_id: str) -> int:
         st = self._vm(vm_id)
-        with st.lock:
+        with st.append_lock, st.lock:
             pages = len(st.map)
         self._blob_purge(vm_id)
         with self._vms_lock:
