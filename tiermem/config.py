@@ -85,6 +85,8 @@ class AgentSettings(_Base):
     """Control plane address; empty runs the agent autonomously."""
     heartbeat_ms: int = 2000
     """Heartbeat period towards the control plane, milliseconds."""
+    autonomous: bool = True
+    """Run cycles from local policies when no control plane drives this node (false: only on request)."""
     autonomous_after_ms: int = 10_000
     """Run cycles from local policies when the control plane has been unreachable this long."""
     fsync: bool = True

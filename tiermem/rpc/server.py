@@ -55,7 +55,7 @@ async def start_server(
     """Create, populate (``register``) and start a server; returns the bound port."""
     chain: list[Any] = list(interceptors)
     if opts.token:
-        chain.insert(0, TokenAuthInterceptor({opts.token: "*"}))
+        chain.insert(0, TokenAuthInterceptor(opts.token))
     server = grpc.aio.server(
         interceptors=chain,
         options=[

@@ -1,0 +1,279 @@
+"""The agent's cycle engine, fault server, drain and detach on the sim backend with an in-memory store."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tiermem.agent.node import Agent
+from tiermem.config import AgentSettings
+from tiermem.errors import FailedPrecondition, InvalidArgument, NotFound
+from tiermem.kernel.sim import SimKernel
+from tiermem.model import CycleMode, EventKind, EvictionCap, EvictionPolicy
+from tiermem.store.memory import MemoryPageStore
+
+PS = 4096
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[Agent]:
+    a = Agent(AgentSettings(node_id="n1", data_dir=str(tmp_path), stores={"default": "memory://"}, fsync=False,
+                            autonomous=False))  # fmt: skip
+    yield a
+    a.close()
+
+
+def attach(agent: Agent, vm: str = "vm1", pages: int = 256, **policy: object) -> SimKernel:
+    opts: dict[str, object] = {"interval_ms": 10, "cold_after": 1, "prefetch_pages": 0, **policy}
+    pol = EvictionPolicy(**opts)  # type: ignore[arg-type]
+    agent.attach_sim(vm, pages * PS, pol)
+    sim = agent.sessions[vm].backend
+    assert isinstance(sim, SimKernel)
+    return sim
+
+
+def cycle(agent: Agent, vm: str, touch: list[int] | None = None, mode: CycleMode = CycleMode.EVICT,
+          writes: bool = False):  # type: ignore[no-untyped-def]  # fmt: skip
+    eng = agent.engines[vm]
+    sim = agent.sessions[vm].backend
+    assert isinstance(sim, SimKernel)
+    with agent.sessions[vm].cycle_lock:
+        eng.begin()
+        for p in touch or []:
+            sim.access(p, write=writes)
+        return eng.finish(mode)
+
+
+def store_of(agent: Agent) -> MemoryPageStore:
+    st = agent.store("default")
+    assert isinstance(st, MemoryPageStore)
+    return st
+
+
+def test_hot_set_detection_is_exact_and_dry_run_changes_nothing(agent: Agent) -> None:
+    sim = attach(agent, pages=512)
+    hot = sorted(set(np.random.default_rng(1).choice(512, 51, replace=False).tolist()))
+    rep = cycle(agent, "vm1", hot, mode=CycleMode.DETECT)
+    assert rep.pages_hot == len(hot)
+    assert rep.pages_scanned == 512
+    assert rep.pages_cold == 512 - len(hot)  # cold_after=1
+    assert rep.pages_evicted == 0
+    assert agent.sessions["vm1"].ages.max() == 0  # a dry run keeps ages
+    assert sim.populated().all()
+    assert store_of(agent).usage("vm1").pages == 0
+    rep = cycle(agent, "vm1", hot)
+    assert rep.pages_evicted == 512 - len(hot)
+    populated = np.flatnonzero(sim.populated()).tolist()
+    assert populated == hot  # exactly the untouched pages left memory
+
+
+def test_cold_after_counts_cycles(agent: Agent) -> None:
+    attach(agent, pages=64, cold_after=3)
+    assert cycle(agent, "vm1").pages_evicted == 0
+    assert cycle(agent, "vm1").pages_evicted == 0
+    assert cycle(agent, "vm1").pages_evicted == 64
+
+
+@pytest.mark.parametrize(
+    ("cap", "expected"),
+    [(EvictionCap(pages=10), 10), (EvictionCap(bytes=5 * PS + 100), 5), (EvictionCap(fraction=0.25), 16),
+     (EvictionCap(pages=0), 0)],
+)  # fmt: skip
+def test_per_cycle_cap(agent: Agent, cap: EvictionCap, expected: int) -> None:
+    attach(agent, pages=64, max_evict=cap)
+    rep = cycle(agent, "vm1", [0, 1])
+    assert rep.pages_evicted == expected
+    assert rep.capped is (expected < 62)
+    # oldest first, then lowest page: all ages equal, so the lowest untouched pages go first
+    ev = agent.index.evicted_pages("vm1")
+    assert ev == [p for p in range(64) if p not in (0, 1)][:expected]
+
+
+def test_min_resident_is_never_crossed(agent: Agent) -> None:
+    attach(agent, pages=64, min_resident_bytes=40 * PS)
+    for _ in range(3):
+        cycle(agent, "vm1")
+    assert agent.sessions["vm1"].resident_count() == 40
+    assert agent.index.count("vm1") == 24
+
+
+def test_faults_bring_pages_back_with_their_contents(agent: Agent) -> None:
+    sim = attach(agent, pages=128)
+    for p in range(128):
+        sim.access(p, write=True)
+        if p % 3 == 0:
+            sim.access(p, write=True)
+    expected = sim.counters().copy()
+    rep = cycle(agent, "vm1", [5])
+    assert rep.pages_evicted == 127
+    assert not sim.populated()[7]
+    # a guest thread touches evicted pages; the agent's fault thread serves them from the store
+    t = threading.Thread(target=lambda: [sim.access(p) for p in range(0, 128, 2)])
+    t.start()
+    t.join(10)
+    assert not t.is_alive()
+    s = agent.sessions["vm1"]
+    assert s.counters.faults_served == 64  # every even page was evicted (the hot page 5 is odd)
+    assert sim.populated()[::2].all()
+    got = sim.counters()
+    assert np.array_equal(got[::2], expected[::2])
+    assert agent.index.count("vm1") == 127 - 64
+
+
+def test_prefetch_brings_neighbours_in_one_round_trip(agent: Agent) -> None:
+    sim = attach(agent, pages=64, prefetch_pages=0)
+    agent.set_policy("vm1", EvictionPolicy(interval_ms=10, cold_after=1, prefetch_pages=7))
+    for p in range(64):
+        sim.access(p, write=True)
+    cycle(agent, "vm1")
+    st = store_of(agent)
+    gets_before = st.calls["get"]
+    t = threading.Thread(target=sim.access, args=(8,))
+    t.start()
+    t.join(10)
+    assert st.calls["get"] == gets_before + 1
+    assert sim.populated()[8:16].all() and not sim.populated()[16]
+    assert agent.sessions["vm1"].counters.prefetched == 7
+
+
+def test_race_evict_while_guest_writes_never_loses_a_write(agent: Agent) -> None:
+    sim = attach(agent, pages=64)
+    expected = np.zeros(64, dtype=np.int64)
+    stop = threading.Event()
+    rng = np.random.default_rng(7)
+    order = rng.integers(0, 64, size=200_000)
+
+    def guest() -> None:
+        for p in order:
+            if stop.is_set():
+                return
+            sim.access(int(p), write=True)
+            expected[p] += 1
+
+    t = threading.Thread(target=guest)
+    t.start()
+    evicted = 0
+    for _ in range(40):
+        rep = cycle(agent, "vm1")
+        evicted += rep.pages_evicted
+        time.sleep(0.002)
+    stop.set()
+    t.join(20)
+    assert not t.is_alive()
+    assert evicted > 0  # the race was exercised
+    for p in range(64):
+        sim.access(p)  # fault everything back
+    got = sim.counters().astype(np.int64)
+    bad = np.flatnonzero(got != expected)
+    assert bad.size == 0, (
+        f"lost writes on pages {bad.tolist()}: got {got[bad].tolist()} expected {expected[bad].tolist()}"
+    )
+
+
+def test_store_outage_during_eviction_punches_nothing(agent: Agent) -> None:
+    sim = attach(agent, pages=64)
+    for p in range(64):
+        sim.access(p, write=True)  # zero pages never reach the store; these must
+    events: list[EventKind] = []
+    agent.events.add_listener(lambda e: events.append(e.kind))
+    store_of(agent).fail_next_puts(1)
+    rep = cycle(agent, "vm1")
+    assert rep.pages_evicted == 0
+    assert "eviction stopped" in rep.error
+    assert sim.populated().all()
+    assert agent.index.count("vm1") == 0
+    assert EventKind.EVICTION_STOPPED in events
+    assert cycle(agent, "vm1").pages_evicted == 64  # the store is back
+
+
+def test_store_outage_during_fault_waits_then_serves(agent: Agent) -> None:
+    sim = attach(agent, pages=16)
+    for p in range(16):
+        sim.access(p, write=True)
+    cycle(agent, "vm1")
+    store_of(agent).fail_next_gets(3)
+    t = threading.Thread(target=sim.access, args=(3,))
+    t.start()
+    t.join(10)
+    assert not t.is_alive()
+    assert sim.counters()[3] == 1  # the page's real contents, never zeros
+    assert agent.sessions["vm1"].counters.store_errors >= 3
+
+
+def test_corrupt_payload_is_never_installed(agent: Agent) -> None:
+    sim = attach(agent, pages=16)
+    for p in range(16):
+        sim.access(p, write=True)
+    cycle(agent, "vm1")
+    e = agent.index.get("vm1", 4)
+    assert e is not None
+    store_of(agent).corrupt("vm1", 4, e.stored.generation)
+    events: list[EventKind] = []
+    agent.events.add_listener(lambda ev: events.append(ev.kind))
+    t = threading.Thread(target=sim.access, args=(4,), daemon=True)
+    t.start()
+    t.join(1.0)
+    assert t.is_alive()  # the vCPU waits: a bad payload is never installed
+    assert not sim.populated()[4]
+    assert EventKind.INTEGRITY_ERROR in events
+    assert agent.index.get("vm1", 4) is not None
+
+
+def test_drain_empties_the_store_and_detach_rules(agent: Agent) -> None:
+    sim = attach(agent, pages=128)
+    for p in range(128):
+        sim.access(p, write=True)
+    expected = sim.counters().copy()
+    cycle(agent, "vm1")
+    assert agent.index.count("vm1") == 128
+    with pytest.raises(FailedPrecondition):
+        agent.detach("vm1")
+    seen = []
+    prog = agent.drain("vm1", seen.append)
+    assert prog.done and prog.pages_restored == 128
+    assert seen and seen[-1].pages_restored == 128
+    assert agent.index.count("vm1") == 0
+    assert store_of(agent).usage("vm1").pages == 0
+    assert np.array_equal(sim.counters(), expected)
+    assert agent.detach("vm1") == 0
+    with pytest.raises(NotFound):
+        agent.status("vm1")
+
+
+def test_purge_removes_everything_of_that_vm_only(agent: Agent) -> None:
+    a = attach(agent, "a", pages=32)
+    b = attach(agent, "b", pages=32)
+    for sim in (a, b):
+        for p in range(32):
+            sim.access(p, write=True)
+    cycle(agent, "a")
+    cycle(agent, "b")
+    st = store_of(agent)
+    assert st.usage("a").pages == 32 and st.usage("b").pages == 32
+    assert agent.detach("a", purge=True) == 32
+    assert st.usage("a").pages == 0
+    assert st.usage("b").pages == 32
+    for p in range(32):
+        b.access(p)
+    assert (b.counters() == 1).all()
+
+
+def test_bad_requests_change_nothing(agent: Agent) -> None:
+    attach(agent, pages=16)
+    with pytest.raises(InvalidArgument):
+        agent.attach_sim("bad id!", 16 * PS, EvictionPolicy())
+    with pytest.raises(InvalidArgument):
+        agent.attach_sim("vm2", 1000, EvictionPolicy())  # not page aligned
+    with pytest.raises(InvalidArgument):
+        agent.set_policy("vm1", EvictionPolicy(cold_after=0))
+    with pytest.raises(InvalidArgument):
+        agent.set_policy("vm1", EvictionPolicy(store="nope"))
+    with pytest.raises(NotFound):
+        agent.run_cycle("ghost", CycleMode.EVICT)
+    assert agent.sessions["vm1"].policy.cold_after == 1
+    assert set(agent.sessions) == {"vm1"}

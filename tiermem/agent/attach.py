@@ -1,0 +1,53 @@
+"""Glue between the VMM handoff socket and the agent: every valid handshake becomes a VM session."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import structlog
+
+from tiermem.agent.node import Agent
+from tiermem.errors import TiermemError
+from tiermem.model import Backend, EventKind
+from tiermem.vmm.handoff import HandoffAttach, HandoffListener
+
+__all__ = ["on_handoff", "start_handoff"]
+
+log = structlog.get_logger("tiermem.agent.attach")
+
+
+def on_handoff(agent: Agent, att: HandoffAttach) -> None:
+    """Attach (or reattach) the VM a VMM just handed over; raising sends the VMM an error reply."""
+    kind = Backend.RWP if att.mode == "rwp" else Backend.UFFD
+    backend = att.make_backend(arm=True)
+    try:
+        session = agent.attach_backend(att.vm_id, kind, backend, tracking=att.tracking)
+    except BaseException:
+        backend.close()
+        raise
+    vm_id = att.vm_id
+
+    def closed() -> None:
+        # The VMM went away (or the connection broke): keep its evicted pages indexed; a
+        # reattach on a new connection resumes serving them.
+        if agent.sessions.get(vm_id) is session:
+            agent.mark_disconnected(vm_id)
+            agent.events.publish(EventKind.VMM_DISCONNECTED, f"VMM of {vm_id} disconnected", vm_id)
+
+    att.connection.on_close = closed
+    log.info("vm handed off", vm=vm_id, mode=att.mode, pid=att.peer_pid, reattach=att.reattach)
+
+
+def start_handoff(agent: Agent) -> Callable[[], None] | None:
+    """Listen on the agent's handoff socket; returns a function that stops listening."""
+    path = agent.settings.handoff_path()
+
+    def attach(att: HandoffAttach) -> None:
+        try:
+            on_handoff(agent, att)
+        except TiermemError as e:
+            log.warning("handoff refused", vm=att.vm_id, error=str(e))
+            raise
+
+    listener = HandoffListener(path, attach).start()
+    return listener.stop

@@ -1,0 +1,304 @@
+"""The fault server: serves a VM's faults from its page store.
+
+Each VM has its own reader thread (blocking in ``backend.read_messages``, which
+for real backends is an epoll loop on the uffd — never the gRPC event loop) and
+its own small worker pool for MISSING faults, so one VM's fault storm cannot
+stall another VM, and a fault never waits behind an eviction batch.
+
+MISSING fault on an evicted page: index lookup -> store.get (the page and up to
+``prefetch_pages`` evicted neighbours in one round trip) -> verify (the store
+verifies checksum and length; a bad payload is never installed) ->
+UFFDIO_COPY with DONTWAKE for each page -> UFFDIO_WAKE -> index entry removed.
+While the store is down the faulting vCPU waits and the agent retries with
+backoff, loudly (invariant 4): zeros are never installed for an evicted page.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import structlog
+
+from tiermem.agent.index import IndexEntry
+from tiermem.agent.session import VmSession
+from tiermem.errors import IntegrityError, NotFound, StoreUnavailable, TiermemError
+from tiermem.kernel import uapi
+from tiermem.kernel.uapi import UffdMsg
+from tiermem.model import EventKind
+from tiermem.store.base import Codec
+
+__all__ = ["FaultServer"]
+
+log = structlog.get_logger("tiermem.agent.faults")
+
+_VMM_GONE = (errno.ENOENT, errno.ESRCH, errno.ENOSPC, errno.EBADF)
+
+
+class FaultServer:
+    """Reads and resolves the faults of one VM."""
+
+    def __init__(self, session: VmSession, workers: int = 4, max_backoff_s: float = 1.0) -> None:
+        self.s = session
+        self.max_backoff_s = max_backoff_s
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"faults-{session.vm_id}")
+        self._inflight: set[int] = set()
+        self._inflight_lock = threading.Lock()
+        self._reader: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.vmm_gone = threading.Event()
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the reader thread."""
+        self._reader = threading.Thread(target=self._read_loop, name=f"uffd-{self.s.vm_id}", daemon=True)
+        self._reader.start()
+
+    def stop(self) -> None:
+        """Stop reading; in-flight faults finish."""
+        self._stop.set()
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join(timeout=5)
+        self._pool.shutdown(wait=True, cancel_futures=False)
+
+    def _read_loop(self) -> None:
+        while not self._stop.is_set() and not self.s.closing.is_set():
+            try:
+                msgs = self.s.backend.read_messages(0.2)
+            except OSError as e:
+                if e.errno in _VMM_GONE:
+                    self._vmm_went_away(e)
+                    return
+                log.error("uffd read failed", vm=self.s.vm_id, error=str(e))
+                time.sleep(0.05)
+                continue
+            if not msgs and self.s.backend.closed:
+                self._vmm_went_away(None)
+                return
+            for m in msgs:
+                self.dispatch(m, inline=False)
+
+    def _vmm_went_away(self, err: OSError | None) -> None:
+        if not self.vmm_gone.is_set():
+            self.vmm_gone.set()
+            self.s.events.publish(EventKind.VMM_DISCONNECTED, f"VMM of {self.s.vm_id} went away", self.s.vm_id,
+                                  error=str(err or "closed"))  # fmt: skip
+
+    # --- dispatch ------------------------------------------------------------------------------
+    def handle(self, msg: UffdMsg) -> None:
+        """Resolve one message synchronously (the sim's inline mode: same code path, no threads)."""
+        self.dispatch(msg, inline=True)
+
+    def dispatch(self, msg: UffdMsg, *, inline: bool) -> None:
+        """Route a message: tracking faults inline, MISSING faults to the pool (or inline)."""
+        if msg.event == uapi.UFFD_EVENT_PAGEFAULT:
+            page = self.s.backend.page_of(msg.address)
+            if not 0 <= page < self.s.n_pages:
+                log.warning("fault outside guest memory", vm=self.s.vm_id, address=hex(msg.address))
+                return
+            if msg.flags & (uapi.UFFD_PAGEFAULT_FLAG_RWP | uapi.UFFD_PAGEFAULT_FLAG_MINOR):
+                self.on_tracking_fault(page)
+                return
+            with self._inflight_lock:
+                if page in self._inflight:
+                    return  # the in-flight install wakes this vCPU too
+                self._inflight.add(page)
+            if inline:
+                self._serve_missing(page, inline=True)
+            else:
+                self._pool.submit(self._serve_missing, page, inline=False)
+        elif msg.event in (uapi.UFFD_EVENT_REMOVE, uapi.UFFD_EVENT_UNMAP):
+            self.on_remove(msg.start, msg.end)
+
+    # --- tracking faults ---------------------------------------------------------------------------
+    def on_tracking_fault(self, page: int) -> None:
+        """A sync RWP fault (or the uffd emulation's surfaced MINOR fault)."""
+        s = self.s
+        s.counters.rwp_faults += 1
+        s.metrics.faults.labels(s.vm_id, "rwp").inc()
+        with s.evict_lock:
+            if s.frozen:
+                s.deferred.append(page)  # decided after the hot set is frozen
+                return
+            if s.pending_evict[page]:
+                return  # the eviction batch's WAKE after the punch resolves it
+        self._resolve_tracking(page)
+
+    def _resolve_tracking(self, page: int) -> None:
+        try:
+            self.s.backend.rwprotect(self.s.backend.addr(page), self.s.page_size, protect=False)
+        except OSError as e:
+            if e.errno in _VMM_GONE:
+                self._vmm_went_away(e)
+            elif e.errno != errno.EEXIST:
+                log.error("rwprotect clear failed", vm=self.s.vm_id, page=page, error=str(e))
+
+    def release_deferred(self) -> None:
+        """Called by the cycle engine once the eviction set is known: resolve parked faults not in it."""
+        s = self.s
+        with s.evict_lock:
+            parked, s.deferred = s.deferred, []
+            s.frozen = False
+            resolve = [p for p in parked if not s.pending_evict[p]]
+        for p in resolve:
+            self._resolve_tracking(p)
+
+    def on_remove(self, start: int, end: int) -> None:
+        """Balloon or munmap: the VMM gave the range back; nothing to serve there."""
+        log.info("range removed by the VMM", vm=self.s.vm_id, start=hex(start), end=hex(end))
+
+    # --- MISSING faults -------------------------------------------------------------------------------
+    def _serve_missing(self, page: int, *, inline: bool) -> None:
+        pages = [page]
+        try:
+            t0 = time.perf_counter()
+            s = self.s
+            entry = s.index.get(s.vm_id, page)
+            if entry is None:
+                self._zero_fill(page)
+                return
+            pages = self._with_neighbours(page, entry)
+            entries = [e for e in s.index.entries(s.vm_id, pages) if e is not None]
+            pages = [e.stored.page for e in entries]
+            gens = {e.stored.page: e.stored.generation for e in entries}
+            t1 = time.perf_counter()
+            data = self.fetch(entries, inline=inline)
+            if data is None:
+                return  # session closing
+            t2 = time.perf_counter()
+            installed = self.install(pages, data, fault_page=page)
+            t3 = time.perf_counter()
+            if installed:
+                s.ages[installed] = 0  # a promoted page is resident with age 0
+                restored = s.index.remove(s.vm_id, [(p, gens[p]) for p in installed])
+                with s.retired_lock:
+                    s.retired.extend(restored)
+                s.counters.faults_served += 1
+                s.counters.pages_restored += len(restored)
+                s.counters.prefetched += max(len(restored) - 1, 0)
+                s.counters.promotions.append((time.monotonic(), 1))
+                m = s.metrics
+                m.faults.labels(s.vm_id, "missing").inc()
+                m.pages_restored.labels(s.vm_id).inc(len(restored))
+                m.fault_stage_seconds.labels("lookup").observe(t1 - t0)
+                m.fault_stage_seconds.labels("fetch").observe(t2 - t1)
+                m.fault_stage_seconds.labels("install").observe(t3 - t2)
+                m.fault_seconds.observe(t3 - t0)
+                s.fault_latency.add((t3 - t0) * 1e6)
+        finally:
+            with self._inflight_lock:
+                self._inflight.difference_update(pages)
+                self._inflight.discard(page)
+
+    def _zero_fill(self, page: int) -> None:
+        # A hole that was never evicted: the guest's first touch (or a balloon page). Zero it, as the
+        # kernel would without a handler.
+        s = self.s
+        try:
+            s.backend.zeropage(s.backend.addr(page), s.page_size)
+            s.counters.zero_fills += 1
+            s.metrics.faults.labels(s.vm_id, "zero").inc()
+        except OSError as e:
+            if e.errno == errno.EEXIST:
+                return
+            if e.errno in _VMM_GONE:
+                self._vmm_went_away(e)
+                return
+            raise
+
+    def _with_neighbours(self, page: int, entry: IndexEntry) -> list[int]:
+        n = self.s.policy.prefetch_pages
+        if n <= 0:
+            return [page]
+        bitmap = self.s.index.evicted_bitmap(self.s.vm_id)
+        out = [page]
+        with self._inflight_lock:
+            q = page + 1
+            while len(out) <= n and q < len(bitmap) and bitmap[q]:
+                e = self.s.index.get(self.s.vm_id, q)
+                if e is None or e.store != entry.store or q in self._inflight:
+                    break
+                self._inflight.add(q)
+                out.append(q)
+                q += 1
+        return out
+
+    def fetch(self, entries: list[IndexEntry], *, inline: bool) -> list[bytes] | None:
+        """Get and verify payloads, retrying with backoff while the store is unavailable."""
+        s = self.s
+        store_name = entries[0].store
+        backoff = 0.005
+        reported = False
+        while not s.closing.is_set():
+            try:
+                store = s.stores(store_name)
+                stored = [e.stored for e in entries]
+                data = []
+                nonzero = [st for st in stored if st.codec != Codec.ZERO]
+                fetched = iter(store.get_pages(s.vm_id, nonzero) if nonzero else [])
+                for st in stored:
+                    data.append(bytes(s.page_size) if st.codec == Codec.ZERO else next(fetched))
+                if reported:
+                    log.warning("store recovered; fault served", vm=s.vm_id, store=store_name)
+                return data
+            except (StoreUnavailable, IntegrityError, NotFound) as e:
+                s.counters.store_errors += 1
+                kind = type(e).__name__
+                s.metrics.store_errors.labels(store_name, "get", kind).inc()
+                if isinstance(e, IntegrityError):
+                    s.counters.integrity_errors += 1
+                if not reported:
+                    reported = True
+                    ev = EventKind.INTEGRITY_ERROR if isinstance(e, IntegrityError) else EventKind.STORE_ERROR
+                    s.events.publish(ev, f"fault on {s.vm_id} waits: {e}", s.vm_id, store=store_name,
+                                     page=entries[0].stored.page)  # fmt: skip
+                    log.error("fault waits on the store", vm=s.vm_id, store=store_name, error=str(e))
+                if inline and backoff >= self.max_backoff_s:
+                    # Inline (sim replay) has no other thread to wait for: raise rather than hang.
+                    raise
+                s.closing.wait(backoff)
+                backoff = min(backoff * 2, self.max_backoff_s)
+            except TiermemError:
+                raise
+        return None
+
+    def install(self, pages: list[int], data: list[bytes], fault_page: int | None = None) -> list[int]:
+        """UFFDIO_COPY each page with DONTWAKE, then one WAKE over the span; returns pages now present.
+
+        An error on ``fault_page`` is raised; on other (prefetched or drained) pages it only
+        leaves that page evicted.
+        """
+        s = self.s
+        b = s.backend
+        installed: list[int] = []
+        for p, d in zip(pages, data, strict=True):
+            try:
+                b.copy(b.addr(p), d, dontwake=True)
+                installed.append(p)
+            except OSError as e:
+                if e.errno == errno.EEXIST:
+                    installed.append(p)  # already there: the VMM or a racing fault installed it
+                elif e.errno == errno.EAGAIN:
+                    try:
+                        b.copy(b.addr(p), d, dontwake=True)
+                        installed.append(p)
+                    except OSError as e2:
+                        if e2.errno == errno.EEXIST:
+                            installed.append(p)
+                        elif p == fault_page:
+                            raise
+                elif e.errno in _VMM_GONE:
+                    self._vmm_went_away(e)
+                    return installed
+                elif p == fault_page:
+                    raise
+        if installed:
+            lo, hi = min(installed), max(installed)
+            try:
+                b.wake(b.addr(lo), (hi - lo + 1) * s.page_size)
+            except OSError as e:
+                if e.errno in _VMM_GONE:
+                    self._vmm_went_away(e)
+        return installed

@@ -1,0 +1,108 @@
+"""Prometheus metrics of the node agent (one registry per agent, so several agents can share a process)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+__all__ = ["AgentMetrics"]
+
+_FAULT_BUCKETS = (
+    10e-6,
+    25e-6,
+    50e-6,
+    100e-6,
+    250e-6,
+    500e-6,
+    1e-3,
+    2.5e-3,
+    5e-3,
+    10e-3,
+    50e-3,
+    0.25,
+    1.0,
+    5.0,
+)
+_CYCLE_BUCKETS = (1e-3, 5e-3, 0.025, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+
+class _VmGauges(Collector):
+    """Per-VM gauges read from the live sessions at scrape time (no stale series after detach)."""
+
+    def __init__(self, snapshot: Callable[[], list[tuple[str, int, int, int]]]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        resident = GaugeMetricFamily("tiermem_agent_vm_resident_pages", "Resident guest pages", labels=["vm"])
+        evicted = GaugeMetricFamily("tiermem_agent_vm_evicted_pages", "Evicted guest pages", labels=["vm"])
+        wss = GaugeMetricFamily(
+            "tiermem_agent_vm_working_set_pages", "Hot pages in the last cycle", labels=["vm"]
+        )
+        for vm, r, e, w in self._snapshot():
+            resident.add_metric([vm], r)
+            evicted.add_metric([vm], e)
+            wss.add_metric([vm], w)
+        yield resident
+        yield evicted
+        yield wss
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return []
+
+
+class AgentMetrics:
+    """Counters and histograms named in docs/metrics.md."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.faults = Counter("tiermem_agent_faults_total", "Faults handled", ["vm", "kind"], registry=r)
+        self.fault_seconds = Histogram(
+            "tiermem_agent_fault_seconds", "Fault service latency, MISSING fault to install", buckets=_FAULT_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.fault_stage_seconds = Histogram(
+            "tiermem_agent_fault_stage_seconds", "Fault service latency by stage", ["stage"],
+            buckets=_FAULT_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.cycle_seconds = Histogram(
+            "tiermem_agent_cycle_phase_seconds",
+            "Cycle time by phase",
+            ["phase"],
+            buckets=_CYCLE_BUCKETS,
+            registry=r,
+        )
+        self.cycles = Counter(
+            "tiermem_agent_cycles_total", "Cycles run", ["vm", "mode", "result"], registry=r
+        )
+        self.pages_evicted = Counter("tiermem_agent_pages_evicted_total", "Pages evicted", ["vm"], registry=r)
+        self.pages_restored = Counter(
+            "tiermem_agent_pages_restored_total", "Pages brought back", ["vm"], registry=r
+        )
+        self.bytes_written = Counter(
+            "tiermem_agent_store_bytes_written_total",
+            "Payload bytes acknowledged by stores",
+            ["store"],
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "tiermem_agent_store_errors_total",
+            "Store operations that failed",
+            ["store", "op", "error"],
+            registry=r,
+        )
+
+    def watch_vms(self, snapshot: Callable[[], list[tuple[str, int, int, int]]]) -> None:
+        """Expose per-VM gauges computed by ``snapshot`` -> [(vm, resident, evicted, working_set)]."""
+        self.registry.register(_VmGauges(snapshot))
+
+    def forget_vm(self, vm: str) -> None:
+        """Drop the per-VM series of a detached VM."""
+        for metric in (self.pages_evicted, self.pages_restored):
+            try:
+                metric.remove(vm)
+            except KeyError:
+                pass

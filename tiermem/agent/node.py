@@ -1,0 +1,443 @@
+"""The node agent's domain object: every VM session on this host, its stores, index and events.
+
+Nothing here knows about gRPC: ``service.py`` is a thin servicer over this class,
+and ``server.py`` wires both together with the control-plane link and the
+handoff listener. Blocking operations (cycles, drains) run on the caller's
+thread; the servicer calls them through ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+
+from tiermem.agent.cycle import CycleEngine
+from tiermem.agent.faults import FaultServer
+from tiermem.agent.index import IndexEntry, PageIndex, VmRecord
+from tiermem.agent.metrics import AgentMetrics
+from tiermem.agent.session import VmSession
+from tiermem.config import AgentSettings
+from tiermem.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from tiermem.events import EventBus
+from tiermem.kernel import uapi
+from tiermem.kernel.backend import KernelBackend
+from tiermem.model import (
+    PAGE_SIZE,
+    Backend,
+    CycleMode,
+    CycleReport,
+    DrainProgress,
+    EventKind,
+    EvictionPolicy,
+    VmState,
+    VmStatus,
+    policy_from_dict,
+    policy_to_dict,
+    validate_id,
+)
+from tiermem.store.base import PageStore
+
+__all__ = ["Agent"]
+
+log = structlog.get_logger("tiermem.agent")
+
+MAX_SIM_BYTES = 64 * 1024**3
+DRAIN_BATCH = 256
+
+
+class Agent:
+    """All VM sessions of one host."""
+
+    def __init__(self, settings: AgentSettings, metrics: AgentMetrics | None = None) -> None:
+        self.settings = settings
+        self.node_id = validate_id(settings.node_id, "node id")
+        self.data_dir = Path(settings.data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.index = PageIndex(self.data_dir / "index.db", fsync=settings.fsync)
+        self.events = EventBus(self.node_id)
+        self.metrics = metrics or AgentMetrics()
+        self.metrics.watch_vms(self._gauge_snapshot)
+        self.store_urls = settings.store_urls()
+        self._stores: dict[str, PageStore] = {}
+        self._stores_lock = threading.Lock()
+        self.sessions: dict[str, VmSession] = {}
+        self.engines: dict[str, CycleEngine] = {}
+        self.faults: dict[str, FaultServer] = {}
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self.autonomous = threading.Event()
+        """Set while the agent runs cycles from local policies (no reachable control plane)."""
+        if not settings.control_plane and settings.autonomous:
+            self.autonomous.set()
+        self._auto_threads: dict[str, threading.Thread] = {}
+        self._auto_reports: list[CycleReport] = []
+        self._auto_reports_lock = threading.Lock()
+        self._housekeeper = threading.Thread(target=self._housekeep_loop, name="housekeeper", daemon=True)
+        self._housekeeper.start()
+        self._drop_orphaned_sim_vms()
+
+    # --- stores ---------------------------------------------------------------------------------
+    def store(self, name: str) -> PageStore:
+        """The page store called ``name`` (opened on first use)."""
+        with self._stores_lock:
+            st = self._stores.get(name)
+            if st is None:
+                url = self.store_urls.get(name)
+                if url is None:
+                    raise NotFound(
+                        f"unknown store {name!r}; configured: {', '.join(sorted(self.store_urls))}"
+                    )
+                from tiermem.store.url import open_store
+
+                st = self._stores[name] = open_store(url, name=name, page_size=PAGE_SIZE)
+            return st
+
+    def known_stores(self) -> set[str]:
+        """Configured store names."""
+        return set(self.store_urls)
+
+    # --- attach ---------------------------------------------------------------------------------------
+    def attach_sim(self, vm_id: str, memory_bytes: int, policy: EvictionPolicy, labels: dict[str, str] | None = None,
+                   workload: str = "", synthetic: bool = False, vcpus: int = 1, seed: int = 0) -> VmStatus:  # fmt: skip
+        """Create a simulated VM (guest memory in this process) and arm it."""
+        from tiermem.kernel.sim import SimKernel
+
+        validate_id(vm_id, "vm id")
+        if memory_bytes <= 0 or memory_bytes % PAGE_SIZE or memory_bytes > MAX_SIM_BYTES:
+            raise InvalidArgument(
+                f"memory_bytes must be a positive multiple of {PAGE_SIZE} up to {MAX_SIM_BYTES}"
+            )
+        if vcpus < 0 or vcpus > 64:
+            raise InvalidArgument("vcpus must be between 0 and 64")
+        policy.validate(self.known_stores())
+        with self._lock:
+            if vm_id in self.sessions:
+                raise AlreadyExists(f"VM {vm_id} is already attached")
+            n_pages = memory_bytes // PAGE_SIZE
+            guest = None
+            if workload:
+                from tiermem.vmm.workloads import parse_workload
+
+                parse_workload(workload, n_pages, seed)  # validate before creating anything
+            sim = SimKernel(n_pages, synthetic=synthetic)
+            sim.api(uapi.UFFD_FEATURE_RWP | uapi.UFFD_FEATURE_RWP_ASYNC | uapi.UFFD_FEATURE_THREAD_ID)
+            sim.register(
+                sim.base, sim.size, uapi.UFFDIO_REGISTER_MODE_MISSING | uapi.UFFDIO_REGISTER_MODE_RWP
+            )
+            s = self._new_session(vm_id, Backend.SIM, sim, policy, labels or {},
+                                  meta={"workload": workload, "synthetic": synthetic})  # fmt: skip
+            if workload:
+                from tiermem.vmm.workloads import SimGuest, parse_workload
+
+                guest = SimGuest(sim, parse_workload(workload, n_pages, seed), vcpus=vcpus, seed=seed)
+                s.guest = guest
+                if vcpus > 0:
+                    guest.start()
+            return s.status()
+
+    def attach_backend(self, vm_id: str, kind: Backend, backend: KernelBackend, policy: EvictionPolicy | None = None,
+                       labels: dict[str, str] | None = None, tracking: bool = True) -> VmSession:  # fmt: skip
+        """Attach a VM whose armed backend arrived through the handoff socket (uffd/rwp).
+
+        A VM that reattaches after an agent restart (same id and size) keeps its
+        index: its evicted pages are served again.
+        """
+        validate_id(vm_id, "vm id")
+        with self._lock:
+            old = self.sessions.get(vm_id)
+            if old is not None:
+                if old.state is not VmState.DISCONNECTED and not old.backend.closed:
+                    raise AlreadyExists(f"VM {vm_id} is already attached")
+                self._close_session(old, drop_index=False)
+            rec = self.index.record(vm_id)
+            if policy is None:
+                saved = rec.meta.get("policy") if rec else None
+                policy = policy_from_dict(saved) if isinstance(saved, dict) else EvictionPolicy()
+            s = self._new_session(vm_id, kind, backend, policy, labels or {}, meta={}, tracking=tracking)
+            if rec is not None and self.index.count(vm_id):
+                self.events.publish(EventKind.VMM_RECONNECTED, f"VM {vm_id} reattached with {self.index.count(vm_id)} "
+                                    "evicted pages", vm_id)  # fmt: skip
+            return s
+
+    def _new_session(self, vm_id: str, kind: Backend, backend: KernelBackend, policy: EvictionPolicy,
+                     labels: dict[str, str], meta: dict[str, object], tracking: bool = True) -> VmSession:  # fmt: skip
+        self.index.add_vm(VmRecord(vm_id, kind.value, backend.n_pages, backend.page_size,
+                                   {**meta, "labels": labels}))  # fmt: skip
+        s = VmSession(vm_id=vm_id, backend_kind=kind, backend=backend, policy=policy, index=self.index,
+                      stores=self.store, events=self.events, metrics=self.metrics, node_id=self.node_id,
+                      labels=dict(labels), tracking=tracking)  # fmt: skip
+        fs = FaultServer(s)
+        self.faults[vm_id] = fs
+        self.engines[vm_id] = CycleEngine(s, fs)
+        self.sessions[vm_id] = s
+        s.state = VmState.ARMED
+        fs.start()
+        if tracking:
+            t = threading.Thread(target=self._auto_loop, args=(s,), name=f"auto-{vm_id}", daemon=True)
+            self._auto_threads[vm_id] = t
+            t.start()
+        self.events.publish(EventKind.VM_ATTACHED, f"VM {vm_id} attached ({kind.value}, {backend.n_pages} pages)",
+                            vm_id)  # fmt: skip
+        log.info("vm attached", vm=vm_id, backend=kind.value, pages=backend.n_pages)
+        return s
+
+    # --- lookups ---------------------------------------------------------------------------------------
+    def session(self, vm_id: str) -> VmSession:
+        """The session of ``vm_id`` (NotFound otherwise)."""
+        validate_id(vm_id, "vm id")
+        s = self.sessions.get(vm_id)
+        if s is None:
+            raise NotFound(f"VM {vm_id} is not attached to node {self.node_id}")
+        return s
+
+    def status(self, vm_id: str) -> VmStatus:
+        """One VM's status."""
+        return self.session(vm_id).status()
+
+    def list_status(self) -> list[VmStatus]:
+        """Every VM's status."""
+        return [s.status() for s in list(self.sessions.values())]
+
+    # --- policy and cycles ---------------------------------------------------------------------------
+    def set_policy(self, vm_id: str, policy: EvictionPolicy) -> int:
+        """Install a policy; it applies from the next cycle. Page ages are kept."""
+        s = self.session(vm_id)
+        policy.validate(self.known_stores())
+        if policy.version and policy.version < s.policy.version:
+            return s.policy.version  # a stale push from a slower path; keep the newer one
+        changed = policy != s.policy
+        s.policy = policy
+        rec = self.index.record(vm_id)
+        if rec is not None:
+            rec.meta["policy"] = policy_to_dict(policy)
+            self.index.add_vm(rec)
+        if changed:
+            self.events.publish(EventKind.POLICY_CHANGED, f"policy v{policy.version} installed", vm_id)
+        return policy.version
+
+    def run_cycle(self, vm_id: str, mode: CycleMode, interval_ms: int = 0, policy: EvictionPolicy | None = None,
+                  order_id: str = "") -> CycleReport:  # fmt: skip
+        """Run one cycle now (blocking for the detection interval)."""
+        s = self.session(vm_id)
+        if order_id and order_id in s.recent_reports:
+            return s.recent_reports[order_id]
+        if policy is not None:
+            self.set_policy(vm_id, policy)
+        if interval_ms < 0 or interval_ms > EvictionPolicy.MAX_INTERVAL_MS:
+            raise InvalidArgument("interval_ms out of range")
+        s.require(VmState.ARMED)
+        rep = self.engines[vm_id].run(mode, (interval_ms or s.policy.interval_ms) / 1000.0)
+        if order_id:
+            s.recent_reports[order_id] = rep
+            while len(s.recent_reports) > 64:
+                s.recent_reports.pop(next(iter(s.recent_reports)))
+        return rep
+
+    def _auto_loop(self, s: VmSession) -> None:
+        """Autonomous mode: cycles from the local policy while no control plane drives this node."""
+        engine = self.engines[s.vm_id]
+        while not s.closing.is_set() and not self._stop.is_set():
+            if not self.autonomous.is_set() or s.policy.paused or s.state is not VmState.ARMED:
+                s.closing.wait(0.2)
+                continue
+            try:
+                rep = engine.run(CycleMode.EVICT, s.policy.interval_ms / 1000.0)
+                with self._auto_reports_lock:
+                    self._auto_reports.append(rep)
+                    del self._auto_reports[:-1000]  # bounded while the control plane is away
+            except FailedPrecondition:
+                s.closing.wait(0.2)
+            except Exception as e:  # keep the loop alive; the cycle reported its own error
+                log.error("autonomous cycle failed", vm=s.vm_id, error=str(e))
+                s.closing.wait(1.0)
+
+    def take_autonomous_reports(self) -> list[CycleReport]:
+        """Reports of autonomous cycles not yet sent to the control plane."""
+        with self._auto_reports_lock:
+            out, self._auto_reports = self._auto_reports, []
+        return out
+
+    # --- drain, verify, detach -------------------------------------------------------------------------
+    def drain(self, vm_id: str, progress: Callable[[DrainProgress], None] | None = None) -> DrainProgress:
+        """Bring every evicted page back, then empty the store for this VM."""
+        s = self.session(vm_id)
+        fs = self.faults[vm_id]
+        with s.cycle_lock:
+            if s.backend.closed:
+                raise FailedPrecondition(f"VM {vm_id} has no connected VMM; pages cannot be restored")
+            s.state = VmState.DRAINING
+            try:
+                pages = self.index.evicted_pages(vm_id)
+                prog = DrainProgress(vm_id, pages_total=len(pages))
+                for i in range(0, len(pages), DRAIN_BATCH):
+                    chunk = pages[i : i + DRAIN_BATCH]
+                    entries = [e for e in self.index.entries(vm_id, chunk) if e is not None]
+                    for store_name in sorted({e.store for e in entries}):
+                        group = [e for e in entries if e.store == store_name]
+                        data = fs.fetch(group, inline=False)
+                        if data is None:
+                            raise FailedPrecondition(f"VM {vm_id} is detaching; drain stopped")
+                        done = set(fs.install([e.stored.page for e in group], data))
+                        restored = self.index.remove(
+                            vm_id,
+                            [(e.stored.page, e.stored.generation) for e in group if e.stored.page in done],
+                        )
+                        with s.retired_lock:
+                            s.retired.extend(restored)
+                        prog.pages_restored += len(done)
+                    self._emit_drain(s, prog, progress)
+                prog.done = self.index.count(vm_id) == 0
+                self._housekeep(s)
+                self._emit_drain(s, prog, progress)
+                return prog
+            finally:
+                s.state = VmState.ARMED
+
+    def _emit_drain(
+        self, s: VmSession, prog: DrainProgress, cb: Callable[[DrainProgress], None] | None
+    ) -> None:
+        self.events.publish(EventKind.DRAIN_PROGRESS, f"drain {prog.pages_restored}/{prog.pages_total}", s.vm_id,
+                            restored=prog.pages_restored, total=prog.pages_total)  # fmt: skip
+        if cb is not None:
+            cb(DrainProgress(prog.vm_id, prog.pages_total, prog.pages_restored, prog.done))
+
+    def verify(self, vm_id: str) -> tuple[int, int, bool]:
+        """(pages checked, mismatches, supported) for VMs whose guest keeps expected contents."""
+        s = self.session(vm_id)
+        guest = s.guest
+        if guest is None or not hasattr(guest, "verify"):
+            return 0, 0, False
+        checked, bad = guest.verify()
+        return int(checked), int(bad), True
+
+    def detach(self, vm_id: str, purge: bool = False) -> int:
+        """Detach a VM: refused while pages are evicted, unless ``purge`` after the VM shut down."""
+        s = self.session(vm_id)
+        n = self.index.count(vm_id)
+        if n and not purge:
+            raise FailedPrecondition(f"VM {vm_id} has {n} evicted pages: drain it first, or detach with purge "
+                                     "after the VM has shut down")  # fmt: skip
+        if n and purge and s.backend_kind is not Backend.SIM and not s.backend.closed:
+            raise FailedPrecondition(f"VM {vm_id} is still running: shut it down before purging its pages")
+        used = {e.store for e in self.index.entries(vm_id, self.index.evicted_pages(vm_id)) if e} | {
+            s.policy.store
+        }
+        with self._lock:
+            self._close_session(s, drop_index=True)
+        purged = 0
+        if purge:
+            for name in sorted(used & self.known_stores()):
+                purged += self.store(name).purge_vm(vm_id)
+        self.events.publish(EventKind.VM_DETACHED, f"VM {vm_id} detached" + (f", {n} pages purged" if purge else ""),
+                            vm_id)  # fmt: skip
+        return max(purged, n if purge else 0)
+
+    def _close_session(self, s: VmSession, drop_index: bool) -> None:
+        s.closing.set()
+        guest = s.guest
+        if guest is not None and hasattr(guest, "stop"):
+            guest.stop()
+        fs = self.faults.pop(s.vm_id, None)
+        with contextlib.suppress(Exception):
+            s.backend.close()
+        if fs is not None:
+            fs.stop()
+        t = self._auto_threads.pop(s.vm_id, None)
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout=5)
+        self.engines.pop(s.vm_id, None)
+        self.sessions.pop(s.vm_id, None)
+        s.state = VmState.DETACHED
+        self._housekeep(s)
+        if drop_index:
+            self.index.remove_vm(s.vm_id)
+        self.metrics.forget_vm(s.vm_id)
+
+    def mark_disconnected(self, vm_id: str) -> None:
+        """The VMM went away: keep the index (pages stay evicted) and wait for a reattach."""
+        s = self.sessions.get(vm_id)
+        if s is not None:
+            s.state = VmState.DISCONNECTED
+
+    # --- housekeeping ------------------------------------------------------------------------------------
+    def _housekeep(self, s: VmSession) -> None:
+        """Persist index removals, then delete the restored pages' payloads from their stores."""
+        with s.retired_lock:
+            retired, s.retired = s.retired, []
+        if not retired:
+            return
+        self.index.flush()  # durable removal first: a crash leaves only orphaned payloads, never lost pages
+        by_store: dict[str, list[IndexEntry]] = {}
+        for e in retired:
+            by_store.setdefault(e.store, []).append(e)
+        for name, entries in by_store.items():
+            try:
+                self.store(name).delete_pages(s.vm_id, [e.stored for e in entries])
+            except Exception as e:  # retried at the next pass
+                log.warning("store delete failed; will retry", vm=s.vm_id, store=name, error=str(e))
+                with s.retired_lock:
+                    s.retired.extend(entries)
+
+    def _housekeep_loop(self) -> None:
+        while not self._stop.wait(0.5):
+            for s in list(self.sessions.values()):
+                self._housekeep(s)
+
+    def _drop_orphaned_sim_vms(self) -> None:
+        # A sim VM's memory lived in the previous agent process; its evicted pages can never be restored.
+        for rec in self.index.vm_records():
+            if rec.backend == Backend.SIM.value:
+                log.warning("dropping sim VM from a previous run", vm=rec.vm_id)
+                for name in self.known_stores():
+                    with contextlib.suppress(Exception):
+                        if self.index.count(rec.vm_id):
+                            self.store(name).purge_vm(rec.vm_id)
+                self.index.remove_vm(rec.vm_id)
+
+    def _gauge_snapshot(self) -> list[tuple[str, int, int, int]]:
+        out = []
+        for s in list(self.sessions.values()):
+            ev = s.evicted_count()
+            out.append((s.vm_id, s.resident_count(), ev, s.working_set))
+        return out
+
+    def node_stats(self) -> dict[str, float]:
+        """Totals for this node."""
+        import resource
+
+        sessions = list(self.sessions.values())
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return {
+            "vms": len(sessions),
+            "tracked_bytes": sum(s.n_pages * s.page_size for s in sessions),
+            "evicted_bytes": sum(s.evicted_count() * s.page_size for s in sessions),
+            "faults_served": sum(s.counters.faults_served for s in sessions),
+            "store_errors": sum(s.counters.store_errors for s in sessions),
+            "cpu_seconds": ru.ru_utime + ru.ru_stime,
+            "rss_bytes": _rss_bytes(),
+        }
+
+    def close(self) -> None:
+        """Stop every session (pages stay evicted and indexed) and the housekeeper."""
+        self._stop.set()
+        with self._lock:
+            for s in list(self.sessions.values()):
+                self._close_session(s, drop_index=False)
+        self._housekeeper.join(timeout=5)
+        self.events.close()
+        self.index.close()
+        for st in self._stores.values():
+            with contextlib.suppress(Exception):
+                st.close()
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * PAGE_SIZE
+    except OSError:
+        return 0

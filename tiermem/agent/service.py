@@ -1,0 +1,137 @@
+"""The ``NodeAgent`` gRPC servicer: proto <-> domain conversion over :class:`tiermem.agent.node.Agent`.
+
+grpc.aio is used (as for the control plane) so event streams and many concurrent
+calls cost no threads; every blocking domain call (cycles wait an interval,
+drains move data) runs in a worker thread via ``asyncio.to_thread``, and the
+fault path never touches this event loop at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from tiermem.agent.node import Agent
+from tiermem.errors import InvalidArgument
+from tiermem.model import Backend, DrainProgress, EvictionPolicy
+from tiermem.rpc import convert
+from tiermem.rpc.status import grpc_errors, grpc_stream_errors
+from tiermem.v1 import agent_pb2 as apb
+from tiermem.v1 import agent_pb2_grpc as agrpc
+from tiermem.v1 import types_pb2 as tpb
+
+__all__ = ["SERVICE_NAME", "NodeAgentServicer"]
+
+SERVICE_NAME = "tiermem.v1.NodeAgent"
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+def _deadline(context: Ctx, default: float) -> float:
+    left = context.time_remaining()
+    return default if left is None else max(left, 0.0)
+
+
+class NodeAgentServicer(agrpc.NodeAgentServicer):
+    """Thin servicer: validate, convert, call the Agent, convert back."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def _policy(
+        self, m: tpb.EvictionPolicy, has: bool, base: EvictionPolicy | None = None
+    ) -> EvictionPolicy | None:
+        if not has:
+            return None
+        p = convert.policy_from_pb(m, base=base)
+        return p.validate(self.agent.known_stores())
+
+    @grpc_errors
+    async def AttachVm(self, request: apb.AttachVmRequest, context: Ctx) -> apb.AttachVmResponse:
+        backend = convert.backend_from_pb(request.backend, default=Backend.SIM)
+        policy = self._policy(request.policy, request.HasField("policy")) or EvictionPolicy()
+        if backend is not Backend.SIM:
+            raise InvalidArgument(
+                f"{backend.value} VMs attach through the handoff socket ({self.agent.settings.handoff_path()}); "
+                "AttachVm creates sim VMs only"
+            )
+        status = await asyncio.to_thread(
+            self.agent.attach_sim, request.vm_id, request.memory_bytes, policy, dict(request.labels),
+            request.workload, request.synthetic, request.vcpus,
+        )  # fmt: skip
+        return apb.AttachVmResponse(status=convert.status_to_pb(status))
+
+    @grpc_errors
+    async def DetachVm(self, request: apb.DetachVmRequest, context: Ctx) -> apb.DetachVmResponse:
+        n = await asyncio.to_thread(self.agent.detach, request.vm_id, request.purge)
+        return apb.DetachVmResponse(pages_purged=n)
+
+    @grpc_errors
+    async def SetPolicy(self, request: apb.SetVmPolicyRequest, context: Ctx) -> apb.SetVmPolicyResponse:
+        if not request.HasField("policy"):
+            raise InvalidArgument("policy is required")
+        p = convert.policy_from_pb(request.policy)
+        v = self.agent.set_policy(request.vm_id, p)
+        return apb.SetVmPolicyResponse(version=v)
+
+    @grpc_errors
+    async def RunCycle(self, request: apb.RunCycleRequest, context: Ctx) -> tpb.CycleReport:
+        mode = convert.mode_from_pb(request.mode)
+        self.agent.session(request.vm_id)  # NOT_FOUND before any work
+        policy = self._policy(request.policy, request.HasField("policy"))
+        interval_ms = request.interval_ms
+        if interval_ms == 0:
+            interval_ms = (policy or self.agent.session(request.vm_id).policy).interval_ms
+        # Honour the caller's deadline: the detection wait cannot outlast it.
+        budget_ms = int(_deadline(context, 1e9) * 1000)
+        if budget_ms < interval_ms:
+            interval_ms = max(budget_ms - 500, 1)
+        rep = await asyncio.to_thread(
+            self.agent.run_cycle, request.vm_id, mode, interval_ms, policy, request.order_id
+        )
+        return convert.report_to_pb(rep)
+
+    @grpc_stream_errors
+    async def Drain(self, request: apb.DrainRequest, context: Ctx) -> AsyncIterator[tpb.DrainProgress]:
+        self.agent.session(request.vm_id)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[DrainProgress | None] = asyncio.Queue()
+
+        def progress(p: DrainProgress) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, p)
+
+        task = asyncio.ensure_future(asyncio.to_thread(self.agent.drain, request.vm_id, progress))
+        task.add_done_callback(lambda _t: loop.call_soon_threadsafe(queue.put_nowait, None))
+        while True:
+            item = await queue.get()
+            if item is None:
+                break
+            yield convert.drain_to_pb(item)
+        task.result()  # re-raise a drain error as its status code
+
+    @grpc_errors
+    async def VerifyVm(self, request: apb.VerifyVmRequest, context: Ctx) -> apb.VerifyVmResponse:
+        checked, bad, ok = await asyncio.to_thread(self.agent.verify, request.vm_id)
+        return apb.VerifyVmResponse(pages_checked=checked, mismatches=bad, supported=ok)
+
+    @grpc_errors
+    async def GetStats(self, request: apb.GetStatsRequest, context: Ctx) -> apb.GetStatsResponse:
+        vms = [self.agent.status(request.vm_id)] if request.vm_id else self.agent.list_status()
+        st = self.agent.node_stats()
+        node = apb.NodeStats(
+            node_id=self.agent.node_id, vms=int(st["vms"]), tracked_bytes=int(st["tracked_bytes"]),
+            evicted_bytes=int(st["evicted_bytes"]), faults_served=int(st["faults_served"]),
+            store_errors=int(st["store_errors"]), cpu_seconds=st["cpu_seconds"], rss_bytes=int(st["rss_bytes"]),
+        )  # fmt: skip
+        return apb.GetStatsResponse(node=node, vms=[convert.status_to_pb(s) for s in vms])
+
+    @grpc_errors
+    async def ListVms(self, request: apb.ListVmsRequest, context: Ctx) -> apb.ListVmsResponse:
+        return apb.ListVmsResponse(vms=[convert.status_to_pb(s) for s in self.agent.list_status()])
+
+    @grpc_stream_errors
+    async def StreamEvents(self, request: tpb.StreamEventsRequest, context: Ctx) -> AsyncIterator[tpb.Event]:
+        async for ev in self.agent.events.subscribe(request.vm_id, request.after_seq, request.follow):
+            yield convert.event_to_pb(ev)
