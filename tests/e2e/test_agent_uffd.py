@@ -1,0 +1,156 @@
+"""The node agent on the real ``uffd`` backend with process guests: detection, eviction, faults, restart."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.helpers.guest import GuestProc, pages_spec
+from tests.helpers.servers import RedisServer, free_port, wait_port
+from tiermem.agent.attach import start_handoff
+from tiermem.agent.node import Agent
+from tiermem.config import AgentSettings
+from tiermem.kernel import uapi
+from tiermem.model import CycleMode, EvictionPolicy
+
+pytestmark = [pytest.mark.uffd, pytest.mark.timeout(180)]
+
+PS = 4096
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[Agent]:
+    s = AgentSettings(node_id="n1", data_dir=str(tmp_path / "agent"), autonomous=False,
+                      handoff_socket=str(tmp_path / "h" / "handoff.sock"))  # fmt: skip
+    a = Agent(s)
+    stop = start_handoff(a)
+    yield a
+    if stop:
+        stop()
+    a.close()
+
+
+def wait_attached(agent: Agent, vm: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while vm not in agent.sessions:
+        assert time.monotonic() < deadline, f"{vm} never attached"
+        time.sleep(0.02)
+
+
+def test_detection_is_exact_and_evicted_pages_fault_back(agent: Agent, tmp_path: Path) -> None:
+    guest = GuestProc(agent.settings.handoff_path(), "pg1", "16M")
+    try:
+        wait_attached(agent, "pg1")
+        n = 4096
+        agent.set_policy("pg1", EvictionPolicy(cold_after=1, prefetch_pages=0))
+        guest.cmd(f"touch 0-{n - 1} w")  # populate: first touches are MISSING faults, zero-filled
+        s = agent.sessions["pg1"]
+        eng = agent.engines["pg1"]
+        b = s.backend
+        hot = sorted(np.random.default_rng(3).choice(n, n // 10, replace=False).tolist())
+        with s.cycle_lock:
+            eng.begin()  # the VMM zaps every PTE; first touches are now MINOR faults
+            guest.cmd(f"touch {pages_spec(hot)} r")
+            scan = b.pagemap_scan(b.base, b.base + b.size, category_mask=uapi.PAGE_IS_ACCESSED,
+                                  return_mask=uapi.PAGE_IS_ACCESSED)  # fmt: skip
+            seen = np.flatnonzero(scan.page_mask(b.base, b.base + b.size, PS)).tolist()
+            rep = eng.finish(CycleMode.EVICT)
+        tp = len(set(seen) & set(hot))
+        assert tp / len(seen) == 1.0 and tp / len(hot) == 1.0  # precision and recall
+        assert rep.pages_hot == len(hot)
+        assert rep.pages_evicted == n - len(hot)
+        assert agent.index.count("pg1") == n - len(hot)
+        st = agent.store("default").usage("pg1")
+        assert st.pages == n - len(hot)  # every page was written: none is a zero page
+        # the guest touches evicted pages: each is a real MISSING fault served from the local store
+        cold = [p for p in range(0, n, 7) if p not in set(hot)]
+        guest.cmd(f"touch {pages_spec(cold)} w")
+        assert s.counters.faults_served >= 1
+        assert guest.cmd("verify")["mismatches"] == 0
+        assert agent.index.count("pg1") == n - len(hot) - s.counters.pages_restored
+    finally:
+        guest.close()
+
+
+def test_cycles_while_the_guest_runs_lose_nothing(agent: Agent) -> None:
+    guest = GuestProc(agent.settings.handoff_path(), "pg2", "16M", "--workload", "hotset:0.1", "--seed", "5")
+    try:
+        wait_attached(agent, "pg2")
+        agent.set_policy("pg2", EvictionPolicy(cold_after=1, prefetch_pages=4))
+        guest.cmd("touch 0-4095 w")
+        evicted = 0
+        for _ in range(4):
+            rep = agent.run_cycle("pg2", CycleMode.EVICT, interval_ms=150)
+            evicted += rep.pages_evicted
+            guest.cmd("run 20")
+        assert evicted > 3000
+        assert guest.cmd("verify")["mismatches"] == 0
+        prog = agent.drain("pg2")
+        assert prog.done and agent.index.count("pg2") == 0
+        assert agent.store("default").usage("pg2").pages == 0
+        assert guest.cmd("verify")["mismatches"] == 0
+    finally:
+        guest.close()
+
+
+def _agent_proc(tmp: Path, redis_url: str, port: int) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "TIERMEM_AGENT_AUTONOMOUS": "false"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "tiermem", "serve", "agent", "--node-id", "n1", "--listen", f"127.0.0.1:{port}",
+         "--data-dir", str(tmp / "agent"), "--store", f"default={redis_url}", "--handoff-socket",
+         str(tmp / "h" / "handoff.sock"), "--log-format", "console"],
+        env=env, stdout=subprocess.DEVNULL, stderr=open(tmp / "agent.log", "ab"),
+    )  # fmt: skip
+
+
+@pytest.mark.redis
+def test_agent_sigkill_and_restart_serves_every_page(tmp_path: Path) -> None:
+    """Evict to Redis, SIGKILL the agent, start it again: the VMM reattaches and every page comes back."""
+    from tiermem.rpc.channel import sync_channel
+    from tiermem.v1 import agent_pb2, agent_pb2_grpc, types_pb2
+
+    (tmp_path / "redis").mkdir()
+    redis = RedisServer(tmp_path / "redis").start()
+    port = free_port()
+    agent = _agent_proc(tmp_path, redis.url, port)
+    guest = None
+    try:
+        wait_port(port, 30, agent)  # type: ignore[arg-type]
+        stub = agent_pb2_grpc.NodeAgentStub(sync_channel(f"127.0.0.1:{port}"))
+        guest = GuestProc(str(tmp_path / "h" / "handoff.sock"), "pg3", "16M")
+        guest.cmd("touch 0-4095 w")
+        guest.cmd("touch 0-99 w")
+        pol = types_pb2.EvictionPolicy(interval_ms=100, cold_after=1, prefetch_pages=2)
+        rep = stub.RunCycle(agent_pb2.RunCycleRequest(vm_id="pg3", mode=types_pb2.CYCLE_MODE_EVICT, policy=pol),
+                            timeout=30)  # fmt: skip
+        assert rep.pages_evicted == 4096
+        agent.send_signal(signal.SIGKILL)
+        agent.wait(10)
+        # the agent is dead: its pages live in Redis and in the durable index only
+        agent = _agent_proc(tmp_path, redis.url, port)
+        wait_port(port, 30, agent)  # type: ignore[arg-type]
+        deadline = time.monotonic() + 20
+        while True:  # the VMM reconnects on its own and re-sends its fds
+            vms = stub.ListVms(agent_pb2.ListVmsRequest(), timeout=5).vms
+            if any(v.vm_id == "pg3" and v.evicted_pages == 4096 for v in vms):
+                break
+            assert time.monotonic() < deadline, f"VMM did not reattach: {vms}"
+            time.sleep(0.1)
+        ans = guest.cmd("verify", timeout=120)  # reads every page: all 4096 fault back through the new agent
+        assert ans["mismatches"] == 0
+        vms = stub.ListVms(agent_pb2.ListVmsRequest(), timeout=5).vms
+        assert [v.evicted_pages for v in vms if v.vm_id == "pg3"] == [0]
+    finally:
+        if guest is not None:
+            guest.close()
+        agent.kill()
+        agent.wait(10)
+        redis.stop()
