@@ -45,6 +45,14 @@ def test_file_url_option_override(tmp_path: Path) -> None:
         st.close()
 
 
+def test_file_url_segment_size(tmp_path: Path) -> None:
+    st = open_store(f"file://{tmp_path}?segment_mib=8")
+    try:
+        assert isinstance(st, LocalPageStore) and st.segment_bytes == 8 << 20
+    finally:
+        st.close()
+
+
 def test_memory_url() -> None:
     st = open_store("memory://", name="sim", page_size=8192)
     assert isinstance(st, MemoryPageStore) and st.name == "sim" and st.page_size == 8192
@@ -113,6 +121,8 @@ def test_s3_url_options() -> None:
         ("file:///", "needs an absolute directory"),
         ("file:///tmp/x?fsync=maybe", "fsync must be 0 or 1"),
         ("file:///tmp/x?sync=1", "unknown file store option 'sync'"),
+        ("file:///tmp/x?segment_mib=0", "outside 1..1024"),
+        ("file:///tmp/x?segment_mib=big", "segment_mib='big' is not a number"),
         ("memory://x/y", "takes no path"),
         ("redis://", "has no host"),
         ("redis://host:notaport/0", "invalid port"),

@@ -30,7 +30,7 @@ from tiermem.errors import IntegrityError, InvalidArgument
 from tiermem.model import Compression
 from tiermem.store.base import Codec
 
-__all__ = ["COMPRESSIONS", "decode", "encode", "zero_checksum"]
+__all__ = ["COMPRESSIONS", "compression_name", "decode", "encode", "encode_page", "zero_checksum"]
 
 COMPRESSIONS = ("none", "zstd", "lz4")
 """Compression names a policy may choose."""
@@ -71,8 +71,8 @@ def _zstd_d() -> zstandard.ZstdDecompressor:
     return d
 
 
-def _compression_name(compression: object) -> str:
-    # Accept the model's Compression enum as well as its string value.
+def compression_name(compression: object) -> str:
+    """Validate a compression choice (a name, or the model's Compression enum) and return its name."""
     name = getattr(compression, "value", compression)
     if name not in COMPRESSIONS:
         raise InvalidArgument(f"unknown compression {name!r}: use one of {', '.join(COMPRESSIONS)}")
@@ -85,21 +85,25 @@ def encode(data: bytes | memoryview, compression: str | Compression = "none") ->
     ``compression`` is ``none``, ``zstd`` or ``lz4``. A zero page gives
     ``(Codec.ZERO, b"", checksum)``.
     """
-    name = _compression_name(compression)
-    raw = bytes(data)
+    return encode_page(data, compression_name(compression))
+
+
+def encode_page(data: bytes | memoryview, name: str) -> tuple[Codec, bytes, int]:
+    """:func:`encode` for a name already checked by :func:`compression_name` (the per-page hot path)."""
+    raw = bytes(data)  # no copy when data is already bytes
     if not raw:
         raise InvalidArgument("cannot encode an empty page")
     checksum = _xxh3(raw)
     if raw == _zero(len(raw)):
         return Codec.ZERO, b"", checksum
+    if name == "none":
+        return Codec.RAW, raw, checksum
     if name == "zstd":
         payload: bytes = _zstd_c().compress(raw)
         codec = Codec.ZSTD
-    elif name == "lz4":
+    else:
         payload = lz4.block.compress(raw, store_size=False)
         codec = Codec.LZ4
-    else:
-        return Codec.RAW, raw, checksum
     if len(payload) >= _RAW_IF_AT_LEAST * len(raw):
         return Codec.RAW, raw, checksum
     return codec, payload, checksum

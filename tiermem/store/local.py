@@ -4,7 +4,7 @@ On-disk layout under ``root`` (the segment and tombstone formats are in
 :mod:`tiermem.store.segments`)::
 
     .lock                 flock held by the one process that owns this root
-    <vm>/seg/<id>         segment files: records appended one per put batch, up to segment_bytes
+    <vm>/seg/<id>         segment files: one record appended per put batch, up to segment_bytes
     <vm>/del/<id>         tombstone files (deletes in segments that stay)
     <vm>/del/<id>.tmp     a tombstone being written; leftovers are removed at open
     .purge-<vm>-<rand>    a VM directory being purged; leftovers are removed at open
@@ -138,7 +138,13 @@ class _FdCache:
 
 
 class LocalPageStore(SegmentStore):
-    """Pages in segment files under ``root``, one directory per VM."""
+    """Pages in segment files under ``root``, one directory per VM.
+
+    ``segment_bytes`` (default 32 MiB) bounds a segment file: large enough that
+    a 1024-page batch appends to an existing file rather than creating one (a
+    new file costs a directory fsync), small enough that compacting a file
+    that fell below ``compact_below`` live rewrites a bounded amount.
+    """
 
     kind = "file"
     appendable = True
@@ -150,7 +156,7 @@ class LocalPageStore(SegmentStore):
         name: str = "default",
         page_size: int = 4096,
         *,
-        segment_bytes: int = 4 << 20,
+        segment_bytes: int = 32 << 20,
         compact_below: float = 0.5,
     ) -> None:
         super().__init__(

@@ -45,6 +45,10 @@ class EncodedPage(NamedTuple):
     payload: bytes
 
 
+def _encoded(fields: tuple[int, int, Codec, int, bytes]) -> EncodedPage:
+    return tuple.__new__(EncodedPage, fields)  # skips NamedTuple's keyword handling: ~2x faster
+
+
 def check_page_size(page_size: int) -> int:
     """Validate a page size: a power of two from 4 KiB to 2 MiB."""
     if (
@@ -99,28 +103,36 @@ class PayloadStore(PageStore):
     def put_pages(self, vm_id: str, pages: Sequence[PageBlob], compression: str = "none") -> list[StoredPage]:
         """Encode and durably write a batch; zero pages come back as Codec.ZERO and are not sent."""
         validate_id(vm_id, "VM id")
+        name = codec.compression_name(compression)
+        ps = self.page_size
         seen: set[tuple[int, int]] = set()
-        encoded: list[tuple[PageBlob, Codec, bytes, int]] = []
-        for blob in pages:
-            key = (_check_index(blob.page, "page"), _check_index(blob.generation, "generation"))
+        plan: list[tuple[int, int, Codec, bytes, int]] = []
+        items: list[EncodedPage] = []
+        for blob in pages:  # the eviction hot path: keep the per-page work small
+            page, gen, data = blob.page, blob.generation, blob.data
+            if (
+                type(page) is not int
+                or type(gen) is not int
+                or not (0 <= page <= MAX_INDEX and 0 <= gen <= MAX_INDEX)
+            ):
+                _check_index(page, "page")
+                _check_index(gen, "generation")
+            key = (page, gen)
             if key in seen:
-                raise InvalidArgument(
-                    f"page {blob.page} generation {blob.generation} appears twice in one batch"
-                )
+                raise InvalidArgument(f"page {page} generation {gen} appears twice in one batch")
             seen.add(key)
-            if len(blob.data) != self.page_size:
-                raise InvalidArgument(
-                    f"page {blob.page} has {len(blob.data)} bytes; this store's page size is {self.page_size}"
-                )
-            c, payload, checksum = codec.encode(blob.data, compression)
-            encoded.append((blob, c, payload, checksum))
-        items = [EncodedPage(b.page, b.generation, c, s, p) for b, c, p, s in encoded if c is not Codec.ZERO]
+            if len(data) != ps:
+                raise InvalidArgument(f"page {page} has {len(data)} bytes; this store's page size is {ps}")
+            c, payload, checksum = codec.encode_page(data, name)
+            plan.append((page, gen, c, payload, checksum))
+            if c is not Codec.ZERO:
+                items.append(_encoded((page, gen, c, checksum, payload)))
         locations = iter(self._put_payloads(vm_id, items) if items else [])
         out = [
-            StoredPage(b.page, b.generation, c, s, len(p), "" if c is Codec.ZERO else next(locations))
-            for b, c, p, s in encoded
+            StoredPage(page, gen, c, checksum, len(payload), next(locations) if payload else "")
+            for page, gen, c, payload, checksum in plan
         ]
-        zeros = len(encoded) - len(items)
+        zeros = len(plan) - len(items)
         if zeros:
             with self._zero_lock:
                 self._zeros[vm_id] = self._zeros.get(vm_id, 0) + zeros

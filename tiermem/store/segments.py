@@ -394,31 +394,40 @@ class SegmentStore(PayloadStore):
 
     def _put_payloads(self, vm_id: str, items: Sequence[EncodedPage]) -> list[str]:
         st = self._vm(vm_id)
+        seq = seq_of(new_id())  # the write time of every page in this batch
         records: list[Record] = [[]]
         size = 0
-        for it in items:
-            if records[-1] and size + len(it.payload) > self.segment_bytes:
+        for page, gen, c, checksum, payload in items:
+            if records[-1] and size + len(payload) > self.segment_bytes:
                 records.append([])
                 size = 0
-            records[-1].append(((it.page, it.generation), int(it.codec), it.checksum, 0, it.payload))
-            size += len(it.payload)
-        records = [[(k, c, s, seq_of(new_id()), p) for k, c, s, _, p in r] for r in records]
+            records[-1].append(((page, gen), int(c), checksum, seq, payload))
+            size += len(payload)
         written = self._write_records(vm_id, st, records)
         emptied: list[str] = []
         out: list[str] = []
+        new_loc = tuple.__new__
+        link = self._link
         with st.lock:
             for record, (name, offsets) in zip(records, written, strict=True):
                 seg = st.segs.setdefault(name, _Seg(name))
-                for (key, codec, checksum, seq, payload), off in zip(record, offsets, strict=True):
-                    seg.keys.append(key)
-                    seg.payload_bytes += len(payload)
+                seg.keys.extend(r[0] for r in record)
+                seg.payload_bytes += sum(len(r[4]) for r in record)
+                for (key, codec, checksum, _, payload), off in zip(record, offsets, strict=True):
+                    length = len(payload)
                     old = st.map.get(key)
-                    self._link(st, key, Loc(name, off, len(payload), codec, checksum, seq), seg)
-                    prev = st.segs.get(old.seg) if old is not None else None
-                    if prev is not None and prev.live == 0 and self._idle(prev) and prev.name != st.active:
-                        prev.busy = True  # a re-put superseded its last live page
-                        emptied.append(prev.name)
-                    out.append(self._location(name, off, len(payload)))
+                    link(st, key, new_loc(Loc, (name, off, length, codec, checksum, seq)), seg)
+                    if old is not None:
+                        prev = st.segs.get(old.seg)
+                        if (
+                            prev is not None
+                            and prev.live == 0
+                            and self._idle(prev)
+                            and prev.name != st.active
+                        ):
+                            prev.busy = True  # a re-put superseded its last live page
+                            emptied.append(prev.name)
+                    out.append(f"seg/{name}@{off}+{length}")
                 seg.pending -= 1
         self._drop_segments(vm_id, st, emptied)
         return out

@@ -1,12 +1,11 @@
 """Store selection from a URL, one form per backend.
 
-==========================================================  ==============================
-``file:///var/lib/tiermem/pages[?fsync=0]``                  local directory (default)
-``memory://[name]``                                          in-process (tests, simulate)
-``redis://[user:pass@]host[:6379][/db][?timeout=5&...]``      Redis
-``rediss://[user:pass@]host[:6380][/db][?ssl_ca_certs=...]``  Redis over TLS
-``s3://bucket[/prefix]?endpoint=http://host:port&region=..``  S3 or an S3-compatible server
-==========================================================  ==============================
+- ``file:///var/lib/tiermem/pages[?fsync=0&segment_mib=32]``: local directory (the default)
+- ``memory://``: in-process (unit tests, ``tiermem simulate``)
+- ``redis://[user:pass@]host[:6379][/db][?timeout=5&retries=3&prefix=tiermem]``: Redis
+- ``rediss://[user:pass@]host[:6380][/db][?ssl_ca_certs=/path/ca.pem]``: Redis over TLS
+- ``s3://bucket[/prefix]?endpoint=http://host:port&region=us-east-1[&segment_mib=4]``: S3 or an
+  S3-compatible server (credentials from the standard AWS chain)
 
 An invalid URL raises ConfigurationError with one line naming what is wrong,
 and never echoes a password. Backend modules are imported only when used
@@ -61,11 +60,21 @@ def _open_file(url: str, parts: Any, name: str, page_size: int, opts: dict[str, 
         )
     q: dict[str, Any] = dict(parse_qsl(parts.query, keep_blank_values=True))
     q.update(opts)
-    unknown = sorted(set(q) - {"fsync"})
+    unknown = sorted(set(q) - {"fsync", "segment_mib"})
     if unknown:
-        raise ConfigurationError(f"unknown file store option {unknown[0]!r} in {url} (known: fsync)")
+        raise ConfigurationError(
+            f"unknown file store option {unknown[0]!r} in {url} (known: fsync, segment_mib)"
+        )
+    try:
+        segment_mib = float(q.get("segment_mib", 32))
+    except ValueError:
+        raise ConfigurationError(
+            f"file store option segment_mib={q['segment_mib']!r} is not a number"
+        ) from None
+    if not 1 <= segment_mib <= 1024:
+        raise ConfigurationError(f"file store option segment_mib={segment_mib:g} is outside 1..1024")
     return LocalPageStore(path, fsync=_bool(q.get("fsync", True), "file store option fsync"), name=name,
-                          page_size=page_size)  # fmt: skip
+                          page_size=page_size, segment_bytes=int(segment_mib * (1 << 20)))  # fmt: skip
 
 
 def open_store(url: str, name: str = "default", page_size: int = 4096, **opts: Any) -> PageStore:
