@@ -529,3 +529,30 @@ def test_serve_agent_subprocess_registers(stack: Stack, tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_closed_pipe_ends_quietly(stack: Stack) -> None:
+    """``tiermem events --follow --json | head -1``: when the reader goes away the CLI exits 0, silently."""
+    ok(tm(stack, "policy", "set", "--fleet", "--cold-after", "3"))  # at least one buffered event
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("TIERMEM_")},
+        "TIERMEM_SERVER": stack.cp.address,
+    }
+    proc = subprocess.Popen(tiermem_cmd("events", "--follow", "--json"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert json.loads(proc.stdout.readline())["seq"] >= 1
+        proc.stdout.close()  # the reader is gone
+        for n in range(4, 12):  # new events make the CLI write into the closed pipe
+            ok(tm(stack, "policy", "set", "--fleet", "--cold-after", str(n)))
+            if proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        assert proc.wait(20) == 0
+        assert proc.stderr is not None and proc.stderr.read() == b""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        ok(tm(stack, "policy", "unset", "--fleet"))

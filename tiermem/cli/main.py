@@ -6,6 +6,7 @@ Shell completion is click's: ``eval "$(_TIERMEM_COMPLETE=bash_source tiermem)"``
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -14,6 +15,7 @@ import click
 
 from tiermem import __version__
 from tiermem.cli.cycle import cycle
+from tiermem.cli.demo import demo
 from tiermem.cli.doctor import doctor
 from tiermem.cli.errors import (
     EXIT_INTERRUPTED,
@@ -78,6 +80,10 @@ class TiermemGroup(click.Group):
             if ctx.obj and ctx.obj.get("debug"):
                 raise
             raise cli_exit_from(e, ctx.obj.get("server") if ctx.obj else None) from None
+        except BrokenPipeError:
+            # ``tiermem events --json | head``: the reader went away; not an error.
+            _silence_stdout()
+            raise click.exceptions.Exit(EXIT_OK) from None
         except (KeyboardInterrupt, EOFError):
             raise
         except Exception as e:
@@ -86,6 +92,15 @@ class TiermemGroup(click.Group):
             raise CliExit(
                 f"internal error: {type(e).__name__}: {e} (run with --debug for a traceback)", EXIT_USER
             ) from None
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush into a closed pipe stays quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass  # not a real file (a test runner's buffer): nothing will be flushed to a pipe
 
 
 @click.group(cls=TiermemGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=_EPILOG)
@@ -106,14 +121,18 @@ cli.add_command(cycle)
 cli.add_command(node)
 cli.add_command(events)
 cli.add_command(serve)
+cli.add_command(demo)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the CLI; tiermem errors become one-line messages and exit codes."""
     args = list(argv) if argv is not None else sys.argv[1:]
-    debug = "--debug" in args
+    debug = "--debug" in args or os.environ.get("TIERMEM_DEBUG", "") not in ("", "0", "false")
     try:
-        cli.main(args=args, prog_name="tiermem", standalone_mode=False)
+        rv = cli.main(args=args, prog_name="tiermem", standalone_mode=False)
+        # Without standalone mode click returns an Exit's code instead of exiting.
+        if isinstance(rv, int) and rv:
+            sys.exit(rv)
     except click.exceptions.Abort:
         click.echo("tiermem: aborted", err=True)
         sys.exit(EXIT_INTERRUPTED)
@@ -135,5 +154,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except KeyboardInterrupt:
         sys.exit(EXIT_INTERRUPTED)
     except BrokenPipeError:
-        # ``tiermem vm list | head``: the reader went away; not an error.
+        _silence_stdout()
         sys.exit(EXIT_OK)
+    except Exception as e:
+        if debug:
+            raise
+        click.echo(f"tiermem: error: internal error: {type(e).__name__}: {e} (run with --debug for a traceback)",
+                   err=True)  # fmt: skip
+        sys.exit(EXIT_USER)
