@@ -297,6 +297,9 @@ def test_firecracker_handshake_is_served_missing_only(agent: MiniAgent) -> None:
         assert pages == expected
         assert not agent.saved and be.stats["missing"] == 16
         assert be.populated().sum() == 16 and not be.populated()[8:16].any()
+        with pytest.raises(OSError) as ei:  # the hole between the regions is not guest memory
+            be.zeropage(be.addr(10), PS)
+        assert ei.value.errno == 22 and not be.closed
         for call in (lambda: be.rwprotect(be.base, PS, protect=True), lambda: be.pagemap_scan(be.base, be.base + PS),
                      lambda: be.punch_hole(0, PS), lambda: be.io_read(0, PS)):  # fmt: skip
             with pytest.raises(OSError) as ei:

@@ -366,6 +366,15 @@ class MissingOnlyBackend(RealBackend):
             raise InvalidArgument(f"address {addr:#x} is in no guest region")
         return regions[i].offset + addr - regions[i].base_host_virt_addr
 
+    def _check_range(self, start: int, length: int) -> None:
+        super()._check_range(start, length)
+        # The span covers holes between regions (MMIO gaps): an ioctl there would be ENOENT.
+        if not any(
+            r.base_host_virt_addr <= start and start + length <= r.base_host_virt_addr + r.size
+            for r in self.regions
+        ):
+            raise OSError(errno.EINVAL, f"range {start:#x}+{length:#x} is not inside one guest region")
+
     def _nope(self, what: str) -> OSError:
         return OSError(errno.EOPNOTSUPP, f"{what}: Firecracker-mode guests (private anonymous memory) "
                                          "only serve MISSING faults")  # fmt: skip

@@ -52,7 +52,8 @@ _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 
 EAGAIN_BUDGET_S = 5.0
 """How long a COPY/ZEROPAGE/CONTINUE keeps retrying EAGAIN before giving up."""
-_GONE_ERRNOS = (errno.ESRCH, errno.ENOSPC)
+_GONE_ERRNOS = (errno.ESRCH, errno.ENOSPC, errno.ENOENT)
+"""COPY/ZEROPAGE/CONTINUE errnos meaning the VMM's mm or guest mapping is gone."""
 
 
 class PendingReply(Protocol):

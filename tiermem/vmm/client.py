@@ -102,6 +102,7 @@ class GuestMemory:
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._timeout = 10.0
 
     @classmethod
     def create(cls, vm_id: str, size: int, *, page_size: int = 4096, mode: str | None = None) -> GuestMemory:
@@ -159,6 +160,7 @@ class GuestMemory:
         """
         if self._thread is not None:
             raise errors.FailedPrecondition("handoff() was already called")
+        self._timeout = timeout
         sock, reader = self._connect(socket_path, timeout=timeout, reattach=False)
         self._sock = sock
         self._thread = threading.Thread(target=self._serve, args=(socket_path, sock, reader, reconnect),
@@ -213,7 +215,8 @@ class GuestMemory:
             log.info("VM %s: agent went away; reconnecting to %s", self.vm_id, path)
             while not self._closing.is_set():  # vCPUs on evicted pages wait in the kernel meanwhile
                 try:
-                    sock, reader = self._connect(path, timeout=1.0, reattach=True)
+                    # the full handshake timeout: a busy agent restoring its index may take a while to answer
+                    sock, reader = self._connect(path, timeout=self._timeout, reattach=True)
                     with self._lock:
                         self._sock = sock
                     backoff = 0.05

@@ -177,6 +177,10 @@ class HandoffConnection:
     def serve(self) -> None:
         """Read the VMM's messages until EOF (runs on the listener's connection thread)."""
         try:
+            if self.firecracker:  # Firecracker sends nothing after its handshake: wait for EOF, ignore data
+                while self._sock.recv(4096):
+                    pass
+                return
             while True:
                 msg = self._reader.read()
                 if msg is None:
@@ -193,8 +197,6 @@ class HandoffConnection:
 
     def _dispatch(self, msg: dict[str, Any]) -> None:
         typ = msg.get("type")
-        if self.firecracker:
-            return  # Firecracker sends nothing after its handshake; ignore whatever arrives
         if typ in ("ack", "nack", "pong"):
             rid = msg.get("id")
             with self._lock:
