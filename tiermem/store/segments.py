@@ -43,7 +43,6 @@ import contextlib
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import TypeVar
 
 import structlog
@@ -67,6 +66,8 @@ from tiermem.store.segfile import (
     parse_location,
     seq_of,
 )
+from tiermem.store.segstate import Record, SegInfo, VmState
+from tiermem.store.segstate import idle as _idle
 
 __all__ = ["SegmentStore"]
 
@@ -77,34 +78,6 @@ _MAX_MOVES = 8
 
 T = TypeVar("T")
 R = TypeVar("R")
-Record = list[tuple[Key, int, int, int, bytes]]
-"""``(key, codec, checksum, seq, payload)`` per page of one record."""
-
-
-@dataclass
-class _Seg:
-    name: str
-    payload_bytes: int = 0
-    keys: list[Key] = field(default_factory=list)
-    live: int = 0
-    live_bytes: int = 0
-    busy: bool = False  # being deleted or compacted, or damaged: never compacted or dropped
-    unindexed_from: int | None = None  # offset from which the index could not be read at load
-    pending: int = 0  # records written but not yet linked into the map
-
-
-@dataclass
-class _Vm:
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    load_lock: threading.Lock = field(default_factory=threading.Lock)
-    append_lock: threading.Lock = field(default_factory=threading.Lock)
-    loaded: bool = False
-    map: dict[Key, Loc] = field(default_factory=dict)
-    segs: dict[str, _Seg] = field(default_factory=dict)
-    tombs: dict[str, set[str]] = field(default_factory=dict)
-    live_bytes: int = 0
-    active: str | None = None  # appendable backends: the segment that takes new records
-    active_size: int = 0
 
 
 class SegmentStore(PayloadStore):
@@ -133,7 +106,7 @@ class SegmentStore(PayloadStore):
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._vms_lock = threading.Lock()
-        self._vms: dict[str, _Vm] = {}
+        self._vms: dict[str, VmState] = {}
 
     # -- blob hooks -------------------------------------------------------------------
 
@@ -187,11 +160,11 @@ class SegmentStore(PayloadStore):
                 self._pool.shutdown(wait=True)
                 self._pool = None
 
-    def _vm(self, vm_id: str) -> _Vm:
+    def _vm(self, vm_id: str) -> VmState:
         with self._vms_lock:
             st = self._vms.get(vm_id)
             if st is None:
-                st = self._vms[vm_id] = _Vm()
+                st = self._vms[vm_id] = VmState()
         if not st.loaded:
             with st.load_lock:
                 if not st.loaded:
@@ -202,32 +175,6 @@ class SegmentStore(PayloadStore):
     @staticmethod
     def _location(seg: str, offset: int, length: int) -> str:
         return f"seg/{seg}@{offset}+{length}"
-
-    @staticmethod
-    def _link(st: _Vm, key: Key, loc: Loc, seg: _Seg) -> None:
-        """Make ``loc`` (in ``seg``) the live copy of ``key``."""
-        old = st.map.get(key)
-        if old is not None:
-            prev = st.segs.get(old.seg)
-            if prev is not None:
-                prev.live -= 1
-                prev.live_bytes -= old.length
-            st.live_bytes -= old.length
-        st.map[key] = loc
-        seg.live += 1
-        seg.live_bytes += loc.length
-        st.live_bytes += loc.length
-
-    @staticmethod
-    def _unlink(st: _Vm, key: Key) -> Loc | None:
-        loc = st.map.pop(key, None)
-        if loc is not None:
-            seg = st.segs.get(loc.seg)
-            if seg is not None:
-                seg.live -= 1
-                seg.live_bytes -= loc.length
-            st.live_bytes -= loc.length
-        return loc
 
     # -- load ---------------------------------------------------------------------------
 
@@ -261,7 +208,7 @@ class SegmentStore(PayloadStore):
             return out, pos
         return out, None
 
-    def _load(self, vm_id: str, st: _Vm) -> None:
+    def _load(self, vm_id: str, st: VmState) -> None:
         """Rebuild the VM's map from record footers and tombstones."""
         segs = sorted(n for n in self._blob_list(vm_id, "seg") if ID_RE.match(n[0]))
         tombs = sorted(n for n, _ in self._blob_list(vm_id, "del") if ID_RE.match(n))
@@ -269,7 +216,7 @@ class SegmentStore(PayloadStore):
         tomb_data = self._parallel(lambda n: self._blob_get_or_none(vm_id, "del", n), tombs)
         with st.lock:
             for (name, _), (entries, bad_from) in zip(segs, indexes, strict=True):
-                seg = st.segs[name] = _Seg(
+                seg = st.segs[name] = SegInfo(
                     name, sum(loc.length for _, loc in entries), [k for k, _ in entries]
                 )
                 seg.unindexed_from = bad_from
@@ -278,7 +225,7 @@ class SegmentStore(PayloadStore):
                     old = st.map.get(key)
                     # Newer original write wins; on a tie the later segment (a compacted copy).
                     if old is None or (loc.seq, loc.seg) >= (old.seq, old.seg):
-                        self._link(st, key, loc, seg)
+                        st.link(key, loc, seg)
             for name, data in zip(tombs, tomb_data, strict=True):
                 try:
                     dead = decode_tombs(data) if data is not None else []
@@ -291,7 +238,7 @@ class SegmentStore(PayloadStore):
                 for seg_name, key in dead:
                     cur = st.map.get(key)
                     if cur is not None and cur.seg == seg_name:
-                        self._unlink(st, key)
+                        st.unlink(key)
             empty = [s.name for s in st.segs.values() if s.live == 0 and not s.busy]
             for n in empty:
                 st.segs[n].busy = True
@@ -306,11 +253,13 @@ class SegmentStore(PayloadStore):
 
     # -- writing records ------------------------------------------------------------------
 
-    def _write_records(self, vm_id: str, st: _Vm, records: Sequence[Record]) -> list[tuple[str, list[int]]]:
+    def _write_records(
+        self, vm_id: str, st: VmState, records: Sequence[Record]
+    ) -> list[tuple[str, list[int]]]:
         """Durably write records, all or nothing; returns (segment, absolute offsets) per record.
 
         Each returned record counts as *pending* in its segment until the caller has
-        linked its pages and calls :meth:`_linked`: a segment with pending records is
+        linked its pages and calls :meth:`VmState.linked`: a segment with pending records is
         never dropped or compacted, so bytes on their way into the map cannot vanish.
         """
         encoded = [encode_record(r) for r in records]
@@ -327,7 +276,7 @@ class SegmentStore(PayloadStore):
                 raise
             with st.lock:
                 for n in names:
-                    st.segs[n] = _Seg(n, pending=1)
+                    st.segs[n] = SegInfo(n, pending=1)
             return [(n, offs) for n, (_, offs) in zip(names, encoded, strict=True)]
         out: list[tuple[str, list[int]]] = []
         sealed: list[str] = []
@@ -342,7 +291,7 @@ class SegmentStore(PayloadStore):
                             if st.active is not None:
                                 sealed.append(st.active)
                             st.active, st.active_size = new_id(), 0
-                            st.segs[st.active] = _Seg(st.active)
+                            st.segs[st.active] = SegInfo(st.active)
                         name, base = st.active, st.active_size
                         assert name is not None
                         st.segs[name].pending += 1
@@ -359,8 +308,8 @@ class SegmentStore(PayloadStore):
                     if st.active is not None:
                         sealed.append(st.active)
                     st.active = None
-                for n, _ in out:  # records that landed before the failure are not pages anyone holds
-                    self._linked(st, n)
+                    for n, _ in out:  # records that landed before the failure are not pages anyone holds
+                        st.linked(n)
                 if out:
                     self._write_tombs(
                         vm_id,
@@ -372,22 +321,10 @@ class SegmentStore(PayloadStore):
                 self._retire_sealed(vm_id, st, sealed)
         return out
 
-    @staticmethod
-    def _linked(st: _Vm, name: str) -> None:
-        with st.lock:
-            seg = st.segs.get(name)
-            if seg is not None:
-                seg.pending -= 1
-
-    @staticmethod
-    def _idle(seg: _Seg) -> bool:
-        """Whether the segment may be dropped or compacted now."""
-        return not seg.busy and seg.pending == 0
-
-    def _retire_sealed(self, vm_id: str, st: _Vm, names: Sequence[str]) -> None:
+    def _retire_sealed(self, vm_id: str, st: VmState, names: Sequence[str]) -> None:
         """Drop sealed segments that hold no live page (no later delete would ever touch them)."""
         with st.lock:
-            dead = [n for n in names if (s := st.segs.get(n)) is not None and s.live == 0 and self._idle(s)]
+            dead = [n for n in names if (s := st.segs.get(n)) is not None and s.live == 0 and _idle(s)]
             for n in dead:
                 st.segs[n].busy = True
         self._drop_segments(vm_id, st, dead)
@@ -407,24 +344,18 @@ class SegmentStore(PayloadStore):
         emptied: list[str] = []
         out: list[str] = []
         new_loc = tuple.__new__
-        link = self._link
         with st.lock:
             for record, (name, offsets) in zip(records, written, strict=True):
-                seg = st.segs.setdefault(name, _Seg(name))
+                seg = st.segs.setdefault(name, SegInfo(name))
                 seg.keys.extend(r[0] for r in record)
                 seg.payload_bytes += sum(len(r[4]) for r in record)
                 for (key, codec, checksum, _, payload), off in zip(record, offsets, strict=True):
                     length = len(payload)
                     old = st.map.get(key)
-                    link(st, key, new_loc(Loc, (name, off, length, codec, checksum, seq)), seg)
+                    st.link(key, new_loc(Loc, (name, off, length, codec, checksum, seq)), seg)
                     if old is not None:
                         prev = st.segs.get(old.seg)
-                        if (
-                            prev is not None
-                            and prev.live == 0
-                            and self._idle(prev)
-                            and prev.name != st.active
-                        ):
+                        if prev is not None and prev.live == 0 and _idle(prev) and prev.name != st.active:
                             prev.busy = True  # a re-put superseded its last live page
                             emptied.append(prev.name)
                     out.append(f"seg/{name}@{off}+{length}")
@@ -449,7 +380,7 @@ class SegmentStore(PayloadStore):
                 locs = again
         return self._read_locs(vm_id, locs)
 
-    def _resolve(self, vm_id: str, st: _Vm, entries: Sequence[StoredPage]) -> list[Loc]:
+    def _resolve(self, vm_id: str, st: VmState, entries: Sequence[StoredPage]) -> list[Loc]:
         out: list[Loc] = []
         with st.lock:
             for e in entries:
@@ -494,14 +425,14 @@ class SegmentStore(PayloadStore):
         with st.lock:
             for e in entries:
                 key = (e.page, e.generation)
-                loc = self._unlink(st, key)
+                loc = st.unlink(key)
                 if loc is not None:
                     touched.setdefault(loc.seg, []).append(key)
             for name, keys in touched.items():
                 seg = st.segs.get(name)
                 if seg is None:
                     continue
-                if not self._idle(seg) or name == st.active:  # the active segment is still being appended to
+                if not _idle(seg) or name == st.active:  # the active segment is still being appended to
                     tombs += [(name, k) for k in keys]
                 elif seg.live == 0:
                     seg.busy = True
@@ -529,7 +460,7 @@ class SegmentStore(PayloadStore):
         if errors:
             raise errors[0]
 
-    def _drop_segments(self, vm_id: str, st: _Vm, names: Sequence[str]) -> list[str]:
+    def _drop_segments(self, vm_id: str, st: VmState, names: Sequence[str]) -> list[str]:
         """Delete segments marked busy; returns the names that could not be deleted."""
         if not names:
             return []
@@ -547,7 +478,7 @@ class SegmentStore(PayloadStore):
                 st.segs.pop(n, None)
         return []
 
-    def _compact(self, vm_id: str, st: _Vm, name: str) -> bool:
+    def _compact(self, vm_id: str, st: VmState, name: str) -> bool:
         """Rewrite the live pages of segment ``name`` into a new record, then delete the segment.
 
         Returns whether the old segment is gone; raises if the copy could not be made.
@@ -565,12 +496,12 @@ class SegmentStore(PayloadStore):
                 ((new, offsets),) = self._write_records(vm_id, st, [record])
                 orphans: list[tuple[str, Key]] = []
                 with st.lock:
-                    nseg = st.segs.setdefault(new, _Seg(new))
+                    nseg = st.segs.setdefault(new, SegInfo(new))
                     for (k, loc), off in zip(live, offsets, strict=True):
                         nseg.keys.append(k)
                         nseg.payload_bytes += loc.length
                         if st.map.get(k) == loc:
-                            self._link(st, k, loc._replace(seg=new, offset=off), nseg)
+                            st.link(k, loc._replace(seg=new, offset=off), nseg)
                         else:  # deleted or re-put while we copied: the copy is dead
                             orphans.append((new, k))
                     nseg.pending -= 1
@@ -583,7 +514,7 @@ class SegmentStore(PayloadStore):
             raise
         return not self._drop_segments(vm_id, st, [name])
 
-    def _write_tombs(self, vm_id: str, st: _Vm, entries: Sequence[tuple[str, Key]]) -> None:
+    def _write_tombs(self, vm_id: str, st: VmState, entries: Sequence[tuple[str, Key]]) -> None:
         name = new_id()
         try:
             self._blob_put(vm_id, "del", name, encode_tombs(entries))
@@ -596,7 +527,7 @@ class SegmentStore(PayloadStore):
         with st.lock:
             st.tombs[name] = {seg for seg, _ in entries}
 
-    def _gc_tombs(self, vm_id: str, st: _Vm) -> None:
+    def _gc_tombs(self, vm_id: str, st: VmState) -> None:
         with st.lock:
             stale = [n for n, segs in st.tombs.items() if not any(s in st.segs for s in segs)]
         if not stale:
