@@ -152,6 +152,8 @@ def test_balloon_remove_is_surfaced_and_reads_zero(agent: MiniAgent) -> None:
     try:
         agent.evict(be, np.array([12, 13]))  # evicted pages inside the ballooned range
         guest.cmd("balloon 10-19")
+        # the madvise returns once the backend has read the event; the harness handles it just after
+        wait_for(lambda: len([e for e in agent.events if e.event == uapi.UFFD_EVENT_REMOVE]) == 10)
         removes = [e for e in agent.events if e.event == uapi.UFFD_EVENT_REMOVE]
         assert [(be.page_of(e.start), be.page_of(e.end)) for e in removes] == [
             (p, p + 1) for p in range(10, 20)

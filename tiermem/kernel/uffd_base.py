@@ -219,6 +219,7 @@ class RealBackend(KernelBackend):
         self._read_lock = threading.RLock()  # one thread blocked in epoll at a time
         self._out: deque[UffdMsg] = deque()
         self.stats: dict[str, int] = {"missing": 0, "minor": 0, "rwp": 0, "remove": 0, "unmap": 0}
+        self._kick_lock = threading.Lock()
         self._kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._epoll = select.epoll()
         self._pidfd = -1
@@ -269,8 +270,11 @@ class RealBackend(KernelBackend):
         self._kick_reader()
 
     def _kick_reader(self) -> None:
-        with contextlib.suppress(OSError):
-            os.eventfd_write(self._kick, 1)
+        # Under its own lock: a close callback may fire after close(), when the fd number may
+        # already belong to another file.
+        with self._kick_lock, contextlib.suppress(OSError):
+            if self._kick >= 0:
+                os.eventfd_write(self._kick, 1)
 
     def _pages(self, start: int, length: int) -> slice:
         p = (start - self.base) // self.page_size
@@ -527,7 +531,9 @@ class RealBackend(KernelBackend):
         with contextlib.suppress(OSError, ValueError):
             self._epoll.close()
         owned = (self.uffd_fd, self.memfd) if close_fds else ()
-        for fd in (self._kick, self._pidfd, *owned):
+        with self._kick_lock:
+            kick, self._kick = self._kick, -1
+        for fd in (kick, self._pidfd, *owned):
             if fd is not None and fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
