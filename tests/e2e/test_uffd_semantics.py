@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -188,3 +189,18 @@ def test_many_guest_threads_fault_the_same_evicted_page(vm: Vm) -> None:
         t.join(5)
         assert not t.is_alive()
     assert be.io_read(4 * PS, PS) == b"\x2a" * PS
+
+
+def test_a_blocking_uffd_is_made_non_blocking(tmp_path: Path) -> None:
+    agent = MiniAgent(tmp_path / "b.sock")
+    with GuestMemory.create("vm-blocking", 16 * PS, mode="uffd") as gm:
+        os.set_blocking(gm.uffd, True)  # a VMM that did not ask for O_NONBLOCK
+        gm.handoff(agent.path)
+        be = agent.wait_attach().make_backend()
+        try:
+            assert not os.get_blocking(gm.uffd)  # one open file description, shared with the VMM
+            be._read_and_process()  # nothing queued: must not block
+            assert be.read_messages(0.05) == []
+        finally:
+            be.close()
+            agent.close()

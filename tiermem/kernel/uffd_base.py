@@ -228,6 +228,9 @@ class RealBackend(KernelBackend):
                 if os.fstat(memfd).st_size < size:
                     raise InvalidArgument(f"memfd is smaller than the guest regions ({size} bytes)")
                 self._io = Mapping(memfd, size)
+            # Reads must never block under the state lock (another thread may have taken the message
+            # epoll announced): the VMM may have handed over a blocking uffd.
+            os.set_blocking(uffd_fd, False)
             self._epoll.register(uffd_fd, select.EPOLLIN)
             self._epoll.register(self._kick, select.EPOLLIN)
             if vmm_pid:
