@@ -25,7 +25,7 @@ os-deps:
 	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q redis-server; }
 
 demo: setup
-	$(BIN)/tiermem doctor $(ARGS)
+	$(BIN)/tiermem demo $(ARGS)
 
 lint:
 	$(BIN)/ruff check tiermem tests scripts

@@ -277,3 +277,40 @@ def test_bad_requests_change_nothing(agent: Agent) -> None:
         agent.run_cycle("ghost", CycleMode.EVICT)
     assert agent.sessions["vm1"].policy.cold_after == 1
     assert set(agent.sessions) == {"vm1"}
+
+
+def test_stale_missing_message_never_drops_the_entry_of_a_page_being_evicted(agent: Agent) -> None:
+    """A MISSING message read late, for a page a cycle is evicting right now (present, new entry
+    written, punch not done yet): UFFDIO_COPY says EEXIST and the new entry must survive."""
+    from tiermem.kernel import uapi
+    from tiermem.store.base import PageBlob
+
+    sim = attach(agent, pages=16)
+    sim.access(3, write=True)
+    s = agent.sessions["vm1"]
+    gen = agent.index.next_generations("vm1", 1)
+    st = store_of(agent)
+    entries = st.put_pages("vm1", [PageBlob(3, gen, sim.io_read(3 * PS, PS))])
+    agent.index.put_many("vm1", "default", entries)  # the cycle's step before the punch
+    agent.faults["vm1"].handle(uapi.UffdMsg(uapi.UFFD_EVENT_PAGEFAULT, address=sim.addr(3)))
+    e = agent.index.get("vm1", 3)
+    assert e is not None and e.stored.generation == gen
+    sim.punch_hole(3 * PS, PS)  # the cycle goes on
+    t = threading.Thread(target=sim.access, args=(3,))
+    t.start()
+    t.join(10)
+    assert sim.counters()[3] == 1  # served from the entry, not zero-filled
+    assert s.counters.zero_fills == 0
+
+
+def test_balloon_remove_forgets_evicted_pages(agent: Agent) -> None:
+    from tiermem.kernel import uapi
+
+    sim = attach(agent, pages=16)
+    for p in range(16):
+        sim.access(p, write=True)
+    cycle(agent, "vm1")
+    assert agent.index.count("vm1") == 16
+    agent.faults["vm1"].handle(uapi.UffdMsg(uapi.UFFD_EVENT_REMOVE, start=sim.addr(4), end=sim.addr(8)))
+    assert agent.index.count("vm1") == 12
+    assert agent.index.get("vm1", 4) is None and agent.index.get("vm1", 8) is not None

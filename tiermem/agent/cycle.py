@@ -36,7 +36,9 @@ __all__ = ["CycleEngine", "choose_cold", "runs"]
 
 log = structlog.get_logger("tiermem.agent.cycle")
 
-EVICT_BATCH_PAGES = 256
+EVICT_BATCH_PAGES = 1024
+"""Pages per store round trip and index commit: big enough to amortise both, small enough to bound
+how long a sync fault on a cold page waits for its batch."""
 
 
 def runs(pages: np.ndarray) -> Iterator[tuple[int, int]]:

@@ -19,6 +19,7 @@ import errno
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -30,7 +31,7 @@ from tiermem.kernel.uapi import UffdMsg
 from tiermem.model import EventKind
 from tiermem.store.base import Codec
 
-__all__ = ["FaultServer"]
+__all__ = ["FaultServer", "Installed"]
 
 log = structlog.get_logger("tiermem.agent.faults")
 
@@ -146,12 +147,25 @@ class FaultServer:
             self._resolve_tracking(p)
 
     def on_remove(self, start: int, end: int) -> None:
-        """Balloon or munmap: the VMM gave the range back; nothing to serve there."""
-        log.info("range removed by the VMM", vm=self.s.vm_id, start=hex(start), end=hex(end))
+        """Balloon or munmap: the guest gave the range back and will read zeroes there.
+
+        Evicted pages in the range are forgotten (their stored contents must never come back);
+        their payloads are retired like restored pages.
+        """
+        s = self.s
+        first = max(s.backend.page_of(start), 0)
+        last = min(s.backend.page_of(end + s.page_size - 1), s.n_pages)
+        gone = [
+            (e.stored.page, e.stored.generation) for e in s.index.entries(s.vm_id, range(first, last)) if e
+        ]
+        dropped = s.index.remove(s.vm_id, gone)
+        with s.retired_lock:
+            s.retired.extend(dropped)
+        log.info("range removed by the VMM", vm=s.vm_id, start=hex(start), end=hex(end), dropped=len(dropped))
 
     # --- MISSING faults -------------------------------------------------------------------------------
     def _serve_missing(self, page: int, *, inline: bool) -> None:
-        pages = [page]
+        claimed = [page]  # pages this handler marked in flight; all are released at the end
         try:
             t0 = time.perf_counter()
             s = self.s
@@ -159,8 +173,10 @@ class FaultServer:
             if entry is None:
                 self._zero_fill(page)
                 return
-            pages = self._with_neighbours(page, entry)
-            entries = [e for e in s.index.entries(s.vm_id, pages) if e is not None]
+            claimed = self._with_neighbours(page, entry)
+            entries = [e for e in s.index.entries(s.vm_id, claimed) if e is not None]
+            if not entries:
+                return  # restored meanwhile (a stale message): nothing to serve
             pages = [e.stored.page for e in entries]
             gens = {e.stored.page: e.stored.generation for e in entries}
             t1 = time.perf_counter()
@@ -168,11 +184,15 @@ class FaultServer:
             if data is None:
                 return  # session closing
             t2 = time.perf_counter()
-            installed = self.install(pages, data, fault_page=page)
+            result = self.install(pages, data, fault_page=page)
             t3 = time.perf_counter()
-            if installed:
-                s.ages[installed] = 0  # a promoted page is resident with age 0
-                restored = s.index.remove(s.vm_id, [(p, gens[p]) for p in installed])
+            # Only pages this handler installed lose their index entry. EEXIST means the page is
+            # already present: installed by a racing fault or drain (which drops the entry itself),
+            # or - on a stale MISSING message - still present because a cycle is evicting it right
+            # now, whose new entry must survive the punch that is about to happen.
+            if result.copied:
+                s.ages[result.copied] = 0  # a promoted page is resident with age 0
+                restored = s.index.remove(s.vm_id, [(p, gens[p]) for p in result.copied])
                 with s.retired_lock:
                     s.retired.extend(restored)
                 s.counters.faults_served += 1
@@ -189,8 +209,7 @@ class FaultServer:
                 s.fault_latency.add((t3 - t0) * 1e6)
         finally:
             with self._inflight_lock:
-                self._inflight.difference_update(pages)
-                self._inflight.discard(page)
+                self._inflight.difference_update(claimed)
 
     def _zero_fill(self, page: int) -> None:
         # A hole that was never evicted: the guest's first touch (or a balloon page). Zero it, as the
@@ -264,41 +283,45 @@ class FaultServer:
                 raise
         return None
 
-    def install(self, pages: list[int], data: list[bytes], fault_page: int | None = None) -> list[int]:
-        """UFFDIO_COPY each page with DONTWAKE, then one WAKE over the span; returns pages now present.
+    def install(self, pages: list[int], data: list[bytes], fault_page: int | None = None) -> Installed:
+        """UFFDIO_COPY each page with DONTWAKE, then one WAKE over the span.
 
         An error on ``fault_page`` is raised; on other (prefetched or drained) pages it only
         leaves that page evicted.
         """
         s = self.s
         b = s.backend
-        installed: list[int] = []
+        out = Installed()
         for p, d in zip(pages, data, strict=True):
-            try:
-                b.copy(b.addr(p), d, dontwake=True)
-                installed.append(p)
-            except OSError as e:
-                if e.errno == errno.EEXIST:
-                    installed.append(p)  # already there: the VMM or a racing fault installed it
-                elif e.errno == errno.EAGAIN:
-                    try:
-                        b.copy(b.addr(p), d, dontwake=True)
-                        installed.append(p)
-                    except OSError as e2:
-                        if e2.errno == errno.EEXIST:
-                            installed.append(p)
-                        elif p == fault_page:
-                            raise
-                elif e.errno in _VMM_GONE:
-                    self._vmm_went_away(e)
-                    return installed
-                elif p == fault_page:
-                    raise
-        if installed:
-            lo, hi = min(installed), max(installed)
+            for attempt in range(2):
+                try:
+                    b.copy(b.addr(p), d, dontwake=True)
+                    out.copied.append(p)
+                except OSError as e:
+                    if e.errno == errno.EEXIST:
+                        out.present.append(p)
+                    elif e.errno == errno.EAGAIN and attempt == 0:
+                        continue  # the VMM's layout was changing (mmap_changing): retry once
+                    elif e.errno in _VMM_GONE:
+                        self._vmm_went_away(e)
+                        return out
+                    elif p == fault_page:
+                        raise
+                break
+        done = out.copied + out.present
+        if done:
+            lo, hi = min(done), max(done)
             try:
                 b.wake(b.addr(lo), (hi - lo + 1) * s.page_size)
             except OSError as e:
                 if e.errno in _VMM_GONE:
                     self._vmm_went_away(e)
-        return installed
+        return out
+
+
+@dataclass
+class Installed:
+    """What :meth:`FaultServer.install` did: pages it copied in, and pages that were already present."""
+
+    copied: list[int] = field(default_factory=list)
+    present: list[int] = field(default_factory=list)

@@ -281,7 +281,10 @@ class Agent:
                         data = fs.fetch(group, inline=False)
                         if data is None:
                             raise FailedPrecondition(f"VM {vm_id} is detaching; drain stopped")
-                        done = set(fs.install([e.stored.page for e in group], data))
+                        res = fs.install([e.stored.page for e in group], data)
+                        # Present pages are restored too: drain holds the cycle lock, so no eviction
+                        # is about to punch them (after a crash the index may lag the memfd).
+                        done = set(res.copied) | set(res.present)
                         restored = self.index.remove(
                             vm_id,
                             [(e.stored.page, e.stored.generation) for e in group if e.stored.page in done],

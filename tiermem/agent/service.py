@@ -57,9 +57,10 @@ class NodeAgentServicer(agrpc.NodeAgentServicer):
                 f"{backend.value} VMs attach through the handoff socket ({self.agent.settings.handoff_path()}); "
                 "AttachVm creates sim VMs only"
             )
+        vcpus = request.vcpus or (1 if request.workload else 0)  # a workload with no vCPU would never run
         status = await asyncio.to_thread(
             self.agent.attach_sim, request.vm_id, request.memory_bytes, policy, dict(request.labels),
-            request.workload, request.synthetic, request.vcpus,
+            request.workload, request.synthetic, vcpus,
         )  # fmt: skip
         return apb.AttachVmResponse(status=convert.status_to_pb(status))
 
