@@ -17,7 +17,7 @@ def doctor(as_json: bool) -> None:
     """Probe the host: userfaultfd, RWP, PAGEMAP_SCAN, KVM and privileges."""
     rep = probe_host()
     if as_json:
-        click.echo(json.dumps(rep.to_json(), indent=2))
+        click.echo(json.dumps({**rep.to_json(), "selected_backend": _selected(rep.backends)}, indent=2))
         return
     console = Console()
     console.print(f"kernel [bold]{rep.kernel}[/] ({rep.machine})")
@@ -35,3 +35,10 @@ def doctor(as_json: bool) -> None:
         b.add_row(name, "[green]yes[/]" if ok else "[red]no[/]", rep.reasons.get(name, ""))
     console.print(b)
     console.print(f"uffd features: {', '.join(rep.uffd_features) or 'none'}")
+    console.print(
+        f"selected backend: [bold]{_selected(rep.backends)}[/] (probed, never guessed from the kernel version)"
+    )
+
+
+def _selected(backends: dict[str, bool]) -> str:
+    return next(name for name in ("rwp", "uffd", "sim") if backends.get(name))

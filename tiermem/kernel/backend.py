@@ -81,6 +81,8 @@ class KernelBackend(abc.ABC):
 
     name: str = "abstract"
     """Backend name: ``sim``, ``uffd`` or ``rwp``."""
+    tracking: bool = True
+    """False for MISSING-only backends (Firecracker lazy restore): no access tracking, no cycles."""
 
     def __init__(self, base: int, size: int, page_size: int = 4096) -> None:
         self.base = base
