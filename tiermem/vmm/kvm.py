@@ -249,6 +249,25 @@ class KvmVm:
                 self._gate.notify_all()
         return total & 0xFFFF_FFFF
 
+    def prefill(self) -> None:
+        """Write every page once through the memfd, as a VMM restoring a memory image would.
+
+        The guest then finds every page in the page cache (no MISSING fault on first
+        touch) and every page holds data. Only before any guest activity.
+        """
+        if self.ram is None:
+            raise FailedPrecondition(f"VM {self.vm_id} is not started")
+        if self.accesses or self.expected.counts.any():
+            raise FailedPrecondition(f"VM {self.vm_id} already ran: prefill only a fresh guest")
+        step = 4096
+        for first in range(0, self.n_pages, step):
+            n = min(step, self.n_pages - first)
+            data = memoryview(content.pages_bytes(np.arange(first, first + n), np.ones(n, dtype=np.uint32)))
+            off = 0
+            while off < len(data):
+                off += os.pwrite(self.ram.memfd, data[off:], first * PAGE_SIZE + off)
+        self.expected.counts[:] = 1
+
     def touch(self, pages: np.ndarray | list[int], *, write: bool = False, vcpu: int = 0) -> int:
         """Have vCPU ``vcpu`` read (or write) ``pages`` in order; returns the u32 sum of the counters read.
 
@@ -355,7 +374,9 @@ class KvmVm:
             t.join(max(deadline - time.monotonic(), 0.0))
         stuck = [t.name for t in self._threads if t.is_alive()]
         self._run_time_s += time.monotonic() - self._run_started
-        self._threads = []
+        with self._gate:
+            self._threads = []
+            self._gate.notify_all()
         if stuck:
             raise TiermemError(
                 f"VM {self.vm_id}: {', '.join(stuck)} still blocked in KVM_RUN (a fault nobody serves?)"
@@ -365,12 +386,13 @@ class KvmVm:
             self._errors = []
             raise err
 
-    def stop(self) -> None:
-        """Stop a run in progress (each vCPU finishes its current batch)."""
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop a run in progress from another thread; returns once its vCPU threads are done."""
         self._stop.set()
-        if self._threads:
-            with contextlib.suppress(TiermemError):
-                self._join_threads()
+        deadline = time.monotonic() + timeout
+        with self._gate:
+            while self._threads and time.monotonic() < deadline:
+                self._gate.wait(0.05)
 
     # --- verification and figures -------------------------------------------------------------------
     def verify(self) -> tuple[int, int]:
