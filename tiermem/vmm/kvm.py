@@ -28,7 +28,6 @@ Figures in :class:`Progress` and :class:`KvmRunSummary`:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import resource
