@@ -47,6 +47,10 @@ class PlainRam:
             raise
         self.base = self._mapping.addr
 
+    def view(self) -> memoryview:
+        """The guest mapping; loads and stores through it are guest accesses. Dead after :meth:`close`."""
+        return self._mapping.view()
+
     def close(self) -> None:
         """Unmap and close the memfd (idempotent)."""
         self._mapping.close()

@@ -17,7 +17,7 @@ Evict only while the guest is quiet: a write landing between the ``pread`` and
 the punch would be lost (the agent's freeze step exists for this).
 
 Commands on the child's stdin, one JSON reply line each: ``evict P1,P2,...``,
-``stats``, ``reset``, ``quit``.
+``stats``, ``samples``, ``reset``, ``quit``.
 """
 
 from __future__ import annotations
@@ -99,8 +99,12 @@ class PagerProcess:
         return done
 
     def stats(self) -> dict[str, Any]:
-        """Faults served so far: ``missing``, ``minor``, ``service_ns`` (a list) and ``held`` pages."""
+        """Faults served since the last reset (``missing``, ``minor``) and pages ``held`` (evicted)."""
         return self._call("stats")
+
+    def service_ns(self) -> list[int]:
+        """Per-fault service times since the last reset, ns: message read -> resolving ioctl returned."""
+        return list(self._call("samples")["service_ns"])
 
     def reset(self) -> None:
         """Zero the fault counters and latency samples."""
@@ -188,8 +192,9 @@ class _Child:
                 n += 1
             return {"evicted": n}, False
         if cmd == "stats":
-            return {"missing": self.missing, "minor": self.minor, "service_ns": self.samples,
-                    "held": len(self.held)}, False  # fmt: skip
+            return {"missing": self.missing, "minor": self.minor, "held": len(self.held)}, False
+        if cmd == "samples":
+            return {"service_ns": self.samples}, False
         if cmd == "reset":
             self.reset()
             return {"ok": True}, False
