@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
+from tiermem.errors import TiermemError
 from tiermem.kernel import uapi
 from tiermem.kernel.uffd_ioctl import madvise
 from tiermem.vmm.kvm import KvmVm
@@ -85,3 +86,35 @@ def test_eviction_and_zapping_while_the_guest_keeps_running(paged_vm: tuple[KvmV
     assert st["minor"] > 0 and st["missing"] > 0
     assert vm.verify() == (vm.n_pages, 0)
     assert pager.stats()["held"] == 0  # verification faulted every evicted page back
+
+
+def test_close_with_a_vcpu_stuck_on_an_unserved_fault_does_not_hang_or_crash() -> None:
+    import os
+    import signal
+    import threading
+
+    vm = KvmVm("kvm-stuck", 4 * MiB, workload_spec="mix:0.5", seed=1)
+    vm.start()
+    assert vm.ram is not None
+    pager = PagerProcess(vm.ram.base, vm.ram.size, vm.ram.memfd)
+    vm.touch([7], write=True)
+    pager.evict([7])
+    os.kill(pager._proc.pid, signal.SIGSTOP)  # the handler stops answering
+    errors: list[BaseException] = []
+
+    def guest() -> None:
+        try:
+            vm.touch([7])
+        except BaseException as e:
+            errors.append(e)
+
+    t = threading.Thread(target=guest, daemon=True)
+    t.start()
+    t.join(0.5)
+    assert t.is_alive()  # the vCPU waits in the kernel for the fault
+    vm.close(timeout=0.5)  # returns although the vCPU is still blocked
+    os.kill(pager._proc.pid, signal.SIGCONT)
+    pager.close()  # the uffd goes away: the fault fails (RAM is unmapped), KVM_RUN returns an error
+    t.join(10)
+    assert not t.is_alive()
+    assert errors and isinstance(errors[0], TiermemError), errors  # reported to the caller, not a crash

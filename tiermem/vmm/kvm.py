@@ -191,11 +191,15 @@ class KvmVm:
         self.ram = ram
         self._streams = [self.workload.batches(stream=i, n_streams=self.vcpus) for i in range(self.vcpus)]
 
-    def close(self) -> None:
-        """Stop the vCPUs, close the VM, then release guest RAM (disconnecting from the agent)."""
-        self.stop()
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the vCPUs, close the VM, then release guest RAM (disconnecting from the agent).
+
+        A vCPU blocked on a fault nobody serves for ``timeout`` seconds is abandoned
+        (its fds and the system slot stay open) rather than waited for forever.
+        """
+        self.stop(timeout)
         if self._machine is not None:
-            self._machine.close()
+            self._machine.close(timeout)
             self._machine = None
         if self.ram is not None:
             self.ram.close()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import threading
 
@@ -28,6 +29,8 @@ from tiermem.vmm import guest_asm as g
 from tiermem.vmm import kvm_ioctl as k
 
 __all__ = ["GuestFault", "KvmMachine", "PlainRam"]
+
+log = logging.getLogger(__name__)
 
 
 class GuestFault(TiermemError):
@@ -210,19 +213,32 @@ class KvmMachine:
             raise InvalidArgument(f"range {offset}+{dst.nbytes} outside guest memory")
         ctypes.memmove(dst.ctypes.data, self.ram_base + offset, dst.nbytes)
 
-    def close(self) -> None:
-        """Close vCPUs, the VM and the system slot; guest RAM belongs to the caller (idempotent)."""
+    def close(self, timeout: float = 5.0) -> None:
+        """Close vCPUs, the VM and the system slot; guest RAM belongs to the caller (idempotent).
+
+        A vCPU whose batch does not end within ``timeout`` seconds is left open.
+        """
+        stuck = 0
         for v in self._vcpus:
             # A vCPU still inside KVM_RUN (blocked on a fault nobody serves) keeps its fd.
-            if v.lock.acquire(timeout=5.0):
+            if v.lock.acquire(timeout=timeout):
                 try:
                     v.cpu.close()
                 finally:
                     v.lock.release()
+            else:
+                stuck += 1
         self._vcpus = []
         if self._vm is not None:
             self._vm.close()
             self._vm = None
+        if stuck:
+            # Its thread reads the mailbox when KVM_RUN returns: leak the system slot rather than
+            # unmap memory under it.
+            log.warning(
+                "VM %s: %d vCPU(s) still in KVM_RUN at close; system slot left mapped", self.name, stuck
+            )
+            return
         if self._sys is not None:
             self._sys.close()
             self._sys = None
