@@ -122,3 +122,15 @@ def test_two_guests_never_see_each_other() -> None:
         assert np.array_equal(snap_b, after_b)
         assert a.verify() == (a.n_pages, 0) and b.verify() == (b.n_pages, 0)
         assert not np.array_equal(a.expected.counts, b.expected.counts)
+
+
+def test_guest_ram_above_4_gib_is_addressed_in_long_mode() -> None:
+    with KvmVm("kvm-6g", 6 << 30, workload_spec="idle") as vm:
+        vm.start()
+        last, above_4g = vm.n_pages - 1, (4 << 30) // 4096 + 3
+        vm.touch([last, last, above_4g, 0], write=True)
+        assert (vm.touch([last]), vm.touch([above_4g]), vm.touch([0])) == (2, 1, 1)
+        assert vm.resident_bytes() == 3 * 4096  # a sparse 6 GiB guest
+        page = np.empty(4096, dtype=np.uint8)
+        vm.machine.read_ram(above_4g * 4096, page)
+        assert page.tobytes() == content.page_bytes(above_4g, 1)
