@@ -31,6 +31,7 @@ from tiermem.cli.node import node
 from tiermem.cli.options import connection_options
 from tiermem.cli.policy import policy
 from tiermem.cli.serve import serve
+from tiermem.cli.simulate import simulate
 from tiermem.cli.vm import vm
 from tiermem.errors import TiermemError
 
@@ -121,6 +122,7 @@ cli.add_command(cycle)
 cli.add_command(node)
 cli.add_command(events)
 cli.add_command(serve)
+cli.add_command(simulate)
 cli.add_command(demo)
 
 
