@@ -10,7 +10,7 @@ pytestmark = [pytest.mark.kvm, pytest.mark.uffd]
 
 
 def test_kvm_bench_smoke(capsys: pytest.CaptureFixture[str]) -> None:
-    r = bench.run(memory_mib=16, duration_s=0.3, interval_s=0.1, fault_samples=50)
+    r = bench.run(memory_mib=16, duration_s=0.9, interval_s=0.05, fault_samples=50)
     for guest in ("kvm", "process"):
         g = r[guest]
         assert g["mismatches"] == 0 and g["verified_pages"] == 16 * 256

@@ -10,7 +10,8 @@ MISSING|MINOR with a userfaultfd served by a child process
   the mapping (a counter increment and an index stamp per write, as the content
   model says).
 
-Each guest runs ``duration_s`` with tracking off (no zaps) and then on (the VMM
+Each guest runs ``duration_s`` with tracking off (no zaps) and ``duration_s`` on,
+alternated in three rounds so both see the same background load (the VMM
 zaps every PTE of the guest mapping every ``interval_s`` with MADV_DONTNEED; each
 first touch after a zap is a MINOR fault resolved with UFFDIO_CONTINUE: the
 ``uffd`` backend's emulation of RWP, which the RWP kernel makes free with
@@ -51,7 +52,7 @@ def _pct(values: np.ndarray, q: float) -> float:
 
 
 class _Zapper:
-    """Zaps the whole guest mapping every ``interval_s`` from this (the VMM's) process."""
+    """Zaps the whole guest mapping now and every ``interval_s`` from this (the VMM's) process."""
 
     def __init__(self, base: int, size: int, interval_s: float) -> None:
         self.base, self.size, self.interval_s = base, size, interval_s
@@ -60,9 +61,11 @@ class _Zapper:
         self._thread = threading.Thread(target=self._loop, name="zapper", daemon=True)
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        while True:  # a zap at once, then one every interval, like a cycle's detect phase
             madvise(self.base, self.size, uapi.MADV_DONTNEED)
             self.zaps += 1
+            if self._stop.wait(self.interval_s):
+                return
 
     def __enter__(self) -> _Zapper:
         self._thread.start()
@@ -73,23 +76,39 @@ class _Zapper:
         self._thread.join()
 
 
-def _phase(run_for: Callable[[float], int], pager: PagerProcess, duration_s: float,
-           zap: tuple[int, int, float] | None) -> dict[str, Any]:  # fmt: skip
-    """Run a guest for ``duration_s`` (zapping if asked); accesses/s and the faults the pager served."""
+def _segment(run_for: Callable[[float], int], pager: PagerProcess, secs: float,
+             zap: tuple[int, int, float] | None) -> tuple[int, float, int, int, int]:  # fmt: skip
+    """(accesses, seconds, zaps, MINOR faults, MISSING faults) of one run of ``secs``."""
     pager.reset()
     t0 = time.perf_counter()
     if zap is None:
-        accesses = run_for(duration_s)
-        zaps = 0
+        accesses, zaps = run_for(secs), 0
     else:
         with _Zapper(*zap) as z:
-            accesses = run_for(duration_s)
+            accesses = run_for(secs)
         zaps = z.zaps
-    secs = time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0
     st = pager.stats()
-    return {"accesses": accesses, "seconds": round(secs, 3), "accesses_per_s": round(accesses / secs),
-            "zaps": zaps, "minor_faults": st["minor"], "minor_faults_per_s": round(st["minor"] / secs),
-            "missing_faults": st["missing"]}  # fmt: skip
+    return accesses, elapsed, zaps, int(st["minor"]), int(st["missing"])
+
+
+def _phases(run_for: Callable[[float], int], pager: PagerProcess, duration_s: float, zap: tuple[int, int, float],
+            rounds: int) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """Tracking off and on, ``duration_s`` each, alternated in ``rounds`` segments so both see the same load."""
+    totals = {False: [0, 0.0, 0, 0, 0], True: [0, 0.0, 0, 0, 0]}
+    for _ in range(rounds):
+        for on in (False, True):
+            run_for(min(0.5, duration_s / rounds))  # unmeasured: remap what the last zap unmapped
+            seg = _segment(run_for, pager, duration_s / rounds, zap if on else None)
+            totals[on] = [a + b for a, b in zip(totals[on], seg, strict=True)]
+    out = []
+    for on in (False, True):
+        acc, secs, zaps, minor, missing = totals[on]
+        out.append({"accesses": int(acc), "seconds": round(secs, 3), "accesses_per_s": round(acc / secs),
+                    "zaps": int(zaps), "minor_faults": int(minor), "minor_faults_per_s": round(minor / secs),
+                    "missing_faults": int(missing)})  # fmt: skip
+    _lost_per_fault(out[0], out[1])
+    return out[0], out[1]
 
 
 def _lost_per_fault(off: dict[str, Any], on: dict[str, Any]) -> None:
@@ -129,7 +148,7 @@ def _latency(touch: Callable[[int], None], pager: PagerProcess, resident: np.nda
 
 
 def _kvm_guest(
-    memory: int, workload: str, duration_s: float, interval_s: float, n_lat: int
+    memory: int, workload: str, duration_s: float, interval_s: float, n_lat: int, rounds: int
 ) -> dict[str, Any]:
     with KvmVm("bench-kvm", memory, vcpus=1, workload_spec=workload, seed=1) as vm:
         vm.start()
@@ -143,10 +162,7 @@ def _kvm_guest(
                 vm.run(secs, verify=False)
                 return vm.accesses - a0
 
-            run_for(min(1.0, duration_s))  # warm-up: map the hot set once (MINOR faults of the prefill)
-            off = _phase(run_for, pager, duration_s, None)
-            on = _phase(run_for, pager, duration_s, (vm.ram.base, vm.ram.size, interval_s))
-            _lost_per_fault(off, on)
+            off, on = _phases(run_for, pager, duration_s, (vm.ram.base, vm.ram.size, interval_s), rounds)
             hot = vm.workload.hot_pages()
             cold = np.setdiff1d(np.arange(vm.n_pages), hot if hot is not None else [])
             rng = np.random.default_rng(2)
@@ -165,7 +181,7 @@ def _kvm_guest(
 
 
 def _process_guest(
-    memory: int, workload: str, duration_s: float, interval_s: float, n_lat: int
+    memory: int, workload: str, duration_s: float, interval_s: float, n_lat: int, rounds: int
 ) -> dict[str, Any]:
     ram = PlainRam("bench-proc", memory)
     try:
@@ -196,10 +212,7 @@ def _process_guest(
                     done += len(pages)
                 return done
 
-            run_for(min(1.0, duration_s))
-            off = _phase(run_for, pager, duration_s, None)
-            on = _phase(run_for, pager, duration_s, (ram.base, ram.size, interval_s))
-            _lost_per_fault(off, on)
+            off, on = _phases(run_for, pager, duration_s, (ram.base, ram.size, interval_s), rounds)
             hot = wl.hot_pages()
             cold = np.setdiff1d(np.arange(n), hot if hot is not None else [])
             rng = np.random.default_rng(2)
@@ -229,14 +242,16 @@ def run(memory_mib: int = 256, duration_s: float = 5, quick: bool = False, *, in
             min(fault_samples, 300),
         )
     memory = memory_mib * MiB
-    kvm = _kvm_guest(memory, workload, duration_s, interval_s, fault_samples)
-    proc = _process_guest(memory, workload, duration_s, interval_s, fault_samples)
+    rounds = 1 if quick else 3
+    kvm = _kvm_guest(memory, workload, duration_s, interval_s, fault_samples, rounds)
+    proc = _process_guest(memory, workload, duration_s, interval_s, fault_samples, rounds)
 
     def ratio(a: float, b: float) -> float | None:
         return round(a / b, 3) if b else None
 
     return {
         "memory_mib": memory_mib, "duration_s": duration_s, "interval_s": interval_s, "workload": workload,
+        "rounds": rounds,
         "kvm": kvm, "process": proc,
         "ratios": {
             "kvm_on_over_off": ratio(kvm["on"]["accesses_per_s"], kvm["off"]["accesses_per_s"]),
@@ -250,7 +265,7 @@ def run(memory_mib: int = 256, duration_s: float = 5, quick: bool = False, *, in
 
 def _print(r: dict[str, Any]) -> None:
     print(f"KVM guest vs process guest: {r['memory_mib']} MiB, workload {r['workload']}, {r['duration_s']} s per "
-          f"phase, tracking on = zap all PTEs every {r['interval_s']} s, MINOR faults resolved with CONTINUE")  # fmt: skip
+          f"phase in {r['rounds']} alternating rounds, tracking on = zap all PTEs every {r['interval_s']} s, MINOR faults resolved with CONTINUE")  # fmt: skip
     for name in ("kvm", "process"):
         g = r[name]
         off, on, lat = g["off"], g["on"], g["latency"]
