@@ -115,6 +115,13 @@ def test_return_mask_splits_regions_and_anyof_selects() -> None:
     assert regions(k, category_anyof_mask=ACCESSED | WRITTEN) == [(0, 1, 0), (3, 5, 0)]
 
 
+def test_three_keys_in_one_vma() -> None:
+    k, _ = build(6, [(0, 6, RWP)], [ACC, NONE, ACC, PROT, ACC, ACC])
+    assert regions(k, return_mask=PRESENT | ACCESSED) == [
+        (0, 1, PRESENT | ACCESSED), (2, 3, PRESENT | ACCESSED), (3, 4, PRESENT), (4, 6, PRESENT | ACCESSED),
+    ]  # fmt: skip
+
+
 def test_max_pages_and_vec_len_stop_the_walk_and_walk_end_resumes_it() -> None:
     states = [ACC, ACC, ACC, PROT, ACC, PROT, ACC, ACC, ACC, ACC]
     k, _ = build(10, [(0, 10, RWP)], states)

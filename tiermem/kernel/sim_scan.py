@@ -71,6 +71,41 @@ def _key(categories: int, mask: int, inverted: int, anyof: int, ret: int) -> int
     return categories & ret
 
 
+def _segment_runs(
+    sl: np.ndarray, k_none: int, k_prot: int, k_acc: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Maximal runs of equal key in one VMA's states: (starts, ends, keys), offsets into ``sl``."""
+    m = len(sl)
+    if k_none == k_prot == k_acc:
+        return np.zeros(1, dtype=np.int64), np.full(1, m, dtype=np.int64), np.full(1, k_none, dtype=np.int64)
+    # One cheap pass that gives equal values exactly to states with equal keys.
+    two: tuple[int, int] | None = None  # (key of class 0, key of class 1) when there are two classes
+    if k_prot == k_acc:
+        cls, two = sl & 1, (k_none, k_acc)
+    elif k_none == k_prot:
+        cls, two = sl >> 1, (k_none, k_acc)
+    elif k_none == k_acc:
+        cls, two = (sl == ST_PROT).view(np.uint8), (k_none, k_prot)
+    else:
+        cls = sl
+    edges = np.flatnonzero(cls[1:] != cls[:-1]) + 1
+    starts = np.empty(len(edges) + 1, dtype=np.int64)
+    starts[0] = 0
+    starts[1:] = edges
+    ends = np.empty_like(starts)
+    ends[:-1] = edges
+    ends[-1] = m
+    if two is None:
+        lut = np.array([k_none, k_prot, _NO_MATCH, k_acc], dtype=np.int64)
+        return starts, ends, lut[sl[starts]]
+    # Two classes: the runs alternate, so no per-run gather is needed.
+    first = two[int(cls[0])]
+    keys = np.empty(len(starts), dtype=np.int64)
+    keys[0::2] = first
+    keys[1::2] = two[1] if first == two[0] else two[0]
+    return starts, ends, keys
+
+
 def scan_runs(
     state: np.ndarray,
     vmas: Sequence[tuple[int, int, int]],
@@ -98,37 +133,17 @@ def scan_runs(
         k_none, k_prot, k_acc = (_key(c, mask, inverted, anyof, ret) for c in (c_none, c_prot, c_acc))
         if mode & uapi.UFFDIO_REGISTER_MODE_RWP:
             k_none = _NO_MATCH  # pte_none in an RWP VMA is not part of the working set
-        if k_none == k_prot == k_acc:
-            starts.append(np.array([a], dtype=np.int64))
-            ends.append(np.array([b], dtype=np.int64))
-            keys.append(np.array([k_none], dtype=np.int64))
-            continue
-        sl = state[a:b]
-        # One cheap pass that gives equal values exactly to states with equal keys.
-        if k_prot == k_acc:
-            cls = sl & 1
-        elif k_none == k_prot:
-            cls = sl >> 1
-        elif k_none == k_acc:
-            cls = sl == ST_PROT
-        else:
-            cls = sl
-        edges = np.flatnonzero(cls[1:] != cls[:-1]) + 1
-        s = np.empty(len(edges) + 1, dtype=np.int64)
-        s[0] = 0
-        s[1:] = edges
-        e = np.empty_like(s)
-        e[:-1] = edges
-        e[-1] = b - a
-        lut = np.array([k_none, k_prot, _NO_MATCH, k_acc], dtype=np.int64)
+        s, e, k = _segment_runs(state[a:b], k_none, k_prot, k_acc)
         starts.append(s + a)
         ends.append(e + a)
-        keys.append(lut[sl[s]])
+        keys.append(k)
     if not starts:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty, empty
-    st, en, ky = (np.concatenate(x) for x in (starts, ends, keys))
-    if len(starts) > 1:
+    if len(starts) == 1:
+        st, en, ky = starts[0], ends[0], keys[0]
+    else:
+        st, en, ky = (np.concatenate(x) for x in (starts, ends, keys))
         # Merge runs across VMA boundaries, as pagemap_scan_push_range does.
         new = np.empty(len(ky), dtype=bool)
         new[0] = True
@@ -137,8 +152,17 @@ def scan_runs(
         last[:-1] = new[1:]
         last[-1] = True
         st, en, ky = st[new], en[last], ky[new]
-    sel = ky != _NO_MATCH
-    return st[sel], en[sel], ky[sel]
+    if (
+        len(ky) > 1
+        and _NO_MATCH in (ky[0], ky[1])
+        and (ky[0::2] == ky[0]).all()
+        and (ky[1::2] == ky[1]).all()
+    ):
+        # Alternating match / no match (the hot-set scan): every other run, as views.
+        p = 1 if ky[0] == _NO_MATCH else 0
+        return st[p::2], en[p::2], ky[p::2]
+    idx = np.flatnonzero(ky != _NO_MATCH)
+    return st.take(idx), en.take(idx), ky.take(idx)
 
 
 def limit_regions(
