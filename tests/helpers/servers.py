@@ -152,8 +152,9 @@ class S3Server:
         self.proc = subprocess.Popen(
             args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
-        wait_port(self.port, 60, self.proc)
-        self._wait_ready(60)
+        # weed normally serves S3 in a few seconds; past 30 s something is wrong: fall back to moto.
+        wait_port(self.port, 30, self.proc)
+        self._wait_ready(30)
 
     def _start_moto(self) -> None:
         self.kind = "moto"
