@@ -203,6 +203,8 @@ class SimKernel(KernelBackend):
         return p0 >= 0 and p1 <= self.n_pages
 
     def _modes_in(self, p0: int, p1: int) -> list[int]:
+        if len(self._vmas) == 1:
+            return [self._vmas[0][2]]
         return [m for s, e, m in self._vmas if s < p1 and e > p0]
 
     def _set_modes(self, p0: int, p1: int, mode: int) -> None:
@@ -367,6 +369,10 @@ class SimKernel(KernelBackend):
         p0, p1 = self._pages(op, dst, length)
         if not self._inside(p0, p1) or any(m == 0 for m in self._modes_in(p0, p1)):
             raise _err(errno.ENOENT, f"{op}: destination not registered with this userfaultfd")
+        if p1 - p0 == 1:  # the common case, without array temporaries
+            if self._state[p0] != ST_NONE:
+                raise _err(errno.EEXIST, f"{op}: page {p0} is present")
+            return p0, 1, 1
         present = self._state[p0:p1] != ST_NONE
         if present[0]:
             raise _err(errno.EEXIST, f"{op}: page {p0} is present")
@@ -524,7 +530,9 @@ class SimKernel(KernelBackend):
                 seg = pages[i:j]
                 st = self._state[seg]
                 blk = self._blocking(seg, st)
-                k = int(blk.argmax()) if blk is not None and blk.any() else j - i
+                k = j - i
+                if blk is not None and blk[first := int(blk.argmax())]:
+                    k = first
                 if k:
                     self._apply(seg[:k], st[:k], None if writes is None else writes[i : i + k])
                 if i + k == j:
@@ -551,10 +559,25 @@ class SimKernel(KernelBackend):
 
     def _apply(self, seg: np.ndarray, st: np.ndarray, writes: np.ndarray | None) -> None:
         if self.async_mode and (prot := st == ST_PROT).any():
-            self.stats.async_resolved += len(np.unique(seg[prot]))  # a page resolves once
+            self.stats.async_resolved += self._distinct(seg[prot])  # a page resolves once
         if (hole := st == ST_NONE).any():
-            self.stats.zero_fills += len(np.unique(seg[hole]))
+            self.stats.zero_fills += self._distinct(seg[hole])
         self.mem.touch(seg, writes)
+
+    def _distinct(self, pages: np.ndarray) -> int:
+        if len(pages) * 32 < self.n_pages:
+            return len(np.unique(pages))
+        seen = np.zeros(self.n_pages, dtype=bool)  # cheaper than sorting a large batch
+        seen[pages] = True
+        return int(np.count_nonzero(seen))
+
+    def _apply_one(self, page: int, write: bool) -> None:
+        st = self._state[page]
+        if st == ST_PROT:
+            self.stats.async_resolved += 1
+        elif st == ST_NONE:
+            self.stats.zero_fills += 1
+        self.mem.touch_one(page, write)
 
     def _fault_reason(self, page: int) -> int | None:
         st = self._state[page]
@@ -571,8 +594,7 @@ class SimKernel(KernelBackend):
         while True:
             reason = self._fault_reason(page)
             if reason is None:
-                self._apply(np.array([page]), self._state[page : page + 1].copy(),
-                            np.array([write]) if write else None)  # fmt: skip
+                self._apply_one(page, write)
                 return
             if self.fault_delay_s > 0 and not delayed:
                 delayed = True

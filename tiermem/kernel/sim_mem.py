@@ -63,6 +63,15 @@ class SimMemory:
                 stamps = self.image.reshape(self.n_pages, self.page_size).view("<u8")
                 stamps[w, content.PAGE_INDEX_OFFSET // 8] = w.astype(np.uint64)
 
+    def touch_one(self, page: int, write: bool) -> None:
+        """``touch`` for one access, without array temporaries."""
+        self.state[page] = ST_ACC
+        if write:
+            self.ctr[page] += np.uint32(1)
+            if self.image is not None:
+                at = page * self.page_size + content.PAGE_INDEX_OFFSET
+                self.image[at : at + 8] = np.frombuffer(page.to_bytes(8, "little"), dtype=np.uint8)
+
     # --- contents ---------------------------------------------------------------------------------
     def install(self, p0: int, data: memoryview) -> None:
         """Place whole pages of ``data`` at page ``p0`` (UFFDIO_COPY); they become present."""
@@ -74,6 +83,10 @@ class SimMemory:
             self.image[a : a + n * self.page_size] = np.frombuffer(
                 data, dtype=np.uint8, count=n * self.page_size
             )
+        elif n == 1:  # the common case, without array temporaries
+            c = content.counter_of(data)
+            ok = bytes(data[: self.page_size]) == content.page_bytes(p0, c, self.page_size)
+            self.ctr[p0] = c if ok else CORRUPT
         else:
             ctr, valid = content.decode_pages(data[: n * self.page_size], p0, self.page_size)
             self.ctr[p0 : p0 + n] = np.where(valid, ctr, np.uint32(CORRUPT))
