@@ -186,6 +186,19 @@ def test_close_wakes_missing_waiters_which_zero_fill() -> None:
     assert k.read_messages(None) == []
 
 
+def test_close_with_unread_messages_wakes_both_kinds_of_waiter() -> None:
+    k = armed()
+    k.rwprotect(k.base, k.size, protect=True)
+    k.punch_hole(PS, PS)
+    a, b = Vcpu(k, 0, write=True), Vcpu(k, 1, write=True)
+    while k.stats.rwp_faults + k.stats.missing_faults < 2:  # both blocked, nothing read
+        threading.Event().wait(0.001)
+    k.close()
+    a.finish()
+    b.finish()
+    assert k.counters()[:2].tolist() == [1, 1]
+
+
 def test_read_messages_times_out_empty() -> None:
     k = armed()
     assert k.read_messages(0.01) == []

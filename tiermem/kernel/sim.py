@@ -494,6 +494,8 @@ class SimKernel(KernelBackend):
             self.mem.resolve(0, self.n_pages)
             self._set_modes(0, self.n_pages, 0)
             self._wake(0, self.n_pages)
+            for w in self._pending:
+                w.queued = False  # unread messages die with the fd
             self._pending.clear()
             self._msg_cond.notify_all()
 
@@ -502,15 +504,19 @@ class SimKernel(KernelBackend):
         if len(pages) and (int(pages.min()) < 0 or int(pages.max()) >= self.n_pages):
             raise InvalidArgument(f"guest access outside RAM (pages 0..{self.n_pages - 1})")
 
+    def _check_page(self, page: int) -> None:
+        if not 0 <= page < self.n_pages:
+            raise InvalidArgument(f"guest access to page {page} outside RAM (pages 0..{self.n_pages - 1})")
+
     def access(self, page: int, write: bool = False, tid: int = 0) -> None:
         """One guest access through the tracked mapping; blocks (or calls the handler) on a fault."""
-        self._check_pages(np.array([page]))
+        self._check_page(page)
         with self._lock:
             self._access_locked(int(page), write, tid)
 
     def read_page(self, page: int, tid: int = 0) -> bytes:
         """A guest read of a whole page through the tracked mapping (faults like ``access``)."""
-        self._check_pages(np.array([page]))
+        self._check_page(page)
         with self._lock:
             self._access_locked(int(page), False, tid)
             return self.mem.page(int(page))

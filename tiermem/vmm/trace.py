@@ -32,7 +32,7 @@ _MAX_DIGITS = 18  # < 2**63 without overflow checks
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Trace:
     """A parsed trace: parallel arrays, sorted by tick."""
 
