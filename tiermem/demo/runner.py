@@ -149,6 +149,11 @@ async def run_demo(cfg: DemoConfig, on_sample: Callable[[Sample], None] | None =
         # Freeze the picture before verifying: cycles stop, statuses are final.
         for g in guests:
             await client.set_policy(PolicyScope.for_vm(g.vm_id), policy.with_changes(paused=True))
+            # Verification reads every page in order: a wide prefetch window turns ~N faults into
+            # N/256 store round trips. Set on the agent directly: paused VMs get no cycle orders
+            # that would carry it there.
+            live = agent.agent.sessions[g.vm_id].policy
+            agent.agent.set_policy(g.vm_id, live.with_changes(paused=True, prefetch_pages=256))
         final = {s.vm_id: s for s in await asyncio.to_thread(agent.agent.list_status)}
         results = await asyncio.gather(*(asyncio.to_thread(g.verify) for g in guests))
         for g, (checked, bad) in zip(guests, results, strict=True):

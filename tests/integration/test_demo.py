@@ -1,0 +1,83 @@
+"""``tiermem demo``: the main job, run as a newcomer runs it."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _demo(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tiermem", "demo", "--json", "--plot", str(tmp_path / "demo.png"), *args],
+        capture_output=True, text=True, cwd=tmp_path, timeout=200,
+    )  # fmt: skip
+
+
+def _check_plot(path: Path) -> None:
+    import matplotlib.image
+
+    assert path.read_bytes()[:8] == PNG
+    img = matplotlib.image.imread(path)
+    assert img.shape[0] > 200 and img.shape[1] > 200
+
+
+def test_demo_on_the_sim_saves_memory_and_keeps_every_byte(tmp_path: Path) -> None:
+    proc = _demo(tmp_path, "--duration", "20s")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads(proc.stdout)
+    assert s["integrity_ok"] is True
+    assert s["mismatches"] == 0 and s["pages_verified"] == s["total_pages"]
+    assert s["saved_fraction"] > 0.3
+    assert s["faults_served"] > 0  # the moving hot set and Zipf tail come back from the store
+    assert {v["workload"].split(":")[0] for v in s["vms"]} == {"hotset", "zipf", "phases", "idle"}
+    idle = next(v for v in s["vms"] if v["workload"] == "idle")
+    assert idle["evicted_pages"] == idle["total_pages"]
+    assert s["evicted_pages"] == sum(v["evicted_pages"] for v in s["vms"])
+    assert Path(s["plot"]) == tmp_path / "demo.png"
+    _check_plot(tmp_path / "demo.png")
+    assert not list(tmp_path.glob("tiermem-demo-*")), "the temporary state directory was left behind"
+
+
+@pytest.mark.uffd
+def test_demo_with_real_process_guests(tmp_path: Path) -> None:
+    proc = _demo(tmp_path, "--duration", "12s", "--backend", "uffd", "--memory", "16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads(proc.stdout)
+    assert s["backend"] == "uffd"
+    assert s["integrity_ok"] is True
+    assert s["saved_fraction"] > 0.3
+    _check_plot(tmp_path / "demo.png")
+
+
+def test_ctrl_c_stops_the_demo_cleanly(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tiermem", "demo", "--duration", "120s", "--workdir", str(tmp_path / "w")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "w" / "agent" / "index.db").exists():
+        assert time.monotonic() < deadline and proc.poll() is None, "the demo did not start"
+        time.sleep(0.1)
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    assert "interrupted" in out + err
+
+
+def test_bad_flag_is_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "tiermem", "demo", "--duration", "soon"], capture_output=True,
+                          text=True, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 1
+    assert "--duration" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
