@@ -1,37 +1,31 @@
 """The simulated kernel: guest memory, page tables and a userfaultfd context with RWP v10 semantics.
 
-``SimKernel`` implements :class:`tiermem.kernel.backend.KernelBackend` the way the
-patched kernel behaves (``../shared/reference/rwp-uapi.md`` §2-5), for one VM whose
-guest RAM is a shmem memfd mapped twice: the tracked guest mapping (what vCPUs
-touch, registered with the uffd) and the I/O mapping (``io_read``/``io_write``,
-never tracked). Errors are ``OSError(errno, message)`` with the kernel's errno.
+``SimKernel`` implements :class:`tiermem.kernel.backend.KernelBackend` as the patched
+kernel behaves (``../shared/reference/rwp-uapi.md`` §2-5) for one VM whose RAM is a
+shmem memfd mapped twice: the tracked guest mapping (vCPU accesses, registered with
+the uffd) and the I/O mapping (``io_read``/``io_write``, never tracked). Errors are
+``OSError(errno, message)`` with the kernel's errno.
 
-State, one byte per page (``sim_scan.ST_*``): unpopulated, present+protected
-(uffd bit set), present+accessed (uffd bit clear). Registration modes live in a
-short VMA list, as in the kernel, so a full-range UFFDIO_RWPROTECT is one numpy
-pass and a hot-set PAGEMAP_SCAN two. Contents follow :mod:`tiermem.vmm.content`:
-real bytes (``synthetic=False``) or, for fleet-scale runs, only a u32 counter per
-page from which ``page_bytes`` is materialised on ``io_read`` and decoded on
-``copy``; a page installed with bytes that are not a valid ``page_bytes`` gets the
-counter ``CORRUPT`` so verification still catches it.
+State: one byte per page (:mod:`tiermem.kernel.sim_mem`: unpopulated, protected,
+accessed) and a short VMA list, so a full-range UFFDIO_RWPROTECT is one numpy pass
+and a hot-set PAGEMAP_SCAN (:mod:`tiermem.kernel.sim_scan`) a few. Contents follow
+:mod:`tiermem.vmm.content`: real bytes, or (``synthetic=True``) a u32 counter per
+page, materialised on ``io_read`` and decoded on ``copy`` (invalid bytes decode to
+``CORRUPT``, so verification still catches them).
 
-Guest side (vCPU threads): ``access``, ``access_batch``, ``read_page``. In sync
-mode a faulting thread blocks on a per-waiter Condition until woken (RWPROTECT
-clear, COPY/ZEROPAGE/CONTINUE without DONTWAKE, WAKE, UNREGISTER, SET_MODE to
-async for RWP waiters, close) and then retries the access, re-faulting with a new
-message if the cause is still there, exactly like ``handle_userfault``.
+Guest side (vCPU threads): ``access``, ``access_batch``, ``read_page``. A sync fault
+blocks the thread on its own Condition until woken (RWPROTECT clear, COPY/ZEROPAGE/
+CONTINUE without DONTWAKE, WAKE, UNREGISTER, SET_MODE to async for RWP waiters,
+close); it then retries, re-faulting with a new message if the cause remains, as
+``handle_userfault`` does. ``set_fault_handler(fn)`` instead calls ``fn(msg)`` in the
+faulting thread and retries (deterministic replay).
 
-Deterministic replay: ``set_fault_handler(fn)`` calls ``fn(msg)`` in the faulting
-thread instead of blocking, then retries.
-
-Fault injection (reliability tests): ``fault_delay_s`` delays every fault once in
-the faulting thread (lock released) before it is delivered; ``inject_error(op,
-errno, count)`` makes the next ``count`` calls of an ioctl fail.
+Fault injection: ``fault_delay_s`` delays every fault once (lock released) before it
+is delivered; ``inject_error(op, errno, count)`` fails the next calls of an ioctl.
 """
 
 from __future__ import annotations
 
-import bisect
 import errno
 import threading
 import time
@@ -44,7 +38,7 @@ import numpy as np
 from tiermem.errors import InvalidArgument
 from tiermem.kernel import uapi
 from tiermem.kernel.backend import ApiInfo, KernelBackend, ScanResult
-from tiermem.kernel.sim_mem import CORRUPT, SimMemory
+from tiermem.kernel.sim_mem import CORRUPT, SimMemory, VmaList
 from tiermem.kernel.sim_scan import (
     ST_ACC,
     ST_NONE,
@@ -138,10 +132,7 @@ class SimKernel(KernelBackend):
         self._state = self.mem.state
         self._lock = threading.Lock()
         self._msg_cond = threading.Condition(self._lock)
-        self._vmas: list[tuple[int, int, int]] = [(0, n_pages, 0)]
-        self._vma_start_list = [0]
-        self._vma_starts = np.zeros(1, dtype=np.int64)
-        self._vma_modes = np.zeros(1, dtype=np.int64)
+        self._vmas = VmaList(n_pages)
         self._ctx: int | None = None  # negotiated features; None until UFFDIO_API succeeds
         self._closed = False
         self._waiters: list[_Waiter] = []
@@ -202,36 +193,6 @@ class SimKernel(KernelBackend):
     def _inside(self, p0: int, p1: int) -> bool:
         return p0 >= 0 and p1 <= self.n_pages
 
-    def _modes_in(self, p0: int, p1: int) -> list[int]:
-        if len(self._vmas) == 1:
-            return [self._vmas[0][2]]
-        return [m for s, e, m in self._vmas if s < p1 and e > p0]
-
-    def _set_modes(self, p0: int, p1: int, mode: int) -> None:
-        pieces: list[tuple[int, int, int]] = []
-        for s, e, m in self._vmas:
-            if s < p0:
-                pieces.append((s, min(e, p0), m))
-            if e > p1:
-                pieces.append((max(s, p1), e, m))
-        pieces.append((p0, p1, mode))
-        pieces.sort()
-        merged: list[tuple[int, int, int]] = []
-        for s, e, m in pieces:
-            if merged and merged[-1][2] == m and merged[-1][1] == s:
-                merged[-1] = (merged[-1][0], e, m)
-            else:
-                merged.append((s, e, m))
-        self._vmas = merged
-        self._vma_start_list = [s for s, _, _ in merged]
-        self._vma_starts = np.array(self._vma_start_list, dtype=np.int64)
-        self._vma_modes = np.array([m for _, _, m in merged], dtype=np.int64)
-
-    def _mode_of(self, page: int) -> int:
-        if len(self._vmas) == 1:
-            return self._vmas[0][2]
-        return self._vmas[bisect.bisect_right(self._vma_start_list, page) - 1][2]
-
     def _wake(self, p0: int, p1: int, reason: int | None = None) -> None:
         for w in self._waiters:
             if p0 <= w.page < p1 and (reason is None or w.reason == reason) and not w.woken:
@@ -271,11 +232,11 @@ class SimKernel(KernelBackend):
         if not self._inside(p0, p1):
             raise _err(errno.EINVAL, "UFFDIO_REGISTER: range outside the guest mapping")
         with self._lock:
-            for old in self._modes_in(p0, p1):
+            for old in self._vmas.modes_in(p0, p1):
                 dropped = old & (_WP | _RWP) & ~mode
                 if dropped:
                     raise _err(errno.EBUSY, "UFFDIO_REGISTER: re-registration would drop WP/RWP")
-            self._set_modes(p0, p1, mode)
+            self._vmas.set(p0, p1, mode)
         ioctls = uapi.UFFD_API_RANGE_IOCTLS
         if not mode & uapi.UFFDIO_REGISTER_MODE_MINOR:
             ioctls &= ~(1 << uapi._UFFDIO_CONTINUE)
@@ -292,7 +253,7 @@ class SimKernel(KernelBackend):
             raise _err(errno.EINVAL, "UFFDIO_UNREGISTER: range outside the guest mapping")
         with self._lock:
             self.mem.resolve(p0, p1)  # protection never outlives the registration
-            self._set_modes(p0, p1, 0)
+            self._vmas.set(p0, p1, 0)
             self._wake(p0, p1)
 
     # --- tracking -----------------------------------------------------------------------------
@@ -302,7 +263,7 @@ class SimKernel(KernelBackend):
             raise _err(errno.EINVAL, "UFFDIO_RWPROTECT: MODE_RWP with MODE_DONTWAKE")
         p0, p1 = self._pages("UFFDIO_RWPROTECT", start, length)
         with self._lock:
-            if not self._inside(p0, p1) or any(not m & _RWP for m in self._modes_in(p0, p1)):
+            if not self._inside(p0, p1) or any(not m & _RWP for m in self._vmas.modes_in(p0, p1)):
                 raise _err(errno.ENOENT, "UFFDIO_RWPROTECT: range not entirely RWP-registered")
             if protect:
                 self.mem.protect(p0, p1)
@@ -351,7 +312,7 @@ class SimKernel(KernelBackend):
         p0 = max(0, (start - self.base) // self.page_size)
         p1 = min(self.n_pages, (end - self.base) // self.page_size)
         with self._lock:
-            vmas = [v for v in self._vmas if v[0] < p1 and v[1] > p0]
+            vmas = self._vmas.overlapping(p0, p1)
             if check_scan_flags(flags, [m for _, _, m in vmas]) or p0 >= p1:
                 return ScanResult.empty(end)
             s, e, k = scan_runs(
@@ -367,7 +328,7 @@ class SimKernel(KernelBackend):
     def _install_span(self, op: str, dst: int, length: int) -> tuple[int, int, int]:
         """Checks shared by COPY/ZEROPAGE: returns (p0, pages to install, pages asked); lock held."""
         p0, p1 = self._pages(op, dst, length)
-        if not self._inside(p0, p1) or any(m == 0 for m in self._modes_in(p0, p1)):
+        if not self._inside(p0, p1) or any(m == 0 for m in self._vmas.modes_in(p0, p1)):
             raise _err(errno.ENOENT, f"{op}: destination not registered with this userfaultfd")
         if p1 - p0 == 1:  # the common case, without array temporaries
             if self._state[p0] != ST_NONE:
@@ -403,7 +364,7 @@ class SimKernel(KernelBackend):
         self._enter("continue")
         p0, p1 = self._pages("UFFDIO_CONTINUE", start, length)
         with self._lock:
-            if not self._inside(p0, p1) or any(m == 0 for m in self._modes_in(p0, p1)):
+            if not self._inside(p0, p1) or any(m == 0 for m in self._vmas.modes_in(p0, p1)):
                 raise _err(errno.ENOENT, "UFFDIO_CONTINUE: range not registered with this userfaultfd")
             if (self._state[p0:p1] == ST_NONE).any():
                 raise _err(errno.EFAULT, "UFFDIO_CONTINUE: no page in the page cache")
@@ -492,7 +453,7 @@ class SimKernel(KernelBackend):
                 return
             self._closed = True
             self.mem.resolve(0, self.n_pages)
-            self._set_modes(0, self.n_pages, 0)
+            self._vmas.set(0, self.n_pages, 0)
             self._wake(0, self.n_pages)
             for w in self._pending:
                 w.queued = False  # unread messages die with the fd
@@ -550,14 +511,13 @@ class SimKernel(KernelBackend):
     def _blocking(self, seg: np.ndarray, st: np.ndarray) -> np.ndarray | None:
         """Mask of accesses that would fault to the handler (MISSING, or RWP in sync mode)."""
         sync = not self.async_mode
-        if len(self._vmas) == 1:
-            mode = self._vmas[0][2]
+        if (mode := self._vmas.single) is not None:
             blk = (st == ST_NONE) if mode & _MISSING else None
             if sync and mode & _RWP:
                 prot = st == ST_PROT
                 blk = prot if blk is None else blk | prot
             return blk
-        modes = self._vma_modes[np.searchsorted(self._vma_starts, seg, side="right") - 1]
+        modes = self._vmas.modes_of(seg)
         mixed: np.ndarray = (st == ST_NONE) & ((modes & _MISSING) != 0)
         if sync:
             mixed |= st == ST_PROT  # only RWP VMAs hold protected pages
@@ -590,7 +550,7 @@ class SimKernel(KernelBackend):
         if st == ST_ACC:
             return None
         if st == ST_NONE:
-            return 0 if self._mode_of(page) & _MISSING else None
+            return 0 if self._vmas.mode_of(page) & _MISSING else None
         return None if self.async_mode else uapi.UFFD_PAGEFAULT_FLAG_RWP
 
     def _access_locked(self, page: int, write: bool, tid: int) -> None:

@@ -11,12 +11,15 @@ No locking here: :class:`tiermem.kernel.sim.SimKernel` holds its lock around eve
 
 from __future__ import annotations
 
+import bisect
+from collections.abc import Iterator
+
 import numpy as np
 
 from tiermem.kernel.sim_scan import ST_ACC, ST_NONE, ST_PROT
 from tiermem.vmm import content
 
-__all__ = ["CORRUPT", "SimMemory"]
+__all__ = ["CORRUPT", "SimMemory", "VmaList"]
 
 CORRUPT = 0xFFFF_FFFF
 """Synthetic-mode counter of a page installed with bytes that are not a valid ``page_bytes``."""
@@ -146,3 +149,66 @@ class SimMemory:
             ctr, valid = self.ctr, self.ctr != CORRUPT
         bad = present & (~valid | (ctr != expected))
         return np.flatnonzero(bad), np.flatnonzero(~present)
+
+
+class VmaList:
+    """The VMAs of the guest mapping: (start page, end page, uffd registration mode) tiles.
+
+    Registering a sub-range splits VMAs and equal neighbours merge again, as in the
+    kernel; modes are looked up per page (bisect) or per batch (searchsorted).
+    """
+
+    def __init__(self, n_pages: int) -> None:
+        self.n_pages = n_pages
+        self._vmas: list[tuple[int, int, int]] = []
+        self.set(0, n_pages, 0)
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        return iter(self._vmas)
+
+    @property
+    def single(self) -> int | None:
+        """The mode when one VMA covers the guest (the common case), else None."""
+        return self._vmas[0][2] if len(self._vmas) == 1 else None
+
+    def set(self, p0: int, p1: int, mode: int) -> None:
+        """Give pages [p0, p1) the registration ``mode``."""
+        pieces: list[tuple[int, int, int]] = []
+        for s, e, m in self._vmas:
+            if s < p0:
+                pieces.append((s, min(e, p0), m))
+            if e > p1:
+                pieces.append((max(s, p1), e, m))
+        pieces.append((p0, p1, mode))
+        pieces.sort()
+        merged: list[tuple[int, int, int]] = []
+        for s, e, m in pieces:
+            if merged and merged[-1][2] == m and merged[-1][1] == s:
+                merged[-1] = (merged[-1][0], e, m)
+            else:
+                merged.append((s, e, m))
+        self._vmas = merged
+        self._starts = [s for s, _, _ in merged]
+        self._start_arr = np.array(self._starts, dtype=np.int64)
+        self._mode_arr = np.array([m for _, _, m in merged], dtype=np.int64)
+
+    def overlapping(self, p0: int, p1: int) -> list[tuple[int, int, int]]:
+        """The VMAs that intersect pages [p0, p1)."""
+        return [v for v in self._vmas if v[0] < p1 and v[1] > p0]
+
+    def modes_in(self, p0: int, p1: int) -> list[int]:
+        """Modes of the VMAs that intersect pages [p0, p1)."""
+        if len(self._vmas) == 1:
+            return [self._vmas[0][2]]
+        return [m for _, _, m in self.overlapping(p0, p1)]
+
+    def mode_of(self, page: int) -> int:
+        """Mode of one page."""
+        if len(self._vmas) == 1:
+            return self._vmas[0][2]
+        return self._vmas[bisect.bisect_right(self._starts, page) - 1][2]
+
+    def modes_of(self, pages: np.ndarray) -> np.ndarray:
+        """Modes of many pages (vectorised)."""
+        out: np.ndarray = self._mode_arr[np.searchsorted(self._start_arr, pages, side="right") - 1]
+        return out
