@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import structlog
@@ -30,9 +31,15 @@ def on_handoff(agent: Agent, att: HandoffAttach) -> None:
     def closed() -> None:
         # The VMM went away (or the connection broke): keep its evicted pages indexed; a
         # reattach on a new connection resumes serving them.
-        if agent.sessions.get(vm_id) is session:
-            agent.mark_disconnected(vm_id)
-            agent.events.publish(EventKind.VMM_DISCONNECTED, f"VMM of {vm_id} disconnected", vm_id)
+        if agent.sessions.get(vm_id) is not session:
+            return
+        if agent.index.count(vm_id) == 0:
+            # Nothing of this VM lives outside its memory: the session simply ends.
+            with contextlib.suppress(TiermemError):
+                agent.detach(vm_id)
+            return
+        agent.mark_disconnected(vm_id)
+        agent.events.publish(EventKind.VMM_DISCONNECTED, f"VMM of {vm_id} disconnected", vm_id)
 
     att.connection.on_close = closed
     log.info("vm handed off", vm=vm_id, mode=att.mode, pid=att.peer_pid, reattach=att.reattach)

@@ -163,12 +163,6 @@ def cycle_table(reports: list[Any], title: str | None) -> Any:
     return table(title, cols, rows)
 
 
-# --- `tiermem vm run` goes here -------------------------------------------------
-# Starting a guest under the reference KVM VMM (tiermem.vmm) and handing its
-# uffd/memfd to the local agent will be a ``@vm.command("run")`` in this module
-# (or a module of its own added with ``vm.add_command(run)``); it is not wired yet.
-
-
 @vm.command("register")
 @click.argument("vm_id", metavar="VM")
 @click.option(
@@ -281,3 +275,9 @@ def deregister_vm(ctx: click.Context, vm_id: str, purge: bool, yes: bool, as_jso
         emit_json({"vm_id": vm_id, "purged": purge, "pages_purged": purged})
         return
     click.echo(f"VM {vm_id} deregistered" + (f" ({purged} evicted pages purged)" if purge else " (drained)"))
+
+
+# `tiermem vm run` (the reference KVM VMM) lives in its own module: it imports no gRPC code.
+from tiermem.cli.vmrun import run_vm  # noqa: E402
+
+vm.add_command(run_vm)
