@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from tiermem import __version__
+from tiermem.cli.bench import bench
 from tiermem.cli.cycle import cycle
 from tiermem.cli.demo import demo
 from tiermem.cli.doctor import doctor
@@ -123,6 +124,7 @@ cli.add_command(node)
 cli.add_command(events)
 cli.add_command(serve)
 cli.add_command(simulate)
+cli.add_command(bench)
 cli.add_command(demo)
 
 

@@ -1,0 +1,80 @@
+"""``tiermem bench`` scenarios on the real kernel (userfaultfd, KVM), in quick mode: fields and sanity only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.integration.test_bench_quick import bench, check_ratio
+
+pytestmark = [pytest.mark.uffd, pytest.mark.timeout(180)]
+
+
+def check_fault_row(r: dict[str, Any], store: str, faults: int) -> None:
+    assert (r["store"], r["faults"], r["mismatches"]) == (store, faults, 0)
+    assert r["faults_served"] == faults  # every read was a real MISSING fault served by the agent
+    assert 0 < r["guest"]["p50_us"] <= r["guest"]["p99_us"] <= r["guest"]["max_us"]
+    assert 0 < r["agent"]["p50_us"] <= r["agent"]["p99_us"] and r["agent"]["samples"] == faults
+    assert set(r["agent"]["stage_mean_us"]) == {"lookup", "fetch", "install"}
+    copy, get = r["baseline_copy"], r["baseline_get"]
+    assert copy["calls"] == faults and 0 < copy["p50_us"] <= copy["p99_us"]
+    assert get["client"] and 0 < get["p50_us"] <= get["p99_us"]
+    check_ratio(r["ratio_p50_vs_copy_plus_get"], r["guest"]["p50_us"], copy["p50_us"] + get["p50_us"])
+    assert r["resident_touch"]["p50_us"] > 0
+
+
+def test_fault_local() -> None:
+    out = bench("fault", "--faults", "200")
+    (r,) = out["rows"]
+    check_fault_row(r, "local", 200)
+    assert set(out["goals"]) == {"local_p50_le_100us", "local_p99_le_1ms"}
+
+
+@pytest.mark.redis
+def test_fault_redis(redis_srv: Any) -> None:
+    out = bench("fault", "--no-local", "--store", redis_srv.url, "--faults", "100")
+    (r,) = out["rows"]
+    check_fault_row(r, "redis", 100)
+    assert out["goals"] == {"local_p50_le_100us": None, "local_p99_le_1ms": None}
+
+
+def test_evict_uffd_local() -> None:
+    (r,) = bench("evict", "--pages", "512")["rows"]
+    assert (r["backend"], r["pages"], r["bytes_written"]) == ("uffd", 512, 512 * 4096)
+    check_ratio(r["ratio_vs_raw"], r["agent"]["pages_per_s"], r["raw"]["pages_per_s"])
+    assert r["store_put"]["pages_per_s"] > 0
+
+
+@pytest.mark.redis
+def test_agent_with_redis(redis_srv: Any) -> None:
+    out = bench("agent", "--store", redis_srv.url, "--sim-vms", "2", "--sim-mib", "8", "--guest-mib", "4",
+                "--cap-mib", "2", "--interval-ms", "50")  # fmt: skip
+    assert out["store"]["kind"] == "redis" and out["mismatches"] == 0
+    assert [t["backend"] for t in out["tracking"]] == ["sim", "sim", "uffd"]
+    for t in out["tracking"][:2]:  # the 10% hot set, found exactly by a detect-only cycle
+        assert t["hot"] == round(0.1 * t["pages"]) and t["hot"] + t["cold"] == t["pages"]
+        assert t["phases_ms"]["total"] > 0 and t["cpu_ms"] >= 0
+    ev = out["eviction"]
+    assert ev["vms"] == 2 and ev["pages"] == 2 * 512  # the 2 MiB cap of each VM
+    for key in ("faults_idle", "faults_during_eviction"):
+        f = out[key]
+        assert f["faults"] == 512 and 0 < f["p50_us"] <= f["p99_us"]
+    g = out["baseline_get"]
+    assert g["client"] and 0 < g["p50_us"] <= g["p99_us"]
+    check_ratio(
+        out["ratio_fault_p50_during_vs_raw_get"], out["faults_during_eviction"]["p50_us"], g["p50_us"]
+    )
+    check_ratio(out["ratio_evict_rate_vs_raw_put"], ev["pages_per_s"], out["baseline_put"]["pages_per_s"])
+    assert out["cpu_per_gib"]["sim_ms_per_cycle"] > 0 and out["cpu_per_gib"]["baseline_numpy_pass_ms"] > 0
+    assert list(out["goals"]) == ["fault_p50_during_eviction_le_2x_raw_get"]
+
+
+@pytest.mark.kvm
+def test_kvm() -> None:
+    out = bench("kvm", "--memory-mib", "16", "--duration", "0.3", "--fault-samples", "50")
+    for g in ("kvm", "process"):
+        assert out[g]["mismatches"] == 0 and out[g]["verified_pages"] > 0
+        assert out[g]["off"]["accesses_per_s"] > 0 and out[g]["on"]["accesses_per_s"] > 0
+        assert out[g]["latency"]["fault_p50_us"] <= out[g]["latency"]["fault_p99_us"]
+    assert out["ratios"]["kvm_on_over_off"] > 0

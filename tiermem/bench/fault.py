@@ -1,0 +1,140 @@
+"""Fault service latency on the real ``uffd`` backend: a process guest touches its evicted pages.
+
+Per store: an in-process node agent takes a process guest over the handoff
+socket; the guest writes every page, one eviction cycle evicts them all, then
+the guest reads them back one by one in random order. Each read is a real
+MISSING fault: uffd message -> agent index lookup -> store get -> verify ->
+UFFDIO_COPY -> wake. Measured:
+
+- ``guest``: the guest's own timing of each faulting load (the whole round trip);
+- ``agent``: the agent's service time from message to install (its latency window);
+- ``resident``: the same loads once the pages are back (the guest loop's own cost).
+
+Baselines measured in the same run: the same number of UFFDIO_COPY calls from a
+warm buffer (no fault, no store) and single-page reads with the store's plain
+client (redis-py GET, ranged get_object, os.pread). Goals with the local store:
+p50 <= 100 µs and p99 <= 1 ms. The guest verifies every page at the end.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tiermem.bench.common import (
+    GuestDriver,
+    bench_agent,
+    pages_spec,
+    pct,
+    ratio,
+    raw_copy_latencies,
+    raw_get_latencies,
+    require_uffd,
+    store_targets,
+    wait_attached,
+)
+from tiermem.errors import FailedPrecondition
+from tiermem.model import PAGE_SIZE, CycleMode, EvictionPolicy
+
+__all__ = ["GOAL_P50_US", "GOAL_P99_US", "run", "run_store"]
+
+GOAL_P50_US = 100.0
+GOAL_P99_US = 1000.0
+_STAGES = ("lookup", "fetch", "install")
+
+
+def _stage_sums(agent: Any) -> dict[str, tuple[float, float]]:
+    """(sum seconds, count) of the agent's fault-stage histogram, per stage."""
+    reg = agent.metrics.registry
+    out = {}
+    for st in _STAGES:
+        total = reg.get_sample_value("tiermem_agent_fault_stage_seconds_sum", {"stage": st}) or 0.0
+        count = reg.get_sample_value("tiermem_agent_fault_stage_seconds_count", {"stage": st}) or 0.0
+        out[st] = (total, count)
+    return out
+
+
+def _stage_means(
+    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
+) -> dict[str, float]:
+    """Mean microseconds per fault in each stage between two readings."""
+    return {st: round((after[st][0] - before[st][0]) / max(after[st][1] - before[st][1], 1) * 1e6, 1)
+            for st in _STAGES}  # fmt: skip
+
+
+def run_store(label: str, url: str, faults: int, prefetch: int = 0, seed: int = 1,
+              tmp: Path | None = None) -> dict[str, Any]:  # fmt: skip
+    """Evict ``faults`` pages of a process guest to the store at ``url`` and fault them back."""
+    vm = f"fault-{label}"
+    with bench_agent({"default": url}, tmp=tmp) as agent:
+        guest = GuestDriver(agent.settings.handoff_path(), vm, f"{faults * PAGE_SIZE // 1024}K")
+        try:
+            s = wait_attached(agent, vm)
+            agent.set_policy(vm, EvictionPolicy(cold_after=1, prefetch_pages=prefetch, store="default"))
+            guest.cmd(f"touch 0-{faults - 1} w")  # populate: every page holds data (no zero pages)
+            t0 = time.perf_counter()
+            rep = agent.run_cycle(vm, CycleMode.EVICT, interval_ms=20)
+            evict_s = time.perf_counter() - t0
+            if rep.error or rep.pages_evicted != faults:
+                raise FailedPrecondition(
+                    f"eviction to {label} evicted {rep.pages_evicted}/{faults}: {rep.error}"
+                )
+            order = np.random.default_rng(seed).permutation(faults)
+            spec = pages_spec(order)
+            served0 = s.counters.faults_served
+            stages0 = _stage_sums(agent)
+            t0 = time.perf_counter()
+            touched = guest.cmd(f"touch {spec} r", timeout=600)
+            wall = time.perf_counter() - t0
+            served = s.counters.faults_served - served0
+            stages = _stage_means(stages0, _stage_sums(agent))
+            agent_us = s.fault_latency.samples()[-served:] if served else np.zeros(0)
+            resident = guest.cmd(f"touch {spec} r")
+            check = guest.cmd("verify", timeout=600)
+        finally:
+            guest.close()
+    if check["mismatches"]:
+        raise AssertionError(f"{check['mismatches']} pages differ after faulting back from {label}")
+    copy_us = raw_copy_latencies(faults)
+    raw_name, get_us = raw_get_latencies(url, min(faults, 5000))
+    g50, g99 = touched["p50_us"], touched["p99_us"]
+    a50, a99 = pct(agent_us, 50, 99)
+    c50, c99 = pct(copy_us, 50, 99)
+    r50, r99 = pct(get_us, 50, 99)
+    return {
+        "store": label, "url": url, "faults": touched["pages"], "faults_served": served, "prefetch": prefetch,
+        "evict_s": round(evict_s, 3), "touch_wall_s": round(wall, 3),
+        "guest": {"p50_us": round(g50, 1), "p99_us": round(g99, 1), "max_us": round(touched["max_us"], 1)},
+        "agent": {"p50_us": a50, "p99_us": a99, "samples": len(agent_us), "stage_mean_us": stages},
+        "resident_touch": {"p50_us": round(resident["p50_us"], 2), "p99_us": round(resident["p99_us"], 2)},
+        "baseline_copy": {"calls": faults, "p50_us": c50, "p99_us": c99, "total_s": round(float(copy_us.sum()) / 1e6, 4)},
+        "baseline_get": {"client": raw_name, "samples": len(get_us), "p50_us": r50, "p99_us": r99},
+        "ratio_p50_vs_copy": ratio(g50, c50), "ratio_p50_vs_copy_plus_get": ratio(g50, c50 + r50),
+        "ratio_p99_vs_copy_plus_get": ratio(g99, c99 + r99),
+        "overhead_p50_us": round(g50 - c50 - r50, 1),
+        "mismatches": check["mismatches"],
+    }  # fmt: skip
+
+
+def run(urls: Sequence[str] = (), spawn: Sequence[str] = (), quick: bool = False, faults: int = 10240,
+        prefetch: int = 0, local: bool = True) -> dict[str, Any]:  # fmt: skip
+    """The fault benchmark on each store (a local store first, unless ``local`` is False)."""
+    require_uffd()
+    if quick:
+        faults = min(faults, 512)
+    if faults < 1:
+        raise FailedPrecondition("faults must be >= 1")
+    rows = []
+    with store_targets(urls, spawn, local=local) as targets:
+        for t in targets:
+            rows.append(run_store(t.label, t.url, faults, prefetch))
+    goals: dict[str, bool | None] = {"local_p50_le_100us": None, "local_p99_le_1ms": None}
+    for r in rows:
+        if r["store"] == "local":
+            goals = {"local_p50_le_100us": r["guest"]["p50_us"] <= GOAL_P50_US,
+                     "local_p99_le_1ms": r["guest"]["p99_us"] <= GOAL_P99_US}  # fmt: skip
+    return {"faults": faults, "prefetch": prefetch, "page_size": PAGE_SIZE, "rows": rows, "goals": goals}

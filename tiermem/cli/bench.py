@@ -1,0 +1,407 @@
+"""``tiermem bench``: the benchmark suite, one command per scenario.
+
+Every scenario prints its figures beside a baseline measured in the same run,
+and the ratio; ``--json`` prints the figures instead (the keys documented in
+``docs/benchmarks.md``); ``--quick`` uses small sizes. Servers a scenario needs
+are started with ``--spawn redis|s3`` or used at ``--store URL``. Goals are
+reported as met or MISSED, never asserted.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+import click
+
+from tiermem.cli.errors import fail
+from tiermem.cli.output import console, emit_json, kv_table, table
+
+__all__ = ["bench", "host_info"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def host_info() -> dict[str, Any]:
+    """The machine a result was measured on."""
+    mem = 0
+    try:
+        with open("/proc/meminfo") as f:
+            mem = int(next(line for line in f if line.startswith("MemTotal:")).split()[1]) * 1024
+    except (OSError, StopIteration, ValueError):
+        pass
+    u = os.uname()
+    return {"cores": os.cpu_count(), "memory_gib": round(mem / 2**30, 1), "kernel": u.release, "machine": u.machine,
+            "python": sys.version.split()[0]}  # fmt: skip
+
+
+def _common(f: F) -> F:
+    f = click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")(f)
+    return click.option(
+        "--quick", is_flag=True, help="Small sizes (seconds): a smoke run, not a measurement."
+    )(f)
+
+
+def _stores(f: F) -> F:
+    f = click.option("--spawn", multiple=True, type=click.Choice(["redis", "s3"]),
+                     help="Start a throwaway redis-server or SeaweedFS for the run (repeatable).")(f)  # fmt: skip
+    return click.option("--store", "urls", multiple=True, metavar="URL",
+                        help="Store URL to benchmark (repeatable): file://, redis://, s3://...")(f)  # fmt: skip
+
+
+def _quiet_logs() -> None:
+    # The agent logs through structlog; keep stdout for the table or the JSON.
+    from tiermem.logging import configure_logging
+
+    configure_logging(json=True, level="WARNING", stream=sys.stderr)
+
+
+def _out(name: str, result: dict[str, Any], as_json: bool, render: Callable[[dict[str, Any]], None]) -> None:
+    if as_json:
+        emit_json({"scenario": name, "host": host_info(), **result})
+    else:
+        render(result)
+
+
+def _goals(goals: dict[str, Any]) -> None:
+    con = console()
+    for name, ok in goals.items():
+        con.print(f"goal {name}: {'n/a' if ok is None else 'met' if ok else 'MISSED'}")
+
+
+def _f(v: Any, nd: int = 1) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.{nd}f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def _x(v: Any) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def _show(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    console().print(table(title, columns, rows))
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks: each figure beside a baseline measured in the same run, and the ratio."""
+    _quiet_logs()
+
+
+# --- store -------------------------------------------------------------------------------------------
+@bench.command("store")
+@_stores
+@click.option("--pages", type=click.IntRange(min=1), default=4096, show_default=True)
+@click.option("--batch-sizes", default="1,64,1024", show_default=True)
+@click.option("--compression", type=click.Choice(["none", "zstd", "lz4"]), default="none", show_default=True)
+@_common
+def bench_store(urls: tuple[str, ...], spawn: tuple[str, ...], pages: int, batch_sizes: str, compression: str,
+                quick: bool, as_json: bool) -> None:  # fmt: skip
+    """Page-store put/get throughput and single-page latency vs the plain client (a local store by default)."""
+    from tiermem.bench import store as mod
+    from tiermem.bench.common import store_targets
+
+    try:
+        sizes = tuple(int(x) for x in batch_sizes.split(","))
+    except ValueError:
+        fail(f"--batch-sizes: integers separated by commas, got {batch_sizes!r}")
+    if not sizes or min(sizes) < 1:
+        fail("--batch-sizes: give sizes >= 1")
+    with store_targets(urls, spawn, local=not urls and not spawn) as targets:
+        runs = [mod.run(t.url, pages, sizes, quick, compression) for t in targets]
+
+    def render(r: dict[str, Any]) -> None:
+        for s in r["runs"]:
+            _show(f"store {s['store']} ({s['kind']}); baseline: {s['baseline']}",
+                  ["batch", "put p/s", "raw p/s", "put ratio", "put MB/s", "get p/s", "raw p/s", "get ratio", "get MB/s"],
+                  [[t["batch"], _f(t["put"]["pages_per_s"], 0), _f(t.get("put_raw", {}).get("pages_per_s"), 0),
+                    _x(t.get("put_ratio")), _f(t["put"]["mb_per_s"]), _f(t["get"]["pages_per_s"], 0),
+                    _f(t.get("get_raw", {}).get("pages_per_s"), 0), _x(t.get("get_ratio")), _f(t["get"]["mb_per_s"])]
+                   for t in s["throughput"]])  # fmt: skip
+            lat, z = s["single_get_latency"], s["zero_half"]
+            console().print(kv_table(None, [
+                ("single-page get", f"p50 {lat['p50_us']} µs (raw {lat.get('raw_p50_us')}, {_x(lat.get('ratio_p50'))})"
+                                    f", p99 {lat['p99_us']} µs (raw {lat.get('raw_p99_us')}, {_x(lat.get('ratio_p99'))})"),
+                ("50% zero pages", f"stored {z['ratio']:.3f}x the input"
+                                   + (f", backend {z['backend_ratio']:.3f}x" if "backend_ratio" in z else "")),
+            ]))  # fmt: skip
+            _goals(s["goals"])
+
+    _out("store", {"runs": runs}, as_json, render)
+
+
+# --- fault -------------------------------------------------------------------------------------------
+@bench.command("fault")
+@_stores
+@click.option(
+    "--faults", type=click.IntRange(min=1), default=10240, show_default=True, help="Pages faulted back."
+)
+@click.option("--prefetch", type=click.IntRange(0, 512), default=0, show_default=True)
+@click.option("--no-local", is_flag=True, help="Skip the local store.")
+@_common
+def bench_fault(urls: tuple[str, ...], spawn: tuple[str, ...], faults: int, prefetch: int, no_local: bool,
+                quick: bool, as_json: bool) -> None:  # fmt: skip
+    """Real uffd fault latency with a process guest, per store, vs UFFDIO_COPY and the store's raw get."""
+    from tiermem.bench.fault import run
+
+    res = run(urls, spawn, quick, faults, prefetch, local=not no_local)
+
+    def render(r: dict[str, Any]) -> None:
+        _show(f"fault service latency, µs ({r['faults']} faults per store, prefetch {r['prefetch']})",
+              ["store", "fault p50", "p99", "agent p50", "agent p99", "COPY p50", "raw get p50",
+               "p50 / (COPY+get)", "overhead p50", "resident touch", "mismatches"],
+              [[x["store"], x["guest"]["p50_us"], x["guest"]["p99_us"], x["agent"]["p50_us"], x["agent"]["p99_us"],
+                x["baseline_copy"]["p50_us"], x["baseline_get"]["p50_us"], _x(x["ratio_p50_vs_copy_plus_get"]),
+                x["overhead_p50_us"], x["resident_touch"]["p50_us"], x["mismatches"]] for x in r["rows"]])  # fmt: skip
+        _goals(r["goals"])
+
+    _out("fault", res, as_json, render)
+
+
+# --- evict -------------------------------------------------------------------------------------------
+@bench.command("evict")
+@_stores
+@click.option("--pages", type=click.IntRange(min=1), default=65536, show_default=True)
+@click.option("--backend", type=click.Choice(["uffd", "sim"]), default="uffd", show_default=True)
+@click.option("--no-local", is_flag=True, help="Skip the local store.")
+@_common
+def bench_evict(urls: tuple[str, ...], spawn: tuple[str, ...], pages: int, backend: str, no_local: bool,
+                quick: bool, as_json: bool) -> None:  # fmt: skip
+    """Eviction throughput per store: the agent's path vs the store's raw put and put_pages."""
+    from tiermem.bench.evict import run
+
+    res = run(urls, spawn, quick, pages, backend, local=not no_local)
+
+    def render(r: dict[str, Any]) -> None:
+        _show(f"eviction throughput ({r['pages']} pages per store, {r['backend']} backend)",
+              ["store", "agent p/s", "agent MB/s", "raw put p/s", "agent/raw", "put_pages p/s", "agent/put_pages",
+               "evict ms", "cycle ms"],
+              [[x["store"], _f(x["agent"]["pages_per_s"], 0), _f(x["agent"]["mb_per_s"]), _f(x["raw"]["pages_per_s"], 0),
+                _x(x["ratio_vs_raw"]), _f(x["store_put"]["pages_per_s"], 0), _x(x["ratio_vs_store_put"]),
+                x["phases_ms"]["evict"], x["phases_ms"]["total"]] for x in r["rows"]])  # fmt: skip
+        for x in r["rows"]:
+            console().print(f"{x['store']} raw baseline: {x['raw']['client']}")
+
+    _out("evict", res, as_json, render)
+
+
+# --- scan --------------------------------------------------------------------------------------------
+@bench.command("scan")
+@click.option("--pages", type=click.IntRange(min=1), default=1 << 20, show_default=True)
+@click.option("--accessed", type=click.FloatRange(0, 1, min_open=True), default=0.1, show_default=True)
+@click.option("--fleet-vms", type=click.IntRange(min=0), default=None, help="[default: 1000; 0 with --quick]")
+@click.option("--fleet-pages", type=click.IntRange(min=1), default=262144, show_default=True)
+@click.option("--repeat", type=click.IntRange(min=1), default=5, show_default=True)
+@_common
+def bench_scan(pages: int, accessed: float, fleet_vms: int | None, fleet_pages: int, repeat: int, quick: bool,
+               as_json: bool) -> None:  # fmt: skip
+    """The sim's full-range rwprotect and hot-set scan vs one numpy pass; state per page; fleet RSS."""
+    from tiermem.bench.scan import run
+
+    if quick:
+        pages, repeat, fleet_pages = min(pages, 65536), min(repeat, 3), min(fleet_pages, 4096)
+    vms = fleet_vms if fleet_vms is not None else (10 if quick else 1000)
+    res = run(pages, accessed, vms, fleet_pages, repeat)
+
+    def render(r: dict[str, Any]) -> None:
+        base = r["baseline_count_nonzero_s"]
+        rows = [["np.count_nonzero (baseline)", _f(base * 1e6), "1.00x", "-"],
+                ["full-range rwprotect", _f(r["rwprotect_s"] * 1e6), _x(r["rwprotect_ratio"]), _x(r["rwprotect_ratio_best"])]]  # fmt: skip
+        for layout in ("clustered", "scattered"):
+            rows.append([f"hot-set scan, {layout}", _f(r[f"scan_{layout}_s"] * 1e6), _x(r[f"scan_{layout}_ratio"]),
+                         _x(r[f"scan_{layout}_ratio_best"])])  # fmt: skip
+        _show(f"sim scan: {r['pages']:,} pages, {r['accessed_fraction']:.0%} accessed (median of {r['repeat']})",
+              ["operation", "µs", "vs baseline", "best vs best"], rows)  # fmt: skip
+        pairs = [("state per page", f"{r['state_bytes_per_page']} B (+{r['synthetic_content_bytes_per_page']} B synthetic content)")]  # fmt: skip
+        if "fleet_vms" in r:
+            pairs.append(("fleet", f"{r['fleet_vms']:,} VMs x {r['fleet_pages_per_vm']:,} pages: RSS "
+                                   f"{r['fleet_rss_bytes'] / 2**30:.2f} GiB ({r['fleet_bytes_per_page']:.2f} B/page)"))  # fmt: skip
+        console().print(kv_table(None, pairs))
+        _goals(_scan_goals(r))
+
+    _out("scan", {**res, "goals": _scan_goals(res)}, as_json, render)
+
+
+def _scan_goals(r: dict[str, Any]) -> dict[str, Any]:
+    g: dict[str, Any] = {
+        "rwprotect_le_10x": r["rwprotect_ratio_best"] <= 10,
+        "scan_le_10x": max(r["scan_clustered_ratio_best"], r["scan_scattered_ratio_best"]) <= 10,
+        "state_le_4_bytes_per_page": r["state_bytes_per_page"] <= 4,
+    }
+    if r.get("fleet_vms") == 1000 and r.get("fleet_pages_per_vm") == 262144:
+        g["fleet_1000x262144_under_2gib"] = r["fleet_rss_bytes"] < 2 << 30
+    return g
+
+
+# --- kvm ---------------------------------------------------------------------------------------------
+@bench.command("kvm")
+@click.option("--memory-mib", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
+              help="Seconds per phase.")  # fmt: skip
+@click.option("--interval", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Seconds between zaps with tracking on.")  # fmt: skip
+@click.option("--workload", default="hotset:0.1", show_default=True)
+@click.option("--fault-samples", type=click.IntRange(min=1), default=2000, show_default=True)
+@_common
+def bench_kvm(memory_mib: int, duration: float, interval: float, workload: str, fault_samples: int, quick: bool,
+              as_json: bool) -> None:  # fmt: skip
+    """A KVM guest vs a process guest: accesses/s with tracking off and on, fault latency."""
+    from tiermem.kernel.probe import kvm_api_version
+
+    if kvm_api_version() != 12:
+        fail("/dev/kvm is missing or unusable here: try 'tiermem bench fault' (process guest) instead")
+    from tiermem.bench.kvm import run
+
+    res = run(
+        memory_mib, duration, quick, interval_s=interval, workload=workload, fault_samples=fault_samples
+    )
+
+    def render(r: dict[str, Any]) -> None:
+        rows = []
+        for name in ("kvm", "process"):
+            g = r[name]
+            off, on, lat = g["off"], g["on"], g["latency"]
+            rows.append([name, _f(off["accesses_per_s"], 0), _f(on["accesses_per_s"], 0),
+                         _x(on["accesses_per_s"] / off["accesses_per_s"] if off["accesses_per_s"] else None),
+                         _f(on["minor_faults_per_s"], 0), on["lost_us_per_minor_fault"], lat["fault_p50_us"],
+                         lat["fault_p99_us"], lat["touch_resident_p50_us"], g["mismatches"]])  # fmt: skip
+        _show(f"KVM vs process guest: {r['memory_mib']} MiB, {r['workload']}, {r['duration_s']} s per phase, "
+              f"zap every {r['interval_s']} s",
+              ["guest", "off acc/s", "on acc/s", "on/off", "MINOR/s", "µs lost/MINOR", "fault p50 µs", "p99 µs",
+               "resident touch µs", "mismatches"], rows)  # fmt: skip
+        x = r["ratios"]
+        console().print(f"KVM/process accesses (off) {_x(x['kvm_over_process_off'])}, fault p50 "
+                        f"{_x(x['kvm_fault_p50_over_process'])}, p99 {_x(x['kvm_fault_p99_over_process'])}")  # fmt: skip
+
+    _out("kvm", res, as_json, render)
+
+
+# --- control -----------------------------------------------------------------------------------------
+@bench.command("control")
+@click.option("--vms", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--agents", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--interval", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              help="Cycle interval, seconds.")  # fmt: skip
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+              help="Measured window, seconds.")  # fmt: skip
+@_common
+def bench_control(
+    vms: int, agents: int, interval: float, duration: float, quick: bool, as_json: bool
+) -> None:
+    """Control-plane scale: cycle orders/s, scheduling lag vs bare timers, CPU and RSS."""
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    from tiermem.bench.control import run
+
+    res = run(vms, agents, interval, duration, quick)
+
+    def render(r: dict[str, Any]) -> None:
+        b = r["baseline"]
+        _show(f"control plane: {r['vms']} VMs on {r['agents']} agents, interval {r['interval_s']} s, "
+              f"{r['duration_s']} s measured",
+              ["", "lag p50 ms", "lag p99 ms", "lag max ms", "CPU s"],
+              [["control plane", _f(r["lag_p50_ms"]), _f(r["lag_p99_ms"]), _f(r["lag_max_ms"]), _f(r["cpu_s"], 2)],
+               ["bare asyncio timers (baseline)", _f(b["lag_p50_ms"]), _f(b["lag_p99_ms"]), _f(b["lag_max_ms"]),
+                _f(b["cpu_s"], 2)]])  # fmt: skip
+        console().print(kv_table(None, [
+            ("cycle orders", f"{r['orders']} ({r['orders_per_s']}/s sustained, {r['expected_orders_per_s']}/s due), "
+                             f"{r['failed']} failed"),
+            ("lag p99 vs baseline", _x(r["lag_p99_ms"] / b["lag_p99_ms"] if b["lag_p99_ms"] else None)),
+            ("CPU", f"{r['cpu_pct_of_one_core']}% of one core"),
+            ("RSS", f"{r['rss_mib']} MiB (peak {r['rss_peak_mib']} MiB)"),
+        ]))  # fmt: skip
+        _goals(r["goals"])
+
+    _out("control", res, as_json, render)
+
+
+# --- policy ------------------------------------------------------------------------------------------
+@bench.command("policy")
+@click.option("--pages", type=click.IntRange(min=1), default=16384, show_default=True)
+@click.option("--ticks", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--interval-ticks", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--cold-after", default="1,2,4,8", show_default=True)
+@click.option(
+    "--workload", "workloads", multiple=True, help="Workload spec (repeatable) [default: the built-ins]."
+)
+@_common
+def bench_policy(pages: int, ticks: int, interval_ticks: int, cold_after: str, workloads: tuple[str, ...],
+                 quick: bool, as_json: bool) -> None:  # fmt: skip
+    """Memory saved vs promotions per workload, beside an oracle and random eviction at the same memory saved."""
+    from tiermem.bench.policy import WORKLOADS, run
+
+    try:
+        ages = tuple(int(x) for x in cold_after.split(","))
+    except ValueError:
+        fail(f"--cold-after: integers separated by commas, got {cold_after!r}")
+    if not ages or min(ages) < 1 or max(ages) > 250:
+        fail("--cold-after: values between 1 and 250")
+    res = run(quick, pages, ticks, interval_ticks, ages, workloads or WORKLOADS)
+
+    def render(r: dict[str, Any]) -> None:
+        _show(f"policy: {r['pages']} pages, {r['ticks']} ticks, cycle every {r['interval_ticks']} ticks; "
+              "baselines evict as many pages at every close",
+              ["workload", "cold-after", "saved", "promotions", "per tick", "rate/cycle", "oracle prom.",
+               "random prom.", "vs oracle", "random/ours"],
+              [[x["workload"], x["cold_after"], f"{100 * x['saved']:.1f}%", x["promotions"],
+                _f(x["promotions_per_tick"], 2), f"{100 * x['promotion_rate']:.2f}%", x["oracle_promotions"],
+                x["random_promotions"], _x(x["vs_oracle"]), _x(x["random_vs_policy"])] for x in r["rows"]])  # fmt: skip
+
+    _out("policy", res, as_json, render)
+
+
+# --- agent -------------------------------------------------------------------------------------------
+@bench.command("agent")
+@_stores
+@click.option("--sim-vms", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--sim-mib", type=click.IntRange(min=1), default=1024, show_default=True)
+@click.option("--guest-mib", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--cap-mib", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Per-cycle eviction cap of each sim VM.")  # fmt: skip
+@click.option("--interval-ms", type=click.IntRange(min=1), default=1000, show_default=True)
+@_common
+def bench_agent(urls: tuple[str, ...], spawn: tuple[str, ...], sim_vms: int, sim_mib: int, guest_mib: int,
+                cap_mib: int, interval_ms: int, quick: bool, as_json: bool) -> None:  # fmt: skip
+    """4 sim VMs of 1 GiB + 1 process guest on uffd, one store (default: a spawned Redis)."""
+    from tiermem.bench.agent import run
+
+    res = run(urls, spawn, quick, sim_vms, sim_mib, guest_mib, cap_mib, interval_ms)
+
+    def render(r: dict[str, Any]) -> None:
+        _show(f"tracking: one detect cycle per VM ({r['interval_ms']} ms window), ms per phase",
+              ["vm", "backend", "pages", "hot", "protect", "wait", "freeze", "scan", "decide", "resume", "total",
+               "agent CPU ms"],
+              [[t["vm"], t["backend"], t["pages"], t["hot"], *(t["phases_ms"][p] for p in
+                ("protect", "wait", "freeze", "scan", "decide", "resume", "total")), t["cpu_ms"]]
+               for t in r["tracking"]])  # fmt: skip
+        ev = r["eviction"]
+        _show(f"eviction: {ev['vms']} sim VMs at once, cap {r['cap_mib']} MiB each, ms per phase",
+              ["vm", "pages", "protect", "scan", "decide", "evict", "total"],
+              [[v["vm"], v["pages"], *(v["phases_ms"][p] for p in ("protect", "scan", "decide", "evict", "total"))]
+               for v in ev["per_vm"]])  # fmt: skip
+        i, d, g = r["faults_idle"], r["faults_during_eviction"], r["baseline_get"]
+        _show(f"fault latency, µs ({r['store']['kind']}); baseline: {g['client']}",
+              ["", "faults", "p50", "p99", "agent p50", "agent p99", "p50 vs raw get"],
+              [["faults, idle", i["faults"], i["p50_us"], i["p99_us"], i["agent_p50_us"], i["agent_p99_us"],
+                _x(r["ratio_fault_p50_idle_vs_raw_get"])],
+               [f"faults during eviction ({100 * d['overlap']:.0f}% overlap)", d["faults"], d["p50_us"], d["p99_us"],
+                d["agent_p50_us"], d["agent_p99_us"], _x(r["ratio_fault_p50_during_vs_raw_get"])],
+               ["raw get (baseline)", g["samples"], g["p50_us"], g["p99_us"], "-", "-", "1.00x"]])  # fmt: skip
+        c = r["cpu_per_gib"]
+        console().print(kv_table(None, [
+            ("evicted", f"{ev['pages']} pages in {ev['seconds']} s: {_f(ev['pages_per_s'], 0)} pages/s, "
+                        f"{ev['mb_per_s']} MB/s ({_x(r['ratio_evict_rate_vs_raw_put'])} the raw put, "
+                        f"{_f(r['baseline_put']['pages_per_s'], 0)} pages/s)"),
+            ("agent CPU per GiB tracked", f"sim {c['sim_ms_per_cycle']} ms per cycle ({c['sim_pct_core_at_30s']}% "
+                                          f"of a core at a 30 s interval); uffd {c['uffd_ms_per_cycle']} ms per cycle; "
+                                          f"baseline numpy pass over a GiB's pages {c['baseline_numpy_pass_ms']} ms"),
+        ]))  # fmt: skip
+        _goals(r["goals"])
+
+    _out("agent", res, as_json, render)
