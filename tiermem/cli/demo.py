@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from tiermem.cli.errors import EXIT_PRECONDITION, CliExit
 from tiermem.demo.runner import DEFAULT_WORKLOADS, DemoConfig, DemoSummary, Sample, run_demo
 from tiermem.units import parse_duration_ms
 
@@ -55,8 +56,9 @@ def _print_summary(console: Console, s: DemoSummary) -> None:
 @click.option("--duration", default="30s", show_default=True, help="How long to run, e.g. 20s, 2m.")
 @click.option("--backend", type=click.Choice(["sim", "uffd"]), default="sim", show_default=True,
               help="sim: simulated RWP kernel; uffd: real process guests on this kernel's userfaultfd.")  # fmt: skip
+@click.option("--kvm", is_flag=True, help="Run the four workloads as real KVM guests (needs /dev/kvm).")
 @click.option("--memory", "memory_mib", type=click.IntRange(4, 65536), default=None,
-              help="MiB per VM [default: 128 sim, 64 uffd].")  # fmt: skip
+              help="MiB per VM [default: 128 sim, 64 uffd and KVM].")  # fmt: skip
 @click.option(
     "--interval", default="1s", show_default=True, help="Detection interval of the demo's fleet policy."
 )
@@ -66,7 +68,7 @@ def _print_summary(console: Console, s: DemoSummary) -> None:
     "--workdir", type=click.Path(file_okay=False), default=None, help="Keep state here (default: a temp dir)."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
-def demo(duration: str, backend: str, memory_mib: int | None, interval: str, cold_after: int, plot: str | None,
+def demo(duration: str, backend: str, kvm: bool, memory_mib: int | None, interval: str, cold_after: int, plot: str | None,
          workdir: str | None, as_json: bool) -> None:  # fmt: skip
     """Start a control plane, an agent and four VMs (hot set, Zipf, phase shift, idle); tier them live."""
     try:
@@ -77,6 +79,13 @@ def demo(duration: str, backend: str, memory_mib: int | None, interval: str, col
         interval_ms = parse_duration_ms(interval)
     except Exception as e:
         raise click.BadParameter(str(e), param_hint="--interval") from None
+    if kvm:
+        from tiermem.kernel.probe import kvm_api_version
+
+        if kvm_api_version() != 12:
+            raise CliExit("/dev/kvm is missing or unusable here: run the demo on the sim (default) or with "
+                          "--backend uffd (process guests)", EXIT_PRECONDITION)  # fmt: skip
+        backend = "kvm"
     cfg = DemoConfig(duration_s=dur, backend=backend, memory_mib=memory_mib or 0, interval_ms=interval_ms,
                      cold_after=cold_after, plot=plot or "", workdir=workdir or "")  # fmt: skip
     logging.getLogger().setLevel(logging.WARNING)

@@ -128,3 +128,56 @@ class ProcessGuestHandle:
             except Exception:
                 self.proc.kill()
                 self.proc.wait(5)
+
+
+@dataclass
+class KvmGuestHandle:
+    """A real KVM guest under the reference VMM, its RAM handed to the agent."""
+
+    vm_id: str
+    workload: str
+    socket_path: str
+    memory_bytes: int
+    seed: int = 1
+    vm: Any = None
+    _thread: threading.Thread | None = None
+    error: str = ""
+
+    def spawn(self) -> None:
+        """Boot the VM and hand its memory to the agent; every page gets an initial image."""
+        from tiermem.vmm.kvm import KvmVm
+
+        self.vm = KvmVm(self.vm_id, self.memory_bytes, vcpus=1, workload_spec=self.workload, seed=self.seed)
+        self.vm.start(self.socket_path)
+        self.vm.prefill()
+
+    def start(self) -> None:
+        """Run the workload on the vCPU until stopped."""
+        self._thread = threading.Thread(target=self._run, name=f"kvm-{self.vm_id}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.vm.run(24 * 3600.0, verify=False)
+        except Exception as e:  # reported by verify()
+            self.error = str(e)
+
+    def stop(self) -> None:
+        """Stop the vCPUs (after their current batch)."""
+        if self.vm is not None:
+            self.vm.stop()
+        if self._thread is not None:
+            self._thread.join(30)
+
+    def verify(self) -> tuple[int, int]:
+        """Every page read through the VMM's guest mapping (evicted pages fault back through the agent)."""
+        self.stop()
+        if self.error:
+            raise FailedPrecondition(f"{self.vm_id}: {self.error}")
+        checked, bad = self.vm.verify()
+        return int(checked), int(bad)
+
+    def close(self) -> None:
+        """Shut the VM down."""
+        if self.vm is not None:
+            self.vm.close()

@@ -23,7 +23,7 @@ from tiermem.agent.server import RunningAgent, serve_agent
 from tiermem.config import AgentSettings, ControlPlaneSettings
 from tiermem.control.server import RunningControlPlane, serve_control_plane
 from tiermem.control.types import PolicyScope, VmSpec
-from tiermem.demo.guests import DemoGuest, ProcessGuestHandle, SimGuestHandle
+from tiermem.demo.guests import DemoGuest, KvmGuestHandle, ProcessGuestHandle, SimGuestHandle
 from tiermem.demo.plot import Series, write_plot
 from tiermem.errors import FailedPrecondition, InvalidArgument
 from tiermem.model import Backend, EvictionPolicy, VmStatus
@@ -50,7 +50,7 @@ class DemoConfig:
     duration_s: float = 30.0
     backend: str = "sim"
     memory_mib: int = 0
-    """Per VM; 0 = 128 MiB on the sim, 64 MiB for process guests."""
+    """Per VM; 0 = 128 MiB on the sim, 64 MiB for process and KVM guests."""
     interval_ms: int = 1000
     cold_after: int = 2
     workdir: str = ""
@@ -102,8 +102,8 @@ async def _wait_node(client: AsyncControlPlaneClient, timeout: float = 10.0) -> 
 
 async def run_demo(cfg: DemoConfig, on_sample: Callable[[Sample], None] | None = None) -> DemoSummary:
     """Run the demo for ``cfg.duration_s`` and return its summary (cleans up on cancel)."""
-    if cfg.backend not in ("sim", "uffd"):
-        raise InvalidArgument(f"--backend must be sim or uffd, got {cfg.backend!r}")
+    if cfg.backend not in ("sim", "uffd", "kvm"):
+        raise InvalidArgument(f"--backend must be sim or uffd (or --kvm), got {cfg.backend!r}")
     if cfg.duration_s <= 0:
         raise InvalidArgument("--duration must be > 0")
     work = Path(cfg.workdir) if cfg.workdir else Path(tempfile.mkdtemp(prefix="tiermem-demo-"))
@@ -194,8 +194,18 @@ async def _start_guests(
                                             backend=Backend.SIM, workload=spec), attach=True)  # fmt: skip
             guests.append(SimGuestHandle(vm, spec, agent.agent.verify))
         return guests
-    mem_mib = cfg.memory_mib or 64
     sock = agent.agent.settings.handoff_path()
+    if cfg.backend == "kvm":
+        mem = (cfg.memory_mib or 64) * MIB
+        for i, (name, spec) in enumerate(DEFAULT_WORKLOADS.items()):
+            kg = KvmGuestHandle(f"kvm-{name}", spec, sock, mem, seed=i + 1)
+            await asyncio.to_thread(kg.spawn)
+            guests.append(kg)
+            await client.register_vm(VmSpec(vm_id=kg.vm_id, node_id=NODE, memory_bytes=mem,
+                                            labels={"workload": name}, backend=Backend.UFFD))  # fmt: skip
+            kg.start()
+        return guests
+    mem_mib = cfg.memory_mib or 64
     for i, (name, spec) in enumerate(DEFAULT_WORKLOADS.items()):
         vm = f"proc-{name}"
         pg = ProcessGuestHandle(vm, spec, sock, memory=f"{mem_mib}M", seed=i + 1)
@@ -213,7 +223,7 @@ async def _shutdown(guests: list[DemoGuest], agent: RunningAgent | None, cp: Run
     for g in guests:
         with contextlib.suppress(Exception):
             await asyncio.to_thread(g.stop)
-        if isinstance(g, ProcessGuestHandle):
+        if isinstance(g, ProcessGuestHandle | KvmGuestHandle):
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(g.close)
     if client is not None:
