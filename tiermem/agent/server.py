@@ -61,9 +61,10 @@ async def serve_agent(settings: AgentSettings, metrics: AgentMetrics | None = No
     address = settings.advertise or f"{host}:{started.port}"
     running = RunningAgent(agent, started, address)
     if settings.metrics_listen:
-        from tiermem.agent.http import start_metrics_endpoint
+        from tiermem.metrics import start_metrics, stop_metrics
 
-        running.closers.append(start_metrics_endpoint(settings.metrics_listen, agent.metrics.registry))
+        start_metrics(settings.metrics_listen, settings.tls, agent.metrics.registry)
+        running.closers.append(stop_metrics)
     from tiermem.agent.attach import start_handoff
 
     closer = start_handoff(agent)
