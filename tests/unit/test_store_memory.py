@@ -158,7 +158,7 @@ def test_entry_that_disagrees_with_the_payload_raises(
     store: MemoryPageStore, change: dict[str, object]
 ) -> None:
     (e,) = store.put_pages("vm1", [PageBlob(0, 1, TEXT)], "zstd")
-    bad = StoredPage(**{**e.__dict__, **change})  # type: ignore[arg-type]
+    bad = e._replace(**change)
     with pytest.raises(IntegrityError):
         store.get_pages("vm1", [bad])
 
