@@ -9,6 +9,7 @@ thread; the servicer calls them through ``asyncio.to_thread``.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -53,6 +54,10 @@ class Agent:
     """All VM sessions of one host."""
 
     def __init__(self, settings: AgentSettings, metrics: AgentMetrics | None = None) -> None:
+        # A fault hops between threads (uffd reader -> worker -> the vCPU's wake-up). With CPython's
+        # default 5 ms switch interval a busy thread (a cycle, another VM's faults) can hold the GIL
+        # that long before the hop completes; 0.5 ms keeps fault service in the 100 µs range.
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
         self.settings = settings
         self.node_id = validate_id(settings.node_id, "node id")
         self.data_dir = Path(settings.data_dir)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,10 +80,6 @@ async def serve_agent(settings: AgentSettings, metrics: AgentMetrics | None = No
 
 def run_agent(settings: AgentSettings) -> None:
     """Blocking entry point of ``tiermem serve agent``: serve until SIGINT/SIGTERM."""
-
-    # Faults hop between threads (uffd reader -> worker -> vCPU wake-up); with the default 5 ms GIL
-    # switch interval a busy thread can hold a fault for milliseconds. 0.5 ms keeps the hop short.
-    sys.setswitchinterval(0.0005)
 
     async def main() -> None:
         running = await serve_agent(settings)

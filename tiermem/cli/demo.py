@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import signal
-import sys
 
 import click
 from rich.console import Console
@@ -89,7 +88,6 @@ def demo(duration: str, backend: str, kvm: bool, memory_mib: int | None, interva
     cfg = DemoConfig(duration_s=dur, backend=backend, memory_mib=memory_mib or 0, interval_ms=interval_ms,
                      cold_after=cold_after, plot=plot or "", workdir=workdir or "")  # fmt: skip
     logging.getLogger().setLevel(logging.WARNING)
-    sys.setswitchinterval(0.0005)  # short GIL hand-offs for the fault path (see tiermem.agent.server)
     _quiet_logs()
     console = Console(stderr=as_json)
     if not as_json:
