@@ -1,0 +1,1 @@
+"""Reliability suite: injected faults, fuzzed input, held load, and full memory verification."""
