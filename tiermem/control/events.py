@@ -7,6 +7,7 @@ Followers wake at once on events published by this replica and poll the store
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import structlog
@@ -63,10 +64,11 @@ class EventLog:
                     break
             if not follow:
                 return
-            try:
-                await asyncio.wait_for(waiter.wait(), self._poll_s)
-            except TimeoutError:
-                pass
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # arrives as the inner wait completes, and the stream would never end.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._poll_s):
+                    await waiter.wait()
 
     async def last_seq(self) -> int:
         """The newest event's seq."""

@@ -27,7 +27,15 @@ from tiermem.control.registry import Registry
 from tiermem.control.scheduler import Scheduler, SchedulerConfig
 from tiermem.control.slo import SloConfig, SloController
 from tiermem.control.state import StateStore
-from tiermem.control.types import EffectivePolicy, HeartbeatResult, NodeInfo, PolicyEntry, PolicyScope, VmSpec
+from tiermem.control.types import (
+    EffectivePolicy,
+    HeartbeatResult,
+    NodeInfo,
+    PolicyEntry,
+    PolicyScope,
+    ScopeKind,
+    VmSpec,
+)
 from tiermem.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, TiermemError
 from tiermem.model import (
     CycleMode,
@@ -93,11 +101,14 @@ class ControlPlane:
             state=state, policies=self.policies, agents=agents, clock=self.clock, on_report=self._record,
             config=self.config.scheduler, slo=self.slo, owner=replica_id,
         )  # fmt: skip
+        self.registry.on_statuses = self._statuses_arrived
+        self.registry.on_node_change = self.scheduler.notify_nodes
         self.elector = LeaderElector(
             state, replica_id, address, self.config.leader_lease_ms, self._on_leadership, self.events
         )
         self._elector_task: asyncio.Task[None] | None = None
         self._term_tasks: list[asyncio.Task[None]] = []
+        self._term = 0
 
     # ------------------------------------------------------------ lifecycle and leadership
     @property
@@ -141,12 +152,15 @@ class ControlPlane:
         await self.scheduler.stop()
 
     async def _on_leadership(self, leading: bool) -> None:
-        for t in self._term_tasks:
+        self._term += 1
+        self.scheduler.halt()
+        tasks, self._term_tasks = self._term_tasks, []
+        for t in tasks:
             t.cancel()
-        for t in self._term_tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
-        self._term_tasks = []
+        if tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=10)
+            for t in pending:
+                log.error("a scheduling task outlived its leadership term", task=t.get_name())
         if not leading:
             return  # in-flight cycles finish; their order claims keep the next leader from repeating them
         loop = asyncio.get_running_loop()
@@ -156,13 +170,17 @@ class ControlPlane:
             self._term_tasks.append(loop.create_task(self.scheduler.run()))
 
     async def _reap_leases(self) -> None:
-        while True:
+        term = self._term
+        while term == self._term:
             try:
-                if await self.registry.expire_leases():
-                    self.scheduler.notify()
+                await self.registry.expire_leases()
             except TiermemError as e:
                 log.warning("lease check failed", error=str(e))
             await asyncio.sleep(self.config.lease_check_s)
+
+    def _statuses_arrived(self, statuses: Sequence[VmStatus]) -> None:
+        if self.elector.is_leader:
+            self.scheduler.observe_statuses(statuses)
 
     async def require_leader(self) -> None:
         """FailedPrecondition naming the leader unless this replica leads."""
@@ -203,9 +221,7 @@ class ControlPlane:
     # ------------------------------------------------------------ nodes (called by agents; any replica)
     async def register_node(self, node: NodeInfo) -> int:
         """Register a node; returns the lease TTL, ms."""
-        ttl = await self.registry.register_node(node)
-        self.scheduler.notify()
-        return ttl
+        return await self.registry.register_node(node)
 
     async def heartbeat(self, node_id: str, statuses: Sequence[VmStatus] = ()) -> HeartbeatResult:
         """Renew a node's lease and keep its VMs' statuses."""
@@ -214,7 +230,6 @@ class ControlPlane:
     async def deregister_node(self, node_id: str) -> None:
         """Forget a node without VMs."""
         await self.registry.deregister_node(node_id)
-        self.scheduler.notify()
 
     async def list_nodes(self) -> list[NodeInfo]:
         """Every node."""
@@ -270,7 +285,7 @@ class ControlPlane:
             with contextlib.suppress(TiermemError):
                 await self.registry.remove_vm(spec.vm_id)
             raise
-        self.scheduler.notify()
+        self.scheduler.notify([spec.vm_id])
         return await self.vm_status(spec.vm_id)
 
     async def deregister_vm(self, vm_id: str, purge: bool = False, timeout: float | None = None) -> int:
@@ -305,7 +320,7 @@ class ControlPlane:
             EventKind.VM_DETACHED, f"VM {vm_id} deregistered" + (" (purged)" if purge else ""),
             vm_id=vm_id, node_id=spec.node_id, purge=str(purge).lower(), pages_purged=pages,
         )  # fmt: skip
-        self.scheduler.notify()
+        self.scheduler.notify([vm_id])
         return pages
 
     def _assemble(self, spec: VmSpec, st: VmStatus | None, eff: EffectivePolicy, node_up: bool) -> VmStatus:
@@ -361,7 +376,7 @@ class ControlPlane:
         """Create or update a policy entry (partially with ``fields``)."""
         await self.require_leader()
         entry = await self.policies.set(scope, policy, fields)
-        self.scheduler.notify()
+        self.scheduler.notify([scope.value] if scope.kind is ScopeKind.VM else None)
         return entry
 
     async def get_policy(self, vm_id: str) -> EffectivePolicy:
@@ -377,7 +392,7 @@ class ControlPlane:
         """Remove a policy entry."""
         await self.require_leader()
         await self.policies.delete(scope)
-        self.scheduler.notify()
+        self.scheduler.notify()  # a deletion bumps every VM's effective version
 
     # ------------------------------------------------------------ cycles
     async def trigger_cycle(

@@ -7,7 +7,7 @@ registration brings it back (NODE_UP).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import structlog
 
@@ -34,6 +34,14 @@ class Registry:
         self.events = events
         self.clock = clock
         self.lease_ttl_ms = lease_ttl_ms
+        self.on_statuses: Callable[[Sequence[VmStatus]], None] | None = None
+        """Called with the statuses kept from each heartbeat (the scheduler's priority and SLO inputs)."""
+        self.on_node_change: Callable[[], None] | None = None
+        """Called when a node registers, leaves, goes down or comes back."""
+
+    def _node_changed(self) -> None:
+        if self.on_node_change is not None:
+            self.on_node_change()
 
     def _live(self, node: NodeInfo, now: int) -> NodeInfo:
         node.up = node.up and node.lease_expires_ms > now
@@ -66,6 +74,7 @@ class Registry:
                 node_id=node.node_id,
                 address=node.address,
             )
+        self._node_changed()
         return self.lease_ttl_ms
 
     async def heartbeat(self, node_id: str, statuses: Sequence[VmStatus] = ()) -> HeartbeatResult:
@@ -81,6 +90,7 @@ class Registry:
         await self.state.put_node(node)
         if not was_up:
             await self.events.publish(EventKind.NODE_UP, f"node {node_id} is back", node_id=node_id)
+            self._node_changed()
         await self._keep_statuses(node_id, statuses, now)
         return HeartbeatResult(self.lease_ttl_ms)
 
@@ -97,6 +107,8 @@ class Registry:
             s.updated_unix_ms = s.updated_unix_ms or now
             keep.append(s)
         await self.state.put_statuses(keep)
+        if keep and self.on_statuses is not None:
+            self.on_statuses(keep)
 
     async def deregister_node(self, node_id: str) -> None:
         """Forget a node; refused while VMs are registered on it."""
@@ -110,6 +122,7 @@ class Registry:
             )
         await self.state.delete_node(node_id)
         await self.events.publish(EventKind.NODE_DOWN, f"node {node_id} deregistered", node_id=node_id)
+        self._node_changed()
 
     async def get_node(self, node_id: str) -> NodeInfo:
         """A node with ``up`` computed from its lease; NotFound if unknown."""
@@ -144,6 +157,8 @@ class Registry:
                     f"node {node.node_id} missed its heartbeats; lease expired",
                     node_id=node.node_id,
                 )
+        if down:
+            self._node_changed()
         return down
 
     # -- VMs

@@ -34,7 +34,7 @@ import contextlib
 import heapq
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import structlog
@@ -46,8 +46,9 @@ from tiermem.control.limits import Backoff, TokenBucket, phase_fraction
 from tiermem.control.policies import PolicyBook
 from tiermem.control.slo import SloController
 from tiermem.control.state import StateStore
+from tiermem.control.types import EffectivePolicy, VmSpec
 from tiermem.errors import FailedPrecondition, NotFound, TiermemError, Unavailable
-from tiermem.model import CycleMode, CycleReport, EvictionPolicy, VmState
+from tiermem.model import CycleMode, CycleReport, EvictionPolicy, VmState, VmStatus
 
 __all__ = ["ReportSink", "Scheduler", "SchedulerConfig", "SchedulerStats"]
 
@@ -68,7 +69,11 @@ class SchedulerConfig:
     store_write_mbps: Mapping[str, float] = field(default_factory=dict)
     jitter: float = 0.1
     resync_s: float = 1.0
-    """Full reload of nodes, VMs, policies and statuses from the state store."""
+    """Reload of the nodes (and SLO evaluation)."""
+    full_resync_s: float = 60.0
+    """Full reload of VMs and policies (a safety net: changes made here are applied at once)."""
+    status_resync_s: float = 10.0
+    """Reload of every VM status, with a shared store (heartbeats taken by other replicas)."""
     max_sleep_s: float = 0.5
     backoff_base_s: float = 1.0
     backoff_max_s: float = 60.0
@@ -175,6 +180,9 @@ class Scheduler:
         self._tasks: set[asyncio.Task[None]] = set()
         self._poke = asyncio.Event()
         self._dirty = True
+        self._nodes_dirty = True
+        self._pending: set[str] = set()
+        self._term = 0
 
     # ------------------------------------------------------------ time and grid
     def _now_ms(self) -> int:
@@ -203,9 +211,18 @@ class Scheduler:
             g = self._gates[vm_id] = _Gate()
         return g
 
-    def notify(self) -> None:
-        """State changed (VM, node or policy): reload before the next pass."""
-        self._dirty = True
+    def notify(self, vm_ids: Iterable[str] | None = None) -> None:
+        """State changed: ``vm_ids`` (registered, removed, their own policy changed), or with
+        no ids anything (a selector or fleet policy): reload before the next pass."""
+        if vm_ids is None:
+            self._dirty = True
+        else:
+            self._pending.update(vm_ids)
+        self._poke.set()
+
+    def notify_nodes(self) -> None:
+        """A node registered, left, went down or came back: reload the nodes before the next pass."""
+        self._nodes_dirty = True
         self._poke.set()
 
     def planned(self, vm_id: str) -> int | None:
@@ -215,18 +232,34 @@ class Scheduler:
 
     # ------------------------------------------------------------ reload
     async def sync(self) -> None:
-        """Reload nodes, VMs, effective policies and statuses; run the SLO controller."""
+        """Full reload: nodes, VMs, effective policies and statuses; then the SLO controller."""
         self._dirty = False
+        self._pending.clear()
         now = self._now_ms()
-        now_s = now / 1000
-        nodes = await self.state.list_nodes()
+        await self.sync_nodes()
         specs = await self.state.list_vms()
         eff = await self.policies.effective_all(specs)
-        statuses = await self.state.list_statuses()
+        seen = set()
+        for i, spec in enumerate(specs):
+            seen.add(spec.vm_id)
+            self._upsert(spec, eff[spec.vm_id], now)
+            if i % 256 == 255:
+                await asyncio.sleep(0)  # thousands of VMs: let in-flight orders progress
+        for gone in set(self._vms) - seen:
+            self._remove(gone)
+        await self.load_statuses()
+        metrics.VMS.set(len(self._vms))
+        await self._run_slo(now)
+
+    async def sync_nodes(self) -> None:
+        """Reload the nodes (cheap: one row per host)."""
+        self._nodes_dirty = False
+        now = self._now_ms()
+        now_s = now / 1000
         cfg = self.config
-        seen_nodes = set()
-        for n in nodes:
-            seen_nodes.add(n.node_id)
+        seen = set()
+        for n in await self.state.list_nodes():
+            seen.add(n.node_id)
             up = n.up and n.lease_expires_ms > now
             rate = n.evict_mbps or cfg.node_evict_mbps
             node = self._nodes.get(n.node_id)
@@ -239,44 +272,71 @@ class Scheduler:
                 node.bucket.set_rate(rate, cfg.bucket_burst_s)
             node.address, node.up = n.address, up
             node.max_concurrent = n.max_concurrent_cycles or cfg.max_concurrent_per_node
-        for gone in set(self._nodes) - seen_nodes:
+        for gone in set(self._nodes) - seen:
             del self._nodes[gone]
-        seen = set()
-        for spec in specs:
-            seen.add(spec.vm_id)
-            e = eff[spec.vm_id]
-            v = self._vms.get(spec.vm_id)
-            if v is None:
-                v = self._vms[spec.vm_id] = _Vm(spec.vm_id, spec.node_id, e.policy)
-                v.backoff = Backoff(cfg.backoff_base_s, cfg.backoff_max_s)
-                self._regrid(v)
-                self._queue(v, self._slot_at_or_after(v, now + 1))
-            v.node_id, v.policy, v.level = spec.node_id, e.policy, e.level
-            if v.grid_interval_ms != e.policy.interval_ms and not self.gate(v.vm_id).busy:
-                # a new interval takes a new grid from now; a running cycle re-plans when it ends
-                self._regrid(v)
-                self._ready.pop(v.vm_id, None)
-                self._queue(v, self._slot_at_or_after(v, now + 1))
-            st = statuses.get(spec.vm_id)
-            if st is not None:
-                v.schedulable = st.state not in _NOT_SCHEDULABLE
-                if not v.reclaim_from_report:
-                    v.reclaimable = max(0, st.resident_pages - st.working_set_pages)
-                self.slo.observe(st, now)
-        for gone in set(self._vms) - seen:
-            del self._vms[gone]
-            self._ready.pop(gone, None)
-            self.slo.forget(gone)
-            g = self._gates.get(gone)
-            if g is not None and not g.busy:
-                del self._gates[gone]
         metrics.NODES_UP.set(sum(1 for n in self._nodes.values() if n.up))
+
+    async def refresh(self, vm_ids: Iterable[str]) -> None:
+        """Reload some VMs (and their effective policies) only."""
+        ids = list(dict.fromkeys(vm_ids))
+        now = self._now_ms()
+        specs = await self.state.get_vms(ids)
+        for vm_id in ids:
+            spec = specs.get(vm_id)
+            if spec is None:
+                self._remove(vm_id)
+                continue
+            try:
+                eff = await self.policies.effective(vm_id)
+            except NotFound:  # removed meanwhile
+                self._remove(vm_id)
+                continue
+            self._upsert(spec, eff, now)
         metrics.VMS.set(len(self._vms))
-        await self._run_slo(now)
+
+    async def load_statuses(self) -> None:
+        """Read every VM's latest status from the store (heartbeats another replica received)."""
+        self.observe_statuses((await self.state.list_statuses()).values())
+
+    def observe_statuses(self, statuses: Iterable[VmStatus]) -> None:
+        """Take VM statuses (pushed by the registry on each heartbeat, or loaded): state, priority, SLO samples."""
+        now = self._now_ms()
+        for st in statuses:
+            v = self._vms.get(st.vm_id)
+            if v is None:
+                continue
+            v.schedulable = st.state not in _NOT_SCHEDULABLE
+            if not v.reclaim_from_report:
+                v.reclaimable = max(0, st.resident_pages - st.working_set_pages)
+            if v.policy.slo_promotion_rate > 0:
+                self.slo.observe(st, now)
+
+    def _upsert(self, spec: VmSpec, e: EffectivePolicy, now: int) -> None:
+        v = self._vms.get(spec.vm_id)
+        if v is None:
+            v = self._vms[spec.vm_id] = _Vm(spec.vm_id, spec.node_id, e.policy)
+            v.backoff = Backoff(self.config.backoff_base_s, self.config.backoff_max_s)
+            self._regrid(v)
+            self._queue(v, self._slot_at_or_after(v, now + 1))
+        v.node_id, v.policy, v.level = spec.node_id, e.policy, e.level
+        if v.grid_interval_ms != e.policy.interval_ms and not self.gate(v.vm_id).busy:
+            # a new interval takes a new grid from now; a running cycle re-plans when it ends
+            self._regrid(v)
+            self._ready.pop(v.vm_id, None)
+            self._queue(v, self._slot_at_or_after(v, now + 1))
+
+    def _remove(self, vm_id: str) -> None:
+        if self._vms.pop(vm_id, None) is None:
+            return
+        self._ready.pop(vm_id, None)
+        self.slo.forget(vm_id)
+        g = self._gates.get(vm_id)
+        if g is not None and not g.busy:
+            del self._gates[vm_id]
 
     async def _run_slo(self, now: int) -> None:
-        changed = False
-        for v in self._vms.values():
+        changed = []
+        for v in list(self._vms.values()):
             slo = v.policy.slo_promotion_rate
             if slo <= 0:
                 continue
@@ -288,9 +348,9 @@ class Scheduler:
                 direction="backoff" if d.level > d.previous else "tighten",
             )  # fmt: skip
             metrics.SLO_ADJUSTMENTS.labels("backoff" if d.level > d.previous else "tighten").inc()
-            changed = True
+            changed.append(v.vm_id)
         if changed:
-            self._dirty = True  # the next pass reloads the adjusted policies
+            await self.refresh(changed)  # the next order carries the adjusted policy
 
     # ------------------------------------------------------------ scheduling pass
     def _store_bucket(self, store: str, now_s: float) -> TokenBucket | None:
@@ -455,7 +515,8 @@ class Scheduler:
     ) -> CycleReport:  # fmt: skip
         """Run one cycle now (TriggerCycle), after any cycle or drain of the VM in progress."""
         gate = self.gate(vm_id)
-        await asyncio.wait_for(gate.acquire(), timeout)
+        async with asyncio.timeout(timeout):
+            await gate.acquire()
         node = self._nodes.get(node_id)
         if node is not None:
             node.running += 1
@@ -476,7 +537,8 @@ class Scheduler:
         """Keep the scheduler away from a VM (drain, detach), after its cycle in progress ends."""
         gate = self.gate(vm_id)
         try:
-            await asyncio.wait_for(gate.acquire(), timeout)
+            async with asyncio.timeout(timeout):
+                await gate.acquire()
         except TimeoutError:
             raise FailedPrecondition(f"VM {vm_id!r} is busy with a cycle; try again") from None
         try:
@@ -487,27 +549,63 @@ class Scheduler:
 
     # ------------------------------------------------------------ loop
     async def run(self) -> None:
-        """Schedule until cancelled."""
-        next_sync = 0.0
+        """Schedule until cancelled.
+
+        A full reload at the start of the term and every ``full_resync_s``; the
+        nodes every ``resync_s`` (and the SLO controller with them); single VMs
+        when notified; statuses as heartbeats push them (and, with a shared
+        store, reloaded every ``status_resync_s`` for heartbeats other replicas took).
+        """
         loop = asyncio.get_running_loop()
-        while True:
-            if self._dirty or loop.time() >= next_sync:
-                try:
+        cfg = self.config
+        next_full = next_nodes = next_status = 0.0
+        term = self._term
+        # The term check backs up cancellation: a library that swallows a CancelledError must
+        # not keep a deposed leader scheduling.
+        while term == self._term:
+            t = loop.time()
+            try:
+                if self._dirty or t >= next_full:
                     await self.sync()
-                except TiermemError as e:
-                    log.warning("scheduler reload failed; keeping the last view", error=str(e))
-                next_sync = loop.time() + self.config.resync_s
+                    next_full, next_nodes, next_status = (
+                        t + cfg.full_resync_s,
+                        t + cfg.resync_s,
+                        t + cfg.status_resync_s,
+                    )
+                else:
+                    if self._pending:
+                        ids, self._pending = self._pending, set()
+                        await self.refresh(ids)
+                    if self._nodes_dirty or t >= next_nodes:
+                        await self.sync_nodes()
+                        await self._run_slo(self._now_ms())
+                        next_nodes = t + cfg.resync_s
+                    if self.state.shared and t >= next_status:
+                        await self.load_statuses()
+                        next_status = t + cfg.status_resync_s
+            except TiermemError as e:
+                log.warning("scheduler reload failed; keeping the last view", error=str(e))
+                next_full = min(next_full, t + cfg.resync_s)
             self._poke.clear()
-            sleep = min(self.tick(), max(0.0, next_sync - loop.time()))
+            sleep = min(self.tick(), max(0.0, next_nodes - loop.time()))
             if sleep > 0 and not self._poke.is_set():
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+                # that arrives as the poke does, and this loop would outlive its leadership term.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._poke.wait(), sleep)
+                    async with asyncio.timeout(sleep):
+                        await self._poke.wait()
+
+    def halt(self) -> None:
+        """End the current :meth:`run` loop at its next pass (leadership lost)."""
+        self._term += 1
+        self._poke.set()
 
     def reset(self) -> None:
         """Forget the plan (a new leadership term); gates and in-flight cycles are kept."""
         self._vms.clear()
         self._ready.clear()
         self._heap.clear()
+        self._pending.clear()
         self._dirty = True
 
     async def wait_idle(self) -> None:

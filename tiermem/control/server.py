@@ -62,8 +62,16 @@ class RunningControlPlane:
         """The bound gRPC port."""
         return self.server.port
 
+    stopped: bool = False
+
     async def stop(self, grace: float = 1.0, resign: bool = True) -> None:
-        """Stop scheduling (giving up the leader lease unless ``resign`` is false), then serving; close the store."""
+        """Stop scheduling (giving up the leader lease unless ``resign`` is false), then serving; close the store.
+
+        Idempotent. ``resign=False`` leaves the lease to expire, as a crash would.
+        """
+        if self.stopped:
+            return
+        self.stopped = True
         await self.plane.stop(resign)
         await self.server.stop(grace)
         await self.agents.close()
