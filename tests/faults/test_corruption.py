@@ -159,10 +159,6 @@ def test_corrupt_payload_is_refused_reported_and_never_installed(
            integrity_errors=agent.sessions["vm1"].counters.integrity_errors, installed_corrupt=0)  # fmt: skip
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "FaultServer.fetch retries the whole prefetch batch on IntegrityError: one corrupt neighbour blocks a "
-    "healthy page's fault forever (fix: on IntegrityError from a multi-page fetch, retry the faulting page alone)"
-))  # fmt: skip
 def test_a_corrupt_neighbour_does_not_block_a_healthy_fault(make_agent: AgentFactory, tmp_path: Path) -> None:
     agent = make_agent({"store": f"file://{tmp_path}/pages"})
     st = agent.store("store")

@@ -34,7 +34,7 @@ from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import DecodeError
 from google.protobuf.message_factory import GetMessageClass
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hypothesis import assume, given
+from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.faults.common import LoopThread, fuzz_settings, record, wait_until
@@ -242,13 +242,6 @@ def _check(stack: Stack, service: str, m: MethodDescriptor, payload: bytes, raw:
     assert not diff, f"{m.name} failed with {code} but changed the state {diff}; request {payload!r}"
 
 
-def known_bug(method: str, msg: Any) -> str | None:
-    """Requests that hit a bug with its own strict-xfail test below: left out of the fuzz so it stays green."""
-    if method == "ControlPlane.StreamEvents" and msg.after_seq >= 2**63:
-        return "after_seq >= 2**63 overflows SQLite (test_event_replay_after_a_huge_seq)"
-    return None
-
-
 @pytest.mark.parametrize(("svc", "method"), METHODS, ids=[f"{s.name}.{m.name}" for s, m in METHODS])
 @fuzz_settings(25, 400)
 @given(data=st.data())
@@ -256,7 +249,6 @@ def test_fuzzed_requests_get_a_status_and_change_nothing_when_refused(
     stack: Stack, svc: Any, method: MethodDescriptor, data: st.DataObject
 ) -> None:
     msg = data.draw(stack.strategies[f"{svc.name}.{method.name}"], label="request")
-    assume(known_bug(f"{svc.name}.{method.name}", msg) is None)
     _check(stack, svc.name, method, msg.SerializeToString(), raw=False)
 
 
@@ -269,11 +261,6 @@ def test_random_bytes_as_requests(stack: Stack, svc: Any, data: st.DataObject) -
     _check(stack, svc.name, method, payload, raw=True)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Agent.run_cycle installs the request's policy before it checks interval_ms, so a RunCycle without a "
-    "deadline and with interval_ms > 7 days is refused (INVALID_ARGUMENT) but its policy stays installed "
-    "(fix: check the interval range first, before set_policy)"
-))  # fmt: skip
 def test_an_invalid_cycle_interval_leaves_the_policy_alone(stack: Stack) -> None:
     """A RunCycle with a valid new policy but an out-of-range interval and no deadline must not install the policy."""
     a = stack.agent.agent
@@ -287,21 +274,12 @@ def test_an_invalid_cycle_interval_leaves_the_policy_alone(stack: Stack) -> None
     assert a.sessions[SOLO].policy == before
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ControlPlane.StreamEvents with after_seq >= 2**63 raises OverflowError in the SQLite state store "
-    "(UNKNOWN status); fix: clamp after_seq to 2**63 - 1 in ControlPlane.stream_events"
-))  # fmt: skip
 def test_event_replay_after_a_huge_seq(stack: Stack) -> None:
     req = types_pb2.StreamEventsRequest(after_seq=2**64 - 1)
     code = stack.call("ControlPlane", CONTROL.methods_by_name["StreamEvents"], req.SerializeToString())
     assert code == OK  # no event has such a seq: an empty replay
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "AttachVm of a valid but huge sim VM (64 GiB, synthetic=false) raises MemoryError from numpy in "
-    "SimKernel, which reaches gRPC as UNKNOWN; fix: catch MemoryError in Agent.attach_sim and raise "
-    "FailedPrecondition naming the size (or suggest synthetic=true)"
-))  # fmt: skip
 def test_a_sim_vm_too_big_for_this_host_gets_a_clear_error(stack: Stack) -> None:
     req = agent_pb2.AttachVmRequest(vm_id="big", memory_bytes=64 << 30, workload="idle")
     code = stack.call("NodeAgent", AGENT.methods_by_name["AttachVm"], req.SerializeToString())

@@ -222,7 +222,18 @@ class FaultServer:
             pages = [e.stored.page for e in entries]
             gens = {e.stored.page: e.stored.generation for e in entries}
             t1 = time.perf_counter()
-            data = self.fetch(entries, inline=inline, retry=retry)
+            if len(entries) > 1:
+                try:
+                    data = self.fetch(entries, inline=inline, retry=False)
+                except (IntegrityError, NotFound):
+                    # One bad neighbour must not hold the faulting page: fetch it alone from now on.
+                    entries = [e for e in entries if e.stored.page == page]
+                    pages = [page]
+                    data = self.fetch(entries, inline=inline, retry=retry)
+                except StoreUnavailable:
+                    data = self.fetch(entries, inline=inline, retry=retry)
+            else:
+                data = self.fetch(entries, inline=inline, retry=retry)
             if data is None:
                 return  # session closing
             t2 = time.perf_counter()

@@ -128,7 +128,13 @@ class Agent:
                 from tiermem.vmm.workloads import parse_workload
 
                 parse_workload(workload, n_pages, seed)  # validate before creating anything
-            sim = SimKernel(n_pages, synthetic=synthetic)
+            try:
+                sim = SimKernel(n_pages, synthetic=synthetic)
+            except MemoryError:
+                raise FailedPrecondition(
+                    f"not enough memory on node {self.node_id} for a {memory_bytes >> 20} MiB sim VM with real "
+                    "contents; use synthetic contents or a smaller VM"
+                ) from None
             sim.api(uapi.UFFD_FEATURE_RWP | uapi.UFFD_FEATURE_RWP_ASYNC | uapi.UFFD_FEATURE_THREAD_ID)
             sim.register(
                 sim.base, sim.size, uapi.UFFDIO_REGISTER_MODE_MISSING | uapi.UFFDIO_REGISTER_MODE_RWP
@@ -230,10 +236,10 @@ class Agent:
         s = self.session(vm_id)
         if order_id and order_id in s.recent_reports:
             return s.recent_reports[order_id]
+        if interval_ms < 0 or interval_ms > EvictionPolicy.MAX_INTERVAL_MS:
+            raise InvalidArgument("interval_ms out of range")  # before anything is installed
         if policy is not None:
             self.set_policy(vm_id, policy)
-        if interval_ms < 0 or interval_ms > EvictionPolicy.MAX_INTERVAL_MS:
-            raise InvalidArgument("interval_ms out of range")
         s.require(VmState.ARMED)
         rep = self.engines[vm_id].run(mode, (interval_ms or s.policy.interval_ms) / 1000.0)
         if order_id:
@@ -366,10 +372,22 @@ class Agent:
         self.metrics.forget_vm(s.vm_id)
 
     def mark_disconnected(self, vm_id: str) -> None:
-        """The VMM went away: keep the index (pages stay evicted) and wait for a reattach."""
+        """The VMM went away: release its uffd, memfd and mappings, keep the index and the session.
+
+        The evicted pages stay indexed and stored: a VMM that reattaches (same id, new fds) is
+        served again; otherwise an operator purges them with a detach.
+        """
         s = self.sessions.get(vm_id)
-        if s is not None:
-            s.state = VmState.DISCONNECTED
+        if s is None:
+            return
+        # No cycle lock: a cycle in flight fails on the closed backend and reports its error, instead
+        # of holding the VMM's connection thread for a whole detection interval.
+        s.state = VmState.DISCONNECTED
+        fs = self.faults.pop(vm_id, None)
+        with contextlib.suppress(Exception):
+            s.backend.close()
+        if fs is not None:
+            fs.stop()
 
     # --- housekeeping ------------------------------------------------------------------------------------
     def _housekeep(self, s: VmSession) -> None:

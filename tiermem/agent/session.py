@@ -91,7 +91,9 @@ class VmSession:
         return self.index.count(self.vm_id)
 
     def resident_count(self) -> int:
-        """Pages backed by memory now."""
+        """Pages backed by memory now (0 once the VMM is gone)."""
+        if self.backend.closed:
+            return 0
         try:
             return int(np.count_nonzero(self.backend.populated()))
         except NotImplementedError:

@@ -216,7 +216,8 @@ class ControlPlane:
         """Replay events after ``after_seq`` (of one VM or all), then follow."""
         if vm_id:
             validate_id(vm_id, "VM id")
-        return self.events.follow(after_seq, vm_id, follow)
+        # Sequence numbers are signed 64-bit in the state stores; nothing is ever numbered higher.
+        return self.events.follow(min(after_seq, 2**63 - 1), vm_id, follow)
 
     # ------------------------------------------------------------ nodes (called by agents; any replica)
     async def register_node(self, node: NodeInfo) -> int:
