@@ -238,7 +238,6 @@ class FaultServer:
                 return  # session closing
             t2 = time.perf_counter()
             result = self.install(pages, data, fault_page=page)
-            t3 = time.perf_counter()
             # Only pages this handler installed lose their index entry. EEXIST means the page is
             # already present: installed by a racing fault or drain (which drops the entry itself),
             # or - on a stale MISSING message - still present because a cycle is evicting it right
@@ -248,6 +247,9 @@ class FaultServer:
                 restored = s.index.remove(s.vm_id, [(p, gens[p]) for p in result.copied])
                 with s.retired_lock:
                     s.retired.extend(restored)
+            self.wake(result)
+            t3 = time.perf_counter()
+            if result.copied:
                 s.counters.faults_served += 1
                 s.counters.pages_restored += len(restored)
                 s.counters.prefetched += max(len(restored) - 1, 0)
@@ -338,20 +340,18 @@ class FaultServer:
         return None
 
     def install(self, pages: list[int], data: list[bytes], fault_page: int | None = None) -> Installed:
-        """UFFDIO_COPY each page with DONTWAKE, then one WAKE over the span.
+        """UFFDIO_COPY each page with DONTWAKE; the caller updates the index, then calls :meth:`wake`.
 
-        An error on ``fault_page`` is raised; on other (prefetched or drained) pages it only
+        Waking last means a vCPU never runs on a restored page while the index still lists it as
+        evicted. An error on ``fault_page`` is raised; on other (prefetched or drained) pages it only
         leaves that page evicted.
         """
-        s = self.s
-        b = s.backend
+        b = self.s.backend
         out = Installed()
-        # One page (the common fault): a waking UFFDIO_COPY saves the separate UFFDIO_WAKE ioctl.
-        single = len(pages) == 1
         for p, d in zip(pages, data, strict=True):
             for attempt in range(2):
                 try:
-                    b.copy(b.addr(p), d, dontwake=not single)
+                    b.copy(b.addr(p), d, dontwake=True)
                     out.copied.append(p)
                 except OSError as e:
                     if e.errno == errno.EEXIST:
@@ -364,15 +364,20 @@ class FaultServer:
                     elif p == fault_page:
                         raise
                 break
-        done = out.present if single else out.copied + out.present
-        if done:
-            lo, hi = min(done), max(done)
-            try:
-                b.wake(b.addr(lo), (hi - lo + 1) * s.page_size)
-            except OSError as e:
-                if e.errno in _VMM_GONE:
-                    self._vmm_went_away(e)
         return out
+
+    def wake(self, result: Installed) -> None:
+        """One UFFDIO_WAKE over the span of installed (or already present) pages."""
+        done = result.copied + result.present
+        if not done:
+            return
+        lo, hi = min(done), max(done)
+        b = self.s.backend
+        try:
+            b.wake(b.addr(lo), (hi - lo + 1) * self.s.page_size)
+        except OSError as e:
+            if e.errno in _VMM_GONE:
+                self._vmm_went_away(e)
 
 
 @dataclass

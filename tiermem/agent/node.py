@@ -302,6 +302,7 @@ class Agent:
                         )
                         with s.retired_lock:
                             s.retired.extend(restored)
+                        fs.wake(res)
                         prog.pages_restored += len(done)
                     self._emit_drain(s, prog, progress)
                 prog.done = self.index.count(vm_id) == 0
