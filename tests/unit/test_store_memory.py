@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from tiermem.errors import IntegrityError, InvalidArgument, NotFound, StoreFull, StoreUnavailable
-from tiermem.store.base import Codec, PageBlob, StoredPage
+from tiermem.store.base import Codec, PageBlob
 from tiermem.store.memory import MemoryPageStore
 
 PS = 4096
