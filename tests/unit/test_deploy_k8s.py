@@ -71,7 +71,9 @@ def _containers(w: dict[str, Any]) -> list[dict[str, Any]]:
     ("fname", "doc"), DOCS, ids=[f"{f}:{d['kind']}/{d['metadata']['name']}" for f, d in DOCS]
 )
 def test_manifest_matches_the_kubernetes_schema(version: str, fname: str, doc: dict[str, Any]) -> None:
-    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate (test extra) is not installed")
+    kv = pytest.importorskip(
+        "kubernetes_validate", reason="kubernetes-validate (test extra) is not installed"
+    )
     kv.validate(doc, version, strict=True)  # raises ValidationError with the path
 
 

@@ -212,7 +212,12 @@ def run(vms: int = 1000, agents: int = 50, interval_s: float = 10, duration_s: f
         cycle_ms: int = 50, jitter: float = 0.1, max_concurrent: int = 4) -> dict[str, Any]:  # fmt: skip
     """Run the benchmark and return its figures (``quick``: 100 VMs, 5 agents, 2 s intervals, 6 s)."""
     if quick:
-        vms, agents, interval_s, duration_s = min(vms, 100), min(agents, 5), min(interval_s, 2), min(duration_s, 6)
+        vms, agents, interval_s, duration_s = (
+            min(vms, 100),
+            min(agents, 5),
+            min(interval_s, 2),
+            min(duration_s, 6),
+        )
     return asyncio.run(_run(vms, agents, interval_s, duration_s, cycle_ms, jitter, max_concurrent))
 
 
