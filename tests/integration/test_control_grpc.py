@@ -312,7 +312,8 @@ async def test_trigger_cycle_and_deadlines_are_passed_to_the_agent(fleet: Any) -
 async def test_lease_expiry_marks_the_node_down_and_heartbeat_brings_it_back(tmp_path: Path) -> None:
     cp = await start_cp(cp_settings(tmp_path, lease_ttl_ms=300))
     agent = await FakeAgent("n1").start()
-    async with AsyncControlPlaneClient(cp.address, timeout_s=5) as client:
+    client = AsyncControlPlaneClient(cp.address, timeout_s=5)
+    try:
         assert await client.register_node(NodeInfo("n1", agent.address)) == 300
         await client.register_vm(VmSpec("vm-1", "n1", 1 << 20))
 
@@ -329,9 +330,11 @@ async def test_lease_expiry_marks_the_node_down_and_heartbeat_brings_it_back(tmp
         kinds = [e.kind for e in [e async for e in client.stream_events()] if e.node_id == "n1"]
         assert kinds[:3] == [EventKind.NODE_UP, EventKind.NODE_DOWN, EventKind.NODE_UP]
         assert (await client.heartbeat("ghost")).reregister is True
-    await cp.stop()
-    assert agent.server is not None
-    await agent.server.stop(0)
+    finally:
+        await client.close()
+        await cp.stop()
+        assert agent.server is not None
+        await agent.server.stop(0)
 
 
 async def test_event_stream_replays_then_follows(fleet: Any) -> None:

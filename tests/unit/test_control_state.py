@@ -146,6 +146,10 @@ async def test_events_have_increasing_seq_and_replay(env: tuple[StateStore, Expi
     assert after[0].attributes == {"i": "3"} and after[0].kind is EventKind.NODE_UP
     assert [e.message for e in await st.events_after(0, vm_id="a")] == ["e1", "e3", "e5"]
     assert [e.message for e in await st.events_after(0, limit=2)] == ["e0", "e1"]
+    batch = await st.append_events([Event(EventKind.CYCLE_COMPLETED, f"b{i}", vm_id="b") for i in range(3)])
+    assert [e.seq for e in batch] == [seqs[-1] + 1, seqs[-1] + 2, seqs[-1] + 3]
+    assert [e.message for e in await st.events_after(seqs[-1])] == ["b0", "b1", "b2"]
+    assert await st.append_events([]) == []
 
 
 async def test_order_claims_are_exclusive_until_expiry(env: tuple[StateStore, Expire]) -> None:

@@ -42,13 +42,27 @@ def _encode_any(obj: Any) -> Any:
 @functools.cache
 def _encoder(cls: Any) -> _Decoder:  # keyed by class: one compiled encoder per type
     if dataclasses.is_dataclass(cls):
-        names = [f.name for f in dataclasses.fields(cls)]
-        return lambda o: {n: encode(getattr(o, n)) for n in names}
+        hints = typing.get_type_hints(cls)
+        plan = [(f.name, _field_encoder(hints[f.name])) for f in dataclasses.fields(cls)]
+        return lambda o: {n: enc(getattr(o, n)) for n, enc in plan}
     if issubclass(cls, enum.Enum):
         return lambda o: o.value
     if cls in (int, float, str, bool, type(None)):
         return _identity
     return _encode_any
+
+
+@functools.cache
+def _field_encoder(tp: Any) -> _Decoder:
+    """An encoder for values of a declared field type: primitives are taken as they are."""
+    if tp in (int, float, str, bool):
+        return _identity
+    origin = typing.get_origin(tp)
+    if origin is dict and typing.get_args(tp)[1] in (int, float, str, bool):
+        return dict
+    if isinstance(tp, type) and (dataclasses.is_dataclass(tp) or issubclass(tp, enum.Enum)):
+        return _encoder(tp)
+    return encode
 
 
 def _identity(v: Any) -> Any:

@@ -50,6 +50,25 @@ class EventLog:
         self._new = asyncio.Event()
         return ev
 
+    def make(
+        self, kind: EventKind, message: str, vm_id: str = "", node_id: str = "", **attributes: object
+    ) -> Event:
+        """An event stamped now, not yet published (for :meth:`publish_many`)."""
+        return Event(kind=kind, message=message, vm_id=vm_id, node_id=node_id, time_unix_ms=clock_ms(self._clock),
+                     attributes={k: str(v) for k, v in attributes.items()})  # fmt: skip
+
+    async def publish_many(self, events: list[Event]) -> list[Event]:
+        """Append several events in one store operation and wake followers."""
+        out = await self._state.append_events(events)
+        for ev in out:
+            emit = log.debug if ev.kind is EventKind.CYCLE_COMPLETED else log.info
+            emit("event", kind=ev.kind.value, seq=ev.seq, vm_id=ev.vm_id or None, node_id=ev.node_id or None,
+                 msg=ev.message)  # fmt: skip
+        if out:
+            self._new.set()
+            self._new = asyncio.Event()
+        return out
+
     async def follow(self, after_seq: int = 0, vm_id: str = "", follow: bool = False) -> AsyncIterator[Event]:
         """Events with seq > ``after_seq`` (of one VM, or all); with ``follow``, then new ones forever."""
         cursor = after_seq

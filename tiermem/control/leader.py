@@ -45,6 +45,7 @@ class LeaderElector:
         self.events = events
         self.is_leader = False
         self._last_ok = 0.0
+        self._halted = False
 
     async def step(self) -> bool:
         """Try to take or renew the lease once; returns whether this replica leads now."""
@@ -77,10 +78,14 @@ class LeaderElector:
         return held
 
     async def run(self) -> None:
-        """Campaign and renew until cancelled."""
-        while True:
+        """Campaign and renew until cancelled or :meth:`halt`."""
+        while not self._halted:
             await self.step()
             await asyncio.sleep(self.lease_ms / 3000)
+
+    def halt(self) -> None:
+        """Stop campaigning after the current step (backs up task cancellation)."""
+        self._halted = True
 
     async def resign(self) -> None:
         """Give the lease up (shutdown), so another replica takes over at once."""

@@ -23,6 +23,7 @@ from tiermem.control.clock import Clock, SystemClock, clock_ms
 from tiermem.control.events import EventLog
 from tiermem.control.leader import LeaderElector
 from tiermem.control.policies import PolicyBook
+from tiermem.control.recorder import Recorder
 from tiermem.control.registry import Registry
 from tiermem.control.scheduler import Scheduler, SchedulerConfig
 from tiermem.control.slo import SloConfig, SloController
@@ -94,6 +95,7 @@ class ControlPlane:
         self.config = config or PlaneConfig()
         self.replica_id = replica_id
         self.events = EventLog(state, self.clock)
+        self.recorder = Recorder(state, self.events)
         self.registry = Registry(state, self.events, self.clock, self.config.lease_ttl_ms)
         self.policies = PolicyBook(state, self.events, self.clock, self.config.known_stores)
         self.slo = SloController(self.config.slo)
@@ -127,6 +129,7 @@ class ControlPlane:
 
     async def start(self) -> None:
         """Campaign for leadership (at once, then in the background)."""
+        self.recorder.start()
         await self.elector.step()
         self._elector_task = asyncio.get_running_loop().create_task(self._campaign())
 
@@ -140,9 +143,9 @@ class ControlPlane:
         ``resign=False`` keeps the lease until it expires, as a crashed replica would.
         """
         if self._elector_task is not None:
+            self.elector.halt()
             self._elector_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._elector_task
+            await asyncio.wait([self._elector_task], timeout=5)
             self._elector_task = None
         if resign:
             await self.elector.resign()
@@ -150,6 +153,7 @@ class ControlPlane:
             self.elector.is_leader = False
             await self._on_leadership(False)
         await self.scheduler.stop()
+        await self.recorder.stop()
 
     async def _on_leadership(self, leading: bool) -> None:
         self._term += 1
@@ -192,23 +196,12 @@ class ControlPlane:
 
     # ------------------------------------------------------------ reports and events
     async def _record(self, report: CycleReport, error: str = "") -> None:
-        """Keep a report in the history and emit CYCLE_COMPLETED or CYCLE_FAILED."""
-        report.error = report.error or error
-        await self.state.add_reports([report])
-        attrs = {"cycle": report.cycle, "mode": report.mode.value, "policy_version": report.policy_version}
-        if report.error:
-            await self.events.publish(
-                EventKind.CYCLE_FAILED, f"cycle of {report.vm_id} failed: {report.error}",
-                vm_id=report.vm_id, node_id=report.node_id, **attrs,
-            )  # fmt: skip
-        else:
-            await self.events.publish(
-                EventKind.CYCLE_COMPLETED,
-                f"cycle {report.cycle} of {report.vm_id}: {report.pages_evicted} pages evicted, "
-                f"{report.pages_hot} hot, {report.pages_cold} cold",
-                vm_id=report.vm_id, node_id=report.node_id, pages_evicted=report.pages_evicted,
-                bytes_written=report.bytes_written, **attrs,
-            )  # fmt: skip
+        """Keep a report in the history and emit CYCLE_COMPLETED or CYCLE_FAILED (group-committed)."""
+        try:
+            await self.recorder.record(report, error)
+        except TiermemError as e:
+            # the cycle itself happened; only its history entry is lost
+            log.warning("cycle report not stored", vm_id=report.vm_id, error=str(e))
 
     def stream_events(
         self, vm_id: str = "", after_seq: int = 0, follow: bool = False
@@ -239,10 +232,10 @@ class ControlPlane:
     async def report_cycles(self, node_id: str, reports: Sequence[CycleReport]) -> int:
         """Keep cycles an agent ran on its own; returns how many were accepted."""
         accepted = await self.registry.accept_reports(node_id, reports)
-        for r in accepted:
-            if self.is_leader:
+        if self.is_leader:
+            for r in accepted:
                 self.scheduler.observe_report(r)
-            await self._record(r)
+        await asyncio.gather(*(self._record(r) for r in accepted))
         return len(accepted)
 
     # ------------------------------------------------------------ VMs

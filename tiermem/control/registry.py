@@ -85,6 +85,11 @@ class Registry:
             return HeartbeatResult(self.lease_ttl_ms, reregister=True)
         now = clock_ms(self.clock)
         was_up = node.up and node.lease_expires_ms > now
+        if node.up and not was_up:
+            # the lease lapsed before the reaper noticed: record the gap, so NODE_DOWN/NODE_UP stay paired
+            await self.events.publish(
+                EventKind.NODE_DOWN, f"node {node_id} missed its heartbeats; lease expired", node_id=node_id
+            )
         node.up = True
         node.lease_expires_ms = now + self.lease_ttl_ms
         await self.state.put_node(node)

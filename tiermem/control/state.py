@@ -168,6 +168,10 @@ class StateStore(abc.ABC):
         """Append an event; returns it with its sequence number set."""
 
     @abc.abstractmethod
+    async def append_events(self, events: Sequence[Event]) -> list[Event]:
+        """Append several events at once (one transaction or pipeline); returns them with seqs set."""
+
+    @abc.abstractmethod
     async def events_after(self, after_seq: int, vm_id: str = "", limit: int = 1000) -> list[Event]:
         """Events with seq > after_seq (of one VM, or all), oldest first."""
 

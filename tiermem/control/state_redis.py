@@ -320,6 +320,21 @@ class RedisState(StateStore):
         event.seq = int(seq)
         return event
 
+    async def append_events(self, events: Sequence[Event]) -> list[Event]:
+        """Append events in one pipeline (each append is atomic; their order is kept)."""
+        if not events:
+            return []
+        async with self._guard():
+            pipe = self.r.pipeline(transaction=False)
+            for ev in events:
+                pipe.eval(
+                    _APPEND_EVENT, 2, self._k("event_seq"), self._k("events"), dumps(ev), self.events_keep
+                )
+            seqs = await pipe.execute()
+        for ev, seq in zip(events, seqs, strict=True):
+            ev.seq = int(seq)
+        return list(events)
+
     async def events_after(self, after_seq: int, vm_id: str = "", limit: int = 1000) -> list[Event]:
         """Events after ``after_seq``, oldest first (filtered by VM in batches)."""
         out: list[Event] = []

@@ -301,6 +301,19 @@ class SqliteState(StateStore):
         event.seq = seq
         return event
 
+    async def append_events(self, events: Sequence[Event]) -> list[Event]:
+        """Append events in one transaction."""
+        if not events:
+            return []
+        with self._tx() as db:
+            for ev in events:
+                cur = db.execute("INSERT INTO events (vm_id, doc) VALUES (?, ?)", (ev.vm_id, dumps(ev)))
+                ev.seq = int(cur.lastrowid or 0)
+                self._appends += 1
+                if self._appends % 1000 == 0:
+                    db.execute("DELETE FROM events WHERE seq <= ?", (ev.seq - self.events_keep,))
+        return list(events)
+
     async def events_after(self, after_seq: int, vm_id: str = "", limit: int = 1000) -> list[Event]:
         """Events after ``after_seq``, oldest first."""
         if vm_id:
