@@ -64,6 +64,7 @@ async def test_vm_create_is_exclusive_and_delete_cascades(env: tuple[StateStore,
     assert (await st.get_vm("vm-1")) == spec  # the loser changed nothing
     assert await st.get_vms(["vm-1", "nope", "vm-1"]) == {"vm-1": spec}
     assert await st.get_vms([]) == {}
+    assert await st.vm_nodes(["vm-1", "nope"]) == {"vm-1": "n1"}
     await st.create_vm(VmSpec("vm-2", "n1", 4096))
     await st.put_statuses([VmStatus("vm-1", evicted_pages=7), VmStatus("vm-2", evicted_pages=1)])
     await st.put_adjustment(Adjustment("vm-1", level=2, version=9))
@@ -80,15 +81,19 @@ async def test_vm_create_is_exclusive_and_delete_cascades(env: tuple[StateStore,
     assert [r.vm_id for r in await st.list_reports()] == ["vm-2"]
     assert (await st.get_status("vm-2")).evicted_pages == 1  # type: ignore[union-attr]
     assert [v.vm_id for v in await st.list_vms()] == ["vm-2"]
+    assert await st.vm_nodes(["vm-1", "vm-2"]) == {"vm-2": "n1"}
 
 
 async def test_statuses_replace(env: tuple[StateStore, Expire]) -> None:
     st, _ = env
     await st.put_statuses([VmStatus("a", faults_served=1, labels={"x": "y"})])
-    await st.put_statuses([VmStatus("a", faults_served=5), VmStatus("b")])
+    await st.put_statuses(
+        [VmStatus("a", faults_served=5), VmStatus("b", policy=EvictionPolicy(cold_after=9))]
+    )
     all_ = await st.list_statuses()
     assert set(all_) == {"a", "b"}
     assert all_["a"].faults_served == 5 and all_["a"].labels == {}
+    assert all_["b"].policy == EvictionPolicy()  # not kept: the control plane reports its effective policy
 
 
 async def test_policy_versions_are_monotonic_and_entries_roundtrip(env: tuple[StateStore, Expire]) -> None:

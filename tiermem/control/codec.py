@@ -113,9 +113,12 @@ def decode(tp: Any, data: Any) -> Any:
     return None if data is None else _decoder(tp)(data)
 
 
-def dumps(obj: Any) -> str:
-    """Compact JSON text for ``obj``."""
-    return json.dumps(encode(obj), separators=(",", ":"))
+def dumps(obj: Any, omit: frozenset[str] = frozenset()) -> str:
+    """Compact JSON text for ``obj``, without its top-level fields named in ``omit``."""
+    doc = encode(obj)
+    for name in omit:
+        doc.pop(name, None)
+    return json.dumps(doc, separators=(",", ":"))
 
 
 def loads(tp: type[T], text: str | bytes) -> T:

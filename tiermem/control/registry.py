@@ -102,11 +102,10 @@ class Registry:
     async def _keep_statuses(self, node_id: str, statuses: Sequence[VmStatus], now: int) -> None:
         if not statuses:
             return
-        specs = await self.state.get_vms([s.vm_id for s in statuses])
+        nodes = await self.state.vm_nodes([s.vm_id for s in statuses])
         keep: list[VmStatus] = []
         for s in statuses:
-            spec = specs.get(s.vm_id)
-            if spec is None or spec.node_id != node_id:
+            if nodes.get(s.vm_id) != node_id:
                 continue  # not registered here: an agent-local VM, or a VM that moved
             s.node_id = node_id
             s.updated_unix_ms = s.updated_unix_ms or now

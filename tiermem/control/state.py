@@ -91,6 +91,10 @@ class StateStore(abc.ABC):
         """The known VMs among ``vm_ids``, by id."""
 
     @abc.abstractmethod
+    async def vm_nodes(self, vm_ids: Sequence[str]) -> dict[str, str]:
+        """The node of each known VM among ``vm_ids`` (cheaper than :meth:`get_vms`: heartbeats use it)."""
+
+    @abc.abstractmethod
     async def delete_vm(self, vm_id: str) -> bool:
         """Remove a VM with its status, SLO adjustment, VM policy and reports; False if unknown."""
 
@@ -101,7 +105,11 @@ class StateStore(abc.ABC):
     # -- statuses (the latest heartbeat per VM)
     @abc.abstractmethod
     async def put_statuses(self, statuses: Sequence[VmStatus]) -> None:
-        """Replace the latest status of each VM."""
+        """Replace the latest status of each VM.
+
+        The status's ``policy`` is not kept (it reads back as the defaults): the
+        control plane's effective policy is the one it reports.
+        """
 
     @abc.abstractmethod
     async def get_status(self, vm_id: str) -> VmStatus | None:

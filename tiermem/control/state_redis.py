@@ -28,6 +28,8 @@ from tiermem.model import CycleReport, Event, VmStatus
 
 __all__ = ["RedisState"]
 
+_NO_POLICY = frozenset({"policy"})
+
 # KEYS[1] seq counter, KEYS[2] log zset; ARGV[1] json, ARGV[2] keep
 _APPEND_EVENT = """
 local seq = redis.call('INCR', KEYS[1])
@@ -35,9 +37,16 @@ redis.call('ZADD', KEYS[2], seq, seq .. '|' .. ARGV[1])
 if seq % 100 == 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', seq - tonumber(ARGV[2])) end
 return seq
 """
-# KEYS: vms, status, adjust, policies, reports:<vm>, reports_all; ARGV[1] vm id.
+# KEYS: vms, vm_node; ARGV: vm id, spec json, node id.
+_CREATE_VM = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+return 1
+"""
+# KEYS: vms, status, adjust, policies, reports:<vm>, reports_all, vm_node; ARGV[1] vm id.
 _DELETE_VM = """
 local found = redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[7], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[3], ARGV[1])
 redis.call('HDEL', KEYS[4], 'vm:' .. ARGV[1])
@@ -189,9 +198,11 @@ class RedisState(StateStore):
 
     # -- VMs
     async def create_vm(self, spec: VmSpec) -> bool:
-        """Register a VM unless the id is taken (HSETNX)."""
+        """Register a VM unless the id is taken (HSETNX; the VM's node goes to a second hash)."""
         async with self._guard():
-            created: Any = await self.r.hsetnx(self._k("vms"), spec.vm_id, dumps(spec))  # type: ignore[misc]
+            created: Any = await self.r.eval(  # type: ignore[misc]
+                _CREATE_VM, 2, self._k("vms"), self._k("vm_node"), spec.vm_id, dumps(spec), spec.node_id
+            )
             return bool(created)
 
     async def get_vm(self, vm_id: str) -> VmSpec | None:
@@ -208,12 +219,21 @@ class RedisState(StateStore):
             raw: Any = await self.r.hmget(self._k("vms"), ids)  # type: ignore[misc]
         return {vm_id: loads(VmSpec, v) for vm_id, v in zip(ids, raw, strict=True) if v}
 
+    async def vm_nodes(self, vm_ids: Sequence[str]) -> dict[str, str]:
+        """The node of each known VM among ``vm_ids`` (one HMGET)."""
+        ids = list(dict.fromkeys(vm_ids))
+        if not ids:
+            return {}
+        async with self._guard():
+            raw: Any = await self.r.hmget(self._k("vm_node"), ids)  # type: ignore[misc]
+        return {vm_id: v.decode() for vm_id, v in zip(ids, raw, strict=True) if v}
+
     async def delete_vm(self, vm_id: str) -> bool:
         """Remove a VM and everything kept for it (one MULTI)."""
         async with self._guard():
             found = await self.r.eval(  # type: ignore[misc]
-                _DELETE_VM, 6, self._k("vms"), self._k("status"), self._k("adjust"), self._k("policies"),
-                self._k("reports", vm_id), self._k("reports_all"), vm_id,
+                _DELETE_VM, 7, self._k("vms"), self._k("status"), self._k("adjust"), self._k("policies"),
+                self._k("reports", vm_id), self._k("reports_all"), self._k("vm_node"), vm_id,
             )  # fmt: skip
             return bool(found)
 
@@ -226,7 +246,9 @@ class RedisState(StateStore):
         """Replace the latest status of each VM."""
         if statuses:
             async with self._guard():
-                await self.r.hset(self._k("status"), mapping={s.vm_id: dumps(s) for s in statuses})  # type: ignore[misc]
+                await self.r.hset(
+                    self._k("status"), mapping={s.vm_id: dumps(s, _NO_POLICY) for s in statuses}
+                )  # type: ignore[misc]
 
     async def get_status(self, vm_id: str) -> VmStatus | None:
         """The latest status of a VM."""

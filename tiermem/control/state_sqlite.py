@@ -26,6 +26,8 @@ from tiermem.model import CycleReport, Event, VmStatus
 
 __all__ = ["SqliteState"]
 
+_NO_POLICY = frozenset({"policy"})
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (node_id TEXT PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS vms (vm_id TEXT PRIMARY KEY, node_id TEXT NOT NULL, doc TEXT NOT NULL);
@@ -177,6 +179,19 @@ class SqliteState(StateStore):
                 out[vm_id] = loads(VmSpec, doc)
         return out
 
+    async def vm_nodes(self, vm_ids: Sequence[str]) -> dict[str, str]:
+        """The node of each known VM among ``vm_ids``."""
+        out: dict[str, str] = {}
+        ids = list(dict.fromkeys(vm_ids))
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            for vm_id, node_id in self._rows(
+                f"SELECT vm_id, node_id FROM vms WHERE vm_id IN ({marks})", chunk
+            ):
+                out[vm_id] = node_id
+        return out
+
     async def delete_vm(self, vm_id: str) -> bool:
         """Remove a VM and everything kept for it."""
         with self._tx() as db:
@@ -197,7 +212,8 @@ class SqliteState(StateStore):
             return
         with self._tx() as db:
             db.executemany(
-                "INSERT OR REPLACE INTO statuses VALUES (?, ?)", [(s.vm_id, dumps(s)) for s in statuses]
+                "INSERT OR REPLACE INTO statuses VALUES (?, ?)",
+                [(s.vm_id, dumps(s, _NO_POLICY)) for s in statuses],
             )
 
     async def get_status(self, vm_id: str) -> VmStatus | None:
