@@ -391,3 +391,26 @@ async def test_sync_client_and_token_auth(tmp_path: Path) -> None:
             assert resp.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         await cp.stop()
+
+
+async def test_metrics_endpoint_serves_the_scheduler_series(tmp_path: Path) -> None:
+    import urllib.request
+
+    cp = await start_cp(cp_settings(tmp_path, metrics_listen="127.0.0.1:0"))
+    agent = await FakeAgent("n1").start()
+    try:
+        async with AsyncControlPlaneClient(cp.address, timeout_s=5) as client:
+            await client.register_node(NodeInfo("n1", agent.address))
+            await client.set_policy(PolicyScope.fleet(), EvictionPolicy(interval_ms=100))
+            await client.register_vm(VmSpec("vm-1", "n1", 1 << 20), attach=True)
+            await wait_for(lambda: asyncio.sleep(0, len(agent.orders) >= 2))
+        assert cp.metrics_port
+        url = f"http://127.0.0.1:{cp.metrics_port}/metrics"
+        text = (await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())).decode()
+        for series in ("tiermem_cp_scheduler_lag_seconds_count", 'tiermem_cp_cycle_orders_total{result="ok"}',
+                       "tiermem_cp_nodes_up 1.0", "tiermem_cp_vms 1.0"):  # fmt: skip
+            assert series in text, series
+    finally:
+        await cp.stop()
+        assert agent.server is not None
+        await agent.server.stop(0)

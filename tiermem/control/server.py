@@ -62,6 +62,8 @@ class RunningControlPlane:
         """The bound gRPC port."""
         return self.server.port
 
+    metrics_port: int | None = None
+    """The Prometheus endpoint's port when ``metrics_listen`` is set."""
     stopped: bool = False
 
     async def stop(self, grace: float = 1.0, resign: bool = True) -> None:
@@ -72,6 +74,10 @@ class RunningControlPlane:
         if self.stopped:
             return
         self.stopped = True
+        if self.metrics_port is not None:
+            from tiermem.metrics import stop_metrics
+
+            stop_metrics()
         await self.plane.stop(resign)
         await self.server.stop(grace)
         await self.agents.close()
@@ -113,18 +119,14 @@ async def serve_control_plane(
     address = f"{host}:{started.port}"
     plane.address = getattr(settings, "advertise", "") or address
     await plane.start()
+    running = RunningControlPlane(plane, started, address, state, agents)
     if settings.metrics_listen:
         from tiermem.metrics import start_metrics
 
-        start_metrics(settings.metrics_listen, settings.tls)
-    log.info(
-        "control plane serving",
-        address=address,
-        state=state.url,
-        replica=settings.replica_id,
-        leader=plane.is_leader,
-    )
-    return RunningControlPlane(plane, started, address, state, agents)
+        running.metrics_port = start_metrics(settings.metrics_listen, settings.tls)
+    log.info("control plane serving", address=address, state=state.url, replica=settings.replica_id,
+             leader=plane.is_leader)  # fmt: skip
+    return running
 
 
 def run_control_plane(settings: ControlPlaneSettings) -> None:
