@@ -33,9 +33,7 @@ import asyncio
 import contextlib
 import heapq
 import uuid
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 import structlog
 
@@ -44,6 +42,7 @@ from tiermem.control.agentapi import AgentApi
 from tiermem.control.clock import Clock, clock_ms
 from tiermem.control.limits import Backoff, TokenBucket, phase_fraction
 from tiermem.control.policies import PolicyBook
+from tiermem.control.schedmodel import Gate, NodeSlot, SchedulerConfig, SchedulerStats, VmSlot
 from tiermem.control.slo import SloController
 from tiermem.control.state import StateStore
 from tiermem.control.types import EffectivePolicy, VmSpec
@@ -58,92 +57,6 @@ ReportSink = Callable[[CycleReport, str], Awaitable[None]]
 """Called with (report, error) after every cycle: records it and emits the event."""
 
 _NOT_SCHEDULABLE = (VmState.DRAINING, VmState.DETACHED, VmState.DISCONNECTED)
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """Scheduling parameters (from ControlPlaneSettings)."""
-
-    max_concurrent_per_node: int = 4
-    node_evict_mbps: float = 0.0
-    store_write_mbps: Mapping[str, float] = field(default_factory=dict)
-    jitter: float = 0.1
-    resync_s: float = 1.0
-    """Reload of the nodes (and SLO evaluation)."""
-    full_resync_s: float = 60.0
-    """Full reload of VMs and policies (a safety net: changes made here are applied at once)."""
-    status_resync_s: float = 10.0
-    """Reload of every VM status, with a shared store (heartbeats taken by other replicas)."""
-    max_sleep_s: float = 0.5
-    backoff_base_s: float = 1.0
-    backoff_max_s: float = 60.0
-    cycle_slack_s: float = 60.0
-    """Deadline of an agent cycle call: the interval plus this."""
-    bucket_burst_s: float = 1.0
-    claim_orders: bool | None = None
-    """Claim each order in the state store first (default: when the store is shared)."""
-
-
-@dataclass
-class SchedulerStats:
-    """Counters and recent lags (for the benchmark and tests)."""
-
-    orders: int = 0
-    ok: int = 0
-    failed: int = 0
-    claimed_elsewhere: int = 0
-    skipped_slots: int = 0
-    lags_ms: deque[int] = field(default_factory=lambda: deque(maxlen=200_000))
-
-
-class _Gate:
-    """One VM's exclusivity: a scheduled cycle, a manual cycle or a drain, never two at once."""
-
-    def __init__(self) -> None:
-        self.busy = False
-        self.idle = asyncio.Event()
-        self.idle.set()
-
-    def take(self) -> None:
-        self.busy = True
-        self.idle.clear()
-
-    def release(self) -> None:
-        self.busy = False
-        self.idle.set()
-
-    async def acquire(self) -> None:
-        while self.busy:
-            await self.idle.wait()
-        self.take()
-
-
-@dataclass
-class _Vm:
-    vm_id: str
-    node_id: str
-    policy: EvictionPolicy
-    grid_interval_ms: int = 0
-    phase_ms: int = 0
-    planned_ms: int = 0
-    gen: int = 0
-    queued: bool = False
-    schedulable: bool = True
-    reclaimable: int = 0
-    reclaim_from_report: bool = False
-    level: int = 0
-    backoff: Backoff = field(default_factory=Backoff)
-
-
-@dataclass
-class _Node:
-    node_id: str
-    address: str
-    up: bool
-    max_concurrent: int
-    bucket: TokenBucket
-    running: int = 0
-    backoff: Backoff = field(default_factory=Backoff)
 
 
 class Scheduler:
@@ -171,12 +84,12 @@ class Scheduler:
         self.owner = owner or uuid.uuid4().hex
         self.claim = state.shared if self.config.claim_orders is None else self.config.claim_orders
         self.stats = SchedulerStats()
-        self._vms: dict[str, _Vm] = {}
-        self._nodes: dict[str, _Node] = {}
-        self._gates: dict[str, _Gate] = {}
+        self._vms: dict[str, VmSlot] = {}
+        self._nodes: dict[str, NodeSlot] = {}
+        self._gates: dict[str, Gate] = {}
         self._stores: dict[str, TokenBucket] = {}
         self._heap: list[tuple[int, int, str]] = []  # (planned ms, gen, vm id)
-        self._ready: dict[str, _Vm] = {}
+        self._ready: dict[str, VmSlot] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._poke = asyncio.Event()
         self._dirty = True
@@ -188,27 +101,27 @@ class Scheduler:
     def _now_ms(self) -> int:
         return clock_ms(self.clock)
 
-    def _regrid(self, v: _Vm) -> None:
+    def _regrid(self, v: VmSlot) -> None:
         iv = v.policy.interval_ms
         v.grid_interval_ms = iv
         v.phase_ms = int(phase_fraction(v.vm_id) * max(0.0, min(1.0, self.config.jitter)) * iv)
 
-    def _slot_at_or_after(self, v: _Vm, t_ms: int) -> int:
+    def _slot_at_or_after(self, v: VmSlot, t_ms: int) -> int:
         iv = v.grid_interval_ms
         k = -((v.phase_ms - t_ms) // iv)  # ceil((t - phase) / iv)
         return k * iv + v.phase_ms
 
-    def _queue(self, v: _Vm, planned_ms: int) -> None:
+    def _queue(self, v: VmSlot, planned_ms: int) -> None:
         v.planned_ms = planned_ms
         v.gen += 1
         v.queued = True
         heapq.heappush(self._heap, (planned_ms, v.gen, v.vm_id))
 
-    def gate(self, vm_id: str) -> _Gate:
+    def gate(self, vm_id: str) -> Gate:
         """The VM's exclusivity gate."""
         g = self._gates.get(vm_id)
         if g is None:
-            g = self._gates[vm_id] = _Gate()
+            g = self._gates[vm_id] = Gate()
         return g
 
     def notify(self, vm_ids: Iterable[str] | None = None) -> None:
@@ -264,7 +177,7 @@ class Scheduler:
             rate = n.evict_mbps or cfg.node_evict_mbps
             node = self._nodes.get(n.node_id)
             if node is None:
-                node = self._nodes[n.node_id] = _Node(
+                node = self._nodes[n.node_id] = NodeSlot(
                     n.node_id, n.address, up, 0, TokenBucket.mbps(rate, now_s, cfg.bucket_burst_s)
                 )
                 node.backoff = Backoff(cfg.backoff_base_s, cfg.backoff_max_s)
@@ -314,7 +227,7 @@ class Scheduler:
     def _upsert(self, spec: VmSpec, e: EffectivePolicy, now: int) -> None:
         v = self._vms.get(spec.vm_id)
         if v is None:
-            v = self._vms[spec.vm_id] = _Vm(spec.vm_id, spec.node_id, e.policy)
+            v = self._vms[spec.vm_id] = VmSlot(spec.vm_id, spec.node_id, e.policy)
             v.backoff = Backoff(self.config.backoff_base_s, self.config.backoff_max_s)
             self._regrid(v)
             self._queue(v, self._slot_at_or_after(v, now + 1))
@@ -401,7 +314,7 @@ class Scheduler:
             self._dispatch(v, node, gate, now)
         return max(0.0, (wake - now) / 1000)
 
-    def _dispatch(self, v: _Vm, node: _Node, gate: _Gate, now: int) -> None:
+    def _dispatch(self, v: VmSlot, node: NodeSlot, gate: Gate, now: int) -> None:
         iv = v.grid_interval_ms
         if now - v.planned_ms >= iv:
             missed = (now - v.planned_ms) // iv
@@ -414,7 +327,7 @@ class Scheduler:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, v: _Vm, node: _Node, gate: _Gate, planned: int, policy: EvictionPolicy) -> None:
+    async def _run(self, v: VmSlot, node: NodeSlot, gate: Gate, planned: int, policy: EvictionPolicy) -> None:
         order_id = f"{v.vm_id}@{planned}"
         try:
             if self.claim:
@@ -438,7 +351,7 @@ class Scheduler:
                 self._queue(v, self._next_after(v, planned))
             self._poke.set()
 
-    def _next_after(self, v: _Vm, planned: int) -> int:
+    def _next_after(self, v: VmSlot, planned: int) -> int:
         now = self._now_ms()
         if v.grid_interval_ms != v.policy.interval_ms:
             self._regrid(v)
@@ -449,7 +362,7 @@ class Scheduler:
             nxt = max(nxt, self._slot_at_or_after(v, int(v.backoff.until * 1000)))
         return nxt
 
-    async def _order(self, v: _Vm, node: _Node, policy: EvictionPolicy, order_id: str) -> None:
+    async def _order(self, v: VmSlot, node: NodeSlot, policy: EvictionPolicy, order_id: str) -> None:
         timeout = policy.interval_ms / 1000 + self.config.cycle_slack_s
         try:
             report = await self.agents.run_cycle(
@@ -481,13 +394,13 @@ class Scheduler:
         self.observe_report(report, policy.store)
         await self.on_report(report, report.error)
 
-    def _failed(self, reason: str, v: _Vm, message: str) -> None:
+    def _failed(self, reason: str, v: VmSlot, message: str) -> None:
         self.stats.failed += 1
         metrics.CYCLE_ORDERS.labels("error").inc()
         metrics.ORDER_FAILURES.labels(reason).inc()
         log.warning("cycle order failed", vm_id=v.vm_id, node_id=v.node_id, reason=reason, error=message)
 
-    def _failure_report(self, v: _Vm, node: _Node, policy: EvictionPolicy) -> CycleReport:
+    def _failure_report(self, v: VmSlot, node: NodeSlot, policy: EvictionPolicy) -> CycleReport:
         return CycleReport(
             vm_id=v.vm_id, mode=CycleMode.EVICT, started_unix_ms=self._now_ms(), policy_version=policy.version,
             node_id=node.node_id,
