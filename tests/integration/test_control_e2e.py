@@ -58,9 +58,9 @@ async def stack(
     client = AsyncControlPlaneClient(cp.address, timeout_s=20)
     yield cp, client, agents
     await client.close()
-    await cp.stop()
     for a in agents.values():
         await a.stop()
+    await cp.stop()
 
 
 async def test_fleet_of_ten_vms_on_two_sim_agents(stack: Any) -> None:
