@@ -356,6 +356,7 @@ async def test_event_stream_replays_then_follows(fleet: Any) -> None:
     await asyncio.wait_for(task, 5)
     assert [e.kind for e in got] == [EventKind.POLICY_CHANGED, EventKind.POLICY_CHANGED]
     assert got[0].seq == last + 1 and got[1].seq == last + 2
+    assert [e async for e in client.stream_events(after_seq=2**64 - 1)] == []
 
 
 async def test_sync_client_and_token_auth(tmp_path: Path) -> None:

@@ -155,6 +155,7 @@ async def test_events_have_increasing_seq_and_replay(env: tuple[StateStore, Expi
     assert [e.seq for e in batch] == [seqs[-1] + 1, seqs[-1] + 2, seqs[-1] + 3]
     assert [e.message for e in await st.events_after(seqs[-1])] == ["b0", "b1", "b2"]
     assert await st.append_events([]) == []
+    assert await st.events_after(2**64 - 1) == []  # any uint64 from the wire: an empty replay
 
 
 async def test_order_claims_are_exclusive_until_expiry(env: tuple[StateStore, Expire]) -> None:

@@ -27,6 +27,7 @@ from tiermem.model import CycleReport, Event, VmStatus
 __all__ = ["SqliteState"]
 
 _NO_POLICY = frozenset({"policy"})
+_MAX_SQL_INT = 2**63 - 1
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (node_id TEXT PRIMARY KEY, doc TEXT NOT NULL);
@@ -332,6 +333,7 @@ class SqliteState(StateStore):
 
     async def events_after(self, after_seq: int, vm_id: str = "", limit: int = 1000) -> list[Event]:
         """Events after ``after_seq``, oldest first."""
+        after_seq = min(max(after_seq, 0), _MAX_SQL_INT)  # a uint64 from the wire may not fit SQLite's int64
         if vm_id:
             rows = self._rows(
                 "SELECT seq, doc FROM events WHERE vm_id = ? AND seq > ? ORDER BY seq LIMIT ?",
