@@ -186,10 +186,11 @@ class ServeLog:
         self.store.get_pages = self._orig  # type: ignore[method-assign]
 
 
-def rss_bytes(pid: int | str = "self") -> int:
-    """Resident set size of a process (from /proc)."""
+def rss_bytes(pid: int | str = "self", field: str = "VmRSS") -> int:
+    """Resident memory of a process from /proc/PID/status: ``VmRSS`` (all), ``RssAnon`` (heap and anonymous
+    mappings, without shared memory such as a guest memfd the process maps), ``RssShmem``, ``RssFile``."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return 0
 

@@ -2,8 +2,8 @@
 
 The agent runs as its own process (``tiermem serve agent``) and evicts a 16 MiB
 process guest to Redis through the fault proxy, slowed so that the eviction
-takes seconds. It is killed after the first batch reached Redis, while the next
-is on the wire. Before the restart the test checks the durable state the dead
+takes seconds. It is killed once the first batch has been punched, while the
+next is on the wire. Before the restart the test checks the durable state the dead
 agent left behind: every page punched out of the guest's memfd (a hole, found
 with SEEK_HOLE on the guest's own memfd) has a durable index entry whose payload
 reads back from Redis and verifies. Then the agent restarts, the VMM reattaches
@@ -23,14 +23,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-import redis
 
 from tests.faults.common import check_payloads, record, wait_until
 from tests.faults.conftest import redis_url
 from tests.faults.toxic_proxy import ToxicProxy
 from tests.helpers.guest import GuestProc
 from tests.helpers.servers import RedisServer, free_port, wait_port
-from tiermem.agent.cycle import EVICT_BATCH_PAGES
 from tiermem.agent.index import PageIndex
 from tiermem.kernel.uffd_ioctl import data_extents
 from tiermem.rpc.channel import sync_channel
@@ -75,7 +73,6 @@ def test_agent_sigkill_mid_eviction_then_restart(
     url = redis_url(redis_proxy.port, timeout=10)
     agent = _agent(tmp_path, url, port)
     guest = None
-    r = redis.Redis(host="127.0.0.1", port=redis_own.port)
     try:
         wait_port(port, 30, agent)  # type: ignore[arg-type]
         stub = agent_pb2_grpc.NodeAgentStub(sync_channel(f"127.0.0.1:{port}"))
@@ -95,8 +92,9 @@ def test_agent_sigkill_mid_eviction_then_restart(
 
         t = threading.Thread(target=order, daemon=True)
         t.start()
-        wait_until(lambda: r.dbsize() > EVICT_BATCH_PAGES, 30, "the first batch to reach Redis")
-        time.sleep(0.3)  # the next batch is on the wire
+        # the first batch is acknowledged, indexed and punched (holes in the guest's memfd); the next is on the wire
+        wait_until(lambda: _guest_holes(guest.proc.pid, "pg"), 30, "the first batch to be punched", step=0.01)
+        time.sleep(0.05)
         agent.send_signal(signal.SIGKILL)
         agent.wait(10)
         t.join(10)
@@ -141,4 +139,3 @@ def test_agent_sigkill_mid_eviction_then_restart(
             guest.close()
         agent.kill()
         agent.wait(10)
-        r.close()

@@ -212,3 +212,35 @@ def test_control_plane_killed_while_scheduling(tmp_path: Path, loop: LoopThread)
         if cp.poll() is None:
             cp.kill()
         cp.wait(10)
+
+
+def test_a_repeated_order_is_never_run_twice(tmp_path: Path) -> None:
+    """A scheduler that re-sends an order (a restart, a retry) while or after it runs gets no second cycle."""
+    agent = Agent(AgentSettings(node_id="n1", data_dir=str(tmp_path / "a"), stores={"default": "memory://"},
+                                autonomous=False, fsync=False))  # fmt: skip
+    try:
+        agent.attach_sim(
+            "vm", 64 * 4096, EvictionPolicy(interval_ms=300, cold_after=1), workload="idle", vcpus=0
+        )
+        outcomes: list[object] = []
+
+        def order() -> None:
+            try:
+                outcomes.append(agent.run_cycle("vm", CycleMode.EVICT, 300, order_id="vm@1000"))
+            except Exception as e:  # a concurrent duplicate may be refused; it must not run
+                outcomes.append(e)
+
+        ts = [threading.Thread(target=order) for _ in range(3)]
+        for t in ts:
+            t.start()
+            time.sleep(0.05)
+        for t in ts:
+            t.join(10)
+        after = agent.run_cycle(
+            "vm", CycleMode.EVICT, 300, order_id="vm@1000"
+        )  # once more, after it finished
+        assert agent.sessions["vm"].counters.cycles == 1
+        reports = [o for o in outcomes if isinstance(o, CycleReport)]
+        assert reports and all(r.cycle == 1 for r in reports) and after.cycle == 1
+    finally:
+        agent.close()

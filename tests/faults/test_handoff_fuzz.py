@@ -88,6 +88,11 @@ def wrong_types(draw: st.DrawFn) -> bytes:
     for f in draw(st.lists(st.sampled_from(FIELDS + ["region." + r for r in REGION_FIELDS]), min_size=1,
                            max_size=3, unique=True)):  # fmt: skip
         value = draw(JSON_VALUES | st.just(...))
+        regions = desc.get("regions")
+        if f.startswith("region.") and not (
+            isinstance(regions, list) and regions and isinstance(regions[0], dict)
+        ):
+            continue  # the regions themselves were replaced already
         target, key = (desc["regions"][0], f[7:]) if f.startswith("region.") else (desc, f)
         if value is ...:
             target.pop(key, None)

@@ -75,7 +75,8 @@ def _consistent(t: Trace) -> None:
         assert (np.diff(t.ticks) >= 0).all() and t.ticks[0] >= 0
         assert t.pages.min() >= 0 and t.pages.max() < t.n_pages
         assert t.n_ticks == int(t.ticks[-1]) + 1
-    assert sum(len(p) for _, p, _ in t.by_tick()) == n
+    if t.n_ticks <= 100_000:  # a trace may name tick 10**17: by_tick would walk every empty tick up to it
+        assert sum(len(p) for _, p, _ in t.by_tick()) == n
 
 
 @fuzz_settings(300, 5000)

@@ -8,6 +8,13 @@ holds the load for 30 s; ``pytest --soak`` for 10 minutes. Reported: faults
 served, cycles, p99 fault latency (agent side), and the agent's RSS after
 warm-up and at the end, whose growth must stay under a generous bound. Every
 page of every VM is verified at the end.
+
+The sim guests use synthetic contents (a counter per page, from which the page
+bytes are built when the agent reads them out), so their memory is a few KiB
+and the agent's anonymous RSS (``RssAnon``: heap, indexes, buffers) is the
+agent's own. The total RSS also counts the process guests' memfds that the
+agent maps (up to 32 MiB of shared memory as the agent reads pages out); both
+are reported, and the bound applies to the anonymous part.
 """
 
 from __future__ import annotations
@@ -58,7 +65,7 @@ def run_load(tmp: Path, seconds: float, warmup: float, label: str) -> None:
         stub = agent_pb2_grpc.NodeAgentStub(sync_channel(f"127.0.0.1:{port}"))
         pol = types_pb2.EvictionPolicy(interval_ms=1000, cold_after=1, prefetch_pages=8)
         for i in range(SIM_VMS):
-            stub.AttachVm(agent_pb2.AttachVmRequest(vm_id=f"sim-{i}", memory_bytes=4 * MiB, policy=pol,
+            stub.AttachVm(agent_pb2.AttachVmRequest(vm_id=f"sim-{i}", memory_bytes=4 * MiB, policy=pol, synthetic=True,
                                                     workload=WORKLOADS[i % len(WORKLOADS)], vcpus=1), timeout=30)  # fmt: skip
         for i in range(2):  # --prefill: a loaded image, cached in the memfd; first touches are MINOR faults
             g = GuestProc(str(tmp / "h" / "handoff.sock"), f"pg-{i}", "16M", "--workload", WORKLOADS[i], "--seed",
@@ -86,13 +93,19 @@ def run_load(tmp: Path, seconds: float, warmup: float, label: str) -> None:
 
         t0 = time.monotonic()
         time.sleep(warmup)
-        rss_warm = rss_bytes(agent.pid)
-        rss_max = rss_warm
+        rss_warm, anon_warm = rss_bytes(agent.pid), rss_bytes(agent.pid, "RssAnon")
+        anon_max = anon_warm
+        trail = [round(anon_warm / MiB)]  # the anonymous RSS about ten times over the run: flat, or climbing?
+        next_sample = time.monotonic() + (seconds - warmup) / 10
         while time.monotonic() - t0 < seconds:
             time.sleep(1.0)
-            rss_max = max(rss_max, rss_bytes(agent.pid))
+            anon = rss_bytes(agent.pid, "RssAnon")
+            anon_max = max(anon_max, anon)
+            if time.monotonic() >= next_sample:
+                trail.append(round(anon / MiB))
+                next_sample += (seconds - warmup) / 10
             assert agent.poll() is None, "the agent died under load"
-        rss_end = rss_bytes(agent.pid)
+        rss_end, anon_end = rss_bytes(agent.pid), rss_bytes(agent.pid, "RssAnon")
         stop.set()
         for t in drivers:
             t.join(180)
@@ -125,12 +138,16 @@ def run_load(tmp: Path, seconds: float, warmup: float, label: str) -> None:
         checked = sum(r[0] for r in results)
         lost = sum(r[1] for r in results)
         assert lost == 0
-        growth = rss_end - rss_warm
+        growth = anon_end - anon_warm
         record(label, pages_verified=checked, pages_lost=lost, seconds=seconds, vms=len(vms), faults_served=faults,
                cycles=cycles, p99_fault_us_max=max(p99, default=0), p99_fault_us_median=int(np.median(p99)) if p99
                else 0, rss_after_warmup_mib=round(rss_warm / MiB, 1), rss_end_mib=round(rss_end / MiB, 1),
-               rss_max_mib=round(rss_max / MiB, 1), rss_growth_mib=round(growth / MiB, 1), verify_s=round(verify_s, 1), guest_batches=sum(batches))  # fmt: skip
-        assert growth < RSS_GROWTH_LIMIT, f"agent RSS grew {growth / MiB:.1f} MiB after warm-up"
+               anon_after_warmup_mib=round(anon_warm / MiB, 1), anon_end_mib=round(anon_end / MiB, 1),
+               anon_max_mib=round(anon_max / MiB, 1), anon_growth_mib=round(growth / MiB, 1), anon_trail_mib=trail,
+               verify_s=round(verify_s, 1), guest_batches=sum(batches))  # fmt: skip
+        assert growth < RSS_GROWTH_LIMIT, (
+            f"the agent's anonymous RSS grew {growth / MiB:.1f} MiB after warm-up"
+        )
     finally:
         stop.set()
         for g in guests:
@@ -153,4 +170,5 @@ def test_load_30s(tmp_path: Path) -> None:
 @pytest.mark.soak
 @pytest.mark.timeout(900)
 def test_load_soak_10min(tmp_path: Path) -> None:
-    run_load(tmp_path, 600.0, 30.0, "soak: 16 sim VMs + 2 process guests, 10 min")
+    # a 2-minute warm-up: the agent's per-thread malloc arenas and its bounded structures fill in that time
+    run_load(tmp_path, 600.0, 120.0, "soak: 16 sim VMs + 2 process guests, 10 min")
