@@ -54,7 +54,9 @@ def _agent(tmp: Path, port: int) -> subprocess.Popen[bytes]:
     )  # fmt: skip
 
 
-def run_load(tmp: Path, seconds: float, warmup: float, label: str) -> None:
+def run_load(
+    tmp: Path, seconds: float, warmup: float, label: str, growth_limit: int = RSS_GROWTH_LIMIT
+) -> None:
     port = free_port()
     agent = _agent(tmp, port)
     guests: list[GuestProc] = []
@@ -93,19 +95,25 @@ def run_load(tmp: Path, seconds: float, warmup: float, label: str) -> None:
 
         t0 = time.monotonic()
         time.sleep(warmup)
-        rss_warm, anon_warm = rss_bytes(agent.pid), rss_bytes(agent.pid, "RssAnon")
-        anon_max = anon_warm
-        trail = [round(anon_warm / MiB)]  # the anonymous RSS about ten times over the run: flat, or climbing?
-        next_sample = time.monotonic() + (seconds - warmup) / 10
+        # Anonymous-RSS samples (up to one a second). Eviction batches allocate tens of MiB for a moment (pages read
+        # out, encoded, written), so single samples jump; the floor (minimum) of each tenth of the run does
+        # not, and a leak raises it. Growth = last floor - first floor.
+        rss_warm = rss_bytes(agent.pid)
+        window = (seconds - warmup) / 10
+        floors: list[int] = []
+        anon_max = 0
         while time.monotonic() - t0 < seconds:
-            time.sleep(1.0)
-            anon = rss_bytes(agent.pid, "RssAnon")
-            anon_max = max(anon_max, anon)
-            if time.monotonic() >= next_sample:
-                trail.append(round(anon / MiB))
-                next_sample += (seconds - warmup) / 10
-            assert agent.poll() is None, "the agent died under load"
-        rss_end, anon_end = rss_bytes(agent.pid), rss_bytes(agent.pid, "RssAnon")
+            lo = 1 << 62
+            w_end = min(time.monotonic() + window, t0 + seconds)
+            while True:  # at least one sample per window
+                anon = rss_bytes(agent.pid, "RssAnon")
+                lo, anon_max = min(lo, anon), max(anon_max, anon)
+                assert agent.poll() is None, "the agent died under load"
+                if time.monotonic() >= w_end:
+                    break
+                time.sleep(min(1.0, window / 5))
+            floors.append(lo)
+        rss_end = rss_bytes(agent.pid)
         stop.set()
         for t in drivers:
             t.join(180)
@@ -138,16 +146,15 @@ def run_load(tmp: Path, seconds: float, warmup: float, label: str) -> None:
         checked = sum(r[0] for r in results)
         lost = sum(r[1] for r in results)
         assert lost == 0
-        growth = anon_end - anon_warm
+        growth = floors[-1] - floors[0]
         record(label, pages_verified=checked, pages_lost=lost, seconds=seconds, vms=len(vms), faults_served=faults,
                cycles=cycles, p99_fault_us_max=max(p99, default=0), p99_fault_us_median=int(np.median(p99)) if p99
                else 0, rss_after_warmup_mib=round(rss_warm / MiB, 1), rss_end_mib=round(rss_end / MiB, 1),
-               anon_after_warmup_mib=round(anon_warm / MiB, 1), anon_end_mib=round(anon_end / MiB, 1),
-               anon_max_mib=round(anon_max / MiB, 1), anon_growth_mib=round(growth / MiB, 1), anon_trail_mib=trail,
+               anon_floor_first_mib=round(floors[0] / MiB, 1), anon_floor_last_mib=round(floors[-1] / MiB, 1),
+               anon_max_mib=round(anon_max / MiB, 1), anon_growth_mib=round(growth / MiB, 1),
+               anon_floors_mib=[round(f / MiB) for f in floors],
                verify_s=round(verify_s, 1), guest_batches=sum(batches))  # fmt: skip
-        assert growth < RSS_GROWTH_LIMIT, (
-            f"the agent's anonymous RSS grew {growth / MiB:.1f} MiB after warm-up"
-        )
+        assert growth < growth_limit, f"the agent's anonymous RSS grew {growth / MiB:.1f} MiB after warm-up"
     finally:
         stop.set()
         for g in guests:
@@ -163,7 +170,11 @@ def run_load(tmp: Path, seconds: float, warmup: float, label: str) -> None:
 @pytest.mark.uffd
 @pytest.mark.timeout(120)
 def test_load_30s(tmp_path: Path) -> None:
-    run_load(tmp_path, 30.0, 8.0, "load: 16 sim VMs + 2 process guests, 30 s")
+    # 30 s leaves little steady state after warm-up (indexes still grow with the evicted set): a
+    # looser bound here; the 10-minute soak holds the tight one.
+    run_load(
+        tmp_path, 30.0, 8.0, "load: 16 sim VMs + 2 process guests, 30 s", growth_limit=2 * RSS_GROWTH_LIMIT
+    )
 
 
 @pytest.mark.uffd
