@@ -3,7 +3,8 @@
 Each line of the log is one scenario run written by :func:`tests.faults.common.record`
 (set ``TIERMEM_RELIABILITY_LOG`` when running the suite). Rows group runs by
 scenario: number of runs, pages verified and lost (summed over the runs), and
-every other figure as ``min–max`` over the runs (one value when they agree).
+every other scalar figure as ``min–max`` over the runs (one value when they agree);
+list figures (the RSS floors of a load run) are left to the text.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     out = ["| scenario | runs | pages verified | pages lost | figures (min–max over the runs) |",
            "|---|---:|---:|---:|---|"]  # fmt: skip
     for name, runs in groups.items():
-        keys = [k for k in runs[0] if k not in _SKIP]
+        keys = [k for k in runs[0] if k not in _SKIP and not isinstance(runs[0][k], list | dict)]
         figures = ", ".join(f"{k} {_fmt([r.get(k) for r in runs if k in r])}" for k in keys)
         verified = sum(int(r["pages_verified"]) for r in runs)
         lost = sum(int(r["pages_lost"]) for r in runs)
