@@ -136,6 +136,11 @@ class ControlPlaneSettings(_Base):
     """State store: ``sqlite:///path`` (embedded) or ``redis://host:port/db`` (shared, with leader election)."""
     replica_id: str = Field(default_factory=lambda: f"{os.uname().nodename}-{os.getpid()}")
     """This replica's id in leader election."""
+    advertise: str = ""
+    """Address other replicas and agents are told to reach this replica at (empty: the listen address)."""
+    known_stores: list[str] = Field(default_factory=list)
+    """Store names a policy may name (empty: ``default`` plus every store in ``store_write_mbps``);
+    must match the agents' ``STORES`` names, so a typo is refused at ``policy set`` time."""
     lease_ttl_ms: int = 10_000
     """Node lease: a node that misses heartbeats this long is marked down."""
     leader_lease_ms: int = 5000

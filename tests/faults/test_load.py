@@ -40,10 +40,6 @@ MiB = 1 << 20
 SIM_VMS = 16
 WORKLOADS = ["zipf:1.0", "hotset:0.2:noise=0.05", "phases:0.2:period=40", "zipf:0.8"]
 RSS_GROWTH_LIMIT = 64 * MiB
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
-"""A fixed mmap threshold for the agent (see docs/reliability.md): by default glibc raises the threshold each
-time the agent frees a multi-MiB eviction or compaction buffer, so later ones come from per-thread arenas that
-keep the memory; RSS then climbs by tens of MiB with no leak behind it, and that noise would hide a real leak."""
 
 
 def _agent(tmp: Path, port: int) -> subprocess.Popen[bytes]:
@@ -54,7 +50,7 @@ def _agent(tmp: Path, port: int) -> subprocess.Popen[bytes]:
         [sys.executable, "-X", "faulthandler", "-m", "tiermem", "serve", "agent", "--node-id", "load", "--listen",
          f"127.0.0.1:{port}", "--data-dir", str(tmp / "agent"), "--handoff-socket", str(tmp / "h" / "handoff.sock"),
          "--control-plane", f"127.0.0.1:{free_port()}", "--autonomous-after", "6s", "--log-format", "console"],
-        stdout=subprocess.DEVNULL, stderr=open(tmp / "agent.log", "ab"), env={**os.environ, **MALLOC_ENV},
+        stdout=subprocess.DEVNULL, stderr=open(tmp / "agent.log", "ab"), env={**os.environ},
     )  # fmt: skip
 
 

@@ -415,3 +415,18 @@ async def test_metrics_endpoint_serves_the_scheduler_series(tmp_path: Path) -> N
         await cp.stop()
         assert agent.server is not None
         await agent.server.stop(0)
+
+
+async def test_known_stores_and_advertise_settings(tmp_path: Path) -> None:
+    cp = await start_cp(cp_settings(tmp_path, known_stores=["default", "fast"], advertise="10.9.9.9:7000"))
+    client = AsyncControlPlaneClient(cp.address, timeout_s=10)
+    try:
+        assert cp.plane.address == "10.9.9.9:7000"  # what followers name in NOT_LEADER, not the bind address
+        await client.set_policy(PolicyScope.fleet(), EvictionPolicy(store="fast"))
+        with pytest.raises(InvalidArgument, match="unknown store 'fsat'"):
+            await client.set_policy(PolicyScope.fleet(), EvictionPolicy(store="fsat"))
+        (entry,) = await client.list_policies()
+        assert entry.policy.store == "fast"  # the refused write changed nothing
+    finally:
+        await client.close()
+        await cp.stop()

@@ -44,7 +44,8 @@ def test_controlplane_flags(captured: list[Any], tmp_path: Path) -> None:
                "--token", "s3cret", "--tls-cert", "/c.pem", "--tls-key", "/k.pem", "--tls-ca", "/ca.pem", "--mtls",
                "--metrics", "127.0.0.1:9100", "--reflection", "--lease-ttl", "15s", "--max-concurrent-cycles", "8",
                "--node-evict-mbps", "100", "--store-write-mbps", "s3=50", "--jitter", "0.2", "--no-scheduler",
-               "--agent-token", "atok", "--agent-tls-ca", "/aca.pem", "--replica-id", "r1", "--log-format", "console")  # fmt: skip
+               "--agent-token", "atok", "--agent-tls-ca", "/aca.pem", "--replica-id", "r1", "--log-format", "console",
+               "--advertise", "10.0.0.9:7000", "--known-store", "default", "--known-store", "fast")  # fmt: skip
     assert r.exit_code == 0, r.output
     (s,) = captured
     assert isinstance(s, ControlPlaneSettings)
@@ -56,6 +57,7 @@ def test_controlplane_flags(captured: list[Any], tmp_path: Path) -> None:
     assert s.node_evict_mbps == 100 and s.store_write_mbps == {"s3": 50.0} and s.jitter == 0.2
     assert s.scheduler is False and s.agent_token == "atok" and s.agent_tls.ca_file == "/aca.pem"
     assert s.replica_id == "r1" and s.log_json is False
+    assert s.advertise == "10.0.0.9:7000" and s.known_stores == ["default", "fast"]
 
 
 def test_agent_flags(captured: list[Any], tmp_path: Path) -> None:

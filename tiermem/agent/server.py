@@ -10,6 +10,7 @@ from typing import Any
 
 import structlog
 
+from tiermem.agent.malloc import pin_malloc_thresholds
 from tiermem.agent.metrics import AgentMetrics
 from tiermem.agent.node import Agent
 from tiermem.agent.service import SERVICE_NAME, NodeAgentServicer
@@ -80,6 +81,7 @@ async def serve_agent(settings: AgentSettings, metrics: AgentMetrics | None = No
 
 def run_agent(settings: AgentSettings) -> None:
     """Blocking entry point of ``tiermem serve agent``: serve until SIGINT/SIGTERM."""
+    pin_malloc_thresholds()  # a whole-process setting: only here, where the agent owns the process
 
     async def main() -> None:
         running = await serve_agent(settings)

@@ -91,6 +91,8 @@ def controlplane_overrides(**flags: Any) -> dict[str, Any]:
         "listen": flags.get("listen"),
         "state": flags.get("state"),
         "replica_id": flags.get("replica_id"),
+        "advertise": flags.get("advertise"),
+        "known_stores": list(flags["known_stores"]) if flags.get("known_stores") else None,
         "lease_ttl_ms": _positive("--lease-ttl", flags.get("lease_ttl")),
         "max_concurrent_cycles_per_node": flags.get("max_concurrent_cycles"),
         "node_evict_mbps": flags.get("node_evict_mbps"),
@@ -116,6 +118,16 @@ def controlplane_overrides(**flags: Any) -> dict[str, Any]:
     "--state", metavar="URL", help="sqlite:///path/control.db (embedded) or redis://host:port/db (shared)."
 )
 @click.option("--replica-id", metavar="ID", help="This replica's id in leader election (Redis state).")
+@click.option(
+    "--advertise", metavar="HOST:PORT", help="Address other replicas name for this one (default: --listen)."
+)
+@click.option(
+    "--known-store",
+    "known_stores",
+    multiple=True,
+    metavar="NAME",
+    help="A store name policies may use (repeatable; default: 'default' + --store-write-mbps names).",
+)
 @click.option(
     "--lease-ttl",
     type=DURATION,

@@ -29,10 +29,10 @@ log = structlog.get_logger("tiermem.control.server")
 def plane_config(settings: ControlPlaneSettings) -> PlaneConfig:
     """The domain configuration for ``settings``.
 
-    Known stores: ``settings.known_stores`` when that setting exists and is
-    non-empty, else ``default`` plus every store named in ``store_write_mbps``.
+    Known stores: ``settings.known_stores`` when non-empty, else ``default``
+    plus every store named in ``store_write_mbps``.
     """
-    stores = set(getattr(settings, "known_stores", None) or ()) or {"default", *settings.store_write_mbps}
+    stores = set(settings.known_stores) or {"default", *settings.store_write_mbps}
     return PlaneConfig(
         lease_ttl_ms=settings.lease_ttl_ms,
         leader_lease_ms=settings.leader_lease_ms,
@@ -117,7 +117,7 @@ async def serve_control_plane(
         raise
     host = settings.listen.rsplit(":", 1)[0] or "127.0.0.1"
     address = f"{host}:{started.port}"
-    plane.address = getattr(settings, "advertise", "") or address
+    plane.address = settings.advertise or address
     await plane.start()
     running = RunningControlPlane(plane, started, address, state, agents)
     if settings.metrics_listen:
