@@ -111,16 +111,17 @@ def encode_page(data: bytes | memoryview, name: str) -> tuple[Codec, bytes, int]
 
 def decode(codec: Codec | int, payload: bytes | memoryview, checksum: int, page_size: int) -> bytes:
     """Decode and verify one payload; raises IntegrityError on any mismatch."""
-    try:
-        codec = Codec(codec)
-    except ValueError:
-        raise IntegrityError(f"unknown codec {codec!r} in a page entry") from None
+    if type(codec) is not Codec:
+        try:
+            codec = Codec(codec)
+        except ValueError:
+            raise IntegrityError(f"unknown codec {codec!r} in a page entry") from None
     if codec is Codec.ZERO:
         if len(payload):
             raise IntegrityError(f"zero page entry carries a {len(payload)}-byte payload")
         raw = _zero(page_size)
     elif codec is Codec.RAW:
-        raw = bytes(payload)
+        raw = payload if type(payload) is bytes else bytes(payload)  # bytes are immutable: no copy needed
     elif codec is Codec.ZSTD:
         try:
             raw = _zstd_d().decompress(payload, max_output_size=page_size)

@@ -161,6 +161,9 @@ class SegmentStore(PayloadStore):
                 self._pool = None
 
     def _vm(self, vm_id: str) -> VmState:
+        st = self._vms.get(vm_id)  # lock-free hit (a dict read is atomic): the fault path's case
+        if st is not None and st.loaded:
+            return st
         with self._vms_lock:
             st = self._vms.get(vm_id)
             if st is None:
