@@ -41,6 +41,9 @@ async def test_metrics_after_a_cycle_and_a_fault(tmp_path: Path) -> None:
             assert name in body, name
         assert 'tiermem_agent_vm_evicted_pages{vm="vm1"}' in body
         assert 'tiermem_agent_faults_total{kind="missing",vm="vm1"} 1.0' in body
+        a.detach("vm1", purge=True)  # a detached VM's series go away (no label-set growth with VM churn)
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert 'vm="vm1"' not in body
         doc = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
         for name in DOCUMENTED:
             assert name.removesuffix("_bucket") in doc, f"{name} missing from docs/metrics.md"

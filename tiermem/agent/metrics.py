@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from tiermem.model import CycleMode
 
 __all__ = ["AgentMetrics"]
 
@@ -101,8 +104,14 @@ class AgentMetrics:
 
     def forget_vm(self, vm: str) -> None:
         """Drop the per-VM series of a detached VM."""
-        for metric in (self.pages_evicted, self.pages_restored):
+        series: list[tuple[Any, tuple[str, ...]]] = [
+            (self.pages_evicted, (vm,)),
+            (self.pages_restored, (vm,)),
+        ]
+        series += [(self.faults, (vm, kind)) for kind in ("missing", "zero", "rwp")]
+        series += [(self.cycles, (vm, mode.value, res)) for mode in CycleMode for res in ("ok", "error")]
+        for metric, labels in series:
             try:
-                metric.remove(vm)
+                metric.remove(*labels)
             except KeyError:
                 pass
