@@ -76,7 +76,12 @@ class PageIndex:
                 PRIMARY KEY (vm_id, page)) WITHOUT ROWID;
             """
         )
+        # Two locks, always taken in this order: ``_lock`` serialises SQLite (a commit with
+        # synchronous=FULL waits for fsync), ``_mem`` guards the in-memory mirror and the removal
+        # queue. A fault's ``remove`` takes only ``_mem``, so it never waits behind an eviction
+        # batch's durable commit.
         self._lock = threading.RLock()
+        self._mem = threading.Lock()
         self._vms: dict[str, _VmIndex] = {}
         self._records: dict[str, VmRecord] = {}
         self._pending_removals: list[tuple[str, int, int]] = []
@@ -118,9 +123,10 @@ class PageIndex:
                 "page_size=excluded.page_size, meta=excluded.meta",
                 (rec.vm_id, rec.backend, rec.n_pages, rec.page_size, json.dumps(rec.meta)),
             )
-            self._records[rec.vm_id] = rec
-            if rec.vm_id not in self._vms:
-                self._vms[rec.vm_id] = _VmIndex(rec.n_pages)
+            with self._mem:
+                self._records[rec.vm_id] = rec
+                if rec.vm_id not in self._vms:
+                    self._vms[rec.vm_id] = _VmIndex(rec.n_pages)
 
     def remove_vm(self, vm_id: str) -> None:
         """Forget a VM and every entry it has (after drain or purge)."""
@@ -129,13 +135,14 @@ class PageIndex:
             self._db.execute("DELETE FROM pages WHERE vm_id = ?", (vm_id,))
             self._db.execute("DELETE FROM vms WHERE vm_id = ?", (vm_id,))
             self._db.execute("COMMIT")
-            self._vms.pop(vm_id, None)
-            self._records.pop(vm_id, None)
-            self._pending_removals = [r for r in self._pending_removals if r[0] != vm_id]
+            with self._mem:
+                self._vms.pop(vm_id, None)
+                self._records.pop(vm_id, None)
+                self._pending_removals = [r for r in self._pending_removals if r[0] != vm_id]
 
     def vm_records(self) -> list[VmRecord]:
         """Every VM the index knows (for reattach after a restart)."""
-        with self._lock:
+        with self._mem:
             return list(self._records.values())
 
     def record(self, vm_id: str) -> VmRecord | None:
@@ -145,10 +152,11 @@ class PageIndex:
     # --- entries -----------------------------------------------------------------------------
     def next_generations(self, vm_id: str, count: int) -> int:
         """Reserve ``count`` generation numbers; returns the first. Durable, so never reused."""
-        with self._lock:
-            vi = self._vms[vm_id]
-            first = vi.next_gen
-            vi.next_gen += count
+        with self._lock:  # held across the UPDATE: a later reservation never persists before an earlier one
+            with self._mem:
+                vi = self._vms[vm_id]
+                first = vi.next_gen
+                vi.next_gen += count
             self._db.execute("UPDATE vms SET next_gen = ? WHERE vm_id = ?", (vi.next_gen, vm_id))
             return first
 
@@ -169,9 +177,10 @@ class PageIndex:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-            for e in entries:
-                vi.entries[e.page] = IndexEntry(store, e)
-                vi.bitmap[e.page] = True
+            with self._mem:
+                for e in entries:
+                    vi.entries[e.page] = IndexEntry(store, e)
+                    vi.bitmap[e.page] = True
 
     def get(self, vm_id: str, page: int) -> IndexEntry | None:
         """The entry of an evicted page, or None."""
@@ -190,7 +199,7 @@ class PageIndex:
         delete is queued and written by :meth:`flush` (or now with ``flush=True``).
         """
         dropped: list[IndexEntry] = []
-        with self._lock:
+        with self._mem:
             vi = self._vms.get(vm_id)
             if vi is None:
                 return dropped
@@ -202,8 +211,8 @@ class PageIndex:
                 vi.bitmap[p] = False
                 dropped.append(e)
                 self._pending_removals.append((vm_id, p, gen))
-            if flush:
-                self._flush_locked()
+        if flush:
+            self.flush()
         return dropped
 
     def flush(self) -> None:
@@ -212,9 +221,10 @@ class PageIndex:
             self._flush_locked()
 
     def _flush_locked(self) -> None:
-        if not self._pending_removals:
+        with self._mem:
+            rows, self._pending_removals = self._pending_removals, []
+        if not rows:
             return
-        rows, self._pending_removals = self._pending_removals, []
         self._db.execute("BEGIN")
         # only delete the generation that was restored: a page re-evicted since has a newer row
         self._db.executemany("DELETE FROM pages WHERE vm_id = ? AND page = ? AND generation = ?", rows)
@@ -226,7 +236,7 @@ class PageIndex:
 
     def evicted_pages(self, vm_id: str) -> list[int]:
         """Evicted page numbers, ascending."""
-        with self._lock:
+        with self._mem:
             vi = self._vms.get(vm_id)
             return sorted(vi.entries) if vi else []
 
