@@ -9,7 +9,7 @@ import structlog
 
 from tiermem.agent.node import Agent
 from tiermem.errors import TiermemError
-from tiermem.model import Backend, EventKind
+from tiermem.model import Backend
 from tiermem.vmm.handoff import HandoffAttach, HandoffListener
 
 __all__ = ["on_handoff", "start_handoff"]
@@ -38,8 +38,7 @@ def on_handoff(agent: Agent, att: HandoffAttach) -> None:
             with contextlib.suppress(TiermemError):
                 agent.detach(vm_id)
             return
-        agent.mark_disconnected(vm_id)
-        agent.events.publish(EventKind.VMM_DISCONNECTED, f"VMM of {vm_id} disconnected", vm_id)
+        agent.mark_disconnected(vm_id)  # reports VMM_DISCONNECTED
 
     att.connection.on_close = closed
     log.info("vm handed off", vm=vm_id, mode=att.mode, pid=att.peer_pid, reattach=att.reattach)

@@ -90,9 +90,16 @@ class FaultServer:
             for m in msgs:
                 self.dispatch(m, inline=False)
 
-    def _vmm_went_away(self, err: OSError | None) -> None:
-        if not self.vmm_gone.is_set():
+    def first_gone(self) -> bool:
+        """Mark the VMM gone; True for the first caller only (who reports it: one event per VMM death)."""
+        with self._inflight_lock:
+            if self.vmm_gone.is_set():
+                return False
             self.vmm_gone.set()
+            return True
+
+    def _vmm_went_away(self, err: OSError | None) -> None:
+        if self.first_gone():
             self.s.events.publish(EventKind.VMM_DISCONNECTED, f"VMM of {self.s.vm_id} went away", self.s.vm_id,
                                   error=str(err or "closed"))  # fmt: skip
 

@@ -385,6 +385,8 @@ class Agent:
         # of holding the VMM's connection thread for a whole detection interval.
         s.state = VmState.DISCONNECTED
         fs = self.faults.pop(vm_id, None)
+        if fs is None or fs.first_gone():  # reported now, not after in-flight faults finish into the void
+            self.events.publish(EventKind.VMM_DISCONNECTED, f"VMM of {vm_id} disconnected", vm_id)
         with contextlib.suppress(Exception):
             s.backend.close()
         if fs is not None:

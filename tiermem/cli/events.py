@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import queue
+import signal
+import threading
+from collections.abc import Callable, Iterator
+
 import click
 
 from tiermem.cli.options import complete_vm_ids, connection_options, get_client, json_option
@@ -43,15 +48,56 @@ def events(ctx: click.Context, vm_id: str | None, follow: bool, after_seq: int, 
     if vm_id:
         check_id(vm_id, "VM id", "--vm")
     stream = get_client(ctx).stream_events(vm_id or "", after_seq, follow)
-    try:
+
+    def show(e: Event) -> None:
+        if as_json:
+            emit_json_line(e)
+        else:
+            click.secho(format_event(e), fg="red" if e.kind in _ERROR_KINDS else None)
+
+    if not follow:
         for e in stream:
-            if as_json:
-                emit_json_line(e)
-            else:
-                line = format_event(e)
-                click.secho(line, fg="red" if e.kind in _ERROR_KINDS else None)
-    except KeyboardInterrupt:
-        # Ctrl-C is how --follow ends; it is not an error. Closing the stream cancels the call.
-        close = getattr(stream, "close", None)
-        if callable(close):
-            close()
+            show(e)
+        return
+    _follow(stream, show)
+
+
+_END = object()
+
+
+def _follow(stream: Iterator[Event], show: Callable[[Event], None]) -> None:
+    """Print ``stream`` until it ends or Ctrl-C; Ctrl-C is how ``--follow`` ends, not an error.
+
+    The stream is read on a helper thread and Ctrl-C only sets a flag: a KeyboardInterrupt raised
+    inside gRPC's blocking iterator can land while it holds its call's lock, and cancelling the call
+    then hangs. Returning closes the client (the command's context does), which cancels the call.
+    """
+    items: queue.Queue[object] = queue.Queue()
+
+    def pump() -> None:
+        try:
+            for e in stream:
+                items.put(e)
+        except BaseException as exc:  # handed to the main thread, which raises it
+            items.put(exc)
+            return
+        items.put(_END)
+
+    stop = threading.Event()
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGINT, lambda *_: stop.set()) if main else None
+    threading.Thread(target=pump, name="events-stream", daemon=True).start()
+    try:
+        while not stop.is_set():
+            try:
+                item = items.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            show(item)  # type: ignore[arg-type]
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, old)
