@@ -54,6 +54,15 @@ class FailedPrecondition(TiermemError):
     """The request is well-formed but the current state does not allow it."""
 
 
+class NotLeader(FailedPrecondition):
+    """A write reached a control-plane replica that does not lead; ``leader_address`` names the one that
+    does (empty while no replica leads). The replica refused before changing anything: retrying there is safe."""
+
+    def __init__(self, message: str, leader_address: str = "") -> None:
+        super().__init__(message)
+        self.leader_address = leader_address
+
+
 class ConfigurationError(TiermemError):
     """Settings, a store URL or credentials are wrong."""
 

@@ -16,9 +16,9 @@ from test_control_grpc import FakeAgent, cp_settings, start_cp, wait_for
 from tests.helpers.servers import RedisServer
 from tiermem.control.server import RunningControlPlane
 from tiermem.control.types import NodeInfo, PolicyScope, VmSpec
-from tiermem.errors import FailedPrecondition
+from tiermem.errors import FailedPrecondition, NotLeader
 from tiermem.model import EventKind, EvictionPolicy
-from tiermem.rpc.clients import AsyncControlPlaneClient
+from tiermem.rpc.clients import AsyncControlPlaneClient, ControlPlaneClient
 
 pytestmark = pytest.mark.redis
 
@@ -73,10 +73,29 @@ async def test_follower_serves_reads_refuses_writes_and_takes_over_from_a_crashe
         await ca.set_policy(PolicyScope.fleet(), EvictionPolicy(interval_ms=INTERVAL_MS))
         for i in range(6):
             await ca.register_vm(VmSpec(f"vm-{i}", f"n{1 + i % 2}", 1 << 20), attach=True)
-        with pytest.raises(FailedPrecondition, match=f"leader is replica A at {a.address}"):
+        cb.follow_leader = False
+        with pytest.raises(NotLeader, match=f"leader is replica A at {a.address}") as refused:
             await cb.register_vm(VmSpec("vm-x", "n1", 1 << 20))
+        assert refused.value.leader_address == a.address  # carried in trailing metadata
         with pytest.raises(FailedPrecondition):
             await cb.set_policy(PolicyScope.fleet(), EvictionPolicy())
+        assert "vm-x" not in {s.vm_id for s in await ca.list_vm_status()}  # the refusal changed nothing
+        # a client that follows the leader (the default) gets the write done there, and stays there
+        follower = AsyncControlPlaneClient(b.address, timeout_s=5)
+        try:
+            await follower.register_vm(VmSpec("vm-y", "n1", 1 << 20))
+            assert follower.address == a.address
+            await follower.deregister_vm("vm-y")
+        finally:
+            await follower.close()
+
+        def sync_follow() -> str:
+            with ControlPlaneClient(b.address, timeout_s=5) as cli:
+                cli.register_vm(VmSpec("vm-z", "n1", 1 << 20))
+                cli.deregister_vm("vm-z")
+                return cli.address
+
+        assert await asyncio.to_thread(sync_follow) == a.address
         # reads on the follower see the leader's writes
         assert len(await cb.list_vm_status()) == 6
         assert (await cb.get_policy("vm-0")).policy.interval_ms == INTERVAL_MS

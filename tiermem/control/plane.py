@@ -37,7 +37,14 @@ from tiermem.control.types import (
     ScopeKind,
     VmSpec,
 )
-from tiermem.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, TiermemError
+from tiermem.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    NotLeader,
+    TiermemError,
+)
 from tiermem.model import (
     CycleMode,
     CycleReport,
@@ -187,12 +194,15 @@ class ControlPlane:
             self.scheduler.observe_statuses(statuses)
 
     async def require_leader(self) -> None:
-        """FailedPrecondition naming the leader unless this replica leads."""
+        """NotLeader (a FailedPrecondition) naming the leader unless this replica leads."""
         if self.elector.is_leader:
             return
         leader = await self.elector.leader()
         where = f"replica {leader.replica_id} at {leader.address}" if leader else "no replica right now"
-        raise FailedPrecondition(f"this control-plane replica is not the leader; the leader is {where}")
+        raise NotLeader(
+            f"this control-plane replica is not the leader; the leader is {where}",
+            leader.address if leader else "",
+        )
 
     # ------------------------------------------------------------ reports and events
     async def _record(self, report: CycleReport, error: str = "") -> None:

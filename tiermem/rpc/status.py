@@ -10,7 +10,10 @@ import grpc
 
 from tiermem import errors
 
-__all__ = ["error_from_rpc", "grpc_errors", "grpc_stream_errors", "status_for"]
+__all__ = ["LEADER_METADATA_KEY", "error_from_rpc", "grpc_errors", "grpc_stream_errors", "status_for"]
+
+LEADER_METADATA_KEY = "tiermem-leader"
+"""Trailing metadata of a NotLeader refusal: the leader's address, for clients that follow it."""
 
 _MAP: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
@@ -58,8 +61,26 @@ def error_from_rpc(exc: grpc.RpcError) -> errors.TiermemError:
     elif code == grpc.StatusCode.PERMISSION_DENIED:
         details = f"permission denied: {details}"
     err = cls(details or code.name)
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        leader = _trailing(exc).get(LEADER_METADATA_KEY)
+        if leader is not None:
+            err = errors.NotLeader(details or code.name, leader)
     err.code = code  # type: ignore[attr-defined]
     return err
+
+
+def _trailing(exc: grpc.RpcError) -> dict[str, str]:
+    get = getattr(exc, "trailing_metadata", None)
+    try:
+        md = get() if callable(get) else None
+    except Exception:  # a call that never reached the server has none
+        return {}
+    return {str(k): str(v) for k, v in (md or ())}
+
+
+def _abort_args(e: errors.TiermemError) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+    md = ((LEADER_METADATA_KEY, e.leader_address),) if isinstance(e, errors.NotLeader) else ()
+    return status_for(e), str(e) or type(e).__name__, md
 
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -73,7 +94,7 @@ def grpc_errors(fn: F) -> F:
         try:
             return await fn(self, request, context)
         except errors.TiermemError as e:
-            await context.abort(status_for(e), str(e) or type(e).__name__)
+            await context.abort(*_abort_args(e))
 
     return wrapper  # type: ignore[return-value]
 
@@ -89,6 +110,6 @@ def grpc_stream_errors(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., A
             async for item in fn(self, request, context):
                 yield item
         except errors.TiermemError as e:
-            await context.abort(status_for(e), str(e) or type(e).__name__)
+            await context.abort(*_abort_args(e))
 
     return wrapper
