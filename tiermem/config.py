@@ -91,6 +91,9 @@ class AgentSettings(_Base):
     """Run cycles from local policies when the control plane has been unreachable this long."""
     fsync: bool = True
     """fsync the index and local store before punching pages."""
+    max_concurrent_cycles: int = Field(default=256, ge=1, le=4096)
+    """Cycles, drains and verifications served at once (threads: each cycle holds one for its whole detection
+    window, mostly asleep); more wait for a thread. Other RPCs have their own threads and never wait on these."""
     token: str = ""
     """Bearer token the agent requires from callers (empty: no token auth)."""
     control_plane_token: str = ""
@@ -145,8 +148,10 @@ class ControlPlaneSettings(_Base):
     """Node lease: a node that misses heartbeats this long is marked down."""
     leader_lease_ms: int = 5000
     """Leader lease among replicas (Redis state only)."""
-    max_concurrent_cycles_per_node: int = 4
-    """Default per-node limit on concurrent cycles."""
+    max_concurrent_cycles_per_node: int = 64
+    """Default per-node limit on concurrent cycles. A cycle holds its slot for its whole detection window (the
+    policy interval), so this bounds how many VMs per node can keep their interval; eviction bandwidth has its
+    own limits (node_evict_mbps, store_write_mbps)."""
     node_evict_mbps: float = 0.0
     """Default per-node eviction bandwidth, MB/s (0: unlimited)."""
     store_write_mbps: dict[str, float] = Field(default_factory=dict)

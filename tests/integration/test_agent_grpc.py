@@ -141,3 +141,32 @@ async def test_health_and_follow_stream(agent: tuple[RunningAgent, agrpc.NodeAge
     first = await asyncio.wait_for(stream.read(), 5)
     assert first.kind == tpb.EVENT_KIND_VM_ATTACHED and first.vm_id == "late"
     stream.cancel()
+
+
+async def test_many_concurrent_cycles_neither_queue_nor_block_other_calls(
+    agent: tuple[RunningAgent, agrpc.NodeAgentStub],
+) -> None:
+    # More cycles than the event loop's default executor has threads (cpu_count + 4): they must all run at
+    # once, each holding a thread for its detection window, while attach and detach still answer.
+    _running, stub = agent
+    n = 12
+    for i in range(n):
+        await stub.AttachVm(
+            apb.AttachVmRequest(vm_id=f"c{i}", memory_bytes=64 * 4096, policy=policy()), timeout=10
+        )
+    cycles = [
+        asyncio.ensure_future(stub.RunCycle(apb.RunCycleRequest(vm_id=f"c{i}", interval_ms=3000,
+                                                                mode=tpb.CYCLE_MODE_DETECT), timeout=30))
+        for i in range(n)
+    ]  # fmt: skip
+    await asyncio.sleep(0.5)
+    await stub.AttachVm(
+        apb.AttachVmRequest(vm_id="late", memory_bytes=64 * 4096, policy=policy()), timeout=10
+    )
+    await stub.DetachVm(apb.DetachVmRequest(vm_id="late", purge=True), timeout=10)
+    assert not any(c.done() for c in cycles), "attach/detach waited for a cycle's detection window"
+    reports = await asyncio.gather(*cycles)
+    starts = sorted(r.started_unix_ms for r in reports)
+    assert starts[-1] - starts[0] < 2000, (
+        f"cycles were queued, not concurrent: started over {starts[-1] - starts[0]} ms"
+    )

@@ -210,7 +210,7 @@ async def test_priority_goes_to_the_most_reclaimable_memory() -> None:
 async def test_per_node_concurrency_limit() -> None:
     env = await make_env()
     await add(env, "n1", *[f"a{i}" for i in range(5)], max_concurrent_cycles=2)
-    await add(env, "n2", *[f"b{i}" for i in range(3)])  # default limit 4
+    await add(env, "n2", *[f"b{i}" for i in range(3)])  # default limit (64)
     env.agents.gate = asyncio.Event()
     env.clock.set(T0 + 10)
     await env.sched.sync()

@@ -30,6 +30,7 @@ class RunningAgent:
     agent: Agent
     server: StartedServer
     address: str
+    servicer: NodeAgentServicer | None = None
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     closers: list[Any] = field(default_factory=list)
 
@@ -44,6 +45,8 @@ class RunningAgent:
             with contextlib.suppress(Exception):
                 c()
         await self.server.stop(grace)
+        if self.servicer is not None:
+            self.servicer.close()
         await asyncio.to_thread(self.agent.close)
 
 
@@ -59,7 +62,7 @@ async def serve_agent(settings: AgentSettings, metrics: AgentMetrics | None = No
     )
     host = settings.listen.rsplit(":", 1)[0] or "127.0.0.1"
     address = settings.advertise or f"{host}:{started.port}"
-    running = RunningAgent(agent, started, address)
+    running = RunningAgent(agent, started, address, servicer)
     if settings.metrics_listen:
         from tiermem.metrics import start_metrics, stop_metrics
 

@@ -1,16 +1,21 @@
 """The ``NodeAgent`` gRPC servicer: proto <-> domain conversion over :class:`tiermem.agent.node.Agent`.
 
 grpc.aio is used (as for the control plane) so event streams and many concurrent
-calls cost no threads; every blocking domain call (cycles wait an interval,
-drains move data) runs in a worker thread via ``asyncio.to_thread``, and the
-fault path never touches this event loop at all.
+calls cost no threads; every blocking domain call runs in a worker thread, and the
+fault path never touches this event loop at all. Two pools: long calls (a cycle
+holds its thread for the whole detection interval; drains and verifications move
+data) and short ones (attach, detach). The event loop's default executor has
+cpu_count + 4 threads — six here — so a node scheduled with more concurrent cycles
+than that would otherwise queue every attach and detach behind them.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import Any
+import functools
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import grpc
 
@@ -27,6 +32,8 @@ __all__ = ["SERVICE_NAME", "NodeAgentServicer"]
 
 SERVICE_NAME = "tiermem.v1.NodeAgent"
 Ctx = grpc.aio.ServicerContext[Any, Any]
+R = TypeVar("R")
+SHORT_WORKERS = 16
 
 
 def _deadline(context: Ctx, default: float) -> float:
@@ -39,6 +46,18 @@ class NodeAgentServicer(agrpc.NodeAgentServicer):
 
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
+        self._long = ThreadPoolExecutor(
+            agent.settings.max_concurrent_cycles, thread_name_prefix="agent-cycle"
+        )
+        self._short = ThreadPoolExecutor(SHORT_WORKERS, thread_name_prefix="agent-rpc")
+
+    def close(self) -> None:
+        """Stop the worker pools (calls in flight finish)."""
+        self._long.shutdown(wait=False, cancel_futures=True)
+        self._short.shutdown(wait=False, cancel_futures=True)
+
+    async def _run(self, pool: ThreadPoolExecutor, fn: Callable[..., R], *args: Any) -> R:
+        return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
 
     def _policy(
         self, m: tpb.EvictionPolicy, has: bool, base: EvictionPolicy | None = None
@@ -58,15 +77,15 @@ class NodeAgentServicer(agrpc.NodeAgentServicer):
                 "AttachVm creates sim VMs only"
             )
         vcpus = request.vcpus or (1 if request.workload else 0)  # a workload with no vCPU would never run
-        status = await asyncio.to_thread(
-            self.agent.attach_sim, request.vm_id, request.memory_bytes, policy, dict(request.labels),
+        status = await self._run(
+            self._short, self.agent.attach_sim, request.vm_id, request.memory_bytes, policy, dict(request.labels),
             request.workload, request.synthetic, vcpus,
         )  # fmt: skip
         return apb.AttachVmResponse(status=convert.status_to_pb(status))
 
     @grpc_errors
     async def DetachVm(self, request: apb.DetachVmRequest, context: Ctx) -> apb.DetachVmResponse:
-        n = await asyncio.to_thread(self.agent.detach, request.vm_id, request.purge)
+        n = await self._run(self._short, self.agent.detach, request.vm_id, request.purge)
         return apb.DetachVmResponse(pages_purged=n)
 
     @grpc_errors
@@ -89,8 +108,8 @@ class NodeAgentServicer(agrpc.NodeAgentServicer):
         budget_ms = int(_deadline(context, 1e9) * 1000)
         if budget_ms < interval_ms:
             interval_ms = max(budget_ms - 500, 1)
-        rep = await asyncio.to_thread(
-            self.agent.run_cycle, request.vm_id, mode, interval_ms, policy, request.order_id
+        rep = await self._run(
+            self._long, self.agent.run_cycle, request.vm_id, mode, interval_ms, policy, request.order_id
         )
         return convert.report_to_pb(rep)
 
@@ -103,7 +122,7 @@ class NodeAgentServicer(agrpc.NodeAgentServicer):
         def progress(p: DrainProgress) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, p)
 
-        task = asyncio.ensure_future(asyncio.to_thread(self.agent.drain, request.vm_id, progress))
+        task = asyncio.ensure_future(self._run(self._long, self.agent.drain, request.vm_id, progress))
         task.add_done_callback(lambda _t: loop.call_soon_threadsafe(queue.put_nowait, None))
         while True:
             item = await queue.get()
@@ -114,7 +133,7 @@ class NodeAgentServicer(agrpc.NodeAgentServicer):
 
     @grpc_errors
     async def VerifyVm(self, request: apb.VerifyVmRequest, context: Ctx) -> apb.VerifyVmResponse:
-        checked, bad, ok = await asyncio.to_thread(self.agent.verify, request.vm_id)
+        checked, bad, ok = await self._run(self._long, self.agent.verify, request.vm_id)
         return apb.VerifyVmResponse(pages_checked=checked, mismatches=bad, supported=ok)
 
     @grpc_errors

@@ -17,7 +17,7 @@ __all__ = ["Gate", "NodeSlot", "SchedulerConfig", "SchedulerStats", "VmSlot"]
 class SchedulerConfig:
     """Scheduling parameters (from ControlPlaneSettings)."""
 
-    max_concurrent_per_node: int = 4
+    max_concurrent_per_node: int = 64
     node_evict_mbps: float = 0.0
     store_write_mbps: Mapping[str, float] = field(default_factory=dict)
     jitter: float = 0.1
