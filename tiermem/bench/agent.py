@@ -37,6 +37,7 @@ from tiermem.bench.common import (
     ratio,
     raw_get_latencies,
     require_uffd,
+    settled_count,
     store_targets,
     wait_attached,
 )
@@ -158,8 +159,11 @@ def _run(agent: Any, label: str, sim_vms: int, sim_pages: int, guest_pages: int,
             raise FailedPrecondition(f"guest eviction evicted {rep.pages_evicted}/{guest_pages}: {rep.error}")
         order = np.random.default_rng(3).permutation(guest_pages)
         half = guest_pages // 2
+        served0 = gs.counters.faults_served
         idle = guest.cmd(f"touch {pages_spec(order[:half])} r", timeout=600)
-        idle_agent = gs.fault_latency.samples()[-half:]
+        idle_agent = gs.fault_latency.samples()[
+            -(settled_count(lambda: gs.counters.faults_served) - served0) :
+        ]
         # --- the sim VMs evict at the same time while the guest faults back the other half
         reports: dict[str, CycleReport] = {}
         errors: list[BaseException] = []
@@ -179,7 +183,9 @@ def _run(agent: Any, label: str, sim_vms: int, sim_pages: int, guest_pages: int,
         served0 = gs.counters.faults_served
         during = guest.cmd(f"touch {pages_spec(order[half:])} r", timeout=600)
         t_f1 = time.perf_counter()
-        during_agent = gs.fault_latency.samples()[-(gs.counters.faults_served - served0) :]
+        during_agent = gs.fault_latency.samples()[
+            -(settled_count(lambda: gs.counters.faults_served) - served0) :
+        ]
         for t in threads:
             t.join()
         t_ev1 = time.perf_counter()

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +196,18 @@ class GuestDriver:
             if f is not None:
                 with contextlib.suppress(OSError):
                     f.close()
+
+
+def settled_count(read: Callable[[], int], quiet_s: float = 0.05, limit_s: float = 2.0) -> int:
+    """``read()`` once it stops changing: the agent counts a fault just after waking the guest, so the
+    guest's last load can return before the last fault is counted."""
+    value, since, end = read(), time.monotonic(), time.monotonic() + limit_s
+    while time.monotonic() < end and time.monotonic() - since < quiet_s:
+        time.sleep(0.005)
+        now = read()
+        if now != value:
+            value, since = now, time.monotonic()
+    return value
 
 
 def wait_attached(agent: Any, vm_id: str, timeout: float = 10.0) -> Any:

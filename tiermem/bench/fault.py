@@ -34,6 +34,7 @@ from tiermem.bench.common import (
     raw_copy_latencies,
     raw_get_latencies,
     require_uffd,
+    settled_count,
     store_targets,
     wait_attached,
 )
@@ -90,7 +91,7 @@ def run_store(label: str, url: str, faults: int, prefetch: int = 0, seed: int = 
             t0 = time.perf_counter()
             touched = guest.cmd(f"touch {spec} r", timeout=600)
             wall = time.perf_counter() - t0
-            served = s.counters.faults_served - served0
+            served = settled_count(lambda: s.counters.faults_served) - served0
             stages = _stage_means(stages0, _stage_sums(agent))
             agent_us = s.fault_latency.samples()[-served:] if served else np.zeros(0)
             resident = guest.cmd(f"touch {spec} r")
