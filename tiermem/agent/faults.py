@@ -114,11 +114,19 @@ class FaultServer:
                 missing = [m for m in msgs if _is_missing(m)]
                 for m in msgs:
                     if not _is_missing(m):
-                        self.dispatch(m, inline=False)
+                        self._dispatch_logged(m, may_serve=False)
             # The lead is handed on: another thread reads while this one serves what it read. Of several
             # MISSING faults, all but the last go to the pool at once: none waits for another's fetch.
             for i, m in enumerate(missing):
-                self.dispatch(m, inline=False, may_serve=i == len(missing) - 1)
+                self._dispatch_logged(m, may_serve=i == len(missing) - 1)
+
+    def _dispatch_logged(self, m: UffdMsg, *, may_serve: bool) -> None:
+        # A fault thread must survive anything one message does: if every thread died, nothing would
+        # read the uffd and the guest would hang.
+        try:
+            self.dispatch(m, inline=False, may_serve=may_serve)
+        except Exception:
+            log.exception("fault message not handled", vm=self.s.vm_id, address=hex(m.address))
 
     def first_gone(self) -> bool:
         """Mark the VMM gone; True for the first caller only (who reports it: one event per VMM death)."""
@@ -180,6 +188,8 @@ class FaultServer:
     def _pool_task(self, page: int) -> None:
         try:
             self._serve_missing(page, inline=False)
+        except Exception:  # nobody reads this future: say it here
+            log.exception("fault not served", vm=self.s.vm_id, page=page)
         finally:
             with self._inflight_lock:
                 self._busy -= 1
