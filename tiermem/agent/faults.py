@@ -1,14 +1,9 @@
 """The fault server: serves a VM's faults from its page store.
 
-Each VM has its own fault threads, leader/followers style: one thread at a time
-(the leader) blocks in ``backend.read_messages`` (for real backends an epoll loop
-on the uffd — never the gRPC event loop); once it has a message it hands the
-lead to the next thread and serves the fault itself, so a fault costs no thread
-hand-off, and concurrent faults are served in parallel. A thread never serves
-inline when that would leave no thread to read (tracking faults and other VMs'
-work must never wait on a store). Each VM also has a small retry pool: a fault
-whose first attempt fails is retried there with backoff, so one VM's fault storm
-cannot stall another VM, and a fault never waits behind an eviction batch.
+Each VM has its own reader thread (blocking in ``backend.read_messages``, which
+for real backends is an epoll loop on the uffd — never the gRPC event loop) and
+its own small worker pool for MISSING faults, so one VM's fault storm cannot
+stall another VM, and a fault never waits behind an eviction batch.
 
 MISSING fault on an evicted page: index lookup -> store.get (the page and up to
 ``prefetch_pages`` evicted neighbours in one round trip) -> verify (the store
@@ -53,13 +48,8 @@ class FaultServer:
         self._inflight: set[int] = set()
         self._inflight_lock = threading.Lock()
         self._busy = 0
-        """Faults queued or running on the retry pool."""
-        self._n_readers = max(1, workers)
-        self._readers: list[threading.Thread] = []
-        self._lead = threading.Lock()
-        """Held by the thread reading the uffd (the leader)."""
-        self._serving = 0
-        """Fault threads serving a MISSING fault inline (under ``_inflight_lock``)."""
+        """Faults queued or running on the worker pool."""
+        self._reader: threading.Thread | None = None
         self._stop = threading.Event()
         self.vmm_gone = threading.Event()
         m = session.metrics
@@ -72,61 +62,38 @@ class FaultServer:
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the fault threads."""
-        for i in range(self._n_readers):
-            t = threading.Thread(target=self._read_loop, name=f"uffd{i}-{self.s.vm_id}", daemon=True)
-            self._readers.append(t)
-            t.start()
+        """Start the reader thread."""
+        self._reader = threading.Thread(target=self._read_loop, name=f"uffd-{self.s.vm_id}", daemon=True)
+        self._reader.start()
 
     def stop(self) -> None:
         """Stop reading; in-flight faults finish."""
         self._stop.set()
-        me = threading.current_thread()
-        for t in self._readers:
-            if t is not me:
-                t.join(timeout=5)
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join(timeout=5)
         self._pool.shutdown(wait=True, cancel_futures=False)
 
-    def _stopping(self) -> bool:
-        return self._stop.is_set() or self.s.closing.is_set()
-
     def _read_loop(self) -> None:
-        while not self._stopping():
-            with self._lead:  # followers wait here; the leader reads
-                if self._stopping():
+        while not self._stop.is_set() and not self.s.closing.is_set():
+            try:
+                msgs = self.s.backend.read_messages(0.2)
+            except OSError as e:
+                if e.errno in _VMM_GONE:
+                    self._vmm_went_away(e)
                     return
+                log.error("uffd read failed", vm=self.s.vm_id, error=str(e))
+                time.sleep(0.05)
+                continue
+            if not msgs and self.s.backend.closed:
+                self._vmm_went_away(None)
+                return
+            for m in msgs:
+                # The reader must survive anything one message does: if it died, nothing would read
+                # the uffd again and the guest would hang.
                 try:
-                    msgs = self.s.backend.read_messages(0.2)
-                except OSError as e:
-                    if e.errno in _VMM_GONE:
-                        self._vmm_went_away(e)
-                        self._stop.set()  # the other threads stop too
-                        return
-                    log.error("uffd read failed", vm=self.s.vm_id, error=str(e))
-                    time.sleep(0.05)
-                    continue
-                if not msgs and self.s.backend.closed:
-                    self._vmm_went_away(None)
-                    self._stop.set()
-                    return
-                # Events and tracking faults while still leading: they are cheap, never touch a store,
-                # and stay in the order the kernel sent them (a REMOVE before the next message).
-                missing = [m for m in msgs if _is_missing(m)]
-                for m in msgs:
-                    if not _is_missing(m):
-                        self._dispatch_logged(m, may_serve=False)
-            # The lead is handed on: another thread reads while this one serves what it read. Of several
-            # MISSING faults, all but the last go to the pool at once: none waits for another's fetch.
-            for i, m in enumerate(missing):
-                self._dispatch_logged(m, may_serve=i == len(missing) - 1)
-
-    def _dispatch_logged(self, m: UffdMsg, *, may_serve: bool) -> None:
-        # A fault thread must survive anything one message does: if every thread died, nothing would
-        # read the uffd and the guest would hang.
-        try:
-            self.dispatch(m, inline=False, may_serve=may_serve)
-        except Exception:
-            log.exception("fault message not handled", vm=self.s.vm_id, address=hex(m.address))
+                    self.dispatch(m, inline=False)
+                except Exception:
+                    log.exception("fault message not handled", vm=self.s.vm_id, address=hex(m.address))
 
     def first_gone(self) -> bool:
         """Mark the VMM gone; True for the first caller only (who reports it: one event per VMM death)."""
@@ -146,8 +113,8 @@ class FaultServer:
         """Resolve one message synchronously (the sim's inline mode: same code path, no threads)."""
         self.dispatch(msg, inline=True)
 
-    def dispatch(self, msg: UffdMsg, *, inline: bool, may_serve: bool = True) -> None:
-        """Route a message: tracking faults inline, MISSING faults served here (one attempt) or on the pool."""
+    def dispatch(self, msg: UffdMsg, *, inline: bool) -> None:
+        """Route a message: tracking faults inline, MISSING faults to the pool (or inline)."""
         if msg.event == uapi.UFFD_EVENT_PAGEFAULT:
             page = self.s.backend.page_of(msg.address)
             if not 0 <= page < self.s.n_pages:
@@ -162,19 +129,16 @@ class FaultServer:
                 self._inflight.add(page)
             if inline:
                 self._serve_missing(page, inline=True)
-            elif may_serve and self._reader_may_serve(page):
+            elif self._reader_may_serve(page):
                 try:
                     self._serve_missing(page, inline=False, retry=False)
                 except TiermemError as e:
-                    # The first attempt failed: hand the fault to the retry pool, which retries with
-                    # backoff, so this thread goes back to reading the VM's other faults meanwhile.
+                    # The first attempt failed: hand the fault to a worker, which retries with backoff,
+                    # so this reader keeps resolving the VM's other faults meanwhile.
                     log.warning("fast fault path failed; retrying on a worker", vm=self.s.vm_id, error=str(e))
                     with self._inflight_lock:
                         self._inflight.add(page)
                     self._submit(page)
-                finally:
-                    with self._inflight_lock:
-                        self._serving -= 1
             else:
                 self._submit(page)
         elif msg.event in (uapi.UFFD_EVENT_REMOVE, uapi.UFFD_EVENT_UNMAP):
@@ -195,33 +159,22 @@ class FaultServer:
                 self._busy -= 1
 
     def _reader_may_serve(self, page: int) -> bool:
-        """Serve on the thread that read the fault (saving a thread hop, ~100 µs here) when that cannot
-        delay others; on True the caller holds a serving slot and must release it (``_serving``).
+        """Serve on the reader thread (saving a thread hop, ~100 µs here) when that cannot delay others.
 
-        Only while the retry pool is idle (a busy pool means a failing or saturated store), only
-        one attempt (a failure goes to the pool), and only while another fault thread is left to
-        read: tracking faults must never wait on a store. With a single fault thread, only for a
-        local store (a bounded, sub-millisecond fetch) or a zero fill.
+        Only for a local store (a bounded, sub-millisecond fetch), only while no worker is busy
+        (so faults keep being served in parallel under load), and only one attempt: a failing
+        store hands the fault to a worker, so the reader never waits out an outage.
         """
-        with self._inflight_lock:
-            if self._busy:
-                return False
-            if self._n_readers > 1:
-                if self._serving >= self._n_readers - 1:
-                    return False
-                self._serving += 1
-                return True
+        if self._busy:
+            return False
         e = self.s.index.get(self.s.vm_id, page)
-        if e is not None:
-            try:
-                kind = self.s.stores(e.store).kind
-            except TiermemError:
-                return False
-            if kind not in ("file", "memory"):
-                return False
-        with self._inflight_lock:
-            self._serving += 1
-        return True
+        if e is None:
+            return True  # a zero fill: no store involved
+        try:
+            kind = self.s.stores(e.store).kind
+        except TiermemError:
+            return False
+        return kind in ("file", "memory")
 
     # --- tracking faults ---------------------------------------------------------------------------
     def on_tracking_fault(self, page: int) -> None:
@@ -446,12 +399,6 @@ class FaultServer:
         except OSError as e:
             if e.errno in _VMM_GONE:
                 self._vmm_went_away(e)
-
-
-def _is_missing(m: UffdMsg) -> bool:
-    return m.event == uapi.UFFD_EVENT_PAGEFAULT and not m.flags & (
-        uapi.UFFD_PAGEFAULT_FLAG_RWP | uapi.UFFD_PAGEFAULT_FLAG_MINOR
-    )
 
 
 @dataclass
