@@ -26,6 +26,7 @@ import numpy as np
 import structlog
 
 from tiermem.agent.faults import FaultServer
+from tiermem.agent.metrics import CYCLE_RESULTS
 from tiermem.agent.session import VmSession
 from tiermem.errors import ConfigurationError, NotFound, StoreFull, StoreUnavailable
 from tiermem.kernel import uapi
@@ -245,7 +246,7 @@ class CycleEngine:
         ph = rep.phases
         for phase in ("protect", "wait", "freeze", "scan", "decide", "evict", "resume"):
             m.cycle_seconds.labels(phase).observe(getattr(ph, f"{phase}_us") / 1e6)
-        m.cycles.labels(s.vm_id, rep.mode.value, "error" if rep.error else "ok").inc()
+        m.cycles.labels(s.vm_id, rep.mode.value, CYCLE_RESULTS[1] if rep.error else CYCLE_RESULTS[0]).inc()
         kind = EventKind.CYCLE_FAILED if rep.error else EventKind.CYCLE_COMPLETED
         s.events.publish(
             kind,

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from tiermem.agent.index import IndexEntry
+from tiermem.agent.metrics import FAULT_KINDS
 from tiermem.agent.session import VmSession
 from tiermem.errors import IntegrityError, NotFound, StoreUnavailable, TiermemError
 from tiermem.kernel import uapi
@@ -54,9 +55,8 @@ class FaultServer:
         self.vmm_gone = threading.Event()
         m = session.metrics
         # Metric children bound once: ``labels()`` costs microseconds a call, six calls a fault.
-        self._m_missing = m.faults.labels(session.vm_id, "missing")
-        self._m_zero = m.faults.labels(session.vm_id, "zero")
-        self._m_rwp = m.faults.labels(session.vm_id, "rwp")
+        # in FAULT_KINDS order; forget_vm drops the same label sets
+        self._m_missing, self._m_zero, self._m_rwp = (m.faults.labels(session.vm_id, k) for k in FAULT_KINDS)
         self._m_restored = m.pages_restored.labels(session.vm_id)
         self._m_stages = tuple(m.fault_stage_seconds.labels(st) for st in ("lookup", "fetch", "install"))
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -11,7 +10,12 @@ from prometheus_client.registry import Collector
 
 from tiermem.model import CycleMode
 
-__all__ = ["AgentMetrics"]
+__all__ = ["CYCLE_RESULTS", "FAULT_KINDS", "AgentMetrics"]
+
+FAULT_KINDS = ("missing", "zero", "rwp")
+"""``kind`` label values of tiermem_agent_faults_total."""
+CYCLE_RESULTS = ("ok", "error")
+"""``result`` label values of tiermem_agent_cycles_total."""
 
 _FAULT_BUCKETS = (
     10e-6,
@@ -104,12 +108,12 @@ class AgentMetrics:
 
     def forget_vm(self, vm: str) -> None:
         """Drop the per-VM series of a detached VM."""
-        series: list[tuple[Any, tuple[str, ...]]] = [
+        series: list[tuple[Counter, tuple[str, ...]]] = [
             (self.pages_evicted, (vm,)),
             (self.pages_restored, (vm,)),
         ]
-        series += [(self.faults, (vm, kind)) for kind in ("missing", "zero", "rwp")]
-        series += [(self.cycles, (vm, mode.value, res)) for mode in CycleMode for res in ("ok", "error")]
+        series += [(self.faults, (vm, kind)) for kind in FAULT_KINDS]
+        series += [(self.cycles, (vm, mode.value, res)) for mode in CycleMode for res in CYCLE_RESULTS]
         for metric, labels in series:
             try:
                 metric.remove(*labels)
