@@ -84,6 +84,19 @@ class _Base:
         self._md = auth_metadata(token)
         self.follow_leader = True
         """Retry a write refused by a follower replica once, on the leader it names (and stay there)."""
+        self._channel: Any = self._open_channel(address)
+        self._stub = cgrpc.ControlPlaneStub(self._channel)
+        self._old_channels: list[Any] = []
+
+    def _open_channel(self, address: str) -> Any:
+        raise NotImplementedError
+
+    def _follow(self, address: str) -> None:
+        # the old channel may carry other calls (a stream): it is closed with the client
+        self._old_channels.append(self._channel)
+        self.address = address
+        self._channel = self._open_channel(address)
+        self._stub = cgrpc.ControlPlaneStub(self._channel)
 
     def _leader_to_follow(self, err: TiermemError, attempt: int) -> str | None:
         if attempt or not self.follow_leader or not isinstance(err, NotLeader):
@@ -111,16 +124,9 @@ class ControlPlaneClient(_Base):
         timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         super().__init__(address, token, tls, timeout_s)
-        self._channel = sync_channel(address, self.tls)
-        self._stub = cgrpc.ControlPlaneStub(self._channel)
-        self._old_channels: list[grpc.Channel] = []
 
-    def _follow(self, address: str) -> None:
-        # the old channel may carry other calls (a stream): it is closed with the client
-        self._old_channels.append(self._channel)
-        self.address = address
-        self._channel = sync_channel(address, self.tls)
-        self._stub = cgrpc.ControlPlaneStub(self._channel)
+    def _open_channel(self, address: str) -> grpc.Channel:
+        return sync_channel(address, self.tls)
 
     @classmethod
     def from_settings(cls, settings: ClientSettings) -> ControlPlaneClient:
@@ -275,15 +281,9 @@ class AsyncControlPlaneClient(_Base):
         timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         super().__init__(address, token, tls, timeout_s)
-        self._channel = aio_channel(address, self.tls)
-        self._stub = cgrpc.ControlPlaneStub(self._channel)
-        self._old_channels: list[grpc.aio.Channel] = []
 
-    def _follow(self, address: str) -> None:
-        self._old_channels.append(self._channel)  # calls in flight on it finish; closed with the client
-        self.address = address
-        self._channel = aio_channel(address, self.tls)
-        self._stub = cgrpc.ControlPlaneStub(self._channel)
+    def _open_channel(self, address: str) -> grpc.aio.Channel:
+        return aio_channel(address, self.tls)
 
     @classmethod
     def from_settings(cls, settings: ClientSettings) -> AsyncControlPlaneClient:
