@@ -24,11 +24,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.faults.common import check_payloads, record, wait_until
+from tests.faults.common import check_payloads, record
 from tests.faults.conftest import redis_url
 from tests.faults.toxic_proxy import ToxicProxy
 from tests.helpers.guest import GuestProc
 from tests.helpers.servers import RedisServer, free_port, wait_port
+from tests.helpers.wait import wait_until
 from tiermem.agent.index import PageIndex
 from tiermem.kernel.uffd_ioctl import data_extents
 from tiermem.rpc.channel import sync_channel

@@ -31,8 +31,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.common import LoopThread, record, wait_until
+from tests.faults.common import LoopThread, record
 from tests.helpers.servers import free_port, wait_port
+from tests.helpers.wait import wait_until
 from tiermem.agent.node import Agent
 from tiermem.agent.server import RunningAgent, serve_agent
 from tiermem.api import PolicyScope, VmSpec

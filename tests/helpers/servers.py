@@ -122,14 +122,18 @@ class S3Server:
         return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
                 "AWS_DEFAULT_REGION": self.region}  # fmt: skip
 
-    def start(self, prefer: str = "weed") -> S3Server:
-        """Start SeaweedFS if its binary is there (else moto), and create the bucket."""
+    def start(self, prefer: str = "weed", fallback: bool = True) -> S3Server:
+        """Start SeaweedFS if its binary is there (else moto, when ``fallback``), and create the bucket."""
         weed = _bin("weed")
-        if prefer == "weed" and weed is not None:
+        if prefer == "weed" and (weed is not None or not fallback):
+            if weed is None:
+                raise RuntimeError("SeaweedFS `weed` is not installed")
             try:
                 self._start_weed(weed)
             except (RuntimeError, TimeoutError):
                 self.stop()
+                if not fallback:
+                    raise
                 self._start_moto()
         else:
             self._start_moto()

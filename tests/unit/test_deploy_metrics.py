@@ -8,8 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import REGISTRY, CollectorRegistry, Counter
 
+from tiermem.agent import metrics as agent_metrics
+from tiermem.control import metrics as control_metrics
 from tiermem.errors import ConfigurationError
 from tiermem.metrics import metrics_port, start_metrics, stop_metrics
 
@@ -29,19 +31,13 @@ def _families(registry: CollectorRegistry) -> set[str]:
 
 
 def _agent_series() -> set[str]:
-    mod = pytest.importorskip("tiermem.agent.metrics", reason="the agent's metrics module has not landed")
-    m = mod.AgentMetrics(CollectorRegistry())
+    m = agent_metrics.AgentMetrics(CollectorRegistry())
     m.watch_vms(lambda: [("acme.vm-1", 10, 5, 3)])
     return _families(m.registry)
 
 
 def _control_series() -> set[str]:
-    mod = pytest.importorskip(
-        "tiermem.control.metrics", reason="the control plane's metrics module has not landed"
-    )
-    from prometheus_client import REGISTRY
-
-    names = {getattr(mod, n)._name for n in mod.__all__}
+    names = {getattr(control_metrics, n)._name for n in control_metrics.__all__}
     return {n for n in _families(REGISTRY) if n.removesuffix("_total") in names}
 
 
