@@ -117,7 +117,7 @@ def test_agent_sigkill_and_restart_serves_every_page(tmp_path: Path) -> None:
     agent = _agent_proc(tmp_path, redis.url, port)
     guest = None
     try:
-        wait_port(port, 30, agent)  # type: ignore[arg-type]
+        wait_port(port, 30, agent)
         stub = agent_pb2_grpc.NodeAgentStub(sync_channel(f"127.0.0.1:{port}"))
         guest = GuestProc(str(tmp_path / "h" / "handoff.sock"), "pg3", "16M")
         guest.cmd("touch 0-4095 w")
@@ -130,7 +130,7 @@ def test_agent_sigkill_and_restart_serves_every_page(tmp_path: Path) -> None:
         agent.wait(10)
         # the agent is dead: its pages live in Redis and in the durable index only
         agent = _agent_proc(tmp_path, redis.url, port)
-        wait_port(port, 30, agent)  # type: ignore[arg-type]
+        wait_port(port, 30, agent)
         deadline = time.monotonic() + 20
         while True:  # the VMM reconnects on its own and re-sends its fds
             vms = stub.ListVms(agent_pb2.ListVmsRequest(), timeout=5).vms

@@ -75,7 +75,7 @@ def test_agent_sigkill_mid_eviction_then_restart(
     agent = _agent(tmp_path, url, port)
     guest = None
     try:
-        wait_port(port, 30, agent)  # type: ignore[arg-type]
+        wait_port(port, 30, agent)
         stub = agent_pb2_grpc.NodeAgentStub(sync_channel(f"127.0.0.1:{port}"))
         guest = GuestProc(str(tmp_path / "h" / "handoff.sock"), "pg", "16M", timeout=30)
         guest.cmd(f"touch 0-{PAGES - 1} w")  # every page holds data: none is a zero page
@@ -117,7 +117,7 @@ def test_agent_sigkill_mid_eviction_then_restart(
         # --- restart: the VMM reattaches and every page comes back ---------------------------------------
         redis_proxy.clear()
         agent = _agent(tmp_path, url, port)
-        wait_port(port, 30, agent)  # type: ignore[arg-type]
+        wait_port(port, 30, agent)
 
         def reattached() -> bool:
             vms = stub.ListVms(agent_pb2.ListVmsRequest(), timeout=5).vms

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_control_grpc import cp_settings, start_cp
 
 from tests.helpers.wait import wait_until_async
+from tests.integration.test_control_grpc import cp_settings, start_cp
 from tiermem.agent.server import serve_agent
 from tiermem.api import PolicyScope, VmSpec
 from tiermem.config import AgentSettings

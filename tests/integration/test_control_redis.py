@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_control_grpc import FakeAgent, cp_settings, start_cp
 
 from tests.helpers.servers import RedisServer
 from tests.helpers.wait import wait_until_async
+from tests.integration.test_control_grpc import FakeAgent, cp_settings, start_cp
 from tiermem.api import NodeInfo, PolicyScope, VmSpec
 from tiermem.control.server import RunningControlPlane
 from tiermem.errors import FailedPrecondition, NotLeader

@@ -15,7 +15,7 @@ from tiermem.cli.main import cli
 @pytest.fixture
 def no_matplotlib(monkeypatch: pytest.MonkeyPatch) -> None:
     """matplotlib cannot be imported, as after a plain `pip install tiermem`."""
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # type: ignore[arg-type]
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError):
         import matplotlib  # noqa: F401
 

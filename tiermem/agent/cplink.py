@@ -24,7 +24,7 @@ from tiermem.rpc.clients import AsyncControlPlaneClient
 
 __all__ = ["ControlPlaneLink"]
 
-log = structlog.get_logger("tiermem.agent.cplink")
+log = structlog.get_logger(__name__)
 
 
 class ControlPlaneLink:

@@ -9,19 +9,20 @@ close callbacks run once.
 from __future__ import annotations
 
 import contextlib
-import logging
 import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import structlog
+
 from tiermem import errors
 from tiermem.handoff.wire import FrameReader, ProtocolError, encode_frame
 
 __all__ = ["HandoffConnection"]
 
-log = logging.getLogger("tiermem.handoff.listener")
+log = structlog.get_logger(__name__)
 
 _ZAP_RANGES_PER_MSG = 1000
 """Ranges per zap message, so a zap of a fragmented range stays under the frame limit."""
@@ -187,11 +188,11 @@ class HandoffConnection:
                     break
                 self._dispatch(msg)
         except ProtocolError as e:
-            log.warning("handoff %s: protocol error from the VMM, closing: %s", self.vm_id, e)
+            log.warning("handoff: protocol error from the VMM, closing", vm=self.vm_id, error=str(e))
             with contextlib.suppress(OSError):
                 self._send({"type": "error", "error": str(e), "code": e.code})
         except OSError as e:
-            log.info("handoff %s: connection error: %s", self.vm_id, e)
+            log.info("handoff: connection error", vm=self.vm_id, error=str(e))
         finally:
             self._finish()
 
@@ -202,7 +203,7 @@ class HandoffConnection:
             with self._lock:
                 entry = self._waiters.pop(rid, None) if isinstance(rid, int) else None
             if entry is None:
-                log.warning("handoff %s: answer to unknown request %r", self.vm_id, rid)
+                log.warning("handoff: answer to an unknown request", vm=self.vm_id, request=repr(rid))
                 return
             if typ == "nack":
                 err = msg.get("errno")
@@ -214,12 +215,12 @@ class HandoffConnection:
             else:
                 entry[0].set()
         elif typ in ("bye", "detach"):
-            log.info("handoff %s: VMM says goodbye", self.vm_id)
+            log.info("handoff: VMM says goodbye", vm=self.vm_id)
             self._shutdown()
         elif typ == "error":
-            log.warning("handoff %s: VMM reports an error: %s", self.vm_id, msg.get("error"))
+            log.warning("handoff: VMM reports an error", vm=self.vm_id, error=str(msg.get("error")))
         else:
-            log.warning("handoff %s: ignoring unknown message type %r", self.vm_id, typ)
+            log.warning("handoff: ignoring an unknown message type", vm=self.vm_id, type=repr(typ))
 
     def _finish(self) -> None:
         with self._lock:
@@ -234,4 +235,4 @@ class HandoffConnection:
             try:
                 cb()
             except Exception:
-                log.exception("handoff %s: close callback failed", self.vm_id)
+                log.exception("handoff: close callback failed", vm=self.vm_id)
