@@ -35,7 +35,9 @@ def test_token_file(tmp_path: Path) -> None:
     [
         ("acme:", "empty or malformed"),
         ("bad.tenant:tok", "invalid tenant"),
-        ("acme:tok,globex:tok", "two tenants"),
+        ("acme:tok,globex:tok", "two roles"),
+        ("node:bad id:tok", "invalid node id"),
+        ("role:x:tok", "malformed token spec entry"),
         ("acme:to ken", "malformed"),
     ],
 )

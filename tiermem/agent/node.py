@@ -9,6 +9,7 @@ thread; the servicer calls them through ``asyncio.to_thread``.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -41,6 +42,7 @@ from tiermem.model import (
     validate_id,
 )
 from tiermem.store.base import PageStore
+from tiermem.vmm.trace import TraceDir
 
 __all__ = ["Agent"]
 
@@ -48,6 +50,14 @@ log = structlog.get_logger("tiermem.agent")
 
 MAX_SIM_BYTES = 64 * 1024**3
 DRAIN_BATCH = 256
+
+
+def _host_memory() -> int:
+    """The host's physical memory in bytes (the default capacity)."""
+    try:
+        return max(int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE")), PAGE_SIZE)
+    except (OSError, ValueError):
+        return MAX_SIM_BYTES
 
 
 class Agent:
@@ -60,6 +70,10 @@ class Agent:
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
         self.settings = settings
         self.node_id = validate_id(settings.node_id, "node id")
+        self.capacity_bytes = settings.capacity_bytes or _host_memory()
+        """Guest memory this node declares (never 0, so it never registers as unlimited)."""
+        self.traces = TraceDir(settings.trace_dir or None, settings.trace_max_bytes)
+        """Where sim VMs' ``trace:`` workloads may be read from (admin-only facility)."""
         self.data_dir = Path(settings.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.index = PageIndex(self.data_dir / "index.db", fsync=settings.fsync)
@@ -112,9 +126,11 @@ class Agent:
         from tiermem.kernel.sim import SimKernel
 
         validate_id(vm_id, "vm id")
-        if memory_bytes <= 0 or memory_bytes % PAGE_SIZE or memory_bytes > MAX_SIM_BYTES:
+        limit = min(MAX_SIM_BYTES, self.capacity_bytes)
+        if memory_bytes <= 0 or memory_bytes % PAGE_SIZE or memory_bytes > limit:
             raise InvalidArgument(
-                f"memory_bytes must be a positive multiple of {PAGE_SIZE} up to {MAX_SIM_BYTES}"
+                f"memory_bytes must be a positive multiple of {PAGE_SIZE} up to {limit} "
+                f"(node {self.node_id}'s capacity or the sim limit)"
             )
         if vcpus < 0 or vcpus > 64:
             raise InvalidArgument("vcpus must be between 0 and 64")
@@ -127,7 +143,7 @@ class Agent:
             if workload:
                 from tiermem.vmm.workloads import parse_workload
 
-                parse_workload(workload, n_pages, seed)  # validate before creating anything
+                parse_workload(workload, n_pages, seed, self.traces)  # validate before creating anything
             try:
                 sim = SimKernel(n_pages, synthetic=synthetic)
             except MemoryError:
@@ -144,7 +160,9 @@ class Agent:
             if workload:
                 from tiermem.vmm.workloads import SimGuest, parse_workload
 
-                guest = SimGuest(sim, parse_workload(workload, n_pages, seed), vcpus=vcpus, seed=seed)
+                guest = SimGuest(
+                    sim, parse_workload(workload, n_pages, seed, self.traces), vcpus=vcpus, seed=seed
+                )
                 s.guest = guest
                 if vcpus > 0:
                     guest.start()

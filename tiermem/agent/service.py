@@ -20,9 +20,10 @@ from typing import Any, TypeVar
 import grpc
 
 from tiermem.agent.node import Agent
-from tiermem.errors import InvalidArgument
+from tiermem.errors import InvalidArgument, PermissionDenied
 from tiermem.model import Backend, DrainProgress, EvictionPolicy
 from tiermem.rpc import convert
+from tiermem.rpc.security import is_tenant_caller
 from tiermem.rpc.status import grpc_errors, grpc_stream_errors
 from tiermem.v1 import agent_pb2 as apb
 from tiermem.v1 import agent_pb2_grpc as agrpc
@@ -71,6 +72,11 @@ class NodeAgentServicer(agrpc.NodeAgentServicer):
     async def AttachVm(self, request: apb.AttachVmRequest, context: Ctx) -> apb.AttachVmResponse:
         backend = convert.backend_from_pb(request.backend, default=Backend.SIM)
         policy = self._policy(request.policy, request.HasField("policy")) or EvictionPolicy()
+        if is_tenant_caller():
+            raise PermissionDenied(
+                "sim VMs and workloads are a demo and test facility for operators (admin token); "
+                "a tenant's VMs attach through the handoff socket"
+            )
         if backend is not Backend.SIM:
             raise InvalidArgument(
                 f"{backend.value} VMs attach through the handoff socket ({self.agent.settings.handoff_path()}); "

@@ -36,6 +36,7 @@ from tiermem.vmm import content
 
 if TYPE_CHECKING:
     from tiermem.kernel.sim import SimKernel
+    from tiermem.vmm.trace import TraceDir
 
 __all__ = [
     "Batch",
@@ -256,8 +257,12 @@ _KEYS: dict[str, dict[str, type]] = {
 _POSITIONAL = {"hotset": "fraction", "phases": "fraction", "zipf": "exponent", "mix": "w"}
 
 
-def parse_workload(spec: str, n_pages: int, seed: int = 0) -> Workload:
-    """Build a workload from a spec such as ``hotset:0.1:w=0.3``; InvalidArgument on a bad spec."""
+def parse_workload(spec: str, n_pages: int, seed: int = 0, traces: TraceDir | None = None) -> Workload:
+    """Build a workload from a spec such as ``hotset:0.1:w=0.3``; InvalidArgument on a bad spec.
+
+    ``traces``: where ``trace:PATH`` may be read from (a service passes its
+    :class:`TraceDir`); None reads any path the local user can (the CLI's own files).
+    """
     if not isinstance(spec, str) or not spec.strip():
         raise InvalidArgument(f"empty workload spec; use one of {_KINDS}")
     spec = spec.strip()
@@ -267,6 +272,8 @@ def parse_workload(spec: str, n_pages: int, seed: int = 0) -> Workload:
 
         if not rest:
             raise InvalidArgument("workload 'trace' needs a path: trace:/path/file.csv[.gz]")
+        if traces is not None:
+            return TraceWorkload(traces.load(rest, n_pages=n_pages or None))
         return TraceWorkload(load_trace(rest, n_pages=n_pages or None))
     if kind not in _KEYS:
         raise InvalidArgument(f"unknown workload {kind!r} in {spec!r}; use one of {_KINDS}")
