@@ -64,3 +64,12 @@ def test_tenant_rule() -> None:
     assert not tenant_allows("acme", "vm-1")
     assert tenant_allows("*", "vm-1")
     assert tenant_allows(None, "globex.vm-1")  # auth off
+
+
+def test_node_role_entries() -> None:
+    from tiermem.rpc.security import node_of
+
+    tokens = parse_tokens("adm, acme:t1, node:n1:t2, node:*:t3")
+    assert tokens == {"adm": "*", "t1": "acme", "t2": "node:n1", "t3": "node:*"}
+    assert node_of("node:n1") == "n1" and node_of("node:*") == "*" and node_of("acme") is None
+    assert not tenant_allows("node:n1", "acme.vm1")  # a node never acts on a VM

@@ -244,7 +244,7 @@ def _read_capped(path: Path, limit: int) -> bytes:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as e:
         raise InvalidArgument(f"trace {path}: cannot read: {e.strerror or e}") from None
-    with os.fdopen(fd, "rb", buffering=0) as f:
+    try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise InvalidArgument(f"trace {path}: not a regular file")
@@ -253,16 +253,18 @@ def _read_capped(path: Path, limit: int) -> bytes:
         chunks, got = [], 0
         while got <= limit:
             try:
-                chunk = f.read(min(1 << 20, limit + 1 - got))
+                chunk = os.read(fd, min(1 << 20, limit + 1 - got))
             except OSError as e:
                 raise InvalidArgument(f"trace {path}: cannot read: {e.strerror or e}") from None
             if not chunk:
                 break
             chunks.append(chunk)
             got += len(chunk)
-        if got > limit:  # the file grew while being read
-            raise _too_big(str(path), limit, "holds")
-        return b"".join(chunks)
+    finally:
+        os.close(fd)
+    if got > limit:  # the file grew while being read
+        raise _too_big(str(path), limit, "holds")
+    return b"".join(chunks)
 
 
 def load_trace(
