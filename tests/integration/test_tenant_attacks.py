@@ -27,13 +27,13 @@ from click.testing import CliRunner
 
 from tiermem.cli.main import cli
 from tiermem.config import AgentSettings, ControlPlaneSettings
+from tiermem.handoff.wire import decode_body, decode_frame_length
 from tiermem.rpc.channel import aio_channel, auth_metadata
 from tiermem.v1 import agent_pb2 as apb
 from tiermem.v1 import agent_pb2_grpc as agrpc
 from tiermem.v1 import control_pb2 as cp
 from tiermem.v1 import control_pb2_grpc as cpg
 from tiermem.v1 import types_pb2 as t
-from tiermem.vmm.handoff_wire import decode_body, decode_frame_length
 
 ADMIN, ACME, GLOBEX = "admin-tok-5f0c9a1e", "acme-tok-7b2d4e6f", "globex-tok-9a8b7c6d"
 NODE, AGENT = "node-n1-tok-3c4d5e6f", "agent-tok-1a2b3c4d"
