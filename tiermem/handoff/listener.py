@@ -300,7 +300,7 @@ class HandoffListener:
                 )
                 attach.connection._reader.buf += pending
             except TimeoutError:
-                raise ProtocolError(f"handshake not completed within {self.handshake_timeout:g} s") from None
+                raise self._timed_out() from None
         except ProtocolError as e:
             self._reject(sock, fds, e, fc=fc or e.firecracker)
             sock.close()
@@ -345,6 +345,9 @@ class HandoffListener:
         with contextlib.suppress(OSError):
             _reply_error(sock, str(e), e.code, fc=fc)
 
+    def _timed_out(self) -> ProtocolError:
+        return ProtocolError(f"handshake timed out: not completed within {self.handshake_timeout:g} s")
+
     def _read_handshake(self, sock: socket.socket, deadline: float) -> tuple[Any, list[int], bool, bytes]:
         """(description, fds, firecracker format, bytes after the handshake); fds grow as they arrive.
 
@@ -356,12 +359,12 @@ class HandoffListener:
         def more(timeout: float | None = None) -> bool:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise ProtocolError(f"handshake not completed within {self.handshake_timeout:g} s")
+                raise self._timed_out()
             if timeout is not None:
                 r, _, _ = select.select([sock], [], [], min(timeout, left))
                 if not r:
                     if timeout > left:
-                        raise ProtocolError(f"handshake not completed within {self.handshake_timeout:g} s")
+                        raise self._timed_out()
                     return False
             sock.settimeout(left)
             data, got, trunc = recv_fds(sock, 4 + MAX_MESSAGE - len(buf) + 1)
