@@ -88,6 +88,10 @@ class AgentSettings(_Base):
     """Guest memory this node declares to the control plane (0: the host's physical memory)."""
     trace_dir: str = ""
     """Directory from which sim VMs (admin only) may replay ``trace:`` workloads; empty: traces refused."""
+    tenant_manual_cycles: int = Field(default=2, ge=1, le=1024)
+    """RunCycle calls one tenant token (if this agent accepts any) may have running at once."""
+    tenant_manual_max_interval_ms: int = Field(default=300_000, ge=1)
+    """Longest detection window of a RunCycle called with a tenant token, ms."""
     trace_max_bytes: int = Field(default=256 * 1024**2, ge=1)
     """Largest trace a sim VM may replay, in bytes, both as stored and once decompressed."""
     control_plane: str = ""

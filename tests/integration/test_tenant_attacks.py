@@ -410,3 +410,27 @@ async def test_tenant_manual_cycles_cannot_starve_another_tenants_schedule(tmp_p
                                                                      interval_ms=7 * 24 * 3600 * 1000),
                                               metadata=md(ACME), timeout=5))  # fmt: skip
         assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 3000 ms" in (e.details() or "")
+
+
+async def test_tenant_run_cycles_straight_to_the_agent_are_limited_too(tmp_path: Path) -> None:
+    async with stack(tmp_path) as s:
+        vms = [f"acme.vm{i}" for i in range(4)]
+        for vm in vms:
+            await s.stub.RegisterVm(
+                cp.RegisterVmRequest(vm=sim_vm(vm), attach=True), metadata=md(ADMIN), timeout=10
+            )
+        week = 7 * 24 * 3600 * 1000
+        e = await refused(s.agent_stub.RunCycle(apb.RunCycleRequest(vm_id="acme.vm0", mode=t.CYCLE_MODE_DETECT,
+                                                                    interval_ms=week), metadata=md(ACME), timeout=5))  # fmt: skip
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most" in (e.details() or "")
+        calls = [asyncio.ensure_future(s.agent_stub.RunCycle(
+            apb.RunCycleRequest(vm_id=vm, mode=t.CYCLE_MODE_DETECT, interval_ms=1500), metadata=md(ACME), timeout=30,
+        )) for vm in vms]  # fmt: skip
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        done = [r for r in results if isinstance(r, t.CycleReport)]
+        exhausted = [r for r in results if isinstance(r, grpc.aio.AioRpcError)
+                     and r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED]  # fmt: skip
+        assert len(done) == 2 and len(exhausted) == 2, results
+        # the admin (the control plane's token) is not limited
+        await s.agent_stub.RunCycle(apb.RunCycleRequest(vm_id="acme.vm0", mode=t.CYCLE_MODE_DETECT, interval_ms=100),
+                                    metadata=md(AGENT), timeout=10)  # fmt: skip
