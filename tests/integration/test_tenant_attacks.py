@@ -25,8 +25,9 @@ import grpc
 import pytest
 from click.testing import CliRunner
 
+from tests.helpers.certs import issue_cert
 from tiermem.cli.main import cli
-from tiermem.config import AgentSettings, ControlPlaneSettings
+from tiermem.config import AgentSettings, ControlPlaneSettings, TlsSettings
 from tiermem.handoff.wire import decode_body, decode_frame_length
 from tiermem.rpc.channel import aio_channel, auth_metadata
 from tiermem.v1 import agent_pb2 as apb
@@ -68,23 +69,35 @@ class Stack:
 
 
 @contextlib.asynccontextmanager
-async def stack(tmp: Path, **cp_settings: Any) -> AsyncIterator[Stack]:
+async def stack(tmp: Path, mtls: bool = False, **cp_settings: Any) -> AsyncIterator[Stack]:
+    """The stack; with ``mtls`` the control plane requires client certificates (the agent and the
+    test present one signed by the same CA), so tokens are checked on top of mTLS."""
     from tiermem.agent.server import serve_agent
     from tiermem.control.server import serve_control_plane
 
     (tmp / "traces").mkdir()
+    server_tls = client_tls = TlsSettings()
+    if mtls:
+        ca_pem, _, ca = issue_cert(tmp, "ca", None)
+        srv_pem, srv_key, _ = issue_cert(tmp, "server", ca, san_ip="127.0.0.1")
+        cli_pem, cli_key, _ = issue_cert(tmp, "client", ca)
+        server_tls = TlsSettings(cert_file=str(srv_pem), key_file=str(srv_key), ca_file=str(ca_pem),
+                                 require_client_cert=True)  # fmt: skip
+        client_tls = TlsSettings(cert_file=str(cli_pem), key_file=str(cli_key), ca_file=str(ca_pem))
     cps = ControlPlaneSettings(
         listen="127.0.0.1:0", state=f"sqlite:///{tmp}/cp.db", lease_ttl_ms=5000, agent_token=AGENT,
-        token=f"{ADMIN},acme:{ACME},globex:{GLOBEX},node:{NODE_ID}:{NODE}", **{"scheduler": False, **cp_settings},
+        token=f"{ADMIN},acme:{ACME},globex:{GLOBEX},node:{NODE_ID}:{NODE}", tls=server_tls,
+        **{"scheduler": False, **cp_settings},
     )  # fmt: skip
     cpl = await serve_control_plane(cps)
     ags = AgentSettings(
         node_id=NODE_ID, listen="127.0.0.1:0", data_dir=str(tmp / "agent"), control_plane=cpl.address,
         control_plane_token=NODE, token=f"{AGENT},acme:{ACME}", heartbeat_ms=200, capacity_bytes=CAPACITY,
         trace_dir=str(tmp / "traces"), trace_max_bytes=TRACE_CAP, handshake_timeout_s=1.0, fsync=False,
+        client_tls=client_tls,
     )  # fmt: skip
     agent = await serve_agent(ags)
-    ch = aio_channel(cpl.address)
+    ch = aio_channel(cpl.address, client_tls)
     ach = aio_channel(agent.address)
     s = Stack(tmp, cpl, agent, ch, ach)
     try:
@@ -123,7 +136,7 @@ def uffd_vm(vm_id: str, memory: int, node: str) -> cp.VmSpec:
 
 # --- 6. node role -------------------------------------------------------------------------------------------
 async def test_node_token_cannot_purge_another_tenants_vm_or_act_as_another_node(tmp_path: Path) -> None:
-    async with stack(tmp_path) as s:
+    async with stack(tmp_path, mtls=True) as s:  # a valid client certificate does not widen the node role
         await s.stub.RegisterVm(cp.RegisterVmRequest(vm=sim_vm("globex.db"), attach=True), metadata=md(ADMIN),
                                 timeout=10)  # fmt: skip
         # the review's attack: with the node token, purge another tenant's VM
