@@ -20,9 +20,16 @@ from tiermem.config import AgentSettings, ControlPlaneSettings, TlsSettings
 
 # Fields without a flag, on purpose: tuning and behaviour switches that belong in a deployment's file or env.
 FILE_ONLY = {
-    "controlplane": {"leader_lease_ms"},
-    "agent": {"autonomous", "max_concurrent_cycles"},
-}
+    "controlplane": {
+        "leader_lease_ms",
+        "tenant_manual_cycles", "tenant_manual_cycles_per_node", "tenant_manual_max_interval_ms",
+    },
+    "agent": {
+        "autonomous", "max_concurrent_cycles", "handshake_timeout_s",
+        "tenant_manual_cycles", "tenant_manual_max_interval_ms",
+        "capacity_bytes", "trace_dir", "trace_max_bytes",
+    },
+}  # fmt: skip
 CASES: list[tuple[str, type[BaseModel], Callable[..., dict[str, Any]]]] = [
     ("controlplane", ControlPlaneSettings, controlplane_overrides),
     ("agent", AgentSettings, agent_overrides),
