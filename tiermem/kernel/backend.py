@@ -24,9 +24,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tiermem.kernel import uapi
 from tiermem.kernel.uapi import PAGE_REGION_DTYPE, UffdMsg
 
-__all__ = ["ApiInfo", "KernelBackend", "Region", "ScanResult"]
+__all__ = ["TRACKED_REGISTER_MODE", "ApiInfo", "KernelBackend", "Region", "ScanResult"]
+
+TRACKED_REGISTER_MODE = (
+    uapi.UFFDIO_REGISTER_MODE_MISSING | uapi.UFFDIO_REGISTER_MODE_MINOR | uapi.UFFDIO_REGISTER_MODE_RWP
+)
+"""How the agent registers a tracked guest mapping. MINOR beside RWP because a page that is in
+the memfd's page cache but not mapped in the guest mapping (pte_none: written through another
+mapping, MADV_DONTNEED'd, reclaimed, THP-split) cannot be RWP-protected and never raises an RWP
+fault; with MINOR registered its next guest access still faults (resolved by UFFDIO_CONTINUE)."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,11 @@ class ScanResult:
             np.add.at(delta, s, 1)
             np.add.at(delta, e, -1)
         return np.cumsum(delta[:-1]) > 0
+
+    def pages_with(self, start: int, end: int, page_size: int, categories: int) -> np.ndarray:
+        """Like :meth:`page_mask`, for the regions whose returned categories include all of ``categories``."""
+        sel = (self.regions["categories"] & np.uint64(categories)) == np.uint64(categories)
+        return ScanResult(self.regions[sel], self.walk_end).page_mask(start, end, page_size)
 
 
 class KernelBackend(abc.ABC):
