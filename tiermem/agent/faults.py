@@ -224,12 +224,20 @@ class FaultServer:
             self._resolve_tracking(p, minor)
 
     def on_remove(self, start: int, end: int) -> None:
-        """Balloon or munmap: the guest gave the range back and will read zeroes there.
+        """A REMOVE/UNMAP event: the VMM zapped or discarded the range.
 
-        Evicted pages in the range are forgotten (their stored contents must never come back);
-        their payloads are retired like restored pages.
+        On private anonymous memory (Firecracker) the range reads as zeroes now, so its evicted
+        pages are forgotten and their payloads retired. On a shmem memfd the event is ambiguous:
+        MADV_DONTNEED keeps the page cache (the guest still expects its data) and only MADV_REMOVE
+        drops it, so evicted pages keep their entries: a later fault restores their last contents
+        rather than risking the loss of data the guest still owns.
         """
         s = self.s
+        if not s.backend.anonymous:
+            log.info(
+                "range zapped by the VMM; evicted pages kept", vm=s.vm_id, start=hex(start), end=hex(end)
+            )
+            return
         first = max(s.backend.page_of(start), 0)
         last = min(s.backend.page_of(end + s.page_size - 1), s.n_pages)
         gone = [

@@ -97,6 +97,10 @@ class KernelBackend(abc.ABC):
     """Backend name: ``sim``, ``uffd`` or ``rwp``."""
     tracking: bool = True
     """False for MISSING-only backends (Firecracker lazy restore): no access tracking, no cycles."""
+    anonymous: bool = False
+    """True when guest memory is private anonymous (Firecracker): a REMOVE event (MADV_DONTNEED or
+    MADV_REMOVE) then means "reads as zero". On a shmem memfd MADV_DONTNEED keeps the page cache, so
+    the same event does not say whether the data went."""
 
     def __init__(self, base: int, size: int, page_size: int = 4096) -> None:
         self.base = base
