@@ -15,7 +15,7 @@ import pytest
 
 from tests.helpers.rwp_targets import KernelTarget, SimTarget, Target, kernel_skip_reason
 from tiermem.kernel import uapi
-from tiermem.vmm.workloads import parse_workload
+from tiermem.sim.workloads import parse_workload
 
 N = 256
 CYCLES = 6

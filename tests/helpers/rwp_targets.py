@@ -15,8 +15,8 @@ import select
 import numpy as np
 
 from tiermem.kernel import uapi
-from tiermem.kernel.sim import SimKernel
 from tiermem.kernel.uapi import UffdMsg
+from tiermem.sim.kernel import SimKernel
 
 PS = 4096
 RWP_NEEDS = (
