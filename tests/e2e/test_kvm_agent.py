@@ -9,6 +9,8 @@ through the memfd, like a restored memory image) so every cold page holds data.
 
 from __future__ import annotations
 
+import functools
+import operator
 import threading
 import time
 from collections.abc import Iterator
@@ -140,7 +142,9 @@ def test_two_kvm_guests_under_one_agent(agent: Agent) -> None:
          KvmVm("kvm-g2", 32 * MiB, vcpus=1, workload_spec=f"hotset:{HOT}:w=0.5", seed=2) as b:  # fmt: skip
         for vm in (a, b):
             vm.start(agent.settings.handoff_path())
-            wait_until(lambda vm_id=vm.vm_id: vm_id in agent.sessions, 10, f"{vm.vm_id} to attach")
+            wait_until(
+                functools.partial(operator.contains, agent.sessions, vm.vm_id), 10, f"{vm.vm_id} to attach"
+            )
             vm.prefill()
             agent.set_policy(vm.vm_id, EvictionPolicy(cold_after=1, prefetch_pages=8))
         # Only guest one runs and gets evicted; guest two is idle and never cycled.

@@ -83,7 +83,7 @@ def _flip_redis(store: RedisPageStore, port: int, vm_id: str) -> Flip:
 
 
 def _flip_s3(store: S3PageStore, srv: S3Server, vm_id: str) -> Flip:
-    c = srv.client()  # type: ignore[no-untyped-call]
+    c = srv.client()
 
     def flip(st: StoredPage) -> Callable[[], None]:
         loc = parse_location(st.location)
@@ -94,7 +94,11 @@ def _flip_s3(store: S3PageStore, srv: S3Server, vm_id: str) -> Flip:
         bad = bytearray(original)
         bad[off + length // 2] ^= 0x40
         c.put_object(Bucket=srv.bucket, Key=key, Body=bytes(bad))
-        return lambda: c.put_object(Bucket=srv.bucket, Key=key, Body=original)
+
+        def restore() -> None:
+            c.put_object(Bucket=srv.bucket, Key=key, Body=original)
+
+        return restore
 
     return flip
 

@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -18,6 +19,8 @@ from tiermem.v1 import agent_pb2 as apb
 from tiermem.v1 import agent_pb2_grpc as agrpc
 from tiermem.v1 import types_pb2 as tpb
 
+OUT_OF_RANGE: Any = 7
+"""A cycle mode no proto defines (typed Any: the generated stubs only accept defined ones)."""
 PS = 4096
 
 
@@ -103,7 +106,7 @@ async def test_bad_requests_get_the_right_code_and_change_nothing(
         (stub.AttachVm(apb.AttachVmRequest(vm_id="x", memory_bytes=16 * PS, workload="warp:9")), "INVALID_ARGUMENT"),
         (stub.AttachVm(apb.AttachVmRequest(vm_id="ok", memory_bytes=16 * PS)), "ALREADY_EXISTS"),
         (stub.RunCycle(apb.RunCycleRequest(vm_id="ghost")), "NOT_FOUND"),
-        (stub.RunCycle(apb.RunCycleRequest(vm_id="ok", mode=7)), "INVALID_ARGUMENT"),
+        (stub.RunCycle(apb.RunCycleRequest(vm_id="ok", mode=OUT_OF_RANGE)), "INVALID_ARGUMENT"),
         (stub.SetPolicy(apb.SetVmPolicyRequest(vm_id="ok", policy=policy(interval_ms=10**15))), "INVALID_ARGUMENT"),
         (stub.SetPolicy(apb.SetVmPolicyRequest(vm_id="ok")), "INVALID_ARGUMENT"),
         (stub.SetPolicy(apb.SetVmPolicyRequest(vm_id="ok", policy=policy(
@@ -141,6 +144,7 @@ async def test_health_and_follow_stream(agent: tuple[RunningAgent, agrpc.NodeAge
     stream = stub.StreamEvents(tpb.StreamEventsRequest(follow=True))
     await stub.AttachVm(apb.AttachVmRequest(vm_id="late", memory_bytes=16 * PS))
     first = await asyncio.wait_for(stream.read(), 5)
+    assert isinstance(first, tpb.Event)
     assert first.kind == tpb.EVENT_KIND_VM_ATTACHED and first.vm_id == "late"
     stream.cancel()
 

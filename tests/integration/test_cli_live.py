@@ -314,7 +314,7 @@ def test_serve_controlplane_subprocess(tmp_path: Path) -> None:
         line = proc.stdout.readline()
         assert f"listening on 127.0.0.1:{port}" in line, (
             line,
-            proc.stderr.read() if proc.poll() is not None else "",
+            proc.stderr.read() if proc.poll() is not None and proc.stderr is not None else "",
         )
         out = subprocess.run(tiermem_cmd("policy", "set", "--fleet", "--cold-after", "7", "--json", "--server",
                                          f"127.0.0.1:{port}"), capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
@@ -447,7 +447,12 @@ def test_events_follow_stops_cleanly_on_ctrl_c(stack: Stack) -> None:
     lines: queue.Queue[str] = queue.Queue()
     assert proc.stdout is not None
     out = proc.stdout
-    threading.Thread(target=lambda: [lines.put(x) for x in out], daemon=True).start()
+
+    def pump() -> None:
+        for x in out:
+            lines.put(x)
+
+    threading.Thread(target=pump, daemon=True).start()
     try:
         ok(tm(stack, "policy", "set", "--fleet", "--cold-after", "9"))
         # The change arrives on the open stream (after any buffered events replayed first).

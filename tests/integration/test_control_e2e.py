@@ -95,7 +95,7 @@ async def test_fleet_of_ten_vms_on_two_sim_agents(stack: Any) -> None:
 
     # statuses arrive by heartbeat
     async def evicted_seen() -> bool:
-        return (await client.get_vm_status("vm-0")).evicted_pages > 0
+        return bool((await client.get_vm_status("vm-0")).evicted_pages > 0)
 
     await wait_until_async(evicted_seen)
 
@@ -107,7 +107,7 @@ async def test_fleet_of_ten_vms_on_two_sim_agents(stack: Any) -> None:
             assert v.supported and v.pages_checked > 0 and v.mismatches == 0, (vm, v)
 
     async def faults_served() -> bool:
-        return (await client.get_vm_status("vm-0")).faults_served > 0
+        return bool((await client.get_vm_status("vm-0")).faults_served > 0)
 
     await wait_until_async(faults_served, timeout=20)
 

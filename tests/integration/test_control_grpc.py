@@ -43,6 +43,10 @@ class Order:
     deadline_s: float | None
 
 
+OUT_OF_RANGE: Any = 99
+"""An enum value no proto defines (typed Any: the generated stubs only accept defined ones)."""
+
+
 class FakeAgent(agrpc.NodeAgentServicer):
     """The agent.proto contract, minimally: VMs in a dict, cycles that evict 10 pages each."""
 
@@ -115,6 +119,11 @@ class FakeAgent(agrpc.NodeAgentServicer):
         yield tpb.DrainProgress(vm_id=request.vm_id, pages_total=total, pages_restored=total, done=True)
 
 
+def _fake_agent(node_id: str) -> FakeAgent:
+    """A FakeAgent; the RPCs it leaves out answer UNIMPLEMENTED, from the generated base class."""
+    return FakeAgent(node_id)  # type: ignore[abstract]
+
+
 def cp_settings(tmp_path: Path, **kw: Any) -> ControlPlaneSettings:
     base: dict[str, Any] = {"listen": "127.0.0.1:0", "state": f"sqlite:///{tmp_path}/cp.db", "jitter": 0.0,
                             "replica_id": "r1", "lease_ttl_ms": 60_000}  # fmt: skip
@@ -132,7 +141,7 @@ async def fleet(
     tmp_path: Path,
 ) -> AsyncIterator[tuple[RunningControlPlane, AsyncControlPlaneClient, list[FakeAgent]]]:
     cp = await start_cp(cp_settings(tmp_path))
-    agents = [await FakeAgent("n1").start(), await FakeAgent("n2").start()]
+    agents = [await _fake_agent("n1").start(), await _fake_agent("n2").start()]
     client = AsyncControlPlaneClient(cp.address, timeout_s=10)
     for a in agents:
         await client.register_node(NodeInfo(a.node_id, a.address, backends=(Backend.SIM,)))
@@ -246,17 +255,20 @@ async def test_bad_requests_get_the_right_codes_and_change_nothing(fleet: Any) -
 
     async with grpc.aio.insecure_channel(cp.address) as ch:
         stub = cgrpc.ControlPlaneStub(ch)
-        for call, req in [
+        bad: list[tuple[Any, Any]] = [
             (stub.SetPolicy, cpb.SetPolicyRequest(policy=tpb.EvictionPolicy(interval_ms=1))),  # no scope
             (stub.SetPolicy, cpb.SetPolicyRequest(scope=cpb.PolicyScope(fleet=False))),
             (stub.SetPolicy, cpb.SetPolicyRequest(scope=cpb.PolicyScope(selector="a=1,a=2"))),
             (stub.RegisterVm, cpb.RegisterVmRequest()),
             (
                 stub.RegisterNode,
-                cpb.RegisterNodeRequest(node=cpb.NodeInfo(node_id="n9", address="x:1", backends=[99])),
+                cpb.RegisterNodeRequest(
+                    node=cpb.NodeInfo(node_id="n9", address="x:1", backends=[OUT_OF_RANGE])
+                ),
             ),
-            (stub.TriggerCycle, cpb.TriggerCycleRequest(vm_id="vm-1", mode=7)),
-        ]:
+            (stub.TriggerCycle, cpb.TriggerCycleRequest(vm_id="vm-1", mode=OUT_OF_RANGE)),
+        ]
+        for call, req in bad:
             with pytest.raises(grpc.aio.AioRpcError) as ei:
                 await call(req, timeout=5)
             assert ei.value.code() == INV, req
@@ -304,7 +316,7 @@ async def test_trigger_cycle_and_deadlines_are_passed_to_the_agent(fleet: Any) -
 
 async def test_lease_expiry_marks_the_node_down_and_heartbeat_brings_it_back(tmp_path: Path) -> None:
     cp = await start_cp(cp_settings(tmp_path, lease_ttl_ms=300))
-    agent = await FakeAgent("n1").start()
+    agent = await _fake_agent("n1").start()
     client = AsyncControlPlaneClient(cp.address, timeout_s=5)
     try:
         assert await client.register_node(NodeInfo("n1", agent.address)) == 300
@@ -391,7 +403,7 @@ async def test_metrics_endpoint_serves_the_scheduler_series(tmp_path: Path) -> N
     import urllib.request
 
     cp = await start_cp(cp_settings(tmp_path, metrics_listen="127.0.0.1:0"))
-    agent = await FakeAgent("n1").start()
+    agent = await _fake_agent("n1").start()
     try:
         async with AsyncControlPlaneClient(cp.address, timeout_s=5) as client:
             await client.register_node(NodeInfo("n1", agent.address))

@@ -6,6 +6,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from tiermem.agent.node import Agent
 from tiermem.config import AgentSettings
 from tiermem.errors import FailedPrecondition, InvalidArgument, NotFound
-from tiermem.model import CycleMode, EventKind, EvictionCap, EvictionPolicy
+from tiermem.model import CycleMode, CycleReport, DrainProgress, EventKind, EvictionCap, EvictionPolicy
 from tiermem.sim.kernel import SimKernel
 from tiermem.store.memory import MemoryPageStore
 
@@ -38,7 +39,7 @@ def attach(agent: Agent, vm: str = "vm1", pages: int = 256, **policy: object) ->
 
 
 def cycle(agent: Agent, vm: str, touch: list[int] | None = None, mode: CycleMode = CycleMode.EVICT,
-          writes: bool = False):  # fmt: skip
+          writes: bool = False) -> CycleReport:  # fmt: skip
     eng = agent.engines[vm]
     sim = agent.sessions[vm].backend
     assert isinstance(sim, SimKernel)
@@ -112,8 +113,13 @@ def test_faults_bring_pages_back_with_their_contents(agent: Agent) -> None:
     rep = cycle(agent, "vm1", [5])
     assert rep.pages_evicted == 127
     assert not sim.populated()[7]
+
     # a guest thread touches evicted pages; the agent's fault thread serves them from the store
-    t = threading.Thread(target=lambda: [sim.access(p) for p in range(0, 128, 2)])
+    def touch_evicted() -> None:
+        for p in range(0, 128, 2):
+            sim.access(p)
+
+    t = threading.Thread(target=touch_evicted)
     t.start()
     t.join(10)
     assert not t.is_alive()
@@ -233,7 +239,7 @@ def test_drain_empties_the_store_and_detach_rules(agent: Agent) -> None:
     assert agent.index.count("vm1") == 128
     with pytest.raises(FailedPrecondition):
         agent.detach("vm1")
-    seen = []
+    seen: list[DrainProgress] = []
     prog = agent.drain("vm1", seen.append)
     assert prog.done and prog.pages_restored == 128
     assert seen and seen[-1].pages_restored == 128
@@ -323,7 +329,7 @@ def test_eight_vms_with_different_workloads_and_policies(agent: Agent) -> None:
     """Detection is exact per VM, every limit holds, faults are served, and memory verifies."""
     from tiermem.sim.workloads import ExpectedCounters, parse_workload
 
-    specs = {
+    specs: dict[str, tuple[str, dict[str, Any]]] = {
         "hot": ("hotset:0.1", {}), "zipf": ("zipf:1.1", {"max_evict": EvictionCap(pages=100)}),
         "phase": ("phases:0.2:period=2", {"cold_after": 2}), "scan": ("scan:batch=64", {}),
         "mix": ("mix:0.5:batch=50", {"min_resident_bytes": 300 * PS}), "idle": ("idle", {}),
@@ -331,7 +337,7 @@ def test_eight_vms_with_different_workloads_and_policies(agent: Agent) -> None:
         "noisy": ("hotset:0.05:noise=2", {"max_evict": EvictionCap(bytes=50 * PS)}),
     }  # fmt: skip
     n = 512
-    guests = {}
+    guests: dict[str, Any] = {}
     for vm, (spec, pol) in specs.items():
         sim = attach(agent, vm, pages=n, **pol)
         for p in range(n):
@@ -353,11 +359,11 @@ def test_eight_vms_with_different_workloads_and_policies(agent: Agent) -> None:
                     touched.update(pages.tolist())
                 rep = agent.engines[vm].finish(CycleMode.EVICT)
             assert rep.pages_hot == len(touched), vm  # every touched page is resident and hot: exact
-            pol = s.policy
-            limit = pol.max_evict.limit_pages(n, PS)
+            vm_policy = s.policy
+            limit = vm_policy.max_evict.limit_pages(n, PS)
             if limit is not None:
                 assert rep.pages_evicted <= limit, vm
-            floor = pol.min_resident_bytes // PS
+            floor = vm_policy.min_resident_bytes // PS
             assert rep.pages_scanned - rep.pages_evicted >= floor, vm
             assert set(agent.index.evicted_pages(vm)).isdisjoint(touched), vm
             assert resident_before >= rep.pages_scanned - len(touched)  # sanity: scan saw memory as it was

@@ -345,7 +345,9 @@ def test_dockerfile_shape(kind: str) -> None:
 
 
 @pytest.mark.parametrize(("kind", "cls"), [("controlplane", ControlPlaneSettings), ("agent", AgentSettings)])
-def test_default_config_toml_loads(kind: str, cls: type[BaseModel], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_config_toml_loads(
+    kind: str, cls: type[ControlPlaneSettings] | type[AgentSettings], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from tiermem.config import load_settings
 
     for k in [k for k in __import__("os").environ if k.startswith("TIERMEM_")]:

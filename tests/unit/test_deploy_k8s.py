@@ -17,7 +17,6 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from pydantic import BaseModel
 
 from tests.unit.test_deploy_compose import _model_has
 from tiermem.config import AgentSettings, ControlPlaneSettings, load_settings
@@ -196,7 +195,7 @@ def _env_of(w: dict[str, Any]) -> dict[str, str]:
 @pytest.mark.parametrize(
     ("kind", "model"), [("Deployment", ControlPlaneSettings), ("DaemonSet", AgentSettings)]
 )
-def test_environment_keys_are_settings_fields_and_load(kind: str, model: type[BaseModel],
+def test_environment_keys_are_settings_fields_and_load(kind: str, model: type[ControlPlaneSettings] | type[AgentSettings],
                                                        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     (w,) = _kind(kind)
     env = _env_of(w)
