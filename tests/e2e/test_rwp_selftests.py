@@ -2,7 +2,7 @@
 
 The cases mirror tools/testing/selftests/mm/uffd-unit-tests.c's RWP tests that apply to shared
 shmem (rwp-async, rwp-sync, rwp-pagemap, rwp-async-toggle, rwp-close, rwp-mprotect, rwp-gup,
-rwp-wp-exclusive), plus the mainline 7.3 behaviours the agent depends on (issue 16): a page
+rwp-fork without EVENT_FORK, rwp-wp-exclusive), plus the mainline 7.3 behaviours the agent depends on (issue 16): a page
 cached in the memfd but unmapped in the guest cannot be protected and never faults RWP; with
 MINOR co-registered it faults MINOR and CONTINUE maps it; an inverted scan reports holes;
 PM_SCAN_WP_MATCHING skips an RWP VMA; SET_MODE(enable) wakes MISSING waiters too.
@@ -179,6 +179,21 @@ def test_rwp_gup_reads_through_a_protected_page(make: Callable[[int], Target]) -
     t.rwprotect(0, N, True)
     assert t.gup_read(0) == 0xCD
     assert t.read(0) == 0xCD
+
+
+def test_rwp_fork_child_reads_and_the_parent_keeps_the_marker(make: Callable[[int], Target]) -> None:
+    # rwp-fork for a shared mapping without EVENT_FORK: the child inherits no registration, so its
+    # read neither faults nor blocks (sync mode in the parent), and the parent's marker stays.
+    t = make(RWP | SHMEM)
+    if not t.models_fork:
+        pytest.skip("the sim does not model fork")
+    t.register(0, N, M_RWP)
+    t.write(1, 0x5A)
+    t.rwprotect(0, N, True)
+    assert t.marker(1)
+    assert t.read_in_child(1) == 0x5A
+    assert t.marker(1)  # still protected in the parent
+    assert t.messages(0.1) == []
 
 
 def test_rwp_wp_exclusive(make: Callable[[int], Target]) -> None:

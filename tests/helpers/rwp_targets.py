@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import select
+import signal
 
 import numpy as np
 
@@ -32,6 +33,7 @@ class Target:
 
     name = "abstract"
     models_mprotect_and_gup = True
+    models_fork = True
 
     def __init__(self, features: int, n: int) -> None:
         self.base = 0
@@ -90,10 +92,19 @@ class Target:
         """The kernel reads the page on the process's behalf (write(2) to a pipe: GUP)."""
         raise NotImplementedError
 
+    def marker(self, p: int) -> bool:
+        """Bit 57 of the page's /proc/self/pagemap entry (PM_UFFD_WP: the RWP marker is set)."""
+        raise NotImplementedError
+
+    def read_in_child(self, p: int) -> int:
+        """fork(); the child reads the page's first byte and exits with it; returns it."""
+        raise NotImplementedError
+
 
 class SimTarget(Target):
     name = "sim"
     models_mprotect_and_gup = False
+    models_fork = False
 
     def __init__(self, features: int, n: int) -> None:
         self.n = n
@@ -228,6 +239,22 @@ class KernelTarget(Target):
     def mprotect(self, prot: int) -> None:
         if self._libc.mprotect(ctypes.c_void_p(self.base), ctypes.c_size_t(self.n * PS), prot) != 0:
             raise OSError(ctypes.get_errno(), "mprotect")
+
+    def marker(self, p: int) -> bool:
+        entry = int.from_bytes(os.pread(self.pagemap, 8, self.addr(p) // PS * 8), "little")
+        return bool(entry >> 57 & 1)
+
+    def read_in_child(self, p: int) -> int:
+        pid = os.fork()
+        if pid == 0:  # the child: one load, then leave without running any Python cleanup
+            code = 255
+            try:
+                signal.alarm(60)  # a child blocked on a fault dies (SIGALRM) instead of hanging the test
+                code = self.read(p)
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status)
 
     def gup_read(self, p: int) -> int:
         r, w = os.pipe()
