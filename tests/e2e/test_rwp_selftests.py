@@ -280,3 +280,46 @@ def test_set_mode_enable_wakes_missing_waiters_every_time(make: Callable[[int], 
     t.copy(2, bytes([4]) * PS)
     r.join(30)
     assert not r.is_alive()
+
+
+def first_message(t: Target) -> list[UffdMsg]:
+    deadline = time.monotonic() + 30
+    msgs: list[UffdMsg] = []
+    while not msgs and time.monotonic() < deadline:
+        msgs = t.messages(0.1)
+    return msgs
+
+
+@pytest.mark.parametrize("missing", [False, True], ids=["rwp-only", "missing-rwp"])
+def test_unregister_wakes_only_missing_registered_ranges(
+    make: Callable[[int], Target], missing: bool
+) -> None:
+    t = make(RWP | SHMEM)
+    fill(t)
+    t.register(0, N, M_RWP | (MISSING if missing else 0))
+    t.rwprotect(0, N, True)  # sync mode: an access blocks
+    r = in_thread(lambda: t.read(4))
+    assert [m.address for m in first_message(t)] == [t.addr(4)]
+    t.unregister(0, N)
+    r.join(BLOCKED_S if not missing else 30)
+    assert r.is_alive() is not missing  # woken only where MISSING was registered
+    if not missing:
+        t.wake(4, 1)  # UFFDIO_WAKE still reaches it; unregistered, it reads on
+        r.join(30)
+        assert not r.is_alive()
+
+
+def test_closing_one_fd_releases_nothing_while_another_is_open(make: Callable[[int], Target]) -> None:
+    t = make(RWP | SHMEM)
+    t.register(0, N, M_RWP)
+    fill(t)
+    t.share_fd()  # the VMM's fd
+    t.rwprotect(0, N, True)
+    r = in_thread(lambda: t.read(6))
+    assert [m.address for m in first_message(t)] == [t.addr(6)]
+    t.close()  # the agent's fd: nothing is released, the vCPU stays blocked
+    r.join(BLOCKED_S)
+    assert r.is_alive()
+    t.close_shared()  # the last fd: protection resolved, waiters woken
+    r.join(30)
+    assert not r.is_alive() and intact(t)

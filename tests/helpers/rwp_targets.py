@@ -70,6 +70,17 @@ class Target:
     def close(self) -> None:
         raise NotImplementedError
 
+    def wake(self, p0: int, n: int) -> None:
+        raise NotImplementedError
+
+    def share_fd(self) -> None:
+        """A second fd of the context, as the VMM always holds."""
+        raise NotImplementedError
+
+    def close_shared(self) -> None:
+        """Close that second fd."""
+        raise NotImplementedError
+
     # the memfd and the guest
     def pwrite(self, p: int, data: bytes) -> None:
         raise NotImplementedError
@@ -141,6 +152,15 @@ class SimTarget(Target):
     def close(self) -> None:
         self.k.close()
 
+    def wake(self, p0: int, n: int) -> None:
+        self.k.wake(self.addr(p0), n * PS)
+
+    def share_fd(self) -> None:
+        self.k.share_with_vmm()
+
+    def close_shared(self) -> None:
+        self.k.vmm_close()
+
     def pwrite(self, p: int, data: bytes) -> None:
         self.k.io_write(p * PS, data)
 
@@ -173,6 +193,7 @@ class KernelTarget(Target):
         self.fd = fd
         self.u = Uffd(fd)
         self.pagemap = os.open("/proc/self/pagemap", os.O_RDONLY)
+        self.shared = -1
         self._libc = ctypes.CDLL(None, use_errno=True)
 
     def register(self, p0: int, n: int, mode: int) -> None:
@@ -210,8 +231,20 @@ class KernelTarget(Target):
             os.close(self.fd)
             self.fd = -1
 
+    def wake(self, p0: int, n: int) -> None:
+        self.u.wake(self.addr(p0), n * PS)
+
+    def share_fd(self) -> None:
+        self.shared = os.dup(self.fd)
+
+    def close_shared(self) -> None:
+        if self.shared >= 0:
+            os.close(self.shared)
+            self.shared = -1
+
     def teardown(self) -> None:
         self.close()
+        self.close_shared()
         os.close(self.pagemap)
         self.map.close()
         os.close(self.memfd)
