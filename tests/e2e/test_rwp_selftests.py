@@ -323,3 +323,27 @@ def test_closing_one_fd_releases_nothing_while_another_is_open(make: Callable[[i
     t.close_shared()  # the last fd: protection resolved, waiters woken
     r.join(30)
     assert not r.is_alive() and intact(t)
+
+
+def test_dontneed_keeps_shmem_data_and_remove_drops_it(make: Callable[[int], Target]) -> None:
+    # Why a REMOVE event on a memfd is not "reads as zero": DONTNEED only zaps the guest PTEs.
+    t = make(RWP | ASYNC | SHMEM)
+    fill(t)
+    t.register(0, N, MISSING | MINOR | M_RWP)
+    t.rwprotect(0, N, True)
+    t.madvise(2, 2, uapi.MADV_DONTNEED)
+    present = uapi.PAGE_IS_PRESENT
+    assert t.scan(category_mask=present, return_mask=present) == [(0, 2, present), (4, N, present)]
+    w = in_thread(lambda: t.read(2))
+    assert [(m.address, m.flags) for m in first_message(t)] == [(t.addr(2), uapi.UFFD_PAGEFAULT_FLAG_MINOR)]
+    t.continue_(2)  # the page cache kept the data: CONTINUE maps it back
+    w.join(30)
+    assert not w.is_alive()
+    t.madvise(3, 1, uapi.MADV_REMOVE)
+    r = in_thread(lambda: t.read(3))
+    assert [(m.address, m.flags) for m in first_message(t)] == [(t.addr(3), 0)]  # MISSING: the data is gone
+    t.copy(3, bytes([4]) * PS)
+    r.join(30)
+    assert not r.is_alive()
+    if isinstance(t, KernelTarget):
+        assert t.read(2) == 3 and t.read(3) == 4

@@ -81,6 +81,10 @@ class Target:
         """Close that second fd."""
         raise NotImplementedError
 
+    def madvise(self, p0: int, n: int, advice: int) -> None:
+        """The VMM's madvise on the guest mapping."""
+        raise NotImplementedError
+
     # the memfd and the guest
     def pwrite(self, p: int, data: bytes) -> None:
         raise NotImplementedError
@@ -161,6 +165,9 @@ class SimTarget(Target):
     def close_shared(self) -> None:
         self.k.vmm_close()
 
+    def madvise(self, p0: int, n: int, advice: int) -> None:
+        self.k.madvise(self.addr(p0), n * PS, advice)
+
     def pwrite(self, p: int, data: bytes) -> None:
         self.k.io_write(p * PS, data)
 
@@ -236,6 +243,11 @@ class KernelTarget(Target):
 
     def share_fd(self) -> None:
         self.shared = os.dup(self.fd)
+
+    def madvise(self, p0: int, n: int, advice: int) -> None:
+        from tiermem.kernel.uffd_ioctl import madvise
+
+        madvise(self.addr(p0), n * PS, advice)
 
     def close_shared(self) -> None:
         if self.shared >= 0:
