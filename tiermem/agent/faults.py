@@ -333,7 +333,7 @@ class FaultServer:
                 stored = [e.stored for e in entries]
                 data = []
                 nonzero = [st for st in stored if st.codec != Codec.ZERO]
-                fetched = iter(store.get_pages(s.vm_id, nonzero) if nonzero else [])
+                fetched = iter(store.get_pages(s.space, nonzero) if nonzero else [])
                 for st in stored:
                     data.append(bytes(s.page_size) if st.codec == Codec.ZERO else next(fetched))
                 if reported:

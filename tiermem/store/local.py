@@ -49,8 +49,8 @@ from tiermem.errors import (
     StoreUnavailable,
     TiermemError,
 )
-from tiermem.model import validate_id
 from tiermem.store.segments import SegmentStore
+from tiermem.store.space import validate_space
 
 __all__ = ["LocalPageStore", "os_error"]
 
@@ -309,7 +309,7 @@ class LocalPageStore(SegmentStore):
             for e in it:
                 if e.is_dir() and not e.name.startswith("."):
                     with contextlib.suppress(TiermemError):
-                        out.append(validate_id(e.name))
+                        out.append(validate_space(e.name))
         return sorted(out)
 
     def _blob_purge(self, vm_id: str) -> None:
