@@ -17,7 +17,7 @@ from tiermem.control.selector import matches, parse_selector
 from tiermem.control.state import StateStore
 from tiermem.control.types import HeartbeatResult, NodeInfo, VmSpec
 from tiermem.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from tiermem.model import CycleReport, EventKind, VmStatus, validate_id
+from tiermem.model import CycleReport, EventKind, VmState, VmStatus, validate_id
 
 __all__ = ["Registry"]
 
@@ -38,6 +38,9 @@ class Registry:
         """Called with the statuses kept from each heartbeat (the scheduler's priority and SLO inputs)."""
         self.on_node_change: Callable[[], None] | None = None
         """Called when a node registers, leaves, goes down or comes back."""
+        self._local: dict[str, tuple[str, int]] = {}
+        """VMs agents run without a registration here (attached through a handoff socket): id -> (node,
+        last heartbeat ms). Kept by the replica that receives the heartbeats, for placement checks."""
 
     def _node_changed(self) -> None:
         if self.on_node_change is not None:
@@ -105,6 +108,8 @@ class Registry:
         nodes = await self.state.vm_nodes([s.vm_id for s in statuses])
         keep: list[VmStatus] = []
         for s in statuses:
+            if nodes.get(s.vm_id) is None and s.state is not VmState.DETACHED:
+                self._local[s.vm_id] = (node_id, now)  # agent-local: its id is taken on that node
             if nodes.get(s.vm_id) != node_id:
                 continue  # not registered here: an agent-local VM, or a VM that moved
             s.node_id = node_id
@@ -184,7 +189,16 @@ class Registry:
                     f"node {spec.node_id!r} has {node.capacity_bytes - used} bytes of capacity left, "
                     f"VM {spec.vm_id!r} needs {spec.memory_bytes}"
                 )
-        spec.registered_ms = clock_ms(self.clock)
+        seen = self._local.get(spec.vm_id)
+        now = clock_ms(self.clock)
+        if seen is not None and seen[0] != spec.node_id and now - seen[1] < self.lease_ttl_ms:
+            # two nodes running one VM id would be two VMs the fleet cannot tell apart (its reports,
+            # statuses and orders); each keeps its pages in its own store namespace either way
+            raise FailedPrecondition(
+                f"VM {spec.vm_id!r} is active on node {seen[0]!r} (attached there through its handoff socket); "
+                "detach it there first or pick another id"
+            )
+        spec.registered_ms = now
         if not await self.state.create_vm(spec):
             raise AlreadyExists(f"VM {spec.vm_id!r} is already registered")
         return spec
