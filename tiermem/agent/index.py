@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
@@ -25,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from tiermem.fsmodes import private_file
 from tiermem.store.base import Codec, StoredPage
 
 __all__ = ["IndexEntry", "PageIndex", "VmRecord"]
@@ -64,9 +64,7 @@ class PageIndex:
         self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            # 0600 before SQLite opens it: its -wal and -shm files copy the database's mode
-            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
-            os.chmod(self.path, 0o600)  # also tightens an index an older version created 0644
+            private_file(self.path)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'OFF'}")

@@ -15,7 +15,6 @@ import secrets
 import sys
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
 import structlog
 
@@ -27,6 +26,7 @@ from tiermem.agent.session import VmSession
 from tiermem.config import AgentSettings
 from tiermem.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from tiermem.events import EventBus
+from tiermem.fsmodes import private_dir
 from tiermem.kernel import uapi
 from tiermem.kernel.backend import KernelBackend
 from tiermem.model import (
@@ -68,9 +68,7 @@ class Agent:
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
         self.settings = settings
         self.node_id = validate_id(settings.node_id, "node id")
-        self.data_dir = Path(settings.data_dir)
-        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.data_dir.chmod(0o700)  # also tightens a directory an older version created 0755
+        self.data_dir = private_dir(settings.data_dir)
         self.index = PageIndex(self.data_dir / "index.db", fsync=settings.fsync)
         self.keyring = PageKeyring.load(settings.page_key_path(), create=not settings.page_key_file)
         self.events = EventBus(self.node_id)

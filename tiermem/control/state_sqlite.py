@@ -22,6 +22,7 @@ from tiermem.control.codec import dumps, loads
 from tiermem.control.state import DEFAULT_EVENTS_KEEP, DEFAULT_REPORTS_KEEP, StateStore
 from tiermem.control.types import Adjustment, LeaderInfo, NodeInfo, PolicyEntry, VmSpec
 from tiermem.errors import ConfigurationError, Unavailable
+from tiermem.fsmodes import private_file
 from tiermem.model import CycleReport, Event, VmStatus
 
 __all__ = ["SqliteState"]
@@ -84,7 +85,8 @@ class SqliteState(StateStore):
         """Open the file (creating its directory) and the schema."""
         if self._path != ":memory:":
             try:
-                Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+                Path(self._path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                private_file(self._path)
             except OSError as e:
                 raise ConfigurationError(
                     f"cannot create the directory of {self._path}: {e.strerror}"

@@ -49,6 +49,7 @@ from tiermem.errors import (
     StoreUnavailable,
     TiermemError,
 )
+from tiermem.fsmodes import private_dir
 from tiermem.store.segments import SegmentStore
 from tiermem.store.space import validate_space
 
@@ -169,7 +170,7 @@ class LocalPageStore(SegmentStore):
         self._dirs_lock = threading.Lock()
         self._dirs: set[Path] = set()
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            private_dir(self.root)
             self._lock_fd: int | None = os.open(
                 self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
             )
@@ -212,7 +213,7 @@ class LocalPageStore(SegmentStore):
             with self._dirs_lock:
                 for p, parent in ((d.parent, self.root), (d, d.parent)):
                     if not p.is_dir():
-                        p.mkdir(exist_ok=True)
+                        p.mkdir(exist_ok=True, mode=0o700)
                         if self.fsync:
                             _fsync_dir(parent)
                 self._dirs.add(d)
