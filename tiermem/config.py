@@ -94,9 +94,6 @@ class AgentSettings(_Base):
     page_key_file: str = ""
     """Keyring of the page MAC (tiermem.store.pagemac). Empty: <data_dir>/page-keys.json, created 0600 at
     first start (a key per agent). Point every node at one mounted secret for a key per fleet."""
-    missing_page: str = Field(default="wait", pattern="^(wait|poison)$")
-    """A fault on an evicted page whose payload is gone from its store: ``wait`` (the vCPU stays blocked
-    while the agent retries) or ``poison`` (UFFDIO_POISON: the guest gets SIGBUS instead of hanging)."""
     max_concurrent_cycles: int = Field(default=256, ge=1, le=4096)
     """Cycles, drains and verifications served at once (threads: each cycle holds one for its whole detection
     window, mostly asleep); more wait for a thread. Other RPCs have their own threads and never wait on these."""

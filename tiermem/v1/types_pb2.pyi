@@ -222,6 +222,7 @@ class EvictionPolicy(_message.Message):
     PAUSED_FIELD_NUMBER: _builtins.int
     SLO_PROMOTION_RATE_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    POISON_MISSING_FIELD_NUMBER: _builtins.int
     interval_ms: _builtins.int
     """detection interval, milliseconds, > 0"""
     cold_after: _builtins.int
@@ -240,6 +241,8 @@ class EvictionPolicy(_message.Message):
     """max promotions per evicted page per minute (0.002 = 0.2%/min); 0 = no SLO"""
     version: _builtins.int
     """monotonic version, assigned by the control plane"""
+    poison_missing: _builtins.bool
+    """a page lost from its store: true = UFFDIO_POISON (guest SIGBUS), false = wait"""
     @_builtins.property
     def max_evict(self) -> Global___EvictionCap:
         """per-cycle eviction cap"""
@@ -257,10 +260,11 @@ class EvictionPolicy(_message.Message):
         paused: _builtins.bool = ...,
         slo_promotion_rate: _builtins.float = ...,
         version: _builtins.int = ...,
+        poison_missing: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["max_evict", b"max_evict"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cold_after", b"cold_after", "compression", b"compression", "interval_ms", b"interval_ms", "max_evict", b"max_evict", "min_resident_bytes", b"min_resident_bytes", "paused", b"paused", "prefetch_pages", b"prefetch_pages", "slo_promotion_rate", b"slo_promotion_rate", "store", b"store", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cold_after", b"cold_after", "compression", b"compression", "interval_ms", b"interval_ms", "max_evict", b"max_evict", "min_resident_bytes", b"min_resident_bytes", "paused", b"paused", "poison_missing", b"poison_missing", "prefetch_pages", b"prefetch_pages", "slo_promotion_rate", b"slo_promotion_rate", "store", b"store", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

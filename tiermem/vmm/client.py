@@ -43,8 +43,9 @@ MODE_FEATURES = {
     "rwp": uapi.UFFD_FEATURE_MISSING_SHMEM | uapi.UFFD_FEATURE_RWP | uapi.UFFD_FEATURE_RWP_ASYNC,
 }
 """Features each mode cannot work without."""
-OPTIONAL_FEATURES = uapi.UFFD_FEATURE_EVENT_REMOVE | uapi.UFFD_FEATURE_THREAD_ID
-"""Requested when the kernel offers them: balloon REMOVE events, faulting thread ids.
+OPTIONAL_FEATURES = uapi.UFFD_FEATURE_EVENT_REMOVE | uapi.UFFD_FEATURE_THREAD_ID | uapi.UFFD_FEATURE_POISON
+"""Requested when the kernel offers them: balloon REMOVE events, faulting thread ids, UFFDIO_POISON
+(the agent's answer to a page lost from its store, when the policy asks for it).
 Not EVENT_UNMAP: a munmap would block until the agent reads the event."""
 MODE_REGISTER = {
     "uffd": uapi.UFFDIO_REGISTER_MODE_MISSING | uapi.UFFDIO_REGISTER_MODE_MINOR,
