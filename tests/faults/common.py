@@ -18,14 +18,14 @@ from hypothesis import HealthCheck, settings
 from tiermem.agent.index import IndexEntry, PageIndex
 from tiermem.agent.node import Agent
 from tiermem.errors import TiermemError
-from tiermem.kernel.sim import SimKernel
 from tiermem.model import Event, EventKind
+from tiermem.sim.kernel import SimKernel
+from tiermem.sim.workloads import SimGuest
 from tiermem.store.base import Codec, PageStore, StoredPage
 from tiermem.store.pagemac import PageKeyring
 from tiermem.store.payload import PayloadStore
 from tiermem.store.space import store_space
 from tiermem.store.url import open_store
-from tiermem.vmm.workloads import SimGuest
 
 T = TypeVar("T")
 

@@ -26,8 +26,8 @@ from tiermem.agent.attach import start_handoff
 from tiermem.agent.node import Agent
 from tiermem.config import AgentSettings
 from tiermem.errors import FailedPrecondition
+from tiermem.handoff.client import GuestMemory
 from tiermem.model import CycleMode, EventKind, EvictionPolicy, VmState
-from tiermem.vmm.client import GuestMemory
 
 pytestmark = [pytest.mark.uffd, pytest.mark.timeout(120)]
 

@@ -24,8 +24,8 @@ from tests.faults.common import EventLog, record, wait_until
 from tests.faults.conftest import AgentFactory, redis_url
 from tests.helpers.servers import RedisServer, S3Server
 from tiermem.errors import ConfigurationError, IntegrityError
-from tiermem.kernel.sim import SimKernel
 from tiermem.model import CycleMode, EventKind, EvictionPolicy
+from tiermem.sim.kernel import SimKernel
 from tiermem.store.base import Codec, PageBlob
 from tiermem.store.local import LocalPageStore
 from tiermem.store.pagemac import DOMAIN, PageKeyring, page_mac

@@ -9,8 +9,8 @@ import structlog
 
 from tiermem.agent.node import Agent
 from tiermem.errors import TiermemError
+from tiermem.handoff.listener import HandoffAttach, HandoffListener
 from tiermem.model import Backend
-from tiermem.vmm.handoff import HandoffAttach, HandoffListener
 
 __all__ = ["on_handoff", "start_handoff"]
 

@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from tiermem.errors import ConfigurationError, TiermemError
+from tiermem.logging import redact_text
 from tiermem.store.base import PageStore
 from tiermem.store.options import Opt, parse_options
 from tiermem.store.payload import check_page_size
@@ -31,8 +32,6 @@ _FILE_OPTIONS = {"fsync": Opt("bool", True), "segment_mib": Opt("float", 32.0, 1
 
 def redact_url(url: str) -> str:
     """``url`` with its password (and secret-looking query values) replaced by ``***``."""
-    from tiermem.logging import redact_text
-
     return redact_text(url)
 
 
