@@ -225,7 +225,14 @@ def test_store_fills_mid_eviction_stops_and_resumes(make_agent: AgentFactory, re
     holes = holes_of(agent, "vm1")
     assert holes == set(agent.index.evicted_pages("vm1"))  # exactly the acknowledged batches
     st = agent.store("redis")
-    assert check_payloads(st, "vm1", [e.stored for e in entries_for(agent.index, "vm1", sorted(holes))]) == 0
+    assert (
+        check_payloads(
+            st,
+            agent.sessions["vm1"].space,
+            [e.stored for e in entries_for(agent.index, "vm1", sorted(holes))],
+        )
+        == 0
+    )
     full_at = rep.pages_evicted
     # the guest still runs (its faults are reads, which a full Redis serves)
     for _ in range(10):

@@ -18,7 +18,7 @@ import pytest
 
 from tiermem.agent.node import Agent
 from tiermem.config import AgentSettings
-from tiermem.control.state import open_state
+from tiermem.control.state_open import open_state
 from tiermem.model import CycleMode, EvictionPolicy
 
 PS = 4096
