@@ -272,6 +272,8 @@ class VmStatus:
     fault_p99_us: int = 0
     updated_unix_ms: int = 0
     node_up: bool = True
+    incarnation: str = ""
+    """The VM's incarnation on its agent (16 hex digits; empty where unknown)."""
 
 
 @dataclass

@@ -28,6 +28,7 @@ from tiermem.config import AgentSettings
 from tiermem.errors import FailedPrecondition
 from tiermem.handoff.client import GuestMemory
 from tiermem.model import CycleMode, EventKind, EvictionPolicy, VmState
+from tiermem.rpc.convert import status_from_pb, status_to_pb
 
 pytestmark = [pytest.mark.uffd, pytest.mark.timeout(120)]
 
@@ -122,6 +123,9 @@ def test_a_reused_id_is_refused_until_the_operator_chooses(node: Node, tmp_path:
         wait_until(lambda: "vm-x" in agent.sessions, 10, "the fresh vm-x to attach")
         s = agent.sessions["vm-x"]
         assert s.space != old_space and b.ready["incarnation"] == s.incarnation
+        assert (
+            status_from_pb(status_to_pb(agent.status("vm-x"))).incarnation == s.incarnation
+        )  # as gRPC shows it
         assert agent.index.count("vm-x") == 0
         b.cmd(f"touch 0-{PAGES - 1} r")
         assert b.cmd("verify")["mismatches"] == 0  # its expected contents are zeros

@@ -139,4 +139,5 @@ class VmSession:
             minor_faults=self.counters.rwp_faults, promotion_rate=self.counters.promotion_rate(evicted),
             store_usage=usage, cycles=self.counters.cycles, page_size=self.page_size, labels=dict(self.labels),
             policy=self.policy, fault_p50_us=int(p50), fault_p99_us=int(p99), updated_unix_ms=now_ms(),
+            incarnation=self.incarnation,
         )  # fmt: skip

@@ -204,6 +204,7 @@ def status_to_pb(s: VmStatus) -> pb.VmStatus:
         promotion_rate=s.promotion_rate, store_usage=usage_to_pb(s.store_usage), cycles=s.cycles,
         page_size=s.page_size, labels=s.labels, policy=policy_to_pb(s.policy), fault_p50_us=s.fault_p50_us,
         fault_p99_us=s.fault_p99_us, updated_unix_ms=s.updated_unix_ms, node_up=s.node_up,
+        incarnation=s.incarnation,
     )  # fmt: skip
 
 
@@ -217,6 +218,7 @@ def status_from_pb(m: pb.VmStatus) -> VmStatus:
         store_usage=usage_from_pb(m.store_usage), cycles=m.cycles, page_size=m.page_size or 4096,
         labels=dict(m.labels), policy=policy_from_pb(m.policy, validate=False), fault_p50_us=m.fault_p50_us,
         fault_p99_us=m.fault_p99_us, updated_unix_ms=m.updated_unix_ms, node_up=m.node_up,
+        incarnation=m.incarnation,
     )  # fmt: skip
 
 
