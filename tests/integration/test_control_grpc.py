@@ -443,8 +443,13 @@ async def test_a_vm_id_active_on_another_node_is_not_placed(fleet: Any) -> None:
     # on its own node the id may be registered (adopting the VM there)
     await client.register_vm(VmSpec("vm-h", "n2", 1 << 20))
     assert [v.node_id for v in await client.list_vm_status()] == ["n2"]
-    # a detached VM frees its id once its node stops reporting it (a lease later)
+    await client.deregister_vm("vm-h")
+    # n2 detached it: its next heartbeat no longer lists it, and the id is free
+    await client.heartbeat("n2", [VmStatus("vm-other", state=VmState.ARMED)])
+    await client.register_vm(VmSpec("vm-h", "n1", 1 << 20))
+    # a node that stops heartbeating frees its ids a lease later
+    with pytest.raises(FailedPrecondition, match="active on node 'n2'"):
+        await client.register_vm(VmSpec("vm-other", "n1", 1 << 20))
     cp.plane.registry.lease_ttl_ms = 1
     await asyncio.sleep(0.01)
-    await client.deregister_vm("vm-h")
-    await client.register_vm(VmSpec("vm-h", "n1", 1 << 20))
+    await client.register_vm(VmSpec("vm-other", "n1", 1 << 20))

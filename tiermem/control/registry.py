@@ -103,6 +103,11 @@ class Registry:
         return HeartbeatResult(self.lease_ttl_ms)
 
     async def _keep_statuses(self, node_id: str, statuses: Sequence[VmStatus], now: int) -> None:
+        # a heartbeat lists every VM of its node: ids it no longer lists are free again
+        listed = {s.vm_id for s in statuses}
+        for vm, (node, _) in list(self._local.items()):
+            if node == node_id and vm not in listed:
+                del self._local[vm]
         if not statuses:
             return
         nodes = await self.state.vm_nodes([s.vm_id for s in statuses])
