@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import os
 import secrets
 import sys
 import threading
@@ -59,6 +60,14 @@ HOUSEKEEP_INTERVAL = 0.5
 HOUSEKEEP_MAX_BACKOFF = 30.0
 
 
+def _host_memory() -> int:
+    """The host's physical memory in bytes (the default capacity)."""
+    try:
+        return max(int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE")), PAGE_SIZE)
+    except (OSError, ValueError):
+        return MAX_SIM_BYTES
+
+
 class Agent:
     """All VM sessions of one host."""
 
@@ -69,6 +78,8 @@ class Agent:
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
         self.settings = settings
         self.node_id = validate_id(settings.node_id, "node id")
+        self.capacity_bytes = settings.capacity_bytes or _host_memory()
+        """Guest memory this node declares (never 0, so it never registers as unlimited)."""
         self.data_dir = private_dir(settings.data_dir)
         self.index = PageIndex(self.data_dir / "index.db", fsync=settings.fsync)
         self.keyring = PageKeyring.load(settings.page_key_path(), create=not settings.page_key_file)
@@ -120,9 +131,11 @@ class Agent:
                    workload: str = "", synthetic: bool = False, vcpus: int = 1, seed: int = 0) -> VmStatus:  # fmt: skip
         """Create a simulated VM (guest memory in this process) and arm it."""
         validate_id(vm_id, "vm id")
-        if memory_bytes <= 0 or memory_bytes % PAGE_SIZE or memory_bytes > MAX_SIM_BYTES:
+        limit = min(MAX_SIM_BYTES, self.capacity_bytes)
+        if memory_bytes <= 0 or memory_bytes % PAGE_SIZE or memory_bytes > limit:
             raise InvalidArgument(
-                f"memory_bytes must be a positive multiple of {PAGE_SIZE} up to {MAX_SIM_BYTES}"
+                f"memory_bytes must be a positive multiple of {PAGE_SIZE} up to {limit} "
+                f"(node {self.node_id}'s capacity or the sim limit)"
             )
         if vcpus < 0 or vcpus > 64:
             raise InvalidArgument("vcpus must be between 0 and 64")
@@ -135,8 +148,15 @@ class Agent:
                 raise FailedPrecondition(f"VM {vm_id} has evicted pages waiting for its VMM to reattach: "
                                          "purge them first (detach with purge)")  # fmt: skip
             try:
+                # traces only from the configured directory, with its byte cap (admin-only facility)
                 backend, guest = create(
-                    memory_bytes // PAGE_SIZE, synthetic=synthetic, workload=workload, vcpus=vcpus, seed=seed
+                    memory_bytes // PAGE_SIZE,
+                    synthetic=synthetic,
+                    workload=workload,
+                    vcpus=vcpus,
+                    seed=seed,
+                    trace_dir=self.settings.trace_dir,
+                    trace_max_bytes=self.settings.trace_max_bytes,
                 )
             except MemoryError:
                 raise FailedPrecondition(
