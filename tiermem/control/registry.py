@@ -38,9 +38,8 @@ class Registry:
         """Called with the statuses kept from each heartbeat (the scheduler's priority and SLO inputs)."""
         self.on_node_change: Callable[[], None] | None = None
         """Called when a node registers, leaves, goes down or comes back."""
-        self._local: dict[str, tuple[str, int]] = {}
-        """VMs agents run without a registration here (attached through a handoff socket): id -> (node,
-        last heartbeat ms). Kept by the replica that receives the heartbeats, for placement checks."""
+        self._local_written: dict[str, tuple[frozenset[str], int]] = {}
+        """Per node: the agent-local VM ids last written to the state store, and when."""
 
     def _node_changed(self) -> None:
         if self.on_node_change is not None:
@@ -103,18 +102,22 @@ class Registry:
         return HeartbeatResult(self.lease_ttl_ms)
 
     async def _keep_statuses(self, node_id: str, statuses: Sequence[VmStatus], now: int) -> None:
-        # a heartbeat lists every VM of its node: ids it no longer lists are free again
-        listed = {s.vm_id for s in statuses}
-        for vm, (node, _) in list(self._local.items()):
-            if node == node_id and vm not in listed:
-                del self._local[vm]
+        nodes = await self.state.vm_nodes([s.vm_id for s in statuses]) if statuses else {}
+        # A heartbeat lists every VM of its node: agent-local ones (attached through the handoff socket,
+        # not registered here) take their id fleet-wide; ids it no longer lists are free again. Kept in
+        # the state store, so every replica (heartbeats may reach any) sees them.
+        local = frozenset(
+            s.vm_id for s in statuses if nodes.get(s.vm_id) is None and s.state is not VmState.DETACHED
+        )
+        last = self._local_written.get(node_id)
+        # written when the list changes, and often enough that a live claim never looks stale
+        if last is None or last[0] != local or now - last[1] >= self.lease_ttl_ms // 3:
+            await self.state.put_local_vms(node_id, sorted(local), now)
+            self._local_written[node_id] = (local, now)
         if not statuses:
             return
-        nodes = await self.state.vm_nodes([s.vm_id for s in statuses])
         keep: list[VmStatus] = []
         for s in statuses:
-            if nodes.get(s.vm_id) is None and s.state is not VmState.DETACHED:
-                self._local[s.vm_id] = (node_id, now)  # agent-local: its id is taken on that node
             if nodes.get(s.vm_id) != node_id:
                 continue  # not registered here: an agent-local VM, or a VM that moved
             s.node_id = node_id
@@ -203,7 +206,7 @@ class Registry:
                     f"node {spec.node_id!r} has {node.capacity_bytes - used} bytes of capacity left, "
                     f"VM {spec.vm_id!r} needs {spec.memory_bytes}"
                 )
-        seen = self._local.get(spec.vm_id)
+        seen = await self.state.local_vm_owner(spec.vm_id)
         now = clock_ms(self.clock)
         if seen is not None and seen[0] != spec.node_id and now - seen[1] < self.lease_ttl_ms:
             # two nodes running one VM id would be two VMs the fleet cannot tell apart (its reports,

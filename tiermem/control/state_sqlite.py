@@ -34,6 +34,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (node_id TEXT PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS vms (vm_id TEXT PRIMARY KEY, node_id TEXT NOT NULL, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS statuses (vm_id TEXT PRIMARY KEY, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS local_vms (vm_id TEXT PRIMARY KEY, node_id TEXT NOT NULL, seen_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS policies (scope TEXT PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS adjustments (vm_id TEXT PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS marks (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -227,6 +228,19 @@ class SqliteState(StateStore):
     async def list_statuses(self) -> dict[str, VmStatus]:
         """Every VM's latest status."""
         return {r[0]: loads(VmStatus, r[1]) for r in self._rows("SELECT vm_id, doc FROM statuses")}
+
+    # -- agent-local VMs
+    async def put_local_vms(self, node_id: str, vm_ids: Sequence[str], now_ms: int) -> None:
+        """Replace the agent-local VM ids one node reported."""
+        with self._tx() as db:
+            db.execute("DELETE FROM local_vms WHERE node_id = ?", (node_id,))
+            db.executemany("INSERT OR REPLACE INTO local_vms VALUES (?, ?, ?)",
+                           [(v, node_id, now_ms) for v in vm_ids])  # fmt: skip
+
+    async def local_vm_owner(self, vm_id: str) -> tuple[str, int] | None:
+        """The node reporting ``vm_id`` as agent-local, and when."""
+        row = self._one("SELECT node_id, seen_ms FROM local_vms WHERE vm_id = ?", (vm_id,))
+        return (str(row[0]), int(row[1])) if row else None
 
     # -- policies
     async def next_version(self) -> int:
