@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.common import fill, record, sim_of, wait_until
+from tests.faults.common import fill, record, sim_of
+from tests.helpers.wait import wait_until
 from tiermem.agent.index import PageIndex
 from tiermem.agent.node import Agent
 from tiermem.config import AgentSettings

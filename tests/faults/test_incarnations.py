@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.common import EventLog, record, wait_until
+from tests.faults.common import EventLog, record
 from tests.helpers.guest import GuestProc
+from tests.helpers.wait import wait_until
 from tiermem.agent.attach import start_handoff
 from tiermem.agent.node import Agent
 from tiermem.config import AgentSettings
@@ -142,12 +143,13 @@ def test_a_reused_id_is_refused_until_the_operator_chooses(node: Node, tmp_path:
 
 
 def test_the_real_vmm_reattaches_with_its_secret(node: Node) -> None:
-    agent = node.agent
-    assert agent is not None
+    first = node.agent
+    assert first is not None
+    agent = first
     path = node.settings.handoff_path()
     g = GuestProc(path, "vm-r", SIZE)
     try:
-        wait_until(lambda: "vm-r" in agent.sessions, 10, "vm-r to attach")
+        wait_until(lambda: "vm-r" in first.sessions, 10, "vm-r to attach")
         inc = agent.sessions["vm-r"].incarnation
         agent.set_policy("vm-r", EvictionPolicy(cold_after=1, prefetch_pages=0))
         g.cmd(f"touch 0-{PAGES - 1} w")

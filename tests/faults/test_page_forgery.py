@@ -20,9 +20,10 @@ import pytest
 import redis
 import xxhash
 
-from tests.faults.common import EventLog, record, wait_until
+from tests.faults.common import EventLog, record
 from tests.faults.conftest import AgentFactory, redis_url
 from tests.helpers.servers import RedisServer, S3Server
+from tests.helpers.wait import wait_until
 from tiermem.errors import ConfigurationError, IntegrityError
 from tiermem.model import CycleMode, EventKind, EvictionPolicy
 from tiermem.sim.kernel import SimKernel
@@ -108,7 +109,7 @@ def _forge(st: PayloadStore, space: str, location: str, page: int, gen: int, pay
         loc = parse_location(location)
         assert loc is not None
         seg, off, length = loc
-        c = s3.client()  # type: ignore[no-untyped-call]
+        c = s3.client()
         key = f"{st.prefix}/{space}/seg/{seg}"
         body = bytearray(c.get_object(Bucket=s3.bucket, Key=key)["Body"].read())
         body[off : off + length] = payload

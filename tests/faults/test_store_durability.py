@@ -22,10 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.common import EventLog, fill, record, sim_of, wait_until
+from tests.faults.common import EventLog, fill, record, sim_of
 from tests.faults.conftest import AgentFactory, redis_url
 from tests.helpers.guest import GuestProc
 from tests.helpers.servers import RedisServer
+from tests.helpers.wait import wait_until
 from tiermem.agent.attach import start_handoff
 from tiermem.agent.node import Agent
 from tiermem.errors import ConfigurationError

@@ -45,7 +45,7 @@ def _agent_state(tmp_path: Path) -> list[Path]:
                          workload="uniform", vcpus=0)  # fmt: skip
         sim = agent.sessions["vm1"].backend
         for p in range(16):
-            sim.io_write(p * PS, os.urandom(PS))  # type: ignore[attr-defined]
+            sim.io_write(p * PS, os.urandom(PS))
         assert agent.run_cycle("vm1", CycleMode.EVICT, 20).pages_evicted == 16
         space = agent.sessions["vm1"].space
         files = [base / "agent" / "index.db", base / "agent" / "page-keys.json"]

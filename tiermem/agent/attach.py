@@ -14,7 +14,7 @@ from tiermem.model import Backend
 
 __all__ = ["on_handoff", "start_handoff"]
 
-log = structlog.get_logger("tiermem.agent.attach")
+log = structlog.get_logger(__name__)
 
 
 def on_handoff(agent: Agent, att: HandoffAttach) -> None:
@@ -29,7 +29,7 @@ def on_handoff(agent: Agent, att: HandoffAttach) -> None:
         raise
     vm_id = att.vm_id
     # the VMM keeps the secret to prove itself on reattach (after an agent restart, or a broken connection)
-    att.reply = {"incarnation": session.incarnation, "secret": session.reattach_secret}
+    att.incarnation, att.issued_secret = session.incarnation, session.reattach_secret
 
     def closed() -> None:
         # The VMM went away (or the connection broke): keep its evicted pages indexed; a
