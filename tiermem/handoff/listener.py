@@ -47,7 +47,7 @@ from tiermem.handoff.wire import (
     recv_fds,
 )
 from tiermem.kernel import uapi
-from tiermem.kernel.backend import Region
+from tiermem.kernel.backend import TRACKED_REGISTER_MODE, Region
 from tiermem.kernel.rwp import RwpBackend
 from tiermem.kernel.uffd import MissingOnlyBackend, UffdBackend
 from tiermem.kernel.uffd_base import RealBackend
@@ -112,7 +112,7 @@ class HandoffAttach:
 
     def make_backend(self, *, arm: bool = True) -> RealBackend:
         """The kernel backend for this VM; it owns the fds. ``arm`` negotiates and registers
-        the RWP workflow (``api(RWP|RWP_ASYNC)``, ``register(MISSING|RWP)``) like the sim."""
+        the RWP workflow (``api(RWP|RWP_ASYNC)``, ``register(MISSING|MINOR|RWP)``) like the sim."""
         backend: RealBackend
         if self.mode == "firecracker":
             backend = MissingOnlyBackend(self.uffd_fd, self.regions, self.connection, vmm_pid=self.peer_pid)
@@ -132,11 +132,7 @@ class HandoffAttach:
         if arm and backend.tracking:
             try:
                 backend.api(uapi.UFFD_FEATURE_RWP | uapi.UFFD_FEATURE_RWP_ASYNC)
-                backend.register(
-                    backend.base,
-                    backend.size,
-                    uapi.UFFDIO_REGISTER_MODE_MISSING | uapi.UFFDIO_REGISTER_MODE_RWP,
-                )
+                backend.register(backend.base, backend.size, TRACKED_REGISTER_MODE)
                 if self.mode == "rwp":  # a dead agent may have left the shared uffd context frozen (sync)
                     backend.set_mode(enable=uapi.UFFD_FEATURE_RWP_ASYNC)
             except BaseException:
