@@ -286,7 +286,8 @@ class FaultServer:
             # or - on a stale MISSING message - still present because a cycle is evicting it right
             # now, whose new entry must survive the punch that is about to happen.
             if result.copied:
-                s.ages[result.copied] = 0  # a promoted page is resident with age 0
+                with s.promoted_lock:
+                    s.promoted.extend(result.copied)  # the eviction algorithm learns from its promotions
                 restored = s.index.remove(s.vm_id, [(p, gens[p]) for p in result.copied])
                 with s.retired_lock:
                     s.retired.extend(restored)

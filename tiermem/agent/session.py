@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tiermem import evict
 from tiermem.agent.index import IndexEntry, PageIndex
 from tiermem.agent.metrics import AgentMetrics
 from tiermem.agent.stats import LatencyWindow, VmCounters
@@ -61,7 +62,11 @@ class VmSession:
     on_close: list[Callable[[], None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.ages = np.zeros(self.backend.n_pages, dtype=np.uint8)
+        self._algorithm: evict.Algorithm | None = None
+        self._algorithm_key: tuple[str, str] = ("", "")
+        self.promoted: list[int] = []
+        """Pages promoted since the last cycle close (the eviction algorithm learns from them)."""
+        self.promoted_lock = threading.Lock()
         self.cycle_lock = threading.Lock()
         """One cycle or drain at a time."""
         self.evict_lock = threading.Lock()
@@ -76,6 +81,15 @@ class VmSession:
         self.retired_lock = threading.Lock()
         self.recent_reports: dict[str, CycleReport] = {}
         """Reports by scheduler order id, so a repeated order is not run twice."""
+
+    def algorithm(self) -> evict.Algorithm:
+        """The policy's eviction algorithm with its per-page state; a new one when the policy names another."""
+        key = (self.policy.algorithm, self.policy.algorithm_options)
+        if self._algorithm is None or key != self._algorithm_key:
+            self._algorithm = evict.create(key[0], self.backend.n_pages, self.policy.cold_after, key[1])
+            self._algorithm_key = key
+        self._algorithm.cold_after = self.policy.cold_after  # the SLO's back-off changes it; state is kept
+        return self._algorithm
 
     # --- derived views -----------------------------------------------------------------------
     @property

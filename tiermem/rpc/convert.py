@@ -112,6 +112,8 @@ def policy_to_pb(p: EvictionPolicy) -> pb.EvictionPolicy:
         paused=p.paused,
         slo_promotion_rate=p.slo_promotion_rate,
         version=p.version,
+        algorithm=p.algorithm,
+        algorithm_options=p.algorithm_options,
     )
 
 
@@ -126,7 +128,7 @@ def policy_from_pb(m: pb.EvictionPolicy, base: EvictionPolicy | None = None, fie
     base = base or EvictionPolicy()
     names = {
         "interval_ms", "cold_after", "max_evict", "min_resident_bytes", "store", "compression",
-        "prefetch_pages", "paused", "slo_promotion_rate", "version",
+        "prefetch_pages", "paused", "slo_promotion_rate", "version", "algorithm", "algorithm_options",
     }  # fmt: skip
     if fields:
         unknown = set(fields) - names

@@ -222,6 +222,8 @@ class EvictionPolicy(_message.Message):
     PAUSED_FIELD_NUMBER: _builtins.int
     SLO_PROMOTION_RATE_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    ALGORITHM_FIELD_NUMBER: _builtins.int
+    ALGORITHM_OPTIONS_FIELD_NUMBER: _builtins.int
     interval_ms: _builtins.int
     """detection interval, milliseconds, > 0"""
     cold_after: _builtins.int
@@ -240,6 +242,10 @@ class EvictionPolicy(_message.Message):
     """max promotions per evicted page per minute (0.002 = 0.2%/min); 0 = no SLO"""
     version: _builtins.int
     """monotonic version, assigned by the control plane"""
+    algorithm: _builtins.str
+    """eviction algorithm: "age" (default), "rrd", "recommended" (tiermem/evict.py)"""
+    algorithm_options: _builtins.str
+    """its options, "key=value[,key=value]" """
     @_builtins.property
     def max_evict(self) -> Global___EvictionCap:
         """per-cycle eviction cap"""
@@ -257,10 +263,12 @@ class EvictionPolicy(_message.Message):
         paused: _builtins.bool = ...,
         slo_promotion_rate: _builtins.float = ...,
         version: _builtins.int = ...,
+        algorithm: _builtins.str = ...,
+        algorithm_options: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["max_evict", b"max_evict"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cold_after", b"cold_after", "compression", b"compression", "interval_ms", b"interval_ms", "max_evict", b"max_evict", "min_resident_bytes", b"min_resident_bytes", "paused", b"paused", "prefetch_pages", b"prefetch_pages", "slo_promotion_rate", b"slo_promotion_rate", "store", b"store", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "algorithm_options", b"algorithm_options", "cold_after", b"cold_after", "compression", b"compression", "interval_ms", b"interval_ms", "max_evict", b"max_evict", "min_resident_bytes", b"min_resident_bytes", "paused", b"paused", "prefetch_pages", b"prefetch_pages", "slo_promotion_rate", b"slo_promotion_rate", "store", b"store", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
