@@ -10,7 +10,7 @@ page is written once, ``w`` if any access to it in the tick was a store: the
 simulate model only sees which pages a tick touched (and the first write), so
 this is exact for it and keeps the files small. Runs stop after ``--max-ticks``.
 
-Usage: python3 scripts/make_traces.py [--out traces] [--only NAME ...] [--max-ticks 600]
+Usage: python3 scripts/make_traces.py [--out traces] [--only NAME ...] [--max-ticks 1000]
 Needs valgrind, xz, bzip2, gzip, sqlite3, mawk and /usr/bin/python3 (Debian packages).
 """
 
@@ -86,6 +86,7 @@ def programs(work: Path) -> dict[str, tuple[list[str], Path | None]]:
         "sqlite3": (["sqlite3", ":memory:"], work / "q.sql"),
         "gzip": (["gzip", "-9", "-c", str(text)], None),
         "python3-dict": (["/usr/bin/python3", "-S", str(work / "p.py")], None),
+        "sort": (["sort", "-k2,2", "-k1,1", "-S", "64M", str(text)], None),
     }
 
 
@@ -138,7 +139,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "traces"))
     ap.add_argument("--only", nargs="*", default=None)
-    ap.add_argument("--max-ticks", type=int, default=600)
+    ap.add_argument("--max-ticks", type=int, default=1000)
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -199,3 +199,17 @@ def test_simulate_policy_errors_are_one_line(trace_file: Path) -> None:
     assert code != 0 and "bad option 'speed=3'" in out and "Traceback" not in out
     code, out = run_cli("simulate", "--help")
     assert all(n in out for n in evict.NAMES)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_the_slo_back_off_works_on_top_of_every_policy(name: str) -> None:
+    from tiermem.control.policies import apply_adjustment
+
+    base = EvictionPolicy(cold_after=1, algorithm=name, algorithm_options="").validate()
+    trace = random_trace(11, n_ticks=120)
+    prom = []
+    for level in range(3):
+        p = apply_adjustment(base, level)
+        assert (p.algorithm, p.cold_after) == (name, 2**level)  # the algorithm stays, its knob backs off
+        prom.append(simulate(trace, 2, p.cold_after, policy=p.algorithm).result.promotions)
+    assert prom[0] > prom[1] > prom[2], prom  # each level pays fewer promotions
