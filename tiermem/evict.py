@@ -22,7 +22,7 @@ Algorithms (``NAMES``; ``recommended`` is an alias of the best measured one):
     ``age``: idle periods of one page are similar, so a page that was once idle
     for long tends to be idle for long again, and a page evicted early saves
     the most. A promotion is a gap learned the hard way: the page's gap is set
-    from its age when it was evicted plus its evicted time. 2 bytes per page.
+    from its idle cycles (ages keep counting while a page is evicted). 2 bytes per page.
 
 Caps: when more pages are cold than the cap allows, the oldest go first, then the
 lowest page number (reproducible). ``commit=False`` (a dry run) leaves the state
@@ -114,30 +114,22 @@ class RrdPolicy(Algorithm):
 
     def __init__(self, n_pages: int, cold_after: int, options: dict[str, int]) -> None:
         super().__init__(n_pages, cold_after, options)
-        self.ages = np.zeros(n_pages, dtype=np.uint8)
-        self.gaps = np.full(n_pages, _MAX, dtype=np.uint8)  # unknown = long
-        self.out = np.zeros(n_pages, dtype=np.uint8)  # cycles evicted so far (part of the gap)
+        self.ages = np.zeros(n_pages, dtype=np.uint8)  # idle cycles, evicted ones included
+        self.gaps = np.full(n_pages, _MAX, dtype=np.uint8)  # last re-reference gap; unknown = long
 
     def close(self, view: CloseView, *, commit: bool = True) -> tuple[np.ndarray, int]:
         ages = self.ages if commit else self.ages.copy()
         gaps = self.gaps if commit else self.gaps.copy()
-        out = self.out if commit else self.out.copy()
         a = self.cold_after
         fast = min(self.opts["fast"] * max(a // 2, 1), _MAX)  # the SLO's back-off scales both
         hold = min(self.opts["hold"] or 2 * a, _MAX)
-        prom = view.promoted
-        if prom.size:
-            # The idle gap it had: its age when evicted plus the closes it stayed out.
-            g = ages[prom].astype(np.int32) + out[prom]
-            gaps[prom] = np.minimum(g, _MAX)
-            out[prom] = 0
+        # A page back after idle cycles (a promotion, or a re-reference before eviction) shows its gap.
         back = view.hot & (ages > 0)
-        back[prom] = False
-        gaps[back] = ages[back]  # a re-reference after an idle gap that did not lead to eviction
+        back[view.promoted] = True
+        gaps[back] = ages[back]
         ages[view.hot] = 0
-        np.add(ages, view.candidates.astype(np.uint8), out=ages, where=ages < _MAX)
-        resident = view.hot | view.candidates
-        np.add(out, (~resident).astype(np.uint8), out=out, where=(out < _MAX) & ~resident)
+        ages[view.promoted] = 0
+        np.add(ages, 1, out=ages, where=~view.hot & (ages < _MAX))
         thr = np.where(gaps < a, hold, fast).astype(np.uint8)
         cold = np.flatnonzero(view.candidates & (ages >= thr))
         return _choose(cold, ages, view.limit)

@@ -334,9 +334,11 @@ def bench_control(
 @click.option("--trace", "traces", multiple=True, type=click.Path(exists=True),
               help="Trace file or directory of *.csv.gz traces (repeatable), e.g. traces/.")  # fmt: skip
 @click.option("--no-workloads", is_flag=True, help="Only the --trace files.")
+@click.option("--cost-pages", type=click.IntRange(min=64), default=262144, show_default=True,
+              help="Guest pages of the agent CPU-per-cycle measurement (one sim VM per policy).")  # fmt: skip
 @_common
 def bench_policy(pages: int, ticks: int, interval_ticks: int, cold_after: str, workloads: tuple[str, ...],
-                 traces: tuple[str, ...], no_workloads: bool, quick: bool, as_json: bool) -> None:  # fmt: skip
+                 traces: tuple[str, ...], no_workloads: bool, cost_pages: int, quick: bool, as_json: bool) -> None:  # fmt: skip
     """Memory saved vs promotions per workload/trace and policy, beside the future-knowing bound."""
     from tiermem.bench.policy import WORKLOADS, run
 
@@ -350,7 +352,7 @@ def bench_policy(pages: int, ticks: int, interval_ticks: int, cold_after: str, w
         str(f) for t in traces for f in (sorted(Path(t).glob("*.csv.gz")) if Path(t).is_dir() else [t])
     )
     res = run(quick, pages, ticks, interval_ticks, ages, () if no_workloads else (workloads or WORKLOADS),
-              traces=tuple(files))  # fmt: skip
+              traces=tuple(files), cost_pages=cost_pages)  # fmt: skip
 
     def render(r: dict[str, Any]) -> None:
         _show(f"policy: cycle every {r['interval_ticks']} ticks; workloads {r['pages']} pages x {r['ticks']} ticks; "
@@ -360,6 +362,10 @@ def bench_policy(pages: int, ticks: int, interval_ticks: int, cold_after: str, w
               [[x["workload"], x["policy"], x["cold_after"], f"{100 * x['saved']:.1f}%", x["promotions"],
                 x["bound_promotions"], _x(x["vs_bound"]), _f(x["promotions_per_tick"], 2),
                 x.get("oracle_promotions", "-"), x.get("random_promotions", "-")] for x in r["rows"]])  # fmt: skip
+        _show("agent CPU per dry-run cycle (protect..resume), 10% of the pages touched per cycle",
+              ["policy", "pages", "CPU ms/cycle", "decide ms", "vs age", "state B/page"],
+              [[c["policy"], c["pages"], _f(c["cpu_ms_per_cycle"], 2), _f(c["decide_ms"], 2), _x(c["cpu_vs_age"]),
+                c["state_bytes_per_page"]] for c in r["cycle_cost"]])  # fmt: skip
 
     _out("policy", res, as_json, render)
 
