@@ -14,15 +14,20 @@ Algorithms (``NAMES``; ``recommended`` is an alias of the best measured one):
     Today's model: a page's age is the cycles since its last access (uint8,
     saturating); candidates with age >= ``cold_after`` are cold. 1 byte per page.
 ``rrd`` (re-reference distance)
-    ``age`` plus one byte per page remembering the page's last *re-reference
-    gap*: the idle cycles it showed before its latest access. A page that came
-    back after a short gap (< ``cold_after``) is a page whose idle periods are
-    short: it waits ``hold`` cycles before eviction. A page with no history, or
-    whose last gap was long, is evicted after ``fast`` cycles, earlier than
-    ``age``: idle periods of one page are similar, so a page that was once idle
-    for long tends to be idle for long again, and a page evicted early saves
-    the most. A promotion is a gap learned the hard way: the page's gap is set
-    from its idle cycles (ages keep counting while a page is evicted). 2 bytes per page.
+    ``age`` plus one byte per page estimating the page's *re-reference gap*:
+    the idle cycles it shows between accesses (the mean of the previous
+    estimate and the latest gap; ages keep counting while a page is evicted,
+    so a promotion teaches the gap it ended). A page whose estimate is short
+    (< ``long`` = ``cold_after``) is evicted only after ``hold`` idle cycles
+    (``cold_after + 1``); a page with no estimate yet, or a long one, after
+    ``fast`` (1 at ``cold_after`` 2), earlier than ``age``. Why: most of the
+    memory saved comes from pages that are never touched again or idle for
+    long, and evicting those one cycle earlier saves more; the promotions come
+    from pages that return after short gaps, which ``hold`` keeps resident
+    once they have shown it. State 2 bytes per page (age, gap estimate); CPU a
+    few whole-array numpy passes per close (measured by ``tiermem bench
+    policy``). The SLO controller's back-off doubles ``cold_after``, which
+    scales ``fast``, ``hold`` and ``long``.
 
 Caps: when more pages are cold than the cap allows, the oldest go first, then the
 lowest page number (reproducible). ``commit=False`` (a dry run) leaves the state
@@ -108,9 +113,11 @@ class RrdPolicy(Algorithm):
 
     name = "rrd"
     state_bytes_per_page = 2
-    defaults: ClassVar[dict[str, int]] = {"fast": 1, "hold": 0}
-    """``fast``: cycles before a page without short-gap history is evicted; ``hold``: cycles
-    before a short-gap page is (0: 2 x cold_after)."""
+    defaults: ClassVar[dict[str, int]] = {"fast": 1, "hold": 0, "long": 0, "avg": 1}
+    """``fast``: idle cycles before a page without short-gap history is evicted (x cold_after/2);
+    ``hold``: before a short-gap page is (0: cold_after + 1); ``long``: gaps this long or longer
+    are long (0: cold_after); ``avg``: 1 = the gap estimate is the mean of the last estimate and
+    the new gap, 0 = the last gap. Tuned on xz, sqlite3, awk and python3 traces (docs/benchmarks.md)."""
 
     def __init__(self, n_pages: int, cold_after: int, options: dict[str, int]) -> None:
         super().__init__(n_pages, cold_after, options)
@@ -122,15 +129,22 @@ class RrdPolicy(Algorithm):
         gaps = self.gaps if commit else self.gaps.copy()
         a = self.cold_after
         fast = min(self.opts["fast"] * max(a // 2, 1), _MAX)  # the SLO's back-off scales both
-        hold = min(self.opts["hold"] or 2 * a, _MAX)
+        hold = min(self.opts["hold"] or a + 1, _MAX)
+        long = min(self.opts["long"] or a, _MAX)
         # A page back after idle cycles (a promotion, or a re-reference before eviction) shows its gap.
         back = view.hot & (ages > 0)
         back[view.promoted] = True
-        gaps[back] = ages[back]
+        if self.opts["avg"]:  # a mean over gaps: one odd gap does not flip the page's class
+            known = back & (gaps < _MAX)
+            gaps[known] = ((gaps[known].astype(np.uint16) + ages[known]) // 2).astype(np.uint8)
+            first = back & ~known
+            gaps[first] = ages[first]
+        else:
+            gaps[back] = ages[back]
         ages[view.hot] = 0
         ages[view.promoted] = 0
         np.add(ages, 1, out=ages, where=~view.hot & (ages < _MAX))
-        thr = np.where(gaps < a, hold, fast).astype(np.uint8)
+        thr = np.where(gaps < long, hold, fast).astype(np.uint8)
         cold = np.flatnonzero(view.candidates & (ages >= thr))
         return _choose(cold, ages, view.limit)
 
