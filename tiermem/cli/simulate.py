@@ -1,7 +1,7 @@
 """``tiermem simulate``: what-if replay of an access trace (memory saved versus promotions).
 
 The model is exact and documented in :mod:`tiermem.sim.replay`. Two engines
-compute it: ``fast`` (default, :func:`tiermem.bench.policy.simulate`, numpy per
+compute it: ``fast`` (default, :func:`tiermem.sim.fast.simulate`, numpy per
 cycle: seconds for ten million lines) and ``agent`` (the agent's own cycle
 engine, fault server, sim kernel and an in-memory store, page by page: the
 reference, about 60 µs per evicted or promoted page). Tests hold the two equal.
