@@ -171,18 +171,20 @@ def _rate(r: ReplayResult) -> float:
     return r.promotions / r.cycles / mean_ev if r.cycles and mean_ev else 0.0
 
 
-def _row(name: str, trace: Trace, k: int, algo: str, a: int, prof: GapProfile, seed: int,
+def _row(name: str, trace: Trace, k: int, algo: str, a: int, prof: GapProfile, delayed: GapProfile, seed: int,
          baselines: bool) -> dict[str, Any]:  # fmt: skip
     t0 = time.perf_counter()
     m = simulate(trace, k, a, policy=algo, record_closes=baselines)
     dt = time.perf_counter() - t0
     r = m.result
     bound = prof.promotions_at(r.evicted_fraction)
+    late = delayed.promotions_at(r.evicted_fraction)
     row: dict[str, Any] = {
         "workload": name, "policy": algo, "cold_after": a, "accesses": len(trace), "pages": trace.n_pages,
         "ticks": trace.n_ticks, "saved": round(r.evicted_fraction, 4), "promotions": r.promotions,
         "promotions_per_tick": round(r.promotions_per_tick, 3), "promotion_rate": round(_rate(r), 5),
         "bound_promotions": bound, "vs_bound": round(r.promotions / bound, 3) if bound else None,
+        "bound_delayed_promotions": late, "vs_bound_delayed": round(r.promotions / late, 3) if late else None,
         "model_s": round(dt, 4),
     }  # fmt: skip
     if baselines and m.evicted_after_close is not None:
@@ -271,12 +273,13 @@ def run(quick: bool = False, pages: int = 16384, ticks: int = 1000, interval_tic
     todo: list[tuple[str, Trace, bool]] = [(w, make_trace(w, pages, ticks, seed), True) for w in workloads]
     todo += [(os.path.basename(t), load_trace(t), False) for t in traces]
     for name, trace, baselines in todo:
-        prof = gaps(trace, interval_ticks)
+        prof, delayed = gaps(trace, interval_ticks), gaps(trace, interval_ticks, delay_cycles=1)
         for algo, a in _settings(cold_after, policies):
-            rows.append(_row(name, trace, interval_ticks, algo, a, prof, seed, baselines))
+            rows.append(_row(name, trace, interval_ticks, algo, a, prof, delayed, seed, baselines))
     return {
         "pages": pages, "ticks": ticks, "interval_ticks": interval_ticks, "seed": seed,
         "baselines": "bound: fewest promotions for the same saving (future known, evictions at closes); "
+                     "bound_delayed: the same with evictions only after a whole untouched cycle (the agent's rule); "
                      "workloads also: oracle (furthest next access) and random eviction, same evicted count "
                      "at every close",
         "rows": rows, "cycle_cost": cycle_cost(pages=min(cost_pages, 16384) if quick else cost_pages, cycles=3 if quick else 8),

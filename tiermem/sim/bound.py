@@ -37,8 +37,12 @@ class GapProfile:
         return min(int(np.searchsorted(self.cum, need, side="left")) + 1, int(self.cum.size))
 
 
-def gaps(trace: Trace, interval_ticks: int) -> GapProfile:
-    """The :class:`GapProfile` of ``trace`` at ``interval_ticks``."""
+def gaps(trace: Trace, interval_ticks: int, delay_cycles: int = 0) -> GapProfile:
+    """The :class:`GapProfile` of ``trace`` at ``interval_ticks``.
+
+    ``delay_cycles`` = 1 gives the bound of a policy that knows the future but, like the agent,
+    may evict a page only after a whole cycle without an access to it.
+    """
     k, t_total, n = interval_ticks, trace.n_ticks, trace.n_pages
     n_cycles = t_total // k
     if n_cycles == 0:
@@ -50,13 +54,13 @@ def gaps(trace: Trace, interval_ticks: int) -> GapProfile:
     last = np.ones(key.size, dtype=bool)
     last[:-1] = page[1:] != page[:-1]
     # before the first access: resident from the start, evictable at the first close (tick K-1)
-    head = tick[first] - (k - 1)
+    head = tick[first] - (k - 1)  # (the start is not an access: no delay)
     costly = [head[head > 0]]
     untouched = n - int(first.sum())
     free = untouched * (t_total - (k - 1))
     # between accesses: evicted at the close of the access's cycle, if that cycle has a close
-    close = (tick // k + 1) * k - 1
-    ok = tick // k < n_cycles
+    close = (tick // k + 1 + delay_cycles) * k - 1
+    ok = tick // k + delay_cycles < n_cycles
     mid = ~last & ok
     save = np.zeros(key.size, dtype=np.int64)
     save[:-1] = tick[1:] - close[:-1]
