@@ -225,3 +225,26 @@ def test_age_1_meets_the_delayed_bound_exactly(seed: int) -> None:
         late = gaps(trace, k, delay_cycles=1).promotions_at(r.evicted_fraction)
         assert late == r.promotions > 0
         assert gaps(trace, k).promotions_at(r.evicted_fraction) < late  # the plain bound may evict sooner
+
+
+def test_the_agent_keeps_the_state_across_a_back_off_and_starts_fresh_on_another_algorithm(
+    tmp_path: Path,
+) -> None:
+    from tiermem.agent.node import Agent
+    from tiermem.config import AgentSettings
+    from tiermem.model import CycleMode
+
+    agent = Agent(AgentSettings(node_id="n1", data_dir=str(tmp_path), autonomous=False, fsync=False))
+    try:
+        agent.attach_sim("vm1", 64 * 4096, EvictionPolicy(interval_ms=1, cold_after=1, algorithm="rrd"))
+        s = agent.sessions["vm1"]
+        first = agent.run_cycle("vm1", CycleMode.EVICT, interval_ms=1)
+        algo = s.algorithm()
+        assert algo.name == "rrd" and first.pages_evicted == 64  # untouched pages, no history: 1 cycle
+        agent.set_policy("vm1", s.policy.with_changes(cold_after=4))  # what the SLO back-off does
+        agent.run_cycle("vm1", CycleMode.EVICT, interval_ms=1)
+        assert s.algorithm() is algo and algo.cold_after == 4
+        agent.set_policy("vm1", s.policy.with_changes(algorithm="age"))
+        assert s.algorithm() is not algo and s.algorithm().name == "age"
+    finally:
+        agent.close()

@@ -169,7 +169,7 @@ class CycleEngine:
                 if commit:
                     s.promoted.clear()
             n_resident = int(np.count_nonzero(resident))
-            cold, n_cold = decide(s.algorithm(), hot, candidates, promoted, n_resident, policy, s.page_size,
+            cold, n_cold = decide(s.algorithm(policy), hot, candidates, promoted, n_resident, policy, s.page_size,
                                   commit=commit)  # fmt: skip
             rep.pages_scanned = n_resident
             rep.pages_hot = int(np.count_nonzero(hot))

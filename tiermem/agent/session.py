@@ -91,13 +91,17 @@ class VmSession:
         self.recent_reports: dict[str, CycleReport] = {}
         """Reports by scheduler order id, so a repeated order is not run twice."""
 
-    def algorithm(self) -> evict.Algorithm:
-        """The policy's eviction algorithm with its per-page state; a new one when the policy names another."""
-        key = (self.policy.algorithm, self.policy.algorithm_options)
+    def algorithm(self, policy: EvictionPolicy | None = None) -> evict.Algorithm:
+        """The eviction algorithm of ``policy`` (default: the VM's) with its per-page state.
+
+        A new one (fresh state) when the policy names another algorithm or other options.
+        """
+        p = policy or self.policy
+        key = (p.algorithm, p.algorithm_options)
         if self._algorithm is None or key != self._algorithm_key:
-            self._algorithm = evict.create(key[0], self.backend.n_pages, self.policy.cold_after, key[1])
+            self._algorithm = evict.create(key[0], self.backend.n_pages, p.cold_after, key[1])
             self._algorithm_key = key
-        self._algorithm.cold_after = self.policy.cold_after  # the SLO's back-off changes it; state is kept
+        self._algorithm.cold_after = p.cold_after  # the SLO's back-off changes it; the state is kept
         return self._algorithm
 
     # --- derived views -----------------------------------------------------------------------
