@@ -106,6 +106,7 @@ class EventKind(enum.Enum):
     VMM_RECONNECTED = "vmm_reconnected"
     EVICTION_STOPPED = "eviction_stopped"
     LEADER_CHANGED = "leader_changed"
+    HANDOFF_REFUSED = "handoff_refused"
 
 
 @dataclass(frozen=True)

@@ -148,6 +148,8 @@ class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.V
     EVENT_KIND_EVICTION_STOPPED: _EventKind.ValueType  # 14
     """store full or failing; nothing punched"""
     EVENT_KIND_LEADER_CHANGED: _EventKind.ValueType  # 15
+    EVENT_KIND_HANDOFF_REFUSED: _EventKind.ValueType  # 16
+    """a VMM's handshake was refused (e.g. Firecracker with no snapshot source)"""
 
 class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper): ...
 
@@ -169,6 +171,8 @@ EVENT_KIND_VMM_RECONNECTED: EventKind.ValueType  # 13
 EVENT_KIND_EVICTION_STOPPED: EventKind.ValueType  # 14
 """store full or failing; nothing punched"""
 EVENT_KIND_LEADER_CHANGED: EventKind.ValueType  # 15
+EVENT_KIND_HANDOFF_REFUSED: EventKind.ValueType  # 16
+"""a VMM's handshake was refused (e.g. Firecracker with no snapshot source)"""
 Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
 
 @_typing.final
