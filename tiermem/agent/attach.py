@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from typing import NoReturn
 
 import structlog
 
@@ -24,7 +25,7 @@ NO_SNAPSHOT_SOURCE = (
 )
 
 
-def refuse_firecracker(agent: Agent, att: HandoffAttach, socket_path: str, reason: str) -> None:
+def refuse_firecracker(agent: Agent, att: HandoffAttach, socket_path: str, reason: str) -> NoReturn:
     """Refuse a Firecracker handshake loudly: event, error log, and FailedPrecondition.
 
     The listener turns the exception into an error line on the socket and closes the

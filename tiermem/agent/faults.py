@@ -26,7 +26,7 @@ import structlog
 from tiermem.agent.index import IndexEntry
 from tiermem.agent.metrics import FAULT_KINDS
 from tiermem.agent.session import VmSession
-from tiermem.errors import IntegrityError, NotFound, StoreUnavailable, TiermemError
+from tiermem.errors import FailedPrecondition, IntegrityError, NotFound, StoreUnavailable, TiermemError
 from tiermem.kernel import uapi
 from tiermem.kernel.uapi import UffdMsg
 from tiermem.model import EventKind
@@ -213,13 +213,23 @@ class FaultServer:
         """Balloon or munmap: the guest gave the range back and will read zeroes there.
 
         Evicted pages in the range are forgotten (their stored contents must never come back);
-        their payloads are retired like restored pages.
+        their payloads are retired like restored pages. A restored snapshot keeps its entries
+        (it can be restored again): this restore answers the range with zeroes from now on.
         """
         s = self.s
-        first = max(s.backend.page_of(start), 0)
-        last = min(s.backend.page_of(end + s.page_size - 1), s.n_pages)
+        ranges = s.backend.page_ranges(start, end)
+        if s.restore is not None:
+            for first, last in ranges:
+                s.restore.remove(first, last)
+            log.info(
+                "range removed by the VMM", vm=s.vm_id, start=hex(start), end=hex(end), snapshot_kept=True
+            )
+            return
         gone = [
-            (e.stored.page, e.stored.generation) for e in s.index.entries(s.vm_id, range(first, last)) if e
+            (e.stored.page, e.stored.generation)
+            for first, last in ranges
+            for e in s.index.entries(s.vm_id, range(first, last))
+            if e
         ]
         dropped = s.index.remove(s.vm_id, gone)
         with s.retired_lock:
@@ -233,8 +243,8 @@ class FaultServer:
             t0 = time.perf_counter()
             s = self.s
             entry = s.index.get(s.vm_id, page)
-            if entry is None:
-                self._zero_fill(page)
+            if entry is None or (s.restore is not None and s.restore.removed[page]):
+                self._zero_fill(page)  # never evicted, zero in the snapshot, or given back by the balloon
                 return
             claimed = self._with_neighbours(page, entry)
             entries = [e for e in s.index.entries(s.vm_id, claimed) if e is not None]
@@ -265,9 +275,14 @@ class FaultServer:
             # now, whose new entry must survive the punch that is about to happen.
             if result.copied:
                 s.ages[result.copied] = 0  # a promoted page is resident with age 0
-                restored = s.index.remove(s.vm_id, [(p, gens[p]) for p in result.copied])
-                with s.retired_lock:
-                    s.retired.extend(restored)
+                if s.restore is None:
+                    restored = s.index.remove(s.vm_id, [(p, gens[p]) for p in result.copied])
+                    with s.retired_lock:
+                        s.retired.extend(restored)
+                else:  # the snapshot stays whole: only this restore's progress is recorded
+                    copied = set(result.copied)
+                    restored = [e for e in entries if e.stored.page in copied]
+                    s.restore.installed(result.copied, sum(e.stored.length for e in restored), prefault=False)
             self.wake(result)
             t3 = time.perf_counter()
             if result.copied:
@@ -295,6 +310,8 @@ class FaultServer:
             s.backend.zeropage(s.backend.addr(page), s.page_size)
             s.counters.zero_fills += 1
             self._m_zero.inc()
+            if s.restore is not None:
+                s.restore.zero_filled([page])
         except OSError as e:
             if e.errno == errno.EEXIST:
                 return
@@ -308,10 +325,11 @@ class FaultServer:
         if n <= 0:
             return [page]
         bitmap = self.s.index.evicted_bitmap(self.s.vm_id)
+        done = self.s.restore.done if self.s.restore is not None else None  # this restore installed them
         out = [page]
         with self._inflight_lock:
             q = page + 1
-            while len(out) <= n and q < len(bitmap) and bitmap[q]:
+            while len(out) <= n and q < len(bitmap) and bitmap[q] and (done is None or not done[q]):
                 e = self.s.index.get(self.s.vm_id, q)
                 if e is None or e.store != entry.store or q in self._inflight:
                     break
@@ -319,6 +337,52 @@ class FaultServer:
                 out.append(q)
                 q += 1
         return out
+
+    def prefault(self, pages: list[int]) -> int:
+        """Restore only: install ``pages`` the guest has not touched yet; returns pages installed.
+
+        Pages in flight (a vCPU's fault) or already installed are skipped. A store outage is
+        waited out like a fault's (the restore must not leave a page behind with wrong bytes).
+        """
+        s = self.s
+        r = s.restore
+        if r is None:
+            raise FailedPrecondition(f"VM {s.vm_id} is not a snapshot restore")
+        with self._inflight_lock:
+            claimed = [p for p in pages if p not in self._inflight and not r.done[p]]
+            self._inflight.update(claimed)
+        try:
+            found = s.index.entries(s.vm_id, claimed)
+            entries = [e for e in found if e is not None]
+            zeros = [p for p, e in zip(claimed, found, strict=True) if e is None]
+            n = 0
+            for store_name in sorted({e.store for e in entries}):
+                group = [e for e in entries if e.store == store_name]
+                data = self.fetch(group, inline=False)
+                if data is None:
+                    return n  # session closing
+                res = self.install([e.stored.page for e in group], data)
+                copied = set(res.copied)
+                r.installed(
+                    res.copied, sum(e.stored.length for e in group if e.stored.page in copied), prefault=True
+                )
+                self.wake(res)
+                n += len(res.copied)
+            for p in zeros:
+                try:
+                    s.backend.zeropage(s.backend.addr(p), s.page_size)
+                except OSError as e:
+                    if e.errno in _VMM_GONE:
+                        self._vmm_went_away(e)
+                        return n
+                    if e.errno != errno.EEXIST:
+                        raise
+                r.zero_filled([p])
+                n += 1
+            return n
+        finally:
+            with self._inflight_lock:
+                self._inflight.difference_update(claimed)
 
     def fetch(self, entries: list[IndexEntry], *, inline: bool, retry: bool = True) -> list[bytes] | None:
         """Get and verify payloads, retrying with backoff while the store is unavailable (unless ``retry``

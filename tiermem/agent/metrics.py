@@ -10,7 +10,7 @@ from prometheus_client.registry import Collector
 
 from tiermem.model import CycleMode
 
-__all__ = ["CYCLE_RESULTS", "FAULT_KINDS", "AgentMetrics"]
+__all__ = ["CYCLE_RESULTS", "FAULT_KINDS", "RESTORE_HOW", "AgentMetrics"]
 
 FAULT_KINDS = ("missing", "zero", "rwp")
 """``kind`` label values of tiermem_agent_faults_total."""
@@ -60,6 +60,10 @@ class _VmGauges(Collector):
         return []
 
 
+RESTORE_HOW = ("on_demand", "prefaulted", "zero")
+"""Label values of ``tiermem_agent_restore_pages_total``."""
+
+
 class AgentMetrics:
     """Counters and histograms named in docs/metrics.md."""
 
@@ -102,6 +106,21 @@ class AgentMetrics:
             registry=r,
         )
 
+        self.restore_first_fault_seconds = Histogram(
+            "tiermem_agent_restore_first_fault_seconds", "Snapshot restore: handshake to first page served",
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30), registry=r,
+        )  # fmt: skip
+        self.restore_pages = Counter(
+            "tiermem_agent_restore_pages_total",
+            "Snapshot restore: pages installed",
+            ["vm", "how"],
+            registry=r,
+        )
+        self.restore_bytes_read = Counter(
+            "tiermem_agent_restore_store_bytes_read_total", "Snapshot restore: payload bytes read from the store",
+            ["vm"], registry=r,
+        )  # fmt: skip
+
     def watch_vms(self, snapshot: Callable[[], list[tuple[str, int, int, int]]]) -> None:
         """Expose per-VM gauges computed by ``snapshot`` -> [(vm, resident, evicted, working_set)]."""
         self.registry.register(_VmGauges(snapshot))
@@ -111,7 +130,9 @@ class AgentMetrics:
         series: list[tuple[Counter, tuple[str, ...]]] = [
             (self.pages_evicted, (vm,)),
             (self.pages_restored, (vm,)),
+            (self.restore_bytes_read, (vm,)),
         ]
+        series += [(self.restore_pages, (vm, how)) for how in RESTORE_HOW]
         series += [(self.faults, (vm, kind)) for kind in FAULT_KINDS]
         series += [(self.cycles, (vm, mode.value, res)) for mode in CycleMode for res in CYCLE_RESULTS]
         for metric, labels in series:

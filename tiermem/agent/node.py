@@ -20,6 +20,7 @@ from tiermem.agent.cycle import CycleEngine
 from tiermem.agent.faults import FaultServer
 from tiermem.agent.index import IndexEntry, PageIndex, VmRecord
 from tiermem.agent.metrics import AgentMetrics
+from tiermem.agent.restore_state import RestoreState
 from tiermem.agent.session import VmSession
 from tiermem.config import AgentSettings
 from tiermem.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -151,7 +152,8 @@ class Agent:
             return s.status()
 
     def attach_backend(self, vm_id: str, kind: Backend, backend: KernelBackend, policy: EvictionPolicy | None = None,
-                       labels: dict[str, str] | None = None, tracking: bool = True) -> VmSession:  # fmt: skip
+                       labels: dict[str, str] | None = None, tracking: bool = True,
+                       restore: RestoreState | None = None) -> VmSession:  # fmt: skip
         """Attach a VM whose armed backend arrived through the handoff socket (uffd/rwp).
 
         A VM that reattaches after an agent restart (same id and size) keeps its
@@ -168,19 +170,23 @@ class Agent:
             if policy is None:
                 saved = rec.meta.get("policy") if rec else None
                 policy = policy_from_dict(saved) if isinstance(saved, dict) else EvictionPolicy()
-            s = self._new_session(vm_id, kind, backend, policy, labels or {}, meta={}, tracking=tracking)
-            if rec is not None and self.index.count(vm_id):
+            # A restore keeps the record's meta: it holds the snapshot's description.
+            meta = dict(rec.meta) if restore is not None and rec is not None else {}
+            s = self._new_session(vm_id, kind, backend, policy, labels or {}, meta=meta, tracking=tracking,
+                                  restore=restore)  # fmt: skip
+            if restore is None and rec is not None and self.index.count(vm_id):
                 self.events.publish(EventKind.VMM_RECONNECTED, f"VM {vm_id} reattached with {self.index.count(vm_id)} "
                                     "evicted pages", vm_id)  # fmt: skip
             return s
 
     def _new_session(self, vm_id: str, kind: Backend, backend: KernelBackend, policy: EvictionPolicy,
-                     labels: dict[str, str], meta: dict[str, object], tracking: bool = True) -> VmSession:  # fmt: skip
+                     labels: dict[str, str], meta: dict[str, object], tracking: bool = True,
+                     restore: RestoreState | None = None) -> VmSession:  # fmt: skip
         self.index.add_vm(VmRecord(vm_id, kind.value, backend.n_pages, backend.page_size,
                                    {**meta, "labels": labels}))  # fmt: skip
         s = VmSession(vm_id=vm_id, backend_kind=kind, backend=backend, policy=policy, index=self.index,
                       stores=self.store, events=self.events, metrics=self.metrics, node_id=self.node_id,
-                      labels=dict(labels), tracking=tracking)  # fmt: skip
+                      labels=dict(labels), tracking=tracking, restore=restore)  # fmt: skip
         fs = FaultServer(s)
         self.faults[vm_id] = fs
         self.engines[vm_id] = CycleEngine(s, fs)
@@ -276,6 +282,9 @@ class Agent:
     def drain(self, vm_id: str, progress: Callable[[DrainProgress], None] | None = None) -> DrainProgress:
         """Bring every evicted page back, then empty the store for this VM."""
         s = self.session(vm_id)
+        if s.restore is not None:
+            raise FailedPrecondition(f"VM {vm_id} restores a snapshot: its pages stay in the store for the next "
+                                     "restore (prefault brings them in; detach with purge deletes them)")  # fmt: skip
         fs = self.faults[vm_id]
         with s.cycle_lock:
             if s.backend.closed:
@@ -350,6 +359,12 @@ class Agent:
         self.events.publish(EventKind.VM_DETACHED, f"VM {vm_id} detached" + (f", {n} pages purged" if purge else ""),
                             vm_id)  # fmt: skip
         return max(purged, n if purge else 0)
+
+    def end_session(self, s: VmSession) -> None:
+        """Close a session and keep its index (a restore's snapshot outlives its Firecracker process)."""
+        with self._lock:
+            if self.sessions.get(s.vm_id) is s:
+                self._close_session(s, drop_index=False)
 
     def _close_session(self, s: VmSession, drop_index: bool) -> None:
         s.closing.set()

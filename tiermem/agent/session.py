@@ -23,6 +23,7 @@ import numpy as np
 
 from tiermem.agent.index import IndexEntry, PageIndex
 from tiermem.agent.metrics import AgentMetrics
+from tiermem.agent.restore_state import RestoreState
 from tiermem.agent.stats import LatencyWindow, VmCounters
 from tiermem.errors import FailedPrecondition, NotFound
 from tiermem.events import EventBus
@@ -51,6 +52,8 @@ class VmSession:
     state: VmState = VmState.ATTACHED
     tracking: bool = True
     """False for MISSING-only VMs (Firecracker lazy restore): no cycles."""
+    restore: RestoreState | None = None
+    """Set when this session restores an imported snapshot: its index entries are never consumed."""
     counters: VmCounters = field(default_factory=VmCounters)
     fault_latency: LatencyWindow = field(default_factory=LatencyWindow)
     last_report: CycleReport | None = None
