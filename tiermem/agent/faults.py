@@ -458,11 +458,28 @@ class FaultServer:
             return
         lo, hi = min(done), max(done)
         b = self.s.backend
-        try:
-            b.wake(b.addr(lo), (hi - lo + 1) * self.s.page_size)
-        except OSError as e:
-            if e.errno in _VMM_GONE:
-                self._vmm_went_away(e)
+        ps = self.s.page_size
+        spans = [(b.addr(lo), (hi - lo + 1) * ps)]
+        if b.addr(hi) - b.addr(lo) != (hi - lo) * ps:
+            # Pages on both sides of a hole in the address space (a Firecracker guest's MMIO gap: pages
+            # are numbered by snapshot-file offset): one wake per address-contiguous run.
+            spans = []
+            for p in sorted(done):
+                a = b.addr(p)
+                if spans and spans[-1][0] + spans[-1][1] == a:
+                    spans[-1] = (spans[-1][0], spans[-1][1] + ps)
+                elif not spans or spans[-1][0] + spans[-1][1] < a:
+                    spans.append((a, ps))
+        for start, length in spans:
+            try:
+                b.wake(start, length)
+            except OSError as e:
+                if e.errno in _VMM_GONE:
+                    self._vmm_went_away(e)
+                    return
+                log.error(
+                    "UFFDIO_WAKE failed", vm=self.s.vm_id, start=hex(start), length=length, error=str(e)
+                )
 
 
 @dataclass
