@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from tests.helpers.servers import RedisServer, S3Server, free_port, wait_port
-from tiermem.vmm.firecracker_guest import FirecrackerProcess
+from tiermem.guests.firecracker import FirecrackerProcess
 
 pytestmark = [pytest.mark.uffd, pytest.mark.redis, pytest.mark.s3, pytest.mark.timeout(400)]
 

@@ -18,8 +18,8 @@ import pytest
 from tiermem.agent.attach import start_handoff
 from tiermem.agent.node import Agent
 from tiermem.config import AgentSettings
+from tiermem.guests.firecracker import FirecrackerProcess
 from tiermem.model import EventKind
-from tiermem.vmm.firecracker_guest import FirecrackerProcess
 
 pytestmark = [pytest.mark.uffd, pytest.mark.timeout(120)]
 
@@ -62,7 +62,7 @@ def test_a_handshake_without_a_snapshot_is_refused_and_no_zero_page_is_served(ag
 
 def test_the_refusal_is_an_error_line_then_the_socket_closes(agent: Agent) -> None:
     """What Firecracker's socket receives (a human with socat reads it)."""
-    from tiermem.vmm.firecracker_guest import FirecrackerGuest
+    from tiermem.guests.firecracker import FirecrackerGuest
 
     g = FirecrackerGuest([64 * 1024], vcpus=1)
     g.handshake(agent.settings.handoff_path())

@@ -1,6 +1,6 @@
 """Firecracker snapshot restore through the node agent, on the real kernel, from every store.
 
-The client (``tiermem.vmm.firecracker_guest``) restores exactly like Firecracker:
+The client (``tiermem.guests.firecracker``) restores exactly like Firecracker:
 private anonymous memory, UFFDIO_API with EVENT_REMOVE only, REGISTER MISSING, one
 sendmsg with the compact JSON array of GuestRegionUffdMapping and one fd, the socket
 left open, vCPU threads touching pages. Stores are real servers (redis-server,
@@ -23,8 +23,8 @@ from tiermem.agent.node import Agent
 from tiermem.agent.restore import RestoreService
 from tiermem.config import AgentSettings
 from tiermem.errors import AlreadyExists, FailedPrecondition
+from tiermem.guests.firecracker import FirecrackerProcess
 from tiermem.model import CycleMode, EventKind
-from tiermem.vmm.firecracker_guest import FirecrackerProcess
 
 pytestmark = [pytest.mark.uffd, pytest.mark.timeout(300)]
 

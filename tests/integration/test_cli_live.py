@@ -27,9 +27,9 @@ import pytest
 from click.testing import CliRunner, Result
 
 from tests.helpers.servers import free_port
+from tiermem.api import NodeInfo
 from tiermem.cli.main import cli
 from tiermem.config import AgentSettings, ControlPlaneSettings
-from tiermem.control.types import NodeInfo
 from tiermem.model import CycleReport, DrainProgress, Event, EvictionPolicy, VmStatus
 
 T = TypeVar("T")

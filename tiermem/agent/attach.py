@@ -10,8 +10,8 @@ import structlog
 
 from tiermem.agent.node import Agent
 from tiermem.errors import FailedPrecondition, TiermemError
+from tiermem.handoff.listener import HandoffAttach, HandoffListener
 from tiermem.model import Backend, EventKind
-from tiermem.vmm.handoff import HandoffAttach, HandoffListener
 
 __all__ = ["NO_SNAPSHOT_SOURCE", "on_handoff", "refuse_firecracker", "start_handoff"]
 

@@ -15,9 +15,10 @@ import time
 import structlog
 
 from tiermem.agent.node import Agent
+from tiermem.api import NodeInfo
 from tiermem.config import AgentSettings
-from tiermem.control.types import NodeInfo
 from tiermem.errors import TiermemError
+from tiermem.kernel.probe import probe_host
 from tiermem.model import Backend
 from tiermem.rpc.clients import AsyncControlPlaneClient
 
@@ -36,8 +37,6 @@ class ControlPlaneLink:
         self.registered = False
 
     def _node(self) -> NodeInfo:
-        from tiermem.kernel.probe import probe_host
-
         try:
             avail = probe_host().backends
         except OSError:

@@ -30,8 +30,8 @@ from tiermem.agent.restore_state import RestoreState
 from tiermem.agent.session import VmSession
 from tiermem.agent.snapshot import SnapshotInfo, import_snapshot, open_source, snapshot_meta
 from tiermem.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, TiermemError
+from tiermem.handoff.listener import HandoffAttach, HandoffListener
 from tiermem.model import Backend, EventKind, validate_id
-from tiermem.vmm.handoff import HandoffAttach, HandoffListener
 
 __all__ = ["PREFAULT_TICK_S", "RestoreService"]
 

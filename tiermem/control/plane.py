@@ -18,6 +18,15 @@ from dataclasses import dataclass, field, replace
 
 import structlog
 
+from tiermem.api import (
+    EffectivePolicy,
+    HeartbeatResult,
+    NodeInfo,
+    PolicyEntry,
+    PolicyScope,
+    ScopeKind,
+    VmSpec,
+)
 from tiermem.control.agentapi import AgentApi
 from tiermem.control.clock import Clock, SystemClock, clock_ms
 from tiermem.control.events import EventLog
@@ -28,15 +37,6 @@ from tiermem.control.registry import Registry
 from tiermem.control.scheduler import Scheduler, SchedulerConfig
 from tiermem.control.slo import SloConfig, SloController
 from tiermem.control.state import StateStore
-from tiermem.control.types import (
-    EffectivePolicy,
-    HeartbeatResult,
-    NodeInfo,
-    PolicyEntry,
-    PolicyScope,
-    ScopeKind,
-    VmSpec,
-)
 from tiermem.errors import (
     AlreadyExists,
     FailedPrecondition,

@@ -11,13 +11,13 @@ from collections.abc import Callable, Sequence
 
 import structlog
 
+from tiermem.api import HeartbeatResult, NodeInfo, VmSpec
 from tiermem.control.clock import Clock, clock_ms
 from tiermem.control.events import EventLog
-from tiermem.control.selector import matches, parse_selector
 from tiermem.control.state import StateStore
-from tiermem.control.types import HeartbeatResult, NodeInfo, VmSpec
 from tiermem.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from tiermem.model import CycleReport, EventKind, VmStatus, validate_id
+from tiermem.selector import matches, parse_selector
 
 __all__ = ["Registry"]
 

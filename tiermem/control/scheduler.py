@@ -37,6 +37,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 import structlog
 
+from tiermem.api import EffectivePolicy, VmSpec
 from tiermem.control import metrics
 from tiermem.control.agentapi import AgentApi
 from tiermem.control.clock import Clock, clock_ms
@@ -45,7 +46,6 @@ from tiermem.control.policies import PolicyBook
 from tiermem.control.schedmodel import Gate, NodeSlot, SchedulerConfig, SchedulerStats, VmSlot
 from tiermem.control.slo import SloController
 from tiermem.control.state import StateStore
-from tiermem.control.types import EffectivePolicy, VmSpec
 from tiermem.errors import FailedPrecondition, NotFound, TiermemError, Unavailable
 from tiermem.model import CycleMode, CycleReport, EvictionPolicy, VmState, VmStatus
 

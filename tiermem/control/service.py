@@ -12,11 +12,11 @@ from typing import Any
 
 import grpc
 
-from tiermem.control import convert as cc
 from tiermem.control.plane import ControlPlane
 from tiermem.errors import InvalidArgument
 from tiermem.model import validate_id
 from tiermem.rpc import convert as c
+from tiermem.rpc import convert_api as cc
 from tiermem.rpc.status import grpc_errors, grpc_stream_errors
 from tiermem.v1 import control_pb2 as cpb
 from tiermem.v1 import control_pb2_grpc as cgrpc

@@ -23,9 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from tiermem.errors import InvalidArgument
-from tiermem.vmm.workloads import Batch, Workload
 
-__all__ = ["HEADER", "Trace", "TraceWorkload", "load_trace", "parse_trace", "write_trace"]
+__all__ = ["HEADER", "Trace", "load_trace", "parse_trace", "write_trace"]
 
 HEADER = b"tick,page,op"
 _MAX_DIGITS = 18  # < 2**63 without overflow checks
@@ -273,30 +272,3 @@ def write_trace(
         data = gzip.compress(data, compresslevel=6)
     dst.write_bytes(data)
     return dst
-
-
-class TraceWorkload(Workload):
-    """Replay of a trace: one batch per tick (empty ticks included); finite."""
-
-    kind = "trace"
-    finite = True
-
-    def __init__(self, trace: Trace) -> None:
-        super().__init__(trace.n_pages, writes=0.0)
-        self.trace = trace
-
-    @property
-    def spec(self) -> str:
-        return f"trace:{self.trace.name}"
-
-    def make_batch(self, rng: np.random.Generator, index: int) -> Batch:
-        raise NotImplementedError("a trace is replayed with batches()")
-
-    def batches(self, stream: int = 0, n_streams: int = 1) -> Iterator[Batch]:
-        """Each tick's accesses; with several streams, stream i takes the pages with page % n == i."""
-        for _, pages, writes in self.trace.by_tick():
-            if n_streams > 1:
-                mine = pages % n_streams == stream
-                yield pages[mine], writes[mine]
-            else:
-                yield pages, writes

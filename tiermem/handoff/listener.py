@@ -1,6 +1,6 @@
 """The VMM handoff protocol, agent side: listener, per-VMM connection, attach description.
 
-Spec: ``docs/handoff.md``; wire format: :mod:`tiermem.vmm.handoff_wire`. A VMM
+Spec: ``docs/handoff.md``; wire format: :mod:`tiermem.handoff.wire`. A VMM
 connects to the agent's Unix stream socket (0600, in a 0700 directory; the peer
 pid comes from SO_PEERCRED) and sends one frame carrying ``[uffd, memfd]``
 (SCM_RIGHTS) and a JSON description. The socket stays open as the control channel:
@@ -34,12 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tiermem import errors
-from tiermem.kernel.backend import Region
-from tiermem.kernel.uffd_base import RealBackend
-from tiermem.kernel.uffd_ioctl import is_memfd, is_userfaultfd
-from tiermem.model import validate_id
-from tiermem.vmm.handoff_conn import HandoffConnection
-from tiermem.vmm.handoff_wire import (
+from tiermem.handoff.conn import HandoffConnection
+from tiermem.handoff.wire import (
     MAX_MESSAGE,
     PROTOCOL_VERSION,
     ProtocolError,
@@ -50,6 +46,13 @@ from tiermem.vmm.handoff_wire import (
     peercred,
     recv_fds,
 )
+from tiermem.kernel import uapi
+from tiermem.kernel.backend import Region
+from tiermem.kernel.rwp import RwpBackend
+from tiermem.kernel.uffd import MissingOnlyBackend, UffdBackend
+from tiermem.kernel.uffd_base import RealBackend
+from tiermem.kernel.uffd_ioctl import is_memfd, is_userfaultfd
+from tiermem.model import validate_id
 
 __all__ = ["HandoffAttach", "HandoffConnection", "HandoffListener", "ProtocolError"]
 
@@ -110,10 +113,6 @@ class HandoffAttach:
     def make_backend(self, *, arm: bool = True) -> RealBackend:
         """The kernel backend for this VM; it owns the fds. ``arm`` negotiates and registers
         the RWP workflow (``api(RWP|RWP_ASYNC)``, ``register(MISSING|RWP)``) like the sim."""
-        from tiermem.kernel import uapi
-        from tiermem.kernel.rwp import RwpBackend
-        from tiermem.kernel.uffd import MissingOnlyBackend, UffdBackend
-
         backend: RealBackend
         if self.mode == "firecracker":
             backend = MissingOnlyBackend(self.uffd_fd, self.regions, self.connection, vmm_pid=self.peer_pid)

@@ -15,7 +15,7 @@ What Firecracker does (``src/vmm/src/persist.rs``, see docs/handoff.md §7), ste
 
 Used by the restore tests and ``tiermem bench restore``::
 
-    python -m tiermem.vmm.firecracker_guest --socket PATH --regions 32M,32M [--hole 1M]
+    python -m tiermem.guests.firecracker --socket PATH --regions 32M,32M [--hole 1M]
         [--vcpus 2] [--variant current|page_size_kib|page_size_kib_kib|bare]
 
 It prints ``{"handshake": ..., "pid": ...}`` once the handshake is sent, then reads
@@ -49,10 +49,10 @@ from typing import Any
 
 import numpy as np
 
+from tiermem.guests.process import parse_pages
 from tiermem.kernel import uapi
 from tiermem.kernel.uffd_ioctl import Uffd, madvise, new_uffd
 from tiermem.units import parse_memory
-from tiermem.vmm.process_guest import parse_pages
 
 __all__ = ["VARIANTS", "FirecrackerGuest", "FirecrackerProcess", "main"]
 
@@ -198,12 +198,12 @@ class FirecrackerGuest:
 
 
 class FirecrackerProcess:
-    """The parent side: runs ``python -m tiermem.vmm.firecracker_guest`` and speaks its line protocol."""
+    """The parent side: runs ``python -m tiermem.guests.firecracker`` and speaks its line protocol."""
 
     def __init__(self, socket_path: str, regions: str, *, hole: str = "0", vcpus: int = 2,
                  variant: str = "current", timeout: float = 30.0) -> None:  # fmt: skip
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tiermem.vmm.firecracker_guest", "--socket", socket_path, "--regions", regions,
+            [sys.executable, "-m", "tiermem.guests.firecracker", "--socket", socket_path, "--regions", regions,
              "--hole", hole, "--vcpus", str(vcpus), "--variant", variant],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
         )  # fmt: skip
@@ -262,7 +262,7 @@ def _answer(obj: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m tiermem.vmm.firecracker_guest``."""
+    """Entry point of ``python -m tiermem.guests.firecracker``."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--socket", required=True)
     ap.add_argument("--regions", required=True, help="region sizes, comma separated (32M,32M)")

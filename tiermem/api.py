@@ -1,7 +1,7 @@
 """Control-plane domain types: nodes, VM specs, policy scopes and entries, leases.
 
 Plain dataclasses: the state stores persist them (``tiermem.control.codec``)
-and ``tiermem.control.convert`` maps them to and from protobuf.
+and ``tiermem.rpc.convert_api`` maps them to and from protobuf.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from tiermem.control.selector import normalize_selector, validate_labels
 from tiermem.errors import InvalidArgument
 from tiermem.model import PAGE_SIZE, Backend, EvictionPolicy, validate_id
+from tiermem.selector import normalize_selector, validate_labels
 
 __all__ = [
     "Adjustment",

@@ -1,0 +1,28 @@
+"""A simulated VM for the agent: an armed :class:`SimKernel` and, with a workload, its in-process guest.
+
+Registered as the ``sim`` backend in :mod:`tiermem.kernel.registry`.
+"""
+
+from __future__ import annotations
+
+from tiermem.kernel import uapi
+from tiermem.sim.kernel import SimKernel
+from tiermem.sim.workloads import SimGuest, parse_workload
+
+__all__ = ["create_sim_vm"]
+
+
+def create_sim_vm(
+    n_pages: int, *, synthetic: bool = False, workload: str = "", vcpus: int = 1, seed: int = 0
+) -> tuple[SimKernel, SimGuest | None]:
+    """A registered sim kernel of ``n_pages`` and its guest (not started) when ``workload`` is set.
+
+    The workload spec is checked before the guest memory is allocated
+    (InvalidArgument); MemoryError when the memory cannot be allocated.
+    """
+    wl = parse_workload(workload, n_pages, seed) if workload else None
+    sim = SimKernel(n_pages, synthetic=synthetic)
+    sim.api(uapi.UFFD_FEATURE_RWP | uapi.UFFD_FEATURE_RWP_ASYNC | uapi.UFFD_FEATURE_THREAD_ID)
+    sim.register(sim.base, sim.size, uapi.UFFDIO_REGISTER_MODE_MISSING | uapi.UFFDIO_REGISTER_MODE_RWP)
+    guest = SimGuest(sim, wl, vcpus=vcpus, seed=seed) if wl is not None else None
+    return sim, guest
