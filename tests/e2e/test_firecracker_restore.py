@@ -97,7 +97,25 @@ def restore_and_compare(node: Node, vm: str, raw: bytes, regions: str, tmp: Path
             pytest.fail(f"{len(bad)} pages differ from the memory file, first {bad[:5]}")
         s = node.agent.sessions[vm]
         assert s.restore is not None
-        summary = s.restore.summary()
+        summary = s.restore.summary() | {
+            "faults_served": s.counters.faults_served,
+            "prefetch": s.policy.prefetch_pages,
+        }
+        reg = node.agent.metrics.registry
+
+        def metric(how: str) -> float:
+            return reg.get_sample_value("tiermem_agent_restore_pages_total", {"vm": vm, "how": how}) or 0.0
+
+        for how, key in (
+            ("on_demand", "pages_on_demand"),
+            ("zero", "zero_pages"),
+            ("prefaulted", "pages_prefaulted"),
+        ):
+            want = summary[key]
+            wait_until(lambda h=how, w=want: metric(h) == w, 5, f"the {how} pages metric")  # type: ignore[misc]
+        read = reg.get_sample_value("tiermem_agent_restore_store_bytes_read_total", {"vm": vm})
+        assert read == summary["store_bytes_read"]
+        assert (reg.get_sample_value("tiermem_agent_restore_first_fault_seconds_count") or 0) >= 1
         with pytest.raises(FailedPrecondition):  # no tracking of private anonymous memory: no cycles
             node.agent.run_cycle(vm, CycleMode.EVICT, 10)
         return summary
@@ -131,9 +149,13 @@ def test_restore_from_redis_is_byte_identical(tmp_path: Path, redis_srv: RedisSe
     node = Node(tmp_path, {"redis": redis_srv.url})
     try:
         raw = memory_file(tmp_path / "mem", 64 * MiB, seed=2)
-        info = node.restores.import_snapshot("snap-redis", mem_file=str(tmp_path / "mem"), store="redis")
+        info = node.restores.import_snapshot("snap-redis", mem_file=str(tmp_path / "mem"), store="redis",
+                                             prefetch_pages=32)  # fmt: skip
         assert node.agent.store("redis").usage("snap-redis").pages == info.pages - info.zero_pages
-        restore_and_compare(node, "snap-redis", raw, "48M,16M", tmp_path, hole="2M", variant="bare")
+        got = restore_and_compare(node, "snap-redis", raw, "48M,16M", tmp_path, hole="2M", variant="bare")
+        assert got["prefetch"] == 32
+        # each fault brought up to 32 following pages: far fewer faults than pages
+        assert int(got["faults_served"]) < (info.pages - info.zero_pages) // 8  # type: ignore[call-overload]
     finally:
         node.close()
 
@@ -243,3 +265,55 @@ def test_a_restore_socket_refuses_what_does_not_match_its_snapshot(node: Node, t
     assert n > 0 and node.agent.index.record("snap-size") is None
     assert node.agent.store("default").usage("snap-size").pages == 0
     assert not os.path.exists(node.restores.socket_path("snap-size"))
+
+
+def test_after_an_agent_restart_the_snapshot_restores_and_unfinished_imports_are_dropped(
+    tmp_path: Path,
+) -> None:
+    raw = memory_file(tmp_path / "mem", 4 * MiB, seed=8)
+    node = Node(tmp_path)
+    try:
+        node.restores.import_snapshot("snap-rs", mem_file=str(tmp_path / "mem"))
+        # an import the agent never finished (as if it crashed mid-way): some pages, state "importing"
+        from tiermem.agent.index import VmRecord
+        from tiermem.store.base import PageBlob
+
+        node.agent.index.add_vm(VmRecord("snap-half", "uffd", 1024, PS, {"snapshot": {"state": "importing",
+                                                                                     "store": "default"}}))  # fmt: skip
+        st = node.agent.store("default")
+        node.agent.index.put_many(
+            "snap-half", "default", st.put_pages("snap-half", [PageBlob(0, 1, b"x" * PS)])
+        )
+    finally:
+        node.close()
+    node = Node(tmp_path)
+    try:
+        assert node.agent.index.record("snap-half") is None
+        assert node.agent.store("default").usage("snap-half").pages == 0
+        assert not os.path.exists(node.restores.socket_path("snap-half"))
+        restore_and_compare(node, "snap-rs", raw, "4M", tmp_path)
+    finally:
+        node.close()
+
+
+def test_a_second_process_on_the_same_restore_socket_is_refused(node: Node, tmp_path: Path) -> None:
+    raw = memory_file(tmp_path / "mem", 4 * MiB, seed=9)
+    node.restores.import_snapshot("snap-two", mem_file=str(tmp_path / "mem"))
+    first = FirecrackerProcess(node.restores.socket_path("snap-two"), "4M")
+    try:
+        first.cmd("touch 0")
+        second = FirecrackerProcess(node.restores.socket_path("snap-two"), "4M")
+        try:
+            wait_until(lambda: bool(node.events(EventKind.HANDOFF_REFUSED)), 10, "the refusal")
+            assert "another process" in node.events(EventKind.HANDOFF_REFUSED)[-1]["message"]
+            second.cmd("start 1")
+            time.sleep(0.5)
+            assert second.cmd("progress")["done"] == 0
+        finally:
+            second.kill()
+            second.close()
+        out = tmp_path / "first.dump"
+        first.cmd(f"dump {out}")
+        assert out.read_bytes() == raw  # the first restore never noticed
+    finally:
+        first.close()

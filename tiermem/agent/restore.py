@@ -57,12 +57,21 @@ class RestoreService:
     def start(self) -> RestoreService:
         """Open the restore socket of every VM with a complete snapshot in the index."""
         for rec in self.agent.index.vm_records():
-            if snapshot_meta(rec) is not None:
+            if "snapshot" in rec.meta and snapshot_meta(rec) is None:
+                self._drop_partial(rec.vm_id, str(rec.meta["snapshot"].get("store", "default")))
+            elif snapshot_meta(rec) is not None:
                 try:
                     self._open(rec.vm_id)
                 except TiermemError as e:  # one bad path must not keep the agent down
                     log.error("restore socket not opened", vm=rec.vm_id, error=str(e))
         return self
+
+    def _drop_partial(self, vm_id: str, store: str) -> None:
+        # An import the previous agent process never finished (it crashed): never restorable.
+        log.warning("dropping an unfinished snapshot import of a previous run", vm=vm_id, store=store)
+        with contextlib.suppress(TiermemError, OSError):
+            self.agent.store(store).purge_vm(vm_id)
+        self.agent.index.remove_vm(vm_id)
 
     def close(self) -> None:
         """Stop every restore socket (the snapshots stay in their stores)."""
@@ -94,6 +103,7 @@ class RestoreService:
     # --- import -------------------------------------------------------------------------------------
     def import_snapshot(self, vm_id: str, *, mem_file: str = "", mem_object: str = "", store: str = "",
                         compression: str = "none", prefault_pages_per_s: float | None = None,
+                        prefetch_pages: int | None = None,
                         progress: Callable[[int, int], None] | None = None) -> SnapshotInfo:  # fmt: skip
         """Import a memory file for ``vm_id``, record it restorable, open its restore socket."""
         validate_id(vm_id, "vm id")
@@ -112,7 +122,8 @@ class RestoreService:
             self._importing.add(vm_id)
         try:
             info = import_snapshot(self.agent.index, page_store, vm_id, source, compression=compression,
-                                   prefault_pages_per_s=rate, progress=progress)  # fmt: skip
+                                   prefault_pages_per_s=rate, prefetch_pages=prefetch_pages,
+                                   progress=progress)  # fmt: skip
             try:
                 path = self._open(vm_id)
             except BaseException:

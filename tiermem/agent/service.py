@@ -178,7 +178,8 @@ class NodeAgentServicer(agrpc.NodeAgentServicer):
             return self.restores.import_snapshot(
                 request.vm_id, mem_file=request.mem_file, mem_object=request.mem_object, store=request.store,
                 compression=comp, prefault_pages_per_s=request.prefault_pages_per_second if request.has_prefault
-                else None, progress=progress,
+                else None, prefetch_pages=request.prefetch_pages if request.has_prefetch else None,
+                progress=progress,
             )  # fmt: skip
 
         task = asyncio.ensure_future(self._run(self._long, run))

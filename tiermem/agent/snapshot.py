@@ -199,6 +199,7 @@ def import_snapshot(
     *,
     compression: str = "none",
     prefault_pages_per_s: float = 0.0,
+    prefetch_pages: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> SnapshotInfo:
     """Store every non-zero page of ``source`` for ``vm_id`` and record the VM as restorable.
@@ -214,6 +215,11 @@ def import_snapshot(
         raise InvalidArgument(f"{source.description}: {size} bytes is more than {MAX_SNAPSHOT_BYTES}")
     if prefault_pages_per_s < 0:
         raise InvalidArgument("prefault rate must be >= 0 pages/s")
+    policy = EvictionPolicy(store=store.name)
+    if prefetch_pages is not None:  # how many following pages a restore fault brings in the same round trip
+        if not 0 <= prefetch_pages <= EvictionPolicy.MAX_PREFETCH:
+            raise InvalidArgument(f"prefetch must be between 0 and {EvictionPolicy.MAX_PREFETCH} pages")
+        policy = policy.with_changes(prefetch_pages=prefetch_pages)
     if index.record(vm_id) is not None:
         raise AlreadyExists(
             f"VM {vm_id} already has pages on this node (a VM or a snapshot): detach it with purge first"
@@ -225,7 +231,7 @@ def import_snapshot(
         "store": store.name,
         "size": size,
     }
-    meta = {"snapshot": snap, "policy": policy_to_dict(EvictionPolicy(store=store.name))}
+    meta = {"snapshot": snap, "policy": policy_to_dict(policy)}
     index.add_vm(VmRecord(vm_id, Backend.UFFD.value, n_pages, PAGE_SIZE, meta))
     pages = zero = stored = 0
     try:

@@ -99,16 +99,19 @@ def _restore_once(rs: RestoreService, vm: str, raw: bytes, tmp: Path, *, prefaul
             "pages_per_s": round((n - 1) / rest_s, 1), "summary": summary}  # fmt: skip
 
 
-def run_store(label: str, url: str, raw: bytes, mem: Path, prefault_rate: float, tmp: Path) -> dict[str, Any]:
+def run_store(label: str, url: str, raw: bytes, mem: Path, prefault_rate: float, tmp: Path,
+              prefetch: int = 8) -> dict[str, Any]:  # fmt: skip
     """Import ``mem`` into the store at ``url``; restore it on demand, then with prefault."""
     home = tmp / f"agent-{label}"
     home.mkdir(mode=0o700)  # the restore sockets live below it
     with _restores(url, home) as rs:
         t0 = time.perf_counter()
-        info = rs.import_snapshot(f"od-{label}", mem_file=str(mem))
+        info = rs.import_snapshot(f"od-{label}", mem_file=str(mem), prefetch_pages=prefetch)
         import_s = time.perf_counter() - t0
         od = _restore_once(rs, f"od-{label}", raw, tmp, prefault=False)
-        rs.import_snapshot(f"pf-{label}", mem_file=str(mem), prefault_pages_per_s=prefault_rate)
+        rs.import_snapshot(
+            f"pf-{label}", mem_file=str(mem), prefault_pages_per_s=prefault_rate, prefetch_pages=prefetch
+        )
         pf = _restore_once(rs, f"pf-{label}", raw, tmp, prefault=True)
     return {
         "store": label, "url": url, "pages": info.pages, "zero_pages": info.zero_pages,
@@ -116,7 +119,7 @@ def run_store(label: str, url: str, raw: bytes, mem: Path, prefault_rate: float,
         "import_pages_per_s": round(info.pages / import_s, 1),
         "first_touch_ms": od["first_touch_ms"], "on_demand_pages_per_s": od["pages_per_s"],
         "prefault_first_touch_ms": pf["first_touch_ms"], "prefault_pages_per_s": pf["pages_per_s"],
-        "prefault_rate": prefault_rate, "on_demand": od["summary"], "prefaulted": pf["summary"],
+        "prefault_rate": prefault_rate, "prefetch": prefetch, "on_demand": od["summary"], "prefaulted": pf["summary"],
         "identical": True,
     }  # fmt: skip
 
@@ -176,7 +179,7 @@ def _ranged_get(url: str, raw: bytes, samples: int) -> dict[str, Any]:
 
 
 def run(urls: Sequence[str] = (), spawn: Sequence[str] = (), quick: bool = False, size_mib: int = 64,
-        prefault_rate: float = 1e6, local: bool = True) -> dict[str, Any]:  # fmt: skip
+        prefault_rate: float = 1e6, local: bool = True, prefetch: int = 8) -> dict[str, Any]:  # fmt: skip
     """The restore benchmark on each store, with the same-run baselines."""
     require_uffd()
     if quick:
@@ -193,7 +196,7 @@ def run(urls: Sequence[str] = (), spawn: Sequence[str] = (), quick: bool = False
         ranged: dict[str, Any] | None = None
         with store_targets(urls, spawn, local=local, tmp=tmp / "local") as targets:
             for t in targets:
-                rows.append(run_store(t.label, t.url, raw, mem, prefault_rate, tmp))
+                rows.append(run_store(t.label, t.url, raw, mem, prefault_rate, tmp, prefetch))
                 if t.label == "s3" and ranged is None:
                     ranged = _ranged_get(t.url, raw, 64 if quick else 512)
     for r in rows:
@@ -202,5 +205,5 @@ def run(urls: Sequence[str] = (), spawn: Sequence[str] = (), quick: bool = False
         if ranged is not None:
             r["ratio_first_touch_vs_ranged_get"] = ratio(r["first_touch_ms"] * 1000, ranged["page_p50_us"])
             r["ratio_prefault_vs_ranged_get"] = ratio(r["prefault_pages_per_s"], ranged["chunk_pages_per_s"])
-    return {"size_mib": size_mib, "pages": n, "prefault_rate": prefault_rate, "rows": rows,
+    return {"size_mib": size_mib, "pages": n, "prefault_rate": prefault_rate, "prefetch": prefetch, "rows": rows,
             "baseline_local_read": local_read, "baseline_ranged_get": ranged}  # fmt: skip

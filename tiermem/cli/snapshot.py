@@ -43,13 +43,15 @@ def snapshot() -> None:
 @click.option("--prefault", "prefault", type=float, default=None, metavar="PAGES_PER_S",
               help="Prefault the pages not touched yet in the background, once the guest runs, at this rate "
                    "[default: the agent's restore_prefault_pages_per_s].")  # fmt: skip
+@click.option("--prefetch", "prefetch", type=click.IntRange(0, 512), default=None, metavar="PAGES",
+              help="Pages after a faulting page fetched in the same store round trip [default: 8].")  # fmt: skip
 @click.option("--agent", "agent", default=None, metavar="HOST:PORT",
               help=f"Node agent address [env TIERMEM_AGENT; default {DEFAULT_AGENT}].")  # fmt: skip
 @json_option
 @connection_options
 @click.pass_context
 def import_snapshot(ctx: click.Context, vm_id: str, mem_file: str | None, mem_object: str | None, store: str,
-                    compression: str, prefault: float | None, agent: str | None, as_json: bool) -> None:  # fmt: skip
+                    compression: str, prefault: float | None, prefetch: int | None, agent: str | None, as_json: bool) -> None:  # fmt: skip
     """Import a Firecracker snapshot memory file for VM and print its restore socket.
 
     Give Firecracker the socket as the UFFD backend_path of PUT /snapshot/load.
@@ -69,7 +71,8 @@ def import_snapshot(ctx: click.Context, vm_id: str, mem_file: str | None, mem_ob
     client = AgentClient(address, settings.token, settings.tls)
     ctx.call_on_close(client.close)
     stream = client.import_snapshot(vm_id, mem_file=mem_file or "", mem_object=mem_object or "", store=store,
-                                    compression=Compression(compression), prefault_pages_per_s=prefault)  # fmt: skip
+                                    compression=Compression(compression), prefault_pages_per_s=prefault,
+                                    prefetch_pages=prefetch)  # fmt: skip
     result = None
     con = console()
     with Progress(TextColumn("importing [bold]{task.description}[/]"), BarColumn(), MofNCompleteColumn(),

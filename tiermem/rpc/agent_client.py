@@ -131,12 +131,14 @@ class AgentClient:
 
     def import_snapshot(self, vm_id: str, *, mem_file: str = "", mem_object: str = "", store: str = "",
                         compression: Compression = Compression.NONE, prefault_pages_per_s: float | None = None,
+                        prefetch_pages: int | None = None,
                         timeout: float | None = None) -> Iterator[ImportProgress]:  # fmt: skip
         """ImportSnapshot: progress, then the result (no deadline by default: a big file takes its time)."""
         req = apb.ImportSnapshotRequest(
             vm_id=vm_id, mem_file=mem_file, mem_object=mem_object, store=store,
             compression=c.compression_to_pb(compression),  # type: ignore[arg-type]
             prefault_pages_per_second=prefault_pages_per_s or 0.0, has_prefault=prefault_pages_per_s is not None,
+            prefetch_pages=prefetch_pages or 0, has_prefetch=prefetch_pages is not None,
         )  # fmt: skip
         try:
             for m in self._stub.ImportSnapshot(req, timeout=timeout, metadata=self._md):

@@ -420,6 +420,8 @@ class ImportSnapshotRequest(_message.Message):
     COMPRESSION_FIELD_NUMBER: _builtins.int
     PREFAULT_PAGES_PER_SECOND_FIELD_NUMBER: _builtins.int
     HAS_PREFAULT_FIELD_NUMBER: _builtins.int
+    PREFETCH_PAGES_FIELD_NUMBER: _builtins.int
+    HAS_PREFETCH_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.str
     """[a-zA-Z0-9._-]{1,64}; must be unknown to the agent"""
     mem_file: _builtins.str
@@ -433,6 +435,10 @@ class ImportSnapshotRequest(_message.Message):
     """background prefault rate once the guest runs; 0: on demand only"""
     has_prefault: _builtins.bool
     """false: the agent's restore_prefault_pages_per_s setting"""
+    prefetch_pages: _builtins.int
+    """pages after a faulting page fetched in the same round trip"""
+    has_prefetch: _builtins.bool
+    """false: the policy default (8)"""
     def __init__(
         self,
         *,
@@ -443,10 +449,12 @@ class ImportSnapshotRequest(_message.Message):
         compression: _types_pb2.Compression.ValueType = ...,
         prefault_pages_per_second: _builtins.float = ...,
         has_prefault: _builtins.bool = ...,
+        prefetch_pages: _builtins.int = ...,
+        has_prefetch: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compression", b"compression", "has_prefault", b"has_prefault", "mem_file", b"mem_file", "mem_object", b"mem_object", "prefault_pages_per_second", b"prefault_pages_per_second", "store", b"store", "vm_id", b"vm_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compression", b"compression", "has_prefault", b"has_prefault", "has_prefetch", b"has_prefetch", "mem_file", b"mem_file", "mem_object", b"mem_object", "prefault_pages_per_second", b"prefault_pages_per_second", "prefetch_pages", b"prefetch_pages", "store", b"store", "vm_id", b"vm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
