@@ -27,7 +27,7 @@ PKG = ROOT / "tiermem"
 # the packages of an "independent" group must not import each other.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("generated", ("tiermem.v1",)),
-    ("core", ("tiermem", "tiermem.errors", "tiermem.model", "tiermem.api", "tiermem.selector", "tiermem.units",
+    ("core", ("tiermem", "tiermem.errors", "tiermem.ids", "tiermem.model", "tiermem.api", "tiermem.selector", "tiermem.units",
               "tiermem.config", "tiermem.events", "tiermem.logging", "tiermem.metrics")),
     ("kernel/store", ("tiermem.kernel", "tiermem.store")),
     ("handoff", ("tiermem.handoff",)),

@@ -80,5 +80,5 @@ def start_handoff(agent: Agent) -> Callable[[], None] | None:
             log.warning("handoff refused", vm=att.vm_id, error=str(e))
             raise
 
-    listener = HandoffListener(path, attach).start()
+    listener = HandoffListener(path, attach, handshake_timeout=agent.settings.handshake_timeout_s).start()
     return listener.stop

@@ -42,7 +42,8 @@ class ControlPlaneLink:
         except OSError:
             avail = {"sim": True}
         backends = tuple(Backend(name) for name, ok in avail.items() if ok)
-        return NodeInfo(node_id=self.agent.node_id, address=self.address, backends=backends)
+        return NodeInfo(node_id=self.agent.node_id, address=self.address, backends=backends,
+                        capacity_bytes=self.agent.capacity_bytes)  # fmt: skip
 
     async def run(self) -> None:
         """Heartbeat until cancelled."""

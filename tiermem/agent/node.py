@@ -9,6 +9,7 @@ thread; the servicer calls them through ``asyncio.to_thread``.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -52,6 +53,14 @@ MAX_SIM_BYTES = 64 * 1024**3
 DRAIN_BATCH = 256
 
 
+def _host_memory() -> int:
+    """The host's physical memory in bytes (the default capacity)."""
+    try:
+        return max(int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE")), PAGE_SIZE)
+    except (OSError, ValueError):
+        return MAX_SIM_BYTES
+
+
 class Agent:
     """All VM sessions of one host."""
 
@@ -62,6 +71,8 @@ class Agent:
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
         self.settings = settings
         self.node_id = validate_id(settings.node_id, "node id")
+        self.capacity_bytes = settings.capacity_bytes or _host_memory()
+        """Guest memory this node declares (never 0, so it never registers as unlimited)."""
         self.data_dir = Path(settings.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.index = PageIndex(self.data_dir / "index.db", fsync=settings.fsync)
@@ -110,9 +121,11 @@ class Agent:
                    workload: str = "", synthetic: bool = False, vcpus: int = 1, seed: int = 0) -> VmStatus:  # fmt: skip
         """Create a simulated VM (guest memory in this process) and arm it."""
         validate_id(vm_id, "vm id")
-        if memory_bytes <= 0 or memory_bytes % PAGE_SIZE or memory_bytes > MAX_SIM_BYTES:
+        limit = min(MAX_SIM_BYTES, self.capacity_bytes)
+        if memory_bytes <= 0 or memory_bytes % PAGE_SIZE or memory_bytes > limit:
             raise InvalidArgument(
-                f"memory_bytes must be a positive multiple of {PAGE_SIZE} up to {MAX_SIM_BYTES}"
+                f"memory_bytes must be a positive multiple of {PAGE_SIZE} up to {limit} "
+                f"(node {self.node_id}'s capacity or the sim limit)"
             )
         if vcpus < 0 or vcpus > 64:
             raise InvalidArgument("vcpus must be between 0 and 64")
@@ -122,8 +135,15 @@ class Agent:
             if vm_id in self.sessions:
                 raise AlreadyExists(f"VM {vm_id} is already attached")
             try:
+                # traces only from the configured directory, with its byte cap (admin-only facility)
                 backend, guest = create(
-                    memory_bytes // PAGE_SIZE, synthetic=synthetic, workload=workload, vcpus=vcpus, seed=seed
+                    memory_bytes // PAGE_SIZE,
+                    synthetic=synthetic,
+                    workload=workload,
+                    vcpus=vcpus,
+                    seed=seed,
+                    trace_dir=self.settings.trace_dir,
+                    trace_max_bytes=self.settings.trace_max_bytes,
                 )
             except MemoryError:
                 raise FailedPrecondition(

@@ -21,6 +21,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from urllib.parse import parse_qsl, urlsplit
 
 import structlog
 
@@ -114,6 +115,8 @@ class RestoreService:
         )
         if compression not in ("none", "zstd", "lz4"):
             raise InvalidArgument(f"compression must be none, zstd or lz4, got {compression!r}")
+        if mem_object:
+            self._check_endpoint(mem_object)
         source = open_source(mem_file, mem_object)
         page_store = self.agent.store(store or "default")
         with self._lock:
@@ -142,6 +145,20 @@ class RestoreService:
         return SnapshotInfo(
             info.vm_id, info.pages, info.zero_pages, info.stored_bytes, info.store, info.source, path
         )
+
+    def _check_endpoint(self, mem_object: str) -> None:
+        """An S3 object is read only from the endpoint of a configured S3 store: the agent signs the
+        request with its own credentials, so a caller must not point it at any server it likes."""
+        want = dict(parse_qsl(urlsplit(mem_object).query)).get("endpoint") or None
+        allowed = {
+            dict(parse_qsl(urlsplit(url).query)).get("endpoint") or None
+            for url in self.agent.store_urls.values()
+            if url.startswith("s3://")
+        }
+        if want not in allowed:
+            shown = ", ".join(sorted(str(a or "AWS (no endpoint)") for a in allowed)) or "none"
+            raise InvalidArgument(f"mem object endpoint {want or 'AWS (no endpoint)'} is not the endpoint of a "
+                                  f"configured S3 store (configured: {shown})")  # fmt: skip
 
     # --- a Firecracker process connects ------------------------------------------------------------
     def _on_attach(self, vm_id: str, path: str, att: HandoffAttach) -> None:

@@ -22,9 +22,10 @@ import grpc
 from tiermem.agent.node import Agent
 from tiermem.agent.restore import RestoreService
 from tiermem.agent.snapshot import SnapshotInfo
-from tiermem.errors import FailedPrecondition, InvalidArgument
+from tiermem.errors import FailedPrecondition, InvalidArgument, PermissionDenied, ResourceExhausted
 from tiermem.model import Backend, DrainProgress, EvictionPolicy
 from tiermem.rpc import convert
+from tiermem.rpc.security import caller_tenant, is_tenant_caller
 from tiermem.rpc.status import grpc_errors, grpc_stream_errors
 from tiermem.v1 import agent_pb2 as apb
 from tiermem.v1 import agent_pb2_grpc as agrpc
@@ -53,6 +54,7 @@ class NodeAgentServicer(agrpc.NodeAgentServicer):
             agent.settings.max_concurrent_cycles, thread_name_prefix="agent-cycle"
         )
         self._short = ThreadPoolExecutor(SHORT_WORKERS, thread_name_prefix="agent-rpc")
+        self._tenant_cycles: dict[str, int] = {}
 
     def close(self) -> None:
         """Stop the worker pools (calls in flight finish)."""
@@ -74,6 +76,11 @@ class NodeAgentServicer(agrpc.NodeAgentServicer):
     async def AttachVm(self, request: apb.AttachVmRequest, context: Ctx) -> apb.AttachVmResponse:
         backend = convert.backend_from_pb(request.backend, default=Backend.SIM)
         policy = self._policy(request.policy, request.HasField("policy")) or EvictionPolicy()
+        if is_tenant_caller():
+            raise PermissionDenied(
+                "sim VMs and workloads are a demo and test facility for operators (admin token); "
+                "a tenant's VMs attach through the handoff socket"
+            )
         if backend is not Backend.SIM:
             raise InvalidArgument(
                 f"{backend.value} VMs attach through the handoff socket ({self.agent.settings.handoff_path()}); "
@@ -108,13 +115,34 @@ class NodeAgentServicer(agrpc.NodeAgentServicer):
         interval_ms = request.interval_ms
         if interval_ms == 0:
             interval_ms = (policy or self.agent.session(request.vm_id).policy).interval_ms
+        tenant = caller_tenant() if is_tenant_caller() else None
+        s = self.agent.settings
+        if tenant is not None and interval_ms > s.tenant_manual_max_interval_ms:
+            raise InvalidArgument(
+                f"a tenant's manual cycle may wait at most {s.tenant_manual_max_interval_ms} ms, not {interval_ms}"
+            )
         # Honour the caller's deadline: the detection wait cannot outlast it.
         budget_ms = int(_deadline(context, 1e9) * 1000)
         if budget_ms < interval_ms:
             interval_ms = max(budget_ms - 500, 1)
-        rep = await self._run(
-            self._long, self.agent.run_cycle, request.vm_id, mode, interval_ms, policy, request.order_id
-        )
+        if tenant is None:
+            rep = await self._run(
+                self._long, self.agent.run_cycle, request.vm_id, mode, interval_ms, policy, request.order_id
+            )
+            return convert.report_to_pb(rep)
+        # A tenant calling the agent directly: the same limits as at the control plane, so its cycles
+        # cannot hold the threads the scheduled cycles need (this event loop is single-threaded: no lock).
+        if self._tenant_cycles.get(tenant, 0) >= s.tenant_manual_cycles:
+            raise ResourceExhausted(
+                f"tenant {tenant!r} already runs {s.tenant_manual_cycles} manual cycle(s)"
+            )
+        self._tenant_cycles[tenant] = self._tenant_cycles.get(tenant, 0) + 1
+        try:
+            rep = await self._run(
+                self._long, self.agent.run_cycle, request.vm_id, mode, interval_ms, policy, request.order_id
+            )
+        finally:
+            self._tenant_cycles[tenant] -= 1
         return convert.report_to_pb(rep)
 
     @grpc_stream_errors
@@ -166,6 +194,11 @@ class NodeAgentServicer(agrpc.NodeAgentServicer):
     ) -> AsyncIterator[apb.ImportSnapshotProgress]:
         if self.restores is None:
             raise FailedPrecondition("this agent serves no snapshot restores")
+        if is_tenant_caller():
+            raise PermissionDenied(
+                "importing a snapshot reads a file or an S3 object with the agent's own access: "
+                "an operator (admin token) imports it"
+            )
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[int, int] | None] = asyncio.Queue()
         comp = convert.compression_from_pb(request.compression).value

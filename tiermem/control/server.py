@@ -45,6 +45,9 @@ def plane_config(settings: ControlPlaneSettings) -> PlaneConfig:
             node_evict_mbps=settings.node_evict_mbps,
             store_write_mbps=dict(settings.store_write_mbps),
             jitter=settings.jitter,
+            tenant_manual_cycles=settings.tenant_manual_cycles,
+            tenant_manual_cycles_per_node=settings.tenant_manual_cycles_per_node,
+            tenant_manual_max_interval_ms=settings.tenant_manual_max_interval_ms,
         ),
     )
 

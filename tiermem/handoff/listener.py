@@ -287,9 +287,12 @@ class HandoffListener:
         fc = False
         try:
             pid, uid, _ = peercred(sock)
+            # One deadline for the whole handshake: a per-recv timeout alone lets a peer that
+            # trickles a byte now and then hold the connection (and a handshake slot) for ever.
+            deadline = time.monotonic() + self.handshake_timeout
             sock.settimeout(self.handshake_timeout)
             try:
-                desc, fds, fc, pending = self._read_handshake(sock)
+                desc, fds, fc, pending = self._read_handshake(sock, deadline)
                 attach = (
                     self._fc_attach(desc, fds, pid, uid, sock)
                     if fc
@@ -297,7 +300,7 @@ class HandoffListener:
                 )
                 attach.connection._reader.buf += pending
             except TimeoutError:
-                raise ProtocolError("handshake timed out") from None
+                raise self._timed_out() from None
         except ProtocolError as e:
             self._reject(sock, fds, e, fc=fc or e.firecracker)
             sock.close()
@@ -342,16 +345,28 @@ class HandoffListener:
         with contextlib.suppress(OSError):
             _reply_error(sock, str(e), e.code, fc=fc)
 
-    def _read_handshake(self, sock: socket.socket) -> tuple[Any, list[int], bool, bytes]:
-        """(description, fds, firecracker format, bytes after the handshake); fds grow as they arrive."""
+    def _timed_out(self) -> ProtocolError:
+        return ProtocolError(f"handshake timed out: not completed within {self.handshake_timeout:g} s")
+
+    def _read_handshake(self, sock: socket.socket, deadline: float) -> tuple[Any, list[int], bool, bytes]:
+        """(description, fds, firecracker format, bytes after the handshake); fds grow as they arrive.
+
+        ``deadline`` (monotonic) bounds the whole handshake, however the peer paces its bytes.
+        """
         fds: list[int] = []
         buf = bytearray()
 
         def more(timeout: float | None = None) -> bool:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise self._timed_out()
             if timeout is not None:
-                r, _, _ = select.select([sock], [], [], timeout)
+                r, _, _ = select.select([sock], [], [], min(timeout, left))
                 if not r:
+                    if timeout > left:
+                        raise self._timed_out()
                     return False
+            sock.settimeout(left)
             data, got, trunc = recv_fds(sock, 4 + MAX_MESSAGE - len(buf) + 1)
             fds.extend(got)
             if trunc:

@@ -35,7 +35,8 @@ class LocalGuest(Protocol):
 
 
 LocalVmFactory = Callable[..., tuple[KernelBackend, LocalGuest | None]]
-"""``factory(n_pages, *, synthetic, workload, vcpus, seed)`` → (armed backend, guest or None).
+"""``factory(n_pages, *, synthetic, workload, vcpus, seed, trace_dir, trace_max_bytes)`` → (armed backend,
+guest or None).
 
 The guest is built but not started; an invalid workload raises InvalidArgument
 and an allocation failure MemoryError, both before anything is armed.

@@ -33,7 +33,7 @@ import numpy as np
 
 from tiermem.errors import InvalidArgument
 from tiermem.sim import content
-from tiermem.sim.trace import Trace, load_trace
+from tiermem.sim.trace import Trace, TraceDir, load_trace
 
 if TYPE_CHECKING:
     from tiermem.sim.kernel import SimKernel
@@ -285,8 +285,12 @@ _KEYS: dict[str, dict[str, type]] = {
 _POSITIONAL = {"hotset": "fraction", "phases": "fraction", "zipf": "exponent", "mix": "w"}
 
 
-def parse_workload(spec: str, n_pages: int, seed: int = 0) -> Workload:
-    """Build a workload from a spec such as ``hotset:0.1:w=0.3``; InvalidArgument on a bad spec."""
+def parse_workload(spec: str, n_pages: int, seed: int = 0, traces: TraceDir | None = None) -> Workload:
+    """Build a workload from a spec such as ``hotset:0.1:w=0.3``; InvalidArgument on a bad spec.
+
+    ``traces``: where ``trace:PATH`` may be read from (a service passes its
+    :class:`TraceDir`); None reads any path the local user can (the CLI's own files).
+    """
     if not isinstance(spec, str) or not spec.strip():
         raise InvalidArgument(f"empty workload spec; use one of {_KINDS}")
     spec = spec.strip()
@@ -294,6 +298,8 @@ def parse_workload(spec: str, n_pages: int, seed: int = 0) -> Workload:
     if kind == "trace":
         if not rest:
             raise InvalidArgument("workload 'trace' needs a path: trace:/path/file.csv[.gz]")
+        if traces is not None:
+            return TraceWorkload(traces.load(rest, n_pages=n_pages or None))
         return TraceWorkload(load_trace(rest, n_pages=n_pages or None))
     if kind not in _KEYS:
         raise InvalidArgument(f"unknown workload {kind!r} in {spec!r}; use one of {_KINDS}")
