@@ -101,6 +101,11 @@ def restore_and_compare(node: Node, vm: str, raw: bytes, regions: str, tmp: Path
             "faults_served": s.counters.faults_served,
             "prefetch": s.policy.prefetch_pages,
         }
+        st = s.status()  # every page is in memory now; the snapshot stays in the store
+        assert (st.evicted_pages, st.resident_pages) == (0, len(raw) // PS)
+        assert node.agent.index.count(vm) == sum(
+            1 for p in range(len(raw) // PS) if any(raw[p * PS : (p + 1) * PS])
+        )
         reg = node.agent.metrics.registry
 
         def metric(how: str) -> float:

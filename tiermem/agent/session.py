@@ -91,7 +91,10 @@ class VmSession:
         return self.backend.page_size
 
     def evicted_count(self) -> int:
-        """Pages currently evicted (index entries)."""
+        """Pages currently evicted (index entries; for a restore, the snapshot pages not installed yet)."""
+        if self.restore is not None:  # the snapshot's entries stay: count what this restore still lacks
+            with self.restore.lock:
+                return int(np.count_nonzero(self.index.evicted_bitmap(self.vm_id) & ~self.restore.done))
         return self.index.count(self.vm_id)
 
     def resident_count(self) -> int:
