@@ -47,7 +47,7 @@ def agent_proc(tmp_path: Path, redis_srv: RedisServer, s3_srv: S3Server) -> Iter
         stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, **s3_srv.env()},
     )  # fmt: skip
     try:
-        wait_port(port, 60, proc)  # type: ignore[arg-type]
+        wait_port(port, 60, proc)
         yield f"127.0.0.1:{port}", handoff
     finally:
         proc.terminate()

@@ -21,7 +21,7 @@ ADMIN, ACME = "admin-token-1", "acme-token-1"
 
 
 @pytest.fixture
-async def agent(tmp_path: Path) -> AsyncIterator[tuple[RunningAgent, agrpc.NodeAgentStub]]:
+async def agent(tmp_path: Path) -> AsyncIterator[tuple[RunningAgent, agrpc.NodeAgentAsyncStub]]:
     running = await serve_agent(AgentSettings(
         node_id="s1", listen="127.0.0.1:0", data_dir=str(tmp_path / "agent"), autonomous=False, fsync=False,
         handoff_socket=str(tmp_path / "h" / "h.sock"), restore_socket_dir=str(tmp_path / "r"),
@@ -44,7 +44,7 @@ async def code_of(stream: object) -> grpc.StatusCode:
 
 
 async def test_import_streams_progress_then_the_result(
-    agent: tuple[RunningAgent, agrpc.NodeAgentStub], tmp_path: Path
+    agent: tuple[RunningAgent, agrpc.NodeAgentAsyncStub], tmp_path: Path
 ) -> None:
     running, stub = agent
     mem = tmp_path / "mem"
@@ -72,7 +72,7 @@ async def test_import_streams_progress_then_the_result(
 
 
 async def test_bad_imports_get_status_codes_and_change_nothing(
-    agent: tuple[RunningAgent, agrpc.NodeAgentStub], tmp_path: Path
+    agent: tuple[RunningAgent, agrpc.NodeAgentAsyncStub], tmp_path: Path
 ) -> None:
     running, stub = agent
     mem = tmp_path / "mem"
@@ -100,7 +100,7 @@ async def test_bad_imports_get_status_codes_and_change_nothing(
 
 
 async def test_a_tenant_token_may_not_import(
-    agent: tuple[RunningAgent, agrpc.NodeAgentStub], tmp_path: Path
+    agent: tuple[RunningAgent, agrpc.NodeAgentAsyncStub], tmp_path: Path
 ) -> None:
     running, stub = agent
     mem = tmp_path / "mem"

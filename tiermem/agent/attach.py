@@ -15,7 +15,7 @@ from tiermem.model import Backend, EventKind
 
 __all__ = ["NO_SNAPSHOT_SOURCE", "on_handoff", "refuse_firecracker", "start_handoff"]
 
-log = structlog.get_logger("tiermem.agent.attach")
+log = structlog.get_logger(__name__)
 
 
 NO_SNAPSHOT_SOURCE = (

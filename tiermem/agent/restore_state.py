@@ -13,10 +13,24 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 import numpy as np
 
-__all__ = ["RestoreState"]
+__all__ = ["RestoreState", "RestoreSummary"]
+
+
+class RestoreSummary(TypedDict):
+    """The figures of one restore (the RESTORE_FINISHED event's attributes)."""
+
+    first_fault_ms: float | None
+    pages_on_demand: int
+    pages_prefaulted: int
+    zero_pages: int
+    store_bytes_read: int
+    removed_pages: int
+    pages_remaining: int
+    seconds: float
 
 
 @dataclass
@@ -83,16 +97,16 @@ class RestoreState:
         with self.lock:
             return int(self.n_pages - np.count_nonzero(self.done))
 
-    def summary(self) -> dict[str, object]:
+    def summary(self) -> RestoreSummary:
         """The figures of this restore (events, logs, the bench)."""
         with self.lock:
-            return {
-                "first_fault_ms": None if self.first_fault_s is None else round(self.first_fault_s * 1000, 3),
-                "pages_on_demand": self.on_demand,
-                "pages_prefaulted": self.prefaulted,
-                "zero_pages": self.zero_pages,
-                "store_bytes_read": self.bytes_read,
-                "removed_pages": self.removed_pages,
-                "pages_remaining": int(self.n_pages - np.count_nonzero(self.done)),
-                "seconds": round(time.monotonic() - self.started, 3),
-            }
+            return RestoreSummary(
+                first_fault_ms=None if self.first_fault_s is None else round(self.first_fault_s * 1000, 3),
+                pages_on_demand=self.on_demand,
+                pages_prefaulted=self.prefaulted,
+                zero_pages=self.zero_pages,
+                store_bytes_read=self.bytes_read,
+                removed_pages=self.removed_pages,
+                pages_remaining=int(self.n_pages - np.count_nonzero(self.done)),
+                seconds=round(time.monotonic() - self.started, 3),
+            )
