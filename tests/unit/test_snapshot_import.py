@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 
 from tiermem.agent.index import PageIndex
-from tiermem.agent.snapshot import FileSource, S3Source, import_snapshot, open_source, snapshot_meta
+from tiermem.agent.snapshot import (
+    FileSource,
+    S3Source,
+    import_snapshot,
+    open_source,
+    snapshot_meta,
+    snapshot_space,
+)
 from tiermem.errors import AlreadyExists, InvalidArgument, NotFound, StoreUnavailable
 from tiermem.store.base import Codec
 from tiermem.store.local import LocalPageStore
@@ -44,19 +51,23 @@ def test_every_nonzero_page_is_stored_verified_and_zero_pages_nowhere(
 ) -> None:
     raw = write_file(tmp_path / "mem", 2500, zero=[0, 7, 1024, 2499])  # more than two 1024-page chunks
     seen: list[tuple[int, int]] = []
-    info = import_snapshot(index, store, "vm-a", FileSource(str(tmp_path / "mem")),
+    info = import_snapshot(index, store, "vm-a", node_id="n1", source=FileSource(str(tmp_path / "mem")),
                            progress=lambda d, t: seen.append((d, t)))  # fmt: skip
     assert (info.pages, info.zero_pages) == (2500, 4) and seen[-1] == (2500, 2500) and len(seen) == 3
     assert index.count("vm-a") == 2496 and index.get("vm-a", 7) is None
     entries = [e for e in index.entries("vm-a", range(2500)) if e is not None]
     assert all(e.store == "default" and e.stored.codec != Codec.ZERO for e in entries)
-    got = store.get_pages("vm-a", [e.stored for e in entries])
+    rec = index.record("vm-a")
+    assert rec is not None
+    space = snapshot_space("n1", rec)  # its own incarnation: a namespace no other VM writes to
+    assert space.startswith("n1~vm-a~") and store.usage("vm-a").pages == 0
+    got = store.get_pages(space, [e.stored for e in entries])
     assert b"".join(got) == b"".join(raw[e.stored.page * PS : (e.stored.page + 1) * PS] for e in entries)
     assert info.stored_bytes == sum(e.stored.length for e in entries)
     snap = snapshot_meta(index.record("vm-a"))
     assert snap is not None and snap["pages"] == 2500 and snap["store"] == "default"
     with pytest.raises(AlreadyExists):
-        import_snapshot(index, store, "vm-a", FileSource(str(tmp_path / "mem")))
+        import_snapshot(index, store, "vm-a", node_id="n1", source=FileSource(str(tmp_path / "mem")))
 
 
 class Failing:
@@ -82,10 +93,12 @@ def test_a_failed_import_leaves_no_pages_and_no_restorable_vm(
 ) -> None:
     raw = write_file(tmp_path / "mem", 3000, zero=[])
     with pytest.raises(StoreUnavailable):
-        import_snapshot(index, store, "vm-b", Failing(raw))
+        import_snapshot(index, store, "vm-b", node_id="n1", source=Failing(raw))
     assert index.record("vm-b") is None and index.count("vm-b") == 0
-    assert store.usage("vm-b").pages == 0  # the 2048 pages written before the failure were purged
-    info = import_snapshot(index, store, "vm-b", FileSource(str(tmp_path / "mem")))  # and it can be retried
+    assert store.usage().pages == 0  # the 2048 pages written before the failure were purged
+    info = import_snapshot(
+        index, store, "vm-b", node_id="n1", source=FileSource(str(tmp_path / "mem"))
+    )  # and it can be retried
     assert info.pages == 3000
 
 
@@ -100,7 +113,7 @@ def test_bad_sources_are_clear_errors(tmp_path: Path, index: PageIndex, store: L
         FileSource(str(tmp_path))
     for name in ("odd", "empty"):
         with pytest.raises(InvalidArgument, match="multiple of 4096"):
-            import_snapshot(index, store, "vm-c", FileSource(str(tmp_path / name)))
+            import_snapshot(index, store, "vm-c", node_id="n1", source=FileSource(str(tmp_path / name)))
     assert index.record("vm-c") is None
     with pytest.raises(InvalidArgument, match="exactly one"):
         open_source("", "")
@@ -116,4 +129,4 @@ def test_bad_sources_are_clear_errors(tmp_path: Path, index: PageIndex, store: L
         with pytest.raises(InvalidArgument):
             S3Source(url, client=object())
     with pytest.raises(InvalidArgument, match="vm id"):
-        import_snapshot(index, store, "../etc", FileSource(str(tmp_path / "odd")))
+        import_snapshot(index, store, "../etc", node_id="n1", source=FileSource(str(tmp_path / "odd")))

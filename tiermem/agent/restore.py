@@ -26,10 +26,11 @@ from urllib.parse import parse_qsl, urlsplit
 import structlog
 
 from tiermem.agent.attach import refuse_firecracker
+from tiermem.agent.index import VmRecord
 from tiermem.agent.node import Agent
 from tiermem.agent.restore_state import RestoreState
 from tiermem.agent.session import VmSession
-from tiermem.agent.snapshot import SnapshotInfo, import_snapshot, open_source, snapshot_meta
+from tiermem.agent.snapshot import SnapshotInfo, import_snapshot, open_source, snapshot_meta, snapshot_space
 from tiermem.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, TiermemError
 from tiermem.handoff.listener import HandoffAttach, HandoffListener
 from tiermem.model import Backend, EventKind, validate_id
@@ -59,7 +60,7 @@ class RestoreService:
         """Open the restore socket of every VM with a complete snapshot in the index."""
         for rec in self.agent.index.vm_records():
             if "snapshot" in rec.meta and snapshot_meta(rec) is None:
-                self._drop_partial(rec.vm_id, str(rec.meta["snapshot"].get("store", "default")))
+                self._drop_partial(rec, str(rec.meta["snapshot"].get("store", "default")))
             elif snapshot_meta(rec) is not None:
                 try:
                     self._open(rec.vm_id)
@@ -67,12 +68,12 @@ class RestoreService:
                     log.error("restore socket not opened", vm=rec.vm_id, error=str(e))
         return self
 
-    def _drop_partial(self, vm_id: str, store: str) -> None:
+    def _drop_partial(self, rec: VmRecord, store: str) -> None:
         # An import the previous agent process never finished (it crashed): never restorable.
-        log.warning("dropping an unfinished snapshot import of a previous run", vm=vm_id, store=store)
+        log.warning("dropping an unfinished snapshot import of a previous run", vm=rec.vm_id, store=store)
         with contextlib.suppress(TiermemError, OSError):
-            self.agent.store(store).purge_vm(vm_id)
-        self.agent.index.remove_vm(vm_id)
+            self.agent.store(store).purge_vm(snapshot_space(self.agent.node_id, rec))
+        self.agent.index.remove_vm(rec.vm_id)
 
     def close(self) -> None:
         """Stop every restore socket (the snapshots stay in their stores)."""
@@ -124,14 +125,17 @@ class RestoreService:
                 raise AlreadyExists(f"VM {vm_id} is attached or being imported on node {self.agent.node_id}")
             self._importing.add(vm_id)
         try:
-            info = import_snapshot(self.agent.index, page_store, vm_id, source, compression=compression,
+            info = import_snapshot(self.agent.index, page_store, vm_id, source, node_id=self.agent.node_id,
+                                   compression=compression,
                                    prefault_pages_per_s=rate, prefetch_pages=prefetch_pages,
                                    progress=progress)  # fmt: skip
             try:
                 path = self._open(vm_id)
             except BaseException:
+                rec = self.agent.index.record(vm_id)
                 with contextlib.suppress(TiermemError, OSError):
-                    page_store.purge_vm(vm_id)
+                    if rec is not None:
+                        page_store.purge_vm(snapshot_space(self.agent.node_id, rec))
                 self.agent.index.remove_vm(vm_id)
                 raise
         finally:
@@ -287,10 +291,12 @@ class RestoreService:
         if s is not None:
             self.agent.end_session(s)
         rec = self.agent.index.record(vm_id)
-        store = str(rec.meta["snapshot"].get("store", "default")) if rec is not None else "default"
+        if rec is None:
+            raise NotFound(f"VM {vm_id} is not known to node {self.agent.node_id}")
+        store = str(rec.meta["snapshot"].get("store", "default"))
         purged = 0
         try:
-            purged = self.agent.store(store).purge_vm(vm_id)
+            purged = self.agent.store(store).purge_vm(snapshot_space(self.agent.node_id, rec))
         except NotFound:
             log.warning("snapshot store no longer configured; index entries dropped", vm=vm_id, store=store)
         self.agent.index.remove_vm(vm_id)

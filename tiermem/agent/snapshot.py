@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -30,6 +31,7 @@ from tiermem.agent.index import PageIndex, VmRecord
 from tiermem.errors import AlreadyExists, InvalidArgument, NotFound, StoreUnavailable, TiermemError
 from tiermem.model import PAGE_SIZE, Backend, EvictionPolicy, now_ms, policy_to_dict, validate_id
 from tiermem.store.base import PageBlob, PageStore
+from tiermem.store.space import store_space
 
 __all__ = [
     "CHUNK_PAGES",
@@ -41,6 +43,7 @@ __all__ = [
     "import_snapshot",
     "open_source",
     "snapshot_meta",
+    "snapshot_space",
 ]
 
 log = structlog.get_logger("tiermem.agent.snapshot")
@@ -191,12 +194,19 @@ def snapshot_meta(rec: VmRecord | None) -> dict[str, Any] | None:
     return snap if isinstance(snap, dict) and snap.get("state") == "ready" else None
 
 
+def snapshot_space(node_id: str, rec: VmRecord) -> str:
+    """The store namespace of a snapshot's pages (its node, VM id and incarnation)."""
+    inc = rec.meta.get("incarnation")
+    return store_space(node_id, rec.vm_id, inc) if isinstance(inc, str) and inc else rec.vm_id
+
+
 def import_snapshot(
     index: PageIndex,
     store: PageStore,
     vm_id: str,
     source: SnapshotSource,
     *,
+    node_id: str,
     compression: str = "none",
     prefault_pages_per_s: float = 0.0,
     prefetch_pages: int | None = None,
@@ -225,13 +235,16 @@ def import_snapshot(
             f"VM {vm_id} already has pages on this node (a VM or a snapshot): detach it with purge first"
         )
     n_pages = size // PAGE_SIZE
+    # Its own incarnation, so its pages live in a store namespace no other VM or agent writes to.
+    incarnation = secrets.token_hex(8)
+    space = store_space(node_id, vm_id, incarnation)
     snap: dict[str, Any] = {
         "state": "importing",
         "source": source.description,
         "store": store.name,
         "size": size,
     }
-    meta = {"snapshot": snap, "policy": policy_to_dict(policy)}
+    meta = {"snapshot": snap, "policy": policy_to_dict(policy), "incarnation": incarnation}
     index.add_vm(VmRecord(vm_id, Backend.UFFD.value, n_pages, PAGE_SIZE, meta))
     pages = zero = stored = 0
     try:
@@ -250,7 +263,7 @@ def import_snapshot(
                     PageBlob(done + int(k), gen + i, view[int(k) * PAGE_SIZE : (int(k) + 1) * PAGE_SIZE])
                     for i, k in enumerate(idx)
                 ]
-                entries = store.put_pages(vm_id, blobs, compression)
+                entries = store.put_pages(space, blobs, compression)
                 index.put_many(vm_id, store.name, entries)
                 stored += sum(e.length for e in entries)
             done += count
@@ -268,7 +281,7 @@ def import_snapshot(
     except BaseException as e:
         log.error("snapshot import failed; nothing kept", vm=vm_id, source=source.description, error=str(e))
         with contextlib.suppress(TiermemError, OSError):
-            store.purge_vm(vm_id)
+            store.purge_vm(space)
         index.remove_vm(vm_id)
         raise
     log.info(
