@@ -8,7 +8,10 @@ batches off the fault path), because a stale entry for a page that is present is
 harmless: a drain's UFFDIO_COPY gets EEXIST and the entry is dropped then.
 
 Lookups on the fault path hit an in-memory mirror (a dict per VM plus a numpy
-bitmap for vectorised "is evicted" queries by the cycle engine).
+bitmap for vectorised "is evicted" queries by the cycle engine). A VM served by
+the native fault thread also has an :class:`IndexMirror` (its C-side table): it is
+written here after the durable commit and dropped with the same generation check,
+so it never holds an entry the durable index does not.
 """
 
 from __future__ import annotations
@@ -19,13 +22,13 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from tiermem.store.base import Codec, StoredPage
 
-__all__ = ["IndexEntry", "PageIndex", "VmRecord"]
+__all__ = ["IndexEntry", "IndexMirror", "PageIndex", "VmRecord"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,19 @@ class VmRecord:
     page_size: int = 4096
     meta: dict[str, Any] = field(default_factory=dict)
     """Labels, policy, workload: JSON-serialisable."""
+
+
+class IndexMirror(Protocol):
+    """A second in-memory copy of one VM's entries (the native fault path's table)."""
+
+    def put(self, store: str, entries: Sequence[StoredPage]) -> None:
+        """Entries just made durable (replacing older generations of the same pages)."""
+
+    def remove(self, page: int, generation: int) -> None:
+        """Drop the page's entry if it holds ``generation``."""
+
+    def clear(self) -> None:
+        """Drop everything."""
 
 
 class _VmIndex:
@@ -85,6 +101,7 @@ class PageIndex:
         self._vms: dict[str, _VmIndex] = {}
         self._records: dict[str, VmRecord] = {}
         self._pending_removals: list[tuple[str, int, int]] = []
+        self._mirrors: dict[str, IndexMirror] = {}
         self._load()
 
     # --- VMs --------------------------------------------------------------------------------
@@ -138,6 +155,9 @@ class PageIndex:
             with self._mem:
                 self._vms.pop(vm_id, None)
                 self._records.pop(vm_id, None)
+                mirror = self._mirrors.pop(vm_id, None)
+                if mirror is not None:
+                    mirror.clear()
                 self._pending_removals = [r for r in self._pending_removals if r[0] != vm_id]
 
     def vm_records(self) -> list[VmRecord]:
@@ -181,6 +201,9 @@ class PageIndex:
                 for e in entries:
                     vi.entries[e.page] = IndexEntry(store, e)
                     vi.bitmap[e.page] = True
+                mirror = self._mirrors.get(vm_id)
+                if mirror is not None:  # after the commit: durable before the native path sees it
+                    mirror.put(store, entries)
 
     def get(self, vm_id: str, page: int) -> IndexEntry | None:
         """The entry of an evicted page, or None."""
@@ -203,6 +226,7 @@ class PageIndex:
             vi = self._vms.get(vm_id)
             if vi is None:
                 return dropped
+            mirror = self._mirrors.get(vm_id)
             for p, gen in restored:
                 e = vi.entries.get(p)
                 if e is None or e.stored.generation != gen:
@@ -211,9 +235,25 @@ class PageIndex:
                 vi.bitmap[p] = False
                 dropped.append(e)
                 self._pending_removals.append((vm_id, p, gen))
+                if mirror is not None:
+                    mirror.remove(p, gen)
         if flush:
             self.flush()
         return dropped
+
+    def attach_mirror(self, vm_id: str, mirror: IndexMirror | None) -> None:
+        """Keep ``mirror`` in step with the VM's entries (loaded with the current ones now); None detaches."""
+        with self._mem:
+            if mirror is None:
+                self._mirrors.pop(vm_id, None)
+                return
+            vi = self._vms[vm_id]
+            by_store: dict[str, list[StoredPage]] = {}
+            for e in vi.entries.values():
+                by_store.setdefault(e.store, []).append(e.stored)
+            for store, entries in by_store.items():
+                mirror.put(store, entries)
+            self._mirrors[vm_id] = mirror
 
     def flush(self) -> None:
         """Write queued removals."""
