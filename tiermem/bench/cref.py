@@ -29,8 +29,8 @@ import numpy as np
 
 from tiermem.bench.common import GuestDriver, pages_spec
 from tiermem.errors import FailedPrecondition
+from tiermem.handoff.listener import HandoffAttach, HandoffListener
 from tiermem.model import PAGE_SIZE
-from tiermem.vmm.handoff import HandoffAttach, HandoffListener
 
 __all__ = ["build_ref_handler", "c_handler_touch", "placement"]
 

@@ -1,6 +1,6 @@
 """PAGEMAP_SCAN for the simulated kernel: categories, matching and merged regions, vectorised.
 
-The sim keeps one state byte per page (see :mod:`tiermem.kernel.sim`) that takes
+The sim keeps one state byte per page (see :mod:`tiermem.sim.kernel`) that takes
 three values: ``ST_NONE`` (unpopulated), ``ST_PROT`` (present, uffd bit set) and
 ``ST_ACC`` (present, uffd bit clear). Inside one VMA the PAGEMAP_SCAN categories
 of a page depend only on that byte and on the VMA's registration mode, so a scan

@@ -6,10 +6,10 @@ shmem memfd mapped twice: the tracked guest mapping (vCPU accesses, registered w
 the uffd) and the I/O mapping (``io_read``/``io_write``, never tracked). Errors are
 ``OSError(errno, message)`` with the kernel's errno.
 
-State: one byte per page (:mod:`tiermem.kernel.sim_mem`: unpopulated, protected,
+State: one byte per page (:mod:`tiermem.sim.mem`: unpopulated, protected,
 accessed) and a short VMA list, so a full-range UFFDIO_RWPROTECT is one numpy pass
-and a hot-set PAGEMAP_SCAN (:mod:`tiermem.kernel.sim_scan`) a few. Contents follow
-:mod:`tiermem.vmm.content`: real bytes, or (``synthetic=True``) a u32 counter per
+and a hot-set PAGEMAP_SCAN (:mod:`tiermem.sim.scan`) a few. Contents follow
+:mod:`tiermem.sim.content`: real bytes, or (``synthetic=True``) a u32 counter per
 page, materialised on ``io_read`` and decoded on ``copy`` (invalid bytes decode to
 ``CORRUPT``, so verification still catches them).
 
@@ -38,8 +38,8 @@ import numpy as np
 from tiermem.errors import InvalidArgument
 from tiermem.kernel import uapi
 from tiermem.kernel.backend import ApiInfo, KernelBackend, ScanResult
-from tiermem.kernel.sim_mem import CORRUPT, SimMemory, VmaList
-from tiermem.kernel.sim_scan import (
+from tiermem.sim.mem import CORRUPT, SimMemory, VmaList
+from tiermem.sim.scan import (
     ST_ACC,
     ST_NONE,
     ST_PROT,
@@ -50,7 +50,7 @@ from tiermem.kernel.sim_scan import (
     scan_runs,
     to_regions,
 )
-from tiermem.kernel.sim_scan import kerr as _err
+from tiermem.sim.scan import kerr as _err
 
 __all__ = ["CORRUPT", "SIM_FEATURES", "SimKernel", "SimStats"]
 
