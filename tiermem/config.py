@@ -104,6 +104,8 @@ class AgentSettings(_Base):
     """Run cycles from local policies when the control plane has been unreachable this long."""
     fsync: bool = True
     """fsync the index and local store before punching pages."""
+    native_faults: bool = True
+    """Serve common faults (MISSING, local store) on the native fault thread when the extension is built."""
     max_concurrent_cycles: int = Field(default=256, ge=1, le=4096)
     """Cycles, drains and verifications served at once (threads: each cycle holds one for its whole detection
     window, mostly asleep); more wait for a thread. Other RPCs have their own threads and never wait on these."""

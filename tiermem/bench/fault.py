@@ -78,10 +78,10 @@ def _stage_means(
 
 
 def run_store(label: str, url: str, faults: int, prefetch: int = 0, seed: int = 1,
-              tmp: Path | None = None) -> dict[str, Any]:  # fmt: skip
+              tmp: Path | None = None, native_faults: bool = True) -> dict[str, Any]:  # fmt: skip
     """Evict ``faults`` pages of a process guest to the store at ``url`` and fault them back."""
     vm = f"fault-{label}"
-    with bench_agent({"default": url}, tmp=tmp) as agent:
+    with bench_agent({"default": url}, tmp=tmp, native_faults=native_faults) as agent:
         guest = GuestDriver(agent.settings.handoff_path(), vm, f"{faults * PAGE_SIZE // 1024}K")
         try:
             s = wait_attached(agent, vm)
@@ -104,6 +104,9 @@ def run_store(label: str, url: str, faults: int, prefetch: int = 0, seed: int = 
             served = settled_count(lambda: s.counters.faults_served) - served0
             stages = _stage_means(stages0, _stage_sums(agent))
             agent_us = s.fault_latency.samples()[-served:] if served else np.zeros(0)
+            fs = agent.faults[vm]
+            path = "python" if fs.native is None else "native"
+            native_stats = fs.native.stats() if fs.native is not None else None
             resident = guest.cmd(f"touch {spec} r")
             check = guest.cmd("verify", timeout=600)
         finally:
@@ -118,6 +121,7 @@ def run_store(label: str, url: str, faults: int, prefetch: int = 0, seed: int = 
     r50, r99 = pct(get_us, 50, 99)
     return {
         "store": label, "url": url, "faults": touched["pages"], "faults_served": served, "prefetch": prefetch,
+        "fault_path": path, "native": native_stats,
         "evict_s": round(evict_s, 3), "touch_wall_s": round(wall, 3),
         "guest": {"p50_us": round(g50, 1), "p99_us": round(g99, 1), "max_us": round(touched["max_us"], 1)},
         "agent": {"p50_us": a50, "p99_us": a99, "samples": len(agent_us), "stage_mean_us": stages},
@@ -150,22 +154,27 @@ def run(urls: Sequence[str] = (), spawn: Sequence[str] = (), quick: bool = False
     if bad or not placements:
         raise FailedPrecondition(f"placements must be among {', '.join(PLACEMENTS)}, got {list(placements)}")
     order = np.random.default_rng(1).permutation(faults)  # run_store's order (seed 1): the same pages
+    # Side by side: the native fault thread (where it is built) and the pure-Python reference path.
+    paths = [True, False] if native.paths()["fault_serve"] == "native" else [False]
     rows = []
     with store_targets(urls, spawn, local=local) as targets:
         for t in targets:
             for where in placements:
                 with placement(0 if where == "pinned" else None):
-                    before = c_handler_touch(order, faults)
-                    row = run_store(t.label, t.url, faults, prefetch)
-                    after = c_handler_touch(order, faults)
-                c = _c_baseline([before, after])
-                row.update(placement=where, fault_path=native.paths()["fault_serve"], baseline_c_handler=c,
-                           ratio_p50_vs_c_handler=ratio(row["guest"]["p50_us"], c["p50_us"]))  # fmt: skip
-                rows.append(row)
+                    for use_native in paths:
+                        before = c_handler_touch(order, faults)
+                        row = run_store(t.label, t.url, faults, prefetch, native_faults=use_native)
+                        after = c_handler_touch(order, faults)
+                        c = _c_baseline([before, after])
+                        row.update(placement=where, baseline_c_handler=c,
+                                   ratio_p50_vs_c_handler=ratio(row["guest"]["p50_us"], c["p50_us"]))  # fmt: skip
+                        rows.append(row)
     goals: dict[str, bool | None] = {"local_p50_le_4x_c_handler": None, "local_p99_le_1ms": None}
     local_rows = [r for r in rows if r["store"] == "local"]
     if local_rows:
-        r = next((x for x in local_rows if x["placement"] == "pinned"), local_rows[0])
+        # the fastest path's row, pinned if measured
+        pinned = [x for x in local_rows if x["placement"] == "pinned"] or local_rows
+        r = min(pinned, key=lambda x: x["ratio_p50_vs_c_handler"] or float("inf"))
         goals = {"local_p50_le_4x_c_handler": r["ratio_p50_vs_c_handler"] <= GOAL_P50_VS_C,
                  "local_p99_le_1ms": r["guest"]["p99_us"] <= GOAL_P99_US}  # fmt: skip
     return {"faults": faults, "prefetch": prefetch, "page_size": PAGE_SIZE, "placements": list(placements),
