@@ -93,3 +93,15 @@ def test_kvm() -> None:
         assert out[g]["off"]["accesses_per_s"] > 0 and out[g]["on"]["accesses_per_s"] > 0
         assert out[g]["latency"]["fault_p50_us"] <= out[g]["latency"]["fault_p99_us"]
     assert out["ratios"]["kvm_on_over_off"] > 0
+
+
+def test_agent_with_a_local_store_faults_on_the_native_path(tmp_path: Any) -> None:
+    out = bench("agent", "--store", f"file://{tmp_path}/pages", "--sim-vms", "2", "--sim-mib", "8",
+                "--guest-mib", "4", "--cap-mib", "2", "--interval-ms", "50")  # fmt: skip
+    assert out["mismatches"] == 0
+    if native.paths()["fault_serve"] != "native":
+        assert out["fault_path"] == "python" and out["native_served"] == 0
+        return
+    assert out["fault_path"] == "native"
+    assert out["native_served"] == 1024  # both halves of the 4 MiB guest, idle and during the evictions
+    assert out["faults_during_eviction"]["faults"] == 512
