@@ -500,8 +500,13 @@ class RealBackend(KernelBackend):
                 if not msgs:
                     return total
                 total += len(msgs)
-                for m in msgs:
-                    out = self._handle(m)
+                for i, m in enumerate(msgs):
+                    try:
+                        out = self._handle(m)
+                    except BaseException:
+                        if native is not None:  # those messages are lost: never leave the thread waiting
+                            native.ack(len(msgs) - i)
+                        raise
                     if out is not None:
                         self._out.append(out)  # acknowledged by message_done once dispatched
                     elif native is not None:
