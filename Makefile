@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: demo test setup setup-test os-deps native-deps apt-install lint typecheck pytest protos
+.PHONY: demo test test-fast setup setup-test os-deps native-deps apt-install lint typecheck pytest protos
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -48,6 +48,10 @@ pytest:
 	$(BIN)/pytest $(ARGS)
 
 test: setup-test lint typecheck pytest
+
+# The fast lane: tests/unit only (about 45 s on an idle 2-core machine). Run `make setup-test` once first.
+test-fast:
+	$(BIN)/pytest -q tests/unit $(ARGS)
 
 protos:
 	$(BIN)/python scripts/gen_protos.py

@@ -6,14 +6,15 @@ static PyObject *py_edges(PyObject *self, PyObject *args)
 {
     Py_buffer src, out;
     unsigned char mask = 0xff;
-    if (!PyArg_ParseTuple(args, "y*w*|b", &src, &out, &mask))
+    int val = -1;
+    if (!PyArg_ParseTuple(args, "y*w*|bi", &src, &out, &mask, &val))
         return NULL;
     Py_ssize_t k = -1;
     if ((size_t)out.len < (size_t)(src.len + 64) * sizeof(int64_t))
         PyErr_SetString(PyExc_ValueError, "edges: the output buffer needs len(src) + 64 int64 slots");
     else {
         Py_BEGIN_ALLOW_THREADS
-        k = tm_edges((const uint8_t *)src.buf, src.len, mask, (int64_t *)out.buf);
+        k = tm_edges((const uint8_t *)src.buf, src.len, mask, val, (int64_t *)out.buf);
         Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&src);
@@ -90,11 +91,12 @@ static PyObject *py_count_edges(PyObject *self, PyObject *args)
 {
     Py_buffer src;
     unsigned char mask = 0xff;
-    if (!PyArg_ParseTuple(args, "y*|b", &src, &mask))
+    int val = -1;
+    if (!PyArg_ParseTuple(args, "y*|bi", &src, &mask, &val))
         return NULL;
     Py_ssize_t k;
     Py_BEGIN_ALLOW_THREADS
-    k = tm_count_edges((const uint8_t *)src.buf, src.len, mask);
+    k = tm_count_edges((const uint8_t *)src.buf, src.len, mask, val);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&src);
     return PyLong_FromSsize_t(k);
@@ -103,16 +105,17 @@ static PyObject *py_count_edges(PyObject *self, PyObject *args)
 static PyObject *py_match_regions(PyObject *self, PyObject *args)
 {
     Py_buffer src, out;
-    unsigned char mask, match;
+    unsigned char mask;
+    int val, match;
     unsigned long long key, base, ps;
-    if (!PyArg_ParseTuple(args, "y*bbKKKw*", &src, &mask, &match, &key, &base, &ps, &out))
+    if (!PyArg_ParseTuple(args, "y*biiKKKw*", &src, &mask, &val, &match, &key, &base, &ps, &out))
         return NULL;
     Py_ssize_t r = -1;
     if (!ps || (ps & (ps - 1)))
         PyErr_SetString(PyExc_ValueError, "match_regions: the page size must be a power of two");
     else {
         Py_BEGIN_ALLOW_THREADS
-        r = tm_match_regions((const uint8_t *)src.buf, src.len, mask, match, key, base, __builtin_ctzll(ps),
+        r = tm_match_regions((const uint8_t *)src.buf, src.len, mask, val, match, key, base, __builtin_ctzll(ps),
                              (uint64_t *)out.buf, out.len / 24);
         Py_END_ALLOW_THREADS
         if (r < 0)
@@ -125,17 +128,18 @@ static PyObject *py_match_regions(PyObject *self, PyObject *args)
 
 static PyMethodDef methods[] = {
     {"edges", py_edges, METH_VARARGS,
-     "edges(src: uint8 buffer, out: writable int64 buffer of len(src)+64, mask=0xff) -> count: indices "
-     "i >= 1 where src[i] & mask != src[i-1] & mask, ascending, in out[:count]."},
+     "edges(src: uint8 buffer, out: writable int64 buffer of len(src)+64, mask=0xff, val=-1) -> count: "
+     "indices i >= 1 where the class of src[i] differs from src[i-1]'s, ascending, in out[:count]; the "
+     "class is src & mask, or (src & mask) == val when val >= 0."},
     {"regions", py_regions, METH_VARARGS,
      "regions(starts, ends, keys: int64 arrays, base, page_size, out: writable buffer of 24*n bytes): "
      "page runs as PAGE_REGION triples (start*page_size+base, end*page_size+base, key)."},
     {"count_edges", py_count_edges, METH_VARARGS,
-     "count_edges(src: uint8 buffer, mask=0xff) -> how many i >= 1 have src[i] & mask != src[i-1] & mask."},
+     "count_edges(src: uint8 buffer, mask=0xff, val=-1) -> how many edges edges() would write."},
     {"match_regions", py_match_regions, METH_VARARGS,
-     "match_regions(src, mask, match, key, base, page_size, out) -> regions: the runs of src & mask == match "
+     "match_regions(src, mask, val, match, key, base, page_size, out) -> regions: the runs of class match "
      "as (start*page_size+base, end*page_size+base, key) u64 triples in out, which needs room for "
-     "count_edges(src, mask) // 2 + 1 regions."},
+     "count_edges(src, mask, val) // 2 + 1 regions."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,6 +1,7 @@
 /* Run detection for the simulated kernel's PAGEMAP_SCAN (tiermem.sim scan).
  *
- * edges(): every index i (1 <= i < n) where s[i] & mask != s[i-1] & mask, written to an int64
+ * A page's class is ``s & mask`` or, with ``val >= 0``, ``(s & mask) == val`` (a yes/no class).
+ * edges(): every index i (1 <= i < n) where the class of s[i] differs from s[i-1]'s, written to an int64
  * buffer. numpy's flatnonzero over a dense edge mask mispredicts a branch per
  * edge (~3 ns each); this compares 64 bytes at a time into a bit mask and writes
  * the positions of its edges eight at a time, without a branch per edge (the
@@ -10,13 +11,39 @@
 #if defined(__SSE2__)
 #include <emmintrin.h>
 
-static inline uint64_t neq16(const uint8_t *p, __m128i mask)
+typedef struct {
+    __m128i mask, val;
+    int bin;
+} cls_t;
+
+static inline __m128i cls16(const uint8_t *p, const cls_t *c)
 {
-    __m128i a = _mm_and_si128(_mm_loadu_si128((const __m128i *)p), mask);
-    __m128i b = _mm_and_si128(_mm_loadu_si128((const __m128i *)(p - 1)), mask);
-    return (~(unsigned)_mm_movemask_epi8(_mm_cmpeq_epi8(a, b))) & 0xffffu;
+    __m128i x = _mm_and_si128(_mm_loadu_si128((const __m128i *)p), c->mask);
+    return c->bin ? _mm_cmpeq_epi8(x, c->val) : x;
+}
+
+static inline uint64_t neq16(const uint8_t *p, const cls_t *c)
+{
+    return (~(unsigned)_mm_movemask_epi8(_mm_cmpeq_epi8(cls16(p, c), cls16(p - 1, c)))) & 0xffffu;
+}
+
+static inline uint64_t neq64(const uint8_t *p, const cls_t *c)
+{
+    return neq16(p, c) | neq16(p + 16, c) << 16 | neq16(p + 32, c) << 32 | neq16(p + 48, c) << 48;
+}
+
+static inline cls_t classes(uint8_t mask, int val)
+{
+    cls_t c = {_mm_set1_epi8((char)mask), _mm_set1_epi8((char)(val < 0 ? 0 : val)), val >= 0};
+    return c;
 }
 #endif
+
+/* The class of one state, in the scalar tail. */
+static inline int cls1(uint8_t x, uint8_t mask, int val)
+{
+    return val >= 0 ? (x & mask) == val : x & mask;
+}
 
 /* Eight positions from the mask, unconditionally: slots past the last edge are overwritten later. */
 #define EIGHT(o, base, m)                                                  \
@@ -27,14 +54,13 @@ static inline uint64_t neq16(const uint8_t *p, __m128i mask)
         }                                                                  \
     } while (0)
 
-Py_ssize_t tm_edges(const uint8_t *s, Py_ssize_t n, uint8_t mask, int64_t *out)
+Py_ssize_t tm_edges(const uint8_t *s, Py_ssize_t n, uint8_t mask, int val, int64_t *out)
 {
     Py_ssize_t k = 0, i = 1;
 #if defined(__SSE2__)
-    __m128i vm = _mm_set1_epi8((char)mask);
+    cls_t c = classes(mask, val);
     for (; i + 64 <= n; i += 64) {
-        uint64_t m = neq16(s + i, vm) | neq16(s + i + 16, vm) << 16 | neq16(s + i + 32, vm) << 32 |
-                     neq16(s + i + 48, vm) << 48;
+        uint64_t m = neq64(s + i, &c);
         if (!m)
             continue;
         int cnt = __builtin_popcountll(m);
@@ -55,7 +81,7 @@ Py_ssize_t tm_edges(const uint8_t *s, Py_ssize_t n, uint8_t mask, int64_t *out)
 #endif
     for (; i < n; i++) {
         out[k] = i;
-        k += ((s[i] ^ s[i - 1]) & mask) != 0;
+        k += cls1(s[i], mask, val) != cls1(s[i - 1], mask, val);
     }
     return k;
 }
@@ -64,28 +90,27 @@ Py_ssize_t tm_edges(const uint8_t *s, Py_ssize_t n, uint8_t mask, int64_t *out)
  * PAGE_REGION triples, straight from the states (no intermediate edge array: the scan is
  * bound by memory bandwidth once run detection is cheap). Two passes: count, then fill an
  * exactly sized output. */
-Py_ssize_t tm_count_edges(const uint8_t *s, Py_ssize_t n, uint8_t mask)
+Py_ssize_t tm_count_edges(const uint8_t *s, Py_ssize_t n, uint8_t mask, int val)
 {
     Py_ssize_t k = 0, i = 1;
 #if defined(__SSE2__)
-    __m128i vm = _mm_set1_epi8((char)mask);
+    cls_t c = classes(mask, val);
     for (; i + 64 <= n; i += 64)
-        k += __builtin_popcountll(neq16(s + i, vm) | neq16(s + i + 16, vm) << 16 | neq16(s + i + 32, vm) << 32 |
-                                  neq16(s + i + 48, vm) << 48);
+        k += __builtin_popcountll(neq64(s + i, &c));
 #endif
     for (; i < n; i++)
-        k += ((s[i] ^ s[i - 1]) & mask) != 0;
+        k += cls1(s[i], mask, val) != cls1(s[i - 1], mask, val);
     return k;
 }
 
-Py_ssize_t tm_match_regions(const uint8_t *s, Py_ssize_t n, uint8_t mask, uint8_t match, uint64_t key,
+Py_ssize_t tm_match_regions(const uint8_t *s, Py_ssize_t n, uint8_t mask, int val, int match, uint64_t key,
                             uint64_t base, int shift, uint64_t *o, Py_ssize_t cap)
 {
     /* Edges alternate between opening and closing a matching run (the branch on ``open`` is
      * perfectly predicted). A branch-free variant that writes eight edge slots at a time measured
      * slower here: its scattered stores cost more than the loop's exit mispredictions. */
     Py_ssize_t r = 0, i = 1;
-    int open = n > 0 && (s[0] & mask) == match;
+    int open = n > 0 && cls1(s[0], mask, val) == match;
     uint64_t start = 0;
 #define EDGE(pos)                                                \
     do {                                                         \
@@ -102,10 +127,9 @@ Py_ssize_t tm_match_regions(const uint8_t *s, Py_ssize_t n, uint8_t mask, uint8_
         open = !open;                                            \
     } while (0)
 #if defined(__SSE2__)
-    __m128i vm = _mm_set1_epi8((char)mask);
+    cls_t c = classes(mask, val);
     for (; i + 64 <= n; i += 64) {
-        uint64_t m = neq16(s + i, vm) | neq16(s + i + 16, vm) << 16 | neq16(s + i + 32, vm) << 32 |
-                     neq16(s + i + 48, vm) << 48;
+        uint64_t m = neq64(s + i, &c);
         while (m) {
             EDGE(i + __builtin_ctzll(m));
             m &= m - 1;
@@ -113,7 +137,7 @@ Py_ssize_t tm_match_regions(const uint8_t *s, Py_ssize_t n, uint8_t mask, uint8_
     }
 #endif
     for (; i < n; i++)
-        if ((s[i] ^ s[i - 1]) & mask)
+        if (cls1(s[i], mask, val) != cls1(s[i - 1], mask, val))
             EDGE(i);
     if (open)
         EDGE(n);

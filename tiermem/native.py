@@ -48,13 +48,14 @@ def paths() -> dict[str, str]:
     }
 
 
-def run_bounds(states: np.ndarray, mask: int = 0xFF) -> np.ndarray:
-    """``[0, i..., len(states)]`` for every ``i >= 1`` where ``states[i] & mask != states[i-1] & mask``:
-    the bounds of the runs of equal (masked) uint8 states. Native only."""
+def run_bounds(states: np.ndarray, mask: int = 0xFF, val: int = -1) -> np.ndarray:
+    """``[0, i..., len(states)]`` for every ``i >= 1`` where the class of ``states[i]`` differs from
+    ``states[i-1]``'s: the bounds of the runs of one class. The class of a uint8 state is
+    ``state & mask``, or ``(state & mask) == val`` when ``val >= 0``. Native only."""
     assert mod is not None
     n = len(states)
     out = np.empty(n + 66, dtype=np.int64)
-    k = mod.edges(np.ascontiguousarray(states, dtype=np.uint8), out[1:], mask)
+    k = mod.edges(np.ascontiguousarray(states, dtype=np.uint8), out[1:], mask, val)
     out[0] = 0
     out[k + 1] = n
     return out[: k + 2]
@@ -70,13 +71,14 @@ def regions(starts: np.ndarray, ends: np.ndarray, keys: np.ndarray, base: int, p
     return out
 
 
-def match_regions(states: np.ndarray, mask: int, match: int, key: int, base: int, page_size: int,
+def match_regions(states: np.ndarray, mask: int, val: int, match: int, key: int, base: int, page_size: int,
                   dtype: Any) -> np.ndarray:  # fmt: skip
-    """The runs of ``states & mask == match`` as an array of ``dtype`` regions (start and end
-    addresses, ``key`` as categories), in one pass over the states after a counting pass. Native only."""
+    """The runs of states of class ``match`` (classes as in :func:`run_bounds`) as an array of ``dtype``
+    regions (start and end addresses, ``key`` as categories), in one pass over the states after a
+    counting pass. Native only."""
     assert mod is not None
     src = np.ascontiguousarray(states, dtype=np.uint8)
-    edges = mod.count_edges(src, mask)
+    edges = mod.count_edges(src, mask, val)
     out = np.empty(edges // 2 + 1, dtype=dtype)  # a run takes two edges, or one at either end
-    n = mod.match_regions(src, mask, match, key, base, page_size, out)
+    n = mod.match_regions(src, mask, val, match, key, base, page_size, out)
     return out[:n]

@@ -138,8 +138,9 @@ def test_corrupt_payload_is_never_installed_and_the_fault_waits(
         assert agent.index.get("vm1", victim) == entry  # still evicted, still indexed
         wait_until(lambda: any(e.kind is EventKind.INTEGRITY_ERROR for e in agent.events.history("vm1")),
                    "the integrity event")  # fmt: skip
+        nf = agent.faults["vm1"].native
         if path == "native":
-            assert agent.faults["vm1"].native.stats()["fallbacks"]["verify"] >= 1  # refused natively too
+            assert nf is not None and nf.stats()["fallbacks"]["verify"] >= 1  # refused natively too
         os.pwrite(fd, old, at)
     finally:
         os.close(fd)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from tiermem.agent.index import IndexEntry
-from tiermem.agent.metrics import FAULT_KINDS
+from tiermem.agent.metrics import FaultKind, FaultStage
 from tiermem.agent.native_faults import NativeFaults
 from tiermem.agent.session import VmSession
 from tiermem.errors import IntegrityError, NotFound, StoreUnavailable, TiermemError
@@ -35,7 +35,7 @@ from tiermem.store.base import Codec
 
 __all__ = ["FaultServer", "Installed"]
 
-log = structlog.get_logger("tiermem.agent.faults")
+log = structlog.get_logger(__name__)
 
 _VMM_GONE = (errno.ENOENT, errno.ESRCH, errno.ENOSPC, errno.EBADF)
 
@@ -56,10 +56,13 @@ class FaultServer:
         self.vmm_gone = threading.Event()
         m = session.metrics
         # Metric children bound once: ``labels()`` costs microseconds a call, six calls a fault.
-        # in FAULT_KINDS order; forget_vm drops the same label sets
-        self._m_missing, self._m_zero, self._m_rwp = (m.faults.labels(session.vm_id, k) for k in FAULT_KINDS)
+        self._m_missing = m.faults.labels(session.vm_id, FaultKind.MISSING.value)
+        self._m_zero = m.faults.labels(session.vm_id, FaultKind.ZERO.value)
+        self._m_rwp = m.faults.labels(session.vm_id, FaultKind.RWP.value)
         self._m_restored = m.pages_restored.labels(session.vm_id)
-        self._m_stages = tuple(m.fault_stage_seconds.labels(st) for st in ("lookup", "fetch", "install"))
+        self._m_lookup = m.fault_stage_seconds.labels(FaultStage.LOOKUP.value)
+        self._m_fetch = m.fault_stage_seconds.labels(FaultStage.FETCH.value)
+        self._m_install = m.fault_stage_seconds.labels(FaultStage.INSTALL.value)
         self.native: NativeFaults | None = None
         """The native fault thread serving this VM's common faults, when it applies (see native_faults)."""
 
@@ -131,8 +134,13 @@ class FaultServer:
             if not 0 <= page < self.s.n_pages:
                 log.warning("fault outside guest memory", vm=self.s.vm_id, address=hex(msg.address))
                 return
-            if msg.flags & (uapi.UFFD_PAGEFAULT_FLAG_RWP | uapi.UFFD_PAGEFAULT_FLAG_MINOR):
+            if msg.flags & uapi.UFFD_PAGEFAULT_FLAG_RWP:
                 self.on_tracking_fault(page)
+                return
+            if msg.flags & uapi.UFFD_PAGEFAULT_FLAG_MINOR:
+                # A page in the memfd but unmapped in the guest (the uffd backend turns its own MINOR
+                # faults into RWP ones): map it with CONTINUE, parked like an RWP fault while frozen.
+                self.on_tracking_fault(page, minor=True)
                 return
             with self._inflight_lock:
                 if page in self._inflight:
@@ -188,27 +196,36 @@ class FaultServer:
         return kind in ("file", "memory")
 
     # --- tracking faults ---------------------------------------------------------------------------
-    def on_tracking_fault(self, page: int) -> None:
-        """A sync RWP fault (or the uffd emulation's surfaced MINOR fault)."""
+    def on_tracking_fault(self, page: int, *, minor: bool = False) -> None:
+        """A sync RWP fault (or the uffd emulation's surfaced one), or a MINOR fault (``minor``)."""
         s = self.s
         s.counters.rwp_faults += 1
         self._m_rwp.inc()
         with s.evict_lock:
             if s.frozen:
-                s.deferred.append(page)  # decided after the hot set is frozen
+                s.deferred.append((page, minor))  # decided after the hot set is frozen
                 return
             if s.pending_evict[page]:
                 return  # the eviction batch's WAKE after the punch resolves it
-        self._resolve_tracking(page)
+        self._resolve_tracking(page, minor)
 
-    def _resolve_tracking(self, page: int) -> None:
+    def _resolve_tracking(self, page: int, minor: bool) -> None:
+        b = self.s.backend
         try:
-            self.s.backend.rwprotect(self.s.backend.addr(page), self.s.page_size, protect=False)
+            if minor:
+                b.continue_(b.addr(page), self.s.page_size)
+            else:
+                b.rwprotect(b.addr(page), self.s.page_size, protect=False)
         except OSError as e:
             if e.errno in _VMM_GONE:
                 self._vmm_went_away(e)
+            elif minor and e.errno in (errno.EEXIST, errno.EFAULT):
+                # Mapped meanwhile (EEXIST) or punched (EFAULT: its retry faults MISSING): just wake.
+                self.wake(Installed(present=[page]))
             elif e.errno != errno.EEXIST:
-                log.error("rwprotect clear failed", vm=self.s.vm_id, page=page, error=str(e))
+                log.error(
+                    "tracking fault not resolved", vm=self.s.vm_id, page=page, minor=minor, error=str(e)
+                )
 
     def release_deferred(self) -> None:
         """Called by the cycle engine once the eviction set is known: resolve parked faults not in it."""
@@ -216,17 +233,25 @@ class FaultServer:
         with s.evict_lock:
             parked, s.deferred = s.deferred, []
             s.frozen = False
-            resolve = [p for p in parked if not s.pending_evict[p]]
-        for p in resolve:
-            self._resolve_tracking(p)
+            resolve = [(p, minor) for p, minor in parked if not s.pending_evict[p]]
+        for p, minor in resolve:
+            self._resolve_tracking(p, minor)
 
     def on_remove(self, start: int, end: int) -> None:
-        """Balloon or munmap: the guest gave the range back and will read zeroes there.
+        """A REMOVE/UNMAP event: the VMM zapped or discarded the range.
 
-        Evicted pages in the range are forgotten (their stored contents must never come back);
-        their payloads are retired like restored pages.
+        On private anonymous memory (Firecracker) the range reads as zeroes now, so its evicted
+        pages are forgotten and their payloads retired. On a shmem memfd the event is ambiguous:
+        MADV_DONTNEED keeps the page cache (the guest still expects its data) and only MADV_REMOVE
+        drops it, so evicted pages keep their entries: a later fault restores their last contents
+        rather than risking the loss of data the guest still owns.
         """
         s = self.s
+        if not s.backend.anonymous:
+            log.info(
+                "range zapped by the VMM; evicted pages kept", vm=s.vm_id, start=hex(start), end=hex(end)
+            )
+            return
         first = max(s.backend.page_of(start), 0)
         last = min(s.backend.page_of(end + s.page_size - 1), s.n_pages)
         gone = [
@@ -288,10 +313,9 @@ class FaultServer:
                 s.counters.promotions.append((time.monotonic(), 1))
                 self._m_missing.inc()
                 self._m_restored.inc(len(restored))
-                lookup, fetch, install = self._m_stages
-                lookup.observe(t1 - t0)
-                fetch.observe(t2 - t1)
-                install.observe(t3 - t2)
+                self._m_lookup.observe(t1 - t0)
+                self._m_fetch.observe(t2 - t1)
+                self._m_install.observe(t3 - t2)
                 s.metrics.fault_seconds.observe(t3 - t0)
                 s.fault_latency.add((t3 - t0) * 1e6)
         finally:

@@ -27,6 +27,7 @@ from typing import Any
 import structlog
 
 from tiermem import native
+from tiermem.agent.metrics import FaultKind
 from tiermem.agent.session import VmSession
 from tiermem.errors import TiermemError
 from tiermem.kernel.uffd_base import RealBackend
@@ -93,7 +94,7 @@ class NativeFaults:
         self._stop = threading.Event()
         self._drainer: threading.Thread | None = None
         m = session.metrics
-        self._m_missing = m.faults.labels(session.vm_id, "missing")
+        self._m_missing = m.faults.labels(session.vm_id, FaultKind.MISSING.value)
         self._m_restored = m.pages_restored.labels(session.vm_id)
 
     @classmethod

@@ -1,21 +1,27 @@
 """PAGEMAP_SCAN for the simulated kernel: categories, matching and merged regions, vectorised.
 
 The sim keeps one state byte per page (see :mod:`tiermem.sim.kernel`) that takes
-three values: ``ST_NONE`` (unpopulated), ``ST_PROT`` (present, uffd bit set) and
-``ST_ACC`` (present, uffd bit clear). Inside one VMA the PAGEMAP_SCAN categories
-of a page depend only on that byte and on the VMA's registration mode, so a scan
-is: per VMA, map the three states to "region key" (``categories & return_mask``
+four values: ``ST_NONE`` (not in the memfd), ``ST_CACHED`` (in the memfd's page
+cache, pte_none in the guest mapping), ``ST_PROT`` (mapped, uffd bit set) and
+``ST_ACC`` (mapped, uffd bit clear). Bit 0 is "mapped in the guest". Inside one VMA
+the PAGEMAP_SCAN categories of a page depend only on that byte and on the VMA's
+registration mode (pagemap sees PTEs: a cached page reads like a hole), so a scan
+is: per VMA, map the states to "region key" (``categories & return_mask``
 when the page matches, else no match), find where the key changes with a couple
 of whole-array numpy passes, and merge runs across VMA boundaries as the kernel's
 ``pagemap_scan_push_range`` does. No per-page Python loop.
 
-Categories follow ``fs/proc/task_mmu.c`` with the RWP series (v10):
+Categories follow ``fs/proc/task_mmu.c`` of mainline 7.3:
 
-* present shmem page: ``PAGE_IS_PRESENT | PAGE_IS_FILE``;
+* present shmem page: ``PAGE_IS_PRESENT | PAGE_IS_FILE`` (an RWP-protected PTE is
+  PAGE_NONE, which is present);
 * ``PAGE_IS_ACCESSED`` only inside ``VM_UFFD_RWP`` VMAs, for present pages whose
-  uffd bit is clear; unpopulated pages there are "neither hot nor cold" (v10): they
-  never appear in a scan, inverted or not, so "not accessed" means resident and
-  still protected;
+  uffd bit is clear. pte_none pages (holes and cached-but-unmapped pages) have no
+  category: a non-inverted ``PAGE_IS_ACCESSED`` scan skips them, but an inverted
+  one, or ``category_mask=0``, reports them with categories 0 (the v10 patch hid
+  them; mainline does not). So "not accessed" alone does not mean "protected":
+  ask for ``PAGE_IS_PRESENT`` too;
+* ``PM_SCAN_WP_MATCHING`` skips RWP VMAs silently (no EINVAL, unlike v2);
 * ``PAGE_IS_WRITTEN`` only inside ``VM_UFFD_WP`` VMAs (unpopulated pages included);
 * soft-dirty is compiled out of the modelled kernel, nothing is swapped or huge.
 """
@@ -32,6 +38,7 @@ from tiermem.kernel import uapi
 
 __all__ = [
     "ST_ACC",
+    "ST_CACHED",
     "ST_NONE",
     "ST_PROT",
     "categories_by_state",
@@ -45,17 +52,21 @@ __all__ = [
 ]
 
 ST_NONE = 0
-"""Unpopulated: never touched (``populated=False``) or punched."""
+"""Not in the memfd: never touched (``populated=False``) or punched."""
+ST_CACHED = 2
+"""In the memfd's page cache, pte_none in the guest mapping (written through the I/O mapping,
+or MADV_DONTNEED'd): cannot be RWP-protected; an access maps it (or faults MINOR)."""
 ST_PROT = 1
 """Present with the uffd bit set: RWP-protected (PAGE_NONE + marker)."""
 ST_ACC = 3
 """Present with the uffd bit clear: accessed (or never protected) since the last protect."""
 
 _NO_MATCH = -1
+_CACHED_AS_NONE = np.array([ST_NONE, ST_PROT, ST_NONE, ST_ACC], dtype=np.uint8)
 
 
 def categories_by_state(mode: int) -> tuple[int, int, int]:
-    """PAGEMAP_SCAN categories of (ST_NONE, ST_PROT, ST_ACC) pages in a VMA registered with ``mode``."""
+    """PAGEMAP_SCAN categories of (pte_none, ST_PROT, ST_ACC) pages in a VMA registered with ``mode``."""
     wp = bool(mode & uapi.UFFDIO_REGISTER_MODE_WP)
     rwp = bool(mode & uapi.UFFDIO_REGISTER_MODE_RWP)
     present = uapi.PAGE_IS_PRESENT | uapi.PAGE_IS_FILE
@@ -73,28 +84,34 @@ def _key(categories: int, mask: int, inverted: int, anyof: int, ret: int) -> int
     return categories & ret
 
 
-def _classes(
-    sl: np.ndarray, k_none: int, k_prot: int, k_acc: int
-) -> tuple[np.ndarray, int, tuple[int, int] | None]:
-    """States reduced to classes with equal keys: (array, bit mask to apply, the two classes' keys
-    when there are exactly two)."""
+Classes = tuple[int, int, tuple[int, int] | None]
+"""(mask, val, keys): a state's class is ``state & mask``, or ``(state & mask) == val`` when
+``val >= 0``; keys are the two classes' keys when there are exactly two (class 0 first)."""
+
+
+def _classes(k_none: int, k_prot: int, k_acc: int) -> Classes:
+    """How to tell states with different keys apart in one pass (ST_CACHED reads as pte_none)."""
     if k_prot == k_acc:
-        return sl, 1, (k_none, k_acc)
+        return 1, -1, (k_none, k_acc)  # bit 0: mapped in the guest
     if k_none == k_prot:
-        return sl, 2, (k_none, k_acc)
+        return 0xFF, ST_ACC, (k_none, k_acc)
     if k_none == k_acc:
-        return (sl == ST_PROT).view(np.uint8), 0xFF, (k_none, k_prot)
-    return sl, 0xFF, None
+        return 0xFF, ST_PROT, (k_none, k_prot)
+    return 0xFF, -1, None
 
 
-def _bounds(cls: np.ndarray, bit: int) -> np.ndarray:
-    """``[0, edges..., len]``: the bounds of the runs of equal ``cls & bit``."""
+def _class_of(state: int, mask: int, val: int) -> int:
+    return int((state & mask) == val) if val >= 0 else state & mask
+
+
+def _bounds(sl: np.ndarray, mask: int, val: int) -> np.ndarray:
+    """``[0, edges..., len]``: the bounds of the runs of one class."""
     if native.available():
         # Scattered hot pages make a run edge every few pages; numpy's flatnonzero takes a
-        # mispredicted branch per edge (33x a count_nonzero pass), the native pass ~6x.
-        return native.run_bounds(cls, bit)
-    masked = cls if bit == 0xFF else cls & bit
-    return np.concatenate(([0], np.flatnonzero(masked[1:] != masked[:-1]) + 1, [len(cls)])).astype(np.int64)
+        # mispredicted branch per edge, the native pass compares 64 states at a time.
+        return native.run_bounds(sl, mask, val)
+    cls = (sl & mask if mask != 0xFF else sl) if val < 0 else ((sl & mask) == val).view(np.uint8)
+    return np.concatenate(([0], np.flatnonzero(cls[1:] != cls[:-1]) + 1, [len(sl)])).astype(np.int64)
 
 
 def _segment_runs(
@@ -104,35 +121,19 @@ def _segment_runs(
     m = len(sl)
     if k_none == k_prot == k_acc:
         return np.zeros(1, dtype=np.int64), np.full(1, m, dtype=np.int64), np.full(1, k_none, dtype=np.int64)
-    cls, bit, two = _classes(sl, k_none, k_prot, k_acc)
-    bounds = _bounds(cls, bit)
+    mask, val, two = _classes(k_none, k_prot, k_acc)
+    # Three keys: ST_CACHED and ST_NONE are one class (both pte_none), whatever their values.
+    bounds = _bounds(sl if two is not None else _CACHED_AS_NONE[sl], mask, val)
     starts, ends = bounds[:-1], bounds[1:]
     if two is None:
-        lut = np.array([k_none, k_prot, _NO_MATCH, k_acc], dtype=np.int64)
+        lut = np.array([k_none, k_prot, k_none, k_acc], dtype=np.int64)  # ST_CACHED reads as pte_none
         return starts, ends, lut[sl[starts]]
     # Two classes: the runs alternate, so no per-run gather is needed.
-    first = two[int(cls[0] & bit != 0)]
+    first = two[_class_of(int(sl[0]), mask, val)]
     keys = np.empty(len(starts), dtype=np.int64)
     keys[0::2] = first
     keys[1::2] = two[1] if first == two[0] else two[0]
     return starts, ends, keys
-
-
-def _matching_runs(
-    sl: np.ndarray, keys: tuple[int, int, int]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """The hot-set scan's shape inside one VMA: two classes of state, one of them not matching.
-    The matching runs are every other run, returned as views of the bounds (no per-run pass);
-    None for any other shape."""
-    cls, bit, two = _classes(sl, *keys)
-    if two is None or (_NO_MATCH not in two) or two[0] == two[1]:
-        return None
-    key = two[1] if two[0] == _NO_MATCH else two[0]
-    bounds = _bounds(cls, bit)
-    runs = len(bounds) - 1
-    p = 0 if two[int(cls[0] & bit != 0)] == key else 1
-    starts, ends = bounds[p:runs:2], bounds[p + 1 : runs + 1 : 2]
-    return starts, ends, np.broadcast_to(np.int64(key), starts.shape)
 
 
 def scan_runs(
@@ -160,12 +161,6 @@ def scan_runs(
             continue
         c_none, c_prot, c_acc = categories_by_state(mode)
         k_none, k_prot, k_acc = (_key(c, mask, inverted, anyof, ret) for c in (c_none, c_prot, c_acc))
-        if mode & uapi.UFFDIO_REGISTER_MODE_RWP:
-            k_none = _NO_MATCH  # pte_none in an RWP VMA is not part of the working set
-        if a == max(vmas[0][0], p0) and b == min(vmas[-1][1], p1):  # one VMA covers the range
-            only = _matching_runs(state[a:b], (k_none, k_prot, k_acc))
-            if only is not None:
-                return only[0] + a if a else only[0], only[1] + a if a else only[1], only[2]
         s, e, k = _segment_runs(state[a:b], k_none, k_prot, k_acc)
         starts.append(s + a)
         ends.append(e + a)
@@ -211,24 +206,23 @@ def scan_regions(
     base: int,
     page_size: int,
 ) -> np.ndarray | None:
-    """The hot-set scan's common shape as a ``PAGE_REGION_DTYPE`` array in one native pass, or None
-    when it does not apply (no native extension, several VMAs, other categories: use
-    :func:`scan_runs`). No limits: the caller uses this only without max_pages and vec_len."""
+    """The hot-set scan's shape (one VMA, two classes of state, one not matching) as a
+    ``PAGE_REGION_DTYPE`` array in one native pass, or None when it does not apply (no native
+    extension, several VMAs, other categories: use :func:`scan_runs`). No limits: the caller uses
+    this only without max_pages and vec_len."""
     if not native.available() or len(vmas) != 1:
         return None
     vs, ve, mode = vmas[0]
     a, b = max(vs, p0), min(ve, p1)
     if a >= b:
         return None
-    k_none, k_prot, k_acc = (_key(c, mask, inverted, anyof, ret) for c in categories_by_state(mode))
-    if mode & uapi.UFFDIO_REGISTER_MODE_RWP:
-        k_none = _NO_MATCH
-    cls, bit, two = _classes(state[a:b], k_none, k_prot, k_acc)
+    keys = tuple(_key(c, mask, inverted, anyof, ret) for c in categories_by_state(mode))
+    cmask, val, two = _classes(*keys)
     if two is None or _NO_MATCH not in two or two[0] == two[1]:
         return None
     matching = 1 if two[0] == _NO_MATCH else 0
-    value = 0 if matching == 0 else (bit if bit != 0xFF else 1)
-    return native.match_regions(cls, bit, value, two[matching], base + a * page_size, page_size,
+    match = matching if val >= 0 else (cmask if matching else 0)
+    return native.match_regions(state[a:b], cmask, val, match, two[matching], base + a * page_size, page_size,
                                 uapi.PAGE_REGION_DTYPE)  # fmt: skip
 
 
@@ -288,11 +282,10 @@ def check_scan_flags(flags: int, modes: Sequence[int]) -> bool:
     """pagemap_scan_test_walk for the VMAs' registration modes; True means "skip them all".
 
     The sim models no WP-async VMA, so PM_SCAN_CHECK_WPASYNC fails with EPERM and
-    PM_SCAN_WP_MATCHING skips every VMA, except an RWP one, which is EINVAL (v2 10/14).
+    PM_SCAN_WP_MATCHING skips every VMA, RWP ones included (silently, as mainline does; the
+    v2 patch's EINVAL was dropped).
     """
-    for mode in modes:
-        if flags & uapi.PM_SCAN_WP_MATCHING and mode & uapi.UFFDIO_REGISTER_MODE_RWP:
-            raise kerr(errno.EINVAL, "PAGEMAP_SCAN: PM_SCAN_WP_MATCHING on an RWP range")
+    for _mode in modes:
         if flags & uapi.PM_SCAN_CHECK_WPASYNC:
             raise kerr(errno.EPERM, "PAGEMAP_SCAN: range is not WP-async")
     return bool(flags & uapi.PM_SCAN_WP_MATCHING)

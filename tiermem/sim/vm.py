@@ -6,6 +6,7 @@ Registered as the ``sim`` backend in :mod:`tiermem.kernel.registry`.
 from __future__ import annotations
 
 from tiermem.kernel import uapi
+from tiermem.kernel.backend import TRACKED_REGISTER_MODE
 from tiermem.sim.kernel import SimKernel
 from tiermem.sim.trace import DEFAULT_MAX_BYTES, TraceDir
 from tiermem.sim.workloads import SimGuest, parse_workload
@@ -28,6 +29,6 @@ def create_sim_vm(
     wl = parse_workload(workload, n_pages, seed, traces) if workload else None
     sim = SimKernel(n_pages, synthetic=synthetic)
     sim.api(uapi.UFFD_FEATURE_RWP | uapi.UFFD_FEATURE_RWP_ASYNC | uapi.UFFD_FEATURE_THREAD_ID)
-    sim.register(sim.base, sim.size, uapi.UFFDIO_REGISTER_MODE_MISSING | uapi.UFFDIO_REGISTER_MODE_RWP)
+    sim.register(sim.base, sim.size, TRACKED_REGISTER_MODE)
     guest = SimGuest(sim, wl, vcpus=vcpus, seed=seed) if wl is not None else None
     return sim, guest
