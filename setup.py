@@ -12,7 +12,7 @@ setup(
             "tiermem._native",
             sources=["csrc/module.c", "csrc/scan.c", "csrc/faults.c"],
             depends=["csrc/native.h"],
-            libraries=["zstd", "lz4", "xxhash"],
+            libraries=["zstd", "lz4", "sodium"],
             extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
             optional=True,
         )

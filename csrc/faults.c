@@ -5,7 +5,8 @@
  * - Python owns every decision that is not the common case. This thread serves a message only when
  *   it is a plain MISSING fault (no WP/MINOR/RWP flag), no earlier message is still with Python
  *   (kernel order), the page has an entry in the mirror, its payload reads back whole, decodes to a
- *   page whose xxh3-64 is the entry's checksum, and UFFDIO_COPY succeeds or finds the page present.
+ *   page whose keyed MAC (tiermem/store/pagemac.py) is the entry's tag, and UFFDIO_COPY succeeds or
+ *   finds the page present.
  *   Anything else (events, tracking faults, zero fills, pages of other stores, a missing or bad
  *   payload, an outage, EAGAIN, a VMM that went away) goes to Python unchanged, in order: the
  *   thread stops reading until Python acknowledged every message it handed over.
@@ -34,7 +35,7 @@
 #include <unistd.h>
 
 #include <lz4.h>
-#include <xxhash.h>
+#include <sodium.h>
 #include <zstd.h>
 
 #define CODEC_RAW 0
@@ -44,6 +45,9 @@
 #define MAX_SEGS 65535
 #define MAX_DIRS 16
 #define MSG_BATCH 16
+#define MAX_KEYS 8
+#define KEY_BYTES 32
+static const char MAC_DOMAIN[16] = "tiermem-page-v1"; /* 15 characters and the NUL: 16 bytes */
 
 typedef struct {
     uint64_t gen, csum, off;
@@ -87,6 +91,10 @@ typedef struct {
     size_t rq_len, rq_cap;
     pthread_t thr;
     int started, running, stopping, enabled;
+    uint8_t keys[MAX_KEYS][KEY_BYTES]; /* the page MAC keys, current first; set once before start */
+    int nkeys;
+    uint8_t mac_head[16 + 1 + 255 + 16]; /* domain + u8(len) + space; page and generation appended */
+    size_t mac_head_len;
     char *pbuf, *page;
     ZSTD_DCtx *dctx;
     uint64_t served, present, handed_total, fallbacks[F_COUNT];
@@ -100,6 +108,35 @@ static int64_t now_ns(void)
 }
 
 /* --- serving (fault thread, read_mu held) ------------------------------------------------------ */
+
+/* The page MAC of tiermem.store.pagemac: BLAKE2b(domain | u8(len) space | u64le page | u64le generation
+ * | raw page, key, 16 bytes), first 8 bytes little-endian. */
+static int mac_of(FaultPath *fp, const uint8_t *key, uint64_t page, uint64_t gen, const void *raw, uint64_t *tag)
+{
+    uint8_t head[sizeof fp->mac_head], out[16];
+    size_t n = fp->mac_head_len;
+    crypto_generichash_state st;
+    memcpy(head, fp->mac_head, n);
+    memcpy(head + n, &page, 8); /* x86-64 and aarch64 Linux: little-endian */
+    memcpy(head + n + 8, &gen, 8);
+    if (crypto_generichash_init(&st, key, KEY_BYTES, sizeof out) != 0 ||
+        crypto_generichash_update(&st, head, n + 16) != 0 || crypto_generichash_update(&st, raw, fp->ps) != 0 ||
+        crypto_generichash_final(&st, out, sizeof out) != 0)
+        return -1;
+    memcpy(tag, out, 8);
+    return 0;
+}
+
+/* Any key of the keyring, current first (as PageKeyring.verify). */
+static int mac_ok(FaultPath *fp, uint64_t page, uint64_t gen, const void *raw, uint64_t tag)
+{
+    for (int k = 0; k < fp->nkeys; k++) {
+        uint64_t got;
+        if (mac_of(fp, fp->keys[k], page, gen, raw, &got) == 0 && got == tag)
+            return 1;
+    }
+    return 0;
+}
 
 static int seg_fd(FaultPath *fp, int seg)
 {
@@ -163,6 +200,7 @@ static int try_serve(FaultPath *fp, const struct uffd_msg *m)
             return 0;
         }
         memset(fp->page, 0, fp->ps);
+        /* zero pages carry a tag too: verified below like any page */
     } else {
         int fd = seg_fd(fp, e.seg);
         if (fd < 0) {
@@ -190,11 +228,12 @@ static int try_serve(FaultPath *fp, const struct uffd_msg *m)
             fp->fallbacks[F_DECODE]++;
             return 0;
         }
-        /* verify before install: a bad payload goes to Python, which reports it and never installs it */
-        if (XXH3_64bits(src, fp->ps) != e.csum) {
-            fp->fallbacks[F_VERIFY]++;
-            return 0;
-        }
+    }
+    /* verify before install: a bad or forged payload goes to Python, which reports it and never
+     * installs it */
+    if (!mac_ok(fp, page, e.gen, src, e.csum)) {
+        fp->fallbacks[F_VERIFY]++;
+        return 0;
     }
     struct uffdio_copy c = {.dst = addr, .src = (uint64_t)(uintptr_t)src, .len = fp->ps,
                             .mode = UFFDIO_COPY_MODE_DONTWAKE};
@@ -437,6 +476,67 @@ static PyObject *fp_add_dir(FaultPath *fp, PyObject *args)
     return PyLong_FromLong(id);
 }
 
+/* set_mac(space, [keys]): the VM's store namespace and the page MAC keys (current first) */
+static PyObject *fp_set_mac(FaultPath *fp, PyObject *args)
+{
+    const char *space;
+    Py_ssize_t slen;
+    PyObject *keys;
+    if (!ready(fp) || !PyArg_ParseTuple(args, "s#O", &space, &slen, &keys))
+        return NULL;
+    if (fp->started) {
+        PyErr_SetString(PyExc_RuntimeError, "set_mac: the fault thread is running");
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(keys, "set_mac: keys must be a sequence of bytes");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t nk = PySequence_Fast_GET_SIZE(seq);
+    if (slen > 255 || nk < 1 || nk > MAX_KEYS) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "set_mac: a space of at most 255 bytes and 1 to 8 keys");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < nk; i++) {
+        PyObject *k = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyBytes_Check(k) || PyBytes_GET_SIZE(k) != KEY_BYTES) {
+            Py_DECREF(seq);
+            PyErr_SetString(PyExc_ValueError, "set_mac: every key is 32 bytes");
+            return NULL;
+        }
+        memcpy(fp->keys[i], PyBytes_AS_STRING(k), KEY_BYTES);
+    }
+    Py_DECREF(seq);
+    fp->nkeys = (int)nk;
+    memcpy(fp->mac_head, MAC_DOMAIN, 16);
+    fp->mac_head[16] = (uint8_t)slen;
+    memcpy(fp->mac_head + 17, space, (size_t)slen);
+    fp->mac_head_len = 17 + (size_t)slen;
+    Py_RETURN_NONE;
+}
+
+/* mac(page, gen, raw) -> the tag this thread computes (a test hook: it must equal pagemac.page_mac) */
+static PyObject *fp_mac(FaultPath *fp, PyObject *args)
+{
+    unsigned long long page, gen;
+    Py_buffer raw;
+    if (!ready(fp) || !PyArg_ParseTuple(args, "KKy*", &page, &gen, &raw))
+        return NULL;
+    if ((uint64_t)raw.len != fp->ps || fp->nkeys == 0) {
+        PyBuffer_Release(&raw);
+        PyErr_SetString(PyExc_ValueError, "mac: one page of data, after set_mac");
+        return NULL;
+    }
+    uint64_t tag = 0;
+    int rc = mac_of(fp, fp->keys[0], page, gen, raw.buf, &tag);
+    PyBuffer_Release(&raw);
+    if (rc < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "mac: libsodium failed");
+        return NULL;
+    }
+    return PyLong_FromUnsignedLongLong(tag);
+}
+
 /* idx_mu held */
 static int seg_id(FaultPath *fp, int dir, const char *name)
 {
@@ -659,6 +759,10 @@ static PyMethodDef fp_methods[] = {
     {"start", (PyCFunction)fp_start, METH_NOARGS, "Start the fault thread."},
     {"stop", (PyCFunction)fp_stop, METH_NOARGS, "Stop and join the fault thread (before the uffd is closed)."},
     {"add_dir", (PyCFunction)fp_add_dir, METH_VARARGS, "add_dir(path) -> id of a segment directory."},
+    {"set_mac", (PyCFunction)fp_set_mac, METH_VARARGS,
+     "set_mac(space, keys): the VM's store namespace and the page MAC keys (32 bytes each, current first); "
+     "before start. Without it no page verifies: every fault goes to Python."},
+    {"mac", (PyCFunction)fp_mac, METH_VARARGS, "mac(page, generation, raw) -> the tag under the current key."},
     {"put_many", (PyCFunction)fp_put_many, METH_O,
      "put_many([(page, gen, codec, checksum, dir, segment, offset, length)]) -> entries mirrored; dir -1 "
      "drops the page's entry (evicted where the native path does not serve)."},
@@ -695,6 +799,10 @@ PyTypeObject TmFaultPathType = {
 
 int tm_faults_init(PyObject *module)
 {
+    if (sodium_init() < 0) {
+        PyErr_SetString(PyExc_ImportError, "libsodium failed to initialise");
+        return -1;
+    }
     if (PyType_Ready(&TmFaultPathType) < 0)
         return -1;
     Py_INCREF(&TmFaultPathType);

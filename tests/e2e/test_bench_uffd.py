@@ -38,6 +38,8 @@ def test_fault_local() -> None:
     ]
     for r in out["rows"]:
         check_fault_row(r, "local", 200)
+        assert r["mac"]["pages"] == 200 and r["mac"]["verify_us_per_page"] > 0  # the MAC's cost per fault
+        assert r["mac_share_of_agent_p50"] is not None and r["mac_share_of_agent_p50"] > 0
         if r["fault_path"] == "native":
             assert r["native"]["served"] == 200  # every evicted page came back on the native thread
     assert set(out["goals"]) == {"local_p50_le_4x_c_handler", "local_p99_le_1ms"}

@@ -100,7 +100,7 @@ def segment_file(agent: Agent, st: StoredPage) -> tuple[Path, int, int]:
     assert isinstance(store, LocalPageStore)
     loc = parse_location(st.location)
     assert loc is not None
-    return Path(store.segment_dir("vm1")) / loc[0], loc[1], loc[2]
+    return Path(store.segment_dir(agent.sessions["vm1"].space)) / loc[0], loc[1], loc[2]
 
 
 def test_evicted_pages_fault_back_with_their_contents(agent: Agent, guest: GuestProc, path: str) -> None:
@@ -153,7 +153,7 @@ def test_store_outage_never_installs_zeros(agent: Agent, guest: GuestProc, path:
     evict_all(agent)
     store = agent.store("default")
     assert isinstance(store, LocalPageStore)
-    seg_dir = Path(store.segment_dir("vm1"))
+    seg_dir = Path(store.segment_dir(agent.sessions["vm1"].space))
     away = seg_dir.with_name("seg-away")
     seg_dir.rename(away)  # every payload unreadable: NotFound, as after losing the disk
     try:

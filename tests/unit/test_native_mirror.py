@@ -24,6 +24,7 @@ class _Session:
 
     def __init__(self, stores: dict[str, Any]) -> None:
         self.vm_id = "vm1"
+        self.space = "vm1"
         self.stores = stores.__getitem__
 
 
@@ -42,7 +43,7 @@ def mirrored(tmp_path: Path) -> Any:
     idx.add_vm(VmRecord("vm1", "uffd", 64))
     assert native.mod is not None
     fp = native.mod.FaultPath(0, 0x10000000, 4096, 64)  # never started: the mirror only
-    mirror = NativeMirror(fp, _Session({"local": local, "remote": object()}))  # type: ignore[arg-type]
+    mirror = NativeMirror(fp, _Session({"local": local, "remote": object()}), local.keyring.keys())  # type: ignore[arg-type]
     idx.put_many("vm1", "local", [_sp(1, 5)])  # before the mirror: loaded when it attaches
     idx.attach_mirror("vm1", mirror)
     yield idx, fp
@@ -84,3 +85,27 @@ def test_bad_entries_are_refused_and_removing_the_vm_clears_it(mirrored: Any) ->
         fp.put_many([(1, 1, 0, 0, 0, "x", 0, 8192)])  # longer than a page
     idx.remove_vm("vm1")
     assert fp.generation(1) is None
+
+
+def test_the_native_page_mac_is_the_python_one(tmp_path: Path) -> None:
+    """The C thread verifies pages with the construction of tiermem.store.pagemac, byte for byte."""
+    import os
+
+    from tiermem.store.pagemac import PageKeyring, page_mac
+
+    assert native.mod is not None
+    ring = PageKeyring.ephemeral()
+    fp = native.mod.FaultPath(0, 0x10000000, 4096, 64)
+    space = "node-1~vm-7~3f2a"
+    fp.set_mac(space, ring.keys())
+    for page, gen in ((0, 1), (63, 2**40 + 5), (17, 2**63 - 1)):
+        raw = os.urandom(4096)
+        assert (
+            fp.mac(page, gen, raw)
+            == page_mac(ring.keys()[0], space, page, gen, raw)
+            == ring.mac(space, page, gen, raw)
+        )
+    with pytest.raises(ValueError, match="32 bytes"):
+        fp.set_mac(space, [b"short"])
+    with pytest.raises(ValueError, match="255"):
+        fp.set_mac("x" * 256, ring.keys())

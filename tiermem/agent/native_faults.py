@@ -46,9 +46,11 @@ DRAIN_INTERVAL_S = 0.005
 class NativeMirror:
     """The fault thread's copy of a VM's index entries, for pages in local stores."""
 
-    def __init__(self, fp: Any, session: VmSession) -> None:
+    def __init__(self, fp: Any, session: VmSession, keys: list[bytes]) -> None:
         self.fp = fp
         self.s = session
+        self.keys = keys
+        """The page MAC keys the thread verifies with (current first)."""
         self._dirs: dict[str, int | None] = {}
 
     def _dir(self, store: str) -> int | None:
@@ -58,9 +60,10 @@ class NativeMirror:
                 st = self.s.stores(store)
             except TiermemError:
                 st = None
-            self._dirs[store] = (
-                self.fp.add_dir(st.segment_dir(self.s.vm_id)) if isinstance(st, LocalPageStore) else None
-            )
+            self._dirs[store] = None
+            if isinstance(st, LocalPageStore) and st.keyring.keys() == self.keys:
+                # the thread verifies with one keyring: a store keyed otherwise stays with Python
+                self._dirs[store] = self.fp.add_dir(st.segment_dir(self.s.space))
         return self._dirs[store]
 
     def put(self, store: str, entries: Sequence[StoredPage]) -> None:
@@ -87,10 +90,11 @@ class NativeMirror:
 class NativeFaults:
     """The native fault thread of one VM and the Python thread that drains what it served."""
 
-    def __init__(self, session: VmSession, fp: Any) -> None:
+    def __init__(self, session: VmSession, fp: Any, keys: list[bytes]) -> None:
         self.s = session
         self.fp = fp
-        self.mirror = NativeMirror(fp, session)
+        fp.set_mac(session.space, keys)
+        self.mirror = NativeMirror(fp, session, keys)
         self._stop = threading.Event()
         self._drainer: threading.Thread | None = None
         m = session.metrics
@@ -99,11 +103,19 @@ class NativeFaults:
 
     @classmethod
     def create(cls, session: VmSession) -> NativeFaults | None:
-        """The native path for this VM, or None where it does not apply (no extension, the sim)."""
+        """The native path for this VM, or None where it does not apply (no extension, the sim, a
+        policy store that is not local: the thread verifies with that store's page MAC keys)."""
         b = session.backend
         if native.mod is None or not hasattr(native.mod, "FaultPath") or not isinstance(b, RealBackend):
             return None
-        return cls(session, native.mod.FaultPath(b.uffd_fd, b.base, b.page_size, b.n_pages))
+        try:
+            st = session.stores(session.policy.store)
+        except TiermemError:
+            return None
+        if not isinstance(st, LocalPageStore):
+            return None
+        fp = native.mod.FaultPath(b.uffd_fd, b.base, b.page_size, b.n_pages)
+        return cls(session, fp, st.keyring.keys())
 
     def start(self) -> None:
         """Mirror the index, let the thread read the uffd, start draining."""

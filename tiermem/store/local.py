@@ -49,8 +49,9 @@ from tiermem.errors import (
     StoreUnavailable,
     TiermemError,
 )
-from tiermem.model import validate_id
+from tiermem.fsmodes import private_dir
 from tiermem.store.segments import SegmentStore
+from tiermem.store.space import validate_space
 
 __all__ = ["LocalPageStore", "os_error"]
 
@@ -169,7 +170,7 @@ class LocalPageStore(SegmentStore):
         self._dirs_lock = threading.Lock()
         self._dirs: set[Path] = set()
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            private_dir(self.root)
             self._lock_fd: int | None = os.open(
                 self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
             )
@@ -190,10 +191,10 @@ class LocalPageStore(SegmentStore):
         """``file://<root>`` (plus ``?fsync=0`` when fsync is off)."""
         return f"file://{self.root}" + ("" if self.fsync else "?fsync=0")
 
-    def segment_dir(self, vm_id: str) -> str:
-        """The directory of a VM's segment files (entry locations ``seg/<name>@...`` are relative to
-        its parent); the native fault path reads payloads there."""
-        return f"{self._root}/{validate_id(vm_id)}/seg"
+    def segment_dir(self, space: str) -> str:
+        """The directory of a VM namespace's segment files (entry locations ``seg/<name>@...`` are
+        relative to its parent); the native fault path reads payloads there."""
+        return f"{self._root}/{validate_space(space)}/seg"
 
     def close(self) -> None:
         """Close descriptors and release the root's lock."""
@@ -217,7 +218,7 @@ class LocalPageStore(SegmentStore):
             with self._dirs_lock:
                 for p, parent in ((d.parent, self.root), (d, d.parent)):
                     if not p.is_dir():
-                        p.mkdir(exist_ok=True)
+                        p.mkdir(exist_ok=True, mode=0o700)
                         if self.fsync:
                             _fsync_dir(parent)
                 self._dirs.add(d)
@@ -314,7 +315,7 @@ class LocalPageStore(SegmentStore):
             for e in it:
                 if e.is_dir() and not e.name.startswith("."):
                     with contextlib.suppress(TiermemError):
-                        out.append(validate_id(e.name))
+                        out.append(validate_space(e.name))
         return sorted(out)
 
     def _blob_purge(self, vm_id: str) -> None:
