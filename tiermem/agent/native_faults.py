@@ -1,7 +1,7 @@
 """The native fault path of one VM: the C fault thread (``tiermem._native.FaultPath``) and its Python half.
 
 The thread serves MISSING faults on pages evicted to a local store without the GIL
-(read the message, look up the mirror, pread, decode, verify the xxh3-64 checksum,
+(read the message, look up the mirror, pread, decode, verify the page MAC,
 UFFDIO_COPY with DONTWAKE, drop the mirror entry of that generation, wake) and hands
 every other message to the backend's Python reader, in kernel order
 (``csrc/faults.c`` says exactly which). This module:
