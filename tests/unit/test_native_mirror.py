@@ -109,3 +109,31 @@ def test_the_native_page_mac_is_the_python_one(tmp_path: Path) -> None:
         fp.set_mac(space, [b"short"])
     with pytest.raises(ValueError, match="255"):
         fp.set_mac("x" * 256, ring.keys())
+
+
+def test_a_stopped_session_detaches_only_its_own_mirror(mirrored: Any) -> None:
+    """A reattached VM's new fault thread keeps its mirror when the old session's thread stops late."""
+    idx, _ = mirrored
+    assert native.mod is not None
+    new_fp = native.mod.FaultPath(0, 0x10000000, 4096, 64)
+
+    class _Rec:
+        def __init__(self, fp: Any) -> None:
+            self.fp = fp
+
+        def put(self, store: str, entries: Any) -> None:
+            self.fp.put_many([(e.page, e.generation, 0, 0, -1, "", 0, 0) for e in entries])
+            self.puts = [e.page for e in entries]
+
+        def remove(self, page: int, generation: int) -> None:
+            self.fp.remove(page, generation)
+
+        def clear(self) -> None:
+            self.fp.clear()
+
+    old_mirror = idx._mirrors["vm1"]
+    new_mirror = _Rec(new_fp)
+    idx.attach_mirror("vm1", new_mirror)
+    idx.detach_mirror("vm1", old_mirror)  # the old session stopping after the new one attached
+    idx.put_many("vm1", "local", [_sp(9, 1)])
+    assert new_mirror.puts == [9]  # still updated

@@ -245,12 +245,15 @@ class PageIndex:
             self.flush()
         return dropped
 
-    def attach_mirror(self, vm_id: str, mirror: IndexMirror | None) -> None:
-        """Keep ``mirror`` in step with the VM's entries (loaded with the current ones now); None detaches."""
+    def detach_mirror(self, vm_id: str, mirror: IndexMirror) -> None:
+        """Stop updating ``mirror`` (if it is still the VM's: a reattached session may have its own)."""
         with self._mem:
-            if mirror is None:
-                self._mirrors.pop(vm_id, None)
-                return
+            if self._mirrors.get(vm_id) is mirror:
+                del self._mirrors[vm_id]
+
+    def attach_mirror(self, vm_id: str, mirror: IndexMirror) -> None:
+        """Keep ``mirror`` in step with the VM's entries (loaded with the current ones now)."""
+        with self._mem:
             vi = self._vms[vm_id]
             by_store: dict[str, list[StoredPage]] = {}
             for e in vi.entries.values():

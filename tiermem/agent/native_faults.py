@@ -133,7 +133,7 @@ class NativeFaults:
         self.fp.stop()
         if self._drainer is not None and self._drainer is not threading.current_thread():
             self._drainer.join(timeout=5)
-        self.s.index.attach_mirror(self.s.vm_id, None)
+        self.s.index.detach_mirror(self.s.vm_id, self.mirror)
         self.drain()
 
     def stats(self) -> dict[str, Any]:
