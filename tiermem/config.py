@@ -81,6 +81,10 @@ class AgentSettings(_Base):
     """Page stores by name -> URL. ``default`` is ``file://<data_dir>/pages`` unless given."""
     handoff_socket: str = ""
     """Unix socket where VMMs hand off their uffd and memfd (default: <data_dir>/handoff.sock)."""
+    restore_socket_dir: str = ""
+    """Directory of the per-VM Firecracker restore sockets (default: <data_dir>/restore)."""
+    restore_prefault_pages_per_s: float = 0.0
+    """Default background prefault rate of a snapshot restore once the guest runs (0: on demand only)."""
     handshake_timeout_s: float = Field(default=5.0, gt=0, le=300)
     """Overall deadline of a handoff handshake, seconds: a peer that has not completed it by then
     (however slowly it keeps sending) is disconnected."""
@@ -144,6 +148,10 @@ class AgentSettings(_Base):
     def handoff_path(self) -> str:
         """The handoff socket path."""
         return self.handoff_socket or str(Path(self.data_dir) / "handoff.sock")
+
+    def restore_dir(self) -> str:
+        """Directory of the per-VM Firecracker restore sockets."""
+        return self.restore_socket_dir or str(Path(self.data_dir) / "restore")
 
     def page_key_path(self) -> str:
         """The page MAC keyring file."""

@@ -107,3 +107,23 @@ def test_agent_with_a_local_store_faults_on_the_native_path(tmp_path: Any) -> No
     assert out["fault_path"] == "native"
     assert out["native_served"] == 1024  # both halves of the 4 MiB guest, idle and during the evictions
     assert out["faults_during_eviction"]["faults"] == 512
+
+
+@pytest.mark.s3
+def test_restore_local_and_s3(s3_srv: Any) -> None:
+    out = bench("restore", "--store", s3_srv.url("bench-restore"), timeout=170)
+    assert out["size_mib"] == 8 and out["pages"] == 2048
+    lr, rg = out["baseline_local_read"], out["baseline_ranged_get"]
+    assert lr["pages_per_s"] > 0 and 0 < lr["p50_us"] <= lr["p99_us"]
+    assert rg is not None and rg["chunk_pages_per_s"] > 0 and 0 < rg["page_p50_us"] <= rg["page_p99_us"]
+    assert [r["store"] for r in out["rows"]] == ["local", "s3"]
+    for r in out["rows"]:
+        assert r["identical"] and r["pages"] == 2048 and r["first_touch_ms"] > 0
+        od, pf = r["on_demand"], r["prefaulted"]
+        # every non-zero page was read from the store once per restore, and nothing is left behind
+        assert od["store_bytes_read"] == pf["store_bytes_read"] == r["stored_bytes"]
+        assert od["pages_prefaulted"] == 0 and od["pages_remaining"] == pf["pages_remaining"] == 0
+        assert pf["pages_prefaulted"] > 0 and pf["zero_pages"] == od["zero_pages"] == r["zero_pages"]
+        check_ratio(r["ratio_on_demand_vs_local_read"], r["on_demand_pages_per_s"], lr["pages_per_s"])
+        check_ratio(r["ratio_prefault_vs_ranged_get"], r["prefault_pages_per_s"], rg["chunk_pages_per_s"])
+        check_ratio(r["ratio_first_touch_vs_ranged_get"], r["first_touch_ms"] * 1000, rg["page_p50_us"])

@@ -104,10 +104,13 @@ class NativeFaults:
     @classmethod
     def create(cls, session: VmSession) -> NativeFaults | None:
         """The native path for this VM, or None where it does not apply (no extension, the sim, a
-        policy store that is not local: the thread verifies with that store's page MAC keys)."""
+        snapshot restore, a policy store that is not local: the thread verifies with that store's
+        page MAC keys)."""
         b = session.backend
         if native.mod is None or not hasattr(native.mod, "FaultPath") or not isinstance(b, RealBackend):
             return None
+        if session.restore is not None:
+            return None  # a snapshot restore keeps its index entries: its own bookkeeping, in Python
         try:
             st = session.stores(session.policy.store)
         except TiermemError:
