@@ -108,6 +108,8 @@ class AgentSettings(_Base):
     """Run cycles from local policies when the control plane has been unreachable this long."""
     fsync: bool = True
     """fsync the index and local store before punching pages."""
+    native_faults: bool = True
+    """Serve common faults (MISSING, local store) on the native fault thread when the extension is built."""
     page_key_file: str = ""
     """Keyring of the page MAC (tiermem.store.pagemac). Empty: <data_dir>/page-keys.json, created 0600 at
     first start (a key per agent). Point every node at one mounted secret for a key per fleet."""

@@ -131,9 +131,10 @@ class RrdPolicy(Algorithm):
         fast = min(self.opts["fast"] * max(a // 2, 1), _MAX)  # the SLO's back-off scales both
         hold = min(self.opts["hold"] or a + 1, _MAX)
         long = min(self.opts["long"] or a, _MAX)
-        # A page back after idle cycles (a promotion, or a re-reference before eviction) shows its gap.
+        # A page back after idle cycles shows its gap: a re-reference before eviction, or a promotion
+        # (installed without the RWP marker, so the scan reports it accessed). ``view.promoted`` is
+        # not used: on the agent it can reach the close after the one that saw the page hot.
         back = view.hot & (ages > 0)
-        back[view.promoted] = True
         if self.opts["avg"]:  # a mean over gaps: one odd gap does not flip the page's class
             known = back & (gaps < _MAX)
             gaps[known] = ((gaps[known].astype(np.uint16) + ages[known]) // 2).astype(np.uint8)
@@ -142,7 +143,6 @@ class RrdPolicy(Algorithm):
         else:
             gaps[back] = ages[back]
         ages[view.hot] = 0
-        ages[view.promoted] = 0
         np.add(ages, 1, out=ages, where=~view.hot & (ages < _MAX))
         thr = np.where(gaps < long, hold, fast).astype(np.uint8)
         cold = np.flatnonzero(view.candidates & (ages >= thr))

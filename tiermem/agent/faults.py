@@ -25,6 +25,7 @@ import structlog
 
 from tiermem.agent.index import IndexEntry
 from tiermem.agent.metrics import FaultKind, FaultStage
+from tiermem.agent.native_faults import NativeFaults
 from tiermem.agent.session import VmSession
 from tiermem.errors import FailedPrecondition, IntegrityError, NotFound, StoreUnavailable, TiermemError
 from tiermem.kernel import uapi
@@ -62,16 +63,24 @@ class FaultServer:
         self._m_lookup = m.fault_stage_seconds.labels(FaultStage.LOOKUP.value)
         self._m_fetch = m.fault_stage_seconds.labels(FaultStage.FETCH.value)
         self._m_install = m.fault_stage_seconds.labels(FaultStage.INSTALL.value)
+        self.native: NativeFaults | None = None
+        """The native fault thread serving this VM's common faults, when it applies (see native_faults)."""
 
     # --- lifecycle ---------------------------------------------------------------------------
-    def start(self) -> None:
-        """Start the reader thread."""
+    def start(self, *, native: bool = True) -> None:
+        """Start the native fault thread (where it applies, unless ``native`` is False) and the reader."""
+        if native:
+            self.native = NativeFaults.create(self.s)
+            if self.native is not None:
+                self.native.start()
         self._reader = threading.Thread(target=self._read_loop, name=f"uffd-{self.s.vm_id}", daemon=True)
         self._reader.start()
 
     def stop(self) -> None:
         """Stop reading; in-flight faults finish."""
         self._stop.set()
+        if self.native is not None:
+            self.native.stop()
         if self._reader is not None and self._reader is not threading.current_thread():
             self._reader.join(timeout=5)
         self._pool.shutdown(wait=True, cancel_futures=False)
@@ -97,6 +106,8 @@ class FaultServer:
                     self.dispatch(m, inline=False)
                 except Exception:
                     log.exception("fault message not handled", vm=self.s.vm_id, address=hex(m.address))
+                finally:
+                    self.s.backend.message_done()  # the native thread reads on once all are done
 
     def first_gone(self) -> bool:
         """Mark the VMM gone; True for the first caller only (who reports it: one event per VMM death)."""

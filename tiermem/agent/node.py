@@ -271,7 +271,7 @@ class Agent:
         self.engines[vm_id] = CycleEngine(s, fs)
         self.sessions[vm_id] = s
         s.state = VmState.ARMED
-        fs.start()
+        fs.start(native=self.settings.native_faults)
         if tracking:
             t = threading.Thread(target=self._auto_loop, args=(s,), name=f"auto-{vm_id}", daemon=True)
             self._auto_threads[vm_id] = t

@@ -146,21 +146,28 @@ def bench_store(urls: tuple[str, ...], spawn: tuple[str, ...], pages: int, batch
 )
 @click.option("--prefetch", type=click.IntRange(0, 512), default=0, show_default=True)
 @click.option("--no-local", is_flag=True, help="Skip the local store.")
+@click.option("--pin/--no-pin", "pin", default=None,
+              help="Only pinned to one CPU (--pin) or only unpinned (--no-pin). [default: both; the goal "
+                   "ratio uses the pinned run]")  # fmt: skip
 @_common
 def bench_fault(urls: tuple[str, ...], spawn: tuple[str, ...], faults: int, prefetch: int, no_local: bool,
-                quick: bool, as_json: bool) -> None:  # fmt: skip
-    """Real uffd fault latency with a process guest, per store, vs UFFDIO_COPY and the store's raw get."""
-    from tiermem.bench.fault import run
+                pin: bool | None, quick: bool, as_json: bool) -> None:  # fmt: skip
+    """Real uffd fault latency with a process guest, per store and CPU placement, vs a reference C handler,
+    UFFDIO_COPY and the store's raw get."""
+    from tiermem.bench.fault import PLACEMENTS, run
 
-    res = run(urls, spawn, quick, faults, prefetch, local=not no_local)
+    placements = PLACEMENTS if pin is None else ("pinned",) if pin else ("unpinned",)
+    res = run(urls, spawn, quick, faults, prefetch, local=not no_local, placements=placements)
 
     def render(r: dict[str, Any]) -> None:
         _show(f"fault service latency, µs ({r['faults']} faults per store, prefetch {r['prefetch']})",
-              ["store", "fault p50", "p99", "agent p50", "agent p99", "COPY p50", "raw get p50",
-               "p50 / (COPY+get)", "overhead p50", "resident touch", "mismatches"],
-              [[x["store"], x["guest"]["p50_us"], x["guest"]["p99_us"], x["agent"]["p50_us"], x["agent"]["p99_us"],
-                x["baseline_copy"]["p50_us"], x["baseline_get"]["p50_us"], _x(x["ratio_p50_vs_copy_plus_get"]),
-                x["overhead_p50_us"], x["resident_touch"]["p50_us"], x["mismatches"]] for x in r["rows"]])  # fmt: skip
+              ["store", "placement", "path", "fault p50", "p99", "C handler p50", "p50 / C", "agent p50",
+               "agent p99", "COPY p50", "raw get p50", "p50 / (COPY+get)", "resident touch", "mismatches"],
+              [[x["store"], x["placement"], x["fault_path"], x["guest"]["p50_us"], x["guest"]["p99_us"],
+                x["baseline_c_handler"]["p50_us"], _x(x["ratio_p50_vs_c_handler"]), x["agent"]["p50_us"],
+                x["agent"]["p99_us"], x["baseline_copy"]["p50_us"], x["baseline_get"]["p50_us"],
+                _x(x["ratio_p50_vs_copy_plus_get"]), x["resident_touch"]["p50_us"], x["mismatches"]]
+               for x in r["rows"]])  # fmt: skip
         _goals(r["goals"])
 
     _out("fault", res, as_json, render)

@@ -218,6 +218,9 @@ class KernelBackend(abc.ABC):
     def read_messages(self, timeout: float | None) -> list[UffdMsg]:
         """Block up to ``timeout`` seconds for fault/event messages; [] on timeout or close."""
 
+    def message_done(self) -> None:  # a hook: only backends with a native reader need it
+        """The agent finished dispatching one message from :meth:`read_messages`."""
+
     @abc.abstractmethod
     def close(self) -> None:
         """Release the uffd and mappings; protection never outlives it (rwp-close)."""

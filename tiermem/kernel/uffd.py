@@ -181,6 +181,10 @@ class UffdBackend(RealBackend):
             raise
         finally:
             with self._state_lock:  # after the ack: its REMOVE echoes were read under this lock
+                if self._native is not None:
+                    # The native thread may have read an echo that no one handled yet: handle
+                    # everything it read while the zap is still known.
+                    self._service_events()
                 self._zapping.remove(zap)
 
     def _zap(self, start: int, length: int) -> None:
