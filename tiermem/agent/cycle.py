@@ -86,7 +86,7 @@ class CycleEngine:
     """Runs cycles for one session; ``begin`` and ``finish`` can be driven separately (trace replay)."""
 
     def __init__(self, session: VmSession, faults: FaultServer) -> None:
-        self.s = session
+        self.session = session
         self.faults = faults
         self._t_begin = 0.0
         self._phases = PhaseTimes()
@@ -97,7 +97,7 @@ class CycleEngine:
         self, mode: CycleMode, interval_s: float, wait: Callable[[float], bool] | None = None
     ) -> CycleReport:
         """Protect, wait ``interval_s`` (``wait`` returns False to abort), then finish."""
-        s = self.s
+        s = self.session
         if not s.tracking:
             raise FailedPrecondition(
                 f"VM {s.vm_id} is served MISSING-only (no tracking); cycles are not possible"
@@ -118,7 +118,7 @@ class CycleEngine:
     # --- phases -------------------------------------------------------------------------------
     def begin(self) -> None:
         """Detection: write-protect every resident page (async mode: no faults are delivered)."""
-        s = self.s
+        s = self.session
         s.require(VmState.ARMED, VmState.DETECTING)
         self._started_ms = now_ms()
         self._phases = PhaseTimes()
@@ -128,11 +128,11 @@ class CycleEngine:
         self._phases.protect_us = _us(time.perf_counter() - self._t_begin)
 
     def _abort(self) -> None:
-        self.s.state = VmState.ARMED
+        self.session.state = VmState.ARMED
 
     def finish(self, mode: CycleMode) -> CycleReport:
         """Freeze, scan, decide and (unless a dry run) evict; then resume async."""
-        s = self.s
+        s = self.session
         b = s.backend
         ph = self._phases
         rep = CycleReport(vm_id=s.vm_id, cycle=s.counters.cycles + 1, mode=mode, started_unix_ms=self._started_ms,
@@ -211,7 +211,7 @@ class CycleEngine:
 
     def _evict(self, cold: np.ndarray, rep: CycleReport) -> None:
         """Evict ``cold`` in batches; stop at the first store error (nothing unacknowledged is punched)."""
-        s = self.s
+        s = self.session
         b = s.backend
         ps = s.page_size
         try:
@@ -255,7 +255,7 @@ class CycleEngine:
         s.counters.bytes_written_total += rep.bytes_written
 
     def _observe(self, rep: CycleReport) -> None:
-        s = self.s
+        s = self.session
         m = s.metrics
         ph = rep.phases
         for phase in ("protect", "wait", "freeze", "scan", "decide", "evict", "resume"):
