@@ -47,8 +47,14 @@ class EventBus:
     def publish(self, kind: EventKind, message: str, vm_id: str = "", **attributes: object) -> Event:
         """Record and fan out one event; safe from any thread."""
         with self._lock:
-            ev = Event(kind=kind, message=message, vm_id=vm_id, node_id=self.node_id, seq=next(self._seq),
-                       attributes={k: str(v) for k, v in attributes.items()})  # fmt: skip
+            ev = Event(
+                kind=kind,
+                message=message,
+                vm_id=vm_id,
+                node_id=self.node_id,
+                seq=next(self._seq),
+                attributes={k: str(v) for k, v in attributes.items()},
+            )
             self._history.append(ev)
             subs = list(self._subs)
             listeners = list(self._listeners)

@@ -305,13 +305,24 @@ class Event:
 def policy_to_dict(p: EvictionPolicy) -> dict[str, Any]:
     """A JSON-serialisable form of a policy (for durable state)."""
     return {
-        "interval_ms": p.interval_ms, "cold_after": p.cold_after,
-        "max_evict": {"pages": p.max_evict.pages, "bytes": p.max_evict.bytes, "fraction": p.max_evict.fraction},
-        "min_resident_bytes": p.min_resident_bytes, "store": p.store, "compression": p.compression.value,
-        "prefetch_pages": p.prefetch_pages, "paused": p.paused, "slo_promotion_rate": p.slo_promotion_rate,
-        "poison_missing": p.poison_missing, "version": p.version, "algorithm": p.algorithm,
+        "interval_ms": p.interval_ms,
+        "cold_after": p.cold_after,
+        "max_evict": {
+            "pages": p.max_evict.pages,
+            "bytes": p.max_evict.bytes,
+            "fraction": p.max_evict.fraction,
+        },
+        "min_resident_bytes": p.min_resident_bytes,
+        "store": p.store,
+        "compression": p.compression.value,
+        "prefetch_pages": p.prefetch_pages,
+        "paused": p.paused,
+        "slo_promotion_rate": p.slo_promotion_rate,
+        "poison_missing": p.poison_missing,
+        "version": p.version,
+        "algorithm": p.algorithm,
         "algorithm_options": p.algorithm_options,
-    }  # fmt: skip
+    }
 
 
 def policy_from_dict(d: dict[str, Any]) -> EvictionPolicy:

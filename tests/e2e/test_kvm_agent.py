@@ -34,8 +34,14 @@ HOT = 0.1
 
 
 def _agent(tmp_path: Path, stores: dict[str, str] | None = None) -> tuple[Agent, object]:
-    s = AgentSettings(node_id="kvm-node", data_dir=str(tmp_path / "agent"), autonomous=False, fsync=False,
-                      handoff_socket=str(tmp_path / "h" / "handoff.sock"), stores=stores or {})  # fmt: skip
+    s = AgentSettings(
+        node_id="kvm-node",
+        data_dir=str(tmp_path / "agent"),
+        autonomous=False,
+        fsync=False,
+        handoff_socket=str(tmp_path / "h" / "handoff.sock"),
+        stores=stores or {},
+    )
     a = Agent(s)
     return a, start_handoff(a)
 
@@ -138,8 +144,10 @@ def test_kvm_guest_against_redis(tmp_path: Path) -> None:
 
 
 def test_two_kvm_guests_under_one_agent(agent: Agent) -> None:
-    with KvmVm("kvm-g1", 32 * MiB, vcpus=1, workload_spec=f"hotset:{HOT}:w=0.5", seed=1) as a, \
-         KvmVm("kvm-g2", 32 * MiB, vcpus=1, workload_spec=f"hotset:{HOT}:w=0.5", seed=2) as b:  # fmt: skip
+    with (
+        KvmVm("kvm-g1", 32 * MiB, vcpus=1, workload_spec=f"hotset:{HOT}:w=0.5", seed=1) as a,
+        KvmVm("kvm-g2", 32 * MiB, vcpus=1, workload_spec=f"hotset:{HOT}:w=0.5", seed=2) as b,
+    ):
         for vm in (a, b):
             vm.start(agent.settings.handoff_path())
             wait_until(

@@ -74,9 +74,15 @@ class FakeAgent(agrpc.NodeAgentServicer):
 
     def _status(self, vm_id: str) -> tpb.VmStatus:
         req = self.vms[vm_id]
-        return tpb.VmStatus(vm_id=vm_id, node_id=self.node_id, state=tpb.VM_STATE_ARMED, backend=req.backend,
-                            total_pages=req.memory_bytes // 4096, evicted_pages=self.evicted.get(vm_id, 0),
-                            policy=req.policy)  # fmt: skip
+        return tpb.VmStatus(
+            vm_id=vm_id,
+            node_id=self.node_id,
+            state=tpb.VM_STATE_ARMED,
+            backend=req.backend,
+            total_pages=req.memory_bytes // 4096,
+            evicted_pages=self.evicted.get(vm_id, 0),
+            policy=req.policy,
+        )
 
     async def AttachVm(self, request: apb.AttachVmRequest, context: Ctx) -> apb.AttachVmResponse:
         if request.vm_id in self.vms:
@@ -105,9 +111,18 @@ class FakeAgent(agrpc.NodeAgentServicer):
         await asyncio.sleep(self.cycle_s)
         self.evicted[request.vm_id] = self.evicted.get(request.vm_id, 0) + 10
         n = sum(1 for o in self.orders if o.vm_id == request.vm_id)
-        return tpb.CycleReport(vm_id=request.vm_id, cycle=n, mode=request.mode, pages_scanned=256, pages_hot=20,
-                               pages_cold=10, pages_evicted=10, bytes_written=40960, node_id=self.node_id,
-                               policy_version=policy.version if policy else 0)  # fmt: skip
+        return tpb.CycleReport(
+            vm_id=request.vm_id,
+            cycle=n,
+            mode=request.mode,
+            pages_scanned=256,
+            pages_hot=20,
+            pages_cold=10,
+            pages_evicted=10,
+            bytes_written=40960,
+            node_id=self.node_id,
+            policy_version=policy.version if policy else 0,
+        )
 
     async def Drain(self, request: apb.DrainRequest, context: Ctx) -> AsyncIterator[tpb.DrainProgress]:
         if request.vm_id not in self.vms:
@@ -125,8 +140,13 @@ def _fake_agent(node_id: str) -> FakeAgent:
 
 
 def cp_settings(tmp_path: Path, **kw: Any) -> ControlPlaneSettings:
-    base: dict[str, Any] = {"listen": "127.0.0.1:0", "state": f"sqlite:///{tmp_path}/cp.db", "jitter": 0.0,
-                            "replica_id": "r1", "lease_ttl_ms": 60_000}  # fmt: skip
+    base: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "state": f"sqlite:///{tmp_path}/cp.db",
+        "jitter": 0.0,
+        "replica_id": "r1",
+        "lease_ttl_ms": 60_000,
+    }
     base.update(kw)
     return ControlPlaneSettings(**base)
 
@@ -221,8 +241,12 @@ async def test_bad_requests_get_the_right_codes_and_change_nothing(fleet: Any) -
             await coro
         return ei.value.code  # type: ignore[attr-defined,no-any-return]
 
-    INV, N, A, F = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS,
-                    grpc.StatusCode.FAILED_PRECONDITION)  # fmt: skip
+    INV, N, A, F = (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
     assert await code(client.register_vm(VmSpec("bad id", "n1", 1 << 20))) == INV
     assert await code(client.register_vm(VmSpec("vm-2", "n1", 1000))) == INV  # not page aligned
     assert await code(client.register_vm(VmSpec("vm-2", "n1", 0))) == INV
@@ -413,8 +437,12 @@ async def test_metrics_endpoint_serves_the_scheduler_series(tmp_path: Path) -> N
         assert cp.metrics_port
         url = f"http://127.0.0.1:{cp.metrics_port}/metrics"
         text = (await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())).decode()
-        for series in ("tiermem_cp_scheduler_lag_seconds_count", 'tiermem_cp_cycle_orders_total{result="ok"}',
-                       "tiermem_cp_nodes_up 1.0", "tiermem_cp_vms 1.0"):  # fmt: skip
+        for series in (
+            "tiermem_cp_scheduler_lag_seconds_count",
+            'tiermem_cp_cycle_orders_total{result="ok"}',
+            "tiermem_cp_nodes_up 1.0",
+            "tiermem_cp_vms 1.0",
+        ):
             assert series in text, series
     finally:
         await cp.stop()

@@ -123,8 +123,11 @@ async def test_follower_serves_reads_refuses_writes_and_takes_over_from_a_crashe
         # B now takes writes
         await cb.register_vm(VmSpec("vm-x", "n1", 1 << 20), attach=True)
         await wait_until_async(lambda: asyncio.sleep(0, any(o.vm_id == "vm-x" for o in agents[0].orders)))
-        leaders = [e.attributes["replica"] for e in [e async for e in cb.stream_events()]
-                   if e.kind is EventKind.LEADER_CHANGED]  # fmt: skip
+        leaders = [
+            e.attributes["replica"]
+            for e in [e async for e in cb.stream_events()]
+            if e.kind is EventKind.LEADER_CHANGED
+        ]
         assert leaders == ["A", "B"]
         assert_each_slot_ordered_once(agents)
     finally:

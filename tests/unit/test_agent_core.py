@@ -23,8 +23,15 @@ PS = 4096
 
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[Agent]:
-    a = Agent(AgentSettings(node_id="n1", data_dir=str(tmp_path), stores={"default": "memory://"}, fsync=False,
-                            autonomous=False))  # fmt: skip
+    a = Agent(
+        AgentSettings(
+            node_id="n1",
+            data_dir=str(tmp_path),
+            stores={"default": "memory://"},
+            fsync=False,
+            autonomous=False,
+        )
+    )
     yield a
     a.close()
 
@@ -38,8 +45,13 @@ def attach(agent: Agent, vm: str = "vm1", pages: int = 256, **policy: object) ->
     return sim
 
 
-def cycle(agent: Agent, vm: str, touch: list[int] | None = None, mode: CycleMode = CycleMode.EVICT,
-          writes: bool = False) -> CycleReport:  # fmt: skip
+def cycle(
+    agent: Agent,
+    vm: str,
+    touch: list[int] | None = None,
+    mode: CycleMode = CycleMode.EVICT,
+    writes: bool = False,
+) -> CycleReport:
     eng = agent.engines[vm]
     sim = agent.sessions[vm].backend
     assert isinstance(sim, SimKernel)
@@ -82,9 +94,13 @@ def test_cold_after_counts_cycles(agent: Agent) -> None:
 
 @pytest.mark.parametrize(
     ("cap", "expected"),
-    [(EvictionCap(pages=10), 10), (EvictionCap(bytes=5 * PS + 100), 5), (EvictionCap(fraction=0.25), 16),
-     (EvictionCap(pages=0), 0)],
-)  # fmt: skip
+    [
+        (EvictionCap(pages=10), 10),
+        (EvictionCap(bytes=5 * PS + 100), 5),
+        (EvictionCap(fraction=0.25), 16),
+        (EvictionCap(pages=0), 0),
+    ],
+)
 def test_per_cycle_cap(agent: Agent, cap: EvictionCap, expected: int) -> None:
     attach(agent, pages=64, max_evict=cap)
     rep = cycle(agent, "vm1", [0, 1])
@@ -331,12 +347,15 @@ def test_eight_vms_with_different_workloads_and_policies(agent: Agent) -> None:
     from tiermem.sim.workloads import ExpectedCounters, parse_workload
 
     specs: dict[str, tuple[str, dict[str, Any]]] = {
-        "hot": ("hotset:0.1", {}), "zipf": ("zipf:1.1", {"max_evict": EvictionCap(pages=100)}),
-        "phase": ("phases:0.2:period=2", {"cold_after": 2}), "scan": ("scan:batch=64", {}),
-        "mix": ("mix:0.5:batch=50", {"min_resident_bytes": 300 * PS}), "idle": ("idle", {}),
+        "hot": ("hotset:0.1", {}),
+        "zipf": ("zipf:1.1", {"max_evict": EvictionCap(pages=100)}),
+        "phase": ("phases:0.2:period=2", {"cold_after": 2}),
+        "scan": ("scan:batch=64", {}),
+        "mix": ("mix:0.5:batch=50", {"min_resident_bytes": 300 * PS}),
+        "idle": ("idle", {}),
         "rw": ("hotset:0.3:w=0.9", {"max_evict": EvictionCap(fraction=0.1)}),
         "noisy": ("hotset:0.05:noise=2", {"max_evict": EvictionCap(bytes=50 * PS)}),
-    }  # fmt: skip
+    }
     n = 512
     guests: dict[str, Any] = {}
     for vm, (spec, pol) in specs.items():

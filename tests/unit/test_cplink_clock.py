@@ -29,9 +29,15 @@ def refusing_port() -> Iterator[int]:
 
 @pytest.fixture
 def agent(tmp_path: Path, refusing_port: int) -> Iterator[Agent]:
-    settings = AgentSettings(node_id="n1", data_dir=str(tmp_path), stores={"default": "memory://"}, fsync=False,
-                             control_plane=f"127.0.0.1:{refusing_port}", heartbeat_ms=100,
-                             autonomous_after_ms=HOUR_MS)  # fmt: skip
+    settings = AgentSettings(
+        node_id="n1",
+        data_dir=str(tmp_path),
+        stores={"default": "memory://"},
+        fsync=False,
+        control_plane=f"127.0.0.1:{refusing_port}",
+        heartbeat_ms=100,
+        autonomous_after_ms=HOUR_MS,
+    )
     a = Agent(settings)
     yield a
     a.close()

@@ -112,8 +112,12 @@ def test_compose_file_matches_the_compose_spec_schema() -> None:
         "check-jsonschema"
     )
     assert exe, "check-jsonschema is part of the test extra"
-    out = subprocess.run([exe, "--builtin-schema", "vendor.compose-spec", str(COMPOSE)], capture_output=True,
-                         text=True, timeout=60)  # fmt: skip
+    out = subprocess.run(
+        [exe, "--builtin-schema", "vendor.compose-spec", str(COMPOSE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -272,8 +276,11 @@ def test_credentials_agree_across_services(compose: dict[str, Any]) -> None:
         service_env(svcs["controlplane"]),
     )
     state = urlsplit(cp["TIERMEM_CP_STATE"])
-    assert (state.username, state.password, state.hostname) == (redis_env["REDIS_USER"], redis_env["REDIS_PASSWORD"],
-                                                                "redis")  # fmt: skip
+    assert (state.username, state.password, state.hostname) == (
+        redis_env["REDIS_USER"],
+        redis_env["REDIS_PASSWORD"],
+        "redis",
+    )
     cp_tokens = parse_tokens(cp["TIERMEM_CP_TOKEN"])
     for name in ("agent-1", "agent-2", "agent-uffd"):
         a = service_env(svcs[name])

@@ -28,8 +28,13 @@ def random_trace(seed: int, n_pages: int = 40, n_ticks: int = 60, per_tick: int 
     ts, ps = [], []
     for t in range(n_ticks):
         base = (t // 15) * 7 % n_pages
-        pages = np.concatenate([rng.integers(0, 4, 2), (base + rng.integers(0, 8, per_tick - 3)) % n_pages,
-                                rng.integers(0, n_pages, 1)])  # fmt: skip
+        pages = np.concatenate(
+            [
+                rng.integers(0, 4, 2),
+                (base + rng.integers(0, 8, per_tick - 3)) % n_pages,
+                rng.integers(0, n_pages, 1),
+            ]
+        )
         ps.append(np.unique(pages))
         ts.append(np.full(ps[-1].size, t))
     ticks, pages = np.concatenate(ts), np.concatenate(ps)
@@ -180,8 +185,19 @@ def trace_file(tmp_path: Path) -> Path:
 
 
 def test_simulate_policy_series_json(trace_file: Path) -> None:
-    code, out = run_cli("simulate", "--trace", str(trace_file), "--interval-ticks", "2", "--cold-after", "2",
-                        "--policy", "recommended", "--series", "--json")  # fmt: skip
+    code, out = run_cli(
+        "simulate",
+        "--trace",
+        str(trace_file),
+        "--interval-ticks",
+        "2",
+        "--cold-after",
+        "2",
+        "--policy",
+        "recommended",
+        "--series",
+        "--json",
+    )
     assert code == 0, out
     got = json.loads(out)
     assert got["policy"] == "recommended" and len(got["series"]["evicted"]) == got["ticks"] == 60

@@ -67,9 +67,16 @@ def runs(pages: np.ndarray) -> Iterator[tuple[int, int]]:
 
 
 def decide(
-    algorithm: evict.Algorithm, hot: np.ndarray, candidates: np.ndarray, promoted: np.ndarray,
-    n_resident: int, policy: EvictionPolicy, page_size: int, *, commit: bool,
-) -> tuple[np.ndarray, int]:  # fmt: skip
+    algorithm: evict.Algorithm,
+    hot: np.ndarray,
+    candidates: np.ndarray,
+    promoted: np.ndarray,
+    n_resident: int,
+    policy: EvictionPolicy,
+    page_size: int,
+    *,
+    commit: bool,
+) -> tuple[np.ndarray, int]:
     """The cold set (sorted pages) and the number of cold pages before the caps.
 
     ``candidates`` are the pages the frozen scan proves cold: the algorithm chooses only
@@ -135,8 +142,14 @@ class CycleEngine:
         s = self.session
         b = s.backend
         ph = self._phases
-        rep = CycleReport(vm_id=s.vm_id, cycle=s.counters.cycles + 1, mode=mode, started_unix_ms=self._started_ms,
-                          policy_version=s.policy.version, node_id=s.node_id)  # fmt: skip
+        rep = CycleReport(
+            vm_id=s.vm_id,
+            cycle=s.counters.cycles + 1,
+            mode=mode,
+            started_unix_ms=self._started_ms,
+            policy_version=s.policy.version,
+            node_id=s.node_id,
+        )
         faults_before = s.counters.faults_served
         policy = s.policy
         try:
@@ -153,8 +166,12 @@ class CycleEngine:
             # block until its batch is punched and woken. A resident page the scan does not show
             # present is pte_none (cached but unmapped): unprotectable, so never evicted.
             resident = b.populated().copy()
-            scan = b.pagemap_scan(b.base, b.base + b.size, category_mask=uapi.PAGE_IS_PRESENT,
-                                  return_mask=uapi.PAGE_IS_PRESENT | uapi.PAGE_IS_ACCESSED)  # fmt: skip
+            scan = b.pagemap_scan(
+                b.base,
+                b.base + b.size,
+                category_mask=uapi.PAGE_IS_PRESENT,
+                return_mask=uapi.PAGE_IS_PRESENT | uapi.PAGE_IS_ACCESSED,
+            )
             present = scan.page_mask(b.base, b.base + b.size, b.page_size)
             hot = scan.pages_with(b.base, b.base + b.size, b.page_size, uapi.PAGE_IS_ACCESSED)
             ph.scan_us = _us(time.perf_counter() - t)
@@ -169,8 +186,9 @@ class CycleEngine:
                 if commit:
                     s.promoted.clear()
             n_resident = int(np.count_nonzero(resident))
-            cold, n_cold = decide(s.algorithm(policy), hot, candidates, promoted, n_resident, policy, s.page_size,
-                                  commit=commit)  # fmt: skip
+            cold, n_cold = decide(
+                s.algorithm(policy), hot, candidates, promoted, n_resident, policy, s.page_size, commit=commit
+            )
             rep.pages_scanned = n_resident
             rep.pages_hot = int(np.count_nonzero(hot))
             rep.pages_cold = n_cold
@@ -270,8 +288,11 @@ class CycleEngine:
             kind,
             f"cycle {rep.cycle} ({rep.mode.value}): {rep.pages_hot} hot, {rep.pages_cold} cold, "
             f"{rep.pages_evicted} evicted{'; ' + rep.error if rep.error else ''}",
-            s.vm_id, cycle=rep.cycle, evicted=rep.pages_evicted, hot=rep.pages_hot,
-        )  # fmt: skip
+            s.vm_id,
+            cycle=rep.cycle,
+            evicted=rep.pages_evicted,
+            hot=rep.pages_hot,
+        )
 
 
 def _us(seconds: float) -> int:

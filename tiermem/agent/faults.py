@@ -73,7 +73,9 @@ class FaultServer:
             self.native = NativeFaults.create(self.session)
             if self.native is not None:
                 self.native.start()
-        self._reader = threading.Thread(target=self._read_loop, name=f"uffd-{self.session.vm_id}", daemon=True)
+        self._reader = threading.Thread(
+            target=self._read_loop, name=f"uffd-{self.session.vm_id}", daemon=True
+        )
         self._reader.start()
 
     def stop(self) -> None:
@@ -119,8 +121,12 @@ class FaultServer:
 
     def _vmm_went_away(self, err: OSError | None) -> None:
         if self.first_gone():
-            self.session.events.publish(EventKind.VMM_DISCONNECTED, f"VMM of {self.session.vm_id} went away", self.session.vm_id,
-                                  error=str(err or "closed"))  # fmt: skip
+            self.session.events.publish(
+                EventKind.VMM_DISCONNECTED,
+                f"VMM of {self.session.vm_id} went away",
+                self.session.vm_id,
+                error=str(err or "closed"),
+            )
 
     # --- dispatch ------------------------------------------------------------------------------
     def handle(self, msg: UffdMsg) -> None:
@@ -154,7 +160,9 @@ class FaultServer:
                 except TiermemError as e:
                     # The first attempt failed: hand the fault to a worker, which retries with backoff,
                     # so this reader keeps resolving the VM's other faults meanwhile.
-                    log.warning("fast fault path failed; retrying on a worker", vm=self.session.vm_id, error=str(e))
+                    log.warning(
+                        "fast fault path failed; retrying on a worker", vm=self.session.vm_id, error=str(e)
+                    )
                     with self._inflight_lock:
                         self._inflight.add(page)
                     self._submit(page)
@@ -361,8 +369,13 @@ class FaultServer:
                 raise
         # the page is gone for good: its entry goes, so no drain or restart waits on it again
         s.index.remove(s.vm_id, [(page, entry.stored.generation)], flush=True)
-        s.events.publish(EventKind.STORE_ERROR, f"page {page} of {s.vm_id} is lost: poisoned (the guest gets SIGBUS)",
-                         s.vm_id, page=page, poisoned="true")  # fmt: skip
+        s.events.publish(
+            EventKind.STORE_ERROR,
+            f"page {page} of {s.vm_id} is lost: poisoned (the guest gets SIGBUS)",
+            s.vm_id,
+            page=page,
+            poisoned="true",
+        )
         log.critical("page poisoned", vm=s.vm_id, page=page)
 
     def _zero_fill(self, page: int) -> None:
@@ -388,7 +401,9 @@ class FaultServer:
         if n <= 0:
             return [page]
         bitmap = self.session.index.evicted_bitmap(self.session.vm_id)
-        done = self.session.restore.done if self.session.restore is not None else None  # this restore installed them
+        done = (
+            self.session.restore.done if self.session.restore is not None else None
+        )  # this restore installed them
         out = [page]
         with self._inflight_lock:
             q = page + 1
@@ -469,7 +484,9 @@ class FaultServer:
                         self._vmm_went_away(e)
                         return None
                     if e.errno != errno.EEXIST:
-                        log.error("prefault install failed", vm=self.session.vm_id, page=pages[i], error=str(e))
+                        log.error(
+                            "prefault install failed", vm=self.session.vm_id, page=pages[i], error=str(e)
+                        )
                         break
                 out.extend(pages[i:j])
                 self.wake(Installed(copied=pages[i:j]))
@@ -507,12 +524,23 @@ class FaultServer:
                     reported = True
                     ev = EventKind.INTEGRITY_ERROR if isinstance(e, IntegrityError) else EventKind.STORE_ERROR
                     what = "an evicted page is MISSING from its store" if missing else "fault waits"
-                    s.events.publish(ev, f"{what} ({s.vm_id}): {e}", s.vm_id, store=store_name,
-                                     page=entries[0].stored.page, missing=str(missing).lower())  # fmt: skip
+                    s.events.publish(
+                        ev,
+                        f"{what} ({s.vm_id}): {e}",
+                        s.vm_id,
+                        store=store_name,
+                        page=entries[0].stored.page,
+                        missing=str(missing).lower(),
+                    )
                     if missing:  # acknowledged pages are gone (a Redis without persistence restarted, ...)
                         s.metrics.pages_missing.labels(s.vm_id, store_name).inc()
-                        log.critical("EVICTED PAGE MISSING FROM ITS STORE", vm=s.vm_id, store=store_name,
-                                     error=str(e), poison=s.policy.poison_missing)  # fmt: skip
+                        log.critical(
+                            "EVICTED PAGE MISSING FROM ITS STORE",
+                            vm=s.vm_id,
+                            store=store_name,
+                            error=str(e),
+                            poison=s.policy.poison_missing,
+                        )
                     else:
                         log.error("fault waits on the store", vm=s.vm_id, store=store_name, error=str(e))
                 if missing and len(entries) == 1 and self._poisons(retry):

@@ -127,7 +127,9 @@ class NativeFaults:
         self.fp.enabled = self.session.policy.prefetch_pages <= 0
         self.session.index.attach_mirror(self.session.vm_id, self.mirror)
         b.attach_native(self.fp)
-        self._drainer = threading.Thread(target=self._drain_loop, name=f"native-{self.session.vm_id}", daemon=True)
+        self._drainer = threading.Thread(
+            target=self._drain_loop, name=f"native-{self.session.vm_id}", daemon=True
+        )
         self._drainer.start()
 
     def stop(self) -> None:

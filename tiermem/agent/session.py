@@ -153,16 +153,36 @@ class VmSession:
         try:
             st = self.store()
             u = st.usage(self.space)
-            usage = StoreUsage(store_name=st.name, store_kind=st.kind, store_url=st.url, pages=u.pages,
-                               zero_pages=u.zero_pages, stored_bytes=u.stored_bytes, logical_bytes=u.logical_bytes)  # fmt: skip
+            usage = StoreUsage(
+                store_name=st.name,
+                store_kind=st.kind,
+                store_url=st.url,
+                pages=u.pages,
+                zero_pages=u.zero_pages,
+                stored_bytes=u.stored_bytes,
+                logical_bytes=u.logical_bytes,
+            )
         except (NotFound, Exception):  # status must not fail because a store is down
             usage = StoreUsage(store_name=self.policy.store)
         return VmStatus(
-            vm_id=self.vm_id, node_id=self.node_id, state=self.state, backend=self.backend_kind,
-            total_pages=self.n_pages, resident_pages=self.resident_count(), evicted_pages=evicted,
-            working_set_pages=self.working_set, faults_served=self.counters.faults_served,
-            minor_faults=self.counters.rwp_faults, promotion_rate=self.counters.promotion_rate(evicted),
-            store_usage=usage, cycles=self.counters.cycles, page_size=self.page_size, labels=dict(self.labels),
-            policy=self.policy, fault_p50_us=int(p50), fault_p99_us=int(p99), updated_unix_ms=now_ms(),
+            vm_id=self.vm_id,
+            node_id=self.node_id,
+            state=self.state,
+            backend=self.backend_kind,
+            total_pages=self.n_pages,
+            resident_pages=self.resident_count(),
+            evicted_pages=evicted,
+            working_set_pages=self.working_set,
+            faults_served=self.counters.faults_served,
+            minor_faults=self.counters.rwp_faults,
+            promotion_rate=self.counters.promotion_rate(evicted),
+            store_usage=usage,
+            cycles=self.counters.cycles,
+            page_size=self.page_size,
+            labels=dict(self.labels),
+            policy=self.policy,
+            fault_p50_us=int(p50),
+            fault_p99_us=int(p99),
+            updated_unix_ms=now_ms(),
             incarnation=self.incarnation,
-        )  # fmt: skip
+        )

@@ -143,11 +143,17 @@ def baseline(
             ev_sum += need
             peak = max(peak, n_ev)
     return ReplayResult(
-        pages=n, ticks=t_total, cycles=n_cycles,
+        pages=n,
+        ticks=t_total,
+        cycles=n_cycles,
         evicted_fraction=ev_sum / (t_total * n) if t_total and n else 0.0,
-        promotions=promotions, promotions_per_tick=promotions / t_total if t_total else 0.0,
-        interval_ticks=k, cold_after=0, pages_evicted_total=total_ev, peak_evicted=peak,
-    )  # fmt: skip
+        promotions=promotions,
+        promotions_per_tick=promotions / t_total if t_total else 0.0,
+        interval_ticks=k,
+        cold_after=0,
+        pages_evicted_total=total_ev,
+        peak_evicted=peak,
+    )
 
 
 def make_trace(spec: str, n_pages: int, ticks: int, seed: int = 1) -> Trace:
@@ -171,8 +177,17 @@ def _rate(r: ReplayResult) -> float:
     return r.promotions / r.cycles / mean_ev if r.cycles and mean_ev else 0.0
 
 
-def _row(name: str, trace: Trace, k: int, algo: str, a: int, prof: GapProfile, delayed: GapProfile, seed: int,
-         baselines: bool) -> dict[str, Any]:  # fmt: skip
+def _row(
+    name: str,
+    trace: Trace,
+    k: int,
+    algo: str,
+    a: int,
+    prof: GapProfile,
+    delayed: GapProfile,
+    seed: int,
+    baselines: bool,
+) -> dict[str, Any]:
     t0 = time.perf_counter()
     m = simulate(trace, k, a, policy=algo, record_closes=baselines)
     dt = time.perf_counter() - t0
@@ -180,22 +195,35 @@ def _row(name: str, trace: Trace, k: int, algo: str, a: int, prof: GapProfile, d
     bound = prof.promotions_at(r.evicted_fraction)
     late = delayed.promotions_at(r.evicted_fraction)
     row: dict[str, Any] = {
-        "workload": name, "policy": algo, "cold_after": a, "accesses": len(trace), "pages": trace.n_pages,
-        "ticks": trace.n_ticks, "saved": round(r.evicted_fraction, 4), "promotions": r.promotions,
-        "promotions_per_tick": round(r.promotions_per_tick, 3), "promotion_rate": round(_rate(r), 5),
-        "bound_promotions": bound, "vs_bound": round(r.promotions / bound, 3) if bound else None,
-        "bound_delayed_promotions": late, "vs_bound_delayed": round(r.promotions / late, 3) if late else None,
+        "workload": name,
+        "policy": algo,
+        "cold_after": a,
+        "accesses": len(trace),
+        "pages": trace.n_pages,
+        "ticks": trace.n_ticks,
+        "saved": round(r.evicted_fraction, 4),
+        "promotions": r.promotions,
+        "promotions_per_tick": round(r.promotions_per_tick, 3),
+        "promotion_rate": round(_rate(r), 5),
+        "bound_promotions": bound,
+        "vs_bound": round(r.promotions / bound, 3) if bound else None,
+        "bound_delayed_promotions": late,
+        "vs_bound_delayed": round(r.promotions / late, 3) if late else None,
         "model_s": round(dt, 4),
-    }  # fmt: skip
+    }
     if baselines and m.evicted_after_close is not None:
         orc = baseline(trace, k, m.evicted_after_close, "oracle", seed)
         rnd = baseline(trace, k, m.evicted_after_close, "random", seed)
-        row.update({
-            "oracle_saved": round(orc.evicted_fraction, 4), "oracle_promotions": orc.promotions,
-            "random_saved": round(rnd.evicted_fraction, 4), "random_promotions": rnd.promotions,
-            "vs_oracle": round(r.promotions / orc.promotions, 3) if orc.promotions else None,
-            "random_vs_policy": round(rnd.promotions / r.promotions, 3) if r.promotions else None,
-        })  # fmt: skip
+        row.update(
+            {
+                "oracle_saved": round(orc.evicted_fraction, 4),
+                "oracle_promotions": orc.promotions,
+                "random_saved": round(rnd.evicted_fraction, 4),
+                "random_promotions": rnd.promotions,
+                "vs_oracle": round(r.promotions / orc.promotions, 3) if orc.promotions else None,
+                "random_vs_policy": round(rnd.promotions / r.promotions, 3) if r.promotions else None,
+            }
+        )
     return row
 
 
@@ -241,9 +269,15 @@ def cycle_cost(pages: int = 262144, cycles: int = 8, seed: int = 1) -> list[dict
                         cpu.append(used)
                         decide.append(rep.phases.decide_us)
                 agent.detach(vm, purge=True)
-                out.append({"policy": name, "pages": pages, "cpu_ms_per_cycle": round(1e3 * float(np.median(cpu)), 2),
-                            "decide_ms": round(float(np.median(decide)) / 1e3, 2),
-                            "state_bytes_per_page": evict.resolve(name).state_bytes_per_page})  # fmt: skip
+                out.append(
+                    {
+                        "policy": name,
+                        "pages": pages,
+                        "cpu_ms_per_cycle": round(1e3 * float(np.median(cpu)), 2),
+                        "decide_ms": round(float(np.median(decide)) / 1e3, 2),
+                        "state_bytes_per_page": evict.resolve(name).state_bytes_per_page,
+                    }
+                )
         finally:
             agent.close()
     base = float(out[0]["cpu_ms_per_cycle"]) or 1.0
@@ -257,10 +291,18 @@ def _settings(cold_after: tuple[int, ...], policies: tuple[str, ...]) -> list[tu
     return [("age", a) for a in cold_after] + [(p, 2) for p in policies if p != "age"]
 
 
-def run(quick: bool = False, pages: int = 16384, ticks: int = 1000, interval_ticks: int = 10,
-        cold_after: tuple[int, ...] = (1, 2, 4, 8), workloads: tuple[str, ...] = WORKLOADS,
-        seed: int = 1, traces: tuple[str, ...] = (), policies: tuple[str, ...] = POLICIES,
-        cost_pages: int = 262144) -> dict[str, Any]:  # fmt: skip
+def run(
+    quick: bool = False,
+    pages: int = 16384,
+    ticks: int = 1000,
+    interval_ticks: int = 10,
+    cold_after: tuple[int, ...] = (1, 2, 4, 8),
+    workloads: tuple[str, ...] = WORKLOADS,
+    seed: int = 1,
+    traces: tuple[str, ...] = (),
+    policies: tuple[str, ...] = POLICIES,
+    cost_pages: int = 262144,
+) -> dict[str, Any]:
     """Memory saved versus promotions per workload or trace file, policy and cold-after.
 
     Every row carries the future-knowing bound at its own saving (:mod:`tiermem.sim.bound`);
@@ -277,11 +319,17 @@ def run(quick: bool = False, pages: int = 16384, ticks: int = 1000, interval_tic
         for algo, a in _settings(cold_after, policies):
             rows.append(_row(name, trace, interval_ticks, algo, a, prof, delayed, seed, baselines))
     return {
-        "pages": pages, "ticks": ticks, "interval_ticks": interval_ticks, "seed": seed,
+        "pages": pages,
+        "ticks": ticks,
+        "interval_ticks": interval_ticks,
+        "seed": seed,
         "baselines": "bound: fewest promotions for the same saving (future known, evictions at closes); "
-                     "bound_delayed: the same with evictions only after a whole untouched cycle (the agent's rule); "
-                     "workloads also: oracle (furthest next access) and random eviction, same evicted count "
-                     "at every close",
-        "rows": rows, "cycle_cost": cycle_cost(pages=min(cost_pages, 16384) if quick else cost_pages, cycles=3 if quick else 8),
+        "bound_delayed: the same with evictions only after a whole untouched cycle (the agent's rule); "
+        "workloads also: oracle (furthest next access) and random eviction, same evicted count "
+        "at every close",
+        "rows": rows,
+        "cycle_cost": cycle_cost(
+            pages=min(cost_pages, 16384) if quick else cost_pages, cycles=3 if quick else 8
+        ),
         "seconds": round(time.perf_counter() - t_all, 2),
-    }  # fmt: skip
+    }

@@ -16,8 +16,14 @@ from tiermem.model import Event, EventKind
 
 __all__ = ["events", "format_event"]
 
-_ERROR_KINDS = {EventKind.CYCLE_FAILED, EventKind.STORE_ERROR, EventKind.INTEGRITY_ERROR, EventKind.NODE_DOWN,
-                EventKind.EVICTION_STOPPED, EventKind.VMM_DISCONNECTED}  # fmt: skip
+_ERROR_KINDS = {
+    EventKind.CYCLE_FAILED,
+    EventKind.STORE_ERROR,
+    EventKind.INTEGRITY_ERROR,
+    EventKind.NODE_DOWN,
+    EventKind.EVICTION_STOPPED,
+    EventKind.VMM_DISCONNECTED,
+}
 
 
 def format_event(e: Event) -> str:
@@ -35,8 +41,14 @@ def format_event(e: Event) -> str:
     "--vm", "vm_id", metavar="VM", shell_complete=complete_vm_ids, help="Only events about this VM."
 )
 @click.option("--follow", "-f", is_flag=True, help="Keep streaming new events (Ctrl-C stops).")
-@click.option("--after", "after_seq", type=click.IntRange(0), default=0, metavar="SEQ",
-              help="Only events after this sequence number.")  # fmt: skip
+@click.option(
+    "--after",
+    "after_seq",
+    type=click.IntRange(0),
+    default=0,
+    metavar="SEQ",
+    help="Only events after this sequence number.",
+)
 @json_option
 @connection_options
 @click.pass_context

@@ -95,21 +95,60 @@ def _store(key: str) -> Callable[[click.Context, click.Parameter, Any], None]:
 def connection_options(f: F) -> F:
     """Add ``--server``, ``--token``, ``--tls-ca/--tls-cert/--tls-key``, ``--tls-server-name``, ``--timeout``."""
     opts = [
-        click.option("--server", metavar="HOST:PORT", expose_value=False, callback=_store("server"),
-                     help="Control plane address [env TIERMEM_SERVER; default 127.0.0.1:7000]."),
-        click.option("--token", metavar="TOKEN", expose_value=False, callback=_store("token"),
-                     help="Bearer token [env TIERMEM_TOKEN, preferred: flags show in ps]."),
-        click.option("--tls-ca", metavar="FILE", type=click.Path(dir_okay=False), expose_value=False,
-                     callback=_store("ca_file"), help="CA bundle that signs the server certificate (enables TLS)."),
-        click.option("--tls-cert", metavar="FILE", type=click.Path(dir_okay=False), expose_value=False,
-                     callback=_store("cert_file"), help="Client certificate for mTLS."),
-        click.option("--tls-key", metavar="FILE", type=click.Path(dir_okay=False), expose_value=False,
-                     callback=_store("key_file"), help="Client private key for mTLS."),
-        click.option("--tls-server-name", metavar="NAME", expose_value=False, callback=_store("server_name"),
-                     help="Name to verify in the server certificate."),
-        click.option("--timeout", type=DURATION, metavar="DURATION", expose_value=False,
-                     callback=_store("timeout_ms"), help="Deadline per call, e.g. 10s [default 30s]."),
-    ]  # fmt: skip
+        click.option(
+            "--server",
+            metavar="HOST:PORT",
+            expose_value=False,
+            callback=_store("server"),
+            help="Control plane address [env TIERMEM_SERVER; default 127.0.0.1:7000].",
+        ),
+        click.option(
+            "--token",
+            metavar="TOKEN",
+            expose_value=False,
+            callback=_store("token"),
+            help="Bearer token [env TIERMEM_TOKEN, preferred: flags show in ps].",
+        ),
+        click.option(
+            "--tls-ca",
+            metavar="FILE",
+            type=click.Path(dir_okay=False),
+            expose_value=False,
+            callback=_store("ca_file"),
+            help="CA bundle that signs the server certificate (enables TLS).",
+        ),
+        click.option(
+            "--tls-cert",
+            metavar="FILE",
+            type=click.Path(dir_okay=False),
+            expose_value=False,
+            callback=_store("cert_file"),
+            help="Client certificate for mTLS.",
+        ),
+        click.option(
+            "--tls-key",
+            metavar="FILE",
+            type=click.Path(dir_okay=False),
+            expose_value=False,
+            callback=_store("key_file"),
+            help="Client private key for mTLS.",
+        ),
+        click.option(
+            "--tls-server-name",
+            metavar="NAME",
+            expose_value=False,
+            callback=_store("server_name"),
+            help="Name to verify in the server certificate.",
+        ),
+        click.option(
+            "--timeout",
+            type=DURATION,
+            metavar="DURATION",
+            expose_value=False,
+            callback=_store("timeout_ms"),
+            help="Deadline per call, e.g. 10s [default 30s].",
+        ),
+    ]
     for opt in reversed(opts):
         f = opt(f)
     return f

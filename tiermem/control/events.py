@@ -54,16 +54,28 @@ class EventLog:
         self, kind: EventKind, message: str, vm_id: str = "", node_id: str = "", **attributes: object
     ) -> Event:
         """An event stamped now, not yet published (for :meth:`publish_many`)."""
-        return Event(kind=kind, message=message, vm_id=vm_id, node_id=node_id, time_unix_ms=clock_ms(self._clock),
-                     attributes={k: str(v) for k, v in attributes.items()})  # fmt: skip
+        return Event(
+            kind=kind,
+            message=message,
+            vm_id=vm_id,
+            node_id=node_id,
+            time_unix_ms=clock_ms(self._clock),
+            attributes={k: str(v) for k, v in attributes.items()},
+        )
 
     async def publish_many(self, events: list[Event]) -> list[Event]:
         """Append several events in one store operation and wake followers."""
         out = await self._state.append_events(events)
         for ev in out:
             emit = log.debug if ev.kind is EventKind.CYCLE_COMPLETED else log.info
-            emit("event", kind=ev.kind.value, seq=ev.seq, vm_id=ev.vm_id or None, node_id=ev.node_id or None,
-                 msg=ev.message)  # fmt: skip
+            emit(
+                "event",
+                kind=ev.kind.value,
+                seq=ev.seq,
+                vm_id=ev.vm_id or None,
+                node_id=ev.node_id or None,
+                msg=ev.message,
+            )
         if out:
             self._new.set()
             self._new = asyncio.Event()

@@ -125,8 +125,13 @@ async def serve_control_plane(
     running = RunningControlPlane(plane, started, address, state, agents)
     if settings.metrics_listen:
         running.metrics_port = start_metrics(settings.metrics_listen, plane.metrics.registry, settings.tls)
-    log.info("control plane serving", address=address, state=state.url, replica=settings.replica_id,
-             leader=plane.is_leader)  # fmt: skip
+    log.info(
+        "control plane serving",
+        address=address,
+        state=state.url,
+        replica=settings.replica_id,
+        leader=plane.is_leader,
+    )
     return running
 
 

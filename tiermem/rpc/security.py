@@ -344,9 +344,12 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
                     handler, grpc.StatusCode.PERMISSION_DENIED, "a node token cannot act as a tenant"
                 )
             if method not in NODE_METHODS:
-                return _deny(handler, grpc.StatusCode.PERMISSION_DENIED,
-                             f"{_method_name(method)} is not allowed to a node token: it may only register, "
-                             "heartbeat and report cycles as its own node")  # fmt: skip
+                return _deny(
+                    handler,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"{_method_name(method)} is not allowed to a node token: it may only register, "
+                    "heartbeat and report cycles as its own node",
+                )
             return _node_scoped(handler, tenant, node)
         if isinstance(want, str) and want:
             if tenant != ALL_TENANTS and want != tenant:
@@ -395,8 +398,9 @@ def _deny(handler: _Handler | None, code: grpc.StatusCode, message: str) -> _Han
     return grpc.unary_unary_rpc_method_handler(unary)
 
 
-async def _check_request(request: Any, context: grpc.aio.ServicerContext[Any, Any], tenant: str,
-                         method: str) -> None:  # fmt: skip
+async def _check_request(
+    request: Any, context: grpc.aio.ServicerContext[Any, Any], tenant: str, method: str
+) -> None:
     if tenant == ALL_TENANTS:
         return
     ids = _vm_ids(request)
@@ -450,8 +454,11 @@ def _scoped(handler: _Handler, tenant: str, method: str) -> _Handler:
     des, ser = handler.request_deserializer, handler.response_serializer
     if handler.request_streaming:
         if tenant != ALL_TENANTS:
-            return _deny(handler, grpc.StatusCode.PERMISSION_DENIED,
-                         "client-streaming methods need a token valid for all tenants")  # fmt: skip
+            return _deny(
+                handler,
+                grpc.StatusCode.PERMISSION_DENIED,
+                "client-streaming methods need a token valid for all tenants",
+            )
         return _bind_only(handler, tenant)
     if handler.response_streaming:
         inner_s: Any = handler.unary_stream

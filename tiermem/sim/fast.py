@@ -36,18 +36,41 @@ class Model:
     evicted_after_close: np.ndarray | None
 
 
-def _check(interval_ticks: int, cold_after: int, max_evict: EvictionCap | None, min_resident_bytes: int,
-           policy: str, options: str) -> EvictionPolicy:  # fmt: skip
+def _check(
+    interval_ticks: int,
+    cold_after: int,
+    max_evict: EvictionCap | None,
+    min_resident_bytes: int,
+    policy: str,
+    options: str,
+) -> EvictionPolicy:
     if interval_ticks < 1:
         raise InvalidArgument("--interval-ticks must be >= 1")
-    return EvictionPolicy(interval_ms=1, cold_after=cold_after, max_evict=max_evict or EvictionCap(),
-                          min_resident_bytes=min_resident_bytes, prefetch_pages=0, store="memory",
-                          algorithm=policy, algorithm_options=options).validate()  # fmt: skip
+    return EvictionPolicy(
+        interval_ms=1,
+        cold_after=cold_after,
+        max_evict=max_evict or EvictionCap(),
+        min_resident_bytes=min_resident_bytes,
+        prefetch_pages=0,
+        store="memory",
+        algorithm=policy,
+        algorithm_options=options,
+    ).validate()
 
 
-def simulate(trace: Trace, interval_ticks: int, cold_after: int, max_evict: EvictionCap | None = None,
-             min_resident_bytes: int = 0, *, page_size: int = PAGE_SIZE, record_closes: bool = False,
-             policy: str = "age", options: str = "", series: bool = False) -> Model:  # fmt: skip
+def simulate(
+    trace: Trace,
+    interval_ticks: int,
+    cold_after: int,
+    max_evict: EvictionCap | None = None,
+    min_resident_bytes: int = 0,
+    *,
+    page_size: int = PAGE_SIZE,
+    record_closes: bool = False,
+    policy: str = "age",
+    options: str = "",
+    series: bool = False,
+) -> Model:
     """Replay ``trace`` through the model with eviction algorithm ``policy``.
 
     ``record_closes`` keeps the evicted count per close; ``series`` puts the per-tick
@@ -99,12 +122,19 @@ def simulate(trace: Trace, interval_ticks: int, cold_after: int, max_evict: Evic
     per_tick = np.cumsum(ev_at[:t_total] - prom_at[:t_total])
     ev_sum = int(per_tick.sum())
     res = ReplayResult(
-        pages=n, ticks=t_total, cycles=n_cycles,
+        pages=n,
+        ticks=t_total,
+        cycles=n_cycles,
         evicted_fraction=ev_sum / (t_total * n) if t_total and n else 0.0,
-        promotions=promotions, promotions_per_tick=promotions / t_total if t_total else 0.0,
-        interval_ticks=k, cold_after=cold_after, pages_evicted_total=total_ev, peak_evicted=peak,
-        policy=policy, policy_options=pol.algorithm_options,
-    )  # fmt: skip
+        promotions=promotions,
+        promotions_per_tick=promotions / t_total if t_total else 0.0,
+        interval_ticks=k,
+        cold_after=cold_after,
+        pages_evicted_total=total_ev,
+        peak_evicted=peak,
+        policy=policy,
+        policy_options=pol.algorithm_options,
+    )
     if series:
         res.series = {"evicted": per_tick.tolist(), "promotions": prom_at[:t_total].tolist()}
     return Model(res, closes)

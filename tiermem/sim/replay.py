@@ -69,15 +69,30 @@ class ReplayResult:
         return d
 
 
-def replay(trace: Trace, interval_ticks: int, cold_after: int, max_evict: EvictionCap | None = None,
-           min_resident_bytes: int = 0, *, policy_name: str = "age", options: str = "",
-           series: bool = False) -> ReplayResult:  # fmt: skip
+def replay(
+    trace: Trace,
+    interval_ticks: int,
+    cold_after: int,
+    max_evict: EvictionCap | None = None,
+    min_resident_bytes: int = 0,
+    *,
+    policy_name: str = "age",
+    options: str = "",
+    series: bool = False,
+) -> ReplayResult:
     """Replay ``trace`` with eviction algorithm ``policy_name`` and return the model's figures."""
     if interval_ticks < 1:
         raise InvalidArgument("--interval-ticks must be >= 1")
-    policy = EvictionPolicy(interval_ms=1, cold_after=cold_after, max_evict=max_evict or EvictionCap(),
-                            min_resident_bytes=min_resident_bytes, prefetch_pages=0, store="memory",
-                            algorithm=policy_name, algorithm_options=options).validate()  # fmt: skip
+    policy = EvictionPolicy(
+        interval_ms=1,
+        cold_after=cold_after,
+        max_evict=max_evict or EvictionCap(),
+        min_resident_bytes=min_resident_bytes,
+        prefetch_pages=0,
+        store="memory",
+        algorithm=policy_name,
+        algorithm_options=options,
+    ).validate()
     n = trace.n_pages
     sim = SimKernel(n, synthetic=True)
     sim.api(uapi.UFFD_FEATURE_RWP | uapi.UFFD_FEATURE_RWP_ASYNC)
@@ -86,8 +101,16 @@ def replay(trace: Trace, interval_ticks: int, cold_after: int, max_evict: Evicti
     index = PageIndex(":memory:", fsync=False)
     vm = "replay"
     index.add_vm(VmRecord(vm, Backend.SIM.value, n))
-    s = VmSession(vm_id=vm, backend_kind=Backend.SIM, backend=sim, policy=policy, index=index,
-                  stores=lambda _name: store, events=EventBus(), metrics=AgentMetrics())  # fmt: skip
+    s = VmSession(
+        vm_id=vm,
+        backend_kind=Backend.SIM,
+        backend=sim,
+        policy=policy,
+        index=index,
+        stores=lambda _name: store,
+        events=EventBus(),
+        metrics=AgentMetrics(),
+    )
     s.state = VmState.ARMED
     faults = FaultServer(s, workers=1)
     engine = CycleEngine(s, faults)
@@ -123,11 +146,19 @@ def replay(trace: Trace, interval_ticks: int, cold_after: int, max_evict: Evicti
     ticks = trace.n_ticks
     promotions = s.counters.faults_served
     res = ReplayResult(
-        pages=n, ticks=ticks, cycles=cycles, evicted_fraction=evicted_sum / (ticks * n) if ticks and n else 0.0,
-        promotions=promotions, promotions_per_tick=promotions / ticks if ticks else 0.0,
-        interval_ticks=interval_ticks, cold_after=cold_after, pages_evicted_total=evicted_total, peak_evicted=peak,
-        policy=policy_name, policy_options=policy.algorithm_options,
-    )  # fmt: skip
+        pages=n,
+        ticks=ticks,
+        cycles=cycles,
+        evicted_fraction=evicted_sum / (ticks * n) if ticks and n else 0.0,
+        promotions=promotions,
+        promotions_per_tick=promotions / ticks if ticks else 0.0,
+        interval_ticks=interval_ticks,
+        cold_after=cold_after,
+        pages_evicted_total=evicted_total,
+        peak_evicted=peak,
+        policy=policy_name,
+        policy_options=policy.algorithm_options,
+    )
     if series:
         res.series = {"evicted": per_tick, "promotions": prom_per_tick}
     return res
