@@ -29,6 +29,7 @@ FILE_ONLY = {
     "agent": {
         "autonomous",
         "max_concurrent_cycles",
+        "native_faults",
         "handshake_timeout_s",
         "tenant_manual_cycles",
         "tenant_manual_max_interval_ms",
