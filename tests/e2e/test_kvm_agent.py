@@ -97,7 +97,7 @@ def _run_scenario(agent: Agent, vm_id: str, memory: int, store: str = "default")
         evicted_cold = np.intersect1d(evicted, cold)
         assert len(evicted_cold) >= 0.8 * len(cold), (len(evicted_cold), len(cold))
         assert vm.resident_bytes() <= resident_before - 0.8 * len(cold) * 4096
-        assert agent.store(store).usage(vm_id).pages >= len(evicted_cold)
+        assert agent.store(store).usage(agent.sessions[vm_id].space).pages >= len(evicted_cold)
         assert vm.summary().zaps_served >= 3  # the agent's zaps ran in this VMM
 
         # The guest touches a random sample of evicted pages: every fault is served from the store.
