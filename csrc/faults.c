@@ -90,7 +90,8 @@ typedef struct {
     rec_t *rq;
     size_t rq_len, rq_cap;
     pthread_t thr;
-    int started, running, stopping, enabled;
+    pthread_mutex_t life_mu; /* start/stop/join: stop runs without the GIL, from any number of threads */
+    int started, running, stopping, enabled, stopped;
     uint8_t keys[MAX_KEYS][KEY_BYTES]; /* the page MAC keys, current first; set once before start */
     int nkeys;
     uint8_t mac_head[16 + 1 + 255 + 16]; /* domain + u8(len) + space; page and generation appended */
@@ -373,20 +374,38 @@ static int fp_init(FaultPath *fp, PyObject *args, PyObject *kw)
     return 0;
 }
 
+/* Idempotent and safe from any number of threads at once (the backend's close and the session's
+ * stop race when a VMM goes away during a detach): exactly one caller joins, the others wait for it
+ * (joining a thread twice is undefined: it crashed the agent). Stopped is final: the uffd number may
+ * be closed and reused right after, so the thread never reads it again. */
 static void stop_thread(FaultPath *fp)
 {
-    if (!fp->started)
-        return;
-    pthread_mutex_lock(&fp->read_mu);
-    fp->stopping = 1;
-    pthread_cond_broadcast(&fp->resume);
-    pthread_mutex_unlock(&fp->read_mu);
-    uint64_t one = 1;
-    if (write(fp->stopfd, &one, sizeof one) < 0) {
-        /* cannot fail short of a saturated counter */
+    pthread_mutex_lock(&fp->life_mu);
+    fp->stopped = 1;
+    if (fp->started) {
+        pthread_mutex_lock(&fp->read_mu);
+        fp->stopping = 1;
+        pthread_cond_broadcast(&fp->resume);
+        pthread_mutex_unlock(&fp->read_mu);
+        uint64_t one = 1;
+        if (write(fp->stopfd, &one, sizeof one) < 0) {
+            /* cannot fail short of a saturated counter */
+        }
+        pthread_join(fp->thr, NULL);
+        fp->started = 0;
     }
-    pthread_join(fp->thr, NULL);
-    fp->started = 0;
+    pthread_mutex_unlock(&fp->life_mu);
+}
+
+/* tp_new: the fds closed by dealloc are -1 and life_mu usable even when __init__ never ran or failed */
+static PyObject *fp_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    FaultPath *fp = (FaultPath *)PyType_GenericNew(type, args, kw);
+    if (fp == NULL)
+        return NULL;
+    fp->uffd = fp->stopfd = fp->notifyfd = -1;
+    pthread_mutex_init(&fp->life_mu, NULL);
+    return (PyObject *)fp;
 }
 
 static void fp_dealloc(FaultPath *fp)
@@ -412,6 +431,7 @@ static void fp_dealloc(FaultPath *fp)
         close(fp->stopfd);
     if (fp->notifyfd >= 0)
         close(fp->notifyfd);
+    pthread_mutex_destroy(&fp->life_mu);
     Py_TYPE(fp)->tp_free((PyObject *)fp);
 }
 
@@ -428,19 +448,27 @@ static PyObject *fp_start(FaultPath *fp, PyObject *noargs)
 {
     if (!ready(fp))
         return NULL;
-    if (fp->started) {
-        PyErr_SetString(PyExc_RuntimeError, "FaultPath: already started");
+    pthread_mutex_lock(&fp->life_mu); /* with the GIL: fine, stop holds it without and never waits for it */
+    const char *bad = fp->started ? "FaultPath: already started" : fp->stopped ? "FaultPath: stopped for good" : NULL;
+    int rc = 0;
+    if (bad == NULL) {
+        fp->running = 1;
+        fp->stopping = 0;
+        rc = pthread_create(&fp->thr, NULL, fault_thread, fp);
+        if (rc)
+            fp->running = 0;
+        else
+            fp->started = 1;
+    }
+    pthread_mutex_unlock(&fp->life_mu);
+    if (bad != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, bad);
         return NULL;
     }
-    fp->running = 1;
-    fp->stopping = 0;
-    int rc = pthread_create(&fp->thr, NULL, fault_thread, fp);
     if (rc) {
-        fp->running = 0;
         errno = rc;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    fp->started = 1;
     Py_RETURN_NONE;
 }
 
@@ -790,7 +818,7 @@ PyTypeObject TmFaultPathType = {
     .tp_basicsize = sizeof(FaultPath),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "FaultPath(uffd, base, page_size, n_pages): the native fault thread of one VM.",
-    .tp_new = PyType_GenericNew,
+    .tp_new = fp_new,
     .tp_init = (initproc)fp_init,
     .tp_dealloc = (destructor)fp_dealloc,
     .tp_methods = fp_methods,

@@ -4,6 +4,7 @@ for the generation installed, events in kernel order, nothing lost while cycles 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -19,6 +20,7 @@ from tiermem import native
 from tiermem.agent.attach import start_handoff
 from tiermem.agent.node import Agent
 from tiermem.config import AgentSettings
+from tiermem.errors import FailedPrecondition
 from tiermem.model import CycleMode, EventKind, EvictionPolicy
 from tiermem.store.base import StoredPage
 from tiermem.store.local import LocalPageStore
@@ -226,3 +228,49 @@ def test_cycles_while_the_guest_runs_lose_nothing(agent: Agent, guest: GuestProc
     assert guest.cmd("verify")["mismatches"] == 0
     if path == "native":
         assert served_natively(agent) > 0
+
+
+def test_session_close_racing_a_dropped_connection_while_the_guest_faults(
+    agent: Agent, guest: GuestProc, path: str
+) -> None:
+    """The crash of the e2e run (a segfault in the native thread's stop): the VMM's connection drops
+    (mark_disconnected, on the handoff thread) while the agent closes the session and the fault
+    path stops, the guest faulting pages back all along. Every closer returns; the thread is gone."""
+    evict_all(agent)
+    s = agent.sessions["vm1"]
+    fs = agent.faults["vm1"]
+
+    def touch_all() -> None:
+        with contextlib.suppress(FailedPrecondition):  # the guest is killed below, mid-touch
+            guest.cmd(f"touch 0-{N - 1} r", timeout=30)
+
+    t = threading.Thread(target=touch_all, daemon=True)
+    t.start()
+    wait_until(lambda: agent.index.count("vm1") < N, "the guest to fault pages back")
+    go = threading.Barrier(3)
+    errors: list[BaseException] = []
+
+    def closer(fn: Callable[[], None]) -> None:
+        go.wait()
+        try:
+            fn()
+        except BaseException as e:  # reported below: a closer must never raise
+            errors.append(e)
+
+    closers = [
+        threading.Thread(target=closer, args=(fn,), daemon=True)
+        for fn in (lambda: agent.mark_disconnected("vm1"), s.backend.close, fs.stop)
+    ]
+    for c in closers:
+        c.start()
+    for c in closers:
+        c.join(20)
+    assert not any(c.is_alive() for c in closers), "a closer hung"
+    assert not errors, errors
+    assert s.backend.closed
+    if fs.native is not None:
+        assert not fs.native.fp.running
+        fs.native.fp.stop()  # idempotent after the race
+    guest.proc.kill()  # its faults are no longer served: end the touch
+    guest.proc.wait(10)
+    t.join(10)

@@ -246,6 +246,7 @@ class RealBackend(KernelBackend):
         self._uffd = Uffd(uffd_fd, ioctl=ioctl)
         self._io: Mapping | None = None
         self._closed = False
+        self._close_lock = threading.Lock()  # one close at a time: fds are closed once, never a reused number
         self._gone = False
         self._state_lock = threading.RLock()  # uffd reads + message processing + state changes
         self._read_lock = threading.RLock()  # one thread blocked in epoll at a time
@@ -624,19 +625,22 @@ class RealBackend(KernelBackend):
         """Hook: release anything blocking the guest before the fds go."""
 
     def close(self) -> None:
-        """Close the uffd and memfd copies and the I/O mapping (the VMM keeps its own)."""
-        if self._closed:
-            return
-        native = self._native
-        if native is not None:
-            native.stop()  # joined before the fd closes: its number could be reused at once
-        with contextlib.suppress(OSError):
-            if not self._gone:
-                self._before_close()
-        self._closed = True
-        self._kick_reader()
-        with self._read_lock, self._state_lock:
-            self._release(close_fds=True)
+        """Close the uffd and memfd copies and the I/O mapping (the VMM keeps its own). Safe from
+        several threads at once (a session closing while its VMM's connection drops): the others
+        wait until the first has closed."""
+        with self._close_lock:
+            if self._closed:
+                return
+            native = self._native
+            if native is not None:
+                native.stop()  # joined before the fd closes: its number could be reused at once
+            with contextlib.suppress(OSError):
+                if not self._gone:
+                    self._before_close()
+            self._closed = True
+            self._kick_reader()
+            with self._read_lock, self._state_lock:
+                self._release(close_fds=True)
 
     def _release(self, *, close_fds: bool) -> None:
         with contextlib.suppress(OSError, ValueError):
