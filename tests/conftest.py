@@ -14,6 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.helpers.servers import RedisServer, S3Server
+from tests.helpers.timing import time_scale
 
 
 @functools.cache
@@ -23,6 +24,17 @@ def uffd_reason() -> str | None:
 
     rep = probe_host()
     return None if rep.backends["uffd"] else f"real userfaultfd unavailable: {rep.reasons['uffd']}"
+
+
+@functools.cache
+def rwp_reason() -> str | None:
+    """None if the kernel has userfaultfd RWP (Linux 7.3+), else why not."""
+    from tiermem.kernel.probe import probe_host
+
+    rep = probe_host()
+    if rep.backends["rwp"]:
+        return None
+    return f"needs userfaultfd RWP (Linux 7.3+; `make test-rwp` runs these in a 7.3 VM): {rep.reasons['rwp']}"
 
 
 @functools.cache
@@ -38,8 +50,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    scale = time_scale()
+    base_timeout = float(config.getini("timeout") or 0)
     for item in items:
+        if scale != 1:  # a slow machine (the kernel-VM tier under TCG): stretch every test's time limit
+            m = item.get_closest_marker("timeout")
+            limit = float(m.args[0]) if m is not None and m.args else base_timeout
+            if limit:
+                item.add_marker(pytest.mark.timeout(limit * scale), append=False)
         if "uffd" in item.keywords and (why := uffd_reason()):
+            item.add_marker(pytest.mark.skip(reason=why))
+        if item.get_closest_marker("rwp") and (why := rwp_reason()):
             item.add_marker(pytest.mark.skip(reason=why))
         if "kvm" in item.keywords and (why := kvm_reason()):
             item.add_marker(pytest.mark.skip(reason=why))

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from tests.helpers.timing import scaled
 from tiermem.kernel import uapi
 from tiermem.kernel.backend import KernelBackend
 from tiermem.kernel.uapi import UffdMsg
@@ -59,7 +60,7 @@ class MiniAgent:
         self.attaches.put(attach)
 
     def wait_attach(self, timeout: float = 10.0) -> HandoffAttach:
-        return self.attaches.get(timeout=timeout)
+        return self.attaches.get(timeout=scaled(timeout))
 
     def serve(self, backend: KernelBackend) -> None:
         t = threading.Thread(target=self._loop, args=(backend,), daemon=True)
@@ -127,9 +128,12 @@ class GuestProc:
     """``python -m tiermem.vmm.process_guest --control`` as a child process."""
 
     def __init__(self, socket_path: str, vm_id: str, *, memory: str = "16M", workload: str | None = None,
-                 prefill: bool = True, seed: int = 1, extra: list[str] | None = None) -> None:  # fmt: skip
+                 prefill: bool = True, seed: int = 1, extra: list[str] | None = None,
+                 mode: str | None = None) -> None:  # fmt: skip
         cmd = [sys.executable, "-m", "tiermem.vmm.process_guest", "--socket", socket_path, "--vm-id", vm_id,
                "--memory", memory, "--seed", str(seed), "--control"]  # fmt: skip
+        if mode:  # None: the guest probes the kernel (rwp where it has RWP, else uffd)
+            cmd += ["--mode", mode]
         if workload:
             cmd += ["--workload", workload]
         if prefill:

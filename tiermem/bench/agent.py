@@ -86,9 +86,10 @@ def _detect(agent: Any, vm: str, interval_s: float) -> tuple[CycleReport, float]
 
 
 def run(urls: Sequence[str] = (), spawn: Sequence[str] = (), quick: bool = False, sim_vms: int = 4,
-        sim_mib: int = 1024, guest_mib: int = 64, cap_mib: int = 256, interval_ms: int = 1000) -> dict[str, Any]:  # fmt: skip
+        sim_mib: int = 1024, guest_mib: int = 64, cap_mib: int = 256, interval_ms: int = 1000,
+        mode: str = "auto") -> dict[str, Any]:  # fmt: skip
     """Run the agent benchmark against the first store given (default: a spawned redis-server)."""
-    require_uffd()
+    require_uffd(mode)
     if quick:
         sim_vms, sim_mib, guest_mib = min(sim_vms, 4), min(sim_mib, 32), min(guest_mib, 8)
         cap_mib, interval_ms = min(cap_mib, 8), min(interval_ms, 100)
@@ -100,7 +101,7 @@ def run(urls: Sequence[str] = (), spawn: Sequence[str] = (), quick: bool = False
     with store_targets(urls, spawn, local=False) as targets:
         target = targets[0]
         with bench_agent({"default": target.url}) as agent:
-            out = _run(agent, target.label, sim_vms, sim_pages, guest_pages, cap_mib, interval_ms)
+            out = _run(agent, target.label, sim_vms, sim_pages, guest_pages, cap_mib, interval_ms, mode)
         raw_name, get_us = raw_get_latencies(target.url, 2000)
         put_name, put_rate = _raw_put_rate(target.url, min(8192, sim_pages))
     g50, g99 = pct(get_us, 50, 99)
@@ -125,7 +126,7 @@ def _raw_put_rate(url: str, pages: int) -> tuple[str, dict[str, float]]:
 
 
 def _run(agent: Any, label: str, sim_vms: int, sim_pages: int, guest_pages: int, cap_mib: int,
-         interval_ms: int) -> dict[str, Any]:  # fmt: skip
+         interval_ms: int, mode: str) -> dict[str, Any]:  # fmt: skip
     interval_s = interval_ms / 1000
     pol = EvictionPolicy(interval_ms=interval_ms, cold_after=1, max_evict=EvictionCap(bytes=cap_mib * MiB),
                          prefetch_pages=0, store="default")  # fmt: skip
@@ -137,7 +138,7 @@ def _run(agent: Any, label: str, sim_vms: int, sim_pages: int, guest_pages: int,
         agent.sessions[vm].backend.access_batch(
             np.arange(sim_pages, dtype=np.int64), np.ones(sim_pages, dtype=bool)
         )
-    guest = GuestDriver(agent.settings.handoff_path(), "pg", f"{guest_pages * PAGE_SIZE // 1024}K")
+    guest = GuestDriver(agent.settings.handoff_path(), "pg", f"{guest_pages * PAGE_SIZE // 1024}K", mode=mode)
     try:
         gs = wait_attached(agent, "pg")
         agent.set_policy("pg", EvictionPolicy(interval_ms=interval_ms, cold_after=1, prefetch_pages=0))
@@ -150,7 +151,7 @@ def _run(agent: Any, label: str, sim_vms: int, sim_pages: int, guest_pages: int,
                              "cold": rep.pages_cold, "cpu_ms": round(cpu * 1000, 2), "phases_ms": _phases(rep)})  # fmt: skip
         c0 = cpu_seconds()
         rep = agent.run_cycle("pg", CycleMode.DETECT, interval_ms=interval_ms)
-        tracking.append({"vm": "pg", "backend": "uffd", "pages": guest_pages, "hot": rep.pages_hot,
+        tracking.append({"vm": "pg", "backend": guest.mode, "pages": guest_pages, "hot": rep.pages_hot,
                          "cold": rep.pages_cold, "cpu_ms": round((cpu_seconds() - c0) * 1000, 2),
                          "phases_ms": _phases(rep)})  # fmt: skip
         # --- evict the whole guest, then fault half of it back with nothing else running

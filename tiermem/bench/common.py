@@ -27,6 +27,7 @@ from tiermem.errors import ConfigurationError, FailedPrecondition
 from tiermem.model import PAGE_SIZE
 
 __all__ = [
+    "GUEST_MODES",
     "GuestDriver",
     "StoreTarget",
     "bench_agent",
@@ -68,15 +69,19 @@ def cpu_seconds() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def require_uffd() -> None:
-    """FailedPrecondition with the probe's reason unless real userfaultfd works here."""
+GUEST_MODES = ("auto", "uffd", "rwp")
+"""How a scenario's process guests register their memory: ``auto`` follows the kernel probe."""
+
+
+def require_uffd(mode: str = "auto") -> None:
+    """FailedPrecondition with the probe's reason unless real userfaultfd (and RWP for ``rwp``) works here."""
     from tiermem.kernel.probe import probe_host
 
     rep = probe_host()
-    if not rep.backends.get("uffd"):
-        raise FailedPrecondition(
-            f"this scenario needs real userfaultfd: {rep.reasons.get('uffd', 'unavailable')}"
-        )
+    need = "rwp" if mode == "rwp" else "uffd"
+    if not rep.backends.get(need):
+        what = "userfaultfd RWP (Linux 7.3+)" if need == "rwp" else "real userfaultfd"
+        raise FailedPrecondition(f"this scenario needs {what}: {rep.reasons.get(need, 'unavailable')}")
 
 
 # --- stores --------------------------------------------------------------------------------------
@@ -142,10 +147,15 @@ def bench_agent(stores: dict[str, str], *, tmp: Path | None = None, fsync: bool 
 class GuestDriver:
     """``python -m tiermem.vmm.process_guest --control`` as a child: one command line, one JSON answer."""
 
-    def __init__(self, socket_path: str, vm_id: str, memory: str, *extra: str, timeout: float = 30.0) -> None:
+    def __init__(self, socket_path: str, vm_id: str, memory: str, *extra: str, timeout: float = 30.0,
+                 mode: str = "auto") -> None:  # fmt: skip
+        if mode not in GUEST_MODES:
+            raise ConfigurationError(f"guest mode must be one of {', '.join(GUEST_MODES)}, got {mode!r}")
+        # auto: the guest probes the kernel (rwp where it has RWP, else uffd), as a real VMM would
+        forced = [] if mode == "auto" else ["--mode", mode]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tiermem.vmm.process_guest", "--socket", socket_path, "--vm-id", vm_id,
-             "--memory", memory, "--mode", "uffd", "--control", "--timeout", str(timeout), *extra],
+             "--memory", memory, *forced, "--control", "--timeout", str(timeout), *extra],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
         )  # fmt: skip
         self.vm_id = vm_id
@@ -155,6 +165,8 @@ class GuestDriver:
             raise FailedPrecondition(
                 f"process guest {vm_id} did not attach: {self.ready.get('error', self.ready)}"
             )
+        self.mode: str = str(self.ready.get("mode", ""))
+        """The mode the guest registered its memory in (``uffd`` or ``rwp``)."""
 
     def _read(self, timeout: float) -> dict[str, Any]:
         out: list[str] = []

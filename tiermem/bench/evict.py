@@ -74,7 +74,7 @@ def _raw_put(url: str, pages: int, batch: int) -> tuple[str, dict[str, float], d
         store.close()
 
 
-def run_store(label: str, url: str, pages: int, backend: str = "uffd") -> dict[str, Any]:
+def run_store(label: str, url: str, pages: int, backend: str = "uffd", mode: str = "auto") -> dict[str, Any]:
     """Evict ``pages`` written pages of one guest to the store at ``url``; the cycle's phase times."""
     vm = f"evict-{label}"
     with bench_agent({"default": url}) as agent:
@@ -82,7 +82,9 @@ def run_store(label: str, url: str, pages: int, backend: str = "uffd") -> dict[s
         guest = None
         try:
             if backend == "uffd":
-                guest = GuestDriver(agent.settings.handoff_path(), vm, f"{pages * PAGE_SIZE // 1024}K")
+                guest = GuestDriver(
+                    agent.settings.handoff_path(), vm, f"{pages * PAGE_SIZE // 1024}K", mode=mode
+                )
                 wait_attached(agent, vm)
                 agent.set_policy(vm, pol)
                 guest.cmd(f"touch 0-{pages - 1} w")
@@ -114,7 +116,8 @@ def run_store(label: str, url: str, pages: int, backend: str = "uffd") -> dict[s
     agent_rate["stored_mb_per_s"] = round(rep.bytes_written / max(evict_s, 1e-9) / 1e6, 2)
     raw_name, raw_rate, store_rate = _raw_put(url, pages, EVICT_BATCH_PAGES)
     return {
-        "store": label, "url": url, "backend": backend, "pages": pages, "batch": EVICT_BATCH_PAGES,
+        "store": label, "url": url, "backend": backend, "mode": guest.mode if guest is not None else "sim",
+        "pages": pages, "batch": EVICT_BATCH_PAGES,
         "bytes_written": rep.bytes_written, "zero_pages": rep.zero_pages,
         "agent": agent_rate, "raw": {"client": raw_name, **raw_rate}, "store_put": store_rate,
         "ratio_vs_raw": ratio(agent_rate["pages_per_s"], raw_rate["pages_per_s"]),
@@ -126,14 +129,14 @@ def run_store(label: str, url: str, pages: int, backend: str = "uffd") -> dict[s
 
 
 def run(urls: Sequence[str] = (), spawn: Sequence[str] = (), quick: bool = False, pages: int = 65536,
-        backend: str = "uffd", local: bool = True) -> dict[str, Any]:  # fmt: skip
+        backend: str = "uffd", local: bool = True, mode: str = "auto") -> dict[str, Any]:  # fmt: skip
     """The eviction benchmark on each store (a local store first, unless ``local`` is False)."""
     if backend == "uffd":
-        require_uffd()
+        require_uffd(mode)
     if quick:
         pages = min(pages, 2048)
     if pages < 1:
         raise FailedPrecondition("pages must be >= 1")
     with store_targets(urls, spawn, local=local) as targets:
-        rows = [run_store(t.label, t.url, pages, backend) for t in targets]
+        rows = [run_store(t.label, t.url, pages, backend, mode) for t in targets]
     return {"pages": pages, "page_size": PAGE_SIZE, "backend": backend, "rows": rows}

@@ -68,11 +68,11 @@ def _stage_means(
 
 
 def run_store(label: str, url: str, faults: int, prefetch: int = 0, seed: int = 1,
-              tmp: Path | None = None) -> dict[str, Any]:  # fmt: skip
+              tmp: Path | None = None, mode: str = "auto") -> dict[str, Any]:  # fmt: skip
     """Evict ``faults`` pages of a process guest to the store at ``url`` and fault them back."""
     vm = f"fault-{label}"
     with bench_agent({"default": url}, tmp=tmp) as agent:
-        guest = GuestDriver(agent.settings.handoff_path(), vm, f"{faults * PAGE_SIZE // 1024}K")
+        guest = GuestDriver(agent.settings.handoff_path(), vm, f"{faults * PAGE_SIZE // 1024}K", mode=mode)
         try:
             s = wait_attached(agent, vm)
             agent.set_policy(vm, EvictionPolicy(cold_after=1, prefetch_pages=prefetch, store="default"))
@@ -107,7 +107,7 @@ def run_store(label: str, url: str, faults: int, prefetch: int = 0, seed: int = 
     c50, c99 = pct(copy_us, 50, 99)
     r50, r99 = pct(get_us, 50, 99)
     return {
-        "store": label, "url": url, "faults": touched["pages"], "faults_served": served, "prefetch": prefetch,
+        "store": label, "url": url, "mode": guest.mode, "faults": touched["pages"], "faults_served": served, "prefetch": prefetch,
         "evict_s": round(evict_s, 3), "touch_wall_s": round(wall, 3),
         "guest": {"p50_us": round(g50, 1), "p99_us": round(g99, 1), "max_us": round(touched["max_us"], 1)},
         "agent": {"p50_us": a50, "p99_us": a99, "samples": len(agent_us), "stage_mean_us": stages},
@@ -122,9 +122,9 @@ def run_store(label: str, url: str, faults: int, prefetch: int = 0, seed: int = 
 
 
 def run(urls: Sequence[str] = (), spawn: Sequence[str] = (), quick: bool = False, faults: int = 10240,
-        prefetch: int = 0, local: bool = True) -> dict[str, Any]:  # fmt: skip
+        prefetch: int = 0, local: bool = True, mode: str = "auto") -> dict[str, Any]:  # fmt: skip
     """The fault benchmark on each store (a local store first, unless ``local`` is False)."""
-    require_uffd()
+    require_uffd(mode)
     if quick:
         faults = min(faults, 512)
     if faults < 1:
@@ -132,7 +132,7 @@ def run(urls: Sequence[str] = (), spawn: Sequence[str] = (), quick: bool = False
     rows = []
     with store_targets(urls, spawn, local=local) as targets:
         for t in targets:
-            rows.append(run_store(t.label, t.url, faults, prefetch))
+            rows.append(run_store(t.label, t.url, faults, prefetch, mode=mode))
     goals: dict[str, bool | None] = {"local_p50_le_100us": None, "local_p99_le_1ms": None}
     for r in rows:
         if r["store"] == "local":

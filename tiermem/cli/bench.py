@@ -51,6 +51,14 @@ def _stores(f: F) -> F:
                         help="Store URL to benchmark (repeatable): file://, redis://, s3://...")(f)  # fmt: skip
 
 
+def _mode(f: F) -> F:
+    return click.option(
+        "--mode", type=click.Choice(["auto", "uffd", "rwp"]), default="auto", show_default=True,
+        help="How the process guest registers its memory: auto follows the kernel probe "
+             "(rwp on Linux 7.3+, else uffd).",
+    )(f)  # fmt: skip
+
+
 def _quiet_logs() -> None:
     # The agent logs through structlog; keep stdout for the table or the JSON.
     from tiermem.logging import configure_logging
@@ -145,13 +153,14 @@ def bench_store(urls: tuple[str, ...], spawn: tuple[str, ...], pages: int, batch
 )
 @click.option("--prefetch", type=click.IntRange(0, 512), default=0, show_default=True)
 @click.option("--no-local", is_flag=True, help="Skip the local store.")
+@_mode
 @_common
 def bench_fault(urls: tuple[str, ...], spawn: tuple[str, ...], faults: int, prefetch: int, no_local: bool,
-                quick: bool, as_json: bool) -> None:  # fmt: skip
+                mode: str, quick: bool, as_json: bool) -> None:  # fmt: skip
     """Real uffd fault latency with a process guest, per store, vs UFFDIO_COPY and the store's raw get."""
     from tiermem.bench.fault import run
 
-    res = run(urls, spawn, quick, faults, prefetch, local=not no_local)
+    res = run(urls, spawn, quick, faults, prefetch, local=not no_local, mode=mode)
 
     def render(r: dict[str, Any]) -> None:
         _show(f"fault service latency, µs ({r['faults']} faults per store, prefetch {r['prefetch']})",
@@ -171,13 +180,14 @@ def bench_fault(urls: tuple[str, ...], spawn: tuple[str, ...], faults: int, pref
 @click.option("--pages", type=click.IntRange(min=1), default=65536, show_default=True)
 @click.option("--backend", type=click.Choice(["uffd", "sim"]), default="uffd", show_default=True)
 @click.option("--no-local", is_flag=True, help="Skip the local store.")
+@_mode
 @_common
 def bench_evict(urls: tuple[str, ...], spawn: tuple[str, ...], pages: int, backend: str, no_local: bool,
-                quick: bool, as_json: bool) -> None:  # fmt: skip
+                mode: str, quick: bool, as_json: bool) -> None:  # fmt: skip
     """Eviction throughput per store: the agent's path vs the store's raw put and put_pages."""
     from tiermem.bench.evict import run
 
-    res = run(urls, spawn, quick, pages, backend, local=not no_local)
+    res = run(urls, spawn, quick, pages, backend, local=not no_local, mode=mode)
 
     def render(r: dict[str, Any]) -> None:
         _show(f"eviction throughput ({r['pages']} pages per store, {r['backend']} backend)",
@@ -365,13 +375,14 @@ def bench_policy(pages: int, ticks: int, interval_ticks: int, cold_after: str, w
 @click.option("--cap-mib", type=click.IntRange(min=1), default=256, show_default=True,
               help="Per-cycle eviction cap of each sim VM.")  # fmt: skip
 @click.option("--interval-ms", type=click.IntRange(min=1), default=1000, show_default=True)
+@_mode
 @_common
 def bench_agent(urls: tuple[str, ...], spawn: tuple[str, ...], sim_vms: int, sim_mib: int, guest_mib: int,
-                cap_mib: int, interval_ms: int, quick: bool, as_json: bool) -> None:  # fmt: skip
-    """4 sim VMs of 1 GiB + 1 process guest on uffd, one store (default: a spawned Redis)."""
+                cap_mib: int, interval_ms: int, mode: str, quick: bool, as_json: bool) -> None:  # fmt: skip
+    """4 sim VMs of 1 GiB + 1 process guest (uffd or rwp), one store (default: a spawned Redis)."""
     from tiermem.bench.agent import run
 
-    res = run(urls, spawn, quick, sim_vms, sim_mib, guest_mib, cap_mib, interval_ms)
+    res = run(urls, spawn, quick, sim_vms, sim_mib, guest_mib, cap_mib, interval_ms, mode=mode)
 
     def render(r: dict[str, Any]) -> None:
         _show(f"tracking: one detect cycle per VM ({r['interval_ms']} ms window), ms per phase",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import signal
+import sys
 
 import click
 from rich.console import Console
@@ -53,8 +53,10 @@ def _print_summary(console: Console, s: DemoSummary) -> None:
 
 @click.command()
 @click.option("--duration", default="30s", show_default=True, help="How long to run, e.g. 20s, 2m.")
-@click.option("--backend", type=click.Choice(["sim", "uffd"]), default="sim", show_default=True,
-              help="sim: simulated RWP kernel; uffd: real process guests on this kernel's userfaultfd.")  # fmt: skip
+@click.option("--backend", type=click.Choice(["sim", "uffd", "rwp"]), default="sim", show_default=True,
+              help="sim: simulated RWP kernel; uffd: real process guests, RWP emulated over userfaultfd "
+                   "MINOR faults; rwp: real process guests tracked by the kernel's userfaultfd RWP "
+                   "(Linux 7.3+).")  # fmt: skip
 @click.option("--kvm", is_flag=True, help="Run the four workloads as real KVM guests (needs /dev/kvm).")
 @click.option("--memory", "memory_mib", type=click.IntRange(4, 65536), default=None,
               help="MiB per VM [default: 128 sim, 64 uffd and KVM].")  # fmt: skip
@@ -85,9 +87,10 @@ def demo(duration: str, backend: str, kvm: bool, memory_mib: int | None, interva
             raise CliExit("/dev/kvm is missing or unusable here: run the demo on the sim (default) or with "
                           "--backend uffd (process guests)", EXIT_PRECONDITION)  # fmt: skip
         backend = "kvm"
+    elif backend in ("uffd", "rwp"):
+        _require_backend(backend)
     cfg = DemoConfig(duration_s=dur, backend=backend, memory_mib=memory_mib or 0, interval_ms=interval_ms,
                      cold_after=cold_after, plot=plot or "", workdir=workdir or "")  # fmt: skip
-    logging.getLogger().setLevel(logging.WARNING)
     _quiet_logs()
     console = Console(stderr=as_json)
     if not as_json:
@@ -101,6 +104,16 @@ def demo(duration: str, backend: str, kvm: bool, memory_mib: int | None, interva
         _print_summary(console, summary)
     if not summary.integrity_ok:
         raise SystemExit(3)
+
+
+def _require_backend(backend: str) -> None:
+    from tiermem.kernel.probe import probe_host
+
+    rep = probe_host()
+    if not rep.backends.get(backend):
+        hint = "; `tiermem doctor` shows what this host has" if backend == "rwp" else ""
+        raise CliExit(f"--backend {backend} is not available here: {rep.reasons.get(backend, 'unknown')}{hint}",
+                      EXIT_PRECONDITION)  # fmt: skip
 
 
 def _run(cfg: DemoConfig, console: Console, as_json: bool) -> DemoSummary:
@@ -122,6 +135,8 @@ def _run(cfg: DemoConfig, console: Console, as_json: bool) -> DemoSummary:
 
 
 def _quiet_logs() -> None:
-    import structlog
+    # Warnings and errors only, and on stderr: stdout carries the live table or, with --json, nothing but
+    # the JSON (structlog's unconfigured default prints to stdout).
+    from tiermem.logging import configure_logging
 
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    configure_logging(json=False, level="WARNING", stream=sys.stderr)
