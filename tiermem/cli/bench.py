@@ -416,3 +416,37 @@ def bench_agent(urls: tuple[str, ...], spawn: tuple[str, ...], sim_vms: int, sim
         _goals(r["goals"])
 
     _out("agent", res, as_json, render)
+
+
+# --- tracking ---------------------------------------------------------------------------------------
+@bench.command("tracking")
+@click.option("--modes", default="auto", show_default=True,
+              help="Comma-separated off,rwp,uffd; auto = all three, rwp only where the kernel has it.")  # fmt: skip
+@click.option("--guest-mib", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--workload", default="hotset:0.1", show_default=True)
+@click.option("--window", "window_s", type=click.FloatRange(min=0, min_open=True), default=8.0, show_default=True,
+              help="Seconds the guest runs per mode.")  # fmt: skip
+@click.option("--interval-ms", type=click.IntRange(min=1), default=500, show_default=True)
+@_common
+def bench_tracking(modes: str, guest_mib: int, workload: str, window_s: float, interval_ms: int, quick: bool,
+                   as_json: bool) -> None:  # fmt: skip
+    """What RWP buys: guest access rate and agent CPU per GiB per cycle, tracking off / rwp / uffd emulation."""
+    from tiermem.bench.common import ratio
+    from tiermem.bench.tracking import run
+
+    res = run(modes, quick, guest_mib, workload, window_s, interval_ms)
+
+    def render(r: dict[str, Any]) -> None:
+        off = next((x for x in r["rows"] if x["mode"] == "off"), None)
+        rwp = next((x for x in r["rows"] if x["mode"] == "rwp"), None)
+        _show(f"tracking cost: {r['guest_mib']} MiB guest, {r['workload']}, {r['window_s']} s per mode, "
+              f"{r['interval_ms']} ms cycles (kernel {r['kernel']})",
+              ["mode", "registered", "accesses/s", "vs off", "cycles", "agent CPU ms/GiB/cycle", "vs rwp",
+               "mismatches"],
+              [[x["mode"], x["registered"], _f(x["accesses_per_s"], 0),
+                _x(ratio(x["accesses_per_s"], off["accesses_per_s"])) if off else "-", x["cycles"],
+                _f(x["agent_cpu_ms_per_gib_per_cycle"]),
+                _x(ratio(x["agent_cpu_ms_per_gib_per_cycle"], rwp["agent_cpu_ms_per_gib_per_cycle"])) if rwp else "-",
+                x["mismatches"]] for x in r["rows"]])  # fmt: skip
+
+    _out("tracking", res, as_json, render)
