@@ -1,12 +1,13 @@
 # The two commands of the README:
 #   make demo   set up a virtualenv and run `tiermem demo` on embedded defaults
-#   make test   install everything the tests need (OS packages, Redis, S3 server) and run the whole suite
+#   make test   install everything the tests need (OS packages, Redis, S3 server) and run the whole suite,
+#               then the kernel-VM tier (make test-rwp)
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: demo test setup setup-test os-deps lint typecheck pytest protos
+.PHONY: demo test test-rwp setup setup-test os-deps lint typecheck pytest protos
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -37,7 +38,13 @@ typecheck:
 pytest:
 	$(BIN)/pytest $(ARGS)
 
-test: setup-test lint typecheck pytest
+# The kernel-VM tier (docs/kvm-tier.md): every test marked `rwp`, run inside Debian's Linux 7.3 (userfaultfd
+# RWP in mainline) booted under QEMU by scripts/kvm_tier/run.sh. Where QEMU or the kernel packages cannot be
+# had, it reports a skip with the reason instead of failing. RWP_TESTS narrows the selection.
+test-rwp: setup-test
+	scripts/kvm_tier/pytest.sh $(ARGS)
+
+test: setup-test lint typecheck pytest test-rwp
 
 protos:
 	$(BIN)/python scripts/gen_protos.py
