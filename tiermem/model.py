@@ -230,6 +230,9 @@ class CycleReport:
     error: str = ""
     node_id: str = ""
     capped: bool = False
+    pages_unproven: int = 0
+    """Resident pages the frozen scan could not prove protected (in the memfd, not mapped in the
+    guest mapping): never evicted, whatever their age."""
 
 
 @dataclass

@@ -25,7 +25,7 @@ from tiermem.config import AgentSettings
 from tiermem.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from tiermem.events import EventBus
 from tiermem.kernel import uapi
-from tiermem.kernel.backend import KernelBackend
+from tiermem.kernel.backend import TRACKED_REGISTER_MODE, KernelBackend
 from tiermem.model import (
     PAGE_SIZE,
     Backend,
@@ -136,9 +136,7 @@ class Agent:
                     "contents; use synthetic contents or a smaller VM"
                 ) from None
             sim.api(uapi.UFFD_FEATURE_RWP | uapi.UFFD_FEATURE_RWP_ASYNC | uapi.UFFD_FEATURE_THREAD_ID)
-            sim.register(
-                sim.base, sim.size, uapi.UFFDIO_REGISTER_MODE_MISSING | uapi.UFFDIO_REGISTER_MODE_RWP
-            )
+            sim.register(sim.base, sim.size, TRACKED_REGISTER_MODE)
             s = self._new_session(vm_id, Backend.SIM, sim, policy, labels or {},
                                   meta={"workload": workload, "synthetic": synthetic})  # fmt: skip
             if workload:

@@ -32,6 +32,7 @@ from tiermem.agent.session import VmSession
 from tiermem.errors import InvalidArgument
 from tiermem.events import EventBus
 from tiermem.kernel import uapi
+from tiermem.kernel.backend import TRACKED_REGISTER_MODE
 from tiermem.kernel.sim import SimKernel
 from tiermem.model import Backend, CycleMode, EvictionCap, EvictionPolicy, VmState
 from tiermem.store.memory import MemoryPageStore
@@ -70,7 +71,7 @@ def replay(trace: Trace, interval_ticks: int, cold_after: int, max_evict: Evicti
     n = trace.n_pages
     sim = SimKernel(n, synthetic=True)
     sim.api(uapi.UFFD_FEATURE_RWP | uapi.UFFD_FEATURE_RWP_ASYNC)
-    sim.register(sim.base, sim.size, uapi.UFFDIO_REGISTER_MODE_MISSING | uapi.UFFDIO_REGISTER_MODE_RWP)
+    sim.register(sim.base, sim.size, TRACKED_REGISTER_MODE)
     store = MemoryPageStore("memory")
     index = PageIndex(":memory:", fsync=False)
     vm = "replay"

@@ -65,7 +65,8 @@ class VmSession:
         """One cycle or drain at a time."""
         self.evict_lock = threading.Lock()
         self.frozen = False
-        self.deferred: list[int] = []
+        self.deferred: list[tuple[int, bool]] = []
+        """Parked sync tracking faults: (page, True for a MINOR fault)."""
         self.pending_evict = np.zeros(self.backend.n_pages, dtype=bool)
         self.closing = threading.Event()
         self.attached_at = time.monotonic()

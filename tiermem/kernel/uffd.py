@@ -337,6 +337,7 @@ class MissingOnlyBackend(RealBackend):
 
     name = "uffd-missing"
     tracking = False
+    anonymous = True
 
     def __init__(
         self,

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tiermem import errors
-from tiermem.kernel.backend import Region
+from tiermem.kernel.backend import TRACKED_REGISTER_MODE, Region
 from tiermem.kernel.uffd_base import RealBackend
 from tiermem.kernel.uffd_ioctl import is_memfd, is_userfaultfd
 from tiermem.model import validate_id
@@ -109,7 +109,7 @@ class HandoffAttach:
 
     def make_backend(self, *, arm: bool = True) -> RealBackend:
         """The kernel backend for this VM; it owns the fds. ``arm`` negotiates and registers
-        the RWP workflow (``api(RWP|RWP_ASYNC)``, ``register(MISSING|RWP)``) like the sim."""
+        the RWP workflow (``api(RWP|RWP_ASYNC)``, ``register(MISSING|MINOR|RWP)``) like the sim."""
         from tiermem.kernel import uapi
         from tiermem.kernel.rwp import RwpBackend
         from tiermem.kernel.uffd import MissingOnlyBackend, UffdBackend
@@ -133,11 +133,7 @@ class HandoffAttach:
         if arm and backend.tracking:
             try:
                 backend.api(uapi.UFFD_FEATURE_RWP | uapi.UFFD_FEATURE_RWP_ASYNC)
-                backend.register(
-                    backend.base,
-                    backend.size,
-                    uapi.UFFDIO_REGISTER_MODE_MISSING | uapi.UFFDIO_REGISTER_MODE_RWP,
-                )
+                backend.register(backend.base, backend.size, TRACKED_REGISTER_MODE)
                 if self.mode == "rwp":  # a dead agent may have left the shared uffd context frozen (sync)
                     backend.set_mode(enable=uapi.UFFD_FEATURE_RWP_ASYNC)
             except BaseException:
