@@ -50,7 +50,7 @@ ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
 
 chroot $R /usr/bin/env -i HOME=/tmp/home TERM=dumb LANG=C.UTF-8 \
 	PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-	/usr/bin/timeout -k 10 "$GUEST_LIMIT" /bin/bash "$OUT/cmd.sh" >/out/stdout 2>/out/stderr </dev/null
+	/usr/bin/timeout -s INT -k 20 "$GUEST_LIMIT" /bin/bash "$OUT/cmd.sh" >/out/stdout 2>/out/stderr </dev/null
 echo $? >/out/rc
 dmesg >/out/dmesg 2>/dev/null
 sync

@@ -7,7 +7,9 @@
 #
 #   RWP_TESTS   paths to collect from [tests]
 #   RWP_TIME_SCALE   TIERMEM_TEST_TIME_SCALE inside the VM [10]
+#   KVM_TIER_TIMEOUT the whole tier's limit, boot included, s [1200]
 set -euo pipefail
+export KVM_TIER_TIMEOUT=${KVM_TIER_TIMEOUT:-1200}
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 PY=${PY:-$PWD/.venv/bin/python}
 [ -x "$PY" ] || { echo "kvm-tier: no $PY (run make setup-test)" >&2; exit 125; }
@@ -19,7 +21,7 @@ echo "[kvm-tier] rwp tests in: $(echo $files)" >&2
 rc=0
 # shellcheck disable=SC2086
 scripts/kvm_tier/run.sh env TIERMEM_TEST_TIME_SCALE="${RWP_TIME_SCALE:-10}" \
-	"$PY" -m pytest -p no:cacheprovider -m rwp -q -rs --durations=5 "$@" $files || rc=$?
+	"$PY" -m pytest -p no:cacheprovider -m rwp -v -rs --durations=0 --durations-min=1 "$@" $files || rc=$?
 if [ "$rc" = 77 ]; then
 	echo "[kvm-tier] SKIPPED: the kernel-VM tier cannot run on this machine (reason above)" >&2
 	exit 0

@@ -46,6 +46,7 @@ class MiniAgent:
         self.saved: dict[int, bytes] = {}
         self.events: list[UffdMsg] = []
         self.rwp_faults: list[int] = []
+        self.minor_faults: list[int] = []
         self.hold_rwp = False
         """When True, sync RWP faults are parked (the vCPU waits) instead of resolved."""
         self.service_us: list[float] = []
@@ -90,6 +91,20 @@ class MiniAgent:
                 self.rwp_faults.append(page)
             if not self.hold_rwp:
                 be.rwprotect(be.addr(page), be.page_size, protect=False)
+            return
+        if m.flags & uapi.UFFD_PAGEFAULT_FLAG_MINOR:
+            # rwp mode registers MINOR too: a page in the memfd but unmapped in the guest mapping (a pwrite,
+            # say) faults MINOR; CONTINUE maps it, as the agent does (the uffd backend handles its own)
+            with self._lock:
+                self.minor_faults.append(page)
+            try:
+                be.continue_(be.addr(page), be.page_size)
+            except OSError as e:
+                if e.errno not in (errno.EEXIST, errno.EFAULT):
+                    raise
+                be.wake(
+                    be.addr(page), be.page_size
+                )  # mapped meanwhile, or punched (its retry faults MISSING)
             return
         t0 = time.perf_counter()
         with self._lock:  # taken before the install, so a test never sees a restored page still "saved"
