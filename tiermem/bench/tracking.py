@@ -8,7 +8,9 @@ The same process guest (size, workload, seed) runs once per tracking mode, in on
   resolves every first touch as a MINOR fault.
 
 For a fixed wall-clock window the driver keeps the guest running workload batches while
-another thread runs the cycles. Access rate = loads and stores the guest completed per
+another thread runs the cycles. The modes run in ``rounds`` rounds, each in a rotated order,
+and each figure is the median over the rounds, so a load change on a shared machine does not
+land on one mode only. Access rate = loads and stores the guest completed per
 second. Agent CPU = this process's CPU over the window (the agent is in-process, the guest
 is its own process) per cycle and per GiB of guest memory. Only ratios are reported as
 results: absolute figures depend on the machine (the kernel-VM tier runs under TCG).
@@ -16,6 +18,7 @@ results: absolute figures depend on the machine (the kernel-VM tier runs under T
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 from typing import Any
@@ -89,8 +92,28 @@ def _one(
     }  # fmt: skip
 
 
+def _median(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One mode's rounds as one row: the median of each figure, every round's figures kept."""
+    out = dict(rows[0])
+    for k in (
+        "window_s",
+        "accesses",
+        "accesses_per_s",
+        "cycles",
+        "agent_cpu_s",
+        "agent_cpu_ms_per_gib_per_cycle",
+    ):
+        vals = [r[k] for r in rows if r[k] is not None]
+        out[k] = round(statistics.median(vals), 2) if vals else None
+    out["mismatches"] = sum(r["mismatches"] for r in rows)
+    out["rounds"] = [
+        {k: r[k] for k in ("accesses_per_s", "cycles", "agent_cpu_ms_per_gib_per_cycle")} for r in rows
+    ]
+    return out
+
+
 def run(modes: str = "auto", quick: bool = False, guest_mib: int = 64, workload: str = "hotset:0.1",
-        window_s: float = 8.0, interval_ms: int = 500, seed: int = 7) -> dict[str, Any]:  # fmt: skip
+        window_s: float = 8.0, interval_ms: int = 500, seed: int = 7, rounds: int = 3) -> dict[str, Any]:  # fmt: skip
     """Each mode in turn on the same guest; ratios against ``off`` (access rate) and ``rwp`` (CPU)."""
     from tiermem.kernel.probe import probe_host
 
@@ -105,12 +128,22 @@ def run(modes: str = "auto", quick: bool = False, guest_mib: int = 64, workload:
         if "rwp" in chosen:
             require_uffd("rwp")
     if quick:
-        guest_mib, window_s, interval_ms = min(guest_mib, 8), min(window_s, 1.5), min(interval_ms, 200)
-    if guest_mib < 1 or window_s <= 0 or interval_ms < 1:
-        raise FailedPrecondition("the guest size, the window and the interval must be > 0")
-    rows = {m: _one(m, guest_mib, workload, seed, window_s, interval_ms) for m in chosen}
+        guest_mib, window_s, interval_ms, rounds = (
+            min(guest_mib, 8),
+            min(window_s, 1.5),
+            min(interval_ms, 200),
+            1,
+        )
+    if guest_mib < 1 or window_s <= 0 or interval_ms < 1 or rounds < 1:
+        raise FailedPrecondition("the guest size, the window, the interval and the rounds must be > 0")
+    per: dict[str, list[dict[str, Any]]] = {m: [] for m in chosen}
+    for i in range(rounds):
+        for m in chosen[i % len(chosen) :] + chosen[: i % len(chosen)]:
+            per[m].append(_one(m, guest_mib, workload, seed, window_s, interval_ms))
+    rows = {m: _median(per[m]) for m in chosen}
     out: dict[str, Any] = {
         "guest_mib": guest_mib, "workload": workload, "window_s": window_s, "interval_ms": interval_ms,
+        "rounds": rounds,
         "kernel": rep.kernel, "rwp_available": bool(rep.backends.get("rwp")), "rows": list(rows.values()),
     }  # fmt: skip
     off = rows.get("off")

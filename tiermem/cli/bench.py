@@ -427,20 +427,22 @@ def bench_agent(urls: tuple[str, ...], spawn: tuple[str, ...], sim_vms: int, sim
 @click.option("--window", "window_s", type=click.FloatRange(min=0, min_open=True), default=8.0, show_default=True,
               help="Seconds the guest runs per mode.")  # fmt: skip
 @click.option("--interval-ms", type=click.IntRange(min=1), default=500, show_default=True)
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Rounds of every mode, in rotated order; figures are medians. 1 with --quick.")  # fmt: skip
 @_common
-def bench_tracking(modes: str, guest_mib: int, workload: str, window_s: float, interval_ms: int, quick: bool,
-                   as_json: bool) -> None:  # fmt: skip
+def bench_tracking(modes: str, guest_mib: int, workload: str, window_s: float, interval_ms: int, rounds: int,
+                   quick: bool, as_json: bool) -> None:  # fmt: skip
     """What RWP buys: guest access rate and agent CPU per GiB per cycle, tracking off / rwp / uffd emulation."""
     from tiermem.bench.common import ratio
     from tiermem.bench.tracking import run
 
-    res = run(modes, quick, guest_mib, workload, window_s, interval_ms)
+    res = run(modes, quick, guest_mib, workload, window_s, interval_ms, rounds=rounds)
 
     def render(r: dict[str, Any]) -> None:
         off = next((x for x in r["rows"] if x["mode"] == "off"), None)
         rwp = next((x for x in r["rows"] if x["mode"] == "rwp"), None)
         _show(f"tracking cost: {r['guest_mib']} MiB guest, {r['workload']}, {r['window_s']} s per mode, "
-              f"{r['interval_ms']} ms cycles (kernel {r['kernel']})",
+              f"{r['interval_ms']} ms cycles, median of {r['rounds']} rounds (kernel {r['kernel']})",
               ["mode", "registered", "accesses/s", "vs off", "cycles", "agent CPU ms/GiB/cycle", "vs rwp",
                "mismatches"],
               [[x["mode"], x["registered"], _f(x["accesses_per_s"], 0),
