@@ -13,8 +13,8 @@ import pytest
 from tiermem.agent.node import Agent
 from tiermem.config import AgentSettings
 from tiermem.errors import FailedPrecondition, InvalidArgument, NotFound
-from tiermem.kernel.sim import SimKernel
 from tiermem.model import CycleMode, EventKind, EvictionCap, EvictionPolicy
+from tiermem.sim.kernel import SimKernel
 from tiermem.store.memory import MemoryPageStore
 
 PS = 4096
@@ -321,7 +321,7 @@ def test_remove_event_keeps_evicted_pages_of_shared_memory(agent: Agent) -> None
 
 def test_eight_vms_with_different_workloads_and_policies(agent: Agent) -> None:
     """Detection is exact per VM, every limit holds, faults are served, and memory verifies."""
-    from tiermem.vmm.workloads import ExpectedCounters, parse_workload
+    from tiermem.sim.workloads import ExpectedCounters, parse_workload
 
     specs = {
         "hot": ("hotset:0.1", {}), "zipf": ("zipf:1.1", {"max_evict": EvictionCap(pages=100)}),

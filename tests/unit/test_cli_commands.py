@@ -16,9 +16,9 @@ import pytest
 from click.testing import CliRunner, Result
 
 from tiermem import errors
+from tiermem.api import EffectivePolicy, NodeInfo, PolicyEntry, PolicyScope, ScopeKind, VmSpec
 from tiermem.cli.main import cli
 from tiermem.config import ClientSettings
-from tiermem.control.types import EffectivePolicy, NodeInfo, PolicyEntry, PolicyScope, ScopeKind, VmSpec
 from tiermem.model import (
     Backend,
     Compression,

@@ -19,9 +19,9 @@ import pytest
 from tiermem.agent.node import Agent
 from tiermem.config import AgentSettings
 from tiermem.kernel import uapi
-from tiermem.kernel.sim import SimKernel
 from tiermem.model import CycleMode, CycleReport, EvictionPolicy
-from tiermem.vmm import content
+from tiermem.sim import content
+from tiermem.sim.kernel import SimKernel
 
 PS = 4096
 N = 16

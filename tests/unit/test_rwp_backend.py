@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from tiermem.errors import FailedPrecondition, InvalidArgument
+from tiermem.handoff.client import arm_uffd
 from tiermem.kernel import rwp, uapi
 from tiermem.kernel.backend import TRACKED_REGISTER_MODE, Region
 from tiermem.kernel.probe import HostReport
@@ -21,7 +22,6 @@ from tiermem.kernel.rwp import RwpBackend
 from tiermem.kernel.select import choose_backend
 from tiermem.kernel.uffd_base import emulate_scan
 from tiermem.kernel.uffd_ioctl import Uffd
-from tiermem.vmm.client import arm_uffd
 
 PS = 4096
 BASE = 0x7F12_3400_0000

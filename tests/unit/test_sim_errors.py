@@ -10,7 +10,7 @@ import pytest
 
 from tiermem.errors import InvalidArgument
 from tiermem.kernel import uapi
-from tiermem.kernel.sim import SimKernel
+from tiermem.sim.kernel import SimKernel
 
 RWP, RWP_ASYNC = uapi.UFFD_FEATURE_RWP, uapi.UFFD_FEATURE_RWP_ASYNC
 MISSING, WP, MINOR, MODE_RWP = (

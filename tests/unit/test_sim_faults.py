@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from tiermem.kernel import uapi
-from tiermem.kernel.sim import CORRUPT, SimKernel
-from tiermem.vmm.content import counter_of, page_bytes
+from tiermem.sim.content import counter_of, page_bytes
+from tiermem.sim.kernel import CORRUPT, SimKernel
 
 RWP, RWP_ASYNC, TID = uapi.UFFD_FEATURE_RWP, uapi.UFFD_FEATURE_RWP_ASYNC, uapi.UFFD_FEATURE_THREAD_ID
 MISSING, MODE_RWP = uapi.UFFDIO_REGISTER_MODE_MISSING, uapi.UFFDIO_REGISTER_MODE_RWP

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tiermem.kernel import uapi
-from tiermem.kernel.sim import SimKernel
+from tiermem.sim.kernel import SimKernel
 
 PS = 4096
 MISSING, WP, MINOR, RWP = (

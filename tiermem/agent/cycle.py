@@ -36,7 +36,7 @@ import structlog
 from tiermem.agent.faults import FaultServer
 from tiermem.agent.metrics import CYCLE_RESULTS
 from tiermem.agent.session import VmSession
-from tiermem.errors import ConfigurationError, NotFound, StoreFull, StoreUnavailable
+from tiermem.errors import ConfigurationError, FailedPrecondition, NotFound, StoreFull, StoreUnavailable
 from tiermem.kernel import uapi
 from tiermem.model import CycleMode, CycleReport, EventKind, PhaseTimes, VmState, now_ms
 from tiermem.store.base import Codec, PageBlob
@@ -94,8 +94,6 @@ class CycleEngine:
         """Protect, wait ``interval_s`` (``wait`` returns False to abort), then finish."""
         s = self.s
         if not s.tracking:
-            from tiermem.errors import FailedPrecondition
-
             raise FailedPrecondition(
                 f"VM {s.vm_id} is served MISSING-only (no tracking); cycles are not possible"
             )

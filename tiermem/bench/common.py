@@ -145,7 +145,7 @@ def bench_agent(stores: dict[str, str], *, tmp: Path | None = None, fsync: bool 
 
 
 class GuestDriver:
-    """``python -m tiermem.vmm.process_guest --control`` as a child: one command line, one JSON answer."""
+    """``python -m tiermem.guests.process --control`` as a child: one command line, one JSON answer."""
 
     def __init__(self, socket_path: str, vm_id: str, memory: str, *extra: str, timeout: float = 30.0,
                  mode: str = "auto") -> None:  # fmt: skip
@@ -154,7 +154,7 @@ class GuestDriver:
         # auto: the guest probes the kernel (rwp where it has RWP, else uffd), as a real VMM would
         forced = [] if mode == "auto" else ["--mode", mode]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tiermem.vmm.process_guest", "--socket", socket_path, "--vm-id", vm_id,
+            [sys.executable, "-m", "tiermem.guests.process", "--socket", socket_path, "--vm-id", vm_id,
              "--memory", memory, *forced, "--control", "--timeout", str(timeout), *extra],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
         )  # fmt: skip

@@ -4,7 +4,7 @@ One ``KernelBackend`` instance is one VM's guest memory plus its userfaultfd
 context. The agent drives every backend with the same calls, following the RWP
 v10 workflow (architecture brief §4):
 
-* ``sim``  - :mod:`tiermem.kernel.sim`, the patch's semantics simulated with numpy.
+* ``sim``  - :mod:`tiermem.sim.kernel`, the patch's semantics simulated with numpy.
 * ``uffd`` - :mod:`tiermem.kernel.uffd`, stock kernels; RWP is *emulated*: ``rwprotect``
   asks the VMM to zap PTEs, the first touch is a MINOR fault that the backend
   records (``PAGE_IS_ACCESSED``) and resolves with UFFDIO_CONTINUE while in

@@ -1,7 +1,7 @@
 """The ``uffd`` backend: stock kernels, RWP emulated with MINOR faults on a memfd.
 
 The VMM registers its guest mapping MISSING|MINOR and hands over ``[uffd, memfd]``
-(:mod:`tiermem.vmm.handoff`). The agent drives this backend with the same calls as
+(:mod:`tiermem.handoff.listener`). The agent drives this backend with the same calls as
 the sim and the ``rwp`` backend; underneath:
 
 * ``rwprotect(protect=True)`` marks the range protected, then asks the VMM over
@@ -13,9 +13,11 @@ the sim and the ``rwp`` backend; underneath:
 * Sync mode (``set_mode(disable=RWP_ASYNC)``): the same fault is surfaced as a
   pagefault message with ``UFFD_PAGEFAULT_FLAG_RWP`` (|WRITE) and the vCPU waits
   until ``rwprotect(protect=False)`` (CONTINUE + wake) or ``set_mode(enable=...)``.
-* ``pagemap_scan`` reports ``PAGE_IS_ACCESSED`` for populated pages that are not
-  protected (touched or installed since the last protect, or never protected);
-  pages not in the memfd report neither.
+* ``pagemap_scan`` reports ``PAGE_IS_PRESENT|FILE`` for pages in the memfd (protected
+  ones are zapped but trap through MINOR, so they count as present and protected) and
+  ``PAGE_IS_ACCESSED`` for those not protected (touched or installed since the last
+  protect, or never protected); pages not in the memfd have no category, so an
+  inverted scan reports them with categories 0, as mainline does.
 * REMOVE events caused by our own zaps (EVENT_REMOVE is negotiated for balloons)
   are recognised and swallowed; other REMOVE/UNMAP events are surfaced so the
   agent can drop index entries of ranges the guest gave up.
@@ -241,9 +243,9 @@ class UffdBackend(RealBackend):
             cats = np.where(pop, np.uint64(_SCAN_CATS), np.uint64(0))
             accessed = pop & self._rwp & ~self._protected
             cats[accessed] |= np.uint64(uapi.PAGE_IS_ACCESSED)
-        involved = category_mask | category_inverted | category_anyof_mask
-        # v10: an unpopulated page is "not part of the RWP working set, so it is reported as neither"
-        eligible = pop if involved & uapi.PAGE_IS_ACCESSED else np.ones_like(pop)
+        # As mainline 7.3: a page not in the memfd has no category, so an inverted or empty-mask scan
+        # reports it (categories 0); "not accessed" alone never means "protected".
+        eligible = np.ones_like(pop)
         return emulate_scan(
             self.base,
             self.page_size,

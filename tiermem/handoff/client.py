@@ -27,13 +27,13 @@ import time
 from typing import Any
 
 from tiermem import errors
+from tiermem.handoff.wire import PROTOCOL_VERSION, FrameReader, ProtocolError, encode_frame, send_frame
 from tiermem.kernel import uapi
 from tiermem.kernel.backend import TRACKED_REGISTER_MODE, ApiInfo
 from tiermem.kernel.probe import open_userfaultfd, uffd_api_features
 from tiermem.kernel.uffd_base import mmap_page_size
 from tiermem.kernel.uffd_ioctl import Mapping, Uffd, madvise, memfd_create
 from tiermem.model import validate_id
-from tiermem.vmm.handoff_wire import PROTOCOL_VERSION, FrameReader, ProtocolError, encode_frame, send_frame
 
 __all__ = ["MODE_FEATURES", "OPTIONAL_FEATURES", "GuestMemory", "arm_uffd", "no_huge_pages", "pick_mode"]
 

@@ -3,11 +3,11 @@
 One state byte per page (``sim_scan.ST_*``) stands for the page cache + guest PTE:
 not in the memfd, in the page cache but unmapped in the guest (pte_none), mapped with
 the uffd bit (RWP-protected), mapped without it.
-Contents follow :mod:`tiermem.vmm.content`, either as real bytes (a numpy image
+Contents follow :mod:`tiermem.sim.content`, either as real bytes (a numpy image
 of the memfd) or, in synthetic mode, as one u32 write counter per page from which
 the bytes are materialised and into which installed bytes are decoded.
 
-No locking here: :class:`tiermem.kernel.sim.SimKernel` holds its lock around every call.
+No locking here: :class:`tiermem.sim.kernel.SimKernel` holds its lock around every call.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from tiermem.kernel.sim_scan import ST_ACC, ST_CACHED, ST_NONE
-from tiermem.vmm import content
+from tiermem.sim import content
+from tiermem.sim.scan import ST_ACC, ST_CACHED, ST_NONE
 
 __all__ = ["CORRUPT", "SimMemory", "VmaList"]
 

@@ -1,6 +1,6 @@
 """PAGEMAP_SCAN for the simulated kernel: categories, matching and merged regions, vectorised.
 
-The sim keeps one state byte per page (see :mod:`tiermem.kernel.sim`) that takes
+The sim keeps one state byte per page (see :mod:`tiermem.sim.kernel`) that takes
 four values: ``ST_NONE`` (not in the memfd), ``ST_CACHED`` (in the memfd's page
 cache, pte_none in the guest mapping), ``ST_PROT`` (mapped, uffd bit set) and
 ``ST_ACC`` (mapped, uffd bit clear). Bit 0 is "mapped in the guest". Inside one VMA

@@ -33,10 +33,10 @@ from tiermem.errors import InvalidArgument
 from tiermem.events import EventBus
 from tiermem.kernel import uapi
 from tiermem.kernel.backend import TRACKED_REGISTER_MODE
-from tiermem.kernel.sim import SimKernel
 from tiermem.model import Backend, CycleMode, EvictionCap, EvictionPolicy, VmState
+from tiermem.sim.kernel import SimKernel
+from tiermem.sim.trace import Trace
 from tiermem.store.memory import MemoryPageStore
-from tiermem.vmm.trace import Trace
 
 __all__ = ["ReplayResult", "replay"]
 
