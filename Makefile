@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: demo test test-rwp setup setup-test os-deps lint typecheck pytest protos
+.PHONY: demo test test-fast test-rwp setup setup-test os-deps lint typecheck pytest protos
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -45,6 +45,10 @@ test-rwp: setup-test
 	scripts/kvm_tier/pytest.sh $(ARGS)
 
 test: setup-test lint typecheck pytest test-rwp
+
+# The fast lane: tests/unit only (about 45 s on an idle 2-core machine). Run `make setup-test` once first.
+test-fast:
+	$(BIN)/pytest -q tests/unit $(ARGS)
 
 protos:
 	$(BIN)/python scripts/gen_protos.py

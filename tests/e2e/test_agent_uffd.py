@@ -20,6 +20,7 @@ import pytest
 from tests.helpers.guest import GuestProc, pages_spec
 from tests.helpers.servers import RedisServer, free_port, wait_port
 from tests.helpers.timing import scaled
+from tests.helpers.wait import wait_until
 from tiermem.agent.attach import start_handoff
 from tiermem.agent.node import Agent
 from tiermem.config import AgentSettings
@@ -48,17 +49,10 @@ def agent(tmp_path: Path) -> Iterator[Agent]:
     a.close()
 
 
-def wait_attached(agent: Agent, vm: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + scaled(timeout)
-    while vm not in agent.sessions:
-        assert time.monotonic() < deadline, f"{vm} never attached"
-        time.sleep(0.02)
-
-
 def test_detection_is_exact_and_evicted_pages_fault_back(agent: Agent, mode: str) -> None:
     guest = GuestProc(agent.settings.handoff_path(), "pg1", "16M", mode=mode)
     try:
-        wait_attached(agent, "pg1")
+        wait_until(lambda: "pg1" in agent.sessions, scaled(10), "pg1 to attach")
         assert guest.mode == mode and agent.sessions["pg1"].backend.name == mode
         n = 4096
         agent.set_policy("pg1", EvictionPolicy(cold_after=1, prefetch_pages=0))
@@ -95,7 +89,7 @@ def test_cycles_while_the_guest_runs_lose_nothing(agent: Agent, mode: str) -> No
     guest = GuestProc(agent.settings.handoff_path(), "pg2", "16M", "--workload", "hotset:0.1", "--seed", "5",
                       mode=mode)  # fmt: skip
     try:
-        wait_attached(agent, "pg2")
+        wait_until(lambda: "pg2" in agent.sessions, scaled(10), "pg2 to attach")
         assert agent.sessions["pg2"].backend.name == mode
         agent.set_policy("pg2", EvictionPolicy(cold_after=1, prefetch_pages=4))
         guest.cmd("touch 0-4095 w")
@@ -136,7 +130,7 @@ def test_agent_sigkill_and_restart_serves_every_page(tmp_path: Path, mode: str) 
     agent = _agent_proc(tmp_path, redis.url, port)
     guest = None
     try:
-        wait_port(port, scaled(30), agent)  # type: ignore[arg-type]
+        wait_port(port, scaled(30), agent)
         stub = agent_pb2_grpc.NodeAgentStub(sync_channel(f"127.0.0.1:{port}"))
         guest = GuestProc(str(tmp_path / "h" / "handoff.sock"), "pg3", "16M", mode=mode)
         assert guest.mode == mode
@@ -150,7 +144,7 @@ def test_agent_sigkill_and_restart_serves_every_page(tmp_path: Path, mode: str) 
         agent.wait(scaled(10))
         # the agent is dead: its pages live in Redis and in the durable index only
         agent = _agent_proc(tmp_path, redis.url, port)
-        wait_port(port, scaled(30), agent)  # type: ignore[arg-type]
+        wait_port(port, scaled(30), agent)
         deadline = time.monotonic() + scaled(20)
         while True:  # the VMM reconnects on its own and re-sends its fds
             vms = stub.ListVms(agent_pb2.ListVmsRequest(), timeout=scaled(5)).vms

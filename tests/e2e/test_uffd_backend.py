@@ -9,7 +9,6 @@ runs need Linux 7.3+ (``make test-rwp`` runs them in a 7.3 VM).
 from __future__ import annotations
 
 import errno
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 
 from tests.helpers.timing import scaled
 from tests.helpers.uffd_harness import GuestProc, MiniAgent, pages_arg
+from tests.helpers.wait import wait_until
 from tiermem.kernel import uapi
 from tiermem.kernel.rwp import RwpBackend
 from tiermem.kernel.uffd import UffdBackend
@@ -65,13 +65,6 @@ def hot_set(be: RealBackend) -> set[int]:
     end = be.base + be.size
     r = be.pagemap_scan(be.base, end, category_mask=uapi.PAGE_IS_ACCESSED, return_mask=uapi.PAGE_IS_ACCESSED)
     return set(np.flatnonzero(r.page_mask(be.base, end, be.page_size)).tolist())
-
-
-def wait_for(cond: object, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + scaled(timeout)
-    while not cond():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.005)
 
 
 def test_detection_finds_exactly_the_hot_set_and_eviction_loses_nothing(agent: MiniAgent, mode: str) -> None:
@@ -141,7 +134,7 @@ def test_sync_mode_surfaces_rwp_faults_and_eviction_wins_the_race(agent: MiniAge
         # a write to a protected page blocks and is surfaced as an RWP (|WRITE) fault
         guest.proc.stdin.write("touch 10 w\n")
         guest.proc.stdin.flush()
-        wait_for(lambda: 10 in agent.rwp_faults)
+        wait_until(lambda: 10 in agent.rwp_faults, scaled(20))
         assert be.stats["rwp"] == 1
         be.rwprotect(be.addr(10), be.page_size, protect=False)  # resolve: CONTINUE + wake
         assert guest._line()["ok"]
@@ -150,7 +143,7 @@ def test_sync_mode_surfaces_rwp_faults_and_eviction_wins_the_race(agent: MiniAge
         # a vCPU blocked on a page being evicted: punch + wake, it retries, MISSING, COPY back
         guest.proc.stdin.write("touch 20 w\n")
         guest.proc.stdin.flush()
-        wait_for(lambda: 20 in agent.rwp_faults)
+        wait_until(lambda: 20 in agent.rwp_faults, scaled(20))
         agent.evict(be, np.array([20]))
         assert guest._line()["ok"]
         assert 20 not in agent.saved
@@ -158,7 +151,7 @@ def test_sync_mode_surfaces_rwp_faults_and_eviction_wins_the_race(agent: MiniAge
         # resuming async resolves every parked fault
         guest.proc.stdin.write("touch 30 r\n")
         guest.proc.stdin.flush()
-        wait_for(lambda: 30 in agent.rwp_faults)
+        wait_until(lambda: 30 in agent.rwp_faults, scaled(20))
         be.set_mode(enable=ASYNC)
         assert guest._line()["ok"]
         agent.hold_rwp = False
@@ -174,7 +167,9 @@ def test_balloon_remove_is_surfaced_and_reads_zero(agent: MiniAgent, mode: str) 
         agent.evict(be, np.array([12, 13]))  # evicted pages inside the ballooned range
         guest.cmd("balloon 10-19")
         # the madvise returns once the backend has read the event; the harness handles it just after
-        wait_for(lambda: len([e for e in agent.events if e.event == uapi.UFFD_EVENT_REMOVE]) == 10)
+        wait_until(
+            lambda: len([e for e in agent.events if e.event == uapi.UFFD_EVENT_REMOVE]) == 10, scaled(20)
+        )
         removes = [e for e in agent.events if e.event == uapi.UFFD_EVENT_REMOVE]
         assert [(be.page_of(e.start), be.page_of(e.end)) for e in removes] == [
             (p, p + 1) for p in range(10, 20)
@@ -194,7 +189,7 @@ def test_vmm_exit_closes_the_backend(agent: MiniAgent, mode: str) -> None:
     guest, be = start(agent, "vm-exit", mode, memory="16M")
     guest.proc.kill()
     guest.proc.wait()
-    wait_for(lambda: be.closed)
+    wait_until(lambda: be.closed, scaled(20))
     assert be.read_messages(0.1) == []
     with pytest.raises(OSError) as ei:
         be.rwprotect(be.base, be.size, protect=True)
@@ -223,7 +218,7 @@ def test_agent_restart_reattach_serves_pages_evicted_before(tmp_path: Path, mode
             assert again.vm_id == "vm-restart" and again.reattach
             be = again.make_backend()
             second.serve(be)
-            wait_for(lambda: guest.cmd("ping")["attached"])
+            wait_until(lambda: guest.cmd("ping")["attached"], scaled(20))
             guest.cmd(f"touch {pages_arg(evicted[:50])} w")
             assert guest.cmd("verify")["mismatches"] == 0
             assert not second.saved

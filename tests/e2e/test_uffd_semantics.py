@@ -178,7 +178,7 @@ def test_close_releases_a_parked_vcpu(vm: Vm) -> None:
 
 def test_uffd_backend_needs_minor_faults(vm: Vm) -> None:
     with pytest.raises(InvalidArgument, match="MINOR_SHMEM"):
-        UffdBackend(vm.gm.uffd, vm.gm.memfd, vm.be.regions, vm.be._control,  # type: ignore[arg-type]
+        UffdBackend(vm.gm.uffd, vm.gm.memfd, vm.be.regions, vm.be._control,
                     features=uapi.UFFD_FEATURE_MISSING_SHMEM)  # fmt: skip
 
 

@@ -7,7 +7,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,18 +35,6 @@ def fuzz_settings(examples: int, soak_examples: int | None = None) -> settings:
     return settings(max_examples=n, deadline=None, derandomize=not SOAK, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                            HealthCheck.data_too_large, HealthCheck.filter_too_much])  # fmt: skip
-
-
-# --- waiting ---------------------------------------------------------------------------------------
-def wait_until(
-    pred: Callable[[], object], timeout: float = 20.0, what: str = "condition", step: float = 0.02
-) -> None:
-    """Poll ``pred`` until it is truthy; fail the test with ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(step)
 
 
 class LoopThread:

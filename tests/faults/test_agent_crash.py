@@ -24,11 +24,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.faults.common import check_payloads, record, wait_until
+from tests.faults.common import check_payloads, record
 from tests.faults.conftest import redis_url
 from tests.faults.toxic_proxy import ToxicProxy
 from tests.helpers.guest import GuestProc
 from tests.helpers.servers import RedisServer, free_port, wait_port
+from tests.helpers.wait import wait_until
 from tiermem.agent.index import PageIndex
 from tiermem.kernel.uffd_ioctl import data_extents
 from tiermem.rpc.channel import sync_channel
@@ -74,7 +75,7 @@ def test_agent_sigkill_mid_eviction_then_restart(
     agent = _agent(tmp_path, url, port)
     guest = None
     try:
-        wait_port(port, 30, agent)  # type: ignore[arg-type]
+        wait_port(port, 30, agent)
         stub = agent_pb2_grpc.NodeAgentStub(sync_channel(f"127.0.0.1:{port}"))
         guest = GuestProc(str(tmp_path / "h" / "handoff.sock"), "pg", "16M", timeout=30)
         guest.cmd(f"touch 0-{PAGES - 1} w")  # every page holds data: none is a zero page
@@ -116,7 +117,7 @@ def test_agent_sigkill_mid_eviction_then_restart(
         # --- restart: the VMM reattaches and every page comes back ---------------------------------------
         redis_proxy.clear()
         agent = _agent(tmp_path, url, port)
-        wait_port(port, 30, agent)  # type: ignore[arg-type]
+        wait_port(port, 30, agent)
 
         def reattached() -> bool:
             vms = stub.ListVms(agent_pb2.ListVmsRequest(), timeout=5).vms

@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.faults.common import EventLog, fill, record, sim_of, wait_until
+from tests.faults.common import EventLog, fill, record, sim_of
 from tests.faults.conftest import AgentFactory, redis_url
 from tests.helpers.servers import RedisServer, S3Server
+from tests.helpers.wait import wait_until
 from tiermem.agent.node import Agent
 from tiermem.model import CycleMode, EventKind, EvictionPolicy
 from tiermem.store.base import StoredPage

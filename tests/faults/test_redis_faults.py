@@ -26,11 +26,11 @@ from tests.faults.common import (
     record,
     sim_of,
     unbacked_punches,
-    wait_until,
 )
 from tests.faults.conftest import AgentFactory, redis_url
 from tests.faults.toxic_proxy import ToxicProxy
 from tests.helpers.servers import RedisServer
+from tests.helpers.wait import wait_until
 from tiermem.agent.cycle import EVICT_BATCH_PAGES
 from tiermem.model import CycleMode, CycleReport, EventKind, EvictionPolicy
 from tiermem.sim.kernel import SimKernel

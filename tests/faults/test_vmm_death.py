@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.common import EventLog, open_fds, record, wait_until
+from tests.faults.common import EventLog, open_fds, record
 from tests.faults.conftest import AgentFactory, redis_url
 from tests.faults.toxic_proxy import ToxicProxy
 from tests.helpers.guest import GuestProc
 from tests.helpers.servers import RedisServer
+from tests.helpers.wait import wait_until
 from tiermem.agent.attach import start_handoff
 from tiermem.agent.node import Agent
 from tiermem.model import CycleMode, EventKind, EvictionPolicy, VmState

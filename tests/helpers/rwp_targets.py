@@ -187,7 +187,7 @@ class KernelTarget(Target):
         from tiermem.kernel.uffd_ioctl import pagemap_scan
 
         vec = np.zeros(self.n, dtype=uapi.PAGE_REGION_DTYPE)
-        n, _ = pagemap_scan(self.pagemap, self.base, self.base + self.n * PS, vec, flags=flags, **masks)
+        n, _ = pagemap_scan(self.pagemap, self.base, self.base + self.n * PS, vec, flags=flags, **masks)  # type: ignore[arg-type]  # masks are the int keyword masks only
         return [((a - self.base) // PS, (b - self.base) // PS, c) for a, b, c in vec[:n].tolist()]
 
     def messages(self, timeout: float) -> list[UffdMsg]:

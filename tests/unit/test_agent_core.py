@@ -38,7 +38,7 @@ def attach(agent: Agent, vm: str = "vm1", pages: int = 256, **policy: object) ->
 
 
 def cycle(agent: Agent, vm: str, touch: list[int] | None = None, mode: CycleMode = CycleMode.EVICT,
-          writes: bool = False):  # type: ignore[no-untyped-def]  # fmt: skip
+          writes: bool = False):  # fmt: skip
     eng = agent.engines[vm]
     sim = agent.sessions[vm].backend
     assert isinstance(sim, SimKernel)

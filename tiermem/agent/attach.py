@@ -14,7 +14,7 @@ from tiermem.model import Backend
 
 __all__ = ["on_handoff", "start_handoff"]
 
-log = structlog.get_logger("tiermem.agent.attach")
+log = structlog.get_logger(__name__)
 
 
 def on_handoff(agent: Agent, att: HandoffAttach) -> None:

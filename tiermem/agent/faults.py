@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from tiermem.agent.index import IndexEntry
-from tiermem.agent.metrics import FAULT_KINDS
+from tiermem.agent.metrics import FaultKind, FaultStage
 from tiermem.agent.session import VmSession
 from tiermem.errors import IntegrityError, NotFound, StoreUnavailable, TiermemError
 from tiermem.kernel import uapi
@@ -34,7 +34,7 @@ from tiermem.store.base import Codec
 
 __all__ = ["FaultServer", "Installed"]
 
-log = structlog.get_logger("tiermem.agent.faults")
+log = structlog.get_logger(__name__)
 
 _VMM_GONE = (errno.ENOENT, errno.ESRCH, errno.ENOSPC, errno.EBADF)
 
@@ -55,10 +55,13 @@ class FaultServer:
         self.vmm_gone = threading.Event()
         m = session.metrics
         # Metric children bound once: ``labels()`` costs microseconds a call, six calls a fault.
-        # in FAULT_KINDS order; forget_vm drops the same label sets
-        self._m_missing, self._m_zero, self._m_rwp = (m.faults.labels(session.vm_id, k) for k in FAULT_KINDS)
+        self._m_missing = m.faults.labels(session.vm_id, FaultKind.MISSING.value)
+        self._m_zero = m.faults.labels(session.vm_id, FaultKind.ZERO.value)
+        self._m_rwp = m.faults.labels(session.vm_id, FaultKind.RWP.value)
         self._m_restored = m.pages_restored.labels(session.vm_id)
-        self._m_stages = tuple(m.fault_stage_seconds.labels(st) for st in ("lookup", "fetch", "install"))
+        self._m_lookup = m.fault_stage_seconds.labels(FaultStage.LOOKUP.value)
+        self._m_fetch = m.fault_stage_seconds.labels(FaultStage.FETCH.value)
+        self._m_install = m.fault_stage_seconds.labels(FaultStage.INSTALL.value)
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -299,10 +302,9 @@ class FaultServer:
                 s.counters.promotions.append((time.monotonic(), 1))
                 self._m_missing.inc()
                 self._m_restored.inc(len(restored))
-                lookup, fetch, install = self._m_stages
-                lookup.observe(t1 - t0)
-                fetch.observe(t2 - t1)
-                install.observe(t3 - t2)
+                self._m_lookup.observe(t1 - t0)
+                self._m_fetch.observe(t2 - t1)
+                self._m_install.observe(t3 - t2)
                 s.metrics.fault_seconds.observe(t3 - t0)
                 s.fault_latency.add((t3 - t0) * 1e6)
         finally:

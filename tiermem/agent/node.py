@@ -46,7 +46,7 @@ from tiermem.store.url import open_store
 
 __all__ = ["Agent"]
 
-log = structlog.get_logger("tiermem.agent")
+log = structlog.get_logger(__name__)
 
 MAX_SIM_BYTES = 64 * 1024**3
 DRAIN_BATCH = 256

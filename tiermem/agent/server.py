@@ -23,7 +23,7 @@ from tiermem.v1 import agent_pb2_grpc
 
 __all__ = ["RunningAgent", "run_agent", "serve_agent"]
 
-log = structlog.get_logger("tiermem.agent.server")
+log = structlog.get_logger(__name__)
 
 
 @dataclass
@@ -67,7 +67,7 @@ async def serve_agent(settings: AgentSettings, metrics: AgentMetrics | None = No
     address = settings.advertise or f"{host}:{started.port}"
     running = RunningAgent(agent, started, address, servicer)
     if settings.metrics_listen:
-        start_metrics(settings.metrics_listen, settings.tls, agent.metrics.registry)
+        start_metrics(settings.metrics_listen, agent.metrics.registry, settings.tls)
         running.closers.append(stop_metrics)
     closer = start_handoff(agent)
     if closer is not None:

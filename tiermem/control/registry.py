@@ -21,7 +21,7 @@ from tiermem.selector import matches, parse_selector
 
 __all__ = ["Registry"]
 
-log = structlog.get_logger("tiermem.control.registry")
+log = structlog.get_logger(__name__)
 
 
 class Registry:

@@ -25,7 +25,7 @@ from tiermem.v1 import control_pb2_grpc as cgrpc
 
 __all__ = ["RunningControlPlane", "plane_config", "run_control_plane", "serve_control_plane"]
 
-log = structlog.get_logger("tiermem.control.server")
+log = structlog.get_logger(__name__)
 
 
 def plane_config(settings: ControlPlaneSettings) -> PlaneConfig:
@@ -124,7 +124,7 @@ async def serve_control_plane(
     await plane.start()
     running = RunningControlPlane(plane, started, address, state, agents)
     if settings.metrics_listen:
-        running.metrics_port = start_metrics(settings.metrics_listen, settings.tls)
+        running.metrics_port = start_metrics(settings.metrics_listen, plane.metrics.registry, settings.tls)
     log.info("control plane serving", address=address, state=state.url, replica=settings.replica_id,
              leader=plane.is_leader)  # fmt: skip
     return running

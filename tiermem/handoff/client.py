@@ -37,6 +37,8 @@ from tiermem.model import validate_id
 
 __all__ = ["MODE_FEATURES", "OPTIONAL_FEATURES", "GuestMemory", "arm_uffd", "no_huge_pages", "pick_mode"]
 
+# stdlib logging, not structlog: this module runs inside the VMM's own process, whose logging setup is
+# the VMM's; an unconfigured structlog would print to its stdout (docs/architecture.md, "Logging").
 log = logging.getLogger(__name__)
 
 MODE_FEATURES = {

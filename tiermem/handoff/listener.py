@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import select
 import socket
@@ -32,6 +31,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import structlog
 
 from tiermem import errors
 from tiermem.handoff.conn import HandoffConnection
@@ -56,7 +57,7 @@ from tiermem.model import validate_id
 
 __all__ = ["HandoffAttach", "HandoffConnection", "HandoffListener", "ProtocolError"]
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 _ERROR_CODES: dict[type[Exception], str] = {
     errors.AlreadyExists: "already_exists",
@@ -191,7 +192,7 @@ class HandoffListener:
         os.makedirs(d, mode=0o700, exist_ok=True)
         if os.stat(d).st_mode & 0o077:
             log.warning(
-                "handoff socket directory %s is accessible to group/others; the socket itself is 0600", d
+                "handoff socket directory is accessible to group/others; the socket itself is 0600", dir=d
             )
         if os.path.lexists(self.path):
             if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
@@ -221,7 +222,7 @@ class HandoffListener:
         self._sock = sock
         self._thread = threading.Thread(target=self._accept_loop, name="handoff-accept", daemon=True)
         self._thread.start()
-        log.info("handoff listener on %s", self.path)
+        log.info("handoff listener", path=self.path)
         return self
 
     def stop(self, *, close_connections: bool = True) -> None:
@@ -302,14 +303,14 @@ class HandoffListener:
             sock.close()
             return
         except OSError as e:
-            log.info("handoff: connection failed during the handshake: %s", e)
+            log.info("handoff: connection failed during the handshake", error=str(e))
             _close_all(fds)
             sock.close()
             return
         try:
             self._on_attach(attach)
         except Exception as e:
-            log.warning("handoff: attach of VM %s refused: %s", attach.vm_id, e)
+            log.warning("handoff: attach refused", vm=attach.vm_id, error=str(e))
             self.rejected += 1
             attach.close_fds()
             with contextlib.suppress(OSError):
@@ -323,11 +324,12 @@ class HandoffListener:
             sock.settimeout(None)
             if not fc:
                 conn._send({"type": "attached", "version": PROTOCOL_VERSION, "vm_id": attach.vm_id})
-            log.info("handoff: VM %s attached (%s, pid %d%s)", attach.vm_id, attach.mode, pid,
-                     ", reattach" if attach.reattach else "")  # fmt: skip
+            log.info(
+                "handoff: VM attached", vm=attach.vm_id, mode=attach.mode, pid=pid, reattach=attach.reattach
+            )
             conn.serve()
         except OSError as e:
-            log.info("handoff: VM %s connection failed: %s", attach.vm_id, e)
+            log.info("handoff: VM connection failed", vm=attach.vm_id, error=str(e))
             conn._finish()
         finally:
             with self._lock:
@@ -337,7 +339,7 @@ class HandoffListener:
         self.rejected += 1
         _close_all(fds)
         fds.clear()
-        log.warning("handoff: rejected a handshake: %s", e)
+        log.warning("handoff: rejected a handshake", error=str(e))
         with contextlib.suppress(OSError):
             _reply_error(sock, str(e), e.code, fc=fc)
 
@@ -450,8 +452,8 @@ class HandoffListener:
             if vmm_pid is not None and (not isinstance(vmm_pid, int) or isinstance(vmm_pid, bool)):
                 raise ProtocolError(f"vmm_pid must be an integer, got {vmm_pid!r}")
             if vmm_pid is not None and vmm_pid != pid:
-                log.warning("handoff: VM %s says vmm_pid %s, SO_PEERCRED says %d (pid namespace?); using %d",
-                            vm_id, vmm_pid, pid, pid)  # fmt: skip
+                log.warning("handoff: vmm_pid differs from SO_PEERCRED (pid namespace?); using SO_PEERCRED",
+                            vm=vm_id, vmm_pid=vmm_pid, peer_pid=pid)  # fmt: skip
             if len(fds) != 2:
                 raise ProtocolError(f"the attach message carries exactly 2 fds [uffd, memfd], got {len(fds)}")
             if not is_userfaultfd(fds[0]):

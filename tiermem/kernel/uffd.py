@@ -30,11 +30,11 @@ from __future__ import annotations
 
 import bisect
 import errno
-import logging
 import time
 from collections.abc import Sequence
 
 import numpy as np
+import structlog
 
 from tiermem.errors import InvalidArgument, KernelError, Unavailable
 from tiermem.kernel import uapi
@@ -45,7 +45,7 @@ from tiermem.kernel.uffd_ioctl import IoctlFn
 
 __all__ = ["EMULATED_FEATURES", "FD_IOCTLS", "MissingOnlyBackend", "UffdBackend"]
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 EMULATED_FEATURES = uapi.UFFD_FEATURE_RWP | uapi.UFFD_FEATURE_RWP_ASYNC
 """What the uffd backend adds to the kernel's features by emulation."""
@@ -314,7 +314,7 @@ class UffdBackend(RealBackend):
                 try:
                     self._resolve_page(p, dontwake=False)
                 except OSError as e:
-                    log.error("uffd backend: CONTINUE of %#x failed: %s", self.addr(p), e)
+                    log.error("uffd backend: CONTINUE failed", address=hex(self.addr(p)), error=str(e))
                 return None
         if msg.event == uapi.UFFD_EVENT_REMOVE and self._is_echo(msg.start, msg.end):
             self.stats["zap_echoes"] += 1

@@ -122,7 +122,7 @@ class SimContext(KernelBackend):
         self._vmm_fd = False  # the VMM holds its own fd of this context
         self._waiters: list[_Waiter] = []
         self._pending: deque[_Waiter] = deque()
-        self._handler: Callable[[uapi.UffdMsg], None] | None = None
+        self._handler: Callable[[uapi.UffdMsg], object] | None = None
         self._fail: dict[str, list[int]] = {}
         self.fault_delay_s = 0.0
         """Delay (seconds) applied once to every fault before it is delivered, lock released."""
@@ -149,7 +149,7 @@ class SimContext(KernelBackend):
         with self._lock:
             self._fail.setdefault(op, []).extend([err] * count)
 
-    def set_fault_handler(self, fn: Callable[[uapi.UffdMsg], None] | None) -> None:
+    def set_fault_handler(self, fn: Callable[[uapi.UffdMsg], object] | None) -> None:
         """Inline mode: faults that would block call ``fn(msg)`` in the faulting thread, then retry."""
         self._handler = fn
 

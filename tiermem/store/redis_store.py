@@ -259,10 +259,10 @@ class RedisPageStore(PayloadStore):
             for k in self.client.scan_iter(match=f"{self.prefix}:{{{vm_id}}}:p:*", count=_SCAN_COUNT):
                 batch.append(k)
                 if len(batch) >= _SCAN_COUNT:
-                    removed += int(self.client.unlink(*batch))  # type: ignore[arg-type]
+                    removed += int(self.client.unlink(*batch))
                     batch = []
             if batch:
-                removed += int(self.client.unlink(*batch))  # type: ignore[arg-type]
+                removed += int(self.client.unlink(*batch))
             self.client.unlink(self._usage_key(vm_id))
         return removed
 
@@ -274,7 +274,7 @@ class RedisPageStore(PayloadStore):
                 keys = list(self.client.scan_iter(match=f"{self.prefix}:{{*}}:usage", count=_SCAN_COUNT))
             pages = stored = 0
             for k in keys:
-                p, b = self.client.hmget(k, ["pages", "bytes"])  # type: ignore[misc]
+                p, b = self.client.hmget(k, ["pages", "bytes"])
                 pages += int(p or 0)
                 stored += int(b or 0)
         return pages, stored
