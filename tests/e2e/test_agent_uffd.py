@@ -85,7 +85,21 @@ def test_detection_is_exact_and_evicted_pages_fault_back(agent: Agent, mode: str
         guest.close()
 
 
-def test_cycles_while_the_guest_runs_lose_nothing(agent: Agent, mode: str) -> None:
+@pytest.mark.parametrize(
+    ("mode", "store"),
+    [("uffd", "local"), pytest.param("rwp", "redis", marks=[pytest.mark.rwp, pytest.mark.redis])],
+    ids=["uffd-local", "rwp-redis"],
+)
+def test_cycles_while_the_guest_runs_lose_nothing(
+    tmp_path: Path, mode: str, store: str, request: pytest.FixtureRequest
+) -> None:
+    # rwp evicts to a real redis-server (the host's binary, over 9p in the kernel-VM tier); the local
+    # store on rwp is the detection test's
+    stores = {"default": request.getfixturevalue("redis_srv").url} if store == "redis" else {}
+    s = AgentSettings(node_id="n1", data_dir=str(tmp_path / "agent"), autonomous=False, stores=stores,
+                      handoff_socket=str(tmp_path / "h" / "handoff.sock"))  # fmt: skip
+    agent = Agent(s)
+    stop = start_handoff(agent)
     guest = GuestProc(agent.settings.handoff_path(), "pg2", "16M", "--workload", "hotset:0.1", "--seed", "5",
                       mode=mode)  # fmt: skip
     try:
@@ -104,8 +118,12 @@ def test_cycles_while_the_guest_runs_lose_nothing(agent: Agent, mode: str) -> No
         assert prog.done and agent.index.count("pg2") == 0
         assert agent.store("default").usage("pg2").pages == 0
         assert guest.cmd("verify")["mismatches"] == 0
+        assert agent.store("default").kind == ("redis" if store == "redis" else "file")
     finally:
         guest.close()
+        if stop:
+            stop()
+        agent.close()
 
 
 def _agent_proc(tmp: Path, redis_url: str, port: int) -> subprocess.Popen[bytes]:
@@ -119,8 +137,12 @@ def _agent_proc(tmp: Path, redis_url: str, port: int) -> subprocess.Popen[bytes]
 
 
 @pytest.mark.redis
-def test_agent_sigkill_and_restart_serves_every_page(tmp_path: Path, mode: str) -> None:
-    """Evict to Redis, SIGKILL the agent, start it again: the VMM reattaches and every page comes back."""
+def test_agent_sigkill_and_restart_serves_every_page(tmp_path: Path) -> None:
+    """Evict to Redis, SIGKILL the agent, start it again: the VMM reattaches and every page comes back.
+
+    uffd mode only: two agent processes starting under TCG make this the tier's slowest test by far,
+    and the rwp reattach is covered by test_uffd_backend's restart test."""
+    mode = "uffd"
     from tiermem.rpc.channel import sync_channel
     from tiermem.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 
