@@ -73,7 +73,7 @@ def test_detection_is_exact_and_evicted_pages_fault_back(agent: Agent, mode: str
         assert rep.pages_hot == len(hot)
         assert rep.pages_evicted == n - len(hot)
         assert agent.index.count("pg1") == n - len(hot)
-        st = agent.store("default").usage("pg1")
+        st = agent.store("default").usage(agent.sessions["pg1"].space)
         assert st.pages == n - len(hot)  # every page was written: none is a zero page
         # the guest touches evicted pages: each is a real MISSING fault served from the local store
         cold = [p for p in range(0, n, 7) if p not in set(hot)]
@@ -116,7 +116,7 @@ def test_cycles_while_the_guest_runs_lose_nothing(
         assert guest.cmd("verify")["mismatches"] == 0
         prog = agent.drain("pg2")
         assert prog.done and agent.index.count("pg2") == 0
-        assert agent.store("default").usage("pg2").pages == 0
+        assert agent.store("default").usage(agent.sessions["pg2"].space).pages == 0
         assert guest.cmd("verify")["mismatches"] == 0
         assert agent.store("default").kind == ("redis" if store == "redis" else "file")
     finally:

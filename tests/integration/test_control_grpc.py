@@ -423,3 +423,26 @@ async def test_known_stores_and_advertise_settings(tmp_path: Path) -> None:
     finally:
         await client.close()
         await cp.stop()
+
+
+async def test_a_vm_id_active_on_another_node_is_not_placed(fleet: Any) -> None:
+    # issue 17 item 2: n2's agent runs "vm-h" attached through its handoff socket (never registered here);
+    # placing the same id on n1 would give the fleet two VMs it cannot tell apart
+    cp, client, (a1, _a2) = fleet
+    await client.heartbeat("n2", [VmStatus("vm-h", state=VmState.ARMED, evicted_pages=5)])
+    with pytest.raises(FailedPrecondition, match="active on node 'n2'"):
+        await client.register_vm(VmSpec("vm-h", "n1", 1 << 20), attach=True)
+    assert "vm-h" not in a1.vms and [v.vm_id for v in await client.list_vm_status()] == []
+    # on its own node the id may be registered (adopting the VM there)
+    await client.register_vm(VmSpec("vm-h", "n2", 1 << 20))
+    assert [v.node_id for v in await client.list_vm_status()] == ["n2"]
+    await client.deregister_vm("vm-h")
+    # n2 detached it: its next heartbeat no longer lists it, and the id is free
+    await client.heartbeat("n2", [VmStatus("vm-other", state=VmState.ARMED)])
+    await client.register_vm(VmSpec("vm-h", "n1", 1 << 20))
+    # a node that stops heartbeating frees its ids a lease later
+    with pytest.raises(FailedPrecondition, match="active on node 'n2'"):
+        await client.register_vm(VmSpec("vm-other", "n1", 1 << 20))
+    cp.plane.registry.lease_ttl_ms = 1
+    await asyncio.sleep(0.01)
+    await client.register_vm(VmSpec("vm-other", "n1", 1 << 20))

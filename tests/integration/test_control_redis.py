@@ -18,7 +18,7 @@ from tests.integration.test_control_grpc import FakeAgent, cp_settings, start_cp
 from tiermem.api import NodeInfo, PolicyScope, VmSpec
 from tiermem.control.server import RunningControlPlane
 from tiermem.errors import FailedPrecondition, NotLeader
-from tiermem.model import EventKind, EvictionPolicy
+from tiermem.model import EventKind, EvictionPolicy, VmState, VmStatus
 from tiermem.rpc.clients import AsyncControlPlaneClient, ControlPlaneClient
 
 pytestmark = pytest.mark.redis
@@ -154,3 +154,23 @@ async def test_two_schedulers_at_once_never_order_a_slot_twice(replicas: Any) ->
         assert sa.claimed_elsewhere + sb.claimed_elsewhere > 0  # both tried the same slots; one got through
         assert sa.orders + sa.claimed_elsewhere > 0 and sb.orders + sb.claimed_elsewhere > 0  # both scheduled
         assert assert_each_slot_ordered_once(agents) >= 60
+
+
+async def test_an_id_reported_to_a_follower_is_not_placed_by_the_leader(replicas: Any) -> None:
+    # issue 17 item 2 with replicas: n2's heartbeat (listing its agent-local "vm-h") reaches follower B;
+    # the leader A must still refuse to place "vm-h" on n1 (the claim lives in the shared state store)
+    (a, b), agents = replicas
+    ca = AsyncControlPlaneClient(a.address, timeout_s=5)
+    cb = AsyncControlPlaneClient(b.address, timeout_s=5)
+    try:
+        for ag in agents:
+            await cb.register_node(NodeInfo(ag.node_id, ag.address))
+        cb.follow_leader = False
+        await cb.heartbeat("n2", [VmStatus("vm-h", state=VmState.ARMED)])
+        with pytest.raises(FailedPrecondition, match="active on node 'n2'"):
+            await ca.register_vm(VmSpec("vm-h", "n1", 1 << 20))
+        await cb.heartbeat("n2", [])  # n2 no longer runs it
+        await ca.register_vm(VmSpec("vm-h", "n1", 1 << 20))
+    finally:
+        await ca.close()
+        await cb.close()

@@ -226,7 +226,7 @@ class CycleEngine:
                     blobs.append(PageBlob(first + k, gen, data[k * ps : (k + 1) * ps]))
                     gen += 1
             try:
-                entries = store.put_pages(s.vm_id, blobs, compression)
+                entries = store.put_pages(s.space, blobs, compression)
             except (StoreUnavailable, StoreFull, ConfigurationError) as e:
                 s.counters.store_errors += 1
                 s.metrics.store_errors.labels(store.name, "put", type(e).__name__).inc()

@@ -128,6 +128,18 @@ class AgentMetrics:
             ["store", "op", "error"],
             registry=r,
         )
+        self.housekeeper_errors = Counter(
+            "tiermem_agent_housekeeper_errors_total",
+            "Housekeeper passes that failed (retried with backoff; nothing queued is dropped)",
+            ["stage", "error"],
+            registry=r,
+        )
+        self.pages_missing = Counter(
+            "tiermem_agent_pages_missing_total",
+            "Faults on evicted pages whose payload is gone from the store",
+            ["vm", "store"],
+            registry=r,
+        )
 
     def watch_vms(self, snapshot: Callable[[], list[tuple[str, int, int, int]]]) -> None:
         """Expose per-VM gauges computed by ``snapshot`` -> [(vm, resident, evicted, working_set)]."""

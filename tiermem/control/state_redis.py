@@ -241,6 +241,30 @@ class RedisState(StateStore):
         """Every VM, sorted by id."""
         return sorted((loads(VmSpec, v) for v in await self._hvals(self._k("vms"))), key=lambda s: s.vm_id)
 
+    # -- agent-local VMs: hash local_vms {vm: "node|ms"}, set local:<node> {vm} (for replacing a node's list)
+    async def put_local_vms(self, node_id: str, vm_ids: Sequence[str], now_ms: int) -> None:
+        """Replace the agent-local VM ids one node reported."""
+        node_key = self._k("local", node_id)
+        async with self._guard():
+            old: Any = await self.r.smembers(node_key)
+            gone = {v.decode() for v in old} - set(vm_ids)
+            pipe = self.r.pipeline(transaction=True)
+            if gone:
+                pipe.hdel(self._k("local_vms"), *sorted(gone))
+            pipe.delete(node_key)
+            if vm_ids:
+                pipe.hset(self._k("local_vms"), mapping={v: f"{node_id}|{now_ms}" for v in vm_ids})
+                pipe.sadd(node_key, *vm_ids)
+            await pipe.execute()
+
+    async def local_vm_owner(self, vm_id: str) -> tuple[str, int] | None:
+        """The node reporting ``vm_id`` as agent-local, and when."""
+        v = await self._hget(self._k("local_vms"), vm_id)
+        if not v:
+            return None
+        node, _, ms = v.decode().rpartition("|")
+        return node, int(ms)
+
     # -- statuses
     async def put_statuses(self, statuses: Sequence[VmStatus]) -> None:
         """Replace the latest status of each VM."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import select
 import socket
 import stat
@@ -36,6 +37,7 @@ import structlog
 
 from tiermem import errors
 from tiermem.handoff.conn import HandoffConnection
+from tiermem.handoff.messages import AttachedNotice
 from tiermem.handoff.wire import (
     MAX_MESSAGE,
     PROTOCOL_VERSION,
@@ -67,6 +69,8 @@ _ERROR_CODES: dict[type[Exception], str] = {
     errors.Unavailable: "unavailable",
 }
 
+_HEX_RE = re.compile(r"[0-9a-f]+")
+
 
 # --- what the agent receives -----------------------------------------------------------------------
 @dataclass
@@ -86,6 +90,14 @@ class HandoffAttach:
     reattach: bool
     connection: HandoffConnection
     description: dict[str, Any] = field(default_factory=dict)
+    secret: str = ""
+    """The reattach secret the VMM presented (proves it is the VMM the agent gave it to)."""
+    fresh: bool = False
+    """The operator asked for a new incarnation even if evicted pages of an earlier one exist."""
+    incarnation: str = ""
+    """Set by the attach callback: the VM's incarnation, sent in the ``attached`` reply."""
+    issued_secret: str = ""
+    """Set by the attach callback: the reattach secret handed to this VMM in the ``attached`` reply."""
     _taken: bool = False
 
     @property
@@ -323,7 +335,15 @@ class HandoffListener:
         try:
             sock.settimeout(None)
             if not fc:
-                conn._send({"type": "attached", "version": PROTOCOL_VERSION, "vm_id": attach.vm_id})
+                notice: AttachedNotice = {
+                    "type": "attached",
+                    "version": PROTOCOL_VERSION,
+                    "vm_id": attach.vm_id,
+                }
+                if attach.incarnation:
+                    notice["incarnation"] = attach.incarnation
+                    notice["secret"] = attach.issued_secret
+                conn._send(notice)
             log.info(
                 "handoff: VM attached", vm=attach.vm_id, mode=attach.mode, pid=pid, reattach=attach.reattach
             )
@@ -448,6 +468,14 @@ class HandoffListener:
             features = desc.get("features", 0)
             if not isinstance(features, int) or isinstance(features, bool) or not 0 <= features < 1 << 64:
                 raise ProtocolError(f"features must be an unsigned 64-bit integer, got {features!r}")
+            secret = desc.get("secret", "")
+            if not isinstance(secret, str) or len(secret) > 128 or (secret and not _HEX_RE.fullmatch(secret)):
+                raise ProtocolError("secret must be the hex string the agent sent in its attached reply")
+            fresh = desc.get("fresh", False)
+            if not isinstance(fresh, bool):
+                raise ProtocolError(f"fresh must be true or false, got {fresh!r}")
+            if fresh and typ == "reattach":
+                raise ProtocolError("fresh is for attach, not reattach")
             vmm_pid = desc.get("vmm_pid")
             if vmm_pid is not None and (not isinstance(vmm_pid, int) or isinstance(vmm_pid, bool)):
                 raise ProtocolError(f"vmm_pid must be an integer, got {vmm_pid!r}")
@@ -469,7 +497,7 @@ class HandoffListener:
         conn = HandoffConnection(sock, vm_id=vm_id, peer_pid=pid, firecracker=False)
         return HandoffAttach(vm_id=vm_id, mode=mode, regions=regions, uffd_fd=fds[0], memfd=fds[1], peer_pid=pid,
                              peer_uid=uid, features=features, reattach=typ == "reattach", connection=conn,
-                             description=desc)  # fmt: skip
+                             description=desc, secret=secret, fresh=fresh)  # fmt: skip
 
 
 def _close_all(fds: list[int]) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, TypedDict
+from typing import Literal, NotRequired, TypedDict
 
 __all__ = [
     "AgentNotice",
@@ -53,6 +53,10 @@ class AttachedNotice(TypedDict):
     type: Literal["attached"]
     version: int
     vm_id: str
+    incarnation: NotRequired[str]
+    """The VM's incarnation (16 hex digits), issued at its first attach."""
+    secret: NotRequired[str]
+    """The reattach secret (64 hex digits): the VMM keeps it and sends it on every reattach."""
 
 
 class DetachNotice(TypedDict):

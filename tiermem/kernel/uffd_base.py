@@ -302,6 +302,8 @@ class RealBackend(KernelBackend):
                         self._uffd.copy(dst + pos, src + pos, n, mode)
                     elif op == "zeropage":
                         self._uffd.zeropage(dst + pos, n, mode)
+                    elif op == "poison":
+                        self._uffd.poison(dst + pos, n, mode)
                     else:
                         self._uffd.continue_(dst + pos, n, mode)
                     self._installed(dst + pos, n)
@@ -355,6 +357,19 @@ class RealBackend(KernelBackend):
         done, existed = self._fill("zeropage", start, length, mode, dontwake)
         if existed:
             raise OSError(errno.EEXIST, "UFFDIO_ZEROPAGE: page already present")
+        return done
+
+    @property
+    def can_poison(self) -> bool:
+        """The VMM negotiated UFFD_FEATURE_POISON on this uffd."""
+        return bool(self.features & uapi.UFFD_FEATURE_POISON)
+
+    def poison(self, start: int, length: int) -> int:
+        """UFFDIO_POISON, then wake: a vCPU waiting on the range gets SIGBUS instead of waiting forever."""
+        self._check_range(start, length)
+        done, existed = self._fill("poison", start, length, 0, False)
+        if existed:
+            raise OSError(errno.EEXIST, "UFFDIO_POISON: page already present")
         return done
 
     def continue_(self, start: int, length: int, *, dontwake: bool = False) -> int:
