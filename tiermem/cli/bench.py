@@ -153,22 +153,29 @@ def bench_store(urls: tuple[str, ...], spawn: tuple[str, ...], pages: int, batch
 )
 @click.option("--prefetch", type=click.IntRange(0, 512), default=0, show_default=True)
 @click.option("--no-local", is_flag=True, help="Skip the local store.")
+@click.option("--pin/--no-pin", "pin", default=None,
+              help="Only pinned to one CPU (--pin) or only unpinned (--no-pin). [default: both; the goal "
+                   "ratio uses the pinned run]")  # fmt: skip
 @_mode
 @_common
 def bench_fault(urls: tuple[str, ...], spawn: tuple[str, ...], faults: int, prefetch: int, no_local: bool,
-                mode: str, quick: bool, as_json: bool) -> None:  # fmt: skip
-    """Real uffd fault latency with a process guest, per store, vs UFFDIO_COPY and the store's raw get."""
-    from tiermem.bench.fault import run
+                pin: bool | None, mode: str, quick: bool, as_json: bool) -> None:  # fmt: skip
+    """Real uffd fault latency with a process guest, per store and CPU placement, vs a reference C handler,
+    UFFDIO_COPY and the store's raw get."""
+    from tiermem.bench.fault import PLACEMENTS, run
 
-    res = run(urls, spawn, quick, faults, prefetch, local=not no_local, mode=mode)
+    placements = PLACEMENTS if pin is None else ("pinned",) if pin else ("unpinned",)
+    res = run(urls, spawn, quick, faults, prefetch, local=not no_local, placements=placements, mode=mode)
 
     def render(r: dict[str, Any]) -> None:
         _show(f"fault service latency, µs ({r['faults']} faults per store, prefetch {r['prefetch']})",
-              ["store", "fault p50", "p99", "agent p50", "agent p99", "COPY p50", "raw get p50",
-               "p50 / (COPY+get)", "overhead p50", "resident touch", "mismatches"],
-              [[x["store"], x["guest"]["p50_us"], x["guest"]["p99_us"], x["agent"]["p50_us"], x["agent"]["p99_us"],
-                x["baseline_copy"]["p50_us"], x["baseline_get"]["p50_us"], _x(x["ratio_p50_vs_copy_plus_get"]),
-                x["overhead_p50_us"], x["resident_touch"]["p50_us"], x["mismatches"]] for x in r["rows"]])  # fmt: skip
+              ["store", "placement", "path", "fault p50", "p99", "C handler p50", "p50 / C", "agent p50",
+               "agent p99", "COPY p50", "raw get p50", "p50 / (COPY+get)", "resident touch", "mismatches"],
+              [[x["store"], x["placement"], x["fault_path"], x["guest"]["p50_us"], x["guest"]["p99_us"],
+                x["baseline_c_handler"]["p50_us"], _x(x["ratio_p50_vs_c_handler"]), x["agent"]["p50_us"],
+                x["agent"]["p99_us"], x["baseline_copy"]["p50_us"], x["baseline_get"]["p50_us"],
+                _x(x["ratio_p50_vs_copy_plus_get"]), x["resident_touch"]["p50_us"], x["mismatches"]]
+               for x in r["rows"]])  # fmt: skip
         _goals(r["goals"])
 
     _out("fault", res, as_json, render)
@@ -452,3 +459,41 @@ def bench_tracking(modes: str, guest_mib: int, workload: str, window_s: float, i
                 x["mismatches"]] for x in r["rows"]])  # fmt: skip
 
     _out("tracking", res, as_json, render)
+
+
+# --- restore -----------------------------------------------------------------------------------------
+@bench.command("restore")
+@_stores
+@click.option("--size", "size_mib", type=click.IntRange(min=2), default=64, show_default=True,
+              help="Memory file size, MiB (even: two regions around an MMIO hole).")  # fmt: skip
+@click.option("--prefault-rate", type=click.FloatRange(min=1), default=1e6, show_default=True,
+              help="Background prefault rate of the second restore, pages/s.")  # fmt: skip
+@click.option("--prefetch", type=click.IntRange(0, 512), default=8, show_default=True,
+              help="Pages after a faulting page fetched in the same round trip.")  # fmt: skip
+@click.option("--no-local", is_flag=True, help="Skip the local store.")
+@_common
+def bench_restore(urls: tuple[str, ...], spawn: tuple[str, ...], size_mib: int, prefault_rate: float,
+                  prefetch: int, no_local: bool, quick: bool, as_json: bool) -> None:  # fmt: skip
+    """Firecracker snapshot restore per store: first touch, pages/s on demand and with prefault,
+    vs reading the memory file locally and a plain ranged GET."""
+    from tiermem.bench.restore import run
+
+    res = run(urls, spawn, quick, size_mib, prefault_rate, local=not no_local, prefetch=prefetch)
+
+    def render(r: dict[str, Any]) -> None:
+        lr, rg = r["baseline_local_read"], r["baseline_ranged_get"]
+        _show(f"snapshot restore of {r['size_mib']} MiB ({r['pages']} pages, prefetch {r['prefetch']}); "
+              "every restore byte-identical",
+              ["store", "import pages/s", "first touch ms", "on demand pages/s", "vs local read",
+               "prefault pages/s", "vs local read", "first touch vs ranged GET", "prefault vs ranged GET"],
+              [[x["store"], _f(x["import_pages_per_s"], 0), x["first_touch_ms"], _f(x["on_demand_pages_per_s"], 0),
+                _x(x["ratio_on_demand_vs_local_read"]), _f(x["prefault_pages_per_s"], 0),
+                _x(x["ratio_prefault_vs_local_read"]), _x(x.get("ratio_first_touch_vs_ranged_get")),
+                _x(x.get("ratio_prefault_vs_ranged_get"))] for x in r["rows"]])  # fmt: skip
+        console().print(kv_table(None, [
+            ("baseline: local file read", f"pread one page p50 {lr['p50_us']} µs, {_f(lr['pages_per_s'], 0)} pages/s"),
+            ("baseline: plain ranged GET", "no S3 store in this run" if rg is None else
+             f"one page p50 {rg['page_p50_us']} µs, 4 MiB ranges {_f(rg['chunk_pages_per_s'], 0)} pages/s"),
+        ]))  # fmt: skip
+
+    _out("restore", res, as_json, render)

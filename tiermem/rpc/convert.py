@@ -37,6 +37,22 @@ _COMP = {
     Compression.LZ4: pb.COMPRESSION_LZ4,
 }
 _COMP_IN: dict[int, Compression] = {int(v): k for k, v in _COMP.items()}
+
+
+def compression_from_pb(v: int) -> Compression:
+    """A Compression enum value (UNSPECIFIED is none); InvalidArgument for an unknown value."""
+    if v == pb.COMPRESSION_UNSPECIFIED:
+        return Compression.NONE
+    if v not in _COMP_IN:
+        raise InvalidArgument(f"unknown compression {v}")
+    return _COMP_IN[v]
+
+
+def compression_to_pb(c: Compression) -> int:
+    """The wire value of a Compression."""
+    return int(_COMP[c])
+
+
 _MODE = {CycleMode.DETECT: pb.CYCLE_MODE_DETECT, CycleMode.EVICT: pb.CYCLE_MODE_EVICT}
 _MODE_IN: dict[int, CycleMode] = {int(v): k for k, v in _MODE.items()}
 _STATE = {s: getattr(pb, f"VM_STATE_{s.name}") for s in VmState}

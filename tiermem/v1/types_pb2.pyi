@@ -148,6 +148,14 @@ class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.V
     EVENT_KIND_EVICTION_STOPPED: _EventKind.ValueType  # 14
     """store full or failing; nothing punched"""
     EVENT_KIND_LEADER_CHANGED: _EventKind.ValueType  # 15
+    EVENT_KIND_HANDOFF_REFUSED: _EventKind.ValueType  # 16
+    """a VMM's handshake was refused (e.g. Firecracker with no snapshot source)"""
+    EVENT_KIND_SNAPSHOT_IMPORTED: _EventKind.ValueType  # 17
+    """a Firecracker memory file was imported: the VM is restorable"""
+    EVENT_KIND_RESTORE_STARTED: _EventKind.ValueType  # 18
+    """Firecracker connected to a VM's restore socket"""
+    EVENT_KIND_RESTORE_FINISHED: _EventKind.ValueType  # 19
+    """that Firecracker process went away; attributes carry the restore's figures"""
 
 class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper): ...
 
@@ -169,6 +177,14 @@ EVENT_KIND_VMM_RECONNECTED: EventKind.ValueType  # 13
 EVENT_KIND_EVICTION_STOPPED: EventKind.ValueType  # 14
 """store full or failing; nothing punched"""
 EVENT_KIND_LEADER_CHANGED: EventKind.ValueType  # 15
+EVENT_KIND_HANDOFF_REFUSED: EventKind.ValueType  # 16
+"""a VMM's handshake was refused (e.g. Firecracker with no snapshot source)"""
+EVENT_KIND_SNAPSHOT_IMPORTED: EventKind.ValueType  # 17
+"""a Firecracker memory file was imported: the VM is restorable"""
+EVENT_KIND_RESTORE_STARTED: EventKind.ValueType  # 18
+"""Firecracker connected to a VM's restore socket"""
+EVENT_KIND_RESTORE_FINISHED: EventKind.ValueType  # 19
+"""that Firecracker process went away; attributes carry the restore's figures"""
 Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
 
 @_typing.final
