@@ -66,7 +66,7 @@ async def serve_agent(settings: AgentSettings, metrics: AgentMetrics | None = No
     if settings.metrics_listen:
         from tiermem.metrics import start_metrics, stop_metrics
 
-        start_metrics(settings.metrics_listen, settings.tls, agent.metrics.registry)
+        start_metrics(settings.metrics_listen, settings.metrics_tls, agent.metrics.registry)
         running.closers.append(stop_metrics)
     from tiermem.agent.attach import start_handoff
 

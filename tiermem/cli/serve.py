@@ -59,6 +59,8 @@ def _common_server_options(f: F) -> F:
         click.option("--reflection/--no-reflection", default=None, help="Serve gRPC reflection."),
         click.option("--log-format", type=click.Choice(["json", "console"]), default=None,
                      help="Log format [default json]."),
+        click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None,
+                     help="Least severe level logged [default info]."),
     ]  # fmt: skip
     for opt in reversed(opts):
         f = opt(f)
@@ -108,6 +110,7 @@ def controlplane_overrides(**flags: Any) -> dict[str, Any]:
         "metrics_listen": flags.get("metrics_listen"),
         "reflection": flags.get("reflection"),
         "log_json": _log_json(flags.get("log_format")),
+        "log_level": flags.get("log_level"),
     }
     return {k: v for k, v in out.items() if v is not None}
 
@@ -162,7 +165,7 @@ def serve_controlplane(config_file: str | None, **flags: Any) -> None:
     from tiermem.control.server import run_control_plane
     from tiermem.logging import configure_logging
 
-    configure_logging(json=settings.log_json)
+    configure_logging(json=settings.log_json, level=settings.log_level)
     run_control_plane(settings)
 
 
@@ -186,6 +189,7 @@ def agent_overrides(**flags: Any) -> dict[str, Any]:
         "metrics_listen": flags.get("metrics_listen"),
         "reflection": flags.get("reflection"),
         "log_json": _log_json(flags.get("log_format")),
+        "log_level": flags.get("log_level"),
     }
     return {k: v for k, v in out.items() if v is not None}
 
@@ -225,5 +229,5 @@ def serve_agent(config_file: str | None, **flags: Any) -> None:
     from tiermem.agent.server import run_agent
     from tiermem.logging import configure_logging
 
-    configure_logging(json=settings.log_json)
+    configure_logging(json=settings.log_json, level=settings.log_level)
     run_agent(settings)

@@ -123,7 +123,7 @@ async def serve_control_plane(
     if settings.metrics_listen:
         from tiermem.metrics import start_metrics
 
-        running.metrics_port = start_metrics(settings.metrics_listen, settings.tls)
+        running.metrics_port = start_metrics(settings.metrics_listen, settings.metrics_tls)
     log.info("control plane serving", address=address, state=state.url, replica=settings.replica_id,
              leader=plane.is_leader)  # fmt: skip
     return running
