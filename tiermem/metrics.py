@@ -10,12 +10,19 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
 
 from tiermem.config import TlsSettings
 from tiermem.errors import ConfigurationError
 
-__all__ = ["metrics_port", "start_metrics", "stop_metrics"]
+__all__ = ["add_process_collectors", "metrics_port", "start_metrics", "stop_metrics"]
 
 _lock = threading.Lock()
 _server: Any = None
@@ -59,6 +66,18 @@ def start_metrics(listen: str, tls: TlsSettings | None = None, registry: Collect
             raise ConfigurationError(f"cannot serve metrics on {listen}: {e.strerror or e}") from None
         _listen = listen
         return int(_server.server_port)
+
+
+def add_process_collectors(registry: CollectorRegistry) -> None:
+    """The process (CPU, RSS, fds), Python platform and GC series on ``registry``.
+
+    prometheus_client puts them on its default registry only; an agent serves its own registry.
+    """
+    if registry is REGISTRY:
+        return
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
 
 
 def metrics_port() -> int | None:

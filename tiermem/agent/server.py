@@ -64,8 +64,9 @@ async def serve_agent(settings: AgentSettings, metrics: AgentMetrics | None = No
     address = settings.advertise or f"{host}:{started.port}"
     running = RunningAgent(agent, started, address, servicer)
     if settings.metrics_listen:
-        from tiermem.metrics import start_metrics, stop_metrics
+        from tiermem.metrics import add_process_collectors, start_metrics, stop_metrics
 
+        add_process_collectors(agent.metrics.registry)
         start_metrics(settings.metrics_listen, settings.metrics_tls, agent.metrics.registry)
         running.closers.append(stop_metrics)
     from tiermem.agent.attach import start_handoff
