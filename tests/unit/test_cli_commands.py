@@ -459,3 +459,30 @@ def test_vm_ids_complete_from_the_server(stub: StubClient) -> None:
     stub.fail_with = errors.Unavailable("down")  # an unreachable server completes nothing, silently
     r = CliRunner().invoke(cli, [], prog_name="tiermem", env=env, obj={"client_factory": lambda s: stub})
     assert r.exit_code == 0 and r.stdout.strip() == "" and r.stderr == ""
+
+
+# ---------------------------------------------------------------- output formats (issue 20)
+
+
+def test_tables_are_plain_ascii_off_a_terminal(stub: StubClient) -> None:
+    out = ok(run(stub, "node", "list")).stdout
+    assert "127.0.0.1:7070" in out
+    assert out.isascii(), [c for c in out if not c.isascii()][:5]
+    assert "|" in out and "-" in out
+
+
+@pytest.mark.parametrize("cmd", [["node", "list"], ["vm", "list"]])
+def test_output_json_is_the_json_flag(stub: StubClient, cmd: list[str]) -> None:
+    assert json.loads(ok(run(stub, *cmd, "-o", "json")).stdout) == json.loads(ok(run(stub, *cmd, "--json")).stdout)
+
+
+def test_output_wide_never_folds(stub: StubClient) -> None:
+    narrow = ok(run(stub, "node", "list", env={"COLUMNS": "40", "TIERMEM_SERVER": None})).stdout
+    wide = ok(run(stub, "node", "list", "-o", "wide", env={"COLUMNS": "40", "TIERMEM_SERVER": None})).stdout
+    assert len(wide.splitlines()) < len(narrow.splitlines())
+    assert max(len(line) for line in wide.splitlines()) > 40
+
+
+def test_output_and_json_must_agree(stub: StubClient) -> None:
+    assert "disagree" in one_line_error(run(stub, "node", "list", "--json", "-o", "wide"))
+    assert "yaml" in one_line_error(run(stub, "node", "list", "-o", "yaml"))
