@@ -15,7 +15,7 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 setup: $(BIN)/python
-	$(BIN)/pip install -q -e ".[demo]"
+	$(BIN)/pip install -q -e '.[demo]'
 
 setup-test: $(BIN)/python os-deps
 	$(BIN)/pip install -q -e '.[test]'

@@ -83,6 +83,19 @@ class AgentSettings(_Base):
     """Page stores by name -> URL. ``default`` is ``file://<data_dir>/pages`` unless given."""
     handoff_socket: str = ""
     """Unix socket where VMMs hand off their uffd and memfd (default: <data_dir>/handoff.sock)."""
+    handshake_timeout_s: float = Field(default=5.0, gt=0, le=300)
+    """Overall deadline of a handoff handshake, seconds: a peer that has not completed it by then
+    (however slowly it keeps sending) is disconnected."""
+    capacity_bytes: int = Field(default=0, ge=0)
+    """Guest memory this node declares to the control plane (0: the host's physical memory)."""
+    trace_dir: str = ""
+    """Directory from which sim VMs (admin only) may replay ``trace:`` workloads; empty: traces refused."""
+    tenant_manual_cycles: int = Field(default=2, ge=1, le=1024)
+    """RunCycle calls one tenant token (if this agent accepts any) may have running at once."""
+    tenant_manual_max_interval_ms: int = Field(default=300_000, ge=1)
+    """Longest detection window of a RunCycle called with a tenant token, ms."""
+    trace_max_bytes: int = Field(default=256 * 1024**2, ge=1)
+    """Largest trace a sim VM may replay, in bytes, both as stored and once decompressed."""
     control_plane: str = ""
     """Control plane address; empty runs the agent autonomously."""
     heartbeat_ms: int = 2000
@@ -165,6 +178,12 @@ class ControlPlaneSettings(_Base):
     """Per-store write bandwidth limits, MB/s."""
     jitter: float = 0.1
     """Fraction of each interval used to spread cycle start times."""
+    tenant_manual_cycles: int = Field(default=2, ge=1, le=1024)
+    """Manual cycles (TriggerCycle) one tenant token may have running or waiting at once."""
+    tenant_manual_cycles_per_node: int = Field(default=8, ge=1, le=4096)
+    """Manual cycles of all tenants together on one node; they never use the scheduled slots."""
+    tenant_manual_max_interval_ms: int = Field(default=300_000, ge=1)
+    """Longest detection window of a tenant's manual cycle, ms."""
     scheduler: bool = True
     """Run the scheduler (false: registry and manual cycles only)."""
     token: str = ""

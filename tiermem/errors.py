@@ -27,6 +27,8 @@ __all__ = [
     "InvalidArgument",
     "KernelError",
     "NotFound",
+    "PermissionDenied",
+    "ResourceExhausted",
     "StoreFull",
     "StoreUnavailable",
     "TiermemError",
@@ -52,6 +54,14 @@ class AlreadyExists(TiermemError):
 
 class FailedPrecondition(TiermemError):
     """The request is well-formed but the current state does not allow it."""
+
+
+class PermissionDenied(TiermemError):
+    """The caller's role may not do this (a tenant asking for an operator-only facility)."""
+
+
+class ResourceExhausted(TiermemError):
+    """A per-caller limit is reached (e.g. a tenant's concurrent manual cycles); retry later."""
 
 
 class NotLeader(FailedPrecondition):

@@ -7,12 +7,12 @@ is the one place that turns them into protobuf messages and back.
 from __future__ import annotations
 
 import enum
-import re
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tiermem.errors import InvalidArgument
+from tiermem.ids import validate_id
 
 __all__ = [
     "PAGE_SIZE",
@@ -36,21 +36,11 @@ __all__ = [
 ]
 
 PAGE_SIZE = 4096
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 def now_ms() -> int:
     """Wall-clock Unix time in milliseconds."""
     return int(time.time() * 1000)
-
-
-def validate_id(value: str, what: str = "id") -> str:
-    """Return ``value`` if it is a valid VM/node id, else raise InvalidArgument."""
-    if not isinstance(value, str) or not _ID_RE.match(value):
-        raise InvalidArgument(
-            f"invalid {what} {value!r}: use 1-64 characters of [A-Za-z0-9._-], starting alphanumeric"
-        )
-    return value
 
 
 class Backend(enum.Enum):
@@ -230,6 +220,9 @@ class CycleReport:
     error: str = ""
     node_id: str = ""
     capped: bool = False
+    pages_unproven: int = 0
+    """Resident pages the frozen scan could not prove protected (in the memfd, not mapped in the
+    guest mapping): never evicted, whatever their age."""
 
 
 @dataclass

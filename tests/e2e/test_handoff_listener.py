@@ -22,12 +22,12 @@ import pytest
 
 from tests.helpers.uffd_harness import ROOT, MiniAgent
 from tiermem import errors
+from tiermem.handoff.client import GuestMemory
+from tiermem.handoff.listener import HandoffAttach, HandoffListener
+from tiermem.handoff.wire import encode_frame, recv_frame
 from tiermem.kernel import uapi
 from tiermem.kernel.uffd import MissingOnlyBackend
 from tiermem.kernel.uffd_ioctl import memfd_create, new_uffd
-from tiermem.vmm.client import GuestMemory
-from tiermem.vmm.handoff import HandoffAttach, HandoffListener
-from tiermem.vmm.handoff_wire import encode_frame, recv_frame
 
 pytestmark = pytest.mark.uffd
 

@@ -21,8 +21,8 @@ from tests.helpers.servers import RedisServer
 from tiermem.agent.attach import start_handoff
 from tiermem.agent.node import Agent
 from tiermem.config import AgentSettings
+from tiermem.guests.kvm import KvmVm
 from tiermem.model import CycleMode, EvictionPolicy
-from tiermem.vmm.kvm import KvmVm
 
 pytestmark = [pytest.mark.kvm, pytest.mark.uffd, pytest.mark.timeout(120)]
 

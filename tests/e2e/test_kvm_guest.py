@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from tiermem.errors import InvalidArgument
-from tiermem.vmm import content
-from tiermem.vmm.kvm import KvmVm, Progress
-from tiermem.vmm.kvm_machine import GuestFault
+from tiermem.guests.kvm import KvmVm, Progress
+from tiermem.guests.kvm_machine import GuestFault
+from tiermem.sim import content
 
 pytestmark = pytest.mark.kvm
 

@@ -1,6 +1,6 @@
 """KVM guest RAM served through a real userfaultfd: MISSING faults after punching, MINOR after zapping.
 
-The pager here is :class:`tiermem.vmm.kvm_pager.PagerProcess`, a minimal handler in
+The pager here is :class:`tiermem.guests.kvm_pager.PagerProcess`, a minimal handler in
 a child process (not the agent): it evicts pages by saving and punching them, and
 serves MISSING faults with UFFDIO_COPY and MINOR faults with UFFDIO_CONTINUE.
 """
@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from tiermem.errors import TiermemError
+from tiermem.guests.kvm import KvmVm
+from tiermem.guests.kvm_pager import PagerProcess
 from tiermem.kernel import uapi
 from tiermem.kernel.uffd_ioctl import madvise
-from tiermem.vmm.kvm import KvmVm
-from tiermem.vmm.kvm_pager import PagerProcess
 
 pytestmark = [pytest.mark.kvm, pytest.mark.uffd]
 

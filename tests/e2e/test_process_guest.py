@@ -13,15 +13,15 @@ import pytest
 
 from tests.helpers.uffd_harness import ROOT, GuestProc, MiniAgent
 from tiermem.errors import InvalidArgument
+from tiermem.guests.process import parse_pages
+from tiermem.handoff.listener import HandoffAttach
 from tiermem.kernel.uffd_base import RealBackend
-from tiermem.vmm.handoff import HandoffAttach
-from tiermem.vmm.process_guest import parse_pages
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
 def run_guest(*args: str, timeout: float = 60) -> tuple[int, list[dict[str, object]]]:
-    p = subprocess.run([sys.executable, "-m", "tiermem.vmm.process_guest", *args], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-m", "tiermem.guests.process", *args], capture_output=True, text=True,
                        env=ENV, cwd=ROOT, timeout=timeout)  # fmt: skip
     return p.returncode, [json.loads(line) for line in p.stdout.splitlines() if line.strip()]
 

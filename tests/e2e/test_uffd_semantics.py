@@ -16,9 +16,9 @@ import pytest
 
 from tests.helpers.uffd_harness import MiniAgent
 from tiermem.errors import InvalidArgument
+from tiermem.handoff.client import GuestMemory
 from tiermem.kernel import uapi
 from tiermem.kernel.uffd import UffdBackend
-from tiermem.vmm.client import GuestMemory
 
 pytestmark = pytest.mark.uffd
 

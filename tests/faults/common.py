@@ -18,10 +18,10 @@ from hypothesis import HealthCheck, settings
 from tiermem.agent.index import IndexEntry, PageIndex
 from tiermem.agent.node import Agent
 from tiermem.errors import TiermemError
-from tiermem.kernel.sim import SimKernel
 from tiermem.model import Event, EventKind
+from tiermem.sim.kernel import SimKernel
+from tiermem.sim.workloads import SimGuest
 from tiermem.store.base import Codec, PageStore, StoredPage
-from tiermem.vmm.workloads import SimGuest
 
 T = TypeVar("T")
 

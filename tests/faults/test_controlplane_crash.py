@@ -35,11 +35,11 @@ from tests.faults.common import LoopThread, record, wait_until
 from tests.helpers.servers import free_port, wait_port
 from tiermem.agent.node import Agent
 from tiermem.agent.server import RunningAgent, serve_agent
+from tiermem.api import PolicyScope, VmSpec
 from tiermem.config import AgentSettings
-from tiermem.control.types import PolicyScope, VmSpec
 from tiermem.model import CycleMode, CycleReport, EvictionPolicy
 from tiermem.rpc.clients import ControlPlaneClient
-from tiermem.vmm.workloads import SimGuest
+from tiermem.sim.workloads import SimGuest
 
 pytestmark = pytest.mark.timeout(120)
 

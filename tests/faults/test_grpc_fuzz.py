@@ -40,9 +40,9 @@ from hypothesis import strategies as st
 from tests.faults.common import LoopThread, fuzz_settings, record, wait_until
 from tests.faults.proto_strategies import message_strategy
 from tiermem.agent.server import RunningAgent, serve_agent
+from tiermem.api import NodeInfo, PolicyScope, VmSpec
 from tiermem.config import AgentSettings, ControlPlaneSettings
 from tiermem.control.server import RunningControlPlane, serve_control_plane
-from tiermem.control.types import NodeInfo, PolicyScope, VmSpec
 from tiermem.errors import TiermemError
 from tiermem.model import Backend, EvictionCap, EvictionPolicy
 from tiermem.rpc.clients import ControlPlaneClient

@@ -31,10 +31,10 @@ from tests.helpers.guest import GuestProc
 from tiermem.agent.attach import on_handoff
 from tiermem.agent.node import Agent
 from tiermem.config import AgentSettings
+from tiermem.handoff.listener import HandoffListener
+from tiermem.handoff.wire import decode_body, decode_frame_length
 from tiermem.kernel.uffd_ioctl import memfd_create, new_uffd
 from tiermem.model import CycleMode, EvictionPolicy
-from tiermem.vmm.handoff import HandoffListener
-from tiermem.vmm.handoff_wire import decode_body, decode_frame_length
 
 pytestmark = [pytest.mark.uffd, pytest.mark.timeout(300)]
 

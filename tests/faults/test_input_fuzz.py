@@ -23,12 +23,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.faults.common import fuzz_settings, record
+from tiermem.api import PolicyEntry, PolicyScope, VmSpec
 from tiermem.cli.main import cli
-from tiermem.control.types import PolicyEntry, PolicyScope, VmSpec
 from tiermem.errors import InvalidArgument
 from tiermem.model import CycleMode, CycleReport, Event, EventKind, EvictionPolicy, VmStatus
-from tiermem.vmm.trace import HEADER, Trace, load_trace, parse_trace
-from tiermem.vmm.workloads import parse_workload
+from tiermem.sim.trace import HEADER, Trace, load_trace, parse_trace
+from tiermem.sim.workloads import parse_workload
 
 STATS = {"traces": 0, "traces_ok": 0, "cli_runs": 0, "cli_ok": 0, "cli_errors": 0}
 

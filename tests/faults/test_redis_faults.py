@@ -32,8 +32,8 @@ from tests.faults.conftest import AgentFactory, redis_url
 from tests.faults.toxic_proxy import ToxicProxy
 from tests.helpers.servers import RedisServer
 from tiermem.agent.cycle import EVICT_BATCH_PAGES
-from tiermem.kernel.sim import SimKernel
 from tiermem.model import CycleMode, CycleReport, EventKind, EvictionPolicy
+from tiermem.sim.kernel import SimKernel
 from tiermem.store.url import open_store
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(120)]

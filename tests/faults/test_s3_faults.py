@@ -36,8 +36,8 @@ from tests.faults.conftest import AgentFactory
 from tests.faults.toxic_proxy import ToxicProxy
 from tests.helpers.servers import S3Server
 from tiermem.agent.cycle import EVICT_BATCH_PAGES
-from tiermem.kernel.sim import SimKernel
 from tiermem.model import CycleMode, EventKind, EvictionPolicy
+from tiermem.sim.kernel import SimKernel
 from tiermem.store.s3_store import S3PageStore
 from tiermem.store.url import open_store
 

@@ -1,4 +1,4 @@
-"""Drive a process guest (``python -m tiermem.vmm.process_guest --control``) from a test.
+"""Drive a process guest (``python -m tiermem.guests.process --control``) from a test.
 
 The driver itself is the benchmarks' :class:`tiermem.bench.common.GuestDriver` (one
 command line, one JSON answer; an error answer raises FailedPrecondition); this module

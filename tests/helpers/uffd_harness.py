@@ -5,7 +5,7 @@ socket, builds each VM's backend with ``HandoffAttach.make_backend`` and runs on
 fault thread that serves MISSING faults from an in-memory dict of evicted pages
 (COPY) or with ZEROPAGE, resolves sync RWP faults, and records REMOVE events. The
 backends are driven through the same ``KernelBackend`` calls the agent makes.
-``GuestProc`` runs ``python -m tiermem.vmm.process_guest --control`` and speaks
+``GuestProc`` runs ``python -m tiermem.guests.process --control`` and speaks
 its stdin/stdout line protocol.
 """
 
@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from tiermem.handoff.listener import HandoffAttach, HandoffListener
 from tiermem.kernel import uapi
 from tiermem.kernel.backend import KernelBackend
 from tiermem.kernel.uapi import UffdMsg
-from tiermem.vmm.handoff import HandoffAttach, HandoffListener
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -124,11 +124,11 @@ class MiniAgent:
 
 
 class GuestProc:
-    """``python -m tiermem.vmm.process_guest --control`` as a child process."""
+    """``python -m tiermem.guests.process --control`` as a child process."""
 
     def __init__(self, socket_path: str, vm_id: str, *, memory: str = "16M", workload: str | None = None,
                  prefill: bool = True, seed: int = 1, extra: list[str] | None = None) -> None:  # fmt: skip
-        cmd = [sys.executable, "-m", "tiermem.vmm.process_guest", "--socket", socket_path, "--vm-id", vm_id,
+        cmd = [sys.executable, "-m", "tiermem.guests.process", "--socket", socket_path, "--vm-id", vm_id,
                "--memory", memory, "--seed", str(seed), "--control"]  # fmt: skip
         if workload:
             cmd += ["--workload", workload]

@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tiermem.agent.server import RunningAgent, serve_agent
 from tiermem.config import AgentSettings
-from tiermem.kernel.sim import SimKernel
+from tiermem.sim.kernel import SimKernel
 from tiermem.v1 import agent_pb2 as apb
 from tiermem.v1 import agent_pb2_grpc as agrpc
 from tiermem.v1 import types_pb2 as tpb

@@ -9,8 +9,8 @@ from pathlib import Path
 from tests.helpers.servers import free_port
 from tiermem.agent.server import serve_agent
 from tiermem.config import AgentSettings
-from tiermem.kernel.sim import SimKernel
 from tiermem.model import CycleMode, EvictionPolicy
+from tiermem.sim.kernel import SimKernel
 
 DOCUMENTED = [
     "tiermem_agent_vm_resident_pages", "tiermem_agent_vm_evicted_pages", "tiermem_agent_vm_working_set_pages",

@@ -177,7 +177,8 @@ async def test_reads_are_filtered_to_the_tenant(served: Any) -> None:
         listed = await stub.ListVmStatus(cp.ListVmStatusRequest(), metadata=_md(ADMIN), timeout=5)
         assert [v.vm_id for v in listed.vms] == VMS
         events = await _stream(stub.StreamEvents(t.StreamEventsRequest(), metadata=_md(GLOBEX), timeout=5))
-        assert [e.vm_id for e in events] == ["globex.vm-1", ""]  # node-level events carry no VM
+        # default-deny: node-level events (no vm_id) are hidden from tenants (issue 17, item 13)
+        assert [e.vm_id for e in events] == ["globex.vm-1"]
         events = await _stream(stub.StreamEvents(t.StreamEventsRequest(), metadata=_md(ADMIN), timeout=5))
         assert len(events) == len(VMS) + 1
 

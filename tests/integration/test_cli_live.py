@@ -26,10 +26,11 @@ from typing import Any, TypeVar
 import pytest
 from click.testing import CliRunner, Result
 
+from tests.helpers.certs import issue_cert
 from tests.helpers.servers import free_port
+from tiermem.api import NodeInfo
 from tiermem.cli.main import cli
 from tiermem.config import AgentSettings, ControlPlaneSettings
-from tiermem.control.types import NodeInfo
 from tiermem.model import CycleReport, DrainProgress, Event, EvictionPolicy, VmStatus
 
 T = TypeVar("T")
@@ -261,46 +262,14 @@ def test_token_auth(stack: Stack, tmp_path: Path) -> None:
         stack.run(cp.stop())
 
 
-def _issue(d: Path, stem: str, ca: Any | None, san_ip: str | None = None) -> tuple[Path, Path, Any]:
-    """A certificate (self-signed CA when ``ca`` is None) and key, written as PEM; returns (cert, key, (cert, key))."""
-    import datetime as dt
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, stem)])
-    issuer_cert, issuer_key = ca if ca else (None, key)
-    now = dt.datetime.now(dt.UTC)
-    b = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(issuer_cert.subject if issuer_cert else name)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=ca is None, path_length=None), critical=True)
-    )  # fmt: skip
-    if san_ip:
-        b = b.add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(san_ip))]), False
-        )
-    cert = b.sign(issuer_key, hashes.SHA256())
-    cp, kp = d / f"{stem}.pem", d / f"{stem}.key"
-    cp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    kp.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                     serialization.NoEncryption()))  # fmt: skip
-    return cp, kp, (cert, key)
-
-
 def test_mtls_options(stack: Stack, tmp_path: Path) -> None:
     """--tls-ca/--tls-cert/--tls-key reach a control plane that requires client certificates."""
     from tiermem.config import TlsSettings
     from tiermem.control.server import serve_control_plane
 
-    ca_pem, _, ca = _issue(tmp_path, "ca", None)
-    srv_pem, srv_key, _ = _issue(tmp_path, "server", ca, san_ip="127.0.0.1")
-    cli_pem, cli_key, _ = _issue(tmp_path, "client", ca)
+    ca_pem, _, ca = issue_cert(tmp_path, "ca", None)
+    srv_pem, srv_key, _ = issue_cert(tmp_path, "server", ca, san_ip="127.0.0.1")
+    cli_pem, cli_key, _ = issue_cert(tmp_path, "client", ca)
     tls = TlsSettings(
         cert_file=str(srv_pem), key_file=str(srv_key), ca_file=str(ca_pem), require_client_cert=True
     )

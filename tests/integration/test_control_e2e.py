@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from test_control_grpc import cp_settings, start_cp, wait_for
 
+from tiermem.api import PolicyScope, VmSpec
 from tiermem.config import AgentSettings
 from tiermem.control.server import RunningControlPlane
-from tiermem.control.types import PolicyScope, VmSpec
 from tiermem.model import EventKind, EvictionCap, EvictionPolicy
 from tiermem.rpc.channel import aio_channel
 from tiermem.rpc.clients import AsyncControlPlaneClient

@@ -12,9 +12,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tiermem.api import NodeInfo, PolicyScope, VmSpec
 from tiermem.config import ControlPlaneSettings
 from tiermem.control.server import RunningControlPlane, plane_config, serve_control_plane
-from tiermem.control.types import NodeInfo, PolicyScope, VmSpec
 from tiermem.errors import (
     FailedPrecondition,
     InvalidArgument,

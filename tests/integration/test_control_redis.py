@@ -14,8 +14,8 @@ import pytest
 from test_control_grpc import FakeAgent, cp_settings, start_cp, wait_for
 
 from tests.helpers.servers import RedisServer
+from tiermem.api import NodeInfo, PolicyScope, VmSpec
 from tiermem.control.server import RunningControlPlane
-from tiermem.control.types import NodeInfo, PolicyScope, VmSpec
 from tiermem.errors import FailedPrecondition, NotLeader
 from tiermem.model import EventKind, EvictionPolicy
 from tiermem.rpc.clients import AsyncControlPlaneClient, ControlPlaneClient

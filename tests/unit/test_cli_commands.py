@@ -16,9 +16,9 @@ import pytest
 from click.testing import CliRunner, Result
 
 from tiermem import errors
+from tiermem.api import EffectivePolicy, NodeInfo, PolicyEntry, PolicyScope, ScopeKind, VmSpec
 from tiermem.cli.main import cli
 from tiermem.config import ClientSettings
-from tiermem.control.types import EffectivePolicy, NodeInfo, PolicyEntry, PolicyScope, ScopeKind, VmSpec
 from tiermem.model import (
     Backend,
     Compression,
@@ -473,7 +473,9 @@ def test_tables_are_plain_ascii_off_a_terminal(stub: StubClient) -> None:
 
 @pytest.mark.parametrize("cmd", [["node", "list"], ["vm", "list"]])
 def test_output_json_is_the_json_flag(stub: StubClient, cmd: list[str]) -> None:
-    assert json.loads(ok(run(stub, *cmd, "-o", "json")).stdout) == json.loads(ok(run(stub, *cmd, "--json")).stdout)
+    assert json.loads(ok(run(stub, *cmd, "-o", "json")).stdout) == json.loads(
+        ok(run(stub, *cmd, "--json")).stdout
+    )
 
 
 def test_output_wide_never_folds(stub: StubClient) -> None:

@@ -190,3 +190,25 @@ def test_property_corruption_never_returns_bad_data(
     except IntegrityError:
         return
     assert got == page  # a flip in a bit the decoder ignores is fine; wrong data is not
+
+
+def test_zstd_bomb_declaring_a_large_size_is_refused_without_inflating() -> None:
+    """Issue 17 item 11: max_output_size binds only frames without a declared size; a 3 KiB frame
+    declaring 100 MiB of zeros was inflated in full. It is refused from its header now."""
+    import tracemalloc
+
+    import zstandard
+
+    bomb = zstandard.ZstdCompressor().compress(b"\0" * (100 << 20))
+    assert len(bomb) <= 4096  # fits in a page entry
+    tracemalloc.start()
+    try:
+        with pytest.raises(IntegrityError, match="declares 104857600 bytes"):
+            decode(Codec.ZSTD, bomb, 0, 4096)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+    unsized = zstandard.ZstdCompressor(write_content_size=False).compress(b"\0" * (100 << 20))
+    with pytest.raises(IntegrityError):
+        decode(Codec.ZSTD, unsized, 0, 4096)

@@ -6,15 +6,15 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from tiermem.api import NodeInfo, PolicyScope, ScopeKind, VmSpec
 from tiermem.control.clock import ManualClock
 from tiermem.control.events import EventLog
 from tiermem.control.policies import PolicyBook, apply_adjustment
 from tiermem.control.registry import Registry
-from tiermem.control.selector import normalize_selector, parse_selector
 from tiermem.control.state_sqlite import SqliteState
-from tiermem.control.types import NodeInfo, PolicyScope, ScopeKind, VmSpec
 from tiermem.errors import InvalidArgument, NotFound
 from tiermem.model import EventKind, EvictionCap, EvictionPolicy
+from tiermem.selector import normalize_selector, parse_selector
 
 VM = PolicyScope.for_vm
 SEL = PolicyScope.for_selector

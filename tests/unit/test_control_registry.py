@@ -6,11 +6,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from tiermem.api import NodeInfo, VmSpec
 from tiermem.control.clock import ManualClock
 from tiermem.control.events import EventLog
 from tiermem.control.registry import Registry
 from tiermem.control.state_sqlite import SqliteState
-from tiermem.control.types import NodeInfo, VmSpec
 from tiermem.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from tiermem.model import Backend, EventKind, VmStatus
 

@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from tiermem.api import NodeInfo, PolicyScope, VmSpec
 from tiermem.control.clock import ManualClock
 from tiermem.control.events import EventLog
 from tiermem.control.policies import PolicyBook
 from tiermem.control.registry import Registry
 from tiermem.control.scheduler import Scheduler, SchedulerConfig
 from tiermem.control.state_sqlite import SqliteState
-from tiermem.control.types import NodeInfo, PolicyScope, VmSpec
 from tiermem.errors import NotFound, Unavailable
 from tiermem.model import CycleMode, CycleReport, DrainProgress, EvictionPolicy, VmState, VmStatus
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from test_control_scheduler import T0, add, make_env
 
+from tiermem.api import PolicyScope
 from tiermem.control.policies import apply_adjustment
 from tiermem.control.scheduler import SchedulerConfig
 from tiermem.control.slo import SloConfig, SloController
-from tiermem.control.types import PolicyScope
 from tiermem.model import EventKind, EvictionCap, EvictionPolicy, VmStatus
 
 SLO = 0.002  # 0.2% of evicted pages per minute

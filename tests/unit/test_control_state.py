@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from tiermem.api import Adjustment, NodeInfo, PolicyEntry, PolicyScope, VmSpec
 from tiermem.control.clock import ManualClock
-from tiermem.control.state import StateStore, open_state
+from tiermem.control.state import StateStore
+from tiermem.control.state_open import open_state
 from tiermem.control.state_redis import RedisState
 from tiermem.control.state_sqlite import SqliteState
-from tiermem.control.types import Adjustment, NodeInfo, PolicyEntry, PolicyScope, VmSpec
 from tiermem.errors import ConfigurationError, Unavailable
 from tiermem.model import Backend, CycleReport, Event, EventKind, EvictionCap, EvictionPolicy, VmStatus
 

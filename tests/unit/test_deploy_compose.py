@@ -282,8 +282,9 @@ def test_credentials_agree_across_services(compose: dict[str, Any]) -> None:
     cp_tokens = parse_tokens(cp["TIERMEM_CP_TOKEN"])
     for name in ("agent-1", "agent-2", "agent-uffd"):
         a = service_env(svcs[name])
-        assert cp_tokens.get(a["TIERMEM_AGENT_CONTROL_PLANE_TOKEN"]) == ALL_TENANTS, (
-            f"{name} cannot call node methods"
+        # the node role, not a fleet admin token, on every agent host (issue 17 item 6)
+        assert cp_tokens.get(a["TIERMEM_AGENT_CONTROL_PLANE_TOKEN"]) == "node:*", (
+            f"{name} must hold a node-role token"
         )
         assert a["TIERMEM_AGENT_TOKEN"] == cp["TIERMEM_CP_AGENT_TOKEN"], (
             f"{name} would refuse the control plane"

@@ -258,5 +258,6 @@ def test_agent_daemonset_privileges_and_seccomp_profile() -> None:
 def test_tokens_agree_between_components() -> None:
     tokens = _data("Secret", "tiermem-tokens")
     cp_tokens = parse_tokens(tokens["cp-tokens"])
-    assert cp_tokens.get(tokens["node-token"]) == ALL_TENANTS  # agents may call node methods
+    # agents hold the node role, never a fleet admin token
+    assert cp_tokens.get(tokens["node-token"]) == "node:*"
     assert parse_tokens(tokens["agent-tokens"]).get(tokens["agent-token"]) == ALL_TENANTS

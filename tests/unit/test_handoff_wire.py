@@ -9,8 +9,7 @@ import struct
 
 import pytest
 
-from tiermem.kernel.backend import Region
-from tiermem.vmm.handoff_wire import (
+from tiermem.handoff.wire import (
     MAX_MESSAGE,
     FrameReader,
     ProtocolError,
@@ -22,6 +21,7 @@ from tiermem.vmm.handoff_wire import (
     recv_fds,
     send_frame,
 )
+from tiermem.kernel.backend import Region
 
 BASE = 0x7F00_0000_0000
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from tiermem.errors import InvalidArgument
-from tiermem.vmm import content
-from tiermem.vmm import guest_asm as g
+from tiermem.guests import asm as g
+from tiermem.sim import content
 
 # The guest as shipped (counter at 0, index stamp at 8). A change to the program
 # must update this on purpose; test_program_matches_gnu_as re-derives it.

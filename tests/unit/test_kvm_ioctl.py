@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from tiermem.errors import FailedPrecondition, InvalidArgument
-from tiermem.vmm import kvm as kvm_mod
-from tiermem.vmm import kvm_ioctl as k
-from tiermem.vmm.kvm import KvmRunSummary, KvmVm
+from tiermem.guests import kvm as kvm_mod
+from tiermem.guests import kvm_ioctl as k
+from tiermem.guests.kvm import KvmRunSummary, KvmVm
 
 _PROBE_C = r"""
 #include <stdio.h>

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from tiermem.agent.replay import replay
 from tiermem.errors import InvalidArgument
 from tiermem.model import EvictionCap
-from tiermem.vmm.trace import parse_trace
+from tiermem.sim.replay import replay
+from tiermem.sim.trace import parse_trace
 
 # N = 4 pages, T = 6 ticks; with K = 2 cycles close at the end of ticks 1, 3 and 5.
 TRACE = b"tick,page,op\n0,0,r\n0,1,w\n1,0,r\n2,2,r\n4,1,r\n5,3,w\n"

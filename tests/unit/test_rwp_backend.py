@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 
 from tiermem.errors import FailedPrecondition, InvalidArgument
+from tiermem.handoff.client import arm_uffd
 from tiermem.kernel import rwp, uapi
-from tiermem.kernel.backend import Region
+from tiermem.kernel.backend import TRACKED_REGISTER_MODE, Region
 from tiermem.kernel.probe import HostReport
 from tiermem.kernel.rwp import RwpBackend
 from tiermem.kernel.select import choose_backend
 from tiermem.kernel.uffd_base import emulate_scan
 from tiermem.kernel.uffd_ioctl import Uffd
-from tiermem.vmm.client import arm_uffd
 
 PS = 4096
 BASE = 0x7F12_3400_0000
@@ -42,7 +42,13 @@ REQ = {
     "PAGEMAP_SCAN": 0xC0606610,
 }
 RWP, ASYNC = 0x20000, 0x40000  # UFFD_FEATURE_RWP (1<<17), UFFD_FEATURE_RWP_ASYNC (1<<18)
-NEGOTIATED = RWP | ASYNC | uapi.UFFD_FEATURE_MISSING_SHMEM | uapi.UFFD_FEATURE_THREAD_ID
+NEGOTIATED = (
+    RWP
+    | ASYNC
+    | uapi.UFFD_FEATURE_MISSING_SHMEM
+    | uapi.UFFD_FEATURE_MINOR_SHMEM
+    | uapi.UFFD_FEATURE_THREAD_ID
+)
 
 
 class FakeKernel:
@@ -115,8 +121,8 @@ def test_construction_wakes_the_whole_range(kern: FakeKernel, backend: RwpBacken
 
 
 def test_register_and_unregister_bytes(kern: FakeKernel, backend: RwpBackend) -> None:
-    backend.register(BASE, SIZE, uapi.UFFDIO_REGISTER_MODE_MISSING | uapi.UFFDIO_REGISTER_MODE_RWP)
-    assert kern.of("REGISTER") == [struct.pack("<QQQQ", BASE, SIZE, 0x9, 0)]
+    backend.register(BASE, SIZE, TRACKED_REGISTER_MODE)
+    assert kern.of("REGISTER") == [struct.pack("<QQQQ", BASE, SIZE, 0xD, 0)]  # MISSING|MINOR|RWP
     backend.unregister(BASE + PS, 2 * PS)
     assert kern.of("UNREGISTER") == [struct.pack("<QQ", BASE + PS, 2 * PS)]
 
@@ -218,23 +224,27 @@ def test_rwp_backend_refuses_a_uffd_without_rwp() -> None:
     assert ei.value.errno == errno.EINVAL
 
 
-def test_vmm_client_arms_rwp_mode_with_the_v10_workflow(kern: FakeKernel) -> None:
-    kernel_features = NEGOTIATED | uapi.UFFD_FEATURE_EVENT_REMOVE | uapi.UFFD_FEATURE_MINOR_SHMEM
+def test_vmm_client_arms_rwp_mode_with_minor_co_registered(kern: FakeKernel) -> None:
+    kernel_features = NEGOTIATED | uapi.UFFD_FEATURE_EVENT_REMOVE
     _, features = arm_uffd(Uffd(99, ioctl=kern), BASE, SIZE, "rwp", kernel_features)
     want = (
         RWP
         | ASYNC
         | uapi.UFFD_FEATURE_MISSING_SHMEM
+        | uapi.UFFD_FEATURE_MINOR_SHMEM
         | uapi.UFFD_FEATURE_EVENT_REMOVE
         | uapi.UFFD_FEATURE_THREAD_ID
     )
-    assert features == want == 0x60128
+    assert features == want == 0x60528
+    # MISSING|MINOR|RWP: unmapped page-cache pages cannot be RWP-protected, so they must fault MINOR
     assert kern.calls == [
         (99, REQ["API"], struct.pack("<QQQ", 0xAA, want, 0)),
-        (99, REQ["REGISTER"], struct.pack("<QQQQ", BASE, SIZE, 0x9, 0)),
+        (99, REQ["REGISTER"], struct.pack("<QQQQ", BASE, SIZE, 0xD, 0)),
     ]
     with pytest.raises(FailedPrecondition, match="RWP"):
         arm_uffd(Uffd(99, ioctl=kern), BASE, SIZE, "rwp", uapi.UFFD_FEATURE_MISSING_SHMEM)
+    with pytest.raises(FailedPrecondition, match="MINOR_SHMEM"):
+        arm_uffd(Uffd(99, ioctl=kern), BASE, SIZE, "rwp", kernel_features & ~uapi.UFFD_FEATURE_MINOR_SHMEM)
 
 
 # --- the PAGEMAP_SCAN emulation (the fake kernel above, and the uffd backend's scan) -------------------

@@ -35,7 +35,9 @@ def test_token_file(tmp_path: Path) -> None:
     [
         ("acme:", "empty or malformed"),
         ("bad.tenant:tok", "invalid tenant"),
-        ("acme:tok,globex:tok", "two tenants"),
+        ("acme:tok,globex:tok", "two roles"),
+        ("node:bad id:tok", "invalid node id"),
+        ("role:x:tok", "malformed token spec entry"),
         ("acme:to ken", "malformed"),
     ],
 )
@@ -62,3 +64,12 @@ def test_tenant_rule() -> None:
     assert not tenant_allows("acme", "vm-1")
     assert tenant_allows("*", "vm-1")
     assert tenant_allows(None, "globex.vm-1")  # auth off
+
+
+def test_node_role_entries() -> None:
+    from tiermem.rpc.security import node_of
+
+    tokens = parse_tokens("adm, acme:t1, node:n1:t2, node:*:t3")
+    assert tokens == {"adm": "*", "t1": "acme", "t2": "node:n1", "t3": "node:*"}
+    assert node_of("node:n1") == "n1" and node_of("node:*") == "*" and node_of("acme") is None
+    assert not tenant_allows("node:n1", "acme.vm1")  # a node never acts on a VM

@@ -10,7 +10,7 @@ import pytest
 
 from tiermem.errors import InvalidArgument
 from tiermem.kernel import uapi
-from tiermem.kernel.sim import SimKernel
+from tiermem.sim.kernel import SimKernel
 
 RWP, RWP_ASYNC = uapi.UFFD_FEATURE_RWP, uapi.UFFD_FEATURE_RWP_ASYNC
 MISSING, WP, MINOR, MODE_RWP = (
@@ -163,7 +163,8 @@ def test_set_mode_errors() -> None:
 def test_pagemap_scan_errors() -> None:
     k = armed()
     lo, hi = k.base, k.base + k.size
-    assert errno_of(lambda: k.pagemap_scan(lo, hi, flags=uapi.PM_SCAN_WP_MATCHING)) == errno.EINVAL
+    r = k.pagemap_scan(lo, hi, flags=uapi.PM_SCAN_WP_MATCHING)  # mainline skips RWP VMAs silently
+    assert len(r.regions) == 0 and r.walk_end == hi
     assert errno_of(lambda: k.pagemap_scan(lo, hi, flags=1 << 5)) == errno.EINVAL
     assert errno_of(lambda: k.pagemap_scan(lo, hi, size=88)) == errno.EINVAL
     assert errno_of(lambda: k.pagemap_scan(lo, hi, category_mask=1 << 10)) == errno.EINVAL
@@ -204,10 +205,14 @@ def test_copy_and_zeropage_errors() -> None:
 def test_continue_errors() -> None:
     k = armed(mode=MODE_RWP | MINOR)
     k.punch_hole(PS, PS)
+    k.madvise(k.base, PS, uapi.MADV_DONTNEED)  # cached, unmapped
     assert k.continue_(k.base, PS) == PS
+    assert errno_of(lambda: k.continue_(k.base, PS)) == errno.EEXIST  # mapped now
     assert errno_of(lambda: k.continue_(k.base + PS, PS)) == errno.EFAULT  # no page in the page cache
     k.unregister(k.base, PS)
     assert errno_of(lambda: k.continue_(k.base, PS)) == errno.ENOENT
+    k.register(k.base, PS, MODE_RWP)
+    assert errno_of(lambda: k.continue_(k.base, PS)) == errno.EINVAL  # not MINOR-registered
     assert errno_of(lambda: k.wake(k.base + 1, PS)) == errno.EINVAL
 
 

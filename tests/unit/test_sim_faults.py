@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from tiermem.kernel import uapi
-from tiermem.kernel.sim import CORRUPT, SimKernel
-from tiermem.vmm.content import counter_of, page_bytes
+from tiermem.sim.content import counter_of, page_bytes
+from tiermem.sim.kernel import CORRUPT, SimKernel
 
 RWP, RWP_ASYNC, TID = uapi.UFFD_FEATURE_RWP, uapi.UFFD_FEATURE_RWP_ASYNC, uapi.UFFD_FEATURE_THREAD_ID
 MISSING, MODE_RWP = uapi.UFFDIO_REGISTER_MODE_MISSING, uapi.UFFDIO_REGISTER_MODE_RWP
@@ -313,14 +313,18 @@ def test_contents_round_trip_and_corruption_is_detected(synthetic: bool) -> None
     assert k.compare(expected)[1].tolist() == [3]
 
 
-def test_io_write_to_a_hole_populates_without_the_marker() -> None:
+def test_io_write_to_a_hole_caches_it_unmapped_and_unprotectable() -> None:
     k = armed(4, sync=False)
     k.rwprotect(k.base, k.size, protect=True)
     k.punch_hole(0, PS)
-    k.io_write(0, page_bytes(0, 9))
+    k.io_write(0, page_bytes(0, 9))  # like a pwrite: in the page cache, not in the guest mapping
     k.io_write(PS, page_bytes(1, 3))  # a protected page stays protected
+    assert k.populated()[:2].tolist() == [True, True]
     hot = k.pagemap_scan(k.base, k.base + k.size, category_mask=uapi.PAGE_IS_ACCESSED)
-    assert hot.regions.tolist() == [(k.base, k.base + PS, 0)]
+    assert hot.regions.tolist() == []  # pagemap sees page 0 as a hole, not as hot
+    present = k.pagemap_scan(k.base, k.base + k.size, category_mask=uapi.PAGE_IS_PRESENT)
+    assert present.regions.tolist() == [(k.base + PS, k.base + 4 * PS, 0)]
+    k.rwprotect(k.base, k.size, protect=True)  # still nothing to protect on page 0
     assert k.counters()[:2].tolist() == [9, 3]
 
 

@@ -1,5 +1,6 @@
 """PAGEMAP_SCAN on the sim: categories, masks, merging, max_pages/vec_len/walk_end, against a
-page-by-page reference written from the kernel's description (rwp-uapi.md §2.3-2.4)."""
+page-by-page reference written from mainline 7.3's fs/proc/task_mmu.c (pte_none pages, holes and
+cached-but-unmapped alike, have no category and are reported by scans that match categories 0)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tiermem.kernel import uapi
-from tiermem.kernel.sim import SimKernel
+from tiermem.sim.kernel import SimKernel
 
 PS = 4096
 MISSING, WP, MINOR, RWP = (
@@ -23,7 +24,7 @@ PRESENT, FILE, WRITTEN, ACCESSED = (
     uapi.PAGE_IS_WRITTEN,
     uapi.PAGE_IS_ACCESSED,
 )
-NONE, PROT, ACC = 0, 1, 3  # the sim's page states
+NONE, PROT, CACHED, ACC = 0, 1, 2, 3  # the sim's page states
 
 
 def regions(k: SimKernel, **kw: int) -> list[tuple[int, int, int]]:
@@ -40,10 +41,8 @@ def reference(
     found = 0
     for p in range(max(start, 0), min(end, len(states))):
         s, mode = states[p], modes[p]
-        if mode & RWP and s == NONE:
-            continue  # v10: unpopulated pages in an RWP VMA are neither hot nor cold
         cats = 0
-        if s != NONE:
+        if s in (PROT, ACC):  # mapped; a cached page is pte_none to pagemap
             cats |= PRESENT | FILE
         if mode & WP and s != PROT:
             cats |= WRITTEN
@@ -84,26 +83,30 @@ def build(n: int, regs: list[tuple[int, int, int]], states: list[int]) -> tuple[
 
 
 def test_categories_per_vma_kind() -> None:
-    # pages 0-1 unregistered, 2-4 RWP (protected, accessed, hole), 5-6 WP (present, hole)
-    k, _ = build(7, [(2, 3, RWP), (5, 2, WP)], [ACC, NONE, PROT, ACC, NONE, ACC, NONE])
+    # pages 0-1 unregistered, 2-4 RWP (protected, accessed, hole), 5-6 WP (present, hole), 7 RWP cached
+    k, _ = build(8, [(2, 3, RWP), (5, 2, WP), (7, 1, RWP)], [ACC, NONE, PROT, ACC, NONE, ACC, NONE, CACHED])
     got = regions(k, return_mask=uapi.PM_SCAN_CATEGORIES)
     assert got == [
         (0, 1, PRESENT | FILE),
         (1, 2, 0),
         (2, 3, PRESENT | FILE),
         (3, 4, PRESENT | FILE | ACCESSED),
+        (4, 5, 0),  # mainline reports pte_none in an RWP VMA with categories 0 (v10 hid it)
         (5, 6, PRESENT | FILE | WRITTEN),
         (6, 7, WRITTEN),
+        (7, 8, 0),  # cached in the memfd but unmapped: pagemap sees a hole
     ]
 
 
-def test_hot_scan_merges_across_vmas_and_reports_no_holes() -> None:
-    k, _ = build(8, [(0, 4, RWP | MISSING), (4, 4, RWP)], [ACC, ACC, NONE, ACC, ACC, ACC, PROT, ACC])
+def test_hot_scan_merges_across_vmas_and_the_inverted_scan_reports_holes() -> None:
+    k, _ = build(8, [(0, 4, RWP | MISSING), (4, 4, RWP)], [ACC, ACC, NONE, ACC, ACC, CACHED, PROT, ACC])
     assert regions(k, category_mask=ACCESSED, return_mask=ACCESSED) == [
-        (0, 2, ACCESSED), (3, 6, ACCESSED), (7, 8, ACCESSED),
+        (0, 2, ACCESSED), (3, 5, ACCESSED), (7, 8, ACCESSED),
     ]  # fmt: skip
     cold = regions(k, category_mask=ACCESSED, category_inverted=ACCESSED, return_mask=ACCESSED)
-    assert cold == [(6, 7, 0)]  # the hole at page 2 is neither hot nor cold
+    assert cold == [(2, 3, 0), (5, 7, 0)]  # "not accessed" includes the hole and the cached page
+    proven = regions(k, category_mask=PRESENT | ACCESSED, category_inverted=ACCESSED, return_mask=PRESENT)
+    assert proven == [(6, 7, PRESENT)]  # only the protected page is provably cold
 
 
 def test_return_mask_splits_regions_and_anyof_selects() -> None:
@@ -118,7 +121,8 @@ def test_return_mask_splits_regions_and_anyof_selects() -> None:
 def test_three_keys_in_one_vma() -> None:
     k, _ = build(6, [(0, 6, RWP)], [ACC, NONE, ACC, PROT, ACC, ACC])
     assert regions(k, return_mask=PRESENT | ACCESSED) == [
-        (0, 1, PRESENT | ACCESSED), (2, 3, PRESENT | ACCESSED), (3, 4, PRESENT), (4, 6, PRESENT | ACCESSED),
+        (0, 1, PRESENT | ACCESSED), (1, 2, 0), (2, 3, PRESENT | ACCESSED), (3, 4, PRESENT),
+        (4, 6, PRESENT | ACCESSED),
     ]  # fmt: skip
 
 
@@ -179,7 +183,7 @@ CATS = st.integers(0, 0x3FF).map(lambda m: m & (PRESENT | FILE | WRITTEN | ACCES
 @given(
     n=st.integers(1, 40),
     regs=st.lists(st.tuples(st.integers(0, 39), st.integers(1, 40), MODES), max_size=4),
-    states=st.lists(st.sampled_from([NONE, PROT, ACC]), min_size=40, max_size=40),
+    states=st.lists(st.sampled_from([NONE, PROT, CACHED, ACC]), min_size=40, max_size=40),
     mask=CATS, inv=CATS, anyof=CATS, ret=CATS,
     max_pages=st.integers(0, 12), vec_len=st.integers(0, 6),
     lo=st.integers(-2, 42), span=st.integers(0, 44),

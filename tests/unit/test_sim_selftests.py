@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from tiermem.kernel import uapi
-from tiermem.kernel.sim import SIM_FEATURES, SimKernel
-from tiermem.vmm.content import page_bytes
+from tiermem.sim.content import page_bytes
+from tiermem.sim.kernel import SIM_FEATURES, SimKernel
 
 RWP, RWP_ASYNC = uapi.UFFD_FEATURE_RWP, uapi.UFFD_FEATURE_RWP_ASYNC
 MODE_RWP = uapi.UFFDIO_REGISTER_MODE_RWP

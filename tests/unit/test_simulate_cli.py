@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from tiermem.agent.replay import replay
 from tiermem.bench.policy import simulate as fast_model
 from tiermem.cli.main import cli
 from tiermem.model import EvictionCap
-from tiermem.vmm.trace import Trace, write_trace
+from tiermem.sim.replay import replay
+from tiermem.sim.trace import Trace, write_trace
 
 # The trace of tests/unit/test_replay.py: N = 4 pages, T = 6 ticks.
 TRACE = "tick,page,op\n0,0,r\n0,1,w\n1,0,r\n2,2,r\n4,1,r\n5,3,w\n"

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tiermem.errors import InvalidArgument
-from tiermem.vmm.trace import load_trace, parse_trace, write_trace
+from tiermem.sim.trace import load_trace, parse_trace, write_trace
 
 GOOD = b"tick,page,op\n0,3,r\n0,0,w\n2,7,w\n2,3,r\n5,1,r\n"
 

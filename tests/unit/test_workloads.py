@@ -9,14 +9,15 @@ import pytest
 
 from tiermem.errors import InvalidArgument
 from tiermem.kernel import uapi
-from tiermem.kernel.sim import SimKernel
-from tiermem.vmm.content import page_bytes
-from tiermem.vmm.trace import TraceWorkload, write_trace
-from tiermem.vmm.workloads import (
+from tiermem.sim.content import page_bytes
+from tiermem.sim.kernel import SimKernel
+from tiermem.sim.trace import write_trace
+from tiermem.sim.workloads import (
     ExpectedCounters,
     HotSet,
     Phases,
     SimGuest,
+    TraceWorkload,
     Workload,
     parse_workload,
 )

@@ -9,8 +9,8 @@ import structlog
 
 from tiermem.agent.node import Agent
 from tiermem.errors import TiermemError
+from tiermem.handoff.listener import HandoffAttach, HandoffListener
 from tiermem.model import Backend
-from tiermem.vmm.handoff import HandoffAttach, HandoffListener
 
 __all__ = ["on_handoff", "start_handoff"]
 
@@ -55,5 +55,5 @@ def start_handoff(agent: Agent) -> Callable[[], None] | None:
             log.warning("handoff refused", vm=att.vm_id, error=str(e))
             raise
 
-    listener = HandoffListener(path, attach).start()
+    listener = HandoffListener(path, attach, handshake_timeout=agent.settings.handshake_timeout_s).start()
     return listener.stop

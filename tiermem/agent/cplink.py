@@ -15,9 +15,10 @@ import time
 import structlog
 
 from tiermem.agent.node import Agent
+from tiermem.api import NodeInfo
 from tiermem.config import AgentSettings
-from tiermem.control.types import NodeInfo
 from tiermem.errors import TiermemError
+from tiermem.kernel.probe import probe_host
 from tiermem.model import Backend
 from tiermem.rpc.clients import AsyncControlPlaneClient
 
@@ -36,14 +37,13 @@ class ControlPlaneLink:
         self.registered = False
 
     def _node(self) -> NodeInfo:
-        from tiermem.kernel.probe import probe_host
-
         try:
             avail = probe_host().backends
         except OSError:
             avail = {"sim": True}
         backends = tuple(Backend(name) for name, ok in avail.items() if ok)
-        return NodeInfo(node_id=self.agent.node_id, address=self.address, backends=backends)
+        return NodeInfo(node_id=self.agent.node_id, address=self.address, backends=backends,
+                        capacity_bytes=self.agent.capacity_bytes)  # fmt: skip
 
     async def run(self) -> None:
         """Heartbeat until cancelled."""

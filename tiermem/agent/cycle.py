@@ -5,11 +5,19 @@
     begin:   UFFDIO_RWPROTECT(range, RWP)                  -- async: accesses auto-resolve
     wait:    the policy's interval (or the caller's clock: trace replay)
     freeze:  UFFDIO_SET_MODE(disable=RWP_ASYNC)           -- sync: accesses now block
-    scan:    PAGEMAP_SCAN(category_mask=PAGE_IS_ACCESSED)  -> hot set (the non-inverted v10 scan)
-    decide:  ages[hot] = 0; ages[resident & ~hot] += 1; cold = ages >= cold_after, within the caps
+    scan:    PAGEMAP_SCAN(category_mask=PAGE_IS_PRESENT, return_mask=PRESENT|ACCESSED)
+             -> hot = present and accessed; proven cold = present and not accessed (still protected)
+    decide:  ages[hot] = 0; ages[proven] += 1; cold = proven and ages >= cold_after, within the caps
     evict:   per batch: read via the I/O mapping -> store.put (acknowledged) -> index (durable)
              -> fallocate(PUNCH_HOLE) -> UFFDIO_WAKE
     resume:  UFFDIO_SET_MODE(enable=RWP_ASYNC)            -- wakes every parked sync fault
+
+Only pages the frozen scan proves protected and untouched are ever evicted: present in the
+guest mapping (a PTE carrying the RWP marker, whose accesses block while frozen) and not
+``PAGE_IS_ACCESSED``. A page that is in the memfd but not mapped in the guest mapping
+(pte_none: written through another mapping, MADV_DONTNEED'd, reclaimed, split from a THP)
+cannot be protected by UFFDIO_RWPROTECT; evicting it would lose a guest write landing between
+the read-out and the punch. Such pages are counted in ``CycleReport.pages_unproven`` and kept.
 
 A dry run (``CycleMode.DETECT``) reports what would be evicted and changes
 nothing: no eviction and no page ages. Cold pages are evicted oldest first,
@@ -28,7 +36,7 @@ import structlog
 from tiermem.agent.faults import FaultServer
 from tiermem.agent.metrics import CYCLE_RESULTS
 from tiermem.agent.session import VmSession
-from tiermem.errors import ConfigurationError, NotFound, StoreFull, StoreUnavailable
+from tiermem.errors import ConfigurationError, FailedPrecondition, NotFound, StoreFull, StoreUnavailable
 from tiermem.kernel import uapi
 from tiermem.model import CycleMode, CycleReport, EventKind, PhaseTimes, VmState, now_ms
 from tiermem.store.base import Codec, PageBlob
@@ -86,8 +94,6 @@ class CycleEngine:
         """Protect, wait ``interval_s`` (``wait`` returns False to abort), then finish."""
         s = self.s
         if not s.tracking:
-            from tiermem.errors import FailedPrecondition
-
             raise FailedPrecondition(
                 f"VM {s.vm_id} is served MISSING-only (no tracking); cycles are not possible"
             )
@@ -136,18 +142,22 @@ class CycleEngine:
             ph.freeze_us = _us(time.perf_counter() - t)
 
             t = time.perf_counter()
-            # Residency first, then the hot scan: a page the fault server installs in between is
-            # then "hot but not resident" and skipped. The other order would see it resident and
-            # not hot, and evict a page that has no RWP marker, whose writes nothing would block.
+            # Residency first, then the scan: a page the fault server installs in between is then
+            # "hot but not resident" and skipped. The scan is the proof: only a page that is present
+            # in the guest mapping and not accessed still carries the RWP marker, so its accesses
+            # block until its batch is punched and woken. A resident page the scan does not show
+            # present is pte_none (cached but unmapped): unprotectable, so never evicted.
             resident = b.populated().copy()
-            scan = b.pagemap_scan(b.base, b.base + b.size, category_mask=uapi.PAGE_IS_ACCESSED,
-                                  return_mask=uapi.PAGE_IS_ACCESSED)  # fmt: skip
-            hot = scan.page_mask(b.base, b.base + b.size, b.page_size)
+            scan = b.pagemap_scan(b.base, b.base + b.size, category_mask=uapi.PAGE_IS_PRESENT,
+                                  return_mask=uapi.PAGE_IS_PRESENT | uapi.PAGE_IS_ACCESSED)  # fmt: skip
+            present = scan.page_mask(b.base, b.base + b.size, b.page_size)
+            hot = scan.pages_with(b.base, b.base + b.size, b.page_size, uapi.PAGE_IS_ACCESSED)
             ph.scan_us = _us(time.perf_counter() - t)
 
             t = time.perf_counter()
             hot &= resident
-            candidates = resident & ~hot
+            candidates = resident & present & ~hot
+            rep.pages_unproven = int(np.count_nonzero(resident & ~present))
             ages = s.ages if mode is CycleMode.EVICT else s.ages.copy()
             ages[hot] = 0
             np.add(ages, candidates.astype(np.uint8), out=ages, where=ages < 255)
@@ -247,6 +257,8 @@ class CycleEngine:
         for phase in ("protect", "wait", "freeze", "scan", "decide", "evict", "resume"):
             m.cycle_seconds.labels(phase).observe(getattr(ph, f"{phase}_us") / 1e6)
         m.cycles.labels(s.vm_id, rep.mode.value, CYCLE_RESULTS[1] if rep.error else CYCLE_RESULTS[0]).inc()
+        if rep.pages_unproven:
+            m.pages_unproven.labels(s.vm_id).inc(rep.pages_unproven)
         kind = EventKind.CYCLE_FAILED if rep.error else EventKind.CYCLE_COMPLETED
         s.events.publish(
             kind,

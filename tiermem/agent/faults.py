@@ -120,8 +120,13 @@ class FaultServer:
             if not 0 <= page < self.s.n_pages:
                 log.warning("fault outside guest memory", vm=self.s.vm_id, address=hex(msg.address))
                 return
-            if msg.flags & (uapi.UFFD_PAGEFAULT_FLAG_RWP | uapi.UFFD_PAGEFAULT_FLAG_MINOR):
+            if msg.flags & uapi.UFFD_PAGEFAULT_FLAG_RWP:
                 self.on_tracking_fault(page)
+                return
+            if msg.flags & uapi.UFFD_PAGEFAULT_FLAG_MINOR:
+                # A page in the memfd but unmapped in the guest (the uffd backend turns its own MINOR
+                # faults into RWP ones): map it with CONTINUE, parked like an RWP fault while frozen.
+                self.on_tracking_fault(page, minor=True)
                 return
             with self._inflight_lock:
                 if page in self._inflight:
@@ -177,27 +182,36 @@ class FaultServer:
         return kind in ("file", "memory")
 
     # --- tracking faults ---------------------------------------------------------------------------
-    def on_tracking_fault(self, page: int) -> None:
-        """A sync RWP fault (or the uffd emulation's surfaced MINOR fault)."""
+    def on_tracking_fault(self, page: int, *, minor: bool = False) -> None:
+        """A sync RWP fault (or the uffd emulation's surfaced one), or a MINOR fault (``minor``)."""
         s = self.s
         s.counters.rwp_faults += 1
         self._m_rwp.inc()
         with s.evict_lock:
             if s.frozen:
-                s.deferred.append(page)  # decided after the hot set is frozen
+                s.deferred.append((page, minor))  # decided after the hot set is frozen
                 return
             if s.pending_evict[page]:
                 return  # the eviction batch's WAKE after the punch resolves it
-        self._resolve_tracking(page)
+        self._resolve_tracking(page, minor)
 
-    def _resolve_tracking(self, page: int) -> None:
+    def _resolve_tracking(self, page: int, minor: bool) -> None:
+        b = self.s.backend
         try:
-            self.s.backend.rwprotect(self.s.backend.addr(page), self.s.page_size, protect=False)
+            if minor:
+                b.continue_(b.addr(page), self.s.page_size)
+            else:
+                b.rwprotect(b.addr(page), self.s.page_size, protect=False)
         except OSError as e:
             if e.errno in _VMM_GONE:
                 self._vmm_went_away(e)
+            elif minor and e.errno in (errno.EEXIST, errno.EFAULT):
+                # Mapped meanwhile (EEXIST) or punched (EFAULT: its retry faults MISSING): just wake.
+                self.wake(Installed(present=[page]))
             elif e.errno != errno.EEXIST:
-                log.error("rwprotect clear failed", vm=self.s.vm_id, page=page, error=str(e))
+                log.error(
+                    "tracking fault not resolved", vm=self.s.vm_id, page=page, minor=minor, error=str(e)
+                )
 
     def release_deferred(self) -> None:
         """Called by the cycle engine once the eviction set is known: resolve parked faults not in it."""
@@ -205,17 +219,25 @@ class FaultServer:
         with s.evict_lock:
             parked, s.deferred = s.deferred, []
             s.frozen = False
-            resolve = [p for p in parked if not s.pending_evict[p]]
-        for p in resolve:
-            self._resolve_tracking(p)
+            resolve = [(p, minor) for p, minor in parked if not s.pending_evict[p]]
+        for p, minor in resolve:
+            self._resolve_tracking(p, minor)
 
     def on_remove(self, start: int, end: int) -> None:
-        """Balloon or munmap: the guest gave the range back and will read zeroes there.
+        """A REMOVE/UNMAP event: the VMM zapped or discarded the range.
 
-        Evicted pages in the range are forgotten (their stored contents must never come back);
-        their payloads are retired like restored pages.
+        On private anonymous memory (Firecracker) the range reads as zeroes now, so its evicted
+        pages are forgotten and their payloads retired. On a shmem memfd the event is ambiguous:
+        MADV_DONTNEED keeps the page cache (the guest still expects its data) and only MADV_REMOVE
+        drops it, so evicted pages keep their entries: a later fault restores their last contents
+        rather than risking the loss of data the guest still owns.
         """
         s = self.s
+        if not s.backend.anonymous:
+            log.info(
+                "range zapped by the VMM; evicted pages kept", vm=s.vm_id, start=hex(start), end=hex(end)
+            )
+            return
         first = max(s.backend.page_of(start), 0)
         last = min(s.backend.page_of(end + s.page_size - 1), s.n_pages)
         gone = [

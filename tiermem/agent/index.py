@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from tiermem.errors import FailedPrecondition
 from tiermem.store.base import Codec, StoredPage
 
 __all__ = ["IndexEntry", "PageIndex", "VmRecord"]
@@ -112,8 +113,6 @@ class PageIndex:
         with self._lock:
             old = self._records.get(rec.vm_id)
             if old is not None and old.n_pages != rec.n_pages and self._vms[rec.vm_id].entries:
-                from tiermem.errors import FailedPrecondition
-
                 raise FailedPrecondition(
                     f"VM {rec.vm_id} has evicted pages for {old.n_pages} pages; it cannot reattach with {rec.n_pages}"
                 )

@@ -86,6 +86,12 @@ class AgentMetrics:
             "tiermem_agent_cycles_total", "Cycles run", ["vm", "mode", "result"], registry=r
         )
         self.pages_evicted = Counter("tiermem_agent_pages_evicted_total", "Pages evicted", ["vm"], registry=r)
+        self.pages_unproven = Counter(
+            "tiermem_agent_pages_unproven_total",
+            "Resident pages a cycle kept because its scan could not prove them protected (unmapped in the guest)",
+            ["vm"],
+            registry=r,
+        )
         self.pages_restored = Counter(
             "tiermem_agent_pages_restored_total", "Pages brought back", ["vm"], registry=r
         )
@@ -111,6 +117,7 @@ class AgentMetrics:
         series: list[tuple[Counter, tuple[str, ...]]] = [
             (self.pages_evicted, (vm,)),
             (self.pages_restored, (vm,)),
+            (self.pages_unproven, (vm,)),
         ]
         series += [(self.faults, (vm, kind)) for kind in FAULT_KINDS]
         series += [(self.cycles, (vm, mode.value, res)) for mode in CycleMode for res in CYCLE_RESULTS]

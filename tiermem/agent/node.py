@@ -9,6 +9,7 @@ thread; the servicer calls them through ``asyncio.to_thread``.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -24,8 +25,8 @@ from tiermem.agent.session import VmSession
 from tiermem.config import AgentSettings
 from tiermem.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from tiermem.events import EventBus
-from tiermem.kernel import uapi
 from tiermem.kernel.backend import KernelBackend
+from tiermem.kernel.registry import local_vm_factory
 from tiermem.model import (
     PAGE_SIZE,
     Backend,
@@ -41,6 +42,7 @@ from tiermem.model import (
     validate_id,
 )
 from tiermem.store.base import PageStore
+from tiermem.store.url import open_store
 
 __all__ = ["Agent"]
 
@@ -48,6 +50,14 @@ log = structlog.get_logger("tiermem.agent")
 
 MAX_SIM_BYTES = 64 * 1024**3
 DRAIN_BATCH = 256
+
+
+def _host_memory() -> int:
+    """The host's physical memory in bytes (the default capacity)."""
+    try:
+        return max(int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE")), PAGE_SIZE)
+    except (OSError, ValueError):
+        return MAX_SIM_BYTES
 
 
 class Agent:
@@ -60,6 +70,8 @@ class Agent:
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
         self.settings = settings
         self.node_id = validate_id(settings.node_id, "node id")
+        self.capacity_bytes = settings.capacity_bytes or _host_memory()
+        """Guest memory this node declares (never 0, so it never registers as unlimited)."""
         self.data_dir = Path(settings.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.index = PageIndex(self.data_dir / "index.db", fsync=settings.fsync)
@@ -96,8 +108,6 @@ class Agent:
                     raise NotFound(
                         f"unknown store {name!r}; configured: {', '.join(sorted(self.store_urls))}"
                     )
-                from tiermem.store.url import open_store
-
                 st = self._stores[name] = open_store(url, name=name, page_size=PAGE_SIZE)
             return st
 
@@ -109,45 +119,41 @@ class Agent:
     def attach_sim(self, vm_id: str, memory_bytes: int, policy: EvictionPolicy, labels: dict[str, str] | None = None,
                    workload: str = "", synthetic: bool = False, vcpus: int = 1, seed: int = 0) -> VmStatus:  # fmt: skip
         """Create a simulated VM (guest memory in this process) and arm it."""
-        from tiermem.kernel.sim import SimKernel
-
         validate_id(vm_id, "vm id")
-        if memory_bytes <= 0 or memory_bytes % PAGE_SIZE or memory_bytes > MAX_SIM_BYTES:
+        limit = min(MAX_SIM_BYTES, self.capacity_bytes)
+        if memory_bytes <= 0 or memory_bytes % PAGE_SIZE or memory_bytes > limit:
             raise InvalidArgument(
-                f"memory_bytes must be a positive multiple of {PAGE_SIZE} up to {MAX_SIM_BYTES}"
+                f"memory_bytes must be a positive multiple of {PAGE_SIZE} up to {limit} "
+                f"(node {self.node_id}'s capacity or the sim limit)"
             )
         if vcpus < 0 or vcpus > 64:
             raise InvalidArgument("vcpus must be between 0 and 64")
         policy.validate(self.known_stores())
+        create = local_vm_factory(Backend.SIM.value)
         with self._lock:
             if vm_id in self.sessions:
                 raise AlreadyExists(f"VM {vm_id} is already attached")
-            n_pages = memory_bytes // PAGE_SIZE
-            guest = None
-            if workload:
-                from tiermem.vmm.workloads import parse_workload
-
-                parse_workload(workload, n_pages, seed)  # validate before creating anything
             try:
-                sim = SimKernel(n_pages, synthetic=synthetic)
+                # traces only from the configured directory, with its byte cap (admin-only facility)
+                backend, guest = create(
+                    memory_bytes // PAGE_SIZE,
+                    synthetic=synthetic,
+                    workload=workload,
+                    vcpus=vcpus,
+                    seed=seed,
+                    trace_dir=self.settings.trace_dir,
+                    trace_max_bytes=self.settings.trace_max_bytes,
+                )
             except MemoryError:
                 raise FailedPrecondition(
                     f"not enough memory on node {self.node_id} for a {memory_bytes >> 20} MiB sim VM with real "
                     "contents; use synthetic contents or a smaller VM"
                 ) from None
-            sim.api(uapi.UFFD_FEATURE_RWP | uapi.UFFD_FEATURE_RWP_ASYNC | uapi.UFFD_FEATURE_THREAD_ID)
-            sim.register(
-                sim.base, sim.size, uapi.UFFDIO_REGISTER_MODE_MISSING | uapi.UFFDIO_REGISTER_MODE_RWP
-            )
-            s = self._new_session(vm_id, Backend.SIM, sim, policy, labels or {},
+            s = self._new_session(vm_id, Backend.SIM, backend, policy, labels or {},
                                   meta={"workload": workload, "synthetic": synthetic})  # fmt: skip
-            if workload:
-                from tiermem.vmm.workloads import SimGuest, parse_workload
-
-                guest = SimGuest(sim, parse_workload(workload, n_pages, seed), vcpus=vcpus, seed=seed)
-                s.guest = guest
-                if vcpus > 0:
-                    guest.start()
+            s.guest = guest
+            if guest is not None and vcpus > 0:
+                guest.start()
             return s.status()
 
     def attach_backend(self, vm_id: str, kind: Backend, backend: KernelBackend, policy: EvictionPolicy | None = None,
@@ -324,7 +330,7 @@ class Agent:
         """(pages checked, mismatches, supported) for VMs whose guest keeps expected contents."""
         s = self.session(vm_id)
         guest = s.guest
-        if guest is None or not hasattr(guest, "verify"):
+        if guest is None:
             return 0, 0, False
         checked, bad = guest.verify()
         return int(checked), int(bad), True
@@ -354,7 +360,7 @@ class Agent:
     def _close_session(self, s: VmSession, drop_index: bool) -> None:
         s.closing.set()
         guest = s.guest
-        if guest is not None and hasattr(guest, "stop"):
+        if guest is not None:
             guest.stop()
         fs = self.faults.pop(s.vm_id, None)
         with contextlib.suppress(Exception):

@@ -10,11 +10,14 @@ from typing import Any
 
 import structlog
 
+from tiermem.agent.attach import start_handoff
+from tiermem.agent.cplink import ControlPlaneLink
 from tiermem.agent.malloc import pin_malloc_thresholds
 from tiermem.agent.metrics import AgentMetrics
 from tiermem.agent.node import Agent
 from tiermem.agent.service import SERVICE_NAME, NodeAgentServicer
 from tiermem.config import AgentSettings
+from tiermem.metrics import add_process_collectors, start_metrics, stop_metrics
 from tiermem.rpc.server import ServerOptions, StartedServer, start_server
 from tiermem.v1 import agent_pb2_grpc
 
@@ -64,19 +67,13 @@ async def serve_agent(settings: AgentSettings, metrics: AgentMetrics | None = No
     address = settings.advertise or f"{host}:{started.port}"
     running = RunningAgent(agent, started, address, servicer)
     if settings.metrics_listen:
-        from tiermem.metrics import add_process_collectors, start_metrics, stop_metrics
-
         add_process_collectors(agent.metrics.registry)
         start_metrics(settings.metrics_listen, settings.metrics_tls, agent.metrics.registry)
         running.closers.append(stop_metrics)
-    from tiermem.agent.attach import start_handoff
-
     closer = start_handoff(agent)
     if closer is not None:
         running.closers.append(closer)
     if settings.control_plane:
-        from tiermem.agent.cplink import ControlPlaneLink
-
         link = ControlPlaneLink(agent, settings, address)
         running.tasks.append(asyncio.create_task(link.run(), name="cplink"))
     log.info("agent serving", node=agent.node_id, address=address, handoff=settings.handoff_path())

@@ -20,9 +20,10 @@ from typing import Any, TypeVar
 import grpc
 
 from tiermem.agent.node import Agent
-from tiermem.errors import InvalidArgument
+from tiermem.errors import InvalidArgument, PermissionDenied, ResourceExhausted
 from tiermem.model import Backend, DrainProgress, EvictionPolicy
 from tiermem.rpc import convert
+from tiermem.rpc.security import caller_tenant, is_tenant_caller
 from tiermem.rpc.status import grpc_errors, grpc_stream_errors
 from tiermem.v1 import agent_pb2 as apb
 from tiermem.v1 import agent_pb2_grpc as agrpc
@@ -50,6 +51,7 @@ class NodeAgentServicer(agrpc.NodeAgentServicer):
             agent.settings.max_concurrent_cycles, thread_name_prefix="agent-cycle"
         )
         self._short = ThreadPoolExecutor(SHORT_WORKERS, thread_name_prefix="agent-rpc")
+        self._tenant_cycles: dict[str, int] = {}
 
     def close(self) -> None:
         """Stop the worker pools (calls in flight finish)."""
@@ -71,6 +73,11 @@ class NodeAgentServicer(agrpc.NodeAgentServicer):
     async def AttachVm(self, request: apb.AttachVmRequest, context: Ctx) -> apb.AttachVmResponse:
         backend = convert.backend_from_pb(request.backend, default=Backend.SIM)
         policy = self._policy(request.policy, request.HasField("policy")) or EvictionPolicy()
+        if is_tenant_caller():
+            raise PermissionDenied(
+                "sim VMs and workloads are a demo and test facility for operators (admin token); "
+                "a tenant's VMs attach through the handoff socket"
+            )
         if backend is not Backend.SIM:
             raise InvalidArgument(
                 f"{backend.value} VMs attach through the handoff socket ({self.agent.settings.handoff_path()}); "
@@ -104,13 +111,34 @@ class NodeAgentServicer(agrpc.NodeAgentServicer):
         interval_ms = request.interval_ms
         if interval_ms == 0:
             interval_ms = (policy or self.agent.session(request.vm_id).policy).interval_ms
+        tenant = caller_tenant() if is_tenant_caller() else None
+        s = self.agent.settings
+        if tenant is not None and interval_ms > s.tenant_manual_max_interval_ms:
+            raise InvalidArgument(
+                f"a tenant's manual cycle may wait at most {s.tenant_manual_max_interval_ms} ms, not {interval_ms}"
+            )
         # Honour the caller's deadline: the detection wait cannot outlast it.
         budget_ms = int(_deadline(context, 1e9) * 1000)
         if budget_ms < interval_ms:
             interval_ms = max(budget_ms - 500, 1)
-        rep = await self._run(
-            self._long, self.agent.run_cycle, request.vm_id, mode, interval_ms, policy, request.order_id
-        )
+        if tenant is None:
+            rep = await self._run(
+                self._long, self.agent.run_cycle, request.vm_id, mode, interval_ms, policy, request.order_id
+            )
+            return convert.report_to_pb(rep)
+        # A tenant calling the agent directly: the same limits as at the control plane, so its cycles
+        # cannot hold the threads the scheduled cycles need (this event loop is single-threaded: no lock).
+        if self._tenant_cycles.get(tenant, 0) >= s.tenant_manual_cycles:
+            raise ResourceExhausted(
+                f"tenant {tenant!r} already runs {s.tenant_manual_cycles} manual cycle(s)"
+            )
+        self._tenant_cycles[tenant] = self._tenant_cycles.get(tenant, 0) + 1
+        try:
+            rep = await self._run(
+                self._long, self.agent.run_cycle, request.vm_id, mode, interval_ms, policy, request.order_id
+            )
+        finally:
+            self._tenant_cycles[tenant] -= 1
         return convert.report_to_pb(rep)
 
     @grpc_stream_errors

@@ -27,6 +27,7 @@ from tiermem.agent.stats import LatencyWindow, VmCounters
 from tiermem.errors import FailedPrecondition, NotFound
 from tiermem.events import EventBus
 from tiermem.kernel.backend import KernelBackend
+from tiermem.kernel.registry import LocalGuest
 from tiermem.model import Backend, CycleReport, EvictionPolicy, StoreUsage, VmState, VmStatus, now_ms
 from tiermem.store.base import PageStore
 
@@ -55,8 +56,8 @@ class VmSession:
     fault_latency: LatencyWindow = field(default_factory=LatencyWindow)
     last_report: CycleReport | None = None
     working_set: int = 0
-    guest: object | None = None
-    """The in-process guest of a sim VM (a SimGuest), if any."""
+    guest: LocalGuest | None = None
+    """The in-process guest of a locally created VM (the sim's workload runner), if any."""
     on_close: list[Callable[[], None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -65,7 +66,8 @@ class VmSession:
         """One cycle or drain at a time."""
         self.evict_lock = threading.Lock()
         self.frozen = False
-        self.deferred: list[int] = []
+        self.deferred: list[tuple[int, bool]] = []
+        """Parked sync tracking faults: (page, True for a MINOR fault)."""
         self.pending_evict = np.zeros(self.backend.n_pages, dtype=bool)
         self.closing = threading.Event()
         self.attached_at = time.monotonic()

@@ -140,11 +140,11 @@ def bench_agent(stores: dict[str, str], *, tmp: Path | None = None, fsync: bool 
 
 
 class GuestDriver:
-    """``python -m tiermem.vmm.process_guest --control`` as a child: one command line, one JSON answer."""
+    """``python -m tiermem.guests.process --control`` as a child: one command line, one JSON answer."""
 
     def __init__(self, socket_path: str, vm_id: str, memory: str, *extra: str, timeout: float = 30.0) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tiermem.vmm.process_guest", "--socket", socket_path, "--vm-id", vm_id,
+            [sys.executable, "-m", "tiermem.guests.process", "--socket", socket_path, "--vm-id", vm_id,
              "--memory", memory, "--mode", "uffd", "--control", "--timeout", str(timeout), *extra],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
         )  # fmt: skip

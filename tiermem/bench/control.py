@@ -61,7 +61,7 @@ def _agent_main(conn: Connection, agents: int, vms: int, cycle_ms: int, cp_addre
 async def _agents(conn: Connection, agents: int, vms: int, cycle_ms: int, cp_address: str) -> None:
     import grpc
 
-    from tiermem.control.types import NodeInfo
+    from tiermem.api import NodeInfo
     from tiermem.model import VmState, VmStatus
     from tiermem.rpc.clients import AsyncControlPlaneClient
     from tiermem.v1 import agent_pb2 as apb
@@ -141,9 +141,9 @@ async def _baseline(vms: int, interval_s: float, jitter: float, duration_s: floa
 
 async def _run(vms: int, agents: int, interval_s: float, duration_s: float, cycle_ms: int, jitter: float,
                max_concurrent: int) -> dict[str, Any]:  # fmt: skip
+    from tiermem.api import PolicyScope, VmSpec
     from tiermem.config import ControlPlaneSettings
     from tiermem.control.server import serve_control_plane
-    from tiermem.control.types import PolicyScope, VmSpec
     from tiermem.model import EvictionPolicy
     from tiermem.rpc.clients import AsyncControlPlaneClient
 

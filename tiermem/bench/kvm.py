@@ -3,9 +3,9 @@
 Two guests run the same workload (``hotset:0.1`` by default, from the shared
 generators) over the same kind of memory, a prefilled memfd mapping registered
 MISSING|MINOR with a userfaultfd served by a child process
-(:class:`tiermem.vmm.kvm_pager.PagerProcess`, like an agent out of process):
+(:class:`tiermem.guests.kvm_pager.PagerProcess`, like an agent out of process):
 
-* the KVM guest: the reference VMM (:class:`tiermem.vmm.kvm.KvmVm`), one vCPU;
+* the KVM guest: the reference VMM (:class:`tiermem.guests.kvm.KvmVm`), one vCPU;
 * the process guest: a Python thread doing the loads and stores with numpy on
   the mapping (a counter increment and an index stamp per write, as the content
   model says).
@@ -33,13 +33,13 @@ from typing import Any
 
 import numpy as np
 
+from tiermem.guests.kvm import KvmVm
+from tiermem.guests.kvm_machine import PlainRam
+from tiermem.guests.kvm_pager import PagerProcess
 from tiermem.kernel import uapi
 from tiermem.kernel.uffd_ioctl import madvise
-from tiermem.vmm import content
-from tiermem.vmm.kvm import KvmVm
-from tiermem.vmm.kvm_machine import PlainRam
-from tiermem.vmm.kvm_pager import PagerProcess
-from tiermem.vmm.workloads import ExpectedCounters, parse_workload
+from tiermem.sim import content
+from tiermem.sim.workloads import ExpectedCounters, parse_workload
 
 __all__ = ["main", "run"]
 

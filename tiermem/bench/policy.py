@@ -1,6 +1,6 @@
 """The tiering model replayed with numpy (the engine of ``tiermem simulate``) and the policy benchmark.
 
-:func:`simulate` computes exactly what :func:`tiermem.agent.replay.replay` computes
+:func:`simulate` computes exactly what :func:`tiermem.sim.replay.replay` computes
 (the model in that module's docstring: cycles every K ticks, ages, cold after A
 cycles, caps oldest first then lowest page, promotions), but without running the
 sim kernel, the store and the index page by page. The agent path costs tens of
@@ -31,11 +31,11 @@ from typing import Any
 
 import numpy as np
 
-from tiermem.agent.replay import ReplayResult
 from tiermem.errors import InvalidArgument
 from tiermem.model import PAGE_SIZE, EvictionCap, EvictionPolicy
-from tiermem.vmm.trace import Trace
-from tiermem.vmm.workloads import parse_workload
+from tiermem.sim.replay import ReplayResult
+from tiermem.sim.trace import Trace
+from tiermem.sim.workloads import parse_workload
 
 __all__ = ["WORKLOADS", "Model", "baseline", "make_trace", "run", "simulate"]
 
@@ -49,7 +49,7 @@ WORKLOADS = (
     "scan",
     "mix:0.25",
 )
-"""Built-in workloads the benchmark replays (``tiermem.vmm.workloads`` specs)."""
+"""Built-in workloads the benchmark replays (``tiermem.sim.workloads`` specs)."""
 
 
 @dataclass

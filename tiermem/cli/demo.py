@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from tiermem.cli.errors import EXIT_PRECONDITION, CliExit
+from tiermem.cli.errors import EXIT_PRECONDITION, CliExit, require_extra
 from tiermem.demo.runner import DEFAULT_WORKLOADS, DemoConfig, DemoSummary, Sample, run_demo
 from tiermem.units import parse_duration_ms
 
@@ -70,6 +70,7 @@ def _print_summary(console: Console, s: DemoSummary) -> None:
 def demo(duration: str, backend: str, kvm: bool, memory_mib: int | None, interval: str, cold_after: int, plot: str | None,
          workdir: str | None, as_json: bool) -> None:  # fmt: skip
     """Start a control plane, an agent and four VMs (hot set, Zipf, phase shift, idle); tier them live."""
+    require_extra("matplotlib", "demo", "tiermem demo")
     try:
         dur = parse_duration_ms(duration) / 1000
     except Exception as e:

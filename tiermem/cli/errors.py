@@ -8,6 +8,7 @@ failure. No traceback unless ``--debug``. Every error is one line on stderr:
 from __future__ import annotations
 
 import sys
+from importlib.util import find_spec
 from typing import NoReturn
 
 import click
@@ -26,6 +27,7 @@ __all__ = [
     "exit_code_for",
     "fail",
     "message_for",
+    "require_extra",
     "usage_error_line",
 ]
 
@@ -116,3 +118,19 @@ def die_from(exc: BaseException, debug: bool, server: str | None = None) -> NoRe
         raise exc
     click.echo(f"tiermem: error: {message_for(exc, server)}", err=True)
     sys.exit(exit_code_for(exc))
+
+
+def require_extra(module: str, extra: str, what: str) -> None:
+    """Fail with one line naming the extra that installs ``module`` when it is not installed.
+
+    Checked by the import system's finders, without importing ``module`` (matplotlib is slow to import).
+    """
+    try:
+        found = find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package missing, or a module stubbed out as None
+        found = False
+    if not found:
+        fail(
+            f"{what} needs {module}, an optional dependency: pip install 'tiermem[{extra}]'",
+            EXIT_PRECONDITION,
+        )

@@ -25,7 +25,7 @@ def node() -> None:
 def list_nodes(ctx: click.Context, as_json: bool) -> None:
     """List nodes with their lease state, capacity, backends and VM count.
 
-    JSON: a list of NodeInfo objects (every field of tiermem.control.types.NodeInfo).
+    JSON: a list of NodeInfo objects (every field of tiermem.api.NodeInfo).
     """
     nodes: list[Any] = get_client(ctx).list_nodes()
     if as_json:

@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from tiermem.api import PolicyScope, ScopeKind
 from tiermem.cli.errors import fail
 from tiermem.cli.options import (
     CAP,
@@ -23,7 +24,6 @@ from tiermem.cli.options import (
     json_option,
 )
 from tiermem.cli.output import console, emit_json, fmt_cap, fmt_time, kv_table, policy_rows, table
-from tiermem.control.types import PolicyScope, ScopeKind
 from tiermem.errors import InvalidArgument
 from tiermem.model import Compression, EvictionCap, EvictionPolicy, validate_id
 from tiermem.units import format_bytes, format_duration_ms, format_rate_per_min
@@ -176,7 +176,7 @@ def list_policies(ctx: click.Context, selector: str | None, as_json: bool) -> No
     JSON: a list of {scope: {kind, value}, policy: EvictionPolicy fields, updated_ms}.
     """
     if selector is not None:
-        from tiermem.control.selector import parse_selector
+        from tiermem.selector import parse_selector
 
         try:
             parse_selector(selector)

@@ -1,6 +1,6 @@
 """``tiermem simulate``: what-if replay of an access trace (memory saved versus promotions).
 
-The model is exact and documented in :mod:`tiermem.agent.replay`. Two engines
+The model is exact and documented in :mod:`tiermem.sim.replay`. Two engines
 compute it: ``fast`` (default, :func:`tiermem.bench.policy.simulate`, numpy per
 cycle: seconds for ten million lines) and ``agent`` (the agent's own cycle
 engine, fault server, sim kernel and an in-memory store, page by page: the
@@ -16,11 +16,11 @@ from typing import Any
 
 import click
 
-from tiermem.agent.replay import ReplayResult
-from tiermem.cli.errors import fail
+from tiermem.cli.errors import fail, require_extra
 from tiermem.cli.options import CAP, SIZE
 from tiermem.cli.output import console, emit_json, kv_table, table
 from tiermem.model import EvictionCap
+from tiermem.sim.replay import ReplayResult
 from tiermem.units import format_bytes
 
 __all__ = ["parse_sweep", "simulate", "write_plot"]
@@ -50,7 +50,7 @@ def parse_sweep(specs: tuple[str, ...]) -> dict[str, list[int]]:
 
 def _run(trace: Any, engine: str, k: int, a: int, cap: EvictionCap | None, min_res: int) -> ReplayResult:
     if engine == "agent":
-        from tiermem.agent.replay import replay
+        from tiermem.sim.replay import replay
 
         return replay(trace, k, a, cap, min_res)
     from tiermem.bench.policy import simulate as fast
@@ -141,11 +141,13 @@ def simulate(trace_path: str, pages: int | None, interval_ticks: int, cold_after
     oldest first, then lowest page). An access to an evicted page is a promotion.
     evicted_fraction = mean over ticks of evicted pages / N.
     """
-    from tiermem.vmm.trace import load_trace
+    from tiermem.sim.trace import load_trace
 
     axes = parse_sweep(sweep)
     if plot_path is not None and not axes:
         fail("--plot goes with --sweep")
+    if axes:
+        require_extra("matplotlib", "demo", "tiermem simulate --sweep (its plot)")
     t0 = time.perf_counter()
     trace = load_trace(trace_path, n_pages=pages)
     t_parse = time.perf_counter() - t0

@@ -8,6 +8,7 @@ from typing import Any
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from tiermem.api import VmSpec
 from tiermem.cli.errors import fail
 from tiermem.cli.options import (
     MEMORY,
@@ -27,10 +28,9 @@ from tiermem.cli.output import (
     kv_table,
     table,
 )
-from tiermem.control.selector import parse_selector, validate_labels
-from tiermem.control.types import VmSpec
 from tiermem.errors import InvalidArgument
 from tiermem.model import PAGE_SIZE, Backend, DrainProgress, VmStatus, validate_id
+from tiermem.selector import parse_selector, validate_labels
 from tiermem.units import format_bytes, format_duration_ms, format_rate_per_min
 
 __all__ = ["check_id", "check_selector", "cycle_table", "vm"]

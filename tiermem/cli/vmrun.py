@@ -38,7 +38,7 @@ def run_vm(memory: int, vcpus: int, workload: str, duration: str, agent_socket: 
     """
     import os
 
-    from tiermem.vmm.kvm import KvmVm, Progress
+    from tiermem.guests.kvm import KvmVm, Progress
 
     try:
         seconds = parse_duration_ms(duration) / 1000

@@ -1,6 +1,6 @@
 """What the control plane needs from node agents, as a protocol of domain calls.
 
-``tiermem.control.agents.GrpcAgents`` implements it over gRPC; unit tests use
+``tiermem.rpc.agent_client.GrpcAgents`` implements it over gRPC; unit tests use
 an in-process object. Errors are the tiermem tree: :class:`Unavailable` when
 the agent cannot be reached or the deadline passed, anything else as the agent
 answered it.
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from tiermem.control.types import VmSpec
+from tiermem.api import VmSpec
 from tiermem.model import CycleMode, CycleReport, DrainProgress, EvictionPolicy, VmStatus
 
 __all__ = ["AgentApi"]

@@ -14,9 +14,9 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
+from tiermem.api import LeaderInfo
 from tiermem.control.events import EventLog
 from tiermem.control.state import StateStore
-from tiermem.control.types import LeaderInfo
 from tiermem.errors import TiermemError
 from tiermem.model import EventKind
 

@@ -18,6 +18,15 @@ from dataclasses import dataclass, field, replace
 
 import structlog
 
+from tiermem.api import (
+    EffectivePolicy,
+    HeartbeatResult,
+    NodeInfo,
+    PolicyEntry,
+    PolicyScope,
+    ScopeKind,
+    VmSpec,
+)
 from tiermem.control.agentapi import AgentApi
 from tiermem.control.clock import Clock, SystemClock, clock_ms
 from tiermem.control.events import EventLog
@@ -28,24 +37,18 @@ from tiermem.control.registry import Registry
 from tiermem.control.scheduler import Scheduler, SchedulerConfig
 from tiermem.control.slo import SloConfig, SloController
 from tiermem.control.state import StateStore
-from tiermem.control.types import (
-    EffectivePolicy,
-    HeartbeatResult,
-    NodeInfo,
-    PolicyEntry,
-    PolicyScope,
-    ScopeKind,
-    VmSpec,
-)
 from tiermem.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     NotLeader,
+    PermissionDenied,
+    ResourceExhausted,
     TiermemError,
 )
 from tiermem.model import (
+    Backend,
     CycleMode,
     CycleReport,
     DrainProgress,
@@ -264,10 +267,22 @@ class ControlPlane:
             )
         return node
 
-    async def register_vm(self, spec: VmSpec, attach: bool = False, timeout: float | None = None) -> VmStatus:
-        """Register a VM; with ``attach``, also attach it on its node now (rolled back if that fails)."""
+    async def register_vm(
+        self, spec: VmSpec, attach: bool = False, timeout: float | None = None, tenant: str | None = None
+    ) -> VmStatus:
+        """Register a VM; with ``attach``, also attach it on its node now (rolled back if that fails).
+
+        ``tenant``: the caller is scoped to this tenant. Sim VMs and workloads
+        (which may name trace files on the agent's host) are then refused, and the
+        node must declare a capacity that the VM fits in.
+        """
         await self.require_leader()
-        spec = await self.registry.add_vm(spec)
+        if tenant is not None and (spec.backend is Backend.SIM or spec.workload):
+            raise PermissionDenied(
+                "sim VMs and workloads are a demo and test facility for operators (admin token); "
+                "a tenant registers uffd or rwp VMs, which its VMM hands off to the agent"
+            )
+        spec = await self.registry.add_vm(spec, require_capacity=tenant is not None)
         try:
             if attach:
                 node = await self._node_up(spec.node_id)
@@ -405,8 +420,13 @@ class ControlPlane:
         mode: CycleMode = CycleMode.EVICT,
         interval_ms: int = 0,
         timeout: float | None = None,
+        tenant: str | None = None,
     ) -> CycleReport:
-        """Run one cycle of a VM now on its agent and record the report."""
+        """Run one cycle of a VM now on its agent and record the report.
+
+        ``tenant``: the caller is scoped to this tenant; the scheduler's per-tenant
+        manual-cycle limits apply.
+        """
         await self.require_leader()
         if interval_ms < 0 or interval_ms > EvictionPolicy.MAX_INTERVAL_MS:
             raise InvalidArgument(f"interval_ms must be between 0 and {EvictionPolicy.MAX_INTERVAL_MS}")
@@ -416,11 +436,20 @@ class ControlPlane:
         if eff.policy.paused and mode is CycleMode.EVICT:
             raise FailedPrecondition(f"VM {vm_id!r}'s policy is paused; unpause it or run a detect cycle")
         iv = interval_ms or eff.policy.interval_ms
+        cap = self.config.scheduler.tenant_manual_max_interval_ms
+        if tenant is not None and iv > cap:
+            raise InvalidArgument(
+                f"a tenant's manual cycle may wait at most {cap} ms, not {iv} ms; give a shorter interval_ms"
+            )
         t = self._timeout(timeout, iv / 1000 + self.config.scheduler.cycle_slack_s)
         try:
-            report = await self.scheduler.run_now(vm_id, mode, iv, eff.policy, node.node_id, node.address, t)
+            report = await self.scheduler.run_now(
+                vm_id, mode, iv, eff.policy, node.node_id, node.address, t, tenant=tenant
+            )
         except TimeoutError:
             raise FailedPrecondition(f"VM {vm_id!r} stayed busy with another cycle or a drain") from None
+        except ResourceExhausted:
+            raise  # refused before any cycle ran (a tenant's limits): nothing to record
         except TiermemError as e:
             failed = CycleReport(vm_id=vm_id, mode=mode, started_unix_ms=clock_ms(self.clock),
                                  policy_version=eff.policy.version, node_id=node.node_id)  # fmt: skip

@@ -22,13 +22,13 @@ import functools
 from collections.abc import Collection, Iterable, Mapping
 from types import MappingProxyType
 
+from tiermem.api import Adjustment, EffectivePolicy, PolicyEntry, PolicyScope, ScopeKind, VmSpec
 from tiermem.control.clock import Clock, clock_ms
 from tiermem.control.events import EventLog
-from tiermem.control.selector import matches, parse_selector
 from tiermem.control.state import StateStore
-from tiermem.control.types import Adjustment, EffectivePolicy, PolicyEntry, PolicyScope, ScopeKind, VmSpec
 from tiermem.errors import InvalidArgument, NotFound
 from tiermem.model import EventKind, EvictionCap, EvictionPolicy
+from tiermem.selector import matches, parse_selector
 
 __all__ = ["POLICY_FIELDS", "PolicyBook", "apply_adjustment", "resolve"]
 

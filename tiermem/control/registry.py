@@ -11,13 +11,13 @@ from collections.abc import Callable, Sequence
 
 import structlog
 
+from tiermem.api import HeartbeatResult, NodeInfo, VmSpec
 from tiermem.control.clock import Clock, clock_ms
 from tiermem.control.events import EventLog
-from tiermem.control.selector import matches, parse_selector
 from tiermem.control.state import StateStore
-from tiermem.control.types import HeartbeatResult, NodeInfo, VmSpec
 from tiermem.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from tiermem.model import CycleReport, EventKind, VmStatus, validate_id
+from tiermem.selector import matches, parse_selector
 
 __all__ = ["Registry"]
 
@@ -166,8 +166,12 @@ class Registry:
         return down
 
     # -- VMs
-    async def add_vm(self, spec: VmSpec) -> VmSpec:
-        """Register a VM on a known node (validated; ALREADY_EXISTS for a taken id)."""
+    async def add_vm(self, spec: VmSpec, require_capacity: bool = False) -> VmSpec:
+        """Register a VM on a known node (validated; ALREADY_EXISTS for a taken id).
+
+        A node's capacity 0 means "not declared": unlimited for operators, but with
+        ``require_capacity`` (a tenant's call) such a node takes no VM at all.
+        """
         spec.validate()
         node = await self.state.get_node(spec.node_id)
         if node is None:
@@ -176,6 +180,11 @@ class Registry:
             have = ", ".join(b.value for b in node.backends)
             raise FailedPrecondition(
                 f"node {spec.node_id!r} cannot run the {spec.backend.value} backend (it has {have})"
+            )
+        if require_capacity and not node.capacity_bytes:
+            raise FailedPrecondition(
+                f"node {spec.node_id!r} declares no capacity, so it takes no tenant VMs; "
+                "its agent declares one with capacity_bytes (default: the host's memory)"
             )
         if node.capacity_bytes:
             used = sum(v.memory_bytes for v in await self.state.list_vms() if v.node_id == spec.node_id)

@@ -35,6 +35,12 @@ class SchedulerConfig:
     bucket_burst_s: float = 1.0
     claim_orders: bool | None = None
     """Claim each order in the state store first (default: when the store is shared)."""
+    tenant_manual_cycles: int = 2
+    """Manual cycles (TriggerCycle) one tenant may have running or waiting at once."""
+    tenant_manual_cycles_per_node: int = 8
+    """Manual cycles of all tenants together on one node (they never use the scheduled slots)."""
+    tenant_manual_max_interval_ms: int = 300_000
+    """Longest detection window of a tenant's manual cycle."""
 
 
 @dataclass
@@ -103,4 +109,7 @@ class NodeSlot:
     max_concurrent: int
     bucket: TokenBucket
     running: int = 0
+    """Scheduled cycles and admins' manual cycles in flight (bounded by ``max_concurrent``)."""
+    tenant_manual: int = 0
+    """Tenants' manual cycles in flight: counted apart, so they never take the scheduled slots."""
     backoff: Backoff = field(default_factory=Backoff)

@@ -13,6 +13,10 @@
 * **Limits.** Per node: concurrent cycles and an eviction-bandwidth token
   bucket; per store: a write-bandwidth bucket. Buckets are debited with the
   bytes each report says were written.
+* **Fairness.** A tenant's manual cycles (TriggerCycle with a tenant token) are
+  limited per tenant and per node, their detection window is bounded, and they
+  are counted apart from the scheduled slots: no tenant can fill a node's slots
+  and starve another tenant's scheduled cycles.
 * **Priority.** Among due VMs, those with the most reclaimable cold memory go
   first (from the last report: cold minus evicted pages; before any report:
   resident minus working set).
@@ -37,6 +41,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 import structlog
 
+from tiermem.api import EffectivePolicy, VmSpec
 from tiermem.control import metrics
 from tiermem.control.agentapi import AgentApi
 from tiermem.control.clock import Clock, clock_ms
@@ -45,8 +50,14 @@ from tiermem.control.policies import PolicyBook
 from tiermem.control.schedmodel import Gate, NodeSlot, SchedulerConfig, SchedulerStats, VmSlot
 from tiermem.control.slo import SloController
 from tiermem.control.state import StateStore
-from tiermem.control.types import EffectivePolicy, VmSpec
-from tiermem.errors import FailedPrecondition, NotFound, TiermemError, Unavailable
+from tiermem.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    TiermemError,
+    Unavailable,
+)
 from tiermem.model import CycleMode, CycleReport, EvictionPolicy, VmState, VmStatus
 
 __all__ = ["ReportSink", "Scheduler", "SchedulerConfig", "SchedulerStats"]
@@ -96,6 +107,7 @@ class Scheduler:
         self._nodes_dirty = True
         self._pending: set[str] = set()
         self._term = 0
+        self._tenant_manual: dict[str, int] = {}
 
     # ------------------------------------------------------------ time and grid
     def _now_ms(self) -> int:
@@ -424,13 +436,61 @@ class Scheduler:
     # ------------------------------------------------------------ manual cycles and drains
     async def run_now(
         self, vm_id: str, mode: CycleMode, interval_ms: int, policy: EvictionPolicy, node_id: str, address: str,
-        timeout: float,
+        timeout: float, tenant: str | None = None,
     ) -> CycleReport:  # fmt: skip
-        """Run one cycle now (TriggerCycle), after any cycle or drain of the VM in progress."""
+        """Run one cycle now (TriggerCycle), after any cycle or drain of the VM in progress.
+
+        ``tenant``: the caller is scoped to this tenant, and the tenant limits of
+        :class:`SchedulerConfig` apply (ResourceExhausted / InvalidArgument beyond them).
+        """
+        if tenant is not None:
+            async with self._tenant_slot(tenant, node_id, interval_ms):
+                return await self._manual(vm_id, mode, interval_ms, policy, node_id, address, timeout, False)
+        return await self._manual(vm_id, mode, interval_ms, policy, node_id, address, timeout, True)
+
+    @contextlib.asynccontextmanager
+    async def _tenant_slot(self, tenant: str, node_id: str, interval_ms: int) -> AsyncIterator[None]:
+        """Hold one of ``tenant``'s manual-cycle slots (taken before waiting for the VM: no pile-up)."""
+        cfg = self.config
+        if interval_ms > cfg.tenant_manual_max_interval_ms:
+            raise InvalidArgument(
+                f"a tenant's manual cycle may wait at most {cfg.tenant_manual_max_interval_ms} ms, "
+                f"not {interval_ms}; give a shorter interval_ms"
+            )
+        if self._tenant_manual.get(tenant, 0) >= cfg.tenant_manual_cycles:
+            raise ResourceExhausted(
+                f"tenant {tenant!r} already runs {cfg.tenant_manual_cycles} manual cycle(s); "
+                "wait for them to end (scheduled cycles keep running)"
+            )
+        node = self._nodes.get(node_id)
+        if node is not None and node.tenant_manual >= cfg.tenant_manual_cycles_per_node:
+            raise ResourceExhausted(
+                f"node {node_id!r} already runs {cfg.tenant_manual_cycles_per_node} manual cycles of tenants; "
+                "try again later"
+            )
+        self._tenant_manual[tenant] = self._tenant_manual.get(tenant, 0) + 1
+        if node is not None:
+            node.tenant_manual += 1
+        try:
+            yield
+        finally:
+            left = self._tenant_manual.get(tenant, 1) - 1
+            if left > 0:
+                self._tenant_manual[tenant] = left
+            else:
+                self._tenant_manual.pop(tenant, None)
+            if node is not None:
+                node.tenant_manual -= 1
+
+    async def _manual(
+        self, vm_id: str, mode: CycleMode, interval_ms: int, policy: EvictionPolicy, node_id: str, address: str,
+        timeout: float, scheduled_slot: bool,
+    ) -> CycleReport:  # fmt: skip
         gate = self.gate(vm_id)
         async with asyncio.timeout(timeout):
             await gate.acquire()
-        node = self._nodes.get(node_id)
+        # an admin's manual cycle takes a scheduled slot (admins own the fleet); a tenant's never does
+        node = self._nodes.get(node_id) if scheduled_slot else None
         if node is not None:
             node.running += 1
         try:

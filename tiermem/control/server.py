@@ -11,12 +11,14 @@ import structlog
 
 from tiermem.config import ControlPlaneSettings
 from tiermem.control.agentapi import AgentApi
-from tiermem.control.agents import GrpcAgents
 from tiermem.control.clock import Clock
 from tiermem.control.plane import ControlPlane, PlaneConfig
 from tiermem.control.scheduler import SchedulerConfig
 from tiermem.control.service import SERVICE_NAME, ControlPlaneServicer
-from tiermem.control.state import StateStore, open_state
+from tiermem.control.state import StateStore
+from tiermem.control.state_open import open_state
+from tiermem.metrics import start_metrics, stop_metrics
+from tiermem.rpc.agent_client import GrpcAgents
 from tiermem.rpc.security import TokenAuthInterceptor
 from tiermem.rpc.server import ServerOptions, StartedServer, start_server
 from tiermem.v1 import control_pb2_grpc as cgrpc
@@ -43,6 +45,9 @@ def plane_config(settings: ControlPlaneSettings) -> PlaneConfig:
             node_evict_mbps=settings.node_evict_mbps,
             store_write_mbps=dict(settings.store_write_mbps),
             jitter=settings.jitter,
+            tenant_manual_cycles=settings.tenant_manual_cycles,
+            tenant_manual_cycles_per_node=settings.tenant_manual_cycles_per_node,
+            tenant_manual_max_interval_ms=settings.tenant_manual_max_interval_ms,
         ),
     )
 
@@ -75,8 +80,6 @@ class RunningControlPlane:
             return
         self.stopped = True
         if self.metrics_port is not None:
-            from tiermem.metrics import stop_metrics
-
             stop_metrics()
         await self.plane.stop(resign)
         await self.server.stop(grace)
@@ -121,8 +124,6 @@ async def serve_control_plane(
     await plane.start()
     running = RunningControlPlane(plane, started, address, state, agents)
     if settings.metrics_listen:
-        from tiermem.metrics import start_metrics
-
         running.metrics_port = start_metrics(settings.metrics_listen, settings.metrics_tls)
     log.info("control plane serving", address=address, state=state.url, replica=settings.replica_id,
              leader=plane.is_leader)  # fmt: skip

@@ -12,11 +12,12 @@ from typing import Any
 
 import grpc
 
-from tiermem.control import convert as cc
 from tiermem.control.plane import ControlPlane
 from tiermem.errors import InvalidArgument
 from tiermem.model import validate_id
 from tiermem.rpc import convert as c
+from tiermem.rpc import convert_api as cc
+from tiermem.rpc.security import caller_tenant, is_tenant_caller
 from tiermem.rpc.status import grpc_errors, grpc_stream_errors
 from tiermem.v1 import control_pb2 as cpb
 from tiermem.v1 import control_pb2_grpc as cgrpc
@@ -87,7 +88,9 @@ class ControlPlaneServicer(cgrpc.ControlPlaneServicer):
     async def RegisterVm(self, request: cpb.RegisterVmRequest, context: Ctx) -> cpb.RegisterVmResponse:
         if not request.HasField("vm"):
             raise InvalidArgument("vm is required")
-        status = await self.plane.register_vm(cc.spec_from_pb(request.vm), request.attach, _budget(context))
+        tenant = caller_tenant() if is_tenant_caller() else None
+        spec = cc.spec_from_pb(request.vm)
+        status = await self.plane.register_vm(spec, request.attach, _budget(context), tenant=tenant)
         return cpb.RegisterVmResponse(status=c.status_to_pb(status))
 
     @grpc_errors
@@ -142,7 +145,10 @@ class ControlPlaneServicer(cgrpc.ControlPlaneServicer):
     async def TriggerCycle(self, request: cpb.TriggerCycleRequest, context: Ctx) -> tpb.CycleReport:
         validate_id(request.vm_id, "VM id")
         mode = c.mode_from_pb(request.mode)
-        report = await self.plane.trigger_cycle(request.vm_id, mode, request.interval_ms, _budget(context))
+        tenant = caller_tenant() if is_tenant_caller() else None
+        report = await self.plane.trigger_cycle(
+            request.vm_id, mode, request.interval_ms, _budget(context), tenant=tenant
+        )
         return c.report_to_pb(report)
 
     @grpc_errors

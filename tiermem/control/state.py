@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
-from urllib.parse import urlsplit
 
+from tiermem.api import Adjustment, LeaderInfo, NodeInfo, PolicyEntry, VmSpec
 from tiermem.control.clock import Clock, SystemClock
-from tiermem.control.types import Adjustment, LeaderInfo, NodeInfo, PolicyEntry, VmSpec
-from tiermem.errors import ConfigurationError
 from tiermem.model import CycleReport, Event, VmStatus
 
-__all__ = ["DEFAULT_EVENTS_KEEP", "DEFAULT_REPORTS_KEEP", "StateStore", "open_state"]
+__all__ = ["DEFAULT_EVENTS_KEEP", "DEFAULT_REPORTS_KEEP", "StateStore"]
 
 DEFAULT_REPORTS_KEEP = 100
 """Cycle reports kept per VM."""
@@ -203,22 +201,3 @@ class StateStore(abc.ABC):
     @abc.abstractmethod
     async def get_leader(self) -> LeaderInfo | None:
         """The current lease holder, or None."""
-
-
-def open_state(
-    url: str,
-    clock: Clock | None = None,
-    reports_keep: int = DEFAULT_REPORTS_KEEP,
-    events_keep: int = DEFAULT_EVENTS_KEEP,
-) -> StateStore:
-    """The state store for ``url`` (not yet opened); ConfigurationError for an unknown scheme."""
-    scheme = urlsplit(url).scheme
-    if scheme == "sqlite":
-        from tiermem.control.state_sqlite import SqliteState
-
-        return SqliteState(url, clock=clock, reports_keep=reports_keep, events_keep=events_keep)
-    if scheme in ("redis", "rediss", "unix"):
-        from tiermem.control.state_redis import RedisState
-
-        return RedisState(url, clock=clock, reports_keep=reports_keep, events_keep=events_keep)
-    raise ConfigurationError(f"unknown state store {url!r}: use sqlite:///path or redis://host:port/db")

@@ -19,10 +19,10 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from tiermem.api import Adjustment, LeaderInfo, NodeInfo, PolicyEntry, VmSpec
 from tiermem.control.clock import Clock, clock_ms
 from tiermem.control.codec import dumps, loads
 from tiermem.control.state import DEFAULT_EVENTS_KEEP, DEFAULT_REPORTS_KEEP, StateStore
-from tiermem.control.types import Adjustment, LeaderInfo, NodeInfo, PolicyEntry, VmSpec
 from tiermem.errors import ConfigurationError, Unavailable
 from tiermem.model import CycleReport, Event, VmStatus
 

@@ -66,7 +66,7 @@ class ProcessGuestHandle:
     def spawn(self, timeout: float = 20.0) -> None:
         """Start the process; returns once the agent accepted its handoff."""
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tiermem.vmm.process_guest", "--socket", self.socket_path, "--vm-id", self.vm_id,
+            [sys.executable, "-m", "tiermem.guests.process", "--socket", self.socket_path, "--vm-id", self.vm_id,
              "--memory", self.memory, "--workload", self.workload, "--seed", str(self.seed), "--control",
              "--timeout", str(timeout)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1,
@@ -145,7 +145,7 @@ class KvmGuestHandle:
 
     def spawn(self) -> None:
         """Boot the VM and hand its memory to the agent; every page gets an initial image."""
-        from tiermem.vmm.kvm import KvmVm
+        from tiermem.guests.kvm import KvmVm
 
         self.vm = KvmVm(self.vm_id, self.memory_bytes, vcpus=1, workload_spec=self.workload, seed=self.seed)
         self.vm.start(self.socket_path)

@@ -20,9 +20,9 @@ from pathlib import Path
 import structlog
 
 from tiermem.agent.server import RunningAgent, serve_agent
+from tiermem.api import PolicyScope, VmSpec
 from tiermem.config import AgentSettings, ControlPlaneSettings
 from tiermem.control.server import RunningControlPlane, serve_control_plane
-from tiermem.control.types import PolicyScope, VmSpec
 from tiermem.demo.guests import DemoGuest, KvmGuestHandle, ProcessGuestHandle, SimGuestHandle
 from tiermem.demo.plot import Series, write_plot
 from tiermem.errors import FailedPrecondition, InvalidArgument

@@ -1,1 +1,1 @@
-"""Kernel backends: the uapi, the backend interface, the sim, uffd and rwp backends, and the host probe."""
+"""Kernel backends: the uapi, the backend interface, the real uffd and rwp backends, the host probe and selection."""

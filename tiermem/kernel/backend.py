@@ -4,7 +4,7 @@ One ``KernelBackend`` instance is one VM's guest memory plus its userfaultfd
 context. The agent drives every backend with the same calls, following the RWP
 v10 workflow (architecture brief §4):
 
-* ``sim``  - :mod:`tiermem.kernel.sim`, the patch's semantics simulated with numpy.
+* ``sim``  - :mod:`tiermem.sim.kernel`, the patch's semantics simulated with numpy.
 * ``uffd`` - :mod:`tiermem.kernel.uffd`, stock kernels; RWP is *emulated*: ``rwprotect``
   asks the VMM to zap PTEs, the first touch is a MINOR fault that the backend
   records (``PAGE_IS_ACCESSED``) and resolves with UFFDIO_CONTINUE while in
@@ -24,9 +24,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tiermem.kernel import uapi
 from tiermem.kernel.uapi import PAGE_REGION_DTYPE, UffdMsg
 
-__all__ = ["ApiInfo", "KernelBackend", "Region", "ScanResult"]
+__all__ = ["TRACKED_REGISTER_MODE", "ApiInfo", "KernelBackend", "Region", "ScanResult"]
+
+TRACKED_REGISTER_MODE = (
+    uapi.UFFDIO_REGISTER_MODE_MISSING | uapi.UFFDIO_REGISTER_MODE_MINOR | uapi.UFFDIO_REGISTER_MODE_RWP
+)
+"""How the agent registers a tracked guest mapping. MINOR beside RWP because a page that is in
+the memfd's page cache but not mapped in the guest mapping (pte_none: written through another
+mapping, MADV_DONTNEED'd, reclaimed, THP-split) cannot be RWP-protected and never raises an RWP
+fault; with MINOR registered its next guest access still faults (resolved by UFFDIO_CONTINUE)."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,11 @@ class ScanResult:
             np.add.at(delta, e, -1)
         return np.cumsum(delta[:-1]) > 0
 
+    def pages_with(self, start: int, end: int, page_size: int, categories: int) -> np.ndarray:
+        """Like :meth:`page_mask`, for the regions whose returned categories include all of ``categories``."""
+        sel = (self.regions["categories"] & np.uint64(categories)) == np.uint64(categories)
+        return ScanResult(self.regions[sel], self.walk_end).page_mask(start, end, page_size)
+
 
 class KernelBackend(abc.ABC):
     """One VM's guest memory and userfaultfd context."""
@@ -83,6 +97,10 @@ class KernelBackend(abc.ABC):
     """Backend name: ``sim``, ``uffd`` or ``rwp``."""
     tracking: bool = True
     """False for MISSING-only backends (Firecracker lazy restore): no access tracking, no cycles."""
+    anonymous: bool = False
+    """True when guest memory is private anonymous (Firecracker): a REMOVE event (MADV_DONTNEED or
+    MADV_REMOVE) then means "reads as zero". On a shmem memfd MADV_DONTNEED keeps the page cache, so
+    the same event does not say whether the data went."""
 
     def __init__(self, base: int, size: int, page_size: int = 4096) -> None:
         self.base = base

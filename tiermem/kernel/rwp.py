@@ -1,20 +1,34 @@
-"""The ``rwp`` backend: kernels that report UFFD_FEATURE_RWP (the userfaultfd RWP series, v10).
+"""The ``rwp`` backend: kernels that report UFFD_FEATURE_RWP (userfaultfd RWP, mainline since 7.3).
 
 Same interface and the same agent code as the ``uffd`` backend and the sim, but
 every tracking call is the real uapi (``../shared/reference/rwp-uapi.md``):
 
-* the VMM negotiates ``UFFDIO_API(RWP|RWP_ASYNC|MISSING_SHMEM|...)`` when it creates
-  the uffd (a second UFFDIO_API is EINVAL, so :meth:`RwpBackend.api` only checks the
-  features the VMM reported) and registers ``MISSING|RWP`` (v10 workflow);
+* the VMM negotiates ``UFFDIO_API(RWP|RWP_ASYNC|MISSING_SHMEM|MINOR_SHMEM|...)`` when it
+  creates the uffd (a second UFFDIO_API is EINVAL, so :meth:`RwpBackend.api` only checks
+  the features the VMM reported) and registers ``MISSING|MINOR|RWP``. MINOR because a page
+  in the memfd's page cache but not mapped in the guest mapping (pte_none: a ``pwrite``,
+  a write through another mapping, ``MADV_DONTNEED``, shmem reclaim, a THP split) cannot
+  be RWP-protected and never raises an RWP fault, not even in sync mode; with MINOR it
+  raises a MINOR fault, which the agent resolves with UFFDIO_CONTINUE. The cycle never
+  evicts such a page (the scan does not show it present);
 * ``rwprotect`` is ``UFFDIO_RWPROTECT`` (``=QQQ``: start, len, mode);
 * ``set_mode`` is ``UFFDIO_SET_MODE`` (``=QQ``: enable, disable);
 * ``pagemap_scan`` is ``PAGEMAP_SCAN`` (``=12Q``) on ``/proc/<vmm pid>/pagemap``
   with ``PAGE_IS_ACCESSED``; a ``vec_len`` of 0 ("the whole range") is served by
   repeated calls from ``walk_end``, merging regions split at a chunk boundary.
 
-Faults arrive with ``UFFD_PAGEFAULT_FLAG_RWP`` straight from the kernel and are
-surfaced unchanged. NOT RUN ON A PATCHED KERNEL: this machine's kernel lacks the
-series; the unit tests check every struct's bytes and every request number.
+Faults arrive with ``UFFD_PAGEFAULT_FLAG_RWP`` (or ``MINOR``) straight from the kernel
+and are surfaced unchanged. Kernel behaviours the agent relies on (7.3):
+
+* ``SET_MODE(enable=RWP_ASYNC)`` wakes every waiter of the context, MISSING ones included,
+  on every call: expect duplicate MISSING messages after each cycle (served idempotently).
+* ``UFFDIO_UNREGISTER`` wakes blocked faults only on MISSING-registered ranges.
+* Closing the agent's uffd releases nothing while the VMM holds its own fd (it always
+  does): if the agent dies with the context in sync mode, vCPUs on protected pages stay
+  blocked until an agent re-attaches, and re-attaching sets async mode first.
+* ``UFFD_EVENT_REMOVE`` from the VMM's shmem ``MADV_DONTNEED`` keeps the page cache (the
+  pages read back unchanged, through a MINOR fault); only ``MADV_REMOVE`` and punching drop
+  the data.
 """
 
 from __future__ import annotations
@@ -33,14 +47,19 @@ from tiermem.kernel.uffd_ioctl import IoctlFn, pagemap_scan
 
 __all__ = ["RWP_NEEDS", "RwpBackend"]
 
-RWP_NEEDS = uapi.UFFD_FEATURE_RWP | uapi.UFFD_FEATURE_RWP_ASYNC | uapi.UFFD_FEATURE_MISSING_SHMEM
+RWP_NEEDS = (
+    uapi.UFFD_FEATURE_RWP
+    | uapi.UFFD_FEATURE_RWP_ASYNC
+    | uapi.UFFD_FEATURE_MISSING_SHMEM
+    | uapi.UFFD_FEATURE_MINOR_SHMEM
+)
 """Features the VMM must have negotiated for the rwp backend."""
 SCAN_CHUNK = 65536
 """Regions fetched per PAGEMAP_SCAN call when the caller asks for the whole range."""
 
 
 class RwpBackend(RealBackend):
-    """Guest memory in a memfd, registered MISSING|RWP; tracking by the kernel."""
+    """Guest memory in a memfd, registered MISSING|MINOR|RWP; tracking by the kernel."""
 
     name = "rwp"
 
@@ -59,7 +78,7 @@ class RwpBackend(RealBackend):
         if features & RWP_NEEDS != RWP_NEEDS:
             raise OSError(
                 errno.EINVAL,
-                "rwp mode needs RWP, RWP_ASYNC and MISSING_SHMEM negotiated by the VMM; it reported "
+                "rwp mode needs RWP, RWP_ASYNC, MISSING_SHMEM and MINOR_SHMEM negotiated by the VMM; it reported "
                 + (", ".join(uapi.feature_names(features)) or "none"),
             )
         super().__init__(
@@ -98,13 +117,13 @@ class RwpBackend(RealBackend):
             return ApiInfo(features=self.features, ioctls=uapi.UFFD_API_IOCTLS)
 
     def register(self, start: int, length: int, mode: int) -> int:
-        """UFFDIO_REGISTER on the VMM's mm (re-registering MISSING|RWP is allowed)."""
+        """UFFDIO_REGISTER on the VMM's mm (re-registering MISSING|MINOR|RWP is allowed)."""
         self._check_range(start, length)
         with self._state_lock:
             return self._uffd.register(start, length, mode)
 
     def unregister(self, start: int, length: int) -> None:
-        """UFFDIO_UNREGISTER (resolves RWP protection on the range)."""
+        """UFFDIO_UNREGISTER (the kernel wakes blocked faults only if the range was MISSING-registered)."""
         self._check_range(start, length)
         with self._state_lock:
             self._uffd.unregister(start, length)
@@ -174,7 +193,10 @@ class RwpBackend(RealBackend):
         return ScanResult(_merge(np.concatenate(parts)), int(walk_end))
 
     def _before_close(self) -> None:
-        pass  # closing the uffd resolves RWP protection in the kernel (rwp-close)
+        # Nothing to resolve here, and closing resolves nothing either: the VMM holds its own fd of
+        # this context, and only the last fd's release drops RWP protection. A detach leaves the
+        # context in async mode (the cycle's finally), so no vCPU stays blocked.
+        pass
 
     def _release(self, *, close_fds: bool) -> None:
         fd = getattr(self, "_pagemap", -1)

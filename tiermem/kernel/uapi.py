@@ -45,6 +45,7 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 MADV_DONTNEED = 4
 MADV_REMOVE = 9
+MADV_NOHUGEPAGE = 15
 
 # --- userfaultfd.h ---------------------------------------------------------------------------
 UFFD_API = 0xAA

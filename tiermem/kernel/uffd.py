@@ -1,7 +1,7 @@
 """The ``uffd`` backend: stock kernels, RWP emulated with MINOR faults on a memfd.
 
 The VMM registers its guest mapping MISSING|MINOR and hands over ``[uffd, memfd]``
-(:mod:`tiermem.vmm.handoff`). The agent drives this backend with the same calls as
+(:mod:`tiermem.handoff.listener`). The agent drives this backend with the same calls as
 the sim and the ``rwp`` backend; underneath:
 
 * ``rwprotect(protect=True)`` marks the range protected, then asks the VMM over
@@ -337,6 +337,7 @@ class MissingOnlyBackend(RealBackend):
 
     name = "uffd-missing"
     tracking = False
+    anonymous = True
 
     def __init__(
         self,

@@ -69,7 +69,7 @@ class PendingReply(Protocol):
 
 
 class ControlChannel(Protocol):
-    """What a backend needs from the handoff connection (``tiermem.vmm.handoff.HandoffConnection``)."""
+    """What a backend needs from the handoff connection (``tiermem.handoff.listener.HandoffConnection``)."""
 
     @property
     def closed(self) -> bool:

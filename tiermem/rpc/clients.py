@@ -12,12 +12,12 @@ from typing import Any, TypeVar
 
 import grpc
 
+from tiermem.api import EffectivePolicy, HeartbeatResult, NodeInfo, PolicyEntry, PolicyScope, VmSpec
 from tiermem.config import ClientSettings, TlsSettings
-from tiermem.control import convert as cc
-from tiermem.control.types import EffectivePolicy, HeartbeatResult, NodeInfo, PolicyEntry, PolicyScope, VmSpec
 from tiermem.errors import NotLeader, TiermemError
 from tiermem.model import CycleMode, CycleReport, DrainProgress, Event, EvictionPolicy, VmStatus
 from tiermem.rpc import convert as c
+from tiermem.rpc import convert_api as cc
 from tiermem.rpc.channel import aio_channel, auth_metadata, sync_channel
 from tiermem.rpc.status import error_from_rpc
 from tiermem.v1 import control_pb2 as cpb

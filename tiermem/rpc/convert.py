@@ -173,6 +173,7 @@ def report_from_pb(m: pb.CycleReport) -> CycleReport:
         faults_served=m.faults_served,
         phases=PhaseTimes(**{f: getattr(m.phases, f) for f in vars(PhaseTimes())}),
         policy_version=m.policy_version, error=m.error, node_id=m.node_id, capped=m.capped,
+        pages_unproven=m.pages_unproven,
     )  # fmt: skip
 
 

@@ -8,28 +8,37 @@ Bearer tokens and tenant scoping are enforced by ONE server interceptor,
 * a token valid for another tenant -> ``PERMISSION_DENIED``;
 * the gRPC health service stays open so probes work without a token.
 
-Tenant rule (simple on purpose, so it can be checked without a lookup):
+Roles (docs/threat-model.md has the least-privilege table), one per token:
 
-* a token maps to one tenant, or to ``*`` (every tenant: operators, agents, the
-  control plane calling agents);
-* a VM belongs to tenant ``T`` when its id starts with ``T.`` (``acme.vm-17``
-  belongs to ``acme``). Tenant names never contain a dot. Labels are NOT used
-  for authorisation: callers choose them;
-* a tenant token may call a method only if every ``vm_id`` in the request
-  (top level or in a nested message such as ``RegisterVmRequest.vm`` or
-  ``PolicyScope``) belongs to its tenant. A request that names no VM is allowed
-  only for read methods (``Get*``, ``List*``, ``Stream*``); their responses are
-  filtered to the tenant's VMs (repeated entries and streamed messages that
-  carry another tenant's ``vm_id`` are dropped). Node and fleet methods
-  (``RegisterNode``, ``Heartbeat``, fleet or selector policies, ...) need ``*``;
-* a caller may send ``x-tiermem-tenant: T`` to act as ``T``; a ``*`` token then
-  narrows to ``T``, a token of another tenant is refused.
+* ``*`` (admin: operators, the control plane calling agents): every method, every tenant;
+* a tenant ``T``: methods on VMs whose id starts with ``T.`` (``acme.vm-17`` belongs
+  to ``acme``). Tenant names never contain a dot. Labels are NOT used for
+  authorisation: callers choose them. A tenant token may call a method only if
+  every ``vm_id`` in the request (top level or in a nested message such as
+  ``RegisterVmRequest.vm`` or ``PolicyScope``) belongs to its tenant. A request
+  that names no VM is allowed only for read methods (``Get*``, ``List*``,
+  ``Stream*``). Reads are filtered by default-deny: a repeated entry or a streamed
+  message is shown only if it names at least one VM and every VM it names is the
+  tenant's (so node lists, selector and fleet policies, and node events without a
+  ``vm_id`` are hidden), and node-wide sub-messages (``NodeInfo``, ``NodeStats``)
+  are cleared. Node and fleet methods need ``*``;
+* a node ``node:N`` (an agent calling the control plane): only ``RegisterNode``,
+  ``Heartbeat`` and ``ReportCycles``, and only with ``node_id`` ``N`` (``node:*``:
+  any one node id, for a DaemonSet sharing one Secret). It can never act on a VM,
+  a policy or another role's method; the control plane keeps a heartbeat's or
+  report's VM data only for VMs registered on that node.
+
+A caller may send ``x-tiermem-tenant: T`` to act as ``T``; a ``*`` token then
+narrows to ``T``, a token of another tenant or a node token is refused.
 
 Servicers that need an explicit check (e.g. a VM found by another key) call
-:func:`require_tenant` or :func:`tenant_allows` with :func:`caller_tenant`.
+:func:`require_tenant` or :func:`tenant_allows` with :func:`caller_tenant`;
+:func:`is_tenant_caller` tells whether the caller is scoped to one tenant (the
+demo facilities and manual-cycle limits depend on it).
 
 Token specs (``token`` settings): comma- or newline-separated entries, each
-``TOKEN`` (valid for every tenant) or ``TENANT:TOKEN``, ``#`` starting a comment;
+``TOKEN`` (admin, every tenant), ``TENANT:TOKEN`` or ``node:NODE_ID:TOKEN``
+(``node:*:TOKEN`` for any one node), ``#`` starting a comment;
 a spec starting with ``@`` names a file holding such entries, which is how
 Kubernetes Secrets mounted as files are used. Tokens never contain spaces, commas,
 colons or ``#`` (use ``openssl rand -hex 32``).
@@ -40,7 +49,6 @@ from __future__ import annotations
 import contextvars
 import hmac
 import inspect
-import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,14 +59,18 @@ from google.protobuf.message import Message
 
 from tiermem.config import TlsSettings
 from tiermem.errors import ConfigurationError
+from tiermem.ids import is_id, is_tenant
 
 __all__ = [
     "ALL_TENANTS",
+    "NODE_METHODS",
     "OPEN_METHODS",
     "TENANT_HEADER",
     "TokenAuthInterceptor",
     "caller_tenant",
     "channel_credentials",
+    "is_tenant_caller",
+    "node_of",
     "parse_tokens",
     "require_tenant",
     "server_credentials",
@@ -71,7 +83,13 @@ OPEN_METHODS = ("/grpc.health.v1.Health/",)
 ALL_TENANTS = "*"
 TENANT_HEADER = "x-tiermem-tenant"
 READ_PREFIXES = ("Get", "List", "Stream")
-_TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
+NODE_ROLE = "node"
+NODE_METHODS = frozenset(
+    f"/tiermem.v1.ControlPlane/{m}" for m in ("RegisterNode", "Heartbeat", "ReportCycles")
+)
+"""The only methods a node credential may call (always as its own node)."""
+_FLEET_TYPES = frozenset({"tiermem.v1.NodeInfo", "tiermem.v1.NodeStats"})
+"""Node-wide messages: never shown to a tenant, wherever they appear in a response."""
 _CALLER: contextvars.ContextVar[str | None] = contextvars.ContextVar("tiermem_caller_tenant", default=None)
 _MAX_DEPTH = 3
 
@@ -148,36 +166,62 @@ def parse_tokens(spec: str) -> dict[str, str]:
     entries = [e.strip() for ln in lines for e in ln.split(",")]
     tokens: dict[str, str] = {}
     for entry in filter(None, entries):
-        tenant, sep, token = entry.partition(":")
-        if not sep:
-            tenant, token = ALL_TENANTS, entry
-        tenant, token = tenant.strip(), token.strip()
-        if tenant != ALL_TENANTS and not _TENANT_RE.match(tenant):
-            raise ConfigurationError(f"invalid tenant name {tenant!r} in token spec")
+        principal, token = _principal(entry)
         if not token or any(c.isspace() for c in token):
-            raise ConfigurationError(f"empty or malformed token for tenant {tenant!r}")
-        if tokens.get(token, tenant) != tenant:
-            raise ConfigurationError(f"one token is given for two tenants ({tokens[token]!r}, {tenant!r})")
-        tokens[token] = tenant
+            raise ConfigurationError(f"empty or malformed token for {principal!r}")
+        if tokens.get(token, principal) != principal:
+            raise ConfigurationError(f"one token is given for two roles ({tokens[token]!r}, {principal!r})")
+        tokens[token] = principal
     return tokens
+
+
+def _principal(entry: str) -> tuple[str, str]:
+    """(principal, token) of one spec entry: ``TOKEN``, ``TENANT:TOKEN`` or ``node:NODE_ID:TOKEN``."""
+    parts = [p.strip() for p in entry.split(":")]
+    if len(parts) == 1:
+        return ALL_TENANTS, parts[0]
+    if len(parts) == 2:
+        if parts[0] != ALL_TENANTS and not is_tenant(parts[0]):
+            raise ConfigurationError(f"invalid tenant name {parts[0]!r} in token spec")
+        return parts[0], parts[1]
+    if len(parts) == 3 and parts[0] == NODE_ROLE:
+        if parts[1] != ALL_TENANTS and not is_id(parts[1]):
+            raise ConfigurationError(f"invalid node id {parts[1]!r} in token spec")
+        return f"{NODE_ROLE}:{parts[1]}", parts[2]
+    raise ConfigurationError("malformed token spec entry: use TOKEN, TENANT:TOKEN or node:NODE_ID:TOKEN")
+
+
+def node_of(principal: str | None) -> str | None:
+    """The node id of a node principal (``*`` for any node), or None for other roles."""
+    if principal is None or not principal.startswith(NODE_ROLE + ":"):
+        return None
+    return principal[len(NODE_ROLE) + 1 :]
 
 
 def tenant_of_vm(vm_id: str) -> str | None:
     """The tenant a VM id belongs to (the part before the first dot), or None."""
     tenant, sep, rest = vm_id.partition(".")
-    return tenant if sep and rest and _TENANT_RE.match(tenant) else None
+    return tenant if sep and rest and is_id(vm_id) and is_tenant(tenant) else None
 
 
 def tenant_allows(tenant: str | None, vm_id: str) -> bool:
-    """True if a caller scoped to ``tenant`` may act on ``vm_id`` (None: auth is off)."""
+    """True if a caller scoped to ``tenant`` may act on ``vm_id`` (None: auth is off; nodes: never)."""
     if tenant is None or tenant == ALL_TENANTS:
         return True
+    if node_of(tenant) is not None:
+        return False
     return tenant_of_vm(vm_id) == tenant
 
 
 def caller_tenant() -> str | None:
-    """The tenant of the current RPC's caller: a name, ``*``, or None when token auth is off."""
+    """The current RPC's caller: a tenant name, ``*``, ``node:ID``, or None when token auth is off."""
     return _CALLER.get()
+
+
+def is_tenant_caller() -> bool:
+    """True if the current RPC's caller is scoped to one tenant (not an admin, not auth off)."""
+    who = _CALLER.get()
+    return who is not None and who != ALL_TENANTS and node_of(who) is None
 
 
 async def require_tenant(context: grpc.aio.ServicerContext[Any, Any], vm_id: str) -> None:
@@ -209,17 +253,25 @@ def _is_repeated(fd: FieldDescriptor) -> bool:
 
 
 def _visible(msg: Any, tenant: str) -> bool:
-    return all(tenant_allows(tenant, v) for v in _vm_ids(msg))
+    """Default-deny: shown to a tenant only if it names a VM and every VM it names is the tenant's."""
+    if isinstance(msg, Message) and msg.DESCRIPTOR.full_name in _FLEET_TYPES:
+        return False
+    ids = _vm_ids(msg)
+    return bool(ids) and all(tenant_allows(tenant, v) for v in ids)
 
 
 def _filter(msg: Any, tenant: str) -> Any:
-    """Drop repeated entries of ``msg`` that carry another tenant's VM (in place)."""
+    """Drop repeated entries of ``msg`` not visible to ``tenant`` and clear node-wide parts (in place)."""
     if tenant == ALL_TENANTS or not isinstance(msg, Message):
         return msg
     for fd, value in msg.ListFields():
-        if fd.type != FieldDescriptor.TYPE_MESSAGE or not _is_repeated(fd):
+        if fd.type != FieldDescriptor.TYPE_MESSAGE or fd.message_type is None:
             continue
-        if fd.message_type is None or fd.message_type.GetOptions().map_entry:
+        if not _is_repeated(fd):
+            if fd.message_type.full_name in _FLEET_TYPES:
+                msg.ClearField(fd.name)
+            continue
+        if fd.message_type.GetOptions().map_entry:
             continue
         keep = [e for e in value if _visible(e, tenant)]
         if len(keep) != len(value):
@@ -255,9 +307,13 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         self._tokens = parse_tokens(tokens) if isinstance(tokens, str) else dict(tokens)
         if not self._tokens:
             raise ConfigurationError("token auth needs at least one token")
-        for tenant in self._tokens.values():
-            if tenant != ALL_TENANTS and not _TENANT_RE.match(tenant):
-                raise ConfigurationError(f"invalid tenant name {tenant!r}")
+        for who in self._tokens.values():
+            node = node_of(who)
+            if node is not None:
+                if node != ALL_TENANTS and not is_id(node):
+                    raise ConfigurationError(f"invalid node id {node!r}")
+            elif who != ALL_TENANTS and not is_tenant(who):
+                raise ConfigurationError(f"invalid tenant name {who!r}")
 
     @classmethod
     def from_spec(cls, spec: str) -> TokenAuthInterceptor | None:
@@ -281,12 +337,23 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None  # unknown method: UNIMPLEMENTED, now that the caller is known
         want = md.get(TENANT_HEADER, "")
+        node = node_of(tenant)
+        if node is not None:
+            if want:
+                return _deny(
+                    handler, grpc.StatusCode.PERMISSION_DENIED, "a node token cannot act as a tenant"
+                )
+            if method not in NODE_METHODS:
+                return _deny(handler, grpc.StatusCode.PERMISSION_DENIED,
+                             f"{_method_name(method)} is not allowed to a node token: it may only register, "
+                             "heartbeat and report cycles as its own node")  # fmt: skip
+            return _node_scoped(handler, tenant, node)
         if isinstance(want, str) and want:
             if tenant != ALL_TENANTS and want != tenant:
                 return _deny(
                     handler, grpc.StatusCode.PERMISSION_DENIED, f"token is not valid for tenant {want!r}"
                 )
-            if want != ALL_TENANTS and not _TENANT_RE.match(want):
+            if want != ALL_TENANTS and not is_tenant(want):
                 return _deny(handler, grpc.StatusCode.PERMISSION_DENIED, f"invalid tenant {want!r}")
             tenant = want
         return _scoped(handler, tenant, method)
@@ -341,6 +408,41 @@ async def _check_request(request: Any, context: grpc.aio.ServicerContext[Any, An
             grpc.StatusCode.PERMISSION_DENIED,
             f"{_method_name(method)} names no VM of tenant {tenant!r}: it needs a token valid for all tenants",
         )
+
+
+def _node_ids(msg: Any, depth: int = 0) -> list[str]:
+    """Every ``node_id`` in ``msg`` and its singular sub-messages (as :func:`_vm_ids`)."""
+    if not isinstance(msg, Message) or depth > _MAX_DEPTH:
+        return []
+    ids: list[str] = []
+    for fd, value in msg.ListFields():
+        if fd.name == "node_id" and isinstance(value, str):
+            ids.append(value)
+        elif fd.type == FieldDescriptor.TYPE_MESSAGE and not _is_repeated(fd):
+            ids.extend(_node_ids(value, depth + 1))
+    return ids
+
+
+def _node_scoped(handler: _Handler, principal: str, node: str) -> _Handler:
+    """Wrap a node method for a node token: the request must name this node, and only it."""
+    des, ser = handler.request_deserializer, handler.response_serializer
+    inner: Any = handler.unary_unary
+    if handler.request_streaming or handler.response_streaming or inner is None:
+        return _deny(handler, grpc.StatusCode.PERMISSION_DENIED, "not a node method")
+
+    async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        _CALLER.set(principal)
+        ids = set(_node_ids(request))
+        if len(ids) != 1 or (node != ALL_TENANTS and ids != {node}):
+            shown = ", ".join(sorted(repr(i) for i in ids)) or "none"
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"this node token acts only as node {node!r}; the request names {shown}",
+            )
+        result = inner(request, context)
+        return await result if inspect.isawaitable(result) else result
+
+    return grpc.unary_unary_rpc_method_handler(unary_unary, des, ser)
 
 
 def _scoped(handler: _Handler, tenant: str, method: str) -> _Handler:

@@ -23,6 +23,8 @@ _MAP: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.StoreFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (errors.IntegrityError, grpc.StatusCode.DATA_LOSS),
     (errors.KernelError, grpc.StatusCode.INTERNAL),
 ]

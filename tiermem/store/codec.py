@@ -132,6 +132,11 @@ def decode(codec: Codec | int, payload: bytes | memoryview, checksum: int, page_
         raw = payload if type(payload) is bytes else bytes(payload)  # bytes are immutable: no copy needed
     elif codec is Codec.ZSTD:
         try:
+            # max_output_size binds only frames that do not declare their size: a forged frame declaring
+            # 100 MiB of zeros fits in 4 KiB and would be inflated in full. Refuse any other size first.
+            declared = zstandard.frame_content_size(payload)
+            if declared not in (-1, page_size):
+                raise IntegrityError(f"zstd payload declares {declared} bytes, expected {page_size}")
             raw = _zstd_d().decompress(payload, max_output_size=page_size)
         except zstandard.ZstdError as e:
             raise IntegrityError(f"zstd payload does not decompress: {e}") from None

@@ -35,6 +35,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from tiermem.errors import ConfigurationError, NotFound, StoreFull, StoreUnavailable, TiermemError
+from tiermem.logging import redact_text
 from tiermem.store.base import StoredPage
 from tiermem.store.payload import EncodedPage, PayloadStore
 
@@ -142,9 +143,7 @@ class RedisPageStore(PayloadStore):
         ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``,
         ``ssl_cert_reqs`` (required|optional|none), ``ssl_check_hostname`` (0|1).
         """
-        from tiermem.store.url import redact_url
-
-        safe = redact_url(url)
+        safe = redact_text(url)
         parts = urlsplit(url)
         if parts.scheme not in ("redis", "rediss"):
             raise ConfigurationError(f"not a Redis URL: {safe}")

@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from tiermem.errors import ConfigurationError, TiermemError
+from tiermem.logging import redact_text
 from tiermem.store.base import PageStore
 from tiermem.store.payload import check_page_size
 
@@ -30,8 +31,6 @@ _FALSE = {"0", "false", "no", "off"}
 
 def redact_url(url: str) -> str:
     """``url`` with its password (and secret-looking query values) replaced by ``***``."""
-    from tiermem.logging import redact_text
-
     return redact_text(url)
 
 

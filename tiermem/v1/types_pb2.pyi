@@ -394,6 +394,7 @@ class CycleReport(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     NODE_ID_FIELD_NUMBER: _builtins.int
     CAPPED_FIELD_NUMBER: _builtins.int
+    PAGES_UNPROVEN_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.str
     cycle: _builtins.int
     """per-VM cycle number, from 1"""
@@ -420,6 +421,8 @@ class CycleReport(_message.Message):
     node_id: _builtins.str
     capped: _builtins.bool
     """true when a cap or min_resident limited eviction"""
+    pages_unproven: _builtins.int
+    """resident pages not provably protected (unmapped in the guest): kept"""
     @_builtins.property
     def phases(self) -> Global___PhaseTimes: ...
     def __init__(
@@ -441,10 +444,11 @@ class CycleReport(_message.Message):
         error: _builtins.str = ...,
         node_id: _builtins.str = ...,
         capped: _builtins.bool = ...,
+        pages_unproven: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["phases", b"phases"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_written", b"bytes_written", "capped", b"capped", "cycle", b"cycle", "error", b"error", "faults_served", b"faults_served", "mode", b"mode", "node_id", b"node_id", "pages_cold", b"pages_cold", "pages_evicted", b"pages_evicted", "pages_hot", b"pages_hot", "pages_scanned", b"pages_scanned", "phases", b"phases", "policy_version", b"policy_version", "started_unix_ms", b"started_unix_ms", "vm_id", b"vm_id", "zero_pages", b"zero_pages"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_written", b"bytes_written", "capped", b"capped", "cycle", b"cycle", "error", b"error", "faults_served", b"faults_served", "mode", b"mode", "node_id", b"node_id", "pages_cold", b"pages_cold", "pages_evicted", b"pages_evicted", "pages_hot", b"pages_hot", "pages_scanned", b"pages_scanned", "pages_unproven", b"pages_unproven", "phases", b"phases", "policy_version", b"policy_version", "started_unix_ms", b"started_unix_ms", "vm_id", b"vm_id", "zero_pages", b"zero_pages"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -2,7 +2,7 @@
 
 A :class:`Workload` yields batches ``(pages: int64[], writes: bool[])`` from a
 seeded ``np.random.Generator``; every guest applies a batch in order (a write
-increments the page's counter, :mod:`tiermem.vmm.content`) and records it in
+increments the page's counter, :mod:`tiermem.sim.content`) and records it in
 :class:`ExpectedCounters`, so memory can be verified against what the guest last
 wrote. Specs (``parse_workload``)::
 
@@ -14,7 +14,7 @@ wrote. Specs (``parse_workload``)::
     mix:W[:batch=B]                     uniform random accesses, a fraction W of them writes
     uniform[:w=W][:batch=B]             same as mix
     idle                                no accesses
-    trace:PATH                          replay a trace file (tiermem.vmm.trace), one tick per batch
+    trace:PATH                          replay a trace file (tiermem.sim.trace), one tick per batch
 
 ``w`` (write fraction) defaults to 0.25; ``batch`` to n/64. Hot pages are spread
 over the guest by a seeded bijection rank -> page, in O(1) memory, so fleet-scale
@@ -32,10 +32,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tiermem.errors import InvalidArgument
-from tiermem.vmm import content
+from tiermem.sim import content
+from tiermem.sim.trace import Trace, TraceDir, load_trace
 
 if TYPE_CHECKING:
-    from tiermem.kernel.sim import SimKernel
+    from tiermem.sim.kernel import SimKernel
 
 __all__ = [
     "Batch",
@@ -45,6 +46,7 @@ __all__ = [
     "Phases",
     "Scan",
     "SimGuest",
+    "TraceWorkload",
     "Uniform",
     "Workload",
     "Zipf",
@@ -242,6 +244,33 @@ class Idle(Workload):
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
 
 
+class TraceWorkload(Workload):
+    """Replay of a trace: one batch per tick (empty ticks included); finite."""
+
+    kind = "trace"
+    finite = True
+
+    def __init__(self, trace: Trace) -> None:
+        super().__init__(trace.n_pages, writes=0.0)
+        self.trace = trace
+
+    @property
+    def spec(self) -> str:
+        return f"trace:{self.trace.name}"
+
+    def make_batch(self, rng: np.random.Generator, index: int) -> Batch:
+        raise NotImplementedError("a trace is replayed with batches()")
+
+    def batches(self, stream: int = 0, n_streams: int = 1) -> Iterator[Batch]:
+        """Each tick's accesses; with several streams, stream i takes the pages with page % n == i."""
+        for _, pages, writes in self.trace.by_tick():
+            if n_streams > 1:
+                mine = pages % n_streams == stream
+                yield pages[mine], writes[mine]
+            else:
+                yield pages, writes
+
+
 # --- spec parsing ----------------------------------------------------------------------------------
 _KINDS = "hotset:F, zipf:S, phases:F, scan, mix:W, uniform, idle, trace:PATH"
 _KEYS: dict[str, dict[str, type]] = {
@@ -256,17 +285,21 @@ _KEYS: dict[str, dict[str, type]] = {
 _POSITIONAL = {"hotset": "fraction", "phases": "fraction", "zipf": "exponent", "mix": "w"}
 
 
-def parse_workload(spec: str, n_pages: int, seed: int = 0) -> Workload:
-    """Build a workload from a spec such as ``hotset:0.1:w=0.3``; InvalidArgument on a bad spec."""
+def parse_workload(spec: str, n_pages: int, seed: int = 0, traces: TraceDir | None = None) -> Workload:
+    """Build a workload from a spec such as ``hotset:0.1:w=0.3``; InvalidArgument on a bad spec.
+
+    ``traces``: where ``trace:PATH`` may be read from (a service passes its
+    :class:`TraceDir`); None reads any path the local user can (the CLI's own files).
+    """
     if not isinstance(spec, str) or not spec.strip():
         raise InvalidArgument(f"empty workload spec; use one of {_KINDS}")
     spec = spec.strip()
     kind, _, rest = spec.partition(":")
     if kind == "trace":
-        from tiermem.vmm.trace import TraceWorkload, load_trace
-
         if not rest:
             raise InvalidArgument("workload 'trace' needs a path: trace:/path/file.csv[.gz]")
+        if traces is not None:
+            return TraceWorkload(traces.load(rest, n_pages=n_pages or None))
         return TraceWorkload(load_trace(rest, n_pages=n_pages or None))
     if kind not in _KEYS:
         raise InvalidArgument(f"unknown workload {kind!r} in {spec!r}; use one of {_KINDS}")

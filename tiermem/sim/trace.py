@@ -9,12 +9,18 @@ access). A gzip file is recognised by its magic bytes, whatever its name.
 Parsing never loops in Python per line: the raw bytes are split with numpy
 (newline and comma positions), digits are accumulated column by column, and the
 first malformed line is reported as ``InvalidArgument("trace FILE line N: ...")``.
+
+Untrusted input: errors name the file and the line but never echo its contents
+(a trace path may point at a secret), reads and gzip output are capped at
+``max_bytes`` (a gzip bomb or ``/dev/zero`` cannot exhaust memory), and
+:class:`TraceDir` confines the files an agent reads to one directory.
 """
 
 from __future__ import annotations
 
 import gzip
 import os
+import stat
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,12 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
-from tiermem.errors import InvalidArgument
-from tiermem.vmm.workloads import Batch, Workload
+from tiermem.errors import FailedPrecondition, InvalidArgument
 
-__all__ = ["HEADER", "Trace", "TraceWorkload", "load_trace", "parse_trace", "write_trace"]
+__all__ = ["DEFAULT_MAX_BYTES", "HEADER", "Trace", "TraceDir", "load_trace", "parse_trace", "write_trace"]
 
 HEADER = b"tick,page,op"
+DEFAULT_MAX_BYTES = 1 << 30
+"""Default cap on a trace's size, stored and decompressed."""
 _MAX_DIGITS = 18  # < 2**63 without overflow checks
 _GZIP_MAGIC = b"\x1f\x8b"
 
@@ -121,31 +128,46 @@ def _parse_uint(words: np.ndarray, start: np.ndarray, end: np.ndarray) -> tuple[
     return value.astype(np.int64), bad
 
 
-def _gunzip(raw: bytes, name: str) -> bytes:
-    """Decompress every gzip member (zlib directly: faster than gzip.decompress)."""
-    out: list[bytes] = []
+def _too_big(name: str, limit: int, what: str) -> InvalidArgument:
+    return InvalidArgument(f"trace {name}: {what} more than {limit} bytes (the trace size limit)")
+
+
+def _gunzip(raw: bytes, name: str, limit: int) -> bytes:
+    """Decompress every gzip member (zlib directly: faster than gzip.decompress), at most ``limit`` bytes.
+
+    zlib's ``max_length`` stops inflating one byte past the limit, so a bomb costs
+    ``limit`` bytes of memory, never its expanded size.
+    """
+    out = bytearray()
     try:
         while raw:
             d = zlib.decompressobj(wbits=31)
-            out.append(d.decompress(raw))
+            out += d.decompress(raw, limit - len(out) + 1)
+            if len(out) > limit:
+                raise _too_big(name, limit, "decompresses to")
             if not d.eof:
                 raise InvalidArgument(f"trace {name}: bad gzip data: truncated")
             raw = d.unused_data.lstrip(b"\0")  # members may be padded with zeros
     except zlib.error as e:
         raise InvalidArgument(f"trace {name}: bad gzip data: {e}") from None
-    return b"".join(out)
+    return bytes(out)
 
 
-def parse_trace(raw: bytes, name: str = "<trace>", n_pages: int | None = None) -> Trace:
-    """Parse the bytes of a trace (gzip or plain)."""
+def parse_trace(
+    raw: bytes, name: str = "<trace>", n_pages: int | None = None, max_bytes: int = DEFAULT_MAX_BYTES
+) -> Trace:
+    """Parse the bytes of a trace (gzip or plain; at most ``max_bytes`` once decompressed)."""
     if raw[:2] == _GZIP_MAGIC:
-        raw = _gunzip(raw, name)
+        raw = _gunzip(raw, name, max_bytes)
+    elif len(raw) > max_bytes:
+        raise _too_big(name, max_bytes, "holds")
     nl = raw.find(b"\n")
     header = raw[: nl if nl >= 0 else len(raw)].rstrip(b"\r")
     if header.startswith(b"\xef\xbb\xbf"):
         header = header[3:]
     if header != HEADER:
-        raise _fail(name, 1, f"expected the header 'tick,page,op', got {header[:40]!r}")
+        # never echo what was read: the "trace" may be a secret file (trace:/etc/shadow)
+        raise _fail(name, 1, "expected the header 'tick,page,op'")
     body_at = nl + 1 if nl >= 0 else len(raw)
     buf = np.frombuffer(raw, dtype=np.uint8)[body_at:]
     # words[i] = the 8 bytes before body byte i; the header (>= 13 bytes) pads the first line.
@@ -193,8 +215,7 @@ def parse_trace(raw: bytes, name: str = "<trace>", n_pages: int | None = None) -
     first = [(int(np.argmax(mask)), what) for mask, what in problems if mask.any()]
     if first:
         i, what = min(first)
-        text = bytes(buf[starts[i] : ends[i]][:60]).decode("utf-8", "replace")
-        raise _fail(name, i + 2, f"{what}: {text!r}")
+        raise _fail(name, i + 2, what)
     if n_pages is None:
         if not lines:
             raise InvalidArgument(f"trace {name}: no accesses, so the guest size must be given")
@@ -202,14 +223,69 @@ def parse_trace(raw: bytes, name: str = "<trace>", n_pages: int | None = None) -
     return Trace(ticks, pages, op == ord("w"), n_pages, int(ticks[-1]) + 1 if lines else 0, name)
 
 
-def load_trace(path: str | os.PathLike[str], n_pages: int | None = None) -> Trace:
-    """Read and parse a trace file (gzip detected by its magic bytes)."""
-    p = Path(path)
+def _read_capped(path: Path, limit: int) -> bytes:
+    """A regular file's bytes, refusing more than ``limit`` (never reads past limit + 1).
+
+    O_NONBLOCK: opening a FIFO must not hang; O_NOFOLLOW: the last component is
+    not a symlink (TraceDir resolves the others). Devices such as /dev/zero are
+    refused before any read.
+    """
     try:
-        raw = p.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as e:
-        raise InvalidArgument(f"trace {p}: cannot read: {e.strerror or e}") from None
-    return parse_trace(raw, str(p), n_pages)
+        raise InvalidArgument(f"trace {path}: cannot read: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidArgument(f"trace {path}: not a regular file")
+        if st.st_size > limit:
+            raise _too_big(str(path), limit, "holds")
+        chunks, got = [], 0
+        while got <= limit:
+            try:
+                chunk = os.read(fd, min(1 << 20, limit + 1 - got))
+            except OSError as e:
+                raise InvalidArgument(f"trace {path}: cannot read: {e.strerror or e}") from None
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+    finally:
+        os.close(fd)
+    if got > limit:  # the file grew while being read
+        raise _too_big(str(path), limit, "holds")
+    return b"".join(chunks)
+
+
+def load_trace(
+    path: str | os.PathLike[str], n_pages: int | None = None, max_bytes: int = DEFAULT_MAX_BYTES
+) -> Trace:
+    """Read and parse a trace file (gzip detected by its magic bytes), at most ``max_bytes``."""
+    p = Path(path)
+    return parse_trace(_read_capped(p, max_bytes), str(p), n_pages, max_bytes)
+
+
+@dataclass(frozen=True)
+class TraceDir:
+    """Where a service may read traces from: one directory (None: traces are off), with a size cap.
+
+    The node agent reads a sim VM's ``trace:PATH`` through this, so an admin's
+    request can name only files under ``root`` (after resolving symlinks and
+    ``..``), never ``/etc/shadow`` or ``/dev/zero``.
+    """
+
+    root: str | None
+    max_bytes: int = DEFAULT_MAX_BYTES
+
+    def load(self, path: str, n_pages: int | None = None) -> Trace:
+        """Read and parse ``path`` (relative to ``root``, or absolute inside it)."""
+        if not self.root:
+            raise FailedPrecondition("trace workloads are off on this node (the agent has no trace_dir)")
+        root = os.path.realpath(self.root)
+        real = os.path.realpath(os.path.join(root, path))
+        if os.path.commonpath([real, root]) != root or real == root:
+            raise InvalidArgument(f"trace {path!r}: only files inside the agent's trace_dir may be replayed")
+        return load_trace(real, n_pages, self.max_bytes)
 
 
 def _digits(values: np.ndarray) -> np.ndarray:
@@ -273,30 +349,3 @@ def write_trace(
         data = gzip.compress(data, compresslevel=6)
     dst.write_bytes(data)
     return dst
-
-
-class TraceWorkload(Workload):
-    """Replay of a trace: one batch per tick (empty ticks included); finite."""
-
-    kind = "trace"
-    finite = True
-
-    def __init__(self, trace: Trace) -> None:
-        super().__init__(trace.n_pages, writes=0.0)
-        self.trace = trace
-
-    @property
-    def spec(self) -> str:
-        return f"trace:{self.trace.name}"
-
-    def make_batch(self, rng: np.random.Generator, index: int) -> Batch:
-        raise NotImplementedError("a trace is replayed with batches()")
-
-    def batches(self, stream: int = 0, n_streams: int = 1) -> Iterator[Batch]:
-        """Each tick's accesses; with several streams, stream i takes the pages with page % n == i."""
-        for _, pages, writes in self.trace.by_tick():
-            if n_streams > 1:
-                mine = pages % n_streams == stream
-                yield pages[mine], writes[mine]
-            else:
-                yield pages, writes

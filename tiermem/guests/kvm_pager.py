@@ -59,7 +59,7 @@ class PagerProcess:
                 [
                     sys.executable,
                     "-m",
-                    "tiermem.vmm.kvm_pager",
+                    "tiermem.guests.kvm_pager",
                     str(self.uffd),
                     str(memfd),
                     str(base),
@@ -220,7 +220,7 @@ class _Child:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Child entry point: ``python -m tiermem.vmm.kvm_pager UFFD MEMFD BASE SIZE``."""
+    """Child entry point: ``python -m tiermem.guests.kvm_pager UFFD MEMFD BASE SIZE``."""
     uffd, memfd, base, size = (int(x) for x in (argv or sys.argv[1:]))
     _Child(uffd, memfd, base, size).loop(sys.stdin, sys.stdout)
     return 0

@@ -1,4 +1,4 @@
-"""The agent's end of one VMM's handoff control channel (see :mod:`tiermem.vmm.handoff`).
+"""The agent's end of one VMM's handoff control channel (see :mod:`tiermem.handoff.listener`).
 
 Requests (``zap``, ``ping``) carry an id; the VMM answers ``ack``/``nack``/``pong``
 with the same id. The connection's thread (the listener's) reads the answers and
@@ -17,11 +17,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from tiermem import errors
-from tiermem.vmm.handoff_wire import FrameReader, ProtocolError, encode_frame
+from tiermem.handoff.wire import FrameReader, ProtocolError, encode_frame
 
 __all__ = ["HandoffConnection"]
 
-log = logging.getLogger("tiermem.vmm.handoff")
+log = logging.getLogger("tiermem.handoff.listener")
 
 _ZAP_RANGES_PER_MSG = 1000
 """Ranges per zap message, so a zap of a fragmented range stays under the frame limit."""

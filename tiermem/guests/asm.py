@@ -16,7 +16,7 @@ Guest-physical memory has two KVM memory slots::
        0x3000      PML4; 0x4000 PDPT; PDs from 0x200000 (one per GiB mapped)
        0x10000     mailbox of vCPU 0, then one every 64 KiB (MAX_VCPUS of them)
     RAM_GPA      guest RAM slot: the memfd that tiermem tracks and evicts
-                 page i holds a u32 counter at ``counter_offset`` (tiermem.vmm.content)
+                 page i holds a u32 counter at ``counter_offset`` (tiermem.sim.content)
 
 The mailboxes sit outside the tracked RAM on purpose: the VMM writes every batch
 into them, and those writes must neither count as guest accesses nor ever fault
@@ -329,7 +329,7 @@ def _program(a: Asm, counter_offset: int, index_offset: int) -> None:
 
 def build_guest_program(counter_offset: int = 0, index_offset: int = 8) -> GuestProgram:
     """Assemble the batch-runner guest: a write does ``counter += 1`` (u32 at ``counter_offset``)
-    and stores the page index (u64 at ``index_offset``), as :mod:`tiermem.vmm.content` defines."""
+    and stores the page index (u64 at ``index_offset``), as :mod:`tiermem.sim.content` defines."""
     if counter_offset % 4 or not 0 <= counter_offset <= 4096 - 4:
         raise InvalidArgument(
             f"counter_offset must be a 4-aligned offset inside a page, got {counter_offset}"

@@ -2,13 +2,13 @@
 
 This is the hypervisor half of the reference VMM, with no workload logic:
 :class:`KvmMachine` creates the VM, puts the system slot (GDT, page tables,
-program, mailboxes; see :mod:`tiermem.vmm.guest_asm`) and the guest RAM slot in
+program, mailboxes; see :mod:`tiermem.guests.asm`) and the guest RAM slot in
 place, boots every vCPU into the guest's loop, and runs one batch of accesses on
 one vCPU per :meth:`KvmMachine.run_batch` call. Several machines can live in one
 process: each has its own VM fd.
 
 Guest RAM is any host mapping (``base``, ``size``); the reference VMM passes a
-:class:`tiermem.vmm.client.GuestMemory` mapping (memfd + uffd handed to the
+:class:`tiermem.handoff.client.GuestMemory` mapping (memfd + uffd handed to the
 agent) or a :class:`PlainRam` (a memfd and nothing else). KVM never touches guest
 RAM by itself, so a 1 GiB guest costs nothing until the guest writes to it.
 """
@@ -24,9 +24,9 @@ import threading
 import numpy as np
 
 from tiermem.errors import InvalidArgument, KernelError, TiermemError
+from tiermem.guests import asm as g
+from tiermem.guests import kvm_ioctl as k
 from tiermem.kernel.uffd_ioctl import Mapping, memfd_create
-from tiermem.vmm import guest_asm as g
-from tiermem.vmm import kvm_ioctl as k
 
 __all__ = ["GuestFault", "KvmMachine", "PlainRam"]
 

@@ -2,8 +2,9 @@
 
 :meth:`GuestMemory.create` makes the memfd, the MAP_SHARED guest mapping and the
 userfaultfd (UFFDIO_API with the features the mode needs and the kernel offers;
-UFFDIO_REGISTER of the whole mapping: MISSING|MINOR in ``uffd`` mode, MISSING|RWP
-in ``rwp`` mode). :meth:`GuestMemory.handoff` sends ``[uffd, memfd]`` and the
+UFFDIO_REGISTER of the whole mapping: MISSING|MINOR in ``uffd`` mode, MISSING|MINOR|RWP
+in ``rwp`` mode). The guest mapping gets MADV_NOHUGEPAGE: RWP tracks 4 KiB PTEs, and
+protecting a shmem THP splits it, which unmaps it (pte_none pages that nothing tracks). :meth:`GuestMemory.handoff` sends ``[uffd, memfd]`` and the
 JSON description to the agent, then serves the agent's requests on a background
 thread: ``zap`` (MADV_DONTNEED of guest ranges, done here because only the owning
 process can zap shmem PTEs on stock kernels), ``ping`` and ``detach``. If the
@@ -26,21 +27,24 @@ import time
 from typing import Any
 
 from tiermem import errors
+from tiermem.handoff.wire import PROTOCOL_VERSION, FrameReader, ProtocolError, encode_frame, send_frame
 from tiermem.kernel import uapi
-from tiermem.kernel.backend import ApiInfo
+from tiermem.kernel.backend import TRACKED_REGISTER_MODE, ApiInfo
 from tiermem.kernel.probe import open_userfaultfd, uffd_api_features
 from tiermem.kernel.uffd_base import mmap_page_size
 from tiermem.kernel.uffd_ioctl import Mapping, Uffd, madvise, memfd_create
 from tiermem.model import validate_id
-from tiermem.vmm.handoff_wire import PROTOCOL_VERSION, FrameReader, ProtocolError, encode_frame, send_frame
 
-__all__ = ["MODE_FEATURES", "OPTIONAL_FEATURES", "GuestMemory", "arm_uffd", "pick_mode"]
+__all__ = ["MODE_FEATURES", "OPTIONAL_FEATURES", "GuestMemory", "arm_uffd", "no_huge_pages", "pick_mode"]
 
 log = logging.getLogger(__name__)
 
 MODE_FEATURES = {
     "uffd": uapi.UFFD_FEATURE_MISSING_SHMEM | uapi.UFFD_FEATURE_MINOR_SHMEM,
-    "rwp": uapi.UFFD_FEATURE_MISSING_SHMEM | uapi.UFFD_FEATURE_RWP | uapi.UFFD_FEATURE_RWP_ASYNC,
+    "rwp": uapi.UFFD_FEATURE_MISSING_SHMEM
+    | uapi.UFFD_FEATURE_MINOR_SHMEM
+    | uapi.UFFD_FEATURE_RWP
+    | uapi.UFFD_FEATURE_RWP_ASYNC,
 }
 """Features each mode cannot work without."""
 OPTIONAL_FEATURES = uapi.UFFD_FEATURE_EVENT_REMOVE | uapi.UFFD_FEATURE_THREAD_ID
@@ -48,8 +52,19 @@ OPTIONAL_FEATURES = uapi.UFFD_FEATURE_EVENT_REMOVE | uapi.UFFD_FEATURE_THREAD_ID
 Not EVENT_UNMAP: a munmap would block until the agent reads the event."""
 MODE_REGISTER = {
     "uffd": uapi.UFFDIO_REGISTER_MODE_MISSING | uapi.UFFDIO_REGISTER_MODE_MINOR,
-    "rwp": uapi.UFFDIO_REGISTER_MODE_MISSING | uapi.UFFDIO_REGISTER_MODE_RWP,
+    "rwp": TRACKED_REGISTER_MODE,
 }
+"""rwp co-registers MINOR: a page cached in the memfd but unmapped in the guest mapping cannot be
+RWP-protected and never raises an RWP fault; MINOR makes its next access fault anyway."""
+
+
+def no_huge_pages(addr: int, length: int) -> None:
+    """MADV_NOHUGEPAGE on a guest mapping; a kernel without THP (EINVAL) has none to refuse."""
+    try:
+        madvise(addr, length, uapi.MADV_NOHUGEPAGE)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
 
 
 def pick_mode(kernel_features: int) -> str:
@@ -121,6 +136,7 @@ class GuestMemory:
         ufd = -1
         try:
             mapping = Mapping(memfd, size)
+            no_huge_pages(mapping.addr, size)
             ufd = open_userfaultfd(uapi.O_CLOEXEC | uapi.O_NONBLOCK)
             _, features = arm_uffd(Uffd(ufd), mapping.addr, size, mode, kernel_features)
         except BaseException:

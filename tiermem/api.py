@@ -1,7 +1,7 @@
 """Control-plane domain types: nodes, VM specs, policy scopes and entries, leases.
 
 Plain dataclasses: the state stores persist them (``tiermem.control.codec``)
-and ``tiermem.control.convert`` maps them to and from protobuf.
+and ``tiermem.rpc.convert_api`` maps them to and from protobuf.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from tiermem.control.selector import normalize_selector, validate_labels
 from tiermem.errors import InvalidArgument
 from tiermem.model import PAGE_SIZE, Backend, EvictionPolicy, validate_id
+from tiermem.selector import normalize_selector, validate_labels
 
 __all__ = [
     "Adjustment",
@@ -27,7 +27,10 @@ __all__ = [
     "VmSpec",
 ]
 
-_ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):[0-9]{1,5}$|^unix:.+$")
+# fullmatch; "unix:" paths exclude control characters (a newline would forge log lines)
+_ADDRESS = re.compile(
+    r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):[0-9]{1,5}|unix:[^\x00-\x1f\x7f]{1,255}", re.ASCII
+)
 MAX_WORKLOAD_LEN = 256
 
 
@@ -55,7 +58,7 @@ class NodeInfo:
     def validate(self) -> NodeInfo:
         """Return self if well-formed, else raise InvalidArgument."""
         validate_id(self.node_id, "node id")
-        if not _ADDRESS.match(self.address or ""):
+        if not _ADDRESS.fullmatch(self.address or ""):
             raise InvalidArgument(f"invalid agent address {self.address!r}: use host:port")
         port = self.address.rsplit(":", 1)[-1]
         if not self.address.startswith("unix:") and not 0 < int(port) < 65536:

@@ -1,12 +1,13 @@
 """Guest memory of the simulated kernel: the shmem memfd's pages and the guest PTE state.
 
 One state byte per page (``sim_scan.ST_*``) stands for the page cache + guest PTE:
-unpopulated, present with the uffd bit (RWP-protected), present without it.
-Contents follow :mod:`tiermem.vmm.content`, either as real bytes (a numpy image
+not in the memfd, in the page cache but unmapped in the guest (pte_none), mapped with
+the uffd bit (RWP-protected), mapped without it.
+Contents follow :mod:`tiermem.sim.content`, either as real bytes (a numpy image
 of the memfd) or, in synthetic mode, as one u32 write counter per page from which
 the bytes are materialised and into which installed bytes are decoded.
 
-No locking here: :class:`tiermem.kernel.sim.SimKernel` holds its lock around every call.
+No locking here: :class:`tiermem.sim.kernel.SimKernel` holds its lock around every call.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from tiermem.kernel.sim_scan import ST_ACC, ST_NONE, ST_PROT
-from tiermem.vmm import content
+from tiermem.sim import content
+from tiermem.sim.scan import ST_ACC, ST_CACHED, ST_NONE
 
 __all__ = ["CORRUPT", "SimMemory", "VmaList"]
 
@@ -47,9 +48,20 @@ class SimMemory:
 
     # --- PTE state --------------------------------------------------------------------------------
     def protect(self, p0: int, p1: int) -> None:
-        """UFFDIO_RWPROTECT(MODE_RWP): present pages get PAGE_NONE + the uffd bit; holes stay holes."""
+        """UFFDIO_RWPROTECT(MODE_RWP): mapped pages get PAGE_NONE + the uffd bit; pte_none pages
+        (holes and cached-but-unmapped pages) have no PTE to protect and stay as they are."""
         sl = self.state[p0:p1]
-        np.bitwise_and(sl, ST_PROT, out=sl)
+        # mapped (bit 0 set): & 1 -> ST_PROT; unmapped: & 3 keeps ST_NONE / ST_CACHED
+        np.bitwise_and(sl, 3 - ((sl & 1) << 1), out=sl)
+
+    def zap(self, p0: int, p1: int) -> None:
+        """MADV_DONTNEED on the guest mapping: PTEs (and markers) go, the shmem page cache stays."""
+        sl = self.state[p0:p1]
+        sl[sl != ST_NONE] = ST_CACHED
+
+    def map_cached(self, p0: int, p1: int) -> None:
+        """UFFDIO_CONTINUE: cached pages get a PTE without the uffd bit."""
+        self.state[p0:p1] = ST_ACC
 
     def resolve(self, p0: int, p1: int) -> None:
         """Restore the VMA permissions of protected pages (RWPROTECT clear, unregister, close)."""
@@ -57,7 +69,7 @@ class SimMemory:
         np.bitwise_or(sl, (sl & 1) << 1, out=sl)
 
     def touch(self, pages: np.ndarray, writes: np.ndarray | None) -> None:
-        """Non-faulting guest accesses: each page ends present without the uffd bit; writes count."""
+        """Non-faulting guest accesses: each page ends mapped without the uffd bit; writes count."""
         self.state[pages] = ST_ACC
         if writes is not None and writes.any():
             w = pages[writes]
@@ -121,18 +133,20 @@ class SimMemory:
         return raw[off : off + (b - a)]
 
     def write(self, a: int, data: memoryview) -> None:
-        """Write through the I/O mapping (whole pages in synthetic mode); holes become present."""
+        """Write through the I/O mapping (whole pages in synthetic mode).
+
+        A hole written to is allocated in the page cache but not mapped in the guest mapping
+        (ST_CACHED), as a ``pwrite`` is: the guest PTEs are untouched."""
         b = a + len(data)
         if self.image is not None:
             self.image[a:b] = np.frombuffer(data, dtype=np.uint8)
             sl = self.state[a // self.page_size : -(-b // self.page_size)]
-            sl[sl == ST_NONE] = ST_ACC
+            sl[sl == ST_NONE] = ST_CACHED
         else:
-            # A hole written through the I/O mapping is allocated in the page cache.
             p0, p1 = a // self.page_size, b // self.page_size
-            prot = self.state[p0:p1] == ST_PROT
+            before = self.state[p0:p1].copy()
             self.install(p0, data)
-            self.state[p0:p1][prot] = ST_PROT  # the I/O mapping does not touch the guest PTEs
+            self.state[p0:p1] = np.where(before == ST_NONE, np.uint8(ST_CACHED), before)
 
     def page(self, page: int) -> bytes:
         """The bytes of one page."""

@@ -1,23 +1,29 @@
-"""The simulated kernel: guest memory, page tables and a userfaultfd context with RWP v10 semantics.
+"""The simulated kernel: guest memory, page tables and a userfaultfd context with RWP semantics.
 
-``SimKernel`` implements :class:`tiermem.kernel.backend.KernelBackend` as the patched
-kernel behaves (``../shared/reference/rwp-uapi.md`` §2-5) for one VM whose RAM is a
+``SimKernel`` implements :class:`tiermem.kernel.backend.KernelBackend` as mainline Linux 7.3
+behaves (mm/userfaultfd.c, fs/proc/task_mmu.c; ``../shared/reference/rwp-uapi.md``) for one VM whose RAM is a
 shmem memfd mapped twice: the tracked guest mapping (vCPU accesses, registered with
 the uffd) and the I/O mapping (``io_read``/``io_write``, never tracked). Errors are
 ``OSError(errno, message)`` with the kernel's errno.
 
-State: one byte per page (:mod:`tiermem.kernel.sim_mem`: unpopulated, protected,
-accessed) and a short VMA list, so a full-range UFFDIO_RWPROTECT is one numpy pass
-and a hot-set PAGEMAP_SCAN (:mod:`tiermem.kernel.sim_scan`) a few. Contents follow
-:mod:`tiermem.vmm.content`: real bytes, or (``synthetic=True``) a u32 counter per
+State: one byte per page (:mod:`tiermem.sim.mem`: not in the memfd, cached but
+unmapped in the guest, protected, accessed) and a short VMA list, so a full-range UFFDIO_RWPROTECT is one numpy pass
+and a hot-set PAGEMAP_SCAN (:mod:`tiermem.sim.scan`) a few. Contents follow
+:mod:`tiermem.sim.content`: real bytes, or (``synthetic=True``) a u32 counter per
 page, materialised on ``io_read`` and decoded on ``copy`` (invalid bytes decode to
 ``CORRUPT``, so verification still catches them).
 
-Guest side (vCPU threads): ``access``, ``access_batch``, ``read_page``. A sync fault
-blocks the thread on its own Condition until woken (RWPROTECT clear, COPY/ZEROPAGE/
-CONTINUE without DONTWAKE, WAKE, UNREGISTER, SET_MODE to async for RWP waiters,
-close); it then retries, re-faulting with a new message if the cause remains, as
-``handle_userfault`` does. ``set_fault_handler(fn)`` instead calls ``fn(msg)`` in the
+Guest side (vCPU threads): ``access``, ``access_batch``, ``read_page``; VMM side:
+``madvise`` (DONTNEED keeps the shmem page cache, REMOVE drops it; both raise
+UFFD_EVENT_REMOVE). A page in the page cache but unmapped in the guest (an I/O-mapping
+write, a DONTNEED) cannot be RWP-protected: an access maps it without any fault, even in
+sync mode, unless the VMA is MINOR-registered (then a MINOR fault, resolved by CONTINUE).
+A sync fault blocks the thread on its own Condition until woken (RWPROTECT clear, COPY/
+ZEROPAGE/CONTINUE without DONTWAKE, WAKE, UNREGISTER of a MISSING-registered range,
+every SET_MODE(enable=RWP_ASYNC), which wakes every waiter, MISSING ones included; the
+last fd's release); it then retries, re-faulting with a new message if the cause remains
+(so MISSING faults repeat after SET_MODE), as ``handle_userfault`` does. Closing the
+agent's fd while the VMM holds its own (:meth:`SimKernel.share_with_vmm`) releases nothing. ``set_fault_handler(fn)`` instead calls ``fn(msg)`` in the
 faulting thread and retries (deterministic replay).
 
 Fault injection: ``fault_delay_s`` delays every fault once (lock released) before it
@@ -38,9 +44,10 @@ import numpy as np
 from tiermem.errors import InvalidArgument
 from tiermem.kernel import uapi
 from tiermem.kernel.backend import ApiInfo, KernelBackend, ScanResult
-from tiermem.kernel.sim_mem import CORRUPT, SimMemory, VmaList
-from tiermem.kernel.sim_scan import (
+from tiermem.sim.mem import CORRUPT, SimMemory, VmaList
+from tiermem.sim.scan import (
     ST_ACC,
+    ST_CACHED,
     ST_NONE,
     ST_PROT,
     check_scan_args,
@@ -49,7 +56,7 @@ from tiermem.kernel.sim_scan import (
     scan_runs,
     to_regions,
 )
-from tiermem.kernel.sim_scan import kerr as _err
+from tiermem.sim.scan import kerr as _err
 
 __all__ = ["CORRUPT", "SIM_FEATURES", "SimKernel", "SimStats"]
 
@@ -70,7 +77,8 @@ events are not modelled, so they are not offered."""
 _MISSING = uapi.UFFDIO_REGISTER_MODE_MISSING
 _RWP = uapi.UFFDIO_REGISTER_MODE_RWP
 _WP = uapi.UFFDIO_REGISTER_MODE_WP
-_MODES = _MISSING | _WP | uapi.UFFDIO_REGISTER_MODE_MINOR | _RWP
+_MINOR = uapi.UFFDIO_REGISTER_MODE_MINOR
+_MODES = _MISSING | _WP | _MINOR | _RWP
 _OPS = frozenset({"api", "register", "unregister", "rwprotect", "set_mode", "pagemap_scan", "copy", "zeropage",
                   "continue", "wake", "punch_hole", "io_read", "io_write"})  # fmt: skip
 _FIRST_WINDOW = 256
@@ -84,6 +92,10 @@ class SimStats:
     """Sync RWP faults raised (each retry counts)."""
     missing_faults: int = 0
     """MISSING faults raised (each retry counts)."""
+    minor_faults: int = 0
+    """MINOR faults raised on cached-but-unmapped pages of MINOR-registered VMAs."""
+    cache_maps: int = 0
+    """Cached-but-unmapped pages mapped by an access without any fault (not MINOR-registered)."""
     async_resolved: int = 0
     """Accesses to protected pages auto-resolved in RWP_ASYNC mode."""
     zero_fills: int = 0
@@ -135,6 +147,7 @@ class SimKernel(KernelBackend):
         self._vmas = VmaList(n_pages)
         self._ctx: int | None = None  # negotiated features; None until UFFDIO_API succeeds
         self._closed = False
+        self._vmm_fd = False  # the VMM holds its own fd of this context
         self._waiters: list[_Waiter] = []
         self._pending: deque[_Waiter] = deque()
         self._handler: Callable[[uapi.UffdMsg], None] | None = None
@@ -252,9 +265,11 @@ class SimKernel(KernelBackend):
         if not self._inside(p0, p1):
             raise _err(errno.EINVAL, "UFFDIO_UNREGISTER: range outside the guest mapping")
         with self._lock:
+            missing = [(max(s, p0), min(e, p1)) for s, e, m in self._vmas.overlapping(p0, p1) if m & _MISSING]
             self.mem.resolve(p0, p1)  # protection never outlives the registration
             self._vmas.set(p0, p1, 0)
-            self._wake(p0, p1)
+            for a, b in missing:  # userfaultfd_unregister wakes only MISSING-registered VMAs
+                self._wake(a, b)
 
     # --- tracking -----------------------------------------------------------------------------
     def rwprotect(self, start: int, length: int, *, protect: bool, dontwake: bool = False) -> None:
@@ -285,10 +300,11 @@ class SimKernel(KernelBackend):
             raise _err(errno.EINVAL, "UFFDIO_SET_MODE: RWP_ASYNC on a ctx without UFFD_FEATURE_RWP")
         # Taking the lock drains in-flight accesses (the kernel's mmap_write_lock + vma_start_write).
         with self._lock:
-            was_async = self.async_mode
             self._ctx = (self._ctx | enable) & ~disable
-            if enable and not was_async:
-                self._wake(0, self.n_pages, uapi.UFFD_PAGEFAULT_FLAG_RWP)  # they retry and auto-resolve
+            if enable:
+                # Every call, async already or not, wakes every waiter of the context: RWP ones
+                # auto-resolve, MISSING/MINOR ones fault again (a duplicate message).
+                self._wake(0, self.n_pages)
 
     def pagemap_scan(
         self,
@@ -360,14 +376,23 @@ class SimKernel(KernelBackend):
         return k * self.page_size
 
     def continue_(self, start: int, length: int, *, dontwake: bool = False) -> int:
-        """UFFDIO_CONTINUE: the sim has no cached-but-unmapped state, so present pages just "map"."""
+        """UFFDIO_CONTINUE: map cached pages; stops at a hole (EFAULT) or a mapped page (EEXIST)."""
         self._enter("continue")
         p0, p1 = self._pages("UFFDIO_CONTINUE", start, length)
         with self._lock:
-            if not self._inside(p0, p1) or any(m == 0 for m in self._vmas.modes_in(p0, p1)):
+            modes = self._vmas.modes_in(p0, p1) if self._inside(p0, p1) else [0]
+            if any(m == 0 for m in modes):
                 raise _err(errno.ENOENT, "UFFDIO_CONTINUE: range not registered with this userfaultfd")
-            if (self._state[p0:p1] == ST_NONE).any():
-                raise _err(errno.EFAULT, "UFFDIO_CONTINUE: no page in the page cache")
+            if any(not m & _MINOR for m in modes):
+                raise _err(errno.EINVAL, "UFFDIO_CONTINUE: range not MINOR-registered")
+            st = self._state[p0:p1]
+            bad = np.flatnonzero(st != ST_CACHED)
+            k = int(bad[0]) if bad.size else p1 - p0
+            self.mem.map_cached(p0, p0 + k)
+            if bad.size:
+                if st[k] == ST_NONE:
+                    raise _err(errno.EFAULT, f"UFFDIO_CONTINUE: page {p0 + k} is not in the page cache")
+                raise _err(errno.EEXIST, f"UFFDIO_CONTINUE: page {p0 + k} is mapped")
             if not dontwake:
                 self._wake(p0, p1)
         return length
@@ -412,8 +437,10 @@ class SimKernel(KernelBackend):
             self.mem.write(a, memoryview(data))
 
     def populated(self) -> np.ndarray:
+        """In the memfd (mapped in the guest or only cached)."""
         with self._lock:
-            return (self._state & 1).astype(bool)
+            out: np.ndarray = self._state != ST_NONE
+            return out
 
     def counters(self) -> np.ndarray:
         """The write counter of every page (0 for unpopulated pages); a copy."""
@@ -446,19 +473,65 @@ class SimKernel(KernelBackend):
             self._pending.clear()
             return out
 
+    def share_with_vmm(self) -> None:
+        """The VMM holds its own fd of this context (it always does in deployment)."""
+        with self._lock:
+            self._vmm_fd = True
+
+    def vmm_close(self) -> None:
+        """The VMM closes its fd: the last release if the agent's fd is closed too."""
+        with self._lock:
+            self._vmm_fd = False
+            if self._closed:
+                self._release_ctx()
+
     def close(self) -> None:
-        """Release the uffd: protection is resolved, registrations dropped, every waiter woken."""
+        """Close the agent's fd. The last fd's release resolves protection, drops registrations and
+        wakes every waiter; while the VMM holds its fd nothing is released (vCPUs stay blocked)."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            self.mem.resolve(0, self.n_pages)
-            self._vmas.set(0, self.n_pages, 0)
-            self._wake(0, self.n_pages)
             for w in self._pending:
-                w.queued = False  # unread messages die with the fd
+                w.queued = False  # this reader's view of the queue is gone
             self._pending.clear()
             self._msg_cond.notify_all()
+            if not self._vmm_fd:
+                self._release_ctx()
+
+    def _release_ctx(self) -> None:
+        """userfaultfd_release (lock held): protection resolved, registrations dropped, all woken."""
+        self.mem.resolve(0, self.n_pages)
+        self._vmas.set(0, self.n_pages, 0)
+        self._wake(0, self.n_pages)
+
+    # --- VMM side -------------------------------------------------------------------------------------
+    def madvise(self, start: int, length: int, advice: int) -> None:
+        """The VMM's madvise on the guest mapping: DONTNEED zaps the PTEs (the shmem page cache and
+        so the data stay), REMOVE drops the pages. Both raise UFFD_EVENT_REMOVE on registered VMAs
+        when EVENT_REMOVE was negotiated (queued; the kernel's caller would wait for the read)."""
+        p0, p1 = self._pages("madvise", start, length)
+        if not self._inside(p0, p1):
+            raise _err(errno.EINVAL, "madvise: range outside the guest mapping")
+        with self._lock:
+            if advice == uapi.MADV_DONTNEED:
+                self.mem.zap(p0, p1)
+            elif advice == uapi.MADV_REMOVE:
+                self.mem.punch(p0, p1)
+            else:
+                raise _err(errno.EINVAL, f"madvise: advice {advice} not modelled")
+            registered = any(self._vmas.modes_in(p0, p1))
+            if not (self._ctx and self._ctx & uapi.UFFD_FEATURE_EVENT_REMOVE and registered) or self._closed:
+                return
+            msg = uapi.UffdMsg(uapi.UFFD_EVENT_REMOVE, start=self.addr(p0), end=self.addr(p1))
+            handler = self._handler
+            if handler is None:
+                w = _Waiter(p0, msg, 0, threading.Condition(self._lock))
+                w.woken = True  # nobody blocks on it
+                self._pending.append(w)
+                self._msg_cond.notify_all()
+                return
+        handler(msg)
 
     # --- guest side ---------------------------------------------------------------------------------
     def _check_pages(self, pages: np.ndarray) -> None:
@@ -513,12 +586,16 @@ class SimKernel(KernelBackend):
         sync = not self.async_mode
         if (mode := self._vmas.single) is not None:
             blk = (st == ST_NONE) if mode & _MISSING else None
+            if mode & _MINOR:
+                cached = st == ST_CACHED
+                blk = cached if blk is None else blk | cached
             if sync and mode & _RWP:
                 prot = st == ST_PROT
                 blk = prot if blk is None else blk | prot
             return blk
         modes = self._vmas.modes_of(seg)
         mixed: np.ndarray = (st == ST_NONE) & ((modes & _MISSING) != 0)
+        mixed |= (st == ST_CACHED) & ((modes & _MINOR) != 0)
         if sync:
             mixed |= st == ST_PROT  # only RWP VMAs hold protected pages
         return mixed
@@ -528,6 +605,8 @@ class SimKernel(KernelBackend):
             self.stats.async_resolved += self._distinct(seg[prot])  # a page resolves once
         if (hole := st == ST_NONE).any():
             self.stats.zero_fills += self._distinct(seg[hole])
+        if (cached := st == ST_CACHED).any():
+            self.stats.cache_maps += self._distinct(seg[cached])
         self.mem.touch(seg, writes)
 
     def _distinct(self, pages: np.ndarray) -> int:
@@ -543,6 +622,8 @@ class SimKernel(KernelBackend):
             self.stats.async_resolved += 1
         elif st == ST_NONE:
             self.stats.zero_fills += 1
+        elif st == ST_CACHED:
+            self.stats.cache_maps += 1
         self.mem.touch_one(page, write)
 
     def _fault_reason(self, page: int) -> int | None:
@@ -551,6 +632,8 @@ class SimKernel(KernelBackend):
             return None
         if st == ST_NONE:
             return 0 if self._vmas.mode_of(page) & _MISSING else None
+        if st == ST_CACHED:  # no PTE to carry the RWP marker: only MINOR can trap it
+            return uapi.UFFD_PAGEFAULT_FLAG_MINOR if self._vmas.mode_of(page) & _MINOR else None
         return None if self.async_mode else uapi.UFFD_PAGEFAULT_FLAG_RWP
 
     def _access_locked(self, page: int, write: bool, tid: int) -> None:
@@ -570,8 +653,10 @@ class SimKernel(KernelBackend):
                 finally:
                     self._lock.acquire()
                 continue
-            if reason:
+            if reason == uapi.UFFD_PAGEFAULT_FLAG_RWP:
                 self.stats.rwp_faults += 1
+            elif reason:
+                self.stats.minor_faults += 1
             else:
                 self.stats.missing_faults += 1
             assert self._ctx is not None  # a registered range implies a negotiated ctx

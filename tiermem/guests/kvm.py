@@ -1,15 +1,15 @@
 """The reference KVM VMM: real virtual machines whose guest memory tiermem manages.
 
-A :class:`KvmVm` is one KVM guest (:mod:`tiermem.vmm.kvm_machine`) running the
-batch-runner program (:mod:`tiermem.vmm.guest_asm`) on one or more vCPU threads.
+A :class:`KvmVm` is one KVM guest (:mod:`tiermem.guests.kvm_machine`) running the
+batch-runner program (:mod:`tiermem.guests.asm`) on one or more vCPU threads.
 The VMM draws batches from the shared workload generators
-(:func:`tiermem.vmm.workloads.parse_workload`), posts them to each vCPU's
-mailbox, and records every write in :class:`~tiermem.vmm.workloads.ExpectedCounters`,
+(:func:`tiermem.sim.workloads.parse_workload`), posts them to each vCPU's
+mailbox, and records every write in :class:`~tiermem.sim.workloads.ExpectedCounters`,
 so :meth:`KvmVm.verify` can read every page back through the guest mapping and
-check it against the content model (:mod:`tiermem.vmm.content`).
+check it against the content model (:mod:`tiermem.sim.content`).
 
 Guest RAM is handed to the node agent exactly as a production VMM would: with an
-agent socket, :meth:`KvmVm.start` creates a :class:`~tiermem.vmm.client.GuestMemory`
+agent socket, :meth:`KvmVm.start` creates a :class:`~tiermem.handoff.client.GuestMemory`
 (memfd + MAP_SHARED mapping + userfaultfd), makes that mapping KVM memory slot 1
 (``userspace_addr = GuestMemory.base``) and hands it off; the handoff thread then
 serves the agent's zap requests inside this process. Without a socket the RAM is
@@ -40,13 +40,13 @@ from typing import Any
 import numpy as np
 
 from tiermem.errors import FailedPrecondition, InvalidArgument, TiermemError
+from tiermem.guests import asm as g
+from tiermem.guests.kvm_ioctl import kvm_unavailable_reason
+from tiermem.guests.kvm_machine import GuestFault, KvmMachine, PlainRam
+from tiermem.handoff.client import GuestMemory
 from tiermem.model import PAGE_SIZE, validate_id
-from tiermem.vmm import content
-from tiermem.vmm import guest_asm as g
-from tiermem.vmm.client import GuestMemory
-from tiermem.vmm.kvm_ioctl import kvm_unavailable_reason
-from tiermem.vmm.kvm_machine import GuestFault, KvmMachine, PlainRam
-from tiermem.vmm.workloads import Batch, ExpectedCounters, Workload, parse_workload
+from tiermem.sim import content
+from tiermem.sim.workloads import Batch, ExpectedCounters, Workload, parse_workload
 
 __all__ = ["GuestFault", "KvmRunSummary", "KvmVm", "Progress", "require_kvm"]
 
@@ -58,7 +58,7 @@ def require_kvm() -> None:
     """Raise FailedPrecondition (one line, with alternatives) unless /dev/kvm is usable."""
     if why := kvm_unavailable_reason():
         raise FailedPrecondition(
-            f"KVM is not available ({why}); run the process guest (python -m tiermem.vmm.process_guest)"
+            f"KVM is not available ({why}); run the process guest (python -m tiermem.guests.process)"
             " or use --backend sim"
         )
 

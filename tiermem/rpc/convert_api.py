@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from tiermem.control.types import (
+from tiermem.api import (
     EffectivePolicy,
     HeartbeatResult,
     NodeInfo,

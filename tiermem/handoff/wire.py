@@ -1,7 +1,7 @@
 """Wire format of the VMM handoff protocol: framing, fd passing and region descriptions.
 
-Shared by the agent's listener (:mod:`tiermem.vmm.handoff`) and the VMM client
-(:mod:`tiermem.vmm.client`). A frame is a 4-byte big-endian length followed by
+Shared by the agent's listener (:mod:`tiermem.handoff.listener`) and the VMM client
+(:mod:`tiermem.handoff.client`). A frame is a 4-byte big-endian length followed by
 that many bytes of UTF-8 JSON (one object), at most :data:`MAX_MESSAGE` bytes.
 """
 

@@ -1,21 +1,27 @@
 """PAGEMAP_SCAN for the simulated kernel: categories, matching and merged regions, vectorised.
 
-The sim keeps one state byte per page (see :mod:`tiermem.kernel.sim`) that takes
-three values: ``ST_NONE`` (unpopulated), ``ST_PROT`` (present, uffd bit set) and
-``ST_ACC`` (present, uffd bit clear). Inside one VMA the PAGEMAP_SCAN categories
-of a page depend only on that byte and on the VMA's registration mode, so a scan
-is: per VMA, map the three states to "region key" (``categories & return_mask``
+The sim keeps one state byte per page (see :mod:`tiermem.sim.kernel`) that takes
+four values: ``ST_NONE`` (not in the memfd), ``ST_CACHED`` (in the memfd's page
+cache, pte_none in the guest mapping), ``ST_PROT`` (mapped, uffd bit set) and
+``ST_ACC`` (mapped, uffd bit clear). Bit 0 is "mapped in the guest". Inside one VMA
+the PAGEMAP_SCAN categories of a page depend only on that byte and on the VMA's
+registration mode (pagemap sees PTEs: a cached page reads like a hole), so a scan
+is: per VMA, map the states to "region key" (``categories & return_mask``
 when the page matches, else no match), find where the key changes with a couple
 of whole-array numpy passes, and merge runs across VMA boundaries as the kernel's
 ``pagemap_scan_push_range`` does. No per-page Python loop.
 
-Categories follow ``fs/proc/task_mmu.c`` with the RWP series (v10):
+Categories follow ``fs/proc/task_mmu.c`` of mainline 7.3:
 
-* present shmem page: ``PAGE_IS_PRESENT | PAGE_IS_FILE``;
+* present shmem page: ``PAGE_IS_PRESENT | PAGE_IS_FILE`` (an RWP-protected PTE is
+  PAGE_NONE, which is present);
 * ``PAGE_IS_ACCESSED`` only inside ``VM_UFFD_RWP`` VMAs, for present pages whose
-  uffd bit is clear; unpopulated pages there are "neither hot nor cold" (v10): they
-  never appear in a scan, inverted or not, so "not accessed" means resident and
-  still protected;
+  uffd bit is clear. pte_none pages (holes and cached-but-unmapped pages) have no
+  category: a non-inverted ``PAGE_IS_ACCESSED`` scan skips them, but an inverted
+  one, or ``category_mask=0``, reports them with categories 0 (the v10 patch hid
+  them; mainline does not). So "not accessed" alone does not mean "protected":
+  ask for ``PAGE_IS_PRESENT`` too;
+* ``PM_SCAN_WP_MATCHING`` skips RWP VMAs silently (no EINVAL, unlike v2);
 * ``PAGE_IS_WRITTEN`` only inside ``VM_UFFD_WP`` VMAs (unpopulated pages included);
 * soft-dirty is compiled out of the modelled kernel, nothing is swapped or huge.
 """
@@ -31,6 +37,7 @@ from tiermem.kernel import uapi
 
 __all__ = [
     "ST_ACC",
+    "ST_CACHED",
     "ST_NONE",
     "ST_PROT",
     "categories_by_state",
@@ -43,7 +50,10 @@ __all__ = [
 ]
 
 ST_NONE = 0
-"""Unpopulated: never touched (``populated=False``) or punched."""
+"""Not in the memfd: never touched (``populated=False``) or punched."""
+ST_CACHED = 2
+"""In the memfd's page cache, pte_none in the guest mapping (written through the I/O mapping,
+or MADV_DONTNEED'd): cannot be RWP-protected; an access maps it (or faults MINOR)."""
 ST_PROT = 1
 """Present with the uffd bit set: RWP-protected (PAGE_NONE + marker)."""
 ST_ACC = 3
@@ -53,7 +63,7 @@ _NO_MATCH = -1
 
 
 def categories_by_state(mode: int) -> tuple[int, int, int]:
-    """PAGEMAP_SCAN categories of (ST_NONE, ST_PROT, ST_ACC) pages in a VMA registered with ``mode``."""
+    """PAGEMAP_SCAN categories of (pte_none, ST_PROT, ST_ACC) pages in a VMA registered with ``mode``."""
     wp = bool(mode & uapi.UFFDIO_REGISTER_MODE_WP)
     rwp = bool(mode & uapi.UFFDIO_REGISTER_MODE_RWP)
     present = uapi.PAGE_IS_PRESENT | uapi.PAGE_IS_FILE
@@ -83,7 +93,7 @@ def _segment_runs(
     if k_prot == k_acc:
         cls, two = sl & 1, (k_none, k_acc)
     elif k_none == k_prot:
-        cls, two = sl >> 1, (k_none, k_acc)
+        cls, two = (sl == ST_ACC).view(np.uint8), (k_none, k_acc)
     elif k_none == k_acc:
         cls, two = (sl == ST_PROT).view(np.uint8), (k_none, k_prot)
     else:
@@ -96,7 +106,7 @@ def _segment_runs(
     ends[:-1] = edges
     ends[-1] = m
     if two is None:
-        lut = np.array([k_none, k_prot, _NO_MATCH, k_acc], dtype=np.int64)
+        lut = np.array([k_none, k_prot, k_none, k_acc], dtype=np.int64)  # ST_CACHED reads as pte_none
         return starts, ends, lut[sl[starts]]
     # Two classes: the runs alternate, so no per-run gather is needed.
     first = two[int(cls[0])]
@@ -131,8 +141,6 @@ def scan_runs(
             continue
         c_none, c_prot, c_acc = categories_by_state(mode)
         k_none, k_prot, k_acc = (_key(c, mask, inverted, anyof, ret) for c in (c_none, c_prot, c_acc))
-        if mode & uapi.UFFDIO_REGISTER_MODE_RWP:
-            k_none = _NO_MATCH  # pte_none in an RWP VMA is not part of the working set
         s, e, k = _segment_runs(state[a:b], k_none, k_prot, k_acc)
         starts.append(s + a)
         ends.append(e + a)
@@ -221,11 +229,10 @@ def check_scan_flags(flags: int, modes: Sequence[int]) -> bool:
     """pagemap_scan_test_walk for the VMAs' registration modes; True means "skip them all".
 
     The sim models no WP-async VMA, so PM_SCAN_CHECK_WPASYNC fails with EPERM and
-    PM_SCAN_WP_MATCHING skips every VMA, except an RWP one, which is EINVAL (v2 10/14).
+    PM_SCAN_WP_MATCHING skips every VMA, RWP ones included (silently, as mainline does; the
+    v2 patch's EINVAL was dropped).
     """
-    for mode in modes:
-        if flags & uapi.PM_SCAN_WP_MATCHING and mode & uapi.UFFDIO_REGISTER_MODE_RWP:
-            raise kerr(errno.EINVAL, "PAGEMAP_SCAN: PM_SCAN_WP_MATCHING on an RWP range")
+    for _mode in modes:
         if flags & uapi.PM_SCAN_CHECK_WPASYNC:
             raise kerr(errno.EPERM, "PAGEMAP_SCAN: range is not WP-async")
     return bool(flags & uapi.PM_SCAN_WP_MATCHING)

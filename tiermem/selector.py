@@ -9,17 +9,17 @@ from tiermem.errors import InvalidArgument
 
 __all__ = ["matches", "normalize_selector", "parse_selector", "validate_labels"]
 
-_KEY = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,62})$")
-_VALUE = re.compile(r"^[A-Za-z0-9._-]{0,63}$")
+_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}", re.ASCII)
+_VALUE = re.compile(r"[A-Za-z0-9._-]{0,63}", re.ASCII)
 MAX_LABELS = 64
 
 
 def _check_pair(key: str, value: str, what: str) -> None:
-    if not _KEY.match(key):
+    if not isinstance(key, str) or not _KEY.fullmatch(key):
         raise InvalidArgument(
             f"invalid {what} key {key!r}: 1-63 characters of [A-Za-z0-9._/-], alphanumeric first"
         )
-    if not _VALUE.match(value):
+    if not isinstance(value, str) or not _VALUE.fullmatch(value):
         raise InvalidArgument(
             f"invalid {what} value {value!r} for {key!r}: up to 63 characters of [A-Za-z0-9._-]"
         )

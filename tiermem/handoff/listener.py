@@ -1,6 +1,6 @@
 """The VMM handoff protocol, agent side: listener, per-VMM connection, attach description.
 
-Spec: ``docs/handoff.md``; wire format: :mod:`tiermem.vmm.handoff_wire`. A VMM
+Spec: ``docs/handoff.md``; wire format: :mod:`tiermem.handoff.wire`. A VMM
 connects to the agent's Unix stream socket (0600, in a 0700 directory; the peer
 pid comes from SO_PEERCRED) and sends one frame carrying ``[uffd, memfd]``
 (SCM_RIGHTS) and a JSON description. The socket stays open as the control channel:
@@ -34,12 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tiermem import errors
-from tiermem.kernel.backend import Region
-from tiermem.kernel.uffd_base import RealBackend
-from tiermem.kernel.uffd_ioctl import is_memfd, is_userfaultfd
-from tiermem.model import validate_id
-from tiermem.vmm.handoff_conn import HandoffConnection
-from tiermem.vmm.handoff_wire import (
+from tiermem.handoff.conn import HandoffConnection
+from tiermem.handoff.wire import (
     MAX_MESSAGE,
     PROTOCOL_VERSION,
     ProtocolError,
@@ -50,6 +46,13 @@ from tiermem.vmm.handoff_wire import (
     peercred,
     recv_fds,
 )
+from tiermem.kernel import uapi
+from tiermem.kernel.backend import TRACKED_REGISTER_MODE, Region
+from tiermem.kernel.rwp import RwpBackend
+from tiermem.kernel.uffd import MissingOnlyBackend, UffdBackend
+from tiermem.kernel.uffd_base import RealBackend
+from tiermem.kernel.uffd_ioctl import is_memfd, is_userfaultfd
+from tiermem.model import validate_id
 
 __all__ = ["HandoffAttach", "HandoffConnection", "HandoffListener", "ProtocolError"]
 
@@ -109,11 +112,7 @@ class HandoffAttach:
 
     def make_backend(self, *, arm: bool = True) -> RealBackend:
         """The kernel backend for this VM; it owns the fds. ``arm`` negotiates and registers
-        the RWP workflow (``api(RWP|RWP_ASYNC)``, ``register(MISSING|RWP)``) like the sim."""
-        from tiermem.kernel import uapi
-        from tiermem.kernel.rwp import RwpBackend
-        from tiermem.kernel.uffd import MissingOnlyBackend, UffdBackend
-
+        the RWP workflow (``api(RWP|RWP_ASYNC)``, ``register(MISSING|MINOR|RWP)``) like the sim."""
         backend: RealBackend
         if self.mode == "firecracker":
             backend = MissingOnlyBackend(self.uffd_fd, self.regions, self.connection, vmm_pid=self.peer_pid)
@@ -133,11 +132,7 @@ class HandoffAttach:
         if arm and backend.tracking:
             try:
                 backend.api(uapi.UFFD_FEATURE_RWP | uapi.UFFD_FEATURE_RWP_ASYNC)
-                backend.register(
-                    backend.base,
-                    backend.size,
-                    uapi.UFFDIO_REGISTER_MODE_MISSING | uapi.UFFDIO_REGISTER_MODE_RWP,
-                )
+                backend.register(backend.base, backend.size, TRACKED_REGISTER_MODE)
                 if self.mode == "rwp":  # a dead agent may have left the shared uffd context frozen (sync)
                     backend.set_mode(enable=uapi.UFFD_FEATURE_RWP_ASYNC)
             except BaseException:
@@ -288,9 +283,12 @@ class HandoffListener:
         fc = False
         try:
             pid, uid, _ = peercred(sock)
+            # One deadline for the whole handshake: a per-recv timeout alone lets a peer that
+            # trickles a byte now and then hold the connection (and a handshake slot) for ever.
+            deadline = time.monotonic() + self.handshake_timeout
             sock.settimeout(self.handshake_timeout)
             try:
-                desc, fds, fc, pending = self._read_handshake(sock)
+                desc, fds, fc, pending = self._read_handshake(sock, deadline)
                 attach = (
                     self._fc_attach(desc, fds, pid, uid, sock)
                     if fc
@@ -298,7 +296,7 @@ class HandoffListener:
                 )
                 attach.connection._reader.buf += pending
             except TimeoutError:
-                raise ProtocolError("handshake timed out") from None
+                raise self._timed_out() from None
         except ProtocolError as e:
             self._reject(sock, fds, e, fc=fc or e.firecracker)
             sock.close()
@@ -343,16 +341,28 @@ class HandoffListener:
         with contextlib.suppress(OSError):
             _reply_error(sock, str(e), e.code, fc=fc)
 
-    def _read_handshake(self, sock: socket.socket) -> tuple[Any, list[int], bool, bytes]:
-        """(description, fds, firecracker format, bytes after the handshake); fds grow as they arrive."""
+    def _timed_out(self) -> ProtocolError:
+        return ProtocolError(f"handshake timed out: not completed within {self.handshake_timeout:g} s")
+
+    def _read_handshake(self, sock: socket.socket, deadline: float) -> tuple[Any, list[int], bool, bytes]:
+        """(description, fds, firecracker format, bytes after the handshake); fds grow as they arrive.
+
+        ``deadline`` (monotonic) bounds the whole handshake, however the peer paces its bytes.
+        """
         fds: list[int] = []
         buf = bytearray()
 
         def more(timeout: float | None = None) -> bool:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise self._timed_out()
             if timeout is not None:
-                r, _, _ = select.select([sock], [], [], timeout)
+                r, _, _ = select.select([sock], [], [], min(timeout, left))
                 if not r:
+                    if timeout > left:
+                        raise self._timed_out()
                     return False
+            sock.settimeout(left)
             data, got, trunc = recv_fds(sock, 4 + MAX_MESSAGE - len(buf) + 1)
             fds.extend(got)
             if trunc:

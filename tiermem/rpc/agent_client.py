@@ -12,8 +12,8 @@ from typing import Any
 
 import grpc
 
+from tiermem.api import VmSpec
 from tiermem.config import TlsSettings
-from tiermem.control.types import VmSpec
 from tiermem.model import CycleMode, CycleReport, DrainProgress, EvictionPolicy, VmStatus
 from tiermem.rpc import convert as c
 from tiermem.rpc.channel import aio_channel, auth_metadata

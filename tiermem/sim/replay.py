@@ -32,10 +32,11 @@ from tiermem.agent.session import VmSession
 from tiermem.errors import InvalidArgument
 from tiermem.events import EventBus
 from tiermem.kernel import uapi
-from tiermem.kernel.sim import SimKernel
+from tiermem.kernel.backend import TRACKED_REGISTER_MODE
 from tiermem.model import Backend, CycleMode, EvictionCap, EvictionPolicy, VmState
+from tiermem.sim.kernel import SimKernel
+from tiermem.sim.trace import Trace
 from tiermem.store.memory import MemoryPageStore
-from tiermem.vmm.trace import Trace
 
 __all__ = ["ReplayResult", "replay"]
 
@@ -70,7 +71,7 @@ def replay(trace: Trace, interval_ticks: int, cold_after: int, max_evict: Evicti
     n = trace.n_pages
     sim = SimKernel(n, synthetic=True)
     sim.api(uapi.UFFD_FEATURE_RWP | uapi.UFFD_FEATURE_RWP_ASYNC)
-    sim.register(sim.base, sim.size, uapi.UFFDIO_REGISTER_MODE_MISSING | uapi.UFFDIO_REGISTER_MODE_RWP)
+    sim.register(sim.base, sim.size, TRACKED_REGISTER_MODE)
     store = MemoryPageStore("memory")
     index = PageIndex(":memory:", fsync=False)
     vm = "replay"

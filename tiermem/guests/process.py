@@ -1,12 +1,12 @@
 """A process guest: a plain process whose "guest RAM" is a GuestMemory handed over to the agent.
 
-It runs guest workloads (:mod:`tiermem.vmm.workloads`) as real loads and stores
+It runs guest workloads (:mod:`tiermem.sim.workloads`) as real loads and stores
 on its guest mapping (each write increments the page's u32 counter and stamps its
-index, :mod:`tiermem.vmm.content`), keeps the expected counters, and verifies
+index, :mod:`tiermem.sim.content`), keeps the expected counters, and verifies
 every page through the guest mapping (evicted pages fault back in). It is the
 real-kernel test guest when KVM is not wanted::
 
-    python -m tiermem.vmm.process_guest --socket PATH --vm-id ID --memory 64M \\
+    python -m tiermem.guests.process --socket PATH --vm-id ID --memory 64M \\
         --workload hotset:0.1 --seed 1 --batches 100            # run, verify, print JSON, exit
 
 With ``--control`` it then reads commands on stdin, one per line, and answers each
@@ -36,12 +36,12 @@ from typing import Any
 import numpy as np
 
 from tiermem.errors import InvalidArgument, TiermemError
+from tiermem.handoff.client import GuestMemory
 from tiermem.kernel import uapi
 from tiermem.kernel.uffd_ioctl import madvise
+from tiermem.sim import content
+from tiermem.sim.workloads import ExpectedCounters, Workload, parse_workload
 from tiermem.units import parse_memory
-from tiermem.vmm import content
-from tiermem.vmm.client import GuestMemory
-from tiermem.vmm.workloads import ExpectedCounters, Workload, parse_workload
 
 __all__ = ["ProcessGuest", "main", "parse_pages"]
 
@@ -175,15 +175,13 @@ def _command(guest: ProcessGuest, line: str) -> tuple[dict[str, Any], bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m tiermem.vmm.process_guest``."""
-    ap = argparse.ArgumentParser(
-        prog="python -m tiermem.vmm.process_guest", description=__doc__.split("\n")[0]
-    )
+    """Entry point of ``python -m tiermem.guests.process``."""
+    ap = argparse.ArgumentParser(prog="python -m tiermem.guests.process", description=__doc__.split("\n")[0])
     ap.add_argument("--socket", required=True, help="the agent's handoff socket")
     ap.add_argument("--vm-id", required=True)
     ap.add_argument("--memory", default="64M", help="guest RAM, QEMU style (64M, 1G)")
     ap.add_argument("--mode", choices=("uffd", "rwp"), default=None, help="default: probe the kernel")
-    ap.add_argument("--workload", default=None, help="e.g. hotset:0.1, zipf:1.1 (tiermem.vmm.workloads)")
+    ap.add_argument("--workload", default=None, help="e.g. hotset:0.1, zipf:1.1 (tiermem.sim.workloads)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--batches", type=int, default=0, help="workload batches to run before verifying")
     ap.add_argument("--prefill", action="store_true", help="write every page once before the handoff")

@@ -1,0 +1,1 @@
+"""The VMM handoff protocol, both ends: wire format, the agent's listener and connections, the VMM client library."""

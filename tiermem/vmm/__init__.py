@@ -1,1 +1,0 @@
-"""VMM side: handoff protocol, VMM client library, process guest, KVM VMM, workloads and traces."""
