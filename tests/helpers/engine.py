@@ -140,7 +140,14 @@ class Compose:
     ports: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.ports = {v: free_port() for v in PORT_VARS}
+        picked: set[int] = set()
+        for v in PORT_VARS:
+            # distinct ports: the kernel may hand the port just released to the next bind
+            port = free_port()
+            while port in picked:
+                port = free_port()
+            picked.add(port)
+            self.ports[v] = port
         self.env = {**self.env, **{k: str(p) for k, p in self.ports.items()},
                     "COMPOSE_PROFILES": self.profiles, "TIERMEM_HANDOFF_DIR": str(self.handoff_dir)}  # fmt: skip
 

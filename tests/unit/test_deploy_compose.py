@@ -319,7 +319,7 @@ def test_agent_profiles_and_privileges(compose: dict[str, Any]) -> None:
         s = svcs[name]
         assert s["profiles"] == ["sim"]
         assert not s.get("devices") and not s.get("cap_add") and s.get("cap_drop") == ["ALL"]
-        assert "user" not in s  # the image's non-root user
+        assert s.get("user") == "10001:10001"  # the image's non-root user, as the manifests name it
     u = svcs["agent-uffd"]
     assert u["profiles"] == ["uffd"]
     assert any(d.startswith("/dev/userfaultfd") for d in u["devices"])

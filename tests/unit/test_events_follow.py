@@ -11,7 +11,7 @@ from structlog.testing import capture_logs
 from tiermem.cli.events import RETRY_MAX_S, resuming
 from tiermem.control.clock import ManualClock
 from tiermem.control.events import EventLog
-from tiermem.control.state import open_state
+from tiermem.control.state_open import open_state
 from tiermem.errors import FailedPrecondition, Unavailable
 from tiermem.events import log_level
 from tiermem.model import Event, EventKind
