@@ -124,6 +124,8 @@ class AgentSettings(_Base):
     a pod-local port; ``require_client_cert`` demands a client certificate signed by ``ca_file``)."""
     reflection: bool = False
     """Serve gRPC reflection."""
+    reflection_without_token: bool = False
+    """Serve reflection without a token too (grpcurl's discovery; health needs no token in any case)."""
     log_json: bool = True
     """Structured JSON logs (false: console format)."""
     log_level: LogLevel = "info"
@@ -201,6 +203,8 @@ class ControlPlaneSettings(_Base):
     a pod-local port; ``require_client_cert`` demands a client certificate signed by ``ca_file``)."""
     reflection: bool = False
     """Serve gRPC reflection."""
+    reflection_without_token: bool = False
+    """Serve reflection without a token too (grpcurl's discovery; health needs no token in any case)."""
     log_json: bool = True
     """Structured JSON logs."""
     log_level: LogLevel = "info"

@@ -58,7 +58,11 @@ async def serve_agent(settings: AgentSettings, metrics: AgentMetrics | None = No
     agent = await asyncio.to_thread(Agent, settings, metrics)
     servicer = NodeAgentServicer(agent)
     opts = ServerOptions(
-        listen=settings.listen, tls=settings.tls, token=settings.token, reflection=settings.reflection
+        listen=settings.listen,
+        tls=settings.tls,
+        token=settings.token,
+        reflection=settings.reflection,
+        reflection_without_token=settings.reflection_without_token,
     )
     started = await start_server(
         lambda srv: agent_pb2_grpc.add_NodeAgentServicer_to_server(servicer, srv), [SERVICE_NAME], opts

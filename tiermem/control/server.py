@@ -107,7 +107,7 @@ async def serve_control_plane(
             replica_id=settings.replica_id,
         )
         servicer = ControlPlaneServicer(plane)
-        auth = TokenAuthInterceptor.from_spec(settings.token)
+        auth = TokenAuthInterceptor.from_spec(settings.token, settings.reflection_without_token)
         started = await start_server(
             lambda srv: cgrpc.add_ControlPlaneServicer_to_server(servicer, srv),
             [SERVICE_NAME],

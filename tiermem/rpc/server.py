@@ -29,6 +29,8 @@ class ServerOptions:
     tls: TlsSettings = field(default_factory=TlsSettings)
     token: str = ""
     reflection: bool = False
+    reflection_without_token: bool = False
+    """Serve reflection to callers without a token (grpcurl against a token-protected server)."""
     min_ping_interval_ms: int = SERVER_MIN_PING_INTERVAL_MS
     """Keepalive enforcement: clients may ping this often (tests shorten it)."""
 
@@ -56,7 +58,7 @@ async def start_server(
     """Create, populate (``register``) and start a server; returns the bound port."""
     chain: list[Any] = list(interceptors)
     if opts.token:
-        chain.insert(0, TokenAuthInterceptor(opts.token))
+        chain.insert(0, TokenAuthInterceptor(opts.token, opts.reflection_without_token))
     server = grpc.aio.server(
         interceptors=chain,
         options=server_options(opts.min_ping_interval_ms),
