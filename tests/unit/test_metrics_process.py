@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 import urllib.request
+from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from tiermem.config import AgentSettings, ControlPlaneSettings, TlsSettings
@@ -36,3 +41,24 @@ def test_plain_http_scrape() -> None:
             assert b"process_resident_memory_bytes" in r.read()
     finally:
         stop_metrics()
+
+
+@pytest.mark.parametrize("kind", ["agent", "controlplane"])
+def test_busy_metrics_port_is_one_line_error(kind: str, tmp_path: Path) -> None:
+    """The gRPC server already runs when the metrics port turns out busy: it is stopped cleanly."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        extra = (
+            ["--data-dir", str(tmp_path)] if kind == "agent" else ["--state", f"sqlite:///{tmp_path}/cp.db"]
+        )
+        r = subprocess.run(
+            [sys.executable, "-m", "tiermem", "serve", kind, "--listen", "127.0.0.1:0", "--metrics",
+             f"127.0.0.1:{port}", "--log-level", "warning", *extra],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        f"tiermem: error: cannot serve metrics on 127.0.0.1:{port}: Address already in use"
+    ]

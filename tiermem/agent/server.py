@@ -72,7 +72,11 @@ async def serve_agent(settings: AgentSettings, metrics: AgentMetrics | None = No
     running = RunningAgent(agent, started, address, servicer)
     if settings.metrics_listen:
         add_process_collectors(agent.metrics.registry)
-        start_metrics(settings.metrics_listen, settings.metrics_tls, agent.metrics.registry)
+        try:
+            start_metrics(settings.metrics_listen, settings.metrics_tls, agent.metrics.registry)
+        except BaseException:
+            await running.stop(0)  # the gRPC server is up: stop it on this loop, not at interpreter exit
+            raise
         running.closers.append(stop_metrics)
     closer = start_handoff(agent)
     if closer is not None:

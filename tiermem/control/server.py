@@ -124,7 +124,11 @@ async def serve_control_plane(
     await plane.start()
     running = RunningControlPlane(plane, started, address, state, agents)
     if settings.metrics_listen:
-        running.metrics_port = start_metrics(settings.metrics_listen, settings.metrics_tls)
+        try:
+            running.metrics_port = start_metrics(settings.metrics_listen, settings.metrics_tls)
+        except BaseException:
+            await running.stop(0)  # the gRPC server is up: stop it on this loop, not at interpreter exit
+            raise
     log.info("control plane serving", address=address, state=state.url, replica=settings.replica_id,
              leader=plane.is_leader)  # fmt: skip
     return running
