@@ -1,10 +1,8 @@
-"""Suite-wide fixtures: capability skips, and real Redis / S3 servers on loopback."""
+"""Suite-wide fixtures: capability checks (tests/helpers/capability.py), and real Redis / S3 servers on loopback."""
 
 from __future__ import annotations
 
-import functools
 import os
-import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,24 +11,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tests.helpers.capability import REQUIRED, in_ci, redis_reason, require, s3_reason
 from tests.helpers.servers import RedisServer, S3Server
-
-
-@functools.cache
-def uffd_reason() -> str | None:
-    """None if the real userfaultfd path can run here, else why not."""
-    from tiermem.kernel.probe import probe_host
-
-    rep = probe_host()
-    return None if rep.backends["uffd"] else f"real userfaultfd unavailable: {rep.reasons['uffd']}"
-
-
-@functools.cache
-def kvm_reason() -> str | None:
-    """None if /dev/kvm works, else why not."""
-    from tiermem.kernel.probe import kvm_api_version
-
-    return None if kvm_api_version() == 12 else "/dev/kvm is missing or unusable"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -39,20 +21,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if "uffd" in item.keywords and (why := uffd_reason()):
-            item.add_marker(pytest.mark.skip(reason=why))
-        if "kvm" in item.keywords and (why := kvm_reason()):
-            item.add_marker(pytest.mark.skip(reason=why))
         if "soak" in item.keywords and not config.getoption("--soak"):
             item.add_marker(pytest.mark.skip(reason="soak test: run with --soak"))
-        if "redis" in item.keywords and shutil.which("redis-server") is None:
-            # make test installs redis-server; a missing binary means a broken setup, so fail loudly.
-            item.add_marker(pytest.mark.xfail(reason="redis-server not installed", run=False, strict=True))
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test marked redis, s3, uffd or kvm needs that capability: skipped without it, failed in CI."""
+    for marker, reason in REQUIRED.items():
+        if marker in item.keywords:
+            require(reason())
 
 
 @pytest.fixture(scope="session")
 def redis_srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """One real redis-server for the session (tests namespace their keys by VM id)."""
+    require(redis_reason())
     srv = RedisServer(tmp_path_factory.mktemp("redis")).start()
     yield srv
     srv.stop()
@@ -60,8 +43,11 @@ def redis_srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]
 
 @pytest.fixture(scope="session")
 def s3_srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """One real S3 API server (SeaweedFS, or moto's server) for the session."""
-    srv = S3Server(tmp_path_factory.mktemp("s3")).start(os.environ.get("TIERMEM_TEST_S3", "weed"))
+    """One real S3 API server (SeaweedFS; outside CI, moto's server if SeaweedFS is missing) for the session."""
+    require(s3_reason())
+    srv = S3Server(tmp_path_factory.mktemp("s3")).start(
+        os.environ.get("TIERMEM_TEST_S3", "weed"), fallback=not in_ci()
+    )
     old = {k: os.environ.get(k) for k in srv.env()}
     os.environ.update(srv.env())
     yield srv

@@ -106,6 +106,9 @@ class AgentSettings(_Base):
     """Run cycles from local policies when the control plane has been unreachable this long."""
     fsync: bool = True
     """fsync the index and local store before punching pages."""
+    page_key_file: str = ""
+    """Keyring of the page MAC (tiermem.store.pagemac). Empty: <data_dir>/page-keys.json, created 0600 at
+    first start (a key per agent). Point every node at one mounted secret for a key per fleet."""
     max_concurrent_cycles: int = Field(default=256, ge=1, le=4096)
     """Cycles, drains and verifications served at once (threads: each cycle holds one for its whole detection
     window, mostly asleep); more wait for a thread. Other RPCs have their own threads and never wait on these."""
@@ -148,6 +151,10 @@ class AgentSettings(_Base):
     def handoff_path(self) -> str:
         """The handoff socket path."""
         return self.handoff_socket or str(Path(self.data_dir) / "handoff.sock")
+
+    def page_key_path(self) -> str:
+        """The page MAC keyring file."""
+        return self.page_key_file or str(Path(self.data_dir) / "page-keys.json")
 
 
 class ControlPlaneSettings(_Base):

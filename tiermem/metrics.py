@@ -1,8 +1,10 @@
 """The Prometheus endpoint of a tiermem process.
 
-Every module registers its series on prometheus_client's default registry (one
-registry per process); :func:`start_metrics` serves it on ``metrics_listen``.
-The series are listed in docs/metrics.md.
+One registry strategy: each service instance (an agent, a control plane) keeps
+its series on its own registry from :func:`service_registry`, which also carries
+the process and Python runtime collectors, so several instances can share a
+process (tests, the demo). :func:`start_metrics` serves one registry on
+``metrics_listen``. The series are listed in docs/metrics.md.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import threading
 from typing import Any
 
 from prometheus_client import (
-    REGISTRY,
     CollectorRegistry,
     GCCollector,
     PlatformCollector,
@@ -22,7 +23,7 @@ from prometheus_client import (
 from tiermem.config import TlsSettings
 from tiermem.errors import ConfigurationError
 
-__all__ = ["add_process_collectors", "metrics_port", "start_metrics", "stop_metrics"]
+__all__ = ["metrics_port", "service_registry", "start_metrics", "stop_metrics"]
 
 _lock = threading.Lock()
 _server: Any = None
@@ -38,7 +39,16 @@ def _split(listen: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def start_metrics(listen: str, tls: TlsSettings | None = None, registry: CollectorRegistry = REGISTRY) -> int:
+def service_registry() -> CollectorRegistry:
+    """A new registry for one service instance, with the process, platform and GC collectors."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
+def start_metrics(listen: str, registry: CollectorRegistry, tls: TlsSettings | None = None) -> int:
     """Serve ``/metrics`` on ``listen`` (host:port; port 0 picks one) and return the bound port.
 
     Idempotent for the same ``listen``; a second, different address is an error.
@@ -66,18 +76,6 @@ def start_metrics(listen: str, tls: TlsSettings | None = None, registry: Collect
             raise ConfigurationError(f"cannot serve metrics on {listen}: {e.strerror or e}") from None
         _listen = listen
         return int(_server.server_port)
-
-
-def add_process_collectors(registry: CollectorRegistry) -> None:
-    """The process (CPU, RSS, fds), Python platform and GC series on ``registry``.
-
-    prometheus_client puts them on its default registry only; an agent serves its own registry.
-    """
-    if registry is REGISTRY:
-        return
-    ProcessCollector(registry=registry)
-    PlatformCollector(registry=registry)
-    GCCollector(registry=registry)
 
 
 def metrics_port() -> int | None:

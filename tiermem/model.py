@@ -151,6 +151,9 @@ class EvictionPolicy:
     """No cycles run while paused."""
     slo_promotion_rate: float = 0.0
     """Maximum promotions per evicted page per minute (0.002 = 0.2%/min); 0 disables the SLO."""
+    poison_missing: bool = False
+    """A fault on an evicted page whose payload is gone from its store: False waits (the agent keeps
+    retrying, the vCPU stays blocked), True answers with UFFDIO_POISON (the guest gets SIGBUS)."""
     version: int = 0
     """Monotonic version assigned by the control plane (0 = local)."""
 
@@ -262,6 +265,8 @@ class VmStatus:
     fault_p99_us: int = 0
     updated_unix_ms: int = 0
     node_up: bool = True
+    incarnation: str = ""
+    """The VM's incarnation on its agent (16 hex digits; empty where unknown)."""
 
 
 @dataclass
@@ -294,7 +299,7 @@ def policy_to_dict(p: EvictionPolicy) -> dict[str, Any]:
         "max_evict": {"pages": p.max_evict.pages, "bytes": p.max_evict.bytes, "fraction": p.max_evict.fraction},
         "min_resident_bytes": p.min_resident_bytes, "store": p.store, "compression": p.compression.value,
         "prefetch_pages": p.prefetch_pages, "paused": p.paused, "slo_promotion_rate": p.slo_promotion_rate,
-        "version": p.version,
+        "poison_missing": p.poison_missing, "version": p.version,
     }  # fmt: skip
 
 
@@ -315,6 +320,7 @@ def policy_from_dict(d: dict[str, Any]) -> EvictionPolicy:
             prefetch_pages=int(d.get("prefetch_pages", base.prefetch_pages)),
             paused=bool(d.get("paused", False)),
             slo_promotion_rate=float(d.get("slo_promotion_rate", 0.0)),
+            poison_missing=bool(d.get("poison_missing", False)),
             version=int(d.get("version", 0)),
         )
     except (TypeError, ValueError) as e:

@@ -15,6 +15,7 @@ import pytest
 
 from tests.helpers.guest import GuestProc, pages_spec
 from tests.helpers.servers import RedisServer, free_port, wait_port
+from tests.helpers.wait import wait_until
 from tiermem.agent.attach import start_handoff
 from tiermem.agent.node import Agent
 from tiermem.config import AgentSettings
@@ -38,17 +39,10 @@ def agent(tmp_path: Path) -> Iterator[Agent]:
     a.close()
 
 
-def wait_attached(agent: Agent, vm: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while vm not in agent.sessions:
-        assert time.monotonic() < deadline, f"{vm} never attached"
-        time.sleep(0.02)
-
-
 def test_detection_is_exact_and_evicted_pages_fault_back(agent: Agent, tmp_path: Path) -> None:
     guest = GuestProc(agent.settings.handoff_path(), "pg1", "16M")
     try:
-        wait_attached(agent, "pg1")
+        wait_until(lambda: "pg1" in agent.sessions, 10, "pg1 to attach")
         n = 4096
         agent.set_policy("pg1", EvictionPolicy(cold_after=1, prefetch_pages=0))
         guest.cmd(f"touch 0-{n - 1} w")  # populate: first touches are MISSING faults, zero-filled
@@ -68,7 +62,7 @@ def test_detection_is_exact_and_evicted_pages_fault_back(agent: Agent, tmp_path:
         assert rep.pages_hot == len(hot)
         assert rep.pages_evicted == n - len(hot)
         assert agent.index.count("pg1") == n - len(hot)
-        st = agent.store("default").usage("pg1")
+        st = agent.store("default").usage(agent.sessions["pg1"].space)
         assert st.pages == n - len(hot)  # every page was written: none is a zero page
         # the guest touches evicted pages: each is a real MISSING fault served from the local store
         cold = [p for p in range(0, n, 7) if p not in set(hot)]
@@ -83,7 +77,7 @@ def test_detection_is_exact_and_evicted_pages_fault_back(agent: Agent, tmp_path:
 def test_cycles_while_the_guest_runs_lose_nothing(agent: Agent) -> None:
     guest = GuestProc(agent.settings.handoff_path(), "pg2", "16M", "--workload", "hotset:0.1", "--seed", "5")
     try:
-        wait_attached(agent, "pg2")
+        wait_until(lambda: "pg2" in agent.sessions, 10, "pg2 to attach")
         agent.set_policy("pg2", EvictionPolicy(cold_after=1, prefetch_pages=4))
         guest.cmd("touch 0-4095 w")
         evicted = 0
@@ -95,7 +89,7 @@ def test_cycles_while_the_guest_runs_lose_nothing(agent: Agent) -> None:
         assert guest.cmd("verify")["mismatches"] == 0
         prog = agent.drain("pg2")
         assert prog.done and agent.index.count("pg2") == 0
-        assert agent.store("default").usage("pg2").pages == 0
+        assert agent.store("default").usage(agent.sessions["pg2"].space).pages == 0
         assert guest.cmd("verify")["mismatches"] == 0
     finally:
         guest.close()
@@ -123,7 +117,7 @@ def test_agent_sigkill_and_restart_serves_every_page(tmp_path: Path) -> None:
     agent = _agent_proc(tmp_path, redis.url, port)
     guest = None
     try:
-        wait_port(port, 30, agent)  # type: ignore[arg-type]
+        wait_port(port, 30, agent)
         stub = agent_pb2_grpc.NodeAgentStub(sync_channel(f"127.0.0.1:{port}"))
         guest = GuestProc(str(tmp_path / "h" / "handoff.sock"), "pg3", "16M")
         guest.cmd("touch 0-4095 w")
@@ -136,7 +130,7 @@ def test_agent_sigkill_and_restart_serves_every_page(tmp_path: Path) -> None:
         agent.wait(10)
         # the agent is dead: its pages live in Redis and in the durable index only
         agent = _agent_proc(tmp_path, redis.url, port)
-        wait_port(port, 30, agent)  # type: ignore[arg-type]
+        wait_port(port, 30, agent)
         deadline = time.monotonic() + 20
         while True:  # the VMM reconnects on its own and re-sends its fds
             vms = stub.ListVms(agent_pb2.ListVmsRequest(), timeout=5).vms

@@ -28,6 +28,8 @@ def test_fault_local() -> None:
     out = bench("fault", "--faults", "200")
     (r,) = out["rows"]
     check_fault_row(r, "local", 200)
+    assert r["mac"]["pages"] == 200 and r["mac"]["verify_us_per_page"] > 0  # the MAC's cost per fault
+    assert r["mac_share_of_agent_p50"] is not None and r["mac_share_of_agent_p50"] > 0
     assert set(out["goals"]) == {"local_p50_le_100us", "local_p99_le_1ms"}
 
 

@@ -64,3 +64,42 @@ def test_vm_run_under_an_agent_hands_its_memory_over(tmp_path: Path) -> None:
 def test_vm_run_bad_memory_is_one_line() -> None:
     p = _run("--memory", "lots")
     assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_vm_run_over_an_earlier_vmms_pages_needs_fresh(tmp_path: Path) -> None:
+    # issue 17 item 1 from the CLI: a plain `vm run` under an id whose evicted pages belong to an earlier
+    # VMM is refused with one line naming the ways out; --fresh starts a new incarnation
+    from tests.helpers.guest import GuestProc
+    from tiermem.model import CycleMode, EvictionPolicy, VmState
+
+    agent = Agent(AgentSettings(node_id="n1", data_dir=str(tmp_path / "a"), autonomous=False,
+                                handoff_socket=str(tmp_path / "h" / "sock")))  # fmt: skip
+    stop = start_handoff(agent)
+    path = agent.settings.handoff_path()
+    try:
+        old = GuestProc(path, "kv2", "4M")
+        agent.set_policy("kv2", EvictionPolicy(cold_after=1, prefetch_pages=0))
+        old.cmd("touch 0-1023 w")
+        assert agent.run_cycle("kv2", CycleMode.EVICT, 100).pages_evicted == 1024
+        old.proc.kill()
+        old.proc.wait(10)
+        old.close()
+        deadline = time.monotonic() + 10
+        while agent.sessions["kv2"].state is not VmState.DISCONNECTED and time.monotonic() < deadline:
+            time.sleep(0.05)
+        old_inc = agent.sessions["kv2"].incarnation
+
+        p = _run("--memory", "4M", "--duration", "1s", "--vm-id", "kv2", "--agent", path)
+        assert p.returncode == 3, p.stderr  # EXIT_PRECONDITION
+        assert len(p.stderr.strip().splitlines()) == 1 and "reattach with the secret" in p.stderr
+        assert agent.index.count("kv2") == 1024  # nothing of the old VM was touched
+
+        p = _run("--memory", "4M", "--duration", "1s", "--workload", "hotset:0.2", "--vm-id", "kv2",
+                 "--agent", path, "--fresh")  # fmt: skip
+        assert p.returncode == 0, p.stderr
+        assert json.loads(p.stdout)["mismatches"] == 0  # its own memory, not the old VM's
+        assert agent.sessions.get("kv2") is None or agent.sessions["kv2"].incarnation != old_inc
+    finally:
+        if stop:
+            stop()
+        agent.close()

@@ -123,7 +123,7 @@ BAD_HANDSHAKES: list[tuple[str, object, int, str]] = [
 def test_bad_handshakes_get_an_error_their_fds_closed_and_others_are_served(
     agent: MiniAgent, name: str, payload: object, nfds: int, code: str
 ) -> None:
-    data = encode_frame(payload) if isinstance(payload, dict) else bytes(payload)  # type: ignore[arg-type]
+    data = encode_frame(payload) if isinstance(payload, dict) else bytes(payload)
     r, w = os.pipe()
     with connect(agent.path) as s:
         send(s, data, [w] * nfds)

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.helpers.servers import RedisServer
+from tests.helpers.wait import wait_until
 from tiermem.agent.attach import start_handoff
 from tiermem.agent.node import Agent
 from tiermem.config import AgentSettings
@@ -46,20 +47,6 @@ def agent(tmp_path: Path) -> Iterator[Agent]:
     a.close()
 
 
-def _wait_attached(agent: Agent, vm_id: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while vm_id not in agent.sessions:
-        assert time.monotonic() < deadline, f"{vm_id} never attached"
-        time.sleep(0.02)
-
-
-def _eventually(pred: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, "condition never became true"
-        time.sleep(0.02)
-
-
 def _cycles_while_running(agent: Agent, vms: list[KvmVm], n: int, interval_ms: int) -> list[int]:
     """``n`` evict cycles per VM while every guest runs its workload; returns pages evicted per VM."""
     runners = [threading.Thread(target=vm.run, args=(600.0,), kwargs={"verify": False}) for vm in vms]
@@ -84,7 +71,7 @@ def _cycles_while_running(agent: Agent, vms: list[KvmVm], n: int, interval_ms: i
 def _run_scenario(agent: Agent, vm_id: str, memory: int, store: str = "default") -> None:
     with KvmVm(vm_id, memory, vcpus=1, workload_spec=f"hotset:{HOT}:w=0.3", seed=5) as vm:
         vm.start(agent.settings.handoff_path())
-        _wait_attached(agent, vm_id)
+        wait_until(lambda: vm_id in agent.sessions, 10, f"{vm_id} to attach")
         assert vm.mode == "uffd"
         vm.prefill()
         # No prefetch while cycling: a hot page the guest did not reach within one detection window (this
@@ -114,7 +101,11 @@ def _run_scenario(agent: Agent, vm_id: str, memory: int, store: str = "default")
         vm.touch(sample[:100], write=True)
         assert counters.faults_served > served
         # all back in the guest (the agent drops an index entry right after the page is installed)
-        _eventually(lambda: not np.intersect1d(agent.index.evicted_pages(vm_id), sample).size)
+        wait_until(
+            lambda: not np.intersect1d(agent.index.evicted_pages(vm_id), sample).size,
+            10,
+            "the sample to be resident",
+        )
         assert counters.store_errors == 0 and counters.integrity_errors == 0
 
         # prefetch keeps the full verification (every evicted page faults back) quick
@@ -136,7 +127,7 @@ def test_kvm_guest_against_redis(tmp_path: Path) -> None:
     a, stop = _agent(tmp_path, {"redis": redis.url})
     try:
         _run_scenario(a, "kvm-redis", 256 * MiB, store="redis")
-        assert a.store("redis").usage("kvm-redis").pages == 0
+        assert a.store("redis").usage().pages == 0  # nothing left in any namespace
     finally:
         if callable(stop):
             stop()
@@ -149,7 +140,7 @@ def test_two_kvm_guests_under_one_agent(agent: Agent) -> None:
          KvmVm("kvm-g2", 32 * MiB, vcpus=1, workload_spec=f"hotset:{HOT}:w=0.5", seed=2) as b:  # fmt: skip
         for vm in (a, b):
             vm.start(agent.settings.handoff_path())
-            _wait_attached(agent, vm.vm_id)
+            wait_until(lambda vm_id=vm.vm_id: vm_id in agent.sessions, 10, f"{vm.vm_id} to attach")
             vm.prefill()
             agent.set_policy(vm.vm_id, EvictionPolicy(cold_after=1, prefetch_pages=8))
         # Only guest one runs and gets evicted; guest two is idle and never cycled.

@@ -2,7 +2,7 @@
 
 The cases mirror tools/testing/selftests/mm/uffd-unit-tests.c's RWP tests that apply to shared
 shmem (rwp-async, rwp-sync, rwp-pagemap, rwp-async-toggle, rwp-close, rwp-mprotect, rwp-gup,
-rwp-wp-exclusive), plus the mainline 7.3 behaviours the agent depends on (issue 16): a page
+rwp-fork without EVENT_FORK, rwp-wp-exclusive), plus the mainline 7.3 behaviours the agent depends on (issue 16): a page
 cached in the memfd but unmapped in the guest cannot be protected and never faults RWP; with
 MINOR co-registered it faults MINOR and CONTINUE maps it; an inverted scan reports holes;
 PM_SCAN_WP_MATCHING skips an RWP VMA; SET_MODE(enable) wakes MISSING waiters too.
@@ -181,6 +181,21 @@ def test_rwp_gup_reads_through_a_protected_page(make: Callable[[int], Target]) -
     assert t.read(0) == 0xCD
 
 
+def test_rwp_fork_child_reads_and_the_parent_keeps_the_marker(make: Callable[[int], Target]) -> None:
+    # rwp-fork for a shared mapping without EVENT_FORK: the child inherits no registration, so its
+    # read neither faults nor blocks (sync mode in the parent), and the parent's marker stays.
+    t = make(RWP | SHMEM)
+    if not t.models_fork:
+        pytest.skip("the sim does not model fork")
+    t.register(0, N, M_RWP)
+    t.write(1, 0x5A)
+    t.rwprotect(0, N, True)
+    assert t.marker(1)
+    assert t.read_in_child(1) == 0x5A
+    assert t.marker(1)  # still protected in the parent
+    assert t.messages(0.1) == []
+
+
 def test_rwp_wp_exclusive(make: Callable[[int], Target]) -> None:
     t = make(RWP | SHMEM | uapi.UFFD_FEATURE_PAGEFAULT_FLAG_WP | uapi.UFFD_FEATURE_WP_HUGETLBFS_SHMEM)
     with pytest.raises(OSError) as e:
@@ -265,3 +280,70 @@ def test_set_mode_enable_wakes_missing_waiters_every_time(make: Callable[[int], 
     t.copy(2, bytes([4]) * PS)
     r.join(30)
     assert not r.is_alive()
+
+
+def first_message(t: Target) -> list[UffdMsg]:
+    deadline = time.monotonic() + 30
+    msgs: list[UffdMsg] = []
+    while not msgs and time.monotonic() < deadline:
+        msgs = t.messages(0.1)
+    return msgs
+
+
+@pytest.mark.parametrize("missing", [False, True], ids=["rwp-only", "missing-rwp"])
+def test_unregister_wakes_only_missing_registered_ranges(
+    make: Callable[[int], Target], missing: bool
+) -> None:
+    t = make(RWP | SHMEM)
+    fill(t)
+    t.register(0, N, M_RWP | (MISSING if missing else 0))
+    t.rwprotect(0, N, True)  # sync mode: an access blocks
+    r = in_thread(lambda: t.read(4))
+    assert [m.address for m in first_message(t)] == [t.addr(4)]
+    t.unregister(0, N)
+    r.join(BLOCKED_S if not missing else 30)
+    assert r.is_alive() is not missing  # woken only where MISSING was registered
+    if not missing:
+        t.wake(4, 1)  # UFFDIO_WAKE still reaches it; unregistered, it reads on
+        r.join(30)
+        assert not r.is_alive()
+
+
+def test_closing_one_fd_releases_nothing_while_another_is_open(make: Callable[[int], Target]) -> None:
+    t = make(RWP | SHMEM)
+    t.register(0, N, M_RWP)
+    fill(t)
+    t.share_fd()  # the VMM's fd
+    t.rwprotect(0, N, True)
+    r = in_thread(lambda: t.read(6))
+    assert [m.address for m in first_message(t)] == [t.addr(6)]
+    t.close()  # the agent's fd: nothing is released, the vCPU stays blocked
+    r.join(BLOCKED_S)
+    assert r.is_alive()
+    t.close_shared()  # the last fd: protection resolved, waiters woken
+    r.join(30)
+    assert not r.is_alive() and intact(t)
+
+
+def test_dontneed_keeps_shmem_data_and_remove_drops_it(make: Callable[[int], Target]) -> None:
+    # Why a REMOVE event on a memfd is not "reads as zero": DONTNEED only zaps the guest PTEs.
+    t = make(RWP | ASYNC | SHMEM)
+    fill(t)
+    t.register(0, N, MISSING | MINOR | M_RWP)
+    t.rwprotect(0, N, True)
+    t.madvise(2, 2, uapi.MADV_DONTNEED)
+    present = uapi.PAGE_IS_PRESENT
+    assert t.scan(category_mask=present, return_mask=present) == [(0, 2, present), (4, N, present)]
+    w = in_thread(lambda: t.read(2))
+    assert [(m.address, m.flags) for m in first_message(t)] == [(t.addr(2), uapi.UFFD_PAGEFAULT_FLAG_MINOR)]
+    t.continue_(2)  # the page cache kept the data: CONTINUE maps it back
+    w.join(30)
+    assert not w.is_alive()
+    t.madvise(3, 1, uapi.MADV_REMOVE)
+    r = in_thread(lambda: t.read(3))
+    assert [(m.address, m.flags) for m in first_message(t)] == [(t.addr(3), 0)]  # MISSING: the data is gone
+    t.copy(3, bytes([4]) * PS)
+    r.join(30)
+    assert not r.is_alive()
+    if isinstance(t, KernelTarget):
+        assert t.read(2) == 3 and t.read(3) == 4

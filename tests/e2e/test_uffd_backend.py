@@ -7,7 +7,6 @@ the same KernelBackend calls the agent makes.
 from __future__ import annotations
 
 import errno
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 
 from tests.helpers.uffd_harness import GuestProc, MiniAgent, pages_arg
+from tests.helpers.wait import wait_until
 from tiermem.kernel import uapi
 from tiermem.kernel.uffd import UffdBackend
 from tiermem.kernel.uffd_base import RealBackend
@@ -46,13 +46,6 @@ def hot_set(be: RealBackend) -> set[int]:
     end = be.base + be.size
     r = be.pagemap_scan(be.base, end, category_mask=uapi.PAGE_IS_ACCESSED, return_mask=uapi.PAGE_IS_ACCESSED)
     return set(np.flatnonzero(r.page_mask(be.base, end, be.page_size)).tolist())
-
-
-def wait_for(cond: object, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.005)
 
 
 def test_detection_finds_exactly_the_hot_set_and_eviction_loses_nothing(agent: MiniAgent) -> None:
@@ -120,7 +113,7 @@ def test_sync_mode_surfaces_rwp_faults_and_eviction_wins_the_race(agent: MiniAge
         # a write to a protected page blocks and is surfaced as an RWP (|WRITE) fault
         guest.proc.stdin.write("touch 10 w\n")
         guest.proc.stdin.flush()
-        wait_for(lambda: 10 in agent.rwp_faults)
+        wait_until(lambda: 10 in agent.rwp_faults)
         assert be.stats["rwp"] == 1
         be.rwprotect(be.addr(10), be.page_size, protect=False)  # resolve: CONTINUE + wake
         assert guest._line()["ok"]
@@ -129,7 +122,7 @@ def test_sync_mode_surfaces_rwp_faults_and_eviction_wins_the_race(agent: MiniAge
         # a vCPU blocked on a page being evicted: punch + wake, it retries, MISSING, COPY back
         guest.proc.stdin.write("touch 20 w\n")
         guest.proc.stdin.flush()
-        wait_for(lambda: 20 in agent.rwp_faults)
+        wait_until(lambda: 20 in agent.rwp_faults)
         agent.evict(be, np.array([20]))
         assert guest._line()["ok"]
         assert 20 not in agent.saved
@@ -137,7 +130,7 @@ def test_sync_mode_surfaces_rwp_faults_and_eviction_wins_the_race(agent: MiniAge
         # resuming async resolves every parked fault
         guest.proc.stdin.write("touch 30 r\n")
         guest.proc.stdin.flush()
-        wait_for(lambda: 30 in agent.rwp_faults)
+        wait_until(lambda: 30 in agent.rwp_faults)
         be.set_mode(enable=ASYNC)
         assert guest._line()["ok"]
         agent.hold_rwp = False
@@ -153,7 +146,7 @@ def test_balloon_remove_is_surfaced_and_reads_zero(agent: MiniAgent) -> None:
         agent.evict(be, np.array([12, 13]))  # evicted pages inside the ballooned range
         guest.cmd("balloon 10-19")
         # the madvise returns once the backend has read the event; the harness handles it just after
-        wait_for(lambda: len([e for e in agent.events if e.event == uapi.UFFD_EVENT_REMOVE]) == 10)
+        wait_until(lambda: len([e for e in agent.events if e.event == uapi.UFFD_EVENT_REMOVE]) == 10)
         removes = [e for e in agent.events if e.event == uapi.UFFD_EVENT_REMOVE]
         assert [(be.page_of(e.start), be.page_of(e.end)) for e in removes] == [
             (p, p + 1) for p in range(10, 20)
@@ -173,7 +166,7 @@ def test_vmm_exit_closes_the_backend(agent: MiniAgent) -> None:
     guest, be = start(agent, "vm-exit", memory="16M")
     guest.proc.kill()
     guest.proc.wait()
-    wait_for(lambda: be.closed)
+    wait_until(lambda: be.closed)
     assert be.read_messages(0.1) == []
     with pytest.raises(OSError) as ei:
         be.rwprotect(be.base, be.size, protect=True)
@@ -202,7 +195,7 @@ def test_agent_restart_reattach_serves_pages_evicted_before(tmp_path: Path) -> N
             assert again.vm_id == "vm-restart" and again.reattach
             be = again.make_backend()
             second.serve(be)
-            wait_for(lambda: guest.cmd("ping")["attached"])
+            wait_until(lambda: guest.cmd("ping")["attached"])
             guest.cmd(f"touch {pages_arg(evicted[:50])} w")
             assert guest.cmd("verify")["mismatches"] == 0
             assert not second.saved

@@ -7,7 +7,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +22,10 @@ from tiermem.model import Event, EventKind
 from tiermem.sim.kernel import SimKernel
 from tiermem.sim.workloads import SimGuest
 from tiermem.store.base import Codec, PageStore, StoredPage
+from tiermem.store.pagemac import PageKeyring
+from tiermem.store.payload import PayloadStore
+from tiermem.store.space import store_space
+from tiermem.store.url import open_store
 
 T = TypeVar("T")
 
@@ -35,18 +39,6 @@ def fuzz_settings(examples: int, soak_examples: int | None = None) -> settings:
     return settings(max_examples=n, deadline=None, derandomize=not SOAK, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                            HealthCheck.data_too_large, HealthCheck.filter_too_much])  # fmt: skip
-
-
-# --- waiting ---------------------------------------------------------------------------------------
-def wait_until(
-    pred: Callable[[], object], timeout: float = 20.0, what: str = "condition", step: float = 0.02
-) -> None:
-    """Poll ``pred`` until it is truthy; fail the test with ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(step)
 
 
 class LoopThread:
@@ -125,6 +117,21 @@ def fill(guest: SimGuest, times: int = 1) -> None:
 def holes_of(agent: Agent, vm_id: str) -> set[int]:
     """Pages not backed by guest memory now (punched, or never touched)."""
     return set(np.flatnonzero(~agent.sessions[vm_id].backend.populated()).tolist())
+
+
+def open_direct(url: str, name: str, data_dir: str | Path) -> PageStore:
+    """Open an agent's store from outside the agent, with the agent's page keys (so its MACs verify)."""
+    st = open_store(url, name=name)
+    assert isinstance(st, PayloadStore)
+    st.keyring = PageKeyring.load(Path(data_dir) / "page-keys.json")
+    return st
+
+
+def space_in(index: PageIndex, node_id: str, vm_id: str) -> str:
+    """The store namespace of ``vm_id``'s current incarnation, from an agent's index."""
+    rec = index.record(vm_id)
+    assert rec is not None, f"{vm_id} is not in the index"
+    return store_space(node_id, vm_id, str(rec.meta["incarnation"]))
 
 
 def check_payloads(store: PageStore, vm_id: str, entries: Sequence[StoredPage]) -> int:

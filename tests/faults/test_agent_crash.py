@@ -24,15 +24,15 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.faults.common import check_payloads, record, wait_until
+from tests.faults.common import check_payloads, open_direct, record, space_in
 from tests.faults.conftest import redis_url
 from tests.faults.toxic_proxy import ToxicProxy
 from tests.helpers.guest import GuestProc
 from tests.helpers.servers import RedisServer, free_port, wait_port
+from tests.helpers.wait import wait_until
 from tiermem.agent.index import PageIndex
 from tiermem.kernel.uffd_ioctl import data_extents
 from tiermem.rpc.channel import sync_channel
-from tiermem.store.url import open_store
 from tiermem.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 
 pytestmark = [pytest.mark.uffd, pytest.mark.redis, pytest.mark.timeout(150)]
@@ -74,7 +74,7 @@ def test_agent_sigkill_mid_eviction_then_restart(
     agent = _agent(tmp_path, url, port)
     guest = None
     try:
-        wait_port(port, 30, agent)  # type: ignore[arg-type]
+        wait_port(port, 30, agent)
         stub = agent_pb2_grpc.NodeAgentStub(sync_channel(f"127.0.0.1:{port}"))
         guest = GuestProc(str(tmp_path / "h" / "handoff.sock"), "pg", "16M", timeout=30)
         guest.cmd(f"touch 0-{PAGES - 1} w")  # every page holds data: none is a zero page
@@ -104,19 +104,20 @@ def test_agent_sigkill_mid_eviction_then_restart(
         holes = _guest_holes(guest.proc.pid, "pg")
         index = PageIndex(tmp_path / "agent" / "index.db")
         entries = {p: e for p in range(PAGES) if (e := index.get("pg", p)) is not None}
+        space = space_in(index, "n1", "pg")
         index.close()
         unbacked = sorted(holes - set(entries))
         assert unbacked == [], f"pages punched without a durable entry: {unbacked[:20]}"
-        direct = open_store(redis_url(redis_own.port), name="default")
-        assert check_payloads(direct, "pg", [e.stored for e in entries.values()]) == 0
-        orphans = direct.usage("pg").pages - len(entries)
+        direct = open_direct(redis_url(redis_own.port), "default", tmp_path / "agent")
+        assert check_payloads(direct, space, [e.stored for e in entries.values()]) == 0
+        orphans = direct.usage(space).pages - len(entries)
         direct.close()
         assert 0 < len(holes) < PAGES, "the kill must land inside the eviction"
 
         # --- restart: the VMM reattaches and every page comes back ---------------------------------------
         redis_proxy.clear()
         agent = _agent(tmp_path, url, port)
-        wait_port(port, 30, agent)  # type: ignore[arg-type]
+        wait_port(port, 30, agent)
 
         def reattached() -> bool:
             vms = stub.ListVms(agent_pb2.ListVmsRequest(), timeout=5).vms

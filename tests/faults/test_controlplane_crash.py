@@ -31,8 +31,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.common import LoopThread, record, wait_until
+from tests.faults.common import LoopThread, record
 from tests.helpers.servers import free_port, wait_port
+from tests.helpers.wait import wait_until
 from tiermem.agent.node import Agent
 from tiermem.agent.server import RunningAgent, serve_agent
 from tiermem.api import PolicyScope, VmSpec
@@ -114,7 +115,7 @@ def test_control_plane_killed_while_scheduling(tmp_path: Path, loop: LoopThread)
     stop = threading.Event()
     steppers: list[threading.Thread] = []
     try:
-        wait_port(port, 30, cp)  # type: ignore[arg-type]
+        wait_port(port, 30, cp)
         settings = AgentSettings(node_id="n1", listen="127.0.0.1:0", data_dir=str(tmp_path / "agent"),
                                  control_plane=f"127.0.0.1:{port}", heartbeat_ms=200, autonomous_after_ms=1000,
                                  fsync=False, stores={"default": "memory://"})  # fmt: skip
@@ -163,7 +164,7 @@ def test_control_plane_killed_while_scheduling(tmp_path: Path, loop: LoopThread)
 
         # --- the control plane comes back on the same state ----------------------------------------------
         cp = _cp(tmp_path, port)
-        wait_port(port, 30, cp)  # type: ignore[arg-type]
+        wait_port(port, 30, cp)
         back_at = time.monotonic()
         wait_until(lambda: not agent.autonomous.is_set(), 20, "the agent to leave autonomous mode")
         wait_until(lambda: all(len(orders.executed(vm, after=back_at)) >= 2 for vm in VMS), 30,

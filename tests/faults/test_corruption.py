@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.faults.common import EventLog, fill, record, sim_of, wait_until
+from tests.faults.common import EventLog, fill, record, sim_of
 from tests.faults.conftest import AgentFactory, redis_url
 from tests.helpers.servers import RedisServer, S3Server
+from tests.helpers.wait import wait_until
 from tiermem.agent.node import Agent
 from tiermem.model import CycleMode, EventKind, EvictionPolicy
 from tiermem.store.base import StoredPage
@@ -105,19 +106,19 @@ def _setup(
         agent = make_agent({"store": f"file://{tmp_path}/pages"})
         st = agent.store("store")
         assert isinstance(st, LocalPageStore)
-        return agent, _flip_local(st, "vm1")
+        return agent, lambda e: _flip_local(st, agent.sessions["vm1"].space)(e)
     if kind == "redis":
         srv: RedisServer = request.getfixturevalue("redis_own")
         agent = make_agent({"store": redis_url(srv.port)})
         st = agent.store("store")
         assert isinstance(st, RedisPageStore)
-        return agent, _flip_redis(st, srv.port, "vm1")
+        return agent, lambda e: _flip_redis(st, srv.port, agent.sessions["vm1"].space)(e)
     s3: S3Server = request.getfixturevalue("s3_srv")
     prefix = f"corrupt-{random.randrange(1 << 30):x}"
     agent = make_agent({"store": f"{s3.url(prefix)}&segment_mib=1"})
     st = agent.store("store")
     assert isinstance(st, S3PageStore)
-    return agent, _flip_s3(st, s3, "vm1")
+    return agent, lambda e: _flip_s3(st, s3, agent.sessions["vm1"].space)(e)
 
 
 @pytest.mark.parametrize("kind", [
@@ -170,7 +171,7 @@ def test_a_corrupt_neighbour_does_not_block_a_healthy_fault(make_agent: AgentFac
     agent.run_cycle("vm1", CycleMode.EVICT, 20)
     bad = agent.index.get("vm1", 20)
     assert bad is not None
-    _flip_local(st, "vm1")(bad.stored)
+    _flip_local(st, agent.sessions["vm1"].space)(bad.stored)
     t = threading.Thread(target=sim.access, args=(17,), daemon=True)  # 18..25 are prefetched with it
     t.start()
     t.join(3)

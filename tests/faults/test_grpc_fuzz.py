@@ -37,8 +37,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.faults.common import LoopThread, fuzz_settings, record, wait_until
+from tests.faults.common import LoopThread, fuzz_settings, record
 from tests.faults.proto_strategies import message_strategy
+from tests.helpers.wait import wait_until
 from tiermem.agent.server import RunningAgent, serve_agent
 from tiermem.api import NodeInfo, PolicyScope, VmSpec
 from tiermem.config import AgentSettings, ControlPlaneSettings
@@ -167,7 +168,7 @@ class Stack:
                 ch.unary_unary(path)(payload, timeout=timeout)
             return OK
         except grpc.RpcError as e:
-            return e.code()  # type: ignore[no-any-return]
+            return e.code()
 
 
 @pytest.fixture(scope="module")

@@ -26,8 +26,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.faults.common import fuzz_settings, open_fds, record, wait_until
+from tests.faults.common import fuzz_settings, open_fds, record
 from tests.helpers.guest import GuestProc
+from tests.helpers.wait import wait_until
 from tiermem.agent.attach import on_handoff
 from tiermem.agent.node import Agent
 from tiermem.config import AgentSettings

@@ -63,7 +63,7 @@ def run_load(
     stop = threading.Event()
     drivers: list[threading.Thread] = []
     try:
-        wait_port(port, 30, agent)  # type: ignore[arg-type]
+        wait_port(port, 30, agent)
         stub = agent_pb2_grpc.NodeAgentStub(sync_channel(f"127.0.0.1:{port}"))
         pol = types_pb2.EvictionPolicy(interval_ms=1000, cold_after=1, prefetch_pages=8)
         for i in range(SIM_VMS):

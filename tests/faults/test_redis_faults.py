@@ -23,18 +23,18 @@ from tests.faults.common import (
     entries_for,
     fill,
     holes_of,
+    open_direct,
     record,
     sim_of,
     unbacked_punches,
-    wait_until,
 )
 from tests.faults.conftest import AgentFactory, redis_url
 from tests.faults.toxic_proxy import ToxicProxy
 from tests.helpers.servers import RedisServer
+from tests.helpers.wait import wait_until
 from tiermem.agent.cycle import EVICT_BATCH_PAGES
 from tiermem.model import CycleMode, CycleReport, EventKind, EvictionPolicy
 from tiermem.sim.kernel import SimKernel
-from tiermem.store.url import open_store
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(120)]
 
@@ -108,10 +108,11 @@ def test_redis_killed_mid_eviction_batch_then_restarted(
     assert not vt.is_alive()
 
     # Every page still evicted is readable and verifies, read straight from Redis (not via the proxy).
-    direct = open_store(redis_url(redis_own.port), name="redis")
+    direct = open_direct(redis_url(redis_own.port), "redis", agent.data_dir)
+    space = agent.sessions["vm1"].space
     still = agent.index.evicted_pages("vm1")
-    bad = check_payloads(direct, "vm1", [e.stored for e in entries_for(agent.index, "vm1", still)])
-    orphans = direct.usage("vm1").pages - len(still)
+    bad = check_payloads(direct, space, [e.stored for e in entries_for(agent.index, "vm1", still)])
+    orphans = direct.usage(space).pages - len(still)
     direct.close()
     assert bad == 0
 
@@ -224,7 +225,14 @@ def test_store_fills_mid_eviction_stops_and_resumes(make_agent: AgentFactory, re
     holes = holes_of(agent, "vm1")
     assert holes == set(agent.index.evicted_pages("vm1"))  # exactly the acknowledged batches
     st = agent.store("redis")
-    assert check_payloads(st, "vm1", [e.stored for e in entries_for(agent.index, "vm1", sorted(holes))]) == 0
+    assert (
+        check_payloads(
+            st,
+            agent.sessions["vm1"].space,
+            [e.stored for e in entries_for(agent.index, "vm1", sorted(holes))],
+        )
+        == 0
+    )
     full_at = rep.pages_evicted
     # the guest still runs (its faults are reads, which a full Redis serves)
     for _ in range(10):

@@ -28,6 +28,7 @@ from tests.faults.common import (
     entries_for,
     fill,
     holes_of,
+    open_direct,
     record,
     sim_of,
     unbacked_punches,
@@ -39,7 +40,6 @@ from tiermem.agent.cycle import EVICT_BATCH_PAGES
 from tiermem.model import CycleMode, EventKind, EvictionPolicy
 from tiermem.sim.kernel import SimKernel
 from tiermem.store.s3_store import S3PageStore
-from tiermem.store.url import open_store
 
 pytestmark = [pytest.mark.s3, pytest.mark.timeout(120)]
 
@@ -136,9 +136,10 @@ def test_s3_errors_and_slowness_during_eviction_and_faults(
     assert agent.index.count("vm1") > 0
     assert chaos.injected["PutObject"] > 0
     chaos.set(PutObject=0.0)
-    direct = open_store(s3_url(s3_srv, s3_srv.port, prefix), name="s3")
+    direct = open_direct(s3_url(s3_srv, s3_srv.port, prefix), "s3", agent.data_dir)
     evicted = agent.index.evicted_pages("vm1")
-    assert check_payloads(direct, "vm1", [e.stored for e in entries_for(agent.index, "vm1", evicted)]) == 0
+    space = agent.sessions["vm1"].space
+    assert check_payloads(direct, space, [e.stored for e in entries_for(agent.index, "vm1", evicted)]) == 0
     direct.close()
 
     # --- faults while 30% of GETs fail and the link is slow ------------------------------------

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.common import EventLog, open_fds, record, wait_until
+from tests.faults.common import EventLog, open_fds, record
 from tests.faults.conftest import AgentFactory, redis_url
 from tests.faults.toxic_proxy import ToxicProxy
 from tests.helpers.guest import GuestProc
 from tests.helpers.servers import RedisServer
+from tests.helpers.wait import wait_until
 from tiermem.agent.attach import start_handoff
 from tiermem.agent.node import Agent
 from tiermem.model import CycleMode, EventKind, EvictionPolicy, VmState
@@ -100,10 +101,12 @@ def test_vmm_dies_while_faults_are_in_flight(
         assert statuses["vm-b"].state is VmState.ARMED
         a_left = agent.index.count("vm-a")
         assert a_left > 0
+        a_space = agent.sessions["vm-a"].space
+        assert agent.store("slow").usage(a_space).pages > 0
 
         # Cleanup of the dead VM: its pages are purged, its fds and threads go; B is untouched.
         assert agent.detach("vm-a", purge=True) >= a_left
-        assert agent.store("slow").usage("vm-a").pages == 0
+        assert agent.store("slow").usage(a_space).pages == 0
         wait_until(lambda: not _memfd_fds("vm-a"), 5, "A's memfd to be closed")
         wait_until(lambda: not _threads("vm-a"), 5, "A's threads to exit")
         assert agent.index.record("vm-a") is None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import select
+import signal
 
 import numpy as np
 
@@ -32,6 +33,7 @@ class Target:
 
     name = "abstract"
     models_mprotect_and_gup = True
+    models_fork = True
 
     def __init__(self, features: int, n: int) -> None:
         self.base = 0
@@ -68,6 +70,21 @@ class Target:
     def close(self) -> None:
         raise NotImplementedError
 
+    def wake(self, p0: int, n: int) -> None:
+        raise NotImplementedError
+
+    def share_fd(self) -> None:
+        """A second fd of the context, as the VMM always holds."""
+        raise NotImplementedError
+
+    def close_shared(self) -> None:
+        """Close that second fd."""
+        raise NotImplementedError
+
+    def madvise(self, p0: int, n: int, advice: int) -> None:
+        """The VMM's madvise on the guest mapping."""
+        raise NotImplementedError
+
     # the memfd and the guest
     def pwrite(self, p: int, data: bytes) -> None:
         raise NotImplementedError
@@ -90,10 +107,19 @@ class Target:
         """The kernel reads the page on the process's behalf (write(2) to a pipe: GUP)."""
         raise NotImplementedError
 
+    def marker(self, p: int) -> bool:
+        """Bit 57 of the page's /proc/self/pagemap entry (PM_UFFD_WP: the RWP marker is set)."""
+        raise NotImplementedError
+
+    def read_in_child(self, p: int) -> int:
+        """fork(); the child reads the page's first byte and exits with it; returns it."""
+        raise NotImplementedError
+
 
 class SimTarget(Target):
     name = "sim"
     models_mprotect_and_gup = False
+    models_fork = False
 
     def __init__(self, features: int, n: int) -> None:
         self.n = n
@@ -130,6 +156,18 @@ class SimTarget(Target):
     def close(self) -> None:
         self.k.close()
 
+    def wake(self, p0: int, n: int) -> None:
+        self.k.wake(self.addr(p0), n * PS)
+
+    def share_fd(self) -> None:
+        self.k.share_with_vmm()
+
+    def close_shared(self) -> None:
+        self.k.vmm_close()
+
+    def madvise(self, p0: int, n: int, advice: int) -> None:
+        self.k.madvise(self.addr(p0), n * PS, advice)
+
     def pwrite(self, p: int, data: bytes) -> None:
         self.k.io_write(p * PS, data)
 
@@ -162,6 +200,7 @@ class KernelTarget(Target):
         self.fd = fd
         self.u = Uffd(fd)
         self.pagemap = os.open("/proc/self/pagemap", os.O_RDONLY)
+        self.shared = -1
         self._libc = ctypes.CDLL(None, use_errno=True)
 
     def register(self, p0: int, n: int, mode: int) -> None:
@@ -187,7 +226,7 @@ class KernelTarget(Target):
         from tiermem.kernel.uffd_ioctl import pagemap_scan
 
         vec = np.zeros(self.n, dtype=uapi.PAGE_REGION_DTYPE)
-        n, _ = pagemap_scan(self.pagemap, self.base, self.base + self.n * PS, vec, flags=flags, **masks)
+        n, _ = pagemap_scan(self.pagemap, self.base, self.base + self.n * PS, vec, flags=flags, **masks)  # type: ignore[arg-type]  # masks are the int keyword masks only
         return [((a - self.base) // PS, (b - self.base) // PS, c) for a, b, c in vec[:n].tolist()]
 
     def messages(self, timeout: float) -> list[UffdMsg]:
@@ -199,8 +238,25 @@ class KernelTarget(Target):
             os.close(self.fd)
             self.fd = -1
 
+    def wake(self, p0: int, n: int) -> None:
+        self.u.wake(self.addr(p0), n * PS)
+
+    def share_fd(self) -> None:
+        self.shared = os.dup(self.fd)
+
+    def madvise(self, p0: int, n: int, advice: int) -> None:
+        from tiermem.kernel.uffd_ioctl import madvise
+
+        madvise(self.addr(p0), n * PS, advice)
+
+    def close_shared(self) -> None:
+        if self.shared >= 0:
+            os.close(self.shared)
+            self.shared = -1
+
     def teardown(self) -> None:
         self.close()
+        self.close_shared()
         os.close(self.pagemap)
         self.map.close()
         os.close(self.memfd)
@@ -228,6 +284,22 @@ class KernelTarget(Target):
     def mprotect(self, prot: int) -> None:
         if self._libc.mprotect(ctypes.c_void_p(self.base), ctypes.c_size_t(self.n * PS), prot) != 0:
             raise OSError(ctypes.get_errno(), "mprotect")
+
+    def marker(self, p: int) -> bool:
+        entry = int.from_bytes(os.pread(self.pagemap, 8, self.addr(p) // PS * 8), "little")
+        return bool(entry >> 57 & 1)
+
+    def read_in_child(self, p: int) -> int:
+        pid = os.fork()
+        if pid == 0:  # the child: one load, then leave without running any Python cleanup
+            code = 255
+            try:
+                signal.alarm(60)  # a child blocked on a fault dies (SIGALRM) instead of hanging the test
+                code = self.read(p)
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status)
 
     def gup_read(self, p: int) -> int:
         r, w = os.pipe()

@@ -19,6 +19,13 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import boto3
+from botocore.config import Config
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
 
 
 def free_port() -> int:
@@ -122,14 +129,18 @@ class S3Server:
         return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
                 "AWS_DEFAULT_REGION": self.region}  # fmt: skip
 
-    def start(self, prefer: str = "weed") -> S3Server:
-        """Start SeaweedFS if its binary is there (else moto), and create the bucket."""
+    def start(self, prefer: str = "weed", fallback: bool = True) -> S3Server:
+        """Start SeaweedFS if its binary is there (else moto, when ``fallback``), and create the bucket."""
         weed = _bin("weed")
-        if prefer == "weed" and weed is not None:
+        if prefer == "weed" and (weed is not None or not fallback):
+            if weed is None:
+                raise RuntimeError("SeaweedFS `weed` is not installed")
             try:
                 self._start_weed(weed)
             except (RuntimeError, TimeoutError):
                 self.stop()
+                if not fallback:
+                    raise
                 self._start_moto()
         else:
             self._start_moto()
@@ -165,10 +176,8 @@ class S3Server:
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
         wait_port(self.port, 30, self.proc)
 
-    def client(self):  # type: ignore[no-untyped-def]
+    def client(self) -> S3Client:
         """A boto3 S3 client for this server (for assertions and corruption tests)."""
-        import boto3
-        from botocore.config import Config
 
         return boto3.client("s3", endpoint_url=self.endpoint, region_name=self.region,
                             aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,

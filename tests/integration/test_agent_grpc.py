@@ -22,7 +22,7 @@ PS = 4096
 
 
 @pytest.fixture
-async def agent(tmp_path: Path) -> AsyncIterator[tuple[RunningAgent, agrpc.NodeAgentStub]]:
+async def agent(tmp_path: Path) -> AsyncIterator[tuple[RunningAgent, agrpc.NodeAgentAsyncStub]]:
     running = await serve_agent(AgentSettings(node_id="g1", listen="127.0.0.1:0", data_dir=str(tmp_path),
                                               autonomous=False, stores={"default": "memory://"}))  # fmt: skip
     channel = grpc.aio.insecure_channel(running.address)
@@ -42,7 +42,7 @@ async def code_of(call: object) -> grpc.StatusCode:
     return ei.value.code()
 
 
-async def test_attach_cycle_drain_detach(agent: tuple[RunningAgent, agrpc.NodeAgentStub]) -> None:
+async def test_attach_cycle_drain_detach(agent: tuple[RunningAgent, agrpc.NodeAgentAsyncStub]) -> None:
     running, stub = agent
     r = await stub.AttachVm(apb.AttachVmRequest(vm_id="v1", backend=tpb.KERNEL_BACKEND_SIM, memory_bytes=64 * PS,
                                                 policy=policy()))  # fmt: skip
@@ -76,7 +76,7 @@ async def test_attach_cycle_drain_detach(agent: tuple[RunningAgent, agrpc.NodeAg
 
 
 async def test_order_id_makes_a_repeated_order_idempotent(
-    agent: tuple[RunningAgent, agrpc.NodeAgentStub],
+    agent: tuple[RunningAgent, agrpc.NodeAgentAsyncStub],
 ) -> None:
     running, stub = agent
     await stub.AttachVm(apb.AttachVmRequest(vm_id="v2", memory_bytes=16 * PS, policy=policy()))
@@ -87,7 +87,7 @@ async def test_order_id_makes_a_repeated_order_idempotent(
 
 
 async def test_bad_requests_get_the_right_code_and_change_nothing(
-    agent: tuple[RunningAgent, agrpc.NodeAgentStub],
+    agent: tuple[RunningAgent, agrpc.NodeAgentAsyncStub],
 ) -> None:
     running, stub = agent
     await stub.AttachVm(apb.AttachVmRequest(vm_id="ok", memory_bytes=16 * PS, policy=policy()))
@@ -120,7 +120,9 @@ async def test_bad_requests_get_the_right_code_and_change_nothing(
     )
 
 
-async def test_a_cycle_honours_the_callers_deadline(agent: tuple[RunningAgent, agrpc.NodeAgentStub]) -> None:
+async def test_a_cycle_honours_the_callers_deadline(
+    agent: tuple[RunningAgent, agrpc.NodeAgentAsyncStub],
+) -> None:
     _running, stub = agent
     await stub.AttachVm(
         apb.AttachVmRequest(vm_id="slow", memory_bytes=16 * PS, policy=policy(interval_ms=60_000))
@@ -131,7 +133,7 @@ async def test_a_cycle_honours_the_callers_deadline(agent: tuple[RunningAgent, a
     assert rep.cycle == 1
 
 
-async def test_health_and_follow_stream(agent: tuple[RunningAgent, agrpc.NodeAgentStub]) -> None:
+async def test_health_and_follow_stream(agent: tuple[RunningAgent, agrpc.NodeAgentAsyncStub]) -> None:
     running, stub = agent
     health = health_pb2_grpc.HealthStub(grpc.aio.insecure_channel(running.address))
     resp = await health.Check(health_pb2.HealthCheckRequest(service="tiermem.v1.NodeAgent"))
@@ -144,7 +146,7 @@ async def test_health_and_follow_stream(agent: tuple[RunningAgent, agrpc.NodeAge
 
 
 async def test_many_concurrent_cycles_neither_queue_nor_block_other_calls(
-    agent: tuple[RunningAgent, agrpc.NodeAgentStub],
+    agent: tuple[RunningAgent, agrpc.NodeAgentAsyncStub],
 ) -> None:
     # More cycles than the event loop's default executor has threads (cpu_count + 4): they must all run at
     # once, each holding a thread for its detection window, while attach and detach still answer.

@@ -113,6 +113,10 @@ def test_evict_on_the_sim_backend() -> None:
     check_ratio(r["ratio_vs_store_put"], r["agent"]["pages_per_s"], r["store_put"]["pages_per_s"])
     assert r["raw"]["client"].startswith("os.pwrite")
     assert r["phases_ms"]["evict"] > 0 and r["phases_ms"]["total"] >= r["phases_ms"]["evict"]
+    mac = r["mac"]  # the page MAC's cost per evicted page, with its same-run baseline (fields, not timings)
+    assert mac["pages"] == 512 and mac["tag_us_per_page"] > 0 and mac["xxh3_us_per_page"] > 0
+    check_ratio(mac["tag_vs_xxh3"], mac["tag_us_per_page"], mac["xxh3_us_per_page"])
+    assert r["mac_share_of_evict_per_page"] is not None and r["mac_share_of_evict_per_page"] > 0
 
 
 def test_bad_arguments_are_one_line_errors() -> None:

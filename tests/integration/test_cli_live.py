@@ -28,6 +28,7 @@ from click.testing import CliRunner, Result
 
 from tests.helpers.certs import issue_cert
 from tests.helpers.servers import free_port
+from tests.helpers.wait import wait_until
 from tiermem.api import NodeInfo
 from tiermem.cli.main import cli
 from tiermem.config import AgentSettings, ControlPlaneSettings
@@ -146,16 +147,6 @@ def one_line_error(r: Result, code: int) -> str:
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tiermem: error: "), r.stderr
     return lines[0]
-
-
-def eventually(check: Any, within_s: float = 15.0) -> bool:
-    """True as soon as ``check()`` is; False if it never is within ``within_s`` (a bound, not a timing claim)."""
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.1)
-    return bool(check())
 
 
 def names(cls: Any) -> set[str]:
@@ -386,7 +377,9 @@ def test_vm_lifecycle(agent: Stack) -> None:
     out = ok(tm(agent, "cycle", "run", "cli-vm1", "--interval", "100ms")).stdout
     assert "phases (ms)" in out and "scan" in out
 
-    assert eventually(lambda: js(tm(agent, "vm", "show", "cli-vm1", "--json"))["evicted_pages"] > 0)
+    wait_until(
+        lambda: js(tm(agent, "vm", "show", "cli-vm1", "--json"))["evicted_pages"] > 0, 15, "evicted pages"
+    )
     show = js(tm(agent, "vm", "show", "cli-vm1", "--json"))
     assert set(show) == names(VmStatus) | {"last_cycles"}
     assert show["resident_pages"] + show["evicted_pages"] == show["total_pages"]
@@ -408,7 +401,9 @@ def test_vm_lifecycle(agent: Stack) -> None:
     assert steps and all(set(s) == names(DrainProgress) for s in steps)
     assert steps[-1]["done"] is True and steps[-1]["pages_restored"] == steps[-1]["pages_total"] > 0
     # The control plane's VM status comes from the agent's heartbeats (every 200 ms here).
-    assert eventually(lambda: js(tm(agent, "vm", "show", "cli-vm1", "--json"))["evicted_pages"] == 0)
+    wait_until(
+        lambda: js(tm(agent, "vm", "show", "cli-vm1", "--json"))["evicted_pages"] == 0, 15, "no evicted pages"
+    )
 
     gone = js(tm(agent, "vm", "deregister", "cli-vm1", "--json"))
     assert gone == {"vm_id": "cli-vm1", "purged": False, "pages_purged": 0}
@@ -491,7 +486,7 @@ def test_serve_agent_subprocess_registers(stack: Stack, tmp_path: Path) -> None:
             nodes = js(tm(stack, "node", "list", "--json"))
             return any(n["node_id"] == "cli-sub-node" and n["up"] for n in nodes)
 
-        assert eventually(registered), "the agent never registered with the control plane"
+        wait_until(registered, 15, "the agent to register with the control plane")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
     finally:

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_control_grpc import cp_settings, start_cp, wait_for
 
+from tests.helpers.wait import wait_until_async
+from tests.integration.test_control_grpc import cp_settings, start_cp
+from tiermem.agent.server import serve_agent
 from tiermem.api import PolicyScope, VmSpec
 from tiermem.config import AgentSettings
 from tiermem.control.server import RunningControlPlane
@@ -45,10 +47,6 @@ FLEET: list[tuple[str, str, str, EvictionPolicy]] = [
 async def stack(
     tmp_path: Path,
 ) -> AsyncIterator[tuple[RunningControlPlane, AsyncControlPlaneClient, dict[str, Any]]]:
-    try:
-        from tiermem.agent.server import serve_agent
-    except ImportError as e:  # pragma: no cover - the agent lands in parallel
-        pytest.skip(f"the node agent is not available: {e}")
     cp = await start_cp(cp_settings(tmp_path, lease_ttl_ms=5_000, max_concurrent_cycles_per_node=8))
     agents = {}
     for node in ("n1", "n2"):
@@ -69,7 +67,7 @@ async def test_fleet_of_ten_vms_on_two_sim_agents(stack: Any) -> None:
     async def registered() -> bool:
         return {n.node_id for n in await client.list_nodes() if n.up} == {"n1", "n2"}
 
-    await wait_for(registered)
+    await wait_until_async(registered)
     for vm, node, workload, policy in FLEET:
         await client.register_vm(VmSpec(vm, node, 4 * MiB, labels={"wl": workload.split(":")[0]}, workload=workload),
                                  attach=True)  # fmt: skip
@@ -83,7 +81,7 @@ async def test_fleet_of_ten_vms_on_two_sim_agents(stack: Any) -> None:
                 return False
         return True
 
-    await wait_for(lambda: cycles_done(3), timeout=60)
+    await wait_until_async(lambda: cycles_done(3), timeout=60)
     reports = {vm: await client.list_cycle_reports(vm, limit=100) for vm, *_ in FLEET}
     assert reports["vm-9"] == []  # paused: never ordered
     assert all(not r.error for vm in running for r in reports[vm]), reports
@@ -99,7 +97,7 @@ async def test_fleet_of_ten_vms_on_two_sim_agents(stack: Any) -> None:
     async def evicted_seen() -> bool:
         return (await client.get_vm_status("vm-0")).evicted_pages > 0
 
-    await wait_for(evicted_seen)
+    await wait_until_async(evicted_seen)
 
     # evicted pages come back intact when the guest reads them
     async with aio_channel(agents["n1"].address) as ch:
@@ -111,7 +109,7 @@ async def test_fleet_of_ten_vms_on_two_sim_agents(stack: Any) -> None:
     async def faults_served() -> bool:
         return (await client.get_vm_status("vm-0")).faults_served > 0
 
-    await wait_for(faults_served, timeout=20)
+    await wait_until_async(faults_served, timeout=20)
 
     # a policy change over gRPC is the one the next cycle runs with
     entry = await client.set_policy(PolicyScope.for_vm("vm-5"), EvictionPolicy(cold_after=4), ["cold_after"])
@@ -122,7 +120,7 @@ async def test_fleet_of_ten_vms_on_two_sim_agents(stack: Any) -> None:
             r.policy_version == entry.policy.version for r in await client.list_cycle_reports("vm-5", 5)
         )
 
-    await wait_for(next_cycle_has_new_policy, timeout=20)
+    await wait_until_async(next_cycle_has_new_policy, timeout=20)
     newest = await client.list_cycle_reports("vm-5", 50)
     first_new = max(i for i, r in enumerate(newest) if r.policy_version == entry.policy.version)
     assert all(

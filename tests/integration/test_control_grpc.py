@@ -12,6 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.helpers.wait import wait_until_async
 from tiermem.api import NodeInfo, PolicyScope, VmSpec
 from tiermem.config import ControlPlaneSettings
 from tiermem.control.server import RunningControlPlane, plane_config, serve_control_plane
@@ -143,14 +144,6 @@ async def fleet(
         await a.server.stop(0)
 
 
-async def wait_for(pred: Any, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not await pred():
-        assert loop.time() < end, "condition not reached"
-        await asyncio.sleep(0.02)
-
-
 async def test_register_attach_schedule_report_policy_change_drain_deregister(fleet: Any) -> None:
     _cp, client, (a1, a2) = fleet
     await client.set_policy(PolicyScope.fleet(), EvictionPolicy(interval_ms=200, cold_after=2))
@@ -165,7 +158,7 @@ async def test_register_attach_schedule_report_policy_change_drain_deregister(fl
             and len(await client.list_cycle_reports("vm-2")) >= n
         )
 
-    await wait_for(lambda: cycles(3))
+    await wait_until_async(lambda: cycles(3))
     assert all(o.policy is not None and o.policy.cold_after == 2 for o in a1.orders)
     assert all(o.order_id.startswith("vm-1@") for o in a1.orders)
     assert len({o.order_id for o in a1.orders}) == len(a1.orders)
@@ -178,7 +171,7 @@ async def test_register_attach_schedule_report_policy_change_drain_deregister(fl
     entry = await client.set_policy(PolicyScope.for_vm("vm-1"), EvictionPolicy(cold_after=5), ["cold_after"])
     assert entry.policy.interval_ms == 200 and entry.policy.cold_after == 5
     seen = len(a1.orders)
-    await wait_for(lambda: asyncio.sleep(0, len(a1.orders) >= seen + 2))
+    await wait_until_async(lambda: asyncio.sleep(0, len(a1.orders) >= seen + 2))
     newer = [o.policy for o in a1.orders[seen + 1 :]]
     assert newer and all(
         p is not None and p.cold_after == 5 and p.version == entry.policy.version for p in newer
@@ -199,7 +192,7 @@ async def test_register_attach_schedule_report_policy_change_drain_deregister(fl
     progress = [p async for p in client.drain_vm("vm-1")]
     assert progress[-1].done and progress[-1].pages_restored == progress[-1].pages_total > 0
     assert a1.evicted["vm-1"] == 0
-    await wait_for(lambda: asyncio.sleep(0, a2.evicted.get("vm-2", 0) > 0))
+    await wait_until_async(lambda: asyncio.sleep(0, a2.evicted.get("vm-2", 0) > 0))
     assert await client.deregister_vm("vm-2", purge=True) > 0
     assert a2.detached == [("vm-2", True)]
     assert await client.deregister_vm("vm-1") == 0
@@ -320,7 +313,7 @@ async def test_lease_expiry_marks_the_node_down_and_heartbeat_brings_it_back(tmp
         async def down() -> bool:
             return not (await client.list_nodes())[0].up
 
-        await wait_for(down)
+        await wait_until_async(down)
         assert (await client.get_vm_status("vm-1")).node_up is False
         with pytest.raises(FailedPrecondition):
             await client.trigger_cycle("vm-1", interval_ms=10)
@@ -404,7 +397,7 @@ async def test_metrics_endpoint_serves_the_scheduler_series(tmp_path: Path) -> N
             await client.register_node(NodeInfo("n1", agent.address))
             await client.set_policy(PolicyScope.fleet(), EvictionPolicy(interval_ms=100))
             await client.register_vm(VmSpec("vm-1", "n1", 1 << 20), attach=True)
-            await wait_for(lambda: asyncio.sleep(0, len(agent.orders) >= 2))
+            await wait_until_async(lambda: asyncio.sleep(0, len(agent.orders) >= 2))
         assert cp.metrics_port
         url = f"http://127.0.0.1:{cp.metrics_port}/metrics"
         text = (await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())).decode()
@@ -430,3 +423,26 @@ async def test_known_stores_and_advertise_settings(tmp_path: Path) -> None:
     finally:
         await client.close()
         await cp.stop()
+
+
+async def test_a_vm_id_active_on_another_node_is_not_placed(fleet: Any) -> None:
+    # issue 17 item 2: n2's agent runs "vm-h" attached through its handoff socket (never registered here);
+    # placing the same id on n1 would give the fleet two VMs it cannot tell apart
+    cp, client, (a1, _a2) = fleet
+    await client.heartbeat("n2", [VmStatus("vm-h", state=VmState.ARMED, evicted_pages=5)])
+    with pytest.raises(FailedPrecondition, match="active on node 'n2'"):
+        await client.register_vm(VmSpec("vm-h", "n1", 1 << 20), attach=True)
+    assert "vm-h" not in a1.vms and [v.vm_id for v in await client.list_vm_status()] == []
+    # on its own node the id may be registered (adopting the VM there)
+    await client.register_vm(VmSpec("vm-h", "n2", 1 << 20))
+    assert [v.node_id for v in await client.list_vm_status()] == ["n2"]
+    await client.deregister_vm("vm-h")
+    # n2 detached it: its next heartbeat no longer lists it, and the id is free
+    await client.heartbeat("n2", [VmStatus("vm-other", state=VmState.ARMED)])
+    await client.register_vm(VmSpec("vm-h", "n1", 1 << 20))
+    # a node that stops heartbeating frees its ids a lease later
+    with pytest.raises(FailedPrecondition, match="active on node 'n2'"):
+        await client.register_vm(VmSpec("vm-other", "n1", 1 << 20))
+    cp.plane.registry.lease_ttl_ms = 1
+    await asyncio.sleep(0.01)
+    await client.register_vm(VmSpec("vm-other", "n1", 1 << 20))

@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_control_grpc import FakeAgent, cp_settings, start_cp, wait_for
 
 from tests.helpers.servers import RedisServer
+from tests.helpers.wait import wait_until_async
+from tests.integration.test_control_grpc import FakeAgent, cp_settings, start_cp
 from tiermem.api import NodeInfo, PolicyScope, VmSpec
 from tiermem.control.server import RunningControlPlane
 from tiermem.errors import FailedPrecondition, NotLeader
-from tiermem.model import EventKind, EvictionPolicy
+from tiermem.model import EventKind, EvictionPolicy, VmState, VmStatus
 from tiermem.rpc.clients import AsyncControlPlaneClient, ControlPlaneClient
 
 pytestmark = pytest.mark.redis
@@ -104,12 +105,12 @@ async def test_follower_serves_reads_refuses_writes_and_takes_over_from_a_crashe
         async def ordered(n: int) -> bool:
             return sum(len(ag.orders) for ag in agents) >= n
 
-        await wait_for(lambda: ordered(12))
+        await wait_until_async(lambda: ordered(12))
 
         async def reported(n: int) -> bool:  # reports are group-committed just after the cycles
             return len(await cb.list_cycle_reports()) >= n
 
-        await wait_for(lambda: reported(12))
+        await wait_until_async(lambda: reported(12))
 
         # the leader crashes: it stops without giving its lease up
         await a.stop(resign=False)
@@ -118,10 +119,10 @@ async def test_follower_serves_reads_refuses_writes_and_takes_over_from_a_crashe
         await asyncio.sleep(LEASE_MS / 1000)  # one lease period later ...
         assert await b.plane.elector.step() is True  # ... B leads
         assert b.plane.is_leader
-        await wait_for(lambda: ordered(before + 12))  # and B schedules
+        await wait_until_async(lambda: ordered(before + 12))  # and B schedules
         # B now takes writes
         await cb.register_vm(VmSpec("vm-x", "n1", 1 << 20), attach=True)
-        await wait_for(lambda: asyncio.sleep(0, any(o.vm_id == "vm-x" for o in agents[0].orders)))
+        await wait_until_async(lambda: asyncio.sleep(0, any(o.vm_id == "vm-x" for o in agents[0].orders)))
         leaders = [e.attributes["replica"] for e in [e async for e in cb.stream_events()]
                    if e.kind is EventKind.LEADER_CHANGED]  # fmt: skip
         assert leaders == ["A", "B"]
@@ -148,8 +149,28 @@ async def test_two_schedulers_at_once_never_order_a_slot_twice(replicas: Any) ->
         async def ordered() -> bool:
             return sum(len(ag.orders) for ag in agents) >= 60
 
-        await wait_for(ordered)
+        await wait_until_async(ordered)
         sa, sb = a.plane.scheduler.stats, b.plane.scheduler.stats
         assert sa.claimed_elsewhere + sb.claimed_elsewhere > 0  # both tried the same slots; one got through
         assert sa.orders + sa.claimed_elsewhere > 0 and sb.orders + sb.claimed_elsewhere > 0  # both scheduled
         assert assert_each_slot_ordered_once(agents) >= 60
+
+
+async def test_an_id_reported_to_a_follower_is_not_placed_by_the_leader(replicas: Any) -> None:
+    # issue 17 item 2 with replicas: n2's heartbeat (listing its agent-local "vm-h") reaches follower B;
+    # the leader A must still refuse to place "vm-h" on n1 (the claim lives in the shared state store)
+    (a, b), agents = replicas
+    ca = AsyncControlPlaneClient(a.address, timeout_s=5)
+    cb = AsyncControlPlaneClient(b.address, timeout_s=5)
+    try:
+        for ag in agents:
+            await cb.register_node(NodeInfo(ag.node_id, ag.address))
+        cb.follow_leader = False
+        await cb.heartbeat("n2", [VmStatus("vm-h", state=VmState.ARMED)])
+        with pytest.raises(FailedPrecondition, match="active on node 'n2'"):
+            await ca.register_vm(VmSpec("vm-h", "n1", 1 << 20))
+        await cb.heartbeat("n2", [])  # n2 no longer runs it
+        await ca.register_vm(VmSpec("vm-h", "n1", 1 << 20))
+    finally:
+        await ca.close()
+        await cb.close()

@@ -92,7 +92,7 @@ def test_acl_user_and_password(tmp_path: Path) -> None:
         srv.stop()
 
 
-def _tls_files(d: Path) -> tuple[Path, Path, Path]:
+def _tls_files(d: Path, name: str = "localhost", with_ip: bool = True) -> tuple[Path, Path, Path]:
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tiermem test CA")])
@@ -105,11 +105,11 @@ def _tls_files(d: Path) -> tuple[Path, Path, Path]:
     )  # fmt: skip
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
-        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
         .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                    x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)] + ([x509.IPAddress(ipaddress.ip_address(
+            "127.0.0.1"))] if with_ip else [])), critical=False)
         .sign(ca_key, hashes.SHA256())
     )  # fmt: skip
     paths = d / "ca.pem", d / "server.pem", d / "server.key"
@@ -149,6 +149,30 @@ def test_tls(tmp_path: Path) -> None:
         with pytest.raises(StoreUnavailable):
             plain.put_pages(v, [PageBlob(9, 1, TEXT)])
         plain.close()
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("word", ["on", "yes", "true", "1"])
+def test_ssl_check_hostname_on_checks_the_hostname(tmp_path: Path, word: str) -> None:
+    # issue 17 item 14: "on" used to turn hostname checking OFF (three option parsers disagreed)
+    ca, cert, key = _tls_files(tmp_path, name="redis.other.example", with_ip=False)
+    port = free_port()
+    srv = RedisServer(tmp_path, port=port, password="tls-pw", extra_args=[
+        "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+        "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"])  # fmt: skip
+    srv.start()
+    try:
+        wrong_name = redis(f"rediss://:tls-pw@127.0.0.1:{port}/0?ssl_ca_certs={ca}&ssl_check_hostname={word}"
+                           "&retries=1&timeout=2")  # fmt: skip
+        with pytest.raises(StoreUnavailable, match=r"hostname|match"):
+            wrong_name.put_pages(vm(), [PageBlob(1, 1, TEXT)])
+        wrong_name.close()
+        # the same server with checking explicitly off: the trusted CA alone is enough
+        off = redis(f"rediss://:tls-pw@127.0.0.1:{port}/0?ssl_ca_certs={ca}&ssl_check_hostname=off")
+        v = vm()
+        assert off.get_pages(v, off.put_pages(v, [PageBlob(1, 1, TEXT)])) == [TEXT]
+        off.close()
     finally:
         srv.stop()
 

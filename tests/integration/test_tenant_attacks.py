@@ -56,11 +56,11 @@ class Stack:
     ach: grpc.aio.Channel
 
     @property
-    def stub(self) -> cpg.ControlPlaneStub:
+    def stub(self) -> cpg.ControlPlaneAsyncStub:
         return cpg.ControlPlaneStub(self.ch)
 
     @property
-    def agent_stub(self) -> agrpc.NodeAgentStub:
+    def agent_stub(self) -> agrpc.NodeAgentAsyncStub:
         return agrpc.NodeAgentStub(self.ach)
 
     @property

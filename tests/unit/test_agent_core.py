@@ -38,7 +38,7 @@ def attach(agent: Agent, vm: str = "vm1", pages: int = 256, **policy: object) ->
 
 
 def cycle(agent: Agent, vm: str, touch: list[int] | None = None, mode: CycleMode = CycleMode.EVICT,
-          writes: bool = False):  # type: ignore[no-untyped-def]  # fmt: skip
+          writes: bool = False):  # fmt: skip
     eng = agent.engines[vm]
     sim = agent.sessions[vm].backend
     assert isinstance(sim, SimKernel)
@@ -65,7 +65,7 @@ def test_hot_set_detection_is_exact_and_dry_run_changes_nothing(agent: Agent) ->
     assert rep.pages_evicted == 0
     assert agent.sessions["vm1"].ages.max() == 0  # a dry run keeps ages
     assert sim.populated().all()
-    assert store_of(agent).usage("vm1").pages == 0
+    assert store_of(agent).usage(agent.sessions["vm1"].space).pages == 0
     rep = cycle(agent, "vm1", hot)
     assert rep.pages_evicted == 512 - len(hot)
     populated = np.flatnonzero(sim.populated()).tolist()
@@ -212,7 +212,7 @@ def test_corrupt_payload_is_never_installed(agent: Agent) -> None:
     cycle(agent, "vm1")
     e = agent.index.get("vm1", 4)
     assert e is not None
-    store_of(agent).corrupt("vm1", 4, e.stored.generation)
+    store_of(agent).corrupt(agent.sessions["vm1"].space, 4, e.stored.generation)
     events: list[EventKind] = []
     agent.events.add_listener(lambda ev: events.append(ev.kind))
     t = threading.Thread(target=sim.access, args=(4,), daemon=True)
@@ -238,7 +238,7 @@ def test_drain_empties_the_store_and_detach_rules(agent: Agent) -> None:
     assert prog.done and prog.pages_restored == 128
     assert seen and seen[-1].pages_restored == 128
     assert agent.index.count("vm1") == 0
-    assert store_of(agent).usage("vm1").pages == 0
+    assert store_of(agent).usage(agent.sessions["vm1"].space).pages == 0
     assert np.array_equal(sim.counters(), expected)
     assert agent.detach("vm1") == 0
     with pytest.raises(NotFound):
@@ -254,10 +254,11 @@ def test_purge_removes_everything_of_that_vm_only(agent: Agent) -> None:
     cycle(agent, "a")
     cycle(agent, "b")
     st = store_of(agent)
-    assert st.usage("a").pages == 32 and st.usage("b").pages == 32
+    sa, sb = agent.sessions["a"].space, agent.sessions["b"].space
+    assert st.usage(sa).pages == 32 and st.usage(sb).pages == 32
     assert agent.detach("a", purge=True) == 32
-    assert st.usage("a").pages == 0
-    assert st.usage("b").pages == 32
+    assert st.usage(sa).pages == 0
+    assert st.usage(sb).pages == 32
     for p in range(32):
         b.access(p)
     assert (b.counters() == 1).all()
@@ -290,7 +291,7 @@ def test_stale_missing_message_never_drops_the_entry_of_a_page_being_evicted(age
     s = agent.sessions["vm1"]
     gen = agent.index.next_generations("vm1", 1)
     st = store_of(agent)
-    entries = st.put_pages("vm1", [PageBlob(3, gen, sim.io_read(3 * PS, PS))])
+    entries = st.put_pages(s.space, [PageBlob(3, gen, sim.io_read(3 * PS, PS))])
     agent.index.put_many("vm1", "default", entries)  # the cycle's step before the punch
     agent.faults["vm1"].handle(uapi.UffdMsg(uapi.UFFD_EVENT_PAGEFAULT, address=sim.addr(3)))
     e = agent.index.get("vm1", 3)

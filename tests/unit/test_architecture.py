@@ -11,6 +11,7 @@ names the ``sim`` backend as a string (the one documented exception).
 from __future__ import annotations
 
 import ast
+import functools
 import re
 import subprocess
 import sys
@@ -28,7 +29,7 @@ PKG = ROOT / "tiermem"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("generated", ("tiermem.v1",)),
     ("core", ("tiermem", "tiermem.errors", "tiermem.ids", "tiermem.model", "tiermem.api", "tiermem.selector", "tiermem.units",
-              "tiermem.config", "tiermem.events", "tiermem.logging", "tiermem.metrics")),
+              "tiermem.config", "tiermem.events", "tiermem.logging", "tiermem.metrics", "tiermem.fsmodes")),
     ("kernel/store", ("tiermem.kernel", "tiermem.store")),
     ("handoff", ("tiermem.handoff",)),
     ("agent/control", ("tiermem.agent", "tiermem.control")),
@@ -81,6 +82,7 @@ def imports_of(source: str, module: str, is_package: bool, known: set[str]) -> s
     return {m for m in found if m == "tiermem" or m.startswith("tiermem.")}
 
 
+@functools.cache
 def package_graph(root: Path = ROOT) -> dict[str, set[str]]:
     """Module → the tiermem modules it imports, for every module under ``root/tiermem``."""
     paths = {module_name(p, root): p for p in (root / "tiermem").rglob("*.py")}

@@ -2,32 +2,26 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner, Result
 
 from tiermem.cli.errors import EXIT_PRECONDITION, CliExit, require_extra
-
-# Runs the CLI in a fresh interpreter where matplotlib cannot be imported (as after `pip install tiermem`).
-_WITHOUT_MATPLOTLIB = (
-    "import sys\n"
-    "sys.modules['matplotlib'] = None  # import matplotlib now raises ImportError\n"
-    "from tiermem.cli.main import main\n"
-    "sys.argv = ['tiermem', *sys.argv[1:]]\n"
-    "main()\n"
-)
+from tiermem.cli.main import cli
 
 
-def _cli_without_matplotlib(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", _WITHOUT_MATPLOTLIB, *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=60,
-    )
+@pytest.fixture
+def no_matplotlib(monkeypatch: pytest.MonkeyPatch) -> None:
+    """matplotlib cannot be imported, as after a plain `pip install tiermem`."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError):
+        import matplotlib  # noqa: F401
+
+
+def _tiermem(*args: str) -> Result:
+    return CliRunner().invoke(cli, list(args))
 
 
 def test_require_extra_names_the_extra() -> None:
@@ -40,21 +34,23 @@ def test_require_extra_names_the_extra() -> None:
     require_extra("numpy", "demo", "anything")  # installed: no error
 
 
+@pytest.mark.usefixtures("no_matplotlib")
 def test_demo_without_matplotlib_is_one_line_naming_the_extra(tmp_path: Path) -> None:
-    r = _cli_without_matplotlib("demo", "--duration", "1s", cwd=tmp_path)
-    assert r.returncode == EXIT_PRECONDITION, r.stderr
+    r = _tiermem("demo", "--duration", "1s", "--workdir", str(tmp_path / "w"))
+    assert r.exit_code == EXIT_PRECONDITION, r.output
     assert r.stderr.strip().splitlines() == [
         "tiermem: error: tiermem demo needs matplotlib, an optional dependency: pip install 'tiermem[demo]'"
     ]
-    assert list(tmp_path.iterdir()) == []  # nothing started, nothing written
+    assert not (tmp_path / "w").exists()  # nothing started, nothing written
 
 
+@pytest.mark.usefixtures("no_matplotlib")
 def test_simulate_sweep_without_matplotlib_names_the_extra_and_plain_simulate_works(tmp_path: Path) -> None:
     trace = tmp_path / "t.csv"
     trace.write_text("tick,page,op\n0,1,r\n1,2,w\n2,1,r\n")
-    r = _cli_without_matplotlib("simulate", "--trace", str(trace), "--sweep", "cold-after=1,2", cwd=tmp_path)
-    assert r.returncode == EXIT_PRECONDITION, r.stderr
+    r = _tiermem("simulate", "--trace", str(trace), "--sweep", "cold-after=1,2")
+    assert r.exit_code == EXIT_PRECONDITION, r.output
     assert "pip install 'tiermem[demo]'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    ok = _cli_without_matplotlib("simulate", "--trace", str(trace), "--json", cwd=tmp_path)
-    assert ok.returncode == 0, ok.stderr
+    ok = _tiermem("simulate", "--trace", str(trace), "--json")
+    assert ok.exit_code == 0, ok.output
     assert '"promotions"' in ok.stdout

@@ -262,7 +262,7 @@ async def test_unreachable_agent_backs_its_node_off_exponentially() -> None:
     env.agents.fail = lambda address, vm: (
         Unavailable("connection refused") if down and "bad" in address else None
     )
-    times = []
+    times: list[float] = []
     for k in range(1, 40):
         await env.at(T0 + k * 0.25)
         times += [o.at_ms for o in env.agents.orders[len(times) :] if o.vm_id == "b1"]

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from test_control_scheduler import T0, add, make_env
 
+from tests.unit.test_control_scheduler import T0, add, make_env
 from tiermem.api import PolicyScope
 from tiermem.control.policies import apply_adjustment
 from tiermem.control.scheduler import SchedulerConfig

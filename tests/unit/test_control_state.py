@@ -97,6 +97,18 @@ async def test_statuses_replace(env: tuple[StateStore, Expire]) -> None:
     assert all_["b"].policy == EvictionPolicy()  # not kept: the control plane reports its effective policy
 
 
+async def test_local_vms_are_replaced_per_node(env: tuple[StateStore, Expire]) -> None:
+    st, _ = env
+    assert await st.local_vm_owner("vm-h") is None
+    await st.put_local_vms("n1", ["vm-h", "vm-i"], 1000)
+    await st.put_local_vms("n2", ["vm-j"], 1500)
+    assert await st.local_vm_owner("vm-h") == ("n1", 1000) and await st.local_vm_owner("vm-j") == ("n2", 1500)
+    await st.put_local_vms("n1", ["vm-i"], 2000)  # vm-h detached on n1: its id is free again
+    assert await st.local_vm_owner("vm-h") is None and await st.local_vm_owner("vm-i") == ("n1", 2000)
+    await st.put_local_vms("n1", [], 3000)
+    assert await st.local_vm_owner("vm-i") is None and await st.local_vm_owner("vm-j") == ("n2", 1500)
+
+
 async def test_policy_versions_are_monotonic_and_entries_roundtrip(env: tuple[StateStore, Expire]) -> None:
     st, _ = env
     versions = [await st.next_version() for _ in range(5)]

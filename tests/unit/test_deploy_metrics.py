@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
+from tiermem.agent import metrics as agent_metrics
+from tiermem.control import metrics as control_metrics
 from tiermem.errors import ConfigurationError
 from tiermem.metrics import metrics_port, start_metrics, stop_metrics
 
@@ -29,20 +31,13 @@ def _families(registry: CollectorRegistry) -> set[str]:
 
 
 def _agent_series() -> set[str]:
-    mod = pytest.importorskip("tiermem.agent.metrics", reason="the agent's metrics module has not landed")
-    m = mod.AgentMetrics(CollectorRegistry())
+    m = agent_metrics.AgentMetrics(CollectorRegistry())
     m.watch_vms(lambda: [("acme.vm-1", 10, 5, 3)])
     return _families(m.registry)
 
 
 def _control_series() -> set[str]:
-    mod = pytest.importorskip(
-        "tiermem.control.metrics", reason="the control plane's metrics module has not landed"
-    )
-    from prometheus_client import REGISTRY
-
-    names = {getattr(mod, n)._name for n in mod.__all__}
-    return {n for n in _families(REGISTRY) if n.removesuffix("_total") in names}
+    return _families(control_metrics.ControlPlaneMetrics(CollectorRegistry()).registry)
 
 
 def test_every_agent_series_is_documented_and_nothing_more() -> None:
@@ -93,3 +88,26 @@ def test_a_busy_port_is_a_configuration_error(endpoint: None) -> None:
         s.listen()
         with pytest.raises(ConfigurationError, match="cannot serve metrics"):
             start_metrics(f"127.0.0.1:{s.getsockname()[1]}", registry=CollectorRegistry())
+
+
+def test_a_service_registry_carries_the_runtime_series_and_instances_do_not_collide() -> None:
+    a = agent_metrics.AgentMetrics()
+    b = agent_metrics.AgentMetrics()
+    cp = control_metrics.ControlPlaneMetrics()
+    for reg in (a.registry, b.registry, cp.registry):
+        names = {fam.name for fam in reg.collect()}
+        assert "process_cpu_seconds" in names and "python_info" in names
+    a.faults.labels("vm", "missing").inc()
+    assert b.registry.get_sample_value("tiermem_agent_faults_total", {"vm": "vm", "kind": "missing"}) is None
+
+
+def test_control_plane_label_values_come_from_enums() -> None:
+    cp = control_metrics.ControlPlaneMetrics(CollectorRegistry())
+    cp.failure(control_metrics.FailureReason.AGENT_ERROR)
+    cp.order(control_metrics.OrderResult.SKIPPED, 3)
+    cp.slo_adjustment(control_metrics.SloDirection.TIGHTEN)
+    get = cp.registry.get_sample_value
+    assert get("tiermem_cp_cycle_orders_total", {"result": "error"}) == 1
+    assert get("tiermem_cp_order_failures_total", {"reason": "agent_error"}) == 1
+    assert get("tiermem_cp_cycle_orders_total", {"result": "skipped"}) == 3
+    assert get("tiermem_cp_slo_adjustments_total", {"direction": "tighten"}) == 1

@@ -12,14 +12,12 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from tiermem.config import AgentSettings, ControlPlaneSettings, TlsSettings
-from tiermem.metrics import add_process_collectors, start_metrics, stop_metrics
+from tiermem.metrics import service_registry, start_metrics, stop_metrics
 
 
 def test_process_series_on_a_private_registry() -> None:
-    reg = CollectorRegistry()
-    assert b"process_resident_memory_bytes" not in generate_latest(reg)
-    add_process_collectors(reg)
-    text = generate_latest(reg).decode()
+    assert b"process_resident_memory_bytes" not in generate_latest(CollectorRegistry())
+    text = generate_latest(service_registry()).decode()
     for name in ("process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds",
                  "python_info", "python_gc_objects_collected_total"):  # fmt: skip
         assert name in text, name
@@ -33,9 +31,7 @@ def test_metrics_tls_is_separate_from_the_grpc_tls() -> None:
 
 
 def test_plain_http_scrape() -> None:
-    reg = CollectorRegistry()
-    add_process_collectors(reg)
-    port = start_metrics("127.0.0.1:0", TlsSettings(), reg)
+    port = start_metrics("127.0.0.1:0", service_registry(), TlsSettings())
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
             assert b"process_resident_memory_bytes" in r.read()

@@ -119,7 +119,7 @@ def test_s3_url_options() -> None:
         ("/var/lib/tiermem", "(no scheme)"),
         ("file://relative/path", "names host 'relative'"),
         ("file:///", "needs an absolute directory"),
-        ("file:///tmp/x?fsync=maybe", "fsync must be 0 or 1"),
+        ("file:///tmp/x?fsync=maybe", "fsync must be a boolean"),
         ("file:///tmp/x?sync=1", "unknown file store option 'sync'"),
         ("file:///tmp/x?segment_mib=0", "outside 1..1024"),
         ("file:///tmp/x?segment_mib=big", "segment_mib='big' is not a number"),
@@ -128,7 +128,7 @@ def test_s3_url_options() -> None:
         ("redis://host:notaport/0", "invalid port"),
         ("redis://host:6379/zero", "database number"),
         ("redis://host/0?timeout=abc", "timeout='abc'"),
-        ("redis://host/0?timeout=-1", "must be positive"),
+        ("redis://host/0?timeout=-1", "outside"),
         ("redis://host/0?bogus=1", "unknown Redis store option 'bogus'"),
         ("redis://host/0?ssl_ca_certs=/x", "need a rediss:// URL"),
         ("rediss://host/0?ssl_cert_reqs=maybe", "ssl_cert_reqs"),
@@ -173,3 +173,51 @@ def test_bad_page_size_is_rejected() -> None:
 )
 def test_redact_url(url: str, safe: str) -> None:
     assert redact_url(url) == safe
+
+
+# --- issue 17 item 14: one strict parser ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("word,expected", [("on", True), ("ON", True), ("yes", True), ("1", True), ("true", True),
+                                           ("off", False), ("no", False), ("0", False), ("False", False)])  # fmt: skip
+def test_ssl_check_hostname_booleans_mean_what_they_say(word: str, expected: bool) -> None:
+    # ssl_check_hostname=on used to turn hostname checking OFF (three parsers disagreed)
+    st = open_store(f"rediss://host/0?ssl_check_hostname={word}&ssl_cert_reqs=required")
+    try:
+        assert isinstance(st, RedisPageStore)
+        assert st.client.connection_pool.connection_kwargs["ssl_check_hostname"] is expected
+    finally:
+        st.close()
+
+
+@pytest.mark.parametrize(
+    "url,message",
+    [
+        ("rediss://host/0?ssl_check_hostname=maybe", "ssl_check_hostname must be a boolean"),
+        ("rediss://host/0?ssl_check_hostname=", "ssl_check_hostname must be a boolean"),
+        ("rediss://host/0?ssl_check_hostname=1&ssl_check_hostname=0", "given twice"),
+        ("rediss://host/0?ssl_cert_reqs=none&ssl_check_hostname=1", "needs certificate checking"),
+        ("redis://host/0?retries=2.5", "retries='2.5' is not an integer"),
+        ("redis://host/0?timeout=nan", "not a finite number"),
+        ("redis://host/0?durability=maybe", "durability must be one of required, none"),
+        ("s3://bucket/x?workers=1.5", "workers='1.5' is not an integer"),
+        ("s3://bucket/x?timeout=inf", "not a finite number"),
+        ("s3://bucket/x?region=a&region=b", "given twice"),
+        ("file:///tmp/x?fsync=1&fsync=0", "given twice"),
+    ],
+)
+def test_strict_options(url: str, message: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        open_store(url)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_tls_defaults_check_hostnames() -> None:
+    st = open_store("rediss://host/0")
+    try:
+        assert isinstance(st, RedisPageStore)
+        kw = st.client.connection_pool.connection_kwargs
+        assert kw["ssl_cert_reqs"] == "required" and kw["ssl_check_hostname"] is True
+        assert st.durable is True
+    finally:
+        st.close()

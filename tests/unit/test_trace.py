@@ -104,12 +104,14 @@ def test_writer_round_trip_plain_and_gzip(tmp_path: Path) -> None:
         t = load_trace(path)
         assert t.ticks.tolist() == ticks.tolist() and t.pages.tolist() == pages.tolist()
         assert t.writes.tolist() == writes.tolist()
-    text = write_trace(tmp_path / "s.csv", [0, 10], [5, 123], [True, False]).read_text()
+    text = write_trace(
+        tmp_path / "s.csv", np.array([0, 10]), np.array([5, 123]), np.array([True, False])
+    ).read_text()
     assert text == "tick,page,op\n0,5,w\n10,123,r\n"
     with pytest.raises(InvalidArgument):
-        write_trace(tmp_path / "bad.csv", [1, 0], [0, 0], [True, True])
+        write_trace(tmp_path / "bad.csv", np.array([1, 0]), np.array([0, 0]), np.array([True, True]))
     with pytest.raises(InvalidArgument):
-        write_trace(tmp_path / "bad.csv", [0], [-1], [True])
+        write_trace(tmp_path / "bad.csv", np.array([0]), np.array([-1]), np.array([True]))
 
 
 @settings(max_examples=100, deadline=None)

@@ -14,7 +14,7 @@ from tiermem.model import Backend
 
 __all__ = ["on_handoff", "start_handoff"]
 
-log = structlog.get_logger("tiermem.agent.attach")
+log = structlog.get_logger(__name__)
 
 
 def on_handoff(agent: Agent, att: HandoffAttach) -> None:
@@ -22,11 +22,14 @@ def on_handoff(agent: Agent, att: HandoffAttach) -> None:
     kind = Backend.RWP if att.mode == "rwp" else Backend.UFFD
     backend = att.make_backend(arm=True)
     try:
-        session = agent.attach_backend(att.vm_id, kind, backend, tracking=att.tracking)
+        session = agent.attach_backend(att.vm_id, kind, backend, tracking=att.tracking, secret=att.secret,
+                                       fresh=att.fresh)  # fmt: skip
     except BaseException:
         backend.close()
         raise
     vm_id = att.vm_id
+    # the VMM keeps the secret to prove itself on reattach (after an agent restart, or a broken connection)
+    att.incarnation, att.issued_secret = session.incarnation, session.reattach_secret
 
     def closed() -> None:
         # The VMM went away (or the connection broke): keep its evicted pages indexed; a

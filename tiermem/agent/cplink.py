@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import structlog
 
@@ -24,14 +25,22 @@ from tiermem.rpc.clients import AsyncControlPlaneClient
 
 __all__ = ["ControlPlaneLink"]
 
-log = structlog.get_logger("tiermem.agent.cplink")
+log = structlog.get_logger(__name__)
 
 
 class ControlPlaneLink:
     """Keeps this node registered and its lease alive."""
 
-    def __init__(self, agent: Agent, settings: AgentSettings, address: str) -> None:
+    def __init__(
+        self,
+        agent: Agent,
+        settings: AgentSettings,
+        address: str,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.agent = agent
+        self.monotonic = monotonic
+        """Seconds on a monotonic clock: injectable, so a test can pass the autonomous deadline without waiting it."""
         self.settings = settings
         self.address = address
         self.registered = False
@@ -50,7 +59,7 @@ class ControlPlaneLink:
         s = self.settings
         client = AsyncControlPlaneClient(s.control_plane, s.control_plane_token, s.client_tls, timeout_s=5.0)
         node = await asyncio.to_thread(self._node)
-        last_ok = time.monotonic()
+        last_ok = self.monotonic()
         self.agent.autonomous.clear()  # the control plane drives cycles while it is reachable
         period = max(s.heartbeat_ms, 100) / 1000.0
         try:
@@ -71,14 +80,14 @@ class ControlPlaneLink:
                     reports = self.agent.take_autonomous_reports()
                     if reports:
                         await client.report_cycles(node.node_id, reports)
-                    last_ok = time.monotonic()
+                    last_ok = self.monotonic()
                     if self.agent.autonomous.is_set():
                         log.info("control plane is back; autonomous cycles stop", node=node.node_id)
                         self.agent.autonomous.clear()
                     if res.lease_ttl_ms:
                         period = min(period, max(res.lease_ttl_ms / 3000.0, 0.1))
                 except TiermemError as e:
-                    down_for = time.monotonic() - last_ok
+                    down_for = self.monotonic() - last_ok
                     if (
                         s.autonomous
                         and down_for * 1000 >= s.autonomous_after_ms

@@ -34,7 +34,7 @@ import numpy as np
 import structlog
 
 from tiermem.agent.faults import FaultServer
-from tiermem.agent.metrics import CYCLE_RESULTS
+from tiermem.agent.metrics import CycleResult
 from tiermem.agent.session import VmSession
 from tiermem.errors import ConfigurationError, FailedPrecondition, NotFound, StoreFull, StoreUnavailable
 from tiermem.kernel import uapi
@@ -43,7 +43,7 @@ from tiermem.store.base import Codec, PageBlob
 
 __all__ = ["CycleEngine", "choose_cold", "runs"]
 
-log = structlog.get_logger("tiermem.agent.cycle")
+log = structlog.get_logger(__name__)
 
 EVICT_BATCH_PAGES = 1024
 """Pages per store round trip and index commit: big enough to amortise both, small enough to bound
@@ -226,7 +226,7 @@ class CycleEngine:
                     blobs.append(PageBlob(first + k, gen, data[k * ps : (k + 1) * ps]))
                     gen += 1
             try:
-                entries = store.put_pages(s.vm_id, blobs, compression)
+                entries = store.put_pages(s.space, blobs, compression)
             except (StoreUnavailable, StoreFull, ConfigurationError) as e:
                 s.counters.store_errors += 1
                 s.metrics.store_errors.labels(store.name, "put", type(e).__name__).inc()
@@ -256,7 +256,9 @@ class CycleEngine:
         ph = rep.phases
         for phase in ("protect", "wait", "freeze", "scan", "decide", "evict", "resume"):
             m.cycle_seconds.labels(phase).observe(getattr(ph, f"{phase}_us") / 1e6)
-        m.cycles.labels(s.vm_id, rep.mode.value, CYCLE_RESULTS[1] if rep.error else CYCLE_RESULTS[0]).inc()
+        m.cycles.labels(
+            s.vm_id, rep.mode.value, (CycleResult.ERROR if rep.error else CycleResult.OK).value
+        ).inc()
         if rep.pages_unproven:
             m.pages_unproven.labels(s.vm_id).inc(rep.pages_unproven)
         kind = EventKind.CYCLE_FAILED if rep.error else EventKind.CYCLE_COMPLETED

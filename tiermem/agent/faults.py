@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from tiermem.agent.index import IndexEntry
-from tiermem.agent.metrics import FAULT_KINDS
+from tiermem.agent.metrics import FaultKind, FaultStage
 from tiermem.agent.session import VmSession
 from tiermem.errors import IntegrityError, NotFound, StoreUnavailable, TiermemError
 from tiermem.kernel import uapi
@@ -34,7 +34,7 @@ from tiermem.store.base import Codec
 
 __all__ = ["FaultServer", "Installed"]
 
-log = structlog.get_logger("tiermem.agent.faults")
+log = structlog.get_logger(__name__)
 
 _VMM_GONE = (errno.ENOENT, errno.ESRCH, errno.ENOSPC, errno.EBADF)
 
@@ -55,10 +55,13 @@ class FaultServer:
         self.vmm_gone = threading.Event()
         m = session.metrics
         # Metric children bound once: ``labels()`` costs microseconds a call, six calls a fault.
-        # in FAULT_KINDS order; forget_vm drops the same label sets
-        self._m_missing, self._m_zero, self._m_rwp = (m.faults.labels(session.vm_id, k) for k in FAULT_KINDS)
+        self._m_missing = m.faults.labels(session.vm_id, FaultKind.MISSING.value)
+        self._m_zero = m.faults.labels(session.vm_id, FaultKind.ZERO.value)
+        self._m_rwp = m.faults.labels(session.vm_id, FaultKind.RWP.value)
         self._m_restored = m.pages_restored.labels(session.vm_id)
-        self._m_stages = tuple(m.fault_stage_seconds.labels(st) for st in ("lookup", "fetch", "install"))
+        self._m_lookup = m.fault_stage_seconds.labels(FaultStage.LOOKUP.value)
+        self._m_fetch = m.fault_stage_seconds.labels(FaultStage.FETCH.value)
+        self._m_install = m.fault_stage_seconds.labels(FaultStage.INSTALL.value)
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -265,18 +268,24 @@ class FaultServer:
             pages = [e.stored.page for e in entries]
             gens = {e.stored.page: e.stored.generation for e in entries}
             t1 = time.perf_counter()
-            if len(entries) > 1:
-                try:
-                    data = self.fetch(entries, inline=inline, retry=False)
-                except (IntegrityError, NotFound):
-                    # One bad neighbour must not hold the faulting page: fetch it alone from now on.
-                    entries = [e for e in entries if e.stored.page == page]
-                    pages = [page]
+            try:
+                if len(entries) > 1:
+                    try:
+                        data = self.fetch(entries, inline=inline, retry=False)
+                    except (IntegrityError, NotFound):
+                        # One bad neighbour must not hold the faulting page: fetch it alone from now on.
+                        entries = [e for e in entries if e.stored.page == page]
+                        pages = [page]
+                        data = self.fetch(entries, inline=inline, retry=retry)
+                    except StoreUnavailable:
+                        data = self.fetch(entries, inline=inline, retry=retry)
+                else:
                     data = self.fetch(entries, inline=inline, retry=retry)
-                except StoreUnavailable:
-                    data = self.fetch(entries, inline=inline, retry=retry)
-            else:
-                data = self.fetch(entries, inline=inline, retry=retry)
+            except NotFound:
+                if not self._poisons(retry):
+                    raise
+                self._poison(page, entry)  # the policy prefers a SIGBUS in the guest to a vCPU hung for good
+                return
             if data is None:
                 return  # session closing
             t2 = time.perf_counter()
@@ -299,15 +308,34 @@ class FaultServer:
                 s.counters.promotions.append((time.monotonic(), 1))
                 self._m_missing.inc()
                 self._m_restored.inc(len(restored))
-                lookup, fetch, install = self._m_stages
-                lookup.observe(t1 - t0)
-                fetch.observe(t2 - t1)
-                install.observe(t3 - t2)
+                self._m_lookup.observe(t1 - t0)
+                self._m_fetch.observe(t2 - t1)
+                self._m_install.observe(t3 - t2)
                 s.metrics.fault_seconds.observe(t3 - t0)
                 s.fault_latency.add((t3 - t0) * 1e6)
         finally:
             with self._inflight_lock:
                 self._inflight.difference_update(claimed)
+
+    def _poisons(self, retry: bool) -> bool:
+        # a VMM that did not negotiate UFFD_FEATURE_POISON (or the sim) keeps the waiting behaviour
+        return retry and self.s.policy.poison_missing and self.s.backend.can_poison
+
+    def _poison(self, page: int, entry: IndexEntry) -> None:
+        s = self.s
+        try:
+            s.backend.poison(s.backend.addr(page), s.page_size)
+        except OSError as e:
+            if e.errno in _VMM_GONE:
+                self._vmm_went_away(e)
+                return
+            if e.errno != errno.EEXIST:
+                raise
+        # the page is gone for good: its entry goes, so no drain or restart waits on it again
+        s.index.remove(s.vm_id, [(page, entry.stored.generation)], flush=True)
+        s.events.publish(EventKind.STORE_ERROR, f"page {page} of {s.vm_id} is lost: poisoned (the guest gets SIGBUS)",
+                         s.vm_id, page=page, poisoned="true")  # fmt: skip
+        log.critical("page poisoned", vm=s.vm_id, page=page)
 
     def _zero_fill(self, page: int) -> None:
         # A hole that was never evicted: the guest's first touch (or a balloon page). Zero it, as the
@@ -355,7 +383,7 @@ class FaultServer:
                 stored = [e.stored for e in entries]
                 data = []
                 nonzero = [st for st in stored if st.codec != Codec.ZERO]
-                fetched = iter(store.get_pages(s.vm_id, nonzero) if nonzero else [])
+                fetched = iter(store.get_pages(s.space, nonzero) if nonzero else [])
                 for st in stored:
                     data.append(bytes(s.page_size) if st.codec == Codec.ZERO else next(fetched))
                 if reported:
@@ -367,12 +395,21 @@ class FaultServer:
                 s.metrics.store_errors.labels(store_name, "get", kind).inc()
                 if isinstance(e, IntegrityError):
                     s.counters.integrity_errors += 1
+                missing = isinstance(e, NotFound)
                 if not reported:
                     reported = True
                     ev = EventKind.INTEGRITY_ERROR if isinstance(e, IntegrityError) else EventKind.STORE_ERROR
-                    s.events.publish(ev, f"fault on {s.vm_id} waits: {e}", s.vm_id, store=store_name,
-                                     page=entries[0].stored.page)  # fmt: skip
-                    log.error("fault waits on the store", vm=s.vm_id, store=store_name, error=str(e))
+                    what = "an evicted page is MISSING from its store" if missing else "fault waits"
+                    s.events.publish(ev, f"{what} ({s.vm_id}): {e}", s.vm_id, store=store_name,
+                                     page=entries[0].stored.page, missing=str(missing).lower())  # fmt: skip
+                    if missing:  # acknowledged pages are gone (a Redis without persistence restarted, ...)
+                        s.metrics.pages_missing.labels(s.vm_id, store_name).inc()
+                        log.critical("EVICTED PAGE MISSING FROM ITS STORE", vm=s.vm_id, store=store_name,
+                                     error=str(e), poison=s.policy.poison_missing)  # fmt: skip
+                    else:
+                        log.error("fault waits on the store", vm=s.vm_id, store=store_name, error=str(e))
+                if missing and len(entries) == 1 and self._poisons(retry):
+                    raise  # the caller poisons the page instead of waiting
                 if not retry or (inline and backoff >= self.max_backoff_s):
                     # Inline (sim replay) has no other thread to wait for: raise rather than hang.
                     raise

@@ -13,6 +13,7 @@ bitmap for vectorised "is evicted" queries by the cycle engine).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from tiermem.errors import FailedPrecondition
+from tiermem.fsmodes import private_file
 from tiermem.store.base import Codec, StoredPage
 
 __all__ = ["IndexEntry", "PageIndex", "VmRecord"]
@@ -62,7 +64,8 @@ class PageIndex:
     def __init__(self, path: str | Path, *, fsync: bool = True) -> None:
         self.path = str(path)
         if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            private_file(self.path)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'OFF'}")
@@ -75,6 +78,8 @@ class PageIndex:
                 vm_id TEXT NOT NULL, page INTEGER NOT NULL, store TEXT NOT NULL, generation INTEGER NOT NULL,
                 codec INTEGER NOT NULL, checksum INTEGER NOT NULL, length INTEGER NOT NULL, location TEXT NOT NULL,
                 PRIMARY KEY (vm_id, page)) WITHOUT ROWID;
+            CREATE TABLE IF NOT EXISTS orphans (
+                store TEXT NOT NULL, space TEXT NOT NULL, PRIMARY KEY (store, space)) WITHOUT ROWID;
             """
         )
         # Two locks, always taken in this order: ``_lock`` serialises SQLite (a commit with
@@ -224,10 +229,42 @@ class PageIndex:
             rows, self._pending_removals = self._pending_removals, []
         if not rows:
             return
-        self._db.execute("BEGIN")
-        # only delete the generation that was restored: a page re-evicted since has a newer row
-        self._db.executemany("DELETE FROM pages WHERE vm_id = ? AND page = ? AND generation = ?", rows)
-        self._db.execute("COMMIT")
+        try:
+            self._db.execute("BEGIN")
+            # only delete the generation that was restored: a page re-evicted since has a newer row
+            self._db.executemany("DELETE FROM pages WHERE vm_id = ? AND page = ? AND generation = ?", rows)
+            self._db.execute("COMMIT")
+        except BaseException:
+            # ENOSPC, EIO...: the removals are put back (never dropped) and written by a later flush
+            if self._db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+            with self._mem:
+                self._pending_removals[:0] = rows
+            raise
+
+    def pending_removals(self) -> int:
+        """Removals queued and not yet durable."""
+        with self._mem:
+            return len(self._pending_removals)
+
+    # --- orphaned namespaces ---------------------------------------------------------------------
+    def add_orphans(self, spaces: Iterable[tuple[str, str]]) -> None:
+        """Durably queue ``(store, space)`` namespaces whose pages no VM can use any more, for purging."""
+        with self._lock:
+            self._db.executemany("INSERT OR IGNORE INTO orphans (store, space) VALUES (?, ?)", list(spaces))
+
+    def orphans(self) -> list[tuple[str, str]]:
+        """Queued ``(store, space)`` namespaces still to purge."""
+        with self._lock:
+            return [
+                (a, b) for a, b in self._db.execute("SELECT store, space FROM orphans ORDER BY store, space")
+            ]
+
+    def drop_orphan(self, store: str, space: str) -> None:
+        """A namespace was purged."""
+        with self._lock:
+            self._db.execute("DELETE FROM orphans WHERE store = ? AND space = ?", (store, space))
 
     def evicted_bitmap(self, vm_id: str) -> np.ndarray:
         """Bool per page: evicted (read-only view; copy before mutating)."""

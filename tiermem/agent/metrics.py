@@ -2,20 +2,41 @@
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from tiermem.metrics import service_registry
 from tiermem.model import CycleMode
 
-__all__ = ["CYCLE_RESULTS", "FAULT_KINDS", "AgentMetrics"]
+__all__ = ["AgentMetrics", "CycleResult", "FaultKind", "FaultStage"]
 
-FAULT_KINDS = ("missing", "zero", "rwp")
-"""``kind`` label values of tiermem_agent_faults_total."""
-CYCLE_RESULTS = ("ok", "error")
-"""``result`` label values of tiermem_agent_cycles_total."""
+
+class FaultKind(enum.Enum):
+    """``kind`` of tiermem_agent_faults_total."""
+
+    MISSING = "missing"
+    ZERO = "zero"
+    RWP = "rwp"
+
+
+class FaultStage(enum.Enum):
+    """``stage`` of tiermem_agent_fault_stage_seconds."""
+
+    LOOKUP = "lookup"
+    FETCH = "fetch"
+    INSTALL = "install"
+
+
+class CycleResult(enum.Enum):
+    """``result`` of tiermem_agent_cycles_total."""
+
+    OK = "ok"
+    ERROR = "error"
+
 
 _FAULT_BUCKETS = (
     10e-6,
@@ -64,7 +85,7 @@ class AgentMetrics:
     """Counters and histograms named in docs/metrics.md."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
+        self.registry = registry if registry is not None else service_registry()
         r = self.registry
         self.faults = Counter("tiermem_agent_faults_total", "Faults handled", ["vm", "kind"], registry=r)
         self.fault_seconds = Histogram(
@@ -107,6 +128,18 @@ class AgentMetrics:
             ["store", "op", "error"],
             registry=r,
         )
+        self.housekeeper_errors = Counter(
+            "tiermem_agent_housekeeper_errors_total",
+            "Housekeeper passes that failed (retried with backoff; nothing queued is dropped)",
+            ["stage", "error"],
+            registry=r,
+        )
+        self.pages_missing = Counter(
+            "tiermem_agent_pages_missing_total",
+            "Faults on evicted pages whose payload is gone from the store",
+            ["vm", "store"],
+            registry=r,
+        )
 
     def watch_vms(self, snapshot: Callable[[], list[tuple[str, int, int, int]]]) -> None:
         """Expose per-VM gauges computed by ``snapshot`` -> [(vm, resident, evicted, working_set)]."""
@@ -119,8 +152,8 @@ class AgentMetrics:
             (self.pages_restored, (vm,)),
             (self.pages_unproven, (vm,)),
         ]
-        series += [(self.faults, (vm, kind)) for kind in FAULT_KINDS]
-        series += [(self.cycles, (vm, mode.value, res)) for mode in CycleMode for res in CYCLE_RESULTS]
+        series += [(self.faults, (vm, kind.value)) for kind in FaultKind]
+        series += [(self.cycles, (vm, mode.value, res.value)) for mode in CycleMode for res in CycleResult]
         for metric, labels in series:
             try:
                 metric.remove(*labels)

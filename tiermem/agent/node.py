@@ -9,11 +9,13 @@ thread; the servicer calls them through ``asyncio.to_thread``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import os
+import secrets
 import sys
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
 import structlog
 
@@ -25,6 +27,7 @@ from tiermem.agent.session import VmSession
 from tiermem.config import AgentSettings
 from tiermem.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from tiermem.events import EventBus
+from tiermem.fsmodes import private_dir
 from tiermem.kernel.backend import KernelBackend
 from tiermem.kernel.registry import local_vm_factory
 from tiermem.model import (
@@ -42,14 +45,19 @@ from tiermem.model import (
     validate_id,
 )
 from tiermem.store.base import PageStore
+from tiermem.store.pagemac import PageKeyring
+from tiermem.store.payload import PayloadStore
+from tiermem.store.space import store_space
 from tiermem.store.url import open_store
 
 __all__ = ["Agent"]
 
-log = structlog.get_logger("tiermem.agent")
+log = structlog.get_logger(__name__)
 
 MAX_SIM_BYTES = 64 * 1024**3
 DRAIN_BATCH = 256
+HOUSEKEEP_INTERVAL = 0.5
+HOUSEKEEP_MAX_BACKOFF = 30.0
 
 
 def _host_memory() -> int:
@@ -72,9 +80,9 @@ class Agent:
         self.node_id = validate_id(settings.node_id, "node id")
         self.capacity_bytes = settings.capacity_bytes or _host_memory()
         """Guest memory this node declares (never 0, so it never registers as unlimited)."""
-        self.data_dir = Path(settings.data_dir)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir = private_dir(settings.data_dir)
         self.index = PageIndex(self.data_dir / "index.db", fsync=settings.fsync)
+        self.keyring = PageKeyring.load(settings.page_key_path(), create=not settings.page_key_file)
         self.events = EventBus(self.node_id)
         self.metrics = metrics or AgentMetrics()
         self.metrics.watch_vms(self._gauge_snapshot)
@@ -108,7 +116,10 @@ class Agent:
                     raise NotFound(
                         f"unknown store {name!r}; configured: {', '.join(sorted(self.store_urls))}"
                     )
-                st = self._stores[name] = open_store(url, name=name, page_size=PAGE_SIZE)
+                st = open_store(url, name=name, page_size=PAGE_SIZE)
+                if isinstance(st, PayloadStore):
+                    st.keyring = self.keyring  # pages written by this agent verify after its restart
+                self._stores[name] = st
             return st
 
     def known_stores(self) -> set[str]:
@@ -133,6 +144,9 @@ class Agent:
         with self._lock:
             if vm_id in self.sessions:
                 raise AlreadyExists(f"VM {vm_id} is already attached")
+            if self.index.count(vm_id):  # a VMM's pages waiting for its reattach (sim records go at start)
+                raise FailedPrecondition(f"VM {vm_id} has evicted pages waiting for its VMM to reattach: "
+                                         "purge them first (detach with purge)")  # fmt: skip
             try:
                 # traces only from the configured directory, with its byte cap (admin-only facility)
                 backend, guest = create(
@@ -149,6 +163,7 @@ class Agent:
                     f"not enough memory on node {self.node_id} for a {memory_bytes >> 20} MiB sim VM with real "
                     "contents; use synthetic contents or a smaller VM"
                 ) from None
+            self._retire_incarnation(vm_id)  # a sim VM of an earlier run is gone with its process
             s = self._new_session(vm_id, Backend.SIM, backend, policy, labels or {},
                                   meta={"workload": workload, "synthetic": synthetic})  # fmt: skip
             s.guest = guest
@@ -157,36 +172,84 @@ class Agent:
             return s.status()
 
     def attach_backend(self, vm_id: str, kind: Backend, backend: KernelBackend, policy: EvictionPolicy | None = None,
-                       labels: dict[str, str] | None = None, tracking: bool = True) -> VmSession:  # fmt: skip
+                       labels: dict[str, str] | None = None, tracking: bool = True, secret: str = "",
+                       fresh: bool = False) -> VmSession:  # fmt: skip
         """Attach a VM whose armed backend arrived through the handoff socket (uffd/rwp).
 
-        A VM that reattaches after an agent restart (same id and size) keeps its
-        index: its evicted pages are served again.
+        A VM's identity is its id plus an incarnation. Evicted pages of an earlier
+        VMM are served only to a VMM that proves it is that VMM with the reattach
+        ``secret`` this agent gave it (the same id and size are not proof: fleets
+        reuse both). A plain attach over such pages is refused; ``fresh`` (an
+        operator's decision) starts a new incarnation and queues the old pages for
+        purging. The session's ``reattach_secret`` is the secret to hand this VMM.
         """
         validate_id(vm_id, "vm id")
         with self._lock:
             old = self.sessions.get(vm_id)
-            if old is not None:
-                if old.state is not VmState.DISCONNECTED and not old.backend.closed:
-                    raise AlreadyExists(f"VM {vm_id} is already attached")
-                self._close_session(old, drop_index=False)
+            if old is not None and old.state is not VmState.DISCONNECTED and not old.backend.closed:
+                raise AlreadyExists(f"VM {vm_id} is already attached")
             rec = self.index.record(vm_id)
+            pages = self.index.count(vm_id) if rec is not None else 0
+            proven = rec is not None and bool(secret) and _secret_matches(rec, secret)
+            if pages and not proven and not fresh:
+                why = "the reattach secret does not match" if secret else "this is a plain attach"
+                raise FailedPrecondition(
+                    f"VM {vm_id} has {pages} evicted pages of an earlier VMM and {why}: reattach with the secret "
+                    "the agent gave that VMM, or purge them (detach with purge), or attach with --fresh to start "
+                    "a new incarnation (the old pages are then purged)"
+                )
+            if old is not None:
+                self._close_session(old, drop_index=False)
+            if proven and rec is not None:
+                incarnation = str(rec.meta["incarnation"])
+            else:
+                if rec is not None and pages:
+                    log.warning(
+                        "fresh incarnation; the old pages are queued for purging", vm=vm_id, pages=pages
+                    )
+                self._retire_incarnation(vm_id)
+                rec = None
+                incarnation = ""
             if policy is None:
                 saved = rec.meta.get("policy") if rec else None
                 policy = policy_from_dict(saved) if isinstance(saved, dict) else EvictionPolicy()
-            s = self._new_session(vm_id, kind, backend, policy, labels or {}, meta={}, tracking=tracking)
-            if rec is not None and self.index.count(vm_id):
-                self.events.publish(EventKind.VMM_RECONNECTED, f"VM {vm_id} reattached with {self.index.count(vm_id)} "
+            keep = {k: v for k, v in rec.meta.items() if k not in ("labels",)} if rec else {}
+            s = self._new_session(vm_id, kind, backend, policy, labels or {}, meta=keep, tracking=tracking,
+                                  incarnation=incarnation, secret=secret if proven else "")  # fmt: skip
+            if proven and pages:
+                self.events.publish(EventKind.VMM_RECONNECTED, f"VM {vm_id} reattached with {pages} "
                                     "evicted pages", vm_id)  # fmt: skip
             return s
 
+    def _retire_incarnation(self, vm_id: str) -> None:
+        """Forget a VM's incarnation; its stored pages (if any) are queued for the housekeeper to purge."""
+        rec = self.index.record(vm_id)
+        if rec is None:
+            return
+        if self.index.count(vm_id) or rec.meta.get("incarnation"):
+            space = _space_of(self.node_id, rec)
+            used = {e.store for e in self.index.entries(vm_id, self.index.evicted_pages(vm_id)) if e}
+            saved = rec.meta.get("policy")
+            if isinstance(saved, dict) and isinstance(saved.get("store"), str):
+                used.add(saved["store"])
+            self.index.add_orphans([(name, space) for name in sorted(used | {"default"})])
+        self.index.remove_vm(vm_id)
+
     def _new_session(self, vm_id: str, kind: Backend, backend: KernelBackend, policy: EvictionPolicy,
-                     labels: dict[str, str], meta: dict[str, object], tracking: bool = True) -> VmSession:  # fmt: skip
+                     labels: dict[str, str], meta: dict[str, object], tracking: bool = True,
+                     incarnation: str = "", secret: str = "") -> VmSession:  # fmt: skip
+        if not incarnation:  # a new incarnation: 64 random bits, fleet-unique without coordination
+            incarnation = secrets.token_hex(8)
+            secret = secrets.token_hex(32)
+            meta = {**meta, "incarnation": incarnation, "secret_sha256": _sha256(secret)}
+        # A proven reattach keeps its secret: a new one could be lost with a reply the agent never
+        # delivered (a crash right after the commit), and that would lock the VMM out of its own pages.
         self.index.add_vm(VmRecord(vm_id, kind.value, backend.n_pages, backend.page_size,
                                    {**meta, "labels": labels}))  # fmt: skip
         s = VmSession(vm_id=vm_id, backend_kind=kind, backend=backend, policy=policy, index=self.index,
                       stores=self.store, events=self.events, metrics=self.metrics, node_id=self.node_id,
-                      labels=dict(labels), tracking=tracking)  # fmt: skip
+                      incarnation=incarnation, labels=dict(labels), tracking=tracking)  # fmt: skip
+        s.reattach_secret = secret
         fs = FaultServer(s)
         self.faults[vm_id] = fs
         self.engines[vm_id] = CycleEngine(s, fs)
@@ -352,7 +415,7 @@ class Agent:
         purged = 0
         if purge:
             for name in sorted(used & self.known_stores()):
-                purged += self.store(name).purge_vm(vm_id)
+                purged += self.store(name).purge_vm(s.space)
         self.events.publish(EventKind.VM_DETACHED, f"VM {vm_id} detached" + (f", {n} pages purged" if purge else ""),
                             vm_id)  # fmt: skip
         return max(purged, n if purge else 0)
@@ -373,7 +436,11 @@ class Agent:
         self.engines.pop(s.vm_id, None)
         self.sessions.pop(s.vm_id, None)
         s.state = VmState.DETACHED
-        self._housekeep(s)
+        try:
+            self._housekeep(s)
+        except Exception as e:  # the index keeps the queued removals; only payload garbage can leak here
+            self.metrics.housekeeper_errors.labels("index_flush", type(e).__name__).inc()
+            log.error("housekeeper: flush at close failed", vm=s.vm_id, error=str(e))
         if drop_index:
             self.index.remove_vm(s.vm_id)
         self.metrics.forget_vm(s.vm_id)
@@ -400,38 +467,81 @@ class Agent:
 
     # --- housekeeping ------------------------------------------------------------------------------------
     def _housekeep(self, s: VmSession) -> None:
-        """Persist index removals, then delete the restored pages' payloads from their stores."""
+        """Persist index removals, then delete the restored pages' payloads from their stores.
+
+        Raises when the index cannot be written (ENOSPC, EIO): the removals stay queued in the
+        index and the retired entries stay on the session, so the next pass retries both.
+        """
         with s.retired_lock:
             retired, s.retired = s.retired, []
         if not retired:
             return
-        self.index.flush()  # durable removal first: a crash leaves only orphaned payloads, never lost pages
+        try:
+            self.index.flush()  # durable removal first: a crash leaves only orphaned payloads, never lost pages
+        except BaseException:
+            with s.retired_lock:
+                s.retired[:0] = retired
+            raise
         by_store: dict[str, list[IndexEntry]] = {}
         for e in retired:
             by_store.setdefault(e.store, []).append(e)
         for name, entries in by_store.items():
             try:
-                self.store(name).delete_pages(s.vm_id, [e.stored for e in entries])
+                self.store(name).delete_pages(s.space, [e.stored for e in entries])
             except Exception as e:  # retried at the next pass
+                self.metrics.housekeeper_errors.labels("store_delete", type(e).__name__).inc()
                 log.warning("store delete failed; will retry", vm=s.vm_id, store=name, error=str(e))
                 with s.retired_lock:
                     s.retired.extend(entries)
 
-    def _housekeep_loop(self) -> None:
-        while not self._stop.wait(0.5):
-            for s in list(self.sessions.values()):
+    def _purge_orphans(self) -> None:
+        """Purge namespaces no VM can use any more (a retired incarnation); each is retried until it succeeds."""
+        for name, space in self.index.orphans():
+            if name not in self.known_stores():
+                self.index.drop_orphan(name, space)  # the store is no longer configured: nothing to reach
+                continue
+            self.store(name).purge_vm(space)
+            self.index.drop_orphan(name, space)
+            log.info("purged the pages of a retired incarnation", store=name, space=space)
+
+    def housekeep_once(self) -> bool:
+        """One housekeeper pass over every VM and the orphan queue; False if anything failed (and will be retried)."""
+        ok = True
+        for s in list(self.sessions.values()):
+            try:
                 self._housekeep(s)
+            except Exception as e:
+                ok = False
+                self.metrics.housekeeper_errors.labels("index_flush", type(e).__name__).inc()
+                log.error("housekeeper: index flush failed; will retry", vm=s.vm_id, error=str(e))
+        try:
+            self.index.flush()  # removals of VMs that detached meanwhile
+            self._purge_orphans()
+        except Exception as e:
+            ok = False
+            self.metrics.housekeeper_errors.labels("purge", type(e).__name__).inc()
+            log.error("housekeeper: pass failed; will retry", error=str(e))
+        return ok
+
+    def _housekeep_loop(self) -> None:
+        # Any error is logged, counted and retried with backoff (0.5 s doubling to 30 s); the loop never
+        # dies, so queued removals and store garbage are handled as soon as the fault (a full disk) clears.
+        delay = HOUSEKEEP_INTERVAL
+        while not self._stop.wait(delay):
+            try:
+                ok = self.housekeep_once()
+            except Exception as e:  # the housekeeper must outlive anything
+                self.metrics.housekeeper_errors.labels("loop", type(e).__name__).inc()
+                log.exception("housekeeper: unexpected error; will retry")
+                ok = False
+            delay = HOUSEKEEP_INTERVAL if ok else min(delay * 2, HOUSEKEEP_MAX_BACKOFF)
 
     def _drop_orphaned_sim_vms(self) -> None:
         # A sim VM's memory lived in the previous agent process; its evicted pages can never be restored.
         for rec in self.index.vm_records():
             if rec.backend == Backend.SIM.value:
                 log.warning("dropping sim VM from a previous run", vm=rec.vm_id)
-                for name in self.known_stores():
-                    with contextlib.suppress(Exception):
-                        if self.index.count(rec.vm_id):
-                            self.store(name).purge_vm(rec.vm_id)
-                self.index.remove_vm(rec.vm_id)
+                self._retire_incarnation(rec.vm_id)  # its pages are purged by the housekeeper
 
     def _gauge_snapshot(self) -> list[tuple[str, int, int, int]]:
         out = []
@@ -468,6 +578,20 @@ class Agent:
         for st in self._stores.values():
             with contextlib.suppress(Exception):
                 st.close()
+
+
+def _sha256(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _secret_matches(rec: VmRecord, secret: str) -> bool:
+    want = rec.meta.get("secret_sha256")
+    return isinstance(want, str) and hmac.compare_digest(want, _sha256(secret))
+
+
+def _space_of(node_id: str, rec: VmRecord) -> str:
+    inc = rec.meta.get("incarnation")
+    return store_space(node_id, rec.vm_id, inc) if isinstance(inc, str) and inc else rec.vm_id
 
 
 def _rss_bytes() -> int:

@@ -17,13 +17,13 @@ from tiermem.agent.metrics import AgentMetrics
 from tiermem.agent.node import Agent
 from tiermem.agent.service import SERVICE_NAME, NodeAgentServicer
 from tiermem.config import AgentSettings
-from tiermem.metrics import add_process_collectors, start_metrics, stop_metrics
+from tiermem.metrics import start_metrics, stop_metrics
 from tiermem.rpc.server import ServerOptions, StartedServer, start_server
 from tiermem.v1 import agent_pb2_grpc
 
 __all__ = ["RunningAgent", "run_agent", "serve_agent"]
 
-log = structlog.get_logger("tiermem.agent.server")
+log = structlog.get_logger(__name__)
 
 
 @dataclass
@@ -71,9 +71,8 @@ async def serve_agent(settings: AgentSettings, metrics: AgentMetrics | None = No
     address = settings.advertise or f"{host}:{started.port}"
     running = RunningAgent(agent, started, address, servicer)
     if settings.metrics_listen:
-        add_process_collectors(agent.metrics.registry)
         try:
-            start_metrics(settings.metrics_listen, settings.metrics_tls, agent.metrics.registry)
+            start_metrics(settings.metrics_listen, agent.metrics.registry, settings.metrics_tls)
         except BaseException:
             await running.stop(0)  # the gRPC server is up: stop it on this loop, not at interpreter exit
             raise

@@ -30,6 +30,7 @@ from tiermem.kernel.backend import KernelBackend
 from tiermem.kernel.registry import LocalGuest
 from tiermem.model import Backend, CycleReport, EvictionPolicy, StoreUsage, VmState, VmStatus, now_ms
 from tiermem.store.base import PageStore
+from tiermem.store.space import store_space
 
 __all__ = ["VmSession"]
 
@@ -48,6 +49,8 @@ class VmSession:
     events: EventBus
     metrics: AgentMetrics
     node_id: str = ""
+    incarnation: str = ""
+    """This VM's incarnation (tiermem.store.space): issued at first attach, proved on reattach."""
     labels: dict[str, str] = field(default_factory=dict)
     state: VmState = VmState.ATTACHED
     tracking: bool = True
@@ -61,6 +64,12 @@ class VmSession:
     on_close: list[Callable[[], None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.reattach_secret = ""
+        """The secret this VMM proves itself with on reattach (only its hash is persisted)."""
+        self.space = (
+            store_space(self.node_id, self.vm_id, self.incarnation) if self.incarnation else self.vm_id
+        )
+        """The store namespace of this incarnation: every store call uses it, never the bare id."""
         self.ages = np.zeros(self.backend.n_pages, dtype=np.uint8)
         self.cycle_lock = threading.Lock()
         """One cycle or drain at a time."""
@@ -119,7 +128,7 @@ class VmSession:
         usage = StoreUsage()
         try:
             st = self.store()
-            u = st.usage(self.vm_id)
+            u = st.usage(self.space)
             usage = StoreUsage(store_name=st.name, store_kind=st.kind, store_url=st.url, pages=u.pages,
                                zero_pages=u.zero_pages, stored_bytes=u.stored_bytes, logical_bytes=u.logical_bytes)  # fmt: skip
         except (NotFound, Exception):  # status must not fail because a store is down
@@ -131,4 +140,5 @@ class VmSession:
             minor_faults=self.counters.rwp_faults, promotion_rate=self.counters.promotion_rate(evicted),
             store_usage=usage, cycles=self.counters.cycles, page_size=self.page_size, labels=dict(self.labels),
             policy=self.policy, fault_p50_us=int(p50), fault_p99_us=int(p99), updated_unix_ms=now_ms(),
+            incarnation=self.incarnation,
         )  # fmt: skip

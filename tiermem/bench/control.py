@@ -70,7 +70,7 @@ async def _agents(conn: Connection, agents: int, vms: int, cycle_ms: int, cp_add
 
     cycles: dict[str, int] = {}
 
-    class TinyAgent(agrpc.NodeAgentServicer):  # type: ignore[misc]
+    class TinyAgent(agrpc.NodeAgentServicer):
         async def RunCycle(self, request: apb.RunCycleRequest, context: Any) -> tpb.CycleReport:
             await asyncio.sleep(cycle_ms / 1000)
             n = cycles[request.vm_id] = cycles.get(request.vm_id, 0) + 1

@@ -37,6 +37,7 @@ from tiermem.bench.common import (
     store_targets,
     wait_attached,
 )
+from tiermem.bench.mac import mac_cost
 from tiermem.errors import ConfigurationError, FailedPrecondition
 from tiermem.model import PAGE_SIZE, CycleMode, EvictionPolicy
 from tiermem.store.base import PageBlob
@@ -113,12 +114,15 @@ def run_store(label: str, url: str, pages: int, backend: str = "uffd") -> dict[s
     agent_rate = rate(rep.pages_evicted, evict_s)
     agent_rate["stored_mb_per_s"] = round(rep.bytes_written / max(evict_s, 1e-9) / 1e6, 2)
     raw_name, raw_rate, store_rate = _raw_put(url, pages, EVICT_BATCH_PAGES)
+    mac = mac_cost(min(pages, 4096))  # the page MAC's tag, paid once per evicted page
+    evict_us_per_page = evict_s * 1e6 / max(rep.pages_evicted, 1)
     return {
         "store": label, "url": url, "backend": backend, "pages": pages, "batch": EVICT_BATCH_PAGES,
         "bytes_written": rep.bytes_written, "zero_pages": rep.zero_pages,
         "agent": agent_rate, "raw": {"client": raw_name, **raw_rate}, "store_put": store_rate,
         "ratio_vs_raw": ratio(agent_rate["pages_per_s"], raw_rate["pages_per_s"]),
         "ratio_vs_store_put": ratio(agent_rate["pages_per_s"], store_rate["pages_per_s"]),
+        "mac": mac, "mac_share_of_evict_per_page": ratio(mac["tag_us_per_page"], evict_us_per_page),
         "phases_ms": {k.removesuffix("_us"): round(getattr(ph, k) / 1000, 2) for k in
                       ("protect_us", "wait_us", "freeze_us", "scan_us", "decide_us", "evict_us", "resume_us",
                        "total_us")},

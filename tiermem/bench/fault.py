@@ -38,6 +38,7 @@ from tiermem.bench.common import (
     store_targets,
     wait_attached,
 )
+from tiermem.bench.mac import mac_cost
 from tiermem.errors import FailedPrecondition
 from tiermem.model import PAGE_SIZE, CycleMode, EvictionPolicy
 
@@ -101,6 +102,7 @@ def run_store(label: str, url: str, faults: int, prefetch: int = 0, seed: int = 
     if check["mismatches"]:
         raise AssertionError(f"{check['mismatches']} pages differ after faulting back from {label}")
     copy_us = raw_copy_latencies(faults)
+    mac = mac_cost(min(faults, 4096))  # the page MAC's verification, paid once per installed page
     raw_name, get_us = raw_get_latencies(url, min(faults, 5000))
     g50, g99 = touched["p50_us"], touched["p99_us"]
     a50, a99 = pct(agent_us, 50, 99)
@@ -117,6 +119,7 @@ def run_store(label: str, url: str, faults: int, prefetch: int = 0, seed: int = 
         "ratio_p50_vs_copy": ratio(g50, c50), "ratio_p50_vs_copy_plus_get": ratio(g50, c50 + r50),
         "ratio_p99_vs_copy_plus_get": ratio(g99, c99 + r99),
         "overhead_p50_us": round(g50 - c50 - r50, 1),
+        "mac": mac, "mac_share_of_agent_p50": ratio(mac["verify_us_per_page"], a50),
         "mismatches": check["mismatches"],
     }  # fmt: skip
 

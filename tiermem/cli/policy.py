@@ -93,13 +93,19 @@ def _check_range(flag: str, value: int | None, lo: int, hi: int) -> None:
 @click.option("--prefetch", type=int, metavar="PAGES", help="Neighbouring pages fetched per fault (0-512).")
 @click.option("--slo", type=RATE, metavar="RATE", help="Promotion-rate SLO, e.g. 0.2%/min; 0 disables it.")
 @click.option("--pause/--resume", default=None, help="Stop or restart cycles for the target.")
+@click.option(
+    "--poison-missing/--wait-missing",
+    "poison",
+    default=None,
+    help="A page lost from its store: SIGBUS the guest (UFFDIO_POISON) or keep it waiting (default).",
+)
 @json_option
 @connection_options
 @click.pass_context
 def set_policy(ctx: click.Context, vm_id: str | None, selector: str | None, fleet: bool, interval: int | None,
                cold_after: int | None, max_evict: EvictionCap | None, min_resident: int | None, store: str | None,
                compression: str | None, prefetch: int | None, slo: float | None, pause: bool | None,
-               as_json: bool) -> None:  # fmt: skip
+               poison: bool | None, as_json: bool) -> None:  # fmt: skip
     """Set (part of) a policy: only the flags given change.
 
     \b
@@ -125,12 +131,12 @@ def set_policy(ctx: click.Context, vm_id: str | None, selector: str | None, flee
         "interval_ms": interval, "cold_after": cold_after, "max_evict": max_evict,
         "min_resident_bytes": min_resident, "store": store,
         "compression": Compression(compression) if compression else None, "prefetch_pages": prefetch,
-        "slo_promotion_rate": slo, "paused": pause,
+        "slo_promotion_rate": slo, "paused": pause, "poison_missing": poison,
     }  # fmt: skip
     changes = {k: v for k, v in changes.items() if v is not None}
     if not changes:
         fail("nothing to set: give at least one of --interval, --cold-after, --max-evict, --min-resident, "
-             "--store, --compression, --prefetch, --slo, --pause/--resume")  # fmt: skip
+             "--store, --compression, --prefetch, --slo, --pause/--resume, --poison-missing/--wait-missing")  # fmt: skip
     new = EvictionPolicy().with_changes(**changes)
     entry = get_client(ctx).set_policy(scope, new, sorted(changes))
     if as_json:

@@ -27,10 +27,12 @@ __all__ = ["run_vm"]
 @click.option("--agent", "agent_socket", metavar="SOCKET", default=None,
               help="The agent's handoff socket; without it the guest runs untracked.")  # fmt: skip
 @click.option("--vm-id", default=None, help="VM id [default: kvm-<pid>].")
+@click.option("--fresh", is_flag=True,
+              help="Start a new incarnation even if an earlier VMM's evicted pages exist under this id (they are purged).")  # fmt: skip
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
 def run_vm(memory: int, vcpus: int, workload: str, duration: str, agent_socket: str | None, vm_id: str | None,
-           seed: int, as_json: bool) -> None:  # fmt: skip
+           fresh: bool, seed: int, as_json: bool) -> None:  # fmt: skip
     """Boot a KVM guest that runs WORKLOAD for DURATION, then verify every page.
 
     Prints live progress (accesses/s, faults/s, resident MiB) and a final summary.
@@ -62,7 +64,7 @@ def run_vm(memory: int, vcpus: int, workload: str, duration: str, agent_socket: 
     try:
         with vm:
             try:
-                vm.start(agent_socket)
+                vm.start(agent_socket, fresh=fresh)
             except TiermemError as e:
                 fail(str(e), EXIT_PRECONDITION)
             summary = vm.run(seconds, progress)

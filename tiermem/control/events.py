@@ -19,7 +19,7 @@ from tiermem.model import Event, EventKind
 
 __all__ = ["EventLog"]
 
-log = structlog.get_logger("tiermem.control.events")
+log = structlog.get_logger(__name__)
 
 
 class EventLog:

@@ -22,7 +22,7 @@ from tiermem.model import EventKind
 
 __all__ = ["LeaderElector"]
 
-log = structlog.get_logger("tiermem.control.leader")
+log = structlog.get_logger(__name__)
 
 
 class LeaderElector:

@@ -31,6 +31,7 @@ from tiermem.control.agentapi import AgentApi
 from tiermem.control.clock import Clock, SystemClock, clock_ms
 from tiermem.control.events import EventLog
 from tiermem.control.leader import LeaderElector
+from tiermem.control.metrics import ControlPlaneMetrics
 from tiermem.control.policies import PolicyBook
 from tiermem.control.recorder import Recorder
 from tiermem.control.registry import Registry
@@ -62,7 +63,7 @@ from tiermem.model import (
 
 __all__ = ["ControlPlane", "PlaneConfig"]
 
-log = structlog.get_logger("tiermem.control.plane")
+log = structlog.get_logger(__name__)
 
 MAX_REPORTS_LIMIT = 1000
 
@@ -109,9 +110,11 @@ class ControlPlane:
         self.registry = Registry(state, self.events, self.clock, self.config.lease_ttl_ms)
         self.policies = PolicyBook(state, self.events, self.clock, self.config.known_stores)
         self.slo = SloController(self.config.slo)
+        self.metrics = ControlPlaneMetrics()
+        """This plane's Prometheus series (served by its server when metrics_listen is set)."""
         self.scheduler = Scheduler(
             state=state, policies=self.policies, agents=agents, clock=self.clock, on_report=self._record,
-            config=self.config.scheduler, slo=self.slo, owner=replica_id,
+            config=self.config.scheduler, slo=self.slo, owner=replica_id, metrics=self.metrics,
         )  # fmt: skip
         self.registry.on_statuses = self._statuses_arrived
         self.registry.on_node_change = self.scheduler.notify_nodes

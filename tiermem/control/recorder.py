@@ -22,7 +22,7 @@ from tiermem.model import CycleReport, Event, EventKind
 
 __all__ = ["Recorder"]
 
-log = structlog.get_logger("tiermem.control.recorder")
+log = structlog.get_logger(__name__)
 
 
 def _event(events: EventLog, r: CycleReport) -> Event:

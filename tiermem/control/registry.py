@@ -16,12 +16,12 @@ from tiermem.control.clock import Clock, clock_ms
 from tiermem.control.events import EventLog
 from tiermem.control.state import StateStore
 from tiermem.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from tiermem.model import CycleReport, EventKind, VmStatus, validate_id
+from tiermem.model import CycleReport, EventKind, VmState, VmStatus, validate_id
 from tiermem.selector import matches, parse_selector
 
 __all__ = ["Registry"]
 
-log = structlog.get_logger("tiermem.control.registry")
+log = structlog.get_logger(__name__)
 
 
 class Registry:
@@ -38,6 +38,8 @@ class Registry:
         """Called with the statuses kept from each heartbeat (the scheduler's priority and SLO inputs)."""
         self.on_node_change: Callable[[], None] | None = None
         """Called when a node registers, leaves, goes down or comes back."""
+        self._local_written: dict[str, tuple[frozenset[str], int]] = {}
+        """Per node: the agent-local VM ids last written to the state store, and when."""
 
     def _node_changed(self) -> None:
         if self.on_node_change is not None:
@@ -100,9 +102,20 @@ class Registry:
         return HeartbeatResult(self.lease_ttl_ms)
 
     async def _keep_statuses(self, node_id: str, statuses: Sequence[VmStatus], now: int) -> None:
+        nodes = await self.state.vm_nodes([s.vm_id for s in statuses]) if statuses else {}
+        # A heartbeat lists every VM of its node: agent-local ones (attached through the handoff socket,
+        # not registered here) take their id fleet-wide; ids it no longer lists are free again. Kept in
+        # the state store, so every replica (heartbeats may reach any) sees them.
+        local = frozenset(
+            s.vm_id for s in statuses if nodes.get(s.vm_id) is None and s.state is not VmState.DETACHED
+        )
+        last = self._local_written.get(node_id)
+        # written when the list changes, and often enough that a live claim never looks stale
+        if last is None or last[0] != local or now - last[1] >= self.lease_ttl_ms // 3:
+            await self.state.put_local_vms(node_id, sorted(local), now)
+            self._local_written[node_id] = (local, now)
         if not statuses:
             return
-        nodes = await self.state.vm_nodes([s.vm_id for s in statuses])
         keep: list[VmStatus] = []
         for s in statuses:
             if nodes.get(s.vm_id) != node_id:
@@ -193,7 +206,16 @@ class Registry:
                     f"node {spec.node_id!r} has {node.capacity_bytes - used} bytes of capacity left, "
                     f"VM {spec.vm_id!r} needs {spec.memory_bytes}"
                 )
-        spec.registered_ms = clock_ms(self.clock)
+        seen = await self.state.local_vm_owner(spec.vm_id)
+        now = clock_ms(self.clock)
+        if seen is not None and seen[0] != spec.node_id and now - seen[1] < self.lease_ttl_ms:
+            # two nodes running one VM id would be two VMs the fleet cannot tell apart (its reports,
+            # statuses and orders); each keeps its pages in its own store namespace either way
+            raise FailedPrecondition(
+                f"VM {spec.vm_id!r} is active on node {seen[0]!r} (attached there through its handoff socket); "
+                "detach it there first or pick another id"
+            )
+        spec.registered_ms = now
         if not await self.state.create_vm(spec):
             raise AlreadyExists(f"VM {spec.vm_id!r} is already registered")
         return spec

@@ -42,10 +42,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 import structlog
 
 from tiermem.api import EffectivePolicy, VmSpec
-from tiermem.control import metrics
 from tiermem.control.agentapi import AgentApi
 from tiermem.control.clock import Clock, clock_ms
 from tiermem.control.limits import Backoff, TokenBucket, phase_fraction
+from tiermem.control.metrics import ControlPlaneMetrics, FailureReason, OrderResult, SloDirection
 from tiermem.control.policies import PolicyBook
 from tiermem.control.schedmodel import Gate, NodeSlot, SchedulerConfig, SchedulerStats, VmSlot
 from tiermem.control.slo import SloController
@@ -62,7 +62,7 @@ from tiermem.model import CycleMode, CycleReport, EvictionPolicy, VmState, VmSta
 
 __all__ = ["ReportSink", "Scheduler", "SchedulerConfig", "SchedulerStats"]
 
-log = structlog.get_logger("tiermem.control.scheduler")
+log = structlog.get_logger(__name__)
 
 ReportSink = Callable[[CycleReport, str], Awaitable[None]]
 """Called with (report, error) after every cycle: records it and emits the event."""
@@ -84,6 +84,7 @@ class Scheduler:
         config: SchedulerConfig | None = None,
         slo: SloController | None = None,
         owner: str = "",
+        metrics: ControlPlaneMetrics | None = None,
     ) -> None:
         self.state = state
         self.policies = policies
@@ -93,6 +94,7 @@ class Scheduler:
         self.config = config or SchedulerConfig()
         self.slo = slo or SloController()
         self.owner = owner or uuid.uuid4().hex
+        self.metrics = metrics if metrics is not None else ControlPlaneMetrics()
         self.claim = state.shared if self.config.claim_orders is None else self.config.claim_orders
         self.stats = SchedulerStats()
         self._vms: dict[str, VmSlot] = {}
@@ -173,7 +175,7 @@ class Scheduler:
         for gone in set(self._vms) - seen:
             self._remove(gone)
         await self.load_statuses()
-        metrics.VMS.set(len(self._vms))
+        self.metrics.vms.set(len(self._vms))
         await self._run_slo(now)
 
     async def sync_nodes(self) -> None:
@@ -199,7 +201,7 @@ class Scheduler:
             node.max_concurrent = n.max_concurrent_cycles or cfg.max_concurrent_per_node
         for gone in set(self._nodes) - seen:
             del self._nodes[gone]
-        metrics.NODES_UP.set(sum(1 for n in self._nodes.values() if n.up))
+        self.metrics.nodes_up.set(sum(1 for n in self._nodes.values() if n.up))
 
     async def refresh(self, vm_ids: Iterable[str]) -> None:
         """Reload some VMs (and their effective policies) only."""
@@ -217,7 +219,7 @@ class Scheduler:
                 self._remove(vm_id)
                 continue
             self._upsert(spec, eff, now)
-        metrics.VMS.set(len(self._vms))
+        self.metrics.vms.set(len(self._vms))
 
     async def load_statuses(self) -> None:
         """Read every VM's latest status from the store (heartbeats another replica received)."""
@@ -272,7 +274,9 @@ class Scheduler:
                 d.vm_id, d.level, d.reason, previous=d.previous, rate=f"{d.rate:.6f}", slo=f"{d.slo:.6f}",
                 direction="backoff" if d.level > d.previous else "tighten",
             )  # fmt: skip
-            metrics.SLO_ADJUSTMENTS.labels("backoff" if d.level > d.previous else "tighten").inc()
+            self.metrics.slo_adjustment(
+                SloDirection.BACKOFF if d.level > d.previous else SloDirection.TIGHTEN
+            )
             changed.append(v.vm_id)
         if changed:
             await self.refresh(changed)  # the next order carries the adjusted policy
@@ -332,7 +336,7 @@ class Scheduler:
             missed = (now - v.planned_ms) // iv
             v.planned_ms += missed * iv  # overdue by whole intervals: run the latest slot, count the rest
             self.stats.skipped_slots += missed
-            metrics.CYCLE_ORDERS.labels("skipped").inc(missed)
+            self.metrics.order(OrderResult.SKIPPED, missed)
         gate.take()
         node.running += 1
         task = asyncio.get_running_loop().create_task(self._run(v, node, gate, v.planned_ms, v.policy))
@@ -346,13 +350,13 @@ class Scheduler:
                 ttl = max(2 * policy.interval_ms, 10_000)
                 if not await self.state.claim_order(order_id, self.owner, ttl):
                     self.stats.claimed_elsewhere += 1
-                    metrics.CYCLE_ORDERS.labels("claimed_elsewhere").inc()
+                    self.metrics.order(OrderResult.CLAIMED_ELSEWHERE)
                     return
             start = self._now_ms()
             lag = max(0, start - planned)
             self.stats.orders += 1
             self.stats.lags_ms.append(lag)
-            metrics.SCHEDULER_LAG.observe(lag / 1000)
+            self.metrics.scheduler_lag.observe(lag / 1000)
             await self._order(v, node, policy, order_id)
         except Exception:
             log.exception("scheduling a cycle failed", vm_id=v.vm_id, order_id=order_id)
@@ -383,7 +387,7 @@ class Scheduler:
         except Unavailable as e:
             delay = node.backoff.fail(self.clock.now())
             self._failed(
-                "unavailable",
+                FailureReason.UNAVAILABLE,
                 v,
                 f"agent of node {node.node_id} unavailable: {e}; node backs off {delay:.1f}s",
             )
@@ -391,26 +395,27 @@ class Scheduler:
             return
         except TiermemError as e:
             delay = v.backoff.fail(self.clock.now())
-            self._failed("agent_error", v, f"{type(e).__name__}: {e}; VM backs off {delay:.1f}s")
+            self._failed(FailureReason.AGENT_ERROR, v, f"{type(e).__name__}: {e}; VM backs off {delay:.1f}s")
             await self.on_report(self._failure_report(v, node, policy), f"{type(e).__name__}: {e}")
             return
         node.backoff.succeed()
         if report.error:
             v.backoff.fail(self.clock.now())
-            self._failed("cycle_error", v, report.error)
+            self._failed(FailureReason.CYCLE_ERROR, v, report.error)
         else:
             v.backoff.succeed()
             self.stats.ok += 1
-            metrics.CYCLE_ORDERS.labels("ok").inc()
+            self.metrics.order(OrderResult.OK)
         report.node_id = report.node_id or node.node_id
         self.observe_report(report, policy.store)
         await self.on_report(report, report.error)
 
-    def _failed(self, reason: str, v: VmSlot, message: str) -> None:
+    def _failed(self, reason: FailureReason, v: VmSlot, message: str) -> None:
         self.stats.failed += 1
-        metrics.CYCLE_ORDERS.labels("error").inc()
-        metrics.ORDER_FAILURES.labels(reason).inc()
-        log.warning("cycle order failed", vm_id=v.vm_id, node_id=v.node_id, reason=reason, error=message)
+        self.metrics.failure(reason)
+        log.warning(
+            "cycle order failed", vm_id=v.vm_id, node_id=v.node_id, reason=reason.value, error=message
+        )
 
     def _failure_report(self, v: VmSlot, node: NodeSlot, policy: EvictionPolicy) -> CycleReport:
         return CycleReport(

@@ -25,7 +25,7 @@ from tiermem.v1 import control_pb2_grpc as cgrpc
 
 __all__ = ["RunningControlPlane", "plane_config", "run_control_plane", "serve_control_plane"]
 
-log = structlog.get_logger("tiermem.control.server")
+log = structlog.get_logger(__name__)
 
 
 def plane_config(settings: ControlPlaneSettings) -> PlaneConfig:
@@ -125,7 +125,9 @@ async def serve_control_plane(
     running = RunningControlPlane(plane, started, address, state, agents)
     if settings.metrics_listen:
         try:
-            running.metrics_port = start_metrics(settings.metrics_listen, settings.metrics_tls)
+            running.metrics_port = start_metrics(
+                settings.metrics_listen, plane.metrics.registry, settings.metrics_tls
+            )
         except BaseException:
             await running.stop(0)  # the gRPC server is up: stop it on this loop, not at interpreter exit
             raise

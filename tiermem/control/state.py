@@ -117,6 +117,15 @@ class StateStore(abc.ABC):
     async def list_statuses(self) -> dict[str, VmStatus]:
         """The latest status of every VM that has one."""
 
+    # -- agent-local VMs (attached through a handoff socket, never registered here)
+    @abc.abstractmethod
+    async def put_local_vms(self, node_id: str, vm_ids: Sequence[str], now_ms: int) -> None:
+        """Replace the agent-local VM ids ``node_id`` reported in its latest heartbeat, seen at ``now_ms``."""
+
+    @abc.abstractmethod
+    async def local_vm_owner(self, vm_id: str) -> tuple[str, int] | None:
+        """``(node id, last seen ms)`` of the node whose heartbeats list ``vm_id`` as agent-local, or None."""
+
     # -- policies
     @abc.abstractmethod
     async def next_version(self) -> int:

@@ -159,22 +159,22 @@ class RedisState(StateStore):
 
     async def _hget(self, key: str, field: str) -> bytes | None:
         async with self._guard():
-            v: Any = await self.r.hget(key, field)  # type: ignore[misc]
+            v: Any = await self.r.hget(key, field)
             return cast("bytes | None", v)
 
     async def _hvals(self, key: str) -> list[bytes]:
         async with self._guard():
-            v: Any = await self.r.hvals(key)  # type: ignore[misc]
+            v: Any = await self.r.hvals(key)
             return cast("list[bytes]", v)
 
     async def _hdel(self, key: str, field: str) -> bool:
         async with self._guard():
-            n: Any = await self.r.hdel(key, field)  # type: ignore[misc]
+            n: Any = await self.r.hdel(key, field)
             return bool(n)
 
     async def _hset(self, key: str, field: str, value: str) -> None:
         async with self._guard():
-            await self.r.hset(key, field, value)  # type: ignore[misc]
+            await self.r.hset(key, field, value)
 
     # -- nodes
     async def put_node(self, node: NodeInfo) -> None:
@@ -200,7 +200,7 @@ class RedisState(StateStore):
     async def create_vm(self, spec: VmSpec) -> bool:
         """Register a VM unless the id is taken (HSETNX; the VM's node goes to a second hash)."""
         async with self._guard():
-            created: Any = await self.r.eval(  # type: ignore[misc]
+            created: Any = await self.r.eval(
                 _CREATE_VM, 2, self._k("vms"), self._k("vm_node"), spec.vm_id, dumps(spec), spec.node_id
             )
             return bool(created)
@@ -216,7 +216,7 @@ class RedisState(StateStore):
         if not ids:
             return {}
         async with self._guard():
-            raw: Any = await self.r.hmget(self._k("vms"), ids)  # type: ignore[misc]
+            raw: Any = await self.r.hmget(self._k("vms"), ids)
         return {vm_id: loads(VmSpec, v) for vm_id, v in zip(ids, raw, strict=True) if v}
 
     async def vm_nodes(self, vm_ids: Sequence[str]) -> dict[str, str]:
@@ -225,13 +225,13 @@ class RedisState(StateStore):
         if not ids:
             return {}
         async with self._guard():
-            raw: Any = await self.r.hmget(self._k("vm_node"), ids)  # type: ignore[misc]
+            raw: Any = await self.r.hmget(self._k("vm_node"), ids)
         return {vm_id: v.decode() for vm_id, v in zip(ids, raw, strict=True) if v}
 
     async def delete_vm(self, vm_id: str) -> bool:
         """Remove a VM and everything kept for it (one MULTI)."""
         async with self._guard():
-            found = await self.r.eval(  # type: ignore[misc]
+            found = await self.r.eval(
                 _DELETE_VM, 7, self._k("vms"), self._k("status"), self._k("adjust"), self._k("policies"),
                 self._k("reports", vm_id), self._k("reports_all"), self._k("vm_node"), vm_id,
             )  # fmt: skip
@@ -241,6 +241,30 @@ class RedisState(StateStore):
         """Every VM, sorted by id."""
         return sorted((loads(VmSpec, v) for v in await self._hvals(self._k("vms"))), key=lambda s: s.vm_id)
 
+    # -- agent-local VMs: hash local_vms {vm: "node|ms"}, set local:<node> {vm} (for replacing a node's list)
+    async def put_local_vms(self, node_id: str, vm_ids: Sequence[str], now_ms: int) -> None:
+        """Replace the agent-local VM ids one node reported."""
+        node_key = self._k("local", node_id)
+        async with self._guard():
+            old: Any = await self.r.smembers(node_key)
+            gone = {v.decode() for v in old} - set(vm_ids)
+            pipe = self.r.pipeline(transaction=True)
+            if gone:
+                pipe.hdel(self._k("local_vms"), *sorted(gone))
+            pipe.delete(node_key)
+            if vm_ids:
+                pipe.hset(self._k("local_vms"), mapping={v: f"{node_id}|{now_ms}" for v in vm_ids})
+                pipe.sadd(node_key, *vm_ids)
+            await pipe.execute()
+
+    async def local_vm_owner(self, vm_id: str) -> tuple[str, int] | None:
+        """The node reporting ``vm_id`` as agent-local, and when."""
+        v = await self._hget(self._k("local_vms"), vm_id)
+        if not v:
+            return None
+        node, _, ms = v.decode().rpartition("|")
+        return node, int(ms)
+
     # -- statuses
     async def put_statuses(self, statuses: Sequence[VmStatus]) -> None:
         """Replace the latest status of each VM."""
@@ -248,7 +272,7 @@ class RedisState(StateStore):
             async with self._guard():
                 await self.r.hset(
                     self._k("status"), mapping={s.vm_id: dumps(s, _NO_POLICY) for s in statuses}
-                )  # type: ignore[misc]
+                )
 
     async def get_status(self, vm_id: str) -> VmStatus | None:
         """The latest status of a VM."""
@@ -258,7 +282,7 @@ class RedisState(StateStore):
     async def list_statuses(self) -> dict[str, VmStatus]:
         """Every VM's latest status."""
         async with self._guard():
-            raw: Any = await self.r.hgetall(self._k("status"))  # type: ignore[misc]
+            raw: Any = await self.r.hgetall(self._k("status"))
         return {k.decode(): loads(VmStatus, v) for k, v in raw.items()}
 
     # -- policies
@@ -329,14 +353,14 @@ class RedisState(StateStore):
         """Newest reports first."""
         key = self._k("reports", vm_id) if vm_id else self._k("reports_all")
         async with self._guard():
-            raw: Any = await self.r.lrange(key, 0, max(0, limit - 1))  # type: ignore[misc]
+            raw: Any = await self.r.lrange(key, 0, max(0, limit - 1))
         return [loads(CycleReport, v) for v in raw]
 
     # -- events
     async def append_event(self, event: Event) -> Event:
         """INCR the sequence and ZADD, atomically (Lua)."""
         async with self._guard():
-            seq = await self.r.eval(  # type: ignore[misc]
+            seq = await self.r.eval(
                 _APPEND_EVENT, 2, self._k("event_seq"), self._k("events"), dumps(event), self.events_keep
             )
         event.seq = int(seq)
@@ -364,7 +388,7 @@ class RedisState(StateStore):
         batch = max(limit, 256)
         while len(out) < limit:
             async with self._guard():
-                raw: Any = await self.r.zrangebyscore(  # type: ignore[misc]
+                raw: Any = await self.r.zrangebyscore(
                     self._k("events"), f"({cursor}", "+inf", start=0, num=batch
                 )
             if not raw:
@@ -398,7 +422,7 @@ class RedisState(StateStore):
     async def acquire_leadership(self, replica_id: str, address: str, ttl_ms: int) -> bool:
         """Take the lease if free, renew it if ours (compare-and-set script)."""
         async with self._guard():
-            ok = await self.r.eval(  # type: ignore[misc]
+            ok = await self.r.eval(
                 _ACQUIRE, 1, self._k("leader"), replica_id, f"{replica_id}|{address}", max(1, ttl_ms)
             )
         return bool(ok)
@@ -406,7 +430,7 @@ class RedisState(StateStore):
     async def release_leadership(self, replica_id: str) -> None:
         """Delete the lease if ours (compare-and-delete script)."""
         async with self._guard():
-            await self.r.eval(_RELEASE, 1, self._k("leader"), replica_id)  # type: ignore[misc]
+            await self.r.eval(_RELEASE, 1, self._k("leader"), replica_id)
 
     async def get_leader(self) -> LeaderInfo | None:
         """The current lease holder."""

@@ -22,6 +22,7 @@ from tiermem.control.clock import Clock, clock_ms
 from tiermem.control.codec import dumps, loads
 from tiermem.control.state import DEFAULT_EVENTS_KEEP, DEFAULT_REPORTS_KEEP, StateStore
 from tiermem.errors import ConfigurationError, Unavailable
+from tiermem.fsmodes import private_file
 from tiermem.model import CycleReport, Event, VmStatus
 
 __all__ = ["SqliteState"]
@@ -33,6 +34,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (node_id TEXT PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS vms (vm_id TEXT PRIMARY KEY, node_id TEXT NOT NULL, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS statuses (vm_id TEXT PRIMARY KEY, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS local_vms (vm_id TEXT PRIMARY KEY, node_id TEXT NOT NULL, seen_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS policies (scope TEXT PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS adjustments (vm_id TEXT PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS marks (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -84,7 +86,8 @@ class SqliteState(StateStore):
         """Open the file (creating its directory) and the schema."""
         if self._path != ":memory:":
             try:
-                Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+                Path(self._path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                private_file(self._path)
             except OSError as e:
                 raise ConfigurationError(
                     f"cannot create the directory of {self._path}: {e.strerror}"
@@ -225,6 +228,19 @@ class SqliteState(StateStore):
     async def list_statuses(self) -> dict[str, VmStatus]:
         """Every VM's latest status."""
         return {r[0]: loads(VmStatus, r[1]) for r in self._rows("SELECT vm_id, doc FROM statuses")}
+
+    # -- agent-local VMs
+    async def put_local_vms(self, node_id: str, vm_ids: Sequence[str], now_ms: int) -> None:
+        """Replace the agent-local VM ids one node reported."""
+        with self._tx() as db:
+            db.execute("DELETE FROM local_vms WHERE node_id = ?", (node_id,))
+            db.executemany("INSERT OR REPLACE INTO local_vms VALUES (?, ?, ?)",
+                           [(v, node_id, now_ms) for v in vm_ids])  # fmt: skip
+
+    async def local_vm_owner(self, vm_id: str) -> tuple[str, int] | None:
+        """The node reporting ``vm_id`` as agent-local, and when."""
+        row = self._one("SELECT node_id, seen_ms FROM local_vms WHERE vm_id = ?", (vm_id,))
+        return (str(row[0]), int(row[1])) if row else None
 
     # -- policies
     async def next_version(self) -> int:

@@ -31,7 +31,7 @@ from tiermem.rpc.clients import AsyncControlPlaneClient
 
 __all__ = ["DEFAULT_WORKLOADS", "DemoConfig", "DemoSummary", "run_demo"]
 
-log = structlog.get_logger("tiermem.demo")
+log = structlog.get_logger(__name__)
 
 MIB = 1024 * 1024
 NODE = "demo-node"

@@ -159,7 +159,12 @@ class KvmVm:
 
     # --- lifecycle ---------------------------------------------------------------------------------
     def start(
-        self, agent_socket: str | None = None, *, mode: str | None = None, timeout: float = 10.0
+        self,
+        agent_socket: str | None = None,
+        *,
+        mode: str | None = None,
+        timeout: float = 10.0,
+        fresh: bool = False,
     ) -> None:
         """Create guest RAM, the VM and its vCPUs; hand the RAM to the agent at ``agent_socket`` if given.
 
@@ -179,7 +184,7 @@ class KvmVm:
                                        index_offset=content.PAGE_INDEX_OFFSET)  # fmt: skip
             if isinstance(ram, GuestMemory):
                 assert agent_socket is not None
-                ram.handoff(agent_socket, timeout=timeout)
+                ram.handoff(agent_socket, timeout=timeout, fresh=fresh)
                 self.mode = ram.mode
                 self.agent_socket = agent_socket
         except BaseException:

@@ -30,6 +30,8 @@ from tiermem.kernel.uffd_ioctl import Mapping, memfd_create
 
 __all__ = ["GuestFault", "KvmMachine", "PlainRam"]
 
+# stdlib logging, not structlog: this module runs inside the VMM's own process, whose logging setup is
+# the VMM's; an unconfigured structlog would print to its stdout (docs/architecture.md, "Logging").
 log = logging.getLogger(__name__)
 
 

@@ -187,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefill", action="store_true", help="write every page once before the handoff")
     ap.add_argument("--control", action="store_true", help="then take commands on stdin")
     ap.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the agent")
+    ap.add_argument("--fresh", action="store_true",
+                    help="start a new incarnation even if an earlier VMM's evicted pages exist under this id")  # fmt: skip
     args = ap.parse_args(argv)
     try:
         size = parse_memory(args.memory)
@@ -200,9 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         guest = ProcessGuest(gm, workload, args.seed)
         if args.prefill:
             guest.prefill()
-        gm.handoff(args.socket, timeout=args.timeout)
+        gm.handoff(args.socket, timeout=args.timeout, fresh=args.fresh)
         _emit({"ready": True, "vm_id": gm.vm_id, "pid": os.getpid(), "mode": gm.mode, "base": gm.base,
-               "size": gm.size, "pages": n_pages})  # fmt: skip
+               "size": gm.size, "pages": n_pages, "incarnation": gm.incarnation})  # fmt: skip
         if args.batches:
             guest.run(args.batches)
         if not args.control:

@@ -37,6 +37,8 @@ from tiermem.model import validate_id
 
 __all__ = ["MODE_FEATURES", "OPTIONAL_FEATURES", "GuestMemory", "arm_uffd", "no_huge_pages", "pick_mode"]
 
+# stdlib logging, not structlog: this module runs inside the VMM's own process, whose logging setup is
+# the VMM's; an unconfigured structlog would print to its stdout (docs/architecture.md, "Logging").
 log = logging.getLogger(__name__)
 
 MODE_FEATURES = {
@@ -47,8 +49,9 @@ MODE_FEATURES = {
     | uapi.UFFD_FEATURE_RWP_ASYNC,
 }
 """Features each mode cannot work without."""
-OPTIONAL_FEATURES = uapi.UFFD_FEATURE_EVENT_REMOVE | uapi.UFFD_FEATURE_THREAD_ID
-"""Requested when the kernel offers them: balloon REMOVE events, faulting thread ids.
+OPTIONAL_FEATURES = uapi.UFFD_FEATURE_EVENT_REMOVE | uapi.UFFD_FEATURE_THREAD_ID | uapi.UFFD_FEATURE_POISON
+"""Requested when the kernel offers them: balloon REMOVE events, faulting thread ids, UFFDIO_POISON
+(the agent's answer to a page lost from its store, when the policy asks for it).
 Not EVENT_UNMAP: a munmap would block until the agent reads the event."""
 MODE_REGISTER = {
     "uffd": uapi.UFFDIO_REGISTER_MODE_MISSING | uapi.UFFDIO_REGISTER_MODE_MINOR,
@@ -113,6 +116,12 @@ class GuestMemory:
         """Set once the agent detached the VM (the range is unregistered)."""
         self.zaps = 0
         """Zap requests served."""
+        self.incarnation = ""
+        """The incarnation the agent issued to this VM at its first attach."""
+        self.secret = ""
+        """The reattach secret the agent handed this VMM: sent on every reattach, never logged."""
+        self.fresh = False
+        """Ask for a new incarnation even if an earlier VMM's evicted pages exist under this id (operator choice)."""
         self._closing = threading.Event()
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -150,7 +159,13 @@ class GuestMemory:
 
     def description(self, *, reattach: bool = False) -> dict[str, Any]:
         """The JSON description sent with the fds."""
+        extra: dict[str, Any] = {}
+        if reattach and self.secret:
+            extra["secret"] = self.secret
+        elif not reattach and self.fresh:
+            extra["fresh"] = True
         return {
+            **extra,
             "version": PROTOCOL_VERSION,
             "type": "reattach" if reattach else "attach",
             "vm_id": self.vm_id,
@@ -168,15 +183,21 @@ class GuestMemory:
         }
 
     # --- handoff ---------------------------------------------------------------------------------
-    def handoff(self, socket_path: str, *, timeout: float = 10.0, reconnect: bool = True) -> None:
+    def handoff(
+        self, socket_path: str, *, timeout: float = 10.0, reconnect: bool = True, fresh: bool = False
+    ) -> None:
         """Connect, send the fds and description, then serve the agent's requests in the background.
 
-        Returns once the agent answered ``attached``; raises the agent's error
-        (InvalidArgument, AlreadyExists, ...) or Unavailable if no agent answered in time.
+        Returns once the agent answered ``attached`` (``incarnation`` and ``secret`` are then set;
+        every reconnect proves this VMM with the secret); raises the agent's error (InvalidArgument,
+        AlreadyExists, FailedPrecondition when an earlier VMM's evicted pages exist under this id, ...)
+        or Unavailable if no agent answered in time. ``fresh``: start a new incarnation instead (an
+        operator's decision: the earlier VMM's pages are purged).
         """
         if self._thread is not None:
             raise errors.FailedPrecondition("handoff() was already called")
         self._timeout = timeout
+        self.fresh = fresh
         sock, reader = self._connect(socket_path, timeout=timeout, reattach=False)
         self._sock = sock
         self._thread = threading.Thread(target=self._serve, args=(socket_path, sock, reader, reconnect),
@@ -197,6 +218,7 @@ class GuestMemory:
                     if msg is None:
                         raise ConnectionError("the agent closed the connection during the handshake")
                     if msg.get("type") == "attached":
+                        self._remember(msg)
                         break
                     if msg.get("type") == "error":
                         raise _agent_error(msg)
@@ -212,6 +234,13 @@ class GuestMemory:
             except BaseException:
                 sock.close()
                 raise
+
+    def _remember(self, msg: dict[str, Any]) -> None:
+        secret, incarnation = msg.get("secret"), msg.get("incarnation")
+        if isinstance(secret, str) and secret:
+            self.secret = secret
+        if isinstance(incarnation, str) and incarnation:
+            self.incarnation = incarnation
 
     def _serve(self, path: str, sock: socket.socket, reader: FrameReader, reconnect: bool) -> None:
         backoff = 0.05

@@ -9,19 +9,32 @@ close callbacks run once.
 from __future__ import annotations
 
 import contextlib
-import logging
 import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import structlog
+
 from tiermem import errors
+from tiermem.handoff.messages import (
+    AgentNotice,
+    AgentRequest,
+    DetachNotice,
+    ErrorNotice,
+    Goodbye,
+    PingRequest,
+    Reply,
+    VmmError,
+    ZapRequest,
+    parse_vmm_message,
+)
 from tiermem.handoff.wire import FrameReader, ProtocolError, encode_frame
 
 __all__ = ["HandoffConnection"]
 
-log = logging.getLogger("tiermem.handoff.listener")
+log = structlog.get_logger(__name__)
 
 _ZAP_RANGES_PER_MSG = 1000
 """Ranges per zap message, so a zap of a fragmented range stays under the frame limit."""
@@ -62,6 +75,10 @@ class _AllReplies:
             p.result()
 
 
+def _zap_request(ranges: list[list[int]]) -> Callable[[int], AgentRequest]:
+    return lambda rid: ZapRequest(type="zap", id=rid, ranges=ranges)
+
+
 class HandoffConnection:
     """The agent's end of one VMM's control channel."""
 
@@ -83,7 +100,8 @@ class HandoffConnection:
         self._on_close: Callable[[], None] | None = None
 
     # --- requests -------------------------------------------------------------------------------
-    def _request(self, msg: dict[str, Any]) -> _Reply:
+    def _request(self, make: Callable[[int], AgentRequest]) -> _Reply:
+        """Send the request ``make(id)`` and return the reply it will get."""
         reply = _Reply()
         if self.firecracker:
             reply.set(errors.FailedPrecondition("Firecracker's handshake has no control channel"))
@@ -96,7 +114,7 @@ class HandoffConnection:
             self._next_id += 1
             self._waiters[rid] = (reply, time.monotonic())
         try:
-            self._send({**msg, "id": rid})
+            self._send(make(rid))
         except OSError as e:
             with self._lock:
                 self._waiters.pop(rid, None)
@@ -104,16 +122,14 @@ class HandoffConnection:
             self._shutdown()
         return reply
 
-    def _send(self, msg: dict[str, Any]) -> None:
+    def _send(self, msg: AgentRequest | AgentNotice) -> None:
         with self._send_lock:
             self._sock.sendall(encode_frame(msg))
 
     def zap_start(self, ranges: Sequence[tuple[int, int]]) -> _AllReplies:
         """Ask the VMM to zap the guest PTEs of ``[(start, length)]``; answer when all are done."""
         parts = [
-            self._request(
-                {"type": "zap", "ranges": [[int(s), int(n)] for s, n in ranges[i : i + _ZAP_RANGES_PER_MSG]]}
-            )
+            self._request(_zap_request([[int(s), int(n)] for s, n in ranges[i : i + _ZAP_RANGES_PER_MSG]]))
             for i in range(0, max(len(ranges), 1), _ZAP_RANGES_PER_MSG)
         ]
         return _AllReplies(parts)
@@ -128,7 +144,7 @@ class HandoffConnection:
     def ping(self, timeout: float = 5.0) -> float:
         """Round trip to the VMM in seconds; Unavailable if it does not answer."""
         t0 = time.perf_counter()
-        r = self._request({"type": "ping"})
+        r = self._request(lambda rid: PingRequest(type="ping", id=rid))
         if not r.wait(timeout):
             raise errors.Unavailable(f"VMM of {self.vm_id} did not answer a ping within {timeout}s")
         r.result()
@@ -139,7 +155,7 @@ class HandoffConnection:
         if self.firecracker or self._closed.is_set():
             return
         with contextlib.suppress(OSError):
-            self._send({"type": "detach"})
+            self._send(DetachNotice(type="detach"))
 
     # --- lifecycle ------------------------------------------------------------------------------
     @property
@@ -187,39 +203,35 @@ class HandoffConnection:
                     break
                 self._dispatch(msg)
         except ProtocolError as e:
-            log.warning("handoff %s: protocol error from the VMM, closing: %s", self.vm_id, e)
+            log.warning("handoff: protocol error from the VMM, closing", vm=self.vm_id, error=str(e))
             with contextlib.suppress(OSError):
-                self._send({"type": "error", "error": str(e), "code": e.code})
+                self._send(ErrorNotice(type="error", error=str(e), code=e.code))
         except OSError as e:
-            log.info("handoff %s: connection error: %s", self.vm_id, e)
+            log.info("handoff: connection error", vm=self.vm_id, error=str(e))
         finally:
             self._finish()
 
-    def _dispatch(self, msg: dict[str, Any]) -> None:
-        typ = msg.get("type")
-        if typ in ("ack", "nack", "pong"):
-            rid = msg.get("id")
+    def _dispatch(self, raw: dict[str, Any]) -> None:
+        msg = parse_vmm_message(raw)
+        if isinstance(msg, Reply):
             with self._lock:
-                entry = self._waiters.pop(rid, None) if isinstance(rid, int) else None
+                entry = self._waiters.pop(msg.request_id, None) if msg.request_id is not None else None
             if entry is None:
-                log.warning("handoff %s: answer to unknown request %r", self.vm_id, rid)
-                return
-            if typ == "nack":
-                err = msg.get("errno")
-                entry[0].set(
-                    errors.KernelError(
-                        f"VMM: {msg.get('error', 'failed')}", err if isinstance(err, int) else 0
-                    )
+                log.warning(
+                    "handoff: answer to an unknown request", vm=self.vm_id, request=repr(raw.get("id"))
                 )
+                return
+            if msg.kind == "nack":
+                entry[0].set(errors.KernelError(f"VMM: {msg.error}", msg.errno))
             else:
                 entry[0].set()
-        elif typ in ("bye", "detach"):
-            log.info("handoff %s: VMM says goodbye", self.vm_id)
+        elif isinstance(msg, Goodbye):
+            log.info("handoff: VMM says goodbye", vm=self.vm_id)
             self._shutdown()
-        elif typ == "error":
-            log.warning("handoff %s: VMM reports an error: %s", self.vm_id, msg.get("error"))
+        elif isinstance(msg, VmmError):
+            log.warning("handoff: VMM reports an error", vm=self.vm_id, error=msg.error)
         else:
-            log.warning("handoff %s: ignoring unknown message type %r", self.vm_id, typ)
+            log.warning("handoff: ignoring an unknown message type", vm=self.vm_id, type=msg.type)
 
     def _finish(self) -> None:
         with self._lock:
@@ -234,4 +246,4 @@ class HandoffConnection:
             try:
                 cb()
             except Exception:
-                log.exception("handoff %s: close callback failed", self.vm_id)
+                log.exception("handoff: close callback failed", vm=self.vm_id)

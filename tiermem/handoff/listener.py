@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
+import re
 import select
 import socket
 import stat
@@ -33,8 +33,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
+
 from tiermem import errors
 from tiermem.handoff.conn import HandoffConnection
+from tiermem.handoff.messages import AttachedNotice
 from tiermem.handoff.wire import (
     MAX_MESSAGE,
     PROTOCOL_VERSION,
@@ -56,7 +59,7 @@ from tiermem.model import validate_id
 
 __all__ = ["HandoffAttach", "HandoffConnection", "HandoffListener", "ProtocolError"]
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 _ERROR_CODES: dict[type[Exception], str] = {
     errors.AlreadyExists: "already_exists",
@@ -65,6 +68,8 @@ _ERROR_CODES: dict[type[Exception], str] = {
     errors.NotFound: "not_found",
     errors.Unavailable: "unavailable",
 }
+
+_HEX_RE = re.compile(r"[0-9a-f]+")
 
 
 # --- what the agent receives -----------------------------------------------------------------------
@@ -85,6 +90,14 @@ class HandoffAttach:
     reattach: bool
     connection: HandoffConnection
     description: dict[str, Any] = field(default_factory=dict)
+    secret: str = ""
+    """The reattach secret the VMM presented (proves it is the VMM the agent gave it to)."""
+    fresh: bool = False
+    """The operator asked for a new incarnation even if evicted pages of an earlier one exist."""
+    incarnation: str = ""
+    """Set by the attach callback: the VM's incarnation, sent in the ``attached`` reply."""
+    issued_secret: str = ""
+    """Set by the attach callback: the reattach secret handed to this VMM in the ``attached`` reply."""
     _taken: bool = False
 
     @property
@@ -191,7 +204,7 @@ class HandoffListener:
         os.makedirs(d, mode=0o700, exist_ok=True)
         if os.stat(d).st_mode & 0o077:
             log.warning(
-                "handoff socket directory %s is accessible to group/others; the socket itself is 0600", d
+                "handoff socket directory is accessible to group/others; the socket itself is 0600", dir=d
             )
         if os.path.lexists(self.path):
             if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
@@ -221,7 +234,7 @@ class HandoffListener:
         self._sock = sock
         self._thread = threading.Thread(target=self._accept_loop, name="handoff-accept", daemon=True)
         self._thread.start()
-        log.info("handoff listener on %s", self.path)
+        log.info("handoff listener", path=self.path)
         return self
 
     def stop(self, *, close_connections: bool = True) -> None:
@@ -302,14 +315,14 @@ class HandoffListener:
             sock.close()
             return
         except OSError as e:
-            log.info("handoff: connection failed during the handshake: %s", e)
+            log.info("handoff: connection failed during the handshake", error=str(e))
             _close_all(fds)
             sock.close()
             return
         try:
             self._on_attach(attach)
         except Exception as e:
-            log.warning("handoff: attach of VM %s refused: %s", attach.vm_id, e)
+            log.warning("handoff: attach refused", vm=attach.vm_id, error=str(e))
             self.rejected += 1
             attach.close_fds()
             with contextlib.suppress(OSError):
@@ -322,12 +335,21 @@ class HandoffListener:
         try:
             sock.settimeout(None)
             if not fc:
-                conn._send({"type": "attached", "version": PROTOCOL_VERSION, "vm_id": attach.vm_id})
-            log.info("handoff: VM %s attached (%s, pid %d%s)", attach.vm_id, attach.mode, pid,
-                     ", reattach" if attach.reattach else "")  # fmt: skip
+                notice: AttachedNotice = {
+                    "type": "attached",
+                    "version": PROTOCOL_VERSION,
+                    "vm_id": attach.vm_id,
+                }
+                if attach.incarnation:
+                    notice["incarnation"] = attach.incarnation
+                    notice["secret"] = attach.issued_secret
+                conn._send(notice)
+            log.info(
+                "handoff: VM attached", vm=attach.vm_id, mode=attach.mode, pid=pid, reattach=attach.reattach
+            )
             conn.serve()
         except OSError as e:
-            log.info("handoff: VM %s connection failed: %s", attach.vm_id, e)
+            log.info("handoff: VM connection failed", vm=attach.vm_id, error=str(e))
             conn._finish()
         finally:
             with self._lock:
@@ -337,7 +359,7 @@ class HandoffListener:
         self.rejected += 1
         _close_all(fds)
         fds.clear()
-        log.warning("handoff: rejected a handshake: %s", e)
+        log.warning("handoff: rejected a handshake", error=str(e))
         with contextlib.suppress(OSError):
             _reply_error(sock, str(e), e.code, fc=fc)
 
@@ -446,12 +468,20 @@ class HandoffListener:
             features = desc.get("features", 0)
             if not isinstance(features, int) or isinstance(features, bool) or not 0 <= features < 1 << 64:
                 raise ProtocolError(f"features must be an unsigned 64-bit integer, got {features!r}")
+            secret = desc.get("secret", "")
+            if not isinstance(secret, str) or len(secret) > 128 or (secret and not _HEX_RE.fullmatch(secret)):
+                raise ProtocolError("secret must be the hex string the agent sent in its attached reply")
+            fresh = desc.get("fresh", False)
+            if not isinstance(fresh, bool):
+                raise ProtocolError(f"fresh must be true or false, got {fresh!r}")
+            if fresh and typ == "reattach":
+                raise ProtocolError("fresh is for attach, not reattach")
             vmm_pid = desc.get("vmm_pid")
             if vmm_pid is not None and (not isinstance(vmm_pid, int) or isinstance(vmm_pid, bool)):
                 raise ProtocolError(f"vmm_pid must be an integer, got {vmm_pid!r}")
             if vmm_pid is not None and vmm_pid != pid:
-                log.warning("handoff: VM %s says vmm_pid %s, SO_PEERCRED says %d (pid namespace?); using %d",
-                            vm_id, vmm_pid, pid, pid)  # fmt: skip
+                log.warning("handoff: vmm_pid differs from SO_PEERCRED (pid namespace?); using SO_PEERCRED",
+                            vm=vm_id, vmm_pid=vmm_pid, peer_pid=pid)  # fmt: skip
             if len(fds) != 2:
                 raise ProtocolError(f"the attach message carries exactly 2 fds [uffd, memfd], got {len(fds)}")
             if not is_userfaultfd(fds[0]):
@@ -467,7 +497,7 @@ class HandoffListener:
         conn = HandoffConnection(sock, vm_id=vm_id, peer_pid=pid, firecracker=False)
         return HandoffAttach(vm_id=vm_id, mode=mode, regions=regions, uffd_fd=fds[0], memfd=fds[1], peer_pid=pid,
                              peer_uid=uid, features=features, reattach=typ == "reattach", connection=conn,
-                             description=desc)  # fmt: skip
+                             description=desc, secret=secret, fresh=fresh)  # fmt: skip
 
 
 def _close_all(fds: list[int]) -> None:

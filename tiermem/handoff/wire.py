@@ -11,7 +11,7 @@ import array
 import json
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tiermem import errors
@@ -54,7 +54,7 @@ class ProtocolError(errors.InvalidArgument):
 
 
 # --- framing ----------------------------------------------------------------------------------------
-def encode_frame(msg: dict[str, Any]) -> bytes:
+def encode_frame(msg: Mapping[str, Any]) -> bytes:
     """4-byte big-endian length + compact JSON."""
     body = json.dumps(msg, separators=(",", ":")).encode()
     if len(body) > MAX_MESSAGE:
@@ -89,7 +89,7 @@ def recv_fds(sock: socket.socket, size: int, max_fds: int = MAX_FDS) -> tuple[by
     return data, fds, bool(flags & socket.MSG_CTRUNC)
 
 
-def send_frame(sock: socket.socket, msg: dict[str, Any], fds: Sequence[int] = ()) -> None:
+def send_frame(sock: socket.socket, msg: Mapping[str, Any], fds: Sequence[int] = ()) -> None:
     """Send one framed message, with ``fds`` as SCM_RIGHTS on its first byte."""
     data = encode_frame(msg)
     if fds:

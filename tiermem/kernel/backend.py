@@ -20,6 +20,7 @@ the agent handles the sim and real kernels the same way.
 from __future__ import annotations
 
 import abc
+import errno
 from dataclasses import dataclass
 
 import numpy as np
@@ -169,6 +170,17 @@ class KernelBackend(abc.ABC):
     @abc.abstractmethod
     def continue_(self, start: int, length: int, *, dontwake: bool = False) -> int:
         """UFFDIO_CONTINUE: map the page-cache pages of [start, start+length)."""
+
+    @property
+    def can_poison(self) -> bool:
+        """True if :meth:`poison` works on this VM (UFFD_FEATURE_POISON was negotiated)."""
+        return False
+
+    def poison(self, start: int, length: int) -> int:
+        """UFFDIO_POISON: the guest gets SIGBUS on [start, start+length) (a page that is lost for good).
+
+        OSError(EOPNOTSUPP) where the backend cannot poison (the fault then keeps waiting)."""
+        raise OSError(errno.EOPNOTSUPP, f"the {self.name} backend cannot poison pages")
 
     @abc.abstractmethod
     def wake(self, start: int, length: int) -> None:

@@ -13,9 +13,11 @@ the sim and the ``rwp`` backend; underneath:
 * Sync mode (``set_mode(disable=RWP_ASYNC)``): the same fault is surfaced as a
   pagefault message with ``UFFD_PAGEFAULT_FLAG_RWP`` (|WRITE) and the vCPU waits
   until ``rwprotect(protect=False)`` (CONTINUE + wake) or ``set_mode(enable=...)``.
-* ``pagemap_scan`` reports ``PAGE_IS_ACCESSED`` for populated pages that are not
-  protected (touched or installed since the last protect, or never protected);
-  pages not in the memfd report neither.
+* ``pagemap_scan`` reports ``PAGE_IS_PRESENT|FILE`` for pages in the memfd (protected
+  ones are zapped but trap through MINOR, so they count as present and protected) and
+  ``PAGE_IS_ACCESSED`` for those not protected (touched or installed since the last
+  protect, or never protected); pages not in the memfd have no category, so an
+  inverted scan reports them with categories 0, as mainline does.
 * REMOVE events caused by our own zaps (EVENT_REMOVE is negotiated for balloons)
   are recognised and swallowed; other REMOVE/UNMAP events are surfaced so the
   agent can drop index entries of ranges the guest gave up.
@@ -28,11 +30,11 @@ from __future__ import annotations
 
 import bisect
 import errno
-import logging
 import time
 from collections.abc import Sequence
 
 import numpy as np
+import structlog
 
 from tiermem.errors import InvalidArgument, KernelError, Unavailable
 from tiermem.kernel import uapi
@@ -43,7 +45,7 @@ from tiermem.kernel.uffd_ioctl import IoctlFn
 
 __all__ = ["EMULATED_FEATURES", "FD_IOCTLS", "MissingOnlyBackend", "UffdBackend"]
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 EMULATED_FEATURES = uapi.UFFD_FEATURE_RWP | uapi.UFFD_FEATURE_RWP_ASYNC
 """What the uffd backend adds to the kernel's features by emulation."""
@@ -241,9 +243,9 @@ class UffdBackend(RealBackend):
             cats = np.where(pop, np.uint64(_SCAN_CATS), np.uint64(0))
             accessed = pop & self._rwp & ~self._protected
             cats[accessed] |= np.uint64(uapi.PAGE_IS_ACCESSED)
-        involved = category_mask | category_inverted | category_anyof_mask
-        # v10: an unpopulated page is "not part of the RWP working set, so it is reported as neither"
-        eligible = pop if involved & uapi.PAGE_IS_ACCESSED else np.ones_like(pop)
+        # As mainline 7.3: a page not in the memfd has no category, so an inverted or empty-mask scan
+        # reports it (categories 0); "not accessed" alone never means "protected".
+        eligible = np.ones_like(pop)
         return emulate_scan(
             self.base,
             self.page_size,
@@ -312,7 +314,7 @@ class UffdBackend(RealBackend):
                 try:
                     self._resolve_page(p, dontwake=False)
                 except OSError as e:
-                    log.error("uffd backend: CONTINUE of %#x failed: %s", self.addr(p), e)
+                    log.error("uffd backend: CONTINUE failed", address=hex(self.addr(p)), error=str(e))
                 return None
         if msg.event == uapi.UFFD_EVENT_REMOVE and self._is_echo(msg.start, msg.end):
             self.stats["zap_echoes"] += 1

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import logging
 import os
 import select
 import threading
@@ -35,6 +34,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
+import structlog
 
 from tiermem.errors import InvalidArgument
 from tiermem.kernel import uapi
@@ -44,7 +44,7 @@ from tiermem.kernel.uffd_ioctl import IoctlFn, Mapping, Uffd, UffdOpError, buffe
 
 __all__ = ["ControlChannel", "PendingReply", "RealBackend", "emulate_scan", "validate_regions"]
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mincore.restype = ctypes.c_int
@@ -268,7 +268,7 @@ class RealBackend(KernelBackend):
 
     def _mark_gone(self, why: str) -> None:
         if not self._gone and not self._closed:
-            log.info("uffd backend %s at %#x: %s", self.name, self.base, why)
+            log.info("uffd backend gone", backend=self.name, base=hex(self.base), reason=why)
         self._gone = True
         self._kick_reader()
 
@@ -302,6 +302,8 @@ class RealBackend(KernelBackend):
                         self._uffd.copy(dst + pos, src + pos, n, mode)
                     elif op == "zeropage":
                         self._uffd.zeropage(dst + pos, n, mode)
+                    elif op == "poison":
+                        self._uffd.poison(dst + pos, n, mode)
                     else:
                         self._uffd.continue_(dst + pos, n, mode)
                     self._installed(dst + pos, n)
@@ -355,6 +357,19 @@ class RealBackend(KernelBackend):
         done, existed = self._fill("zeropage", start, length, mode, dontwake)
         if existed:
             raise OSError(errno.EEXIST, "UFFDIO_ZEROPAGE: page already present")
+        return done
+
+    @property
+    def can_poison(self) -> bool:
+        """The VMM negotiated UFFD_FEATURE_POISON on this uffd."""
+        return bool(self.features & uapi.UFFD_FEATURE_POISON)
+
+    def poison(self, start: int, length: int) -> int:
+        """UFFDIO_POISON, then wake: a vCPU waiting on the range gets SIGBUS instead of waiting forever."""
+        self._check_range(start, length)
+        done, existed = self._fill("poison", start, length, 0, False)
+        if existed:
+            raise OSError(errno.EEXIST, "UFFDIO_POISON: page already present")
         return done
 
     def continue_(self, start: int, length: int, *, dontwake: bool = False) -> int:

@@ -152,6 +152,12 @@ class Uffd:
             uapi.UFFDIO_CONTINUE, uapi.UFFDIO_CONTINUE_FMT, "UFFDIO_CONTINUE", (start, length, mode, 0)
         )
 
+    def poison(self, start: int, length: int, mode: int = 0) -> int:
+        """UFFDIO_POISON (Linux 6.6+): later accesses get SIGBUS; returns bytes marked."""
+        return self._fill(
+            uapi.UFFDIO_POISON, uapi.UFFDIO_POISON_FMT, "UFFDIO_POISON", (start, length, mode, 0)
+        )
+
     # --- messages -------------------------------------------------------------------------------
     def read_msgs(self, max_msgs: int = 64) -> list[UffdMsg]:
         """Read what is queued (the fd is non-blocking); [] if nothing is."""

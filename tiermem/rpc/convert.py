@@ -111,6 +111,7 @@ def policy_to_pb(p: EvictionPolicy) -> pb.EvictionPolicy:
         prefetch_pages=p.prefetch_pages,
         paused=p.paused,
         slo_promotion_rate=p.slo_promotion_rate,
+        poison_missing=p.poison_missing,
         version=p.version,
     )
 
@@ -126,7 +127,7 @@ def policy_from_pb(m: pb.EvictionPolicy, base: EvictionPolicy | None = None, fie
     base = base or EvictionPolicy()
     names = {
         "interval_ms", "cold_after", "max_evict", "min_resident_bytes", "store", "compression",
-        "prefetch_pages", "paused", "slo_promotion_rate", "version",
+        "prefetch_pages", "paused", "slo_promotion_rate", "poison_missing", "version",
     }  # fmt: skip
     if fields:
         unknown = set(fields) - names
@@ -134,7 +135,11 @@ def policy_from_pb(m: pb.EvictionPolicy, base: EvictionPolicy | None = None, fie
             raise InvalidArgument(f"unknown policy field(s): {', '.join(sorted(unknown))}")
         take = set(fields)
     else:
-        take = {n for n in names if n != "max_evict" and getattr(m, n)} | {"paused", "version"}
+        take = {n for n in names if n != "max_evict" and getattr(m, n)} | {
+            "paused",
+            "poison_missing",
+            "version",
+        }
         if m.HasField("max_evict") and m.max_evict.WhichOneof("cap"):
             take.add("max_evict")
     if m.compression not in _COMP_IN and m.compression != pb.COMPRESSION_UNSPECIFIED:
@@ -200,6 +205,7 @@ def status_to_pb(s: VmStatus) -> pb.VmStatus:
         promotion_rate=s.promotion_rate, store_usage=usage_to_pb(s.store_usage), cycles=s.cycles,
         page_size=s.page_size, labels=s.labels, policy=policy_to_pb(s.policy), fault_p50_us=s.fault_p50_us,
         fault_p99_us=s.fault_p99_us, updated_unix_ms=s.updated_unix_ms, node_up=s.node_up,
+        incarnation=s.incarnation,
     )  # fmt: skip
 
 
@@ -213,6 +219,7 @@ def status_from_pb(m: pb.VmStatus) -> VmStatus:
         store_usage=usage_from_pb(m.store_usage), cycles=m.cycles, page_size=m.page_size or 4096,
         labels=dict(m.labels), policy=policy_from_pb(m.policy, validate=False), fault_p50_us=m.fault_p50_us,
         fault_p99_us=m.fault_p99_us, updated_unix_ms=m.updated_unix_ms, node_up=m.node_up,
+        incarnation=m.incarnation,
     )  # fmt: skip
 
 

@@ -97,7 +97,8 @@ def _segment_runs(
     elif k_none == k_acc:
         cls, two = (sl == ST_PROT).view(np.uint8), (k_none, k_prot)
     else:
-        cls = sl
+        # A cached page reads like a hole (pte_none), so it must not split a run of holes.
+        cls = np.where(sl == ST_CACHED, ST_NONE, sl)
     edges = np.flatnonzero(cls[1:] != cls[:-1]) + 1
     starts = np.empty(len(edges) + 1, dtype=np.int64)
     starts[0] = 0

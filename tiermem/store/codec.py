@@ -1,11 +1,13 @@
 """The page codec shared by every store: zero detection, checksum, compression.
 
-A page becomes ``(codec, payload, checksum)``:
+A page becomes ``(codec, payload)`` plus a tag. Stores tag pages with a keyed MAC
+(:mod:`tiermem.store.pagemac`); :func:`encode` and :func:`decode` keep an xxh3-64
+checksum for callers that only need a fast corruption check:
 
 - an all-zero page is ``Codec.ZERO`` with an empty payload; it is recorded in
   the index and never sent to a backend;
-- the checksum is the xxh3-64 of the *raw* page, so it verifies the whole path
-  (compression, transport, storage, decompression) in one check;
+- the tag covers the *raw* page, so it verifies the whole path (compression,
+  transport, storage, decompression) in one check;
 - ``zstd`` (level 1) or ``lz4`` (block mode) compress a page when the policy asks
   for it; a page whose compressed form saves less than 5% is stored ``RAW``,
   because decompressing it would cost time for no gain.
@@ -30,7 +32,10 @@ from tiermem.errors import IntegrityError, InvalidArgument
 from tiermem.model import Compression
 from tiermem.store.base import Codec
 
-__all__ = ["COMPRESSIONS", "as_codec", "compression_name", "decode", "encode", "encode_page", "zero_checksum"]
+__all__ = [
+    "COMPRESSIONS", "as_codec", "compression_name", "decode", "decode_raw", "encode", "encode_page", "encode_raw",
+    "zero_checksum",
+]  # fmt: skip
 
 COMPRESSIONS = ("none", "zstd", "lz4")
 """Compression names a policy may choose."""
@@ -89,15 +94,20 @@ def encode(data: bytes | memoryview, compression: str | Compression = "none") ->
 
 
 def encode_page(data: bytes | memoryview, name: str) -> tuple[Codec, bytes, int]:
-    """:func:`encode` for a name already checked by :func:`compression_name` (the per-page hot path)."""
+    """:func:`encode` for a name already checked by :func:`compression_name`."""
     raw = bytes(data)  # no copy when data is already bytes
+    c, payload = encode_raw(raw, name)
+    return c, payload, _xxh3(raw)
+
+
+def encode_raw(raw: bytes, name: str) -> tuple[Codec, bytes]:
+    """``(codec, payload)`` of one raw page, no checksum (the store adds its MAC): the per-page hot path."""
     if not raw:
         raise InvalidArgument("cannot encode an empty page")
-    checksum = _xxh3(raw)
     if raw == _zero(len(raw)):
-        return Codec.ZERO, b"", checksum
+        return Codec.ZERO, b""
     if name == "none":
-        return Codec.RAW, raw, checksum
+        return Codec.RAW, raw
     if name == "zstd":
         payload: bytes = _zstd_c().compress(raw)
         codec = Codec.ZSTD
@@ -105,8 +115,8 @@ def encode_page(data: bytes | memoryview, name: str) -> tuple[Codec, bytes, int]
         payload = lz4.block.compress(raw, store_size=False)
         codec = Codec.LZ4
     if len(payload) >= _RAW_IF_AT_LEAST * len(raw):
-        return Codec.RAW, raw, checksum
-    return codec, payload, checksum
+        return Codec.RAW, raw
+    return codec, payload
 
 
 def as_codec(value: Codec | int, page: int | None = None) -> Codec:
@@ -122,7 +132,18 @@ def as_codec(value: Codec | int, page: int | None = None) -> Codec:
 
 
 def decode(codec: Codec | int, payload: bytes | memoryview, checksum: int, page_size: int) -> bytes:
-    """Decode and verify one payload; raises IntegrityError on any mismatch."""
+    """Decode and verify one payload against its xxh3-64; raises IntegrityError on any mismatch."""
+    raw = decode_raw(codec, payload, page_size)
+    got = _xxh3(raw)
+    if got != checksum:
+        raise IntegrityError(
+            f"{as_codec(codec).name} page checksum mismatch: stored {checksum:#018x}, read {got:#018x}"
+        )
+    return raw
+
+
+def decode_raw(codec: Codec | int, payload: bytes | memoryview, page_size: int) -> bytes:
+    """Decode one payload and check its length (the caller verifies the page's MAC)."""
     codec = as_codec(codec)
     if codec is Codec.ZERO:
         if len(payload):
@@ -147,9 +168,4 @@ def decode(codec: Codec | int, payload: bytes | memoryview, checksum: int, page_
             raise IntegrityError(f"lz4 payload does not decompress: {e}") from None
     if len(raw) != page_size:
         raise IntegrityError(f"{codec.name} payload decodes to {len(raw)} bytes, expected {page_size}")
-    got = _xxh3(raw)
-    if got != checksum:
-        raise IntegrityError(
-            f"{codec.name} page checksum mismatch: stored {checksum:#018x}, read {got:#018x}"
-        )
     return raw

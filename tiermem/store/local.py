@@ -49,8 +49,9 @@ from tiermem.errors import (
     StoreUnavailable,
     TiermemError,
 )
-from tiermem.model import validate_id
+from tiermem.fsmodes import private_dir
 from tiermem.store.segments import SegmentStore
+from tiermem.store.space import validate_space
 
 __all__ = ["LocalPageStore", "os_error"]
 
@@ -169,7 +170,7 @@ class LocalPageStore(SegmentStore):
         self._dirs_lock = threading.Lock()
         self._dirs: set[Path] = set()
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            private_dir(self.root)
             self._lock_fd: int | None = os.open(
                 self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
             )
@@ -212,7 +213,7 @@ class LocalPageStore(SegmentStore):
             with self._dirs_lock:
                 for p, parent in ((d.parent, self.root), (d, d.parent)):
                     if not p.is_dir():
-                        p.mkdir(exist_ok=True)
+                        p.mkdir(exist_ok=True, mode=0o700)
                         if self.fsync:
                             _fsync_dir(parent)
                 self._dirs.add(d)
@@ -309,7 +310,7 @@ class LocalPageStore(SegmentStore):
             for e in it:
                 if e.is_dir() and not e.name.startswith("."):
                     with contextlib.suppress(TiermemError):
-                        out.append(validate_id(e.name))
+                        out.append(validate_space(e.name))
         return sorted(out)
 
     def _blob_purge(self, vm_id: str) -> None:

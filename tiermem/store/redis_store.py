@@ -28,18 +28,22 @@ import contextlib
 import re
 from collections.abc import Iterator, Sequence
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 import redis
+import structlog
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from tiermem.errors import ConfigurationError, NotFound, StoreFull, StoreUnavailable, TiermemError
 from tiermem.logging import redact_text
 from tiermem.store.base import StoredPage
+from tiermem.store.options import Opt, parse_options
 from tiermem.store.payload import EncodedPage, PayloadStore
 
 __all__ = ["RedisPageStore", "redis_error"]
+
+log = structlog.get_logger("tiermem.store.redis")
 
 _PUT = """
 local dp, db = 0, 0
@@ -73,9 +77,19 @@ return dp
 _SCAN_COUNT = 1000
 _OOM = re.compile(r"\bOOM\b")
 _OPTIONS = {
-    "timeout", "connect_timeout", "retries", "prefix", "max_connections", "health_check_interval",
-    "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname",
-}  # fmt: skip
+    "timeout": Opt("float", 5.0, 0.001, 3600),
+    "connect_timeout": Opt("float", 2.0, 0.001, 600),
+    "retries": Opt("int", 3, 0, 100),
+    "prefix": Opt("str", "tiermem"),
+    "max_connections": Opt("int", None, 1, 1 << 20),
+    "health_check_interval": Opt("int", 30, 0, 86400),
+    "durability": Opt("choice", "required", choices=("required", "none")),
+    "ssl_ca_certs": Opt("str"),
+    "ssl_certfile": Opt("str"),
+    "ssl_keyfile": Opt("str"),
+    "ssl_cert_reqs": Opt("choice", None, choices=("required", "optional", "none")),
+    "ssl_check_hostname": Opt("bool"),
+}
 
 
 def redis_error(e: Exception, what: str) -> TiermemError:
@@ -102,15 +116,8 @@ def redis_error(e: Exception, what: str) -> TiermemError:
     return StoreUnavailable(msg)
 
 
-def _float(opts: dict[str, str], key: str, default: float) -> float:
-    raw = opts.pop(key, None)
-    try:
-        v = float(raw) if raw is not None else default
-    except ValueError:
-        raise ConfigurationError(f"Redis store option {key}={raw!r} is not a number") from None
-    if v <= 0:
-        raise ConfigurationError(f"Redis store option {key} must be positive")
-    return v
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class RedisPageStore(PayloadStore):
@@ -125,11 +132,18 @@ class RedisPageStore(PayloadStore):
         name: str = "default",
         page_size: int = 4096,
         prefix: str = "tiermem",
+        durable: bool = True,
     ) -> None:
         super().__init__(name, page_size)
         self.client = client
         self.prefix = prefix
         self._url = url
+        self.durable = durable
+        """True: puts are refused until Redis is seen to persist (AOF or RDB saves)."""
+        self._persistence_ok = not durable
+        if not durable:
+            log.warning("REDIS STORE WITHOUT DURABILITY: evicted pages are lost if Redis restarts "
+                        "(durability=none in the store URL)", store=name, url=url)  # fmt: skip
         self._put = client.register_script(_PUT)
         self._delete = client.register_script(_DELETE)
 
@@ -147,11 +161,7 @@ class RedisPageStore(PayloadStore):
         parts = urlsplit(url)
         if parts.scheme not in ("redis", "rediss"):
             raise ConfigurationError(f"not a Redis URL: {safe}")
-        q: dict[str, str] = dict(parse_qsl(parts.query, keep_blank_values=True))
-        q.update({k: str(v) for k, v in opts.items()})
-        unknown = sorted(set(q) - _OPTIONS)
-        if unknown:
-            raise ConfigurationError(f"unknown Redis store option {unknown[0]!r} in {safe}")
+        q = parse_options("Redis", parts.query, opts, _OPTIONS, safe)
         try:
             host, port = parts.hostname, parts.port or 6379
         except ValueError:
@@ -167,41 +177,39 @@ class RedisPageStore(PayloadStore):
             "db": int(path or 0),
             "username": unquote(parts.username) if parts.username else None,
             "password": unquote(parts.password) if parts.password is not None else None,
-            "socket_timeout": _float(q, "timeout", 5.0),
-            "socket_connect_timeout": _float(q, "connect_timeout", 2.0),
-            "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), int(_float(q, "retries", 3))),
+            "socket_timeout": q["timeout"],
+            "socket_connect_timeout": q["connect_timeout"],
+            "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), q["retries"]),
             "retry_on_error": [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
-            "health_check_interval": int(_float(q, "health_check_interval", 30)),
+            "health_check_interval": q["health_check_interval"],
             "decode_responses": False,
             "client_name": f"tiermem-{name}",
         }
         if "max_connections" in q:
-            kw["max_connections"] = int(_float(q, "max_connections", 0))
-        prefix = q.pop("prefix", "tiermem")
+            kw["max_connections"] = q["max_connections"]
+        prefix = q["prefix"]
         if not prefix or any(c in prefix for c in "{}*?[] "):
             raise ConfigurationError(
                 f"Redis store prefix {prefix!r} may not be empty or contain {{}}*?[] or spaces"
             )
-        ssl_opts = {k: q.pop(k) for k in list(q) if k.startswith("ssl_")}
+        ssl_opts = {k: v for k, v in q.items() if k.startswith("ssl_")}
         if parts.scheme == "rediss":
             kw["ssl"] = True
             for k in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
                 if k in ssl_opts:
                     kw[k] = ssl_opts[k]
             reqs = ssl_opts.get("ssl_cert_reqs", "required")
-            if reqs not in ("required", "optional", "none"):
-                raise ConfigurationError(f"ssl_cert_reqs must be required, optional or none, not {reqs!r}")
             kw["ssl_cert_reqs"] = reqs
-            kw["ssl_check_hostname"] = ssl_opts.get(
-                "ssl_check_hostname", "1" if reqs == "required" else "0"
-            ) in (
-                "1",
-                "true",
-                "yes",
-            )
+            check = ssl_opts.get("ssl_check_hostname", reqs == "required")
+            if check and reqs == "none":
+                raise ConfigurationError(
+                    "ssl_check_hostname needs certificate checking: not with ssl_cert_reqs=none"
+                )
+            kw["ssl_check_hostname"] = check
         elif ssl_opts:
             raise ConfigurationError(f"TLS options need a rediss:// URL: {safe}")
-        return cls(redis.Redis(**kw), safe, name=name, page_size=page_size, prefix=prefix)
+        durable = q["durability"] == "required"
+        return cls(redis.Redis(**kw), safe, name=name, page_size=page_size, prefix=prefix, durable=durable)
 
     @property
     def url(self) -> str:
@@ -230,7 +238,42 @@ class RedisPageStore(PayloadStore):
 
     # -- backend hooks ------------------------------------------------------------------
 
+    def check_persistence(self) -> str:
+        """Describe how Redis persists; ConfigurationError if it does not and durability is required.
+
+        An acknowledged page is punched from the guest, so a Redis that keeps it only in memory
+        loses the guest's only copy when it restarts: we refuse to evict into one unless the
+        operator said ``durability=none``. Checked before the first put, and again after a failure.
+        """
+        with self._translate("checking persistence"):
+            try:
+                cfg: dict[Any, Any] = dict(self.client.config_get("appendonly"))
+                cfg.update(self.client.config_get("save"))
+                got = {_text(k): _text(v) for k, v in cfg.items()}
+                aof = got.get("appendonly", "") == "yes"
+                save = got.get("save", "").strip()
+            except redis.exceptions.NoPermissionError:
+                try:
+                    info = self.client.info("persistence")  # CONFIG may be denied by ACL; INFO shows AOF
+                except redis.exceptions.NoPermissionError:
+                    raise ConfigurationError(
+                        f"cannot check that Redis at {self._url} persists: the user may run neither CONFIG GET "
+                        "nor INFO; grant +info (or add durability=none to the store URL)"
+                    ) from None
+                aof, save = bool(int(info.get("aof_enabled", 0))), ""
+        how = "appendonly" if aof else (f"RDB save {save!r}" if save else "none")
+        if how == "none" and self.durable:
+            raise ConfigurationError(
+                f"Redis at {self._url} does not persist (appendonly no, no RDB save rule, or CONFIG GET denied): "
+                "evicted pages would be lost on a Redis restart; enable appendonly, or add durability=none "
+                "to the store URL to accept that"
+            )
+        return how
+
     def _put_payloads(self, vm_id: str, items: Sequence[EncodedPage]) -> list[str]:
+        if not self._persistence_ok:
+            self.check_persistence()
+            self._persistence_ok = True
         keys = [self.key(vm_id, it.page, it.generation) for it in items]
         with self._translate(f"put of {len(items)} pages of VM {vm_id}"):
             self._put(keys=[self._usage_key(vm_id), *keys], args=[it.payload for it in items])
@@ -259,10 +302,10 @@ class RedisPageStore(PayloadStore):
             for k in self.client.scan_iter(match=f"{self.prefix}:{{{vm_id}}}:p:*", count=_SCAN_COUNT):
                 batch.append(k)
                 if len(batch) >= _SCAN_COUNT:
-                    removed += int(self.client.unlink(*batch))  # type: ignore[arg-type]
+                    removed += int(self.client.unlink(*batch))
                     batch = []
             if batch:
-                removed += int(self.client.unlink(*batch))  # type: ignore[arg-type]
+                removed += int(self.client.unlink(*batch))
             self.client.unlink(self._usage_key(vm_id))
         return removed
 
@@ -274,7 +317,7 @@ class RedisPageStore(PayloadStore):
                 keys = list(self.client.scan_iter(match=f"{self.prefix}:{{*}}:usage", count=_SCAN_COUNT))
             pages = stored = 0
             for k in keys:
-                p, b = self.client.hmget(k, ["pages", "bytes"])  # type: ignore[misc]
+                p, b = self.client.hmget(k, ["pages", "bytes"])
                 pages += int(p or 0)
                 stored += int(b or 0)
         return pages, stored

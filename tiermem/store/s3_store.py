@@ -24,7 +24,7 @@ import contextlib
 import re
 from collections.abc import Iterator, Sequence
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 import boto3
 import botocore.exceptions as bexc
@@ -38,8 +38,9 @@ from tiermem.errors import (
     StoreUnavailable,
     TiermemError,
 )
-from tiermem.model import validate_id
+from tiermem.store.options import Opt, parse_options
 from tiermem.store.segments import SegmentStore
+from tiermem.store.space import validate_space
 
 __all__ = ["S3PageStore", "s3_error"]
 
@@ -52,8 +53,17 @@ _CONFIG = {
 _FULL = {"EntityTooLarge", "QuotaExceeded", "ServiceQuotaExceeded", "XMinioStorageFull", "InsufficientStorage",
          "StorageFull", "TooManyBuckets", "507"}  # fmt: skip
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,61}[a-z0-9]$")
-_OPTIONS = {"endpoint", "region", "segment_mib", "compact_below", "max_gap_kib", "timeout", "connect_timeout",
-            "retries", "workers"}  # fmt: skip
+_OPTIONS = {
+    "endpoint": Opt("str"),
+    "region": Opt("str"),
+    "segment_mib": Opt("float", 4.0, 1, 64),
+    "compact_below": Opt("float", 0.5, 0, 1),
+    "max_gap_kib": Opt("float", 256.0, 0, 65536),
+    "timeout": Opt("float", 10.0, 0.1, 3600),
+    "connect_timeout": Opt("float", 2.0, 0.1, 600),
+    "retries": Opt("int", 4, 0, 20),
+    "workers": Opt("int", 8, 1, 64),
+}
 _DELETE_BATCH = 1000
 
 
@@ -78,19 +88,6 @@ def s3_error(e: Exception, what: str) -> TiermemError:
     if isinstance(e, bexc.ParamValidationError):
         return ConfigurationError(f"{what}: {e}")
     return StoreUnavailable(f"{what}: {type(e).__name__}: {e}")  # endpoint, timeouts, closed connections
-
-
-def _num(q: dict[str, str], key: str, default: float, lo: float, hi: float) -> float:
-    raw = q.get(key)
-    if raw is None:
-        return default
-    try:
-        v = float(raw)
-    except ValueError:
-        raise ConfigurationError(f"S3 store option {key}={raw!r} is not a number") from None
-    if not lo <= v <= hi:
-        raise ConfigurationError(f"S3 store option {key}={raw} is outside {lo:g}..{hi:g}")
-    return v
 
 
 class S3PageStore(SegmentStore):
@@ -161,11 +158,7 @@ class S3PageStore(SegmentStore):
                 "S3 store URLs carry no credentials: use the standard AWS credential chain"
             )
         bucket = parts.netloc
-        q: dict[str, str] = dict(parse_qsl(parts.query, keep_blank_values=True))
-        q.update({k: str(v) for k, v in opts.items()})
-        unknown = sorted(set(q) - _OPTIONS)
-        if unknown:
-            raise ConfigurationError(f"unknown S3 store option {unknown[0]!r} in {url}")
+        q = parse_options("S3", parts.query, opts, _OPTIONS, url)
         if not bucket:
             raise ConfigurationError(f"S3 URL {url} names no bucket (s3://bucket/prefix)")
         endpoint = q.get("endpoint") or None
@@ -180,13 +173,13 @@ class S3PageStore(SegmentStore):
             region=q.get("region") or None,
             name=name,
             page_size=page_size,
-            segment_bytes=int(_num(q, "segment_mib", 4, 1, 64) * (1 << 20)),
-            compact_below=_num(q, "compact_below", 0.5, 0, 1),
-            max_gap=int(_num(q, "max_gap_kib", 256, 0, 65536) * 1024),
-            read_timeout=_num(q, "timeout", 10, 0.1, 3600),
-            connect_timeout=_num(q, "connect_timeout", 2, 0.1, 600),
-            retries=int(_num(q, "retries", 4, 0, 20)),
-            workers=int(_num(q, "workers", 8, 1, 64)),
+            segment_bytes=int(q["segment_mib"] * (1 << 20)),
+            compact_below=q["compact_below"],
+            max_gap=int(q["max_gap_kib"] * 1024),
+            read_timeout=q["timeout"],
+            connect_timeout=q["connect_timeout"],
+            retries=q["retries"],
+            workers=q["workers"],
         )
 
     @property
@@ -277,7 +270,7 @@ class S3PageStore(SegmentStore):
                 for cp in page.get("CommonPrefixes", []):
                     vm = cp["Prefix"][len(base) :].rstrip("/")
                     with contextlib.suppress(TiermemError):
-                        out.append(validate_id(vm))
+                        out.append(validate_space(vm))
         return out
 
     def _blob_purge(self, vm_id: str) -> None:

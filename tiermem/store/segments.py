@@ -71,7 +71,7 @@ from tiermem.store.segstate import idle as _idle
 
 __all__ = ["SegmentStore"]
 
-log = structlog.get_logger("tiermem.store.segments")
+log = structlog.get_logger(__name__)
 
 _MAX_MOVES = 8
 """How many times one read follows pages that compaction moved while it ran."""

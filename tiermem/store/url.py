@@ -2,12 +2,13 @@
 
 - ``file:///var/lib/tiermem/pages[?fsync=0&segment_mib=32]``: local directory (the default)
 - ``memory://``: in-process (unit tests, ``tiermem simulate``)
-- ``redis://[user:pass@]host[:6379][/db][?timeout=5&retries=3&prefix=tiermem]``: Redis
+- ``redis://[user:pass@]host[:6379][/db][?timeout=5&retries=3&prefix=tiermem&durability=none]``: Redis
 - ``rediss://[user:pass@]host[:6380][/db][?ssl_ca_certs=/path/ca.pem]``: Redis over TLS
 - ``s3://bucket[/prefix]?endpoint=http://host:port&region=us-east-1[&segment_mib=4]``: S3 or an
   S3-compatible server (credentials from the standard AWS chain)
 
-An invalid URL raises ConfigurationError with one line naming what is wrong,
+Options are parsed by :mod:`tiermem.store.options` (strict types and booleans, unknown or
+repeated options refused). An invalid URL raises ConfigurationError with one line naming what is wrong,
 and never echoes a password. Backend modules are imported only when used
 (boto3 alone takes a few hundred milliseconds to import).
 """
@@ -15,34 +16,23 @@ and never echoes a password. Backend modules are imported only when used
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 from tiermem.errors import ConfigurationError, TiermemError
 from tiermem.logging import redact_text
 from tiermem.store.base import PageStore
+from tiermem.store.options import Opt, parse_options
 from tiermem.store.payload import check_page_size
 
 __all__ = ["SCHEMES", "open_store", "redact_url"]
 
 SCHEMES = ("file", "memory", "redis", "rediss", "s3")
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
+_FILE_OPTIONS = {"fsync": Opt("bool", True), "segment_mib": Opt("float", 32.0, 1, 1024)}
 
 
 def redact_url(url: str) -> str:
     """``url`` with its password (and secret-looking query values) replaced by ``***``."""
     return redact_text(url)
-
-
-def _bool(value: object, what: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise ConfigurationError(f"{what} must be 0 or 1, not {value!r}")
 
 
 def _open_file(url: str, parts: Any, name: str, page_size: int, opts: dict[str, Any]) -> PageStore:
@@ -57,23 +47,9 @@ def _open_file(url: str, parts: Any, name: str, page_size: int, opts: dict[str, 
         raise ConfigurationError(
             f"file store URL {url} needs an absolute directory: file:///var/lib/tiermem/pages"
         )
-    q: dict[str, Any] = dict(parse_qsl(parts.query, keep_blank_values=True))
-    q.update(opts)
-    unknown = sorted(set(q) - {"fsync", "segment_mib"})
-    if unknown:
-        raise ConfigurationError(
-            f"unknown file store option {unknown[0]!r} in {url} (known: fsync, segment_mib)"
-        )
-    try:
-        segment_mib = float(q.get("segment_mib", 32))
-    except ValueError:
-        raise ConfigurationError(
-            f"file store option segment_mib={q['segment_mib']!r} is not a number"
-        ) from None
-    if not 1 <= segment_mib <= 1024:
-        raise ConfigurationError(f"file store option segment_mib={segment_mib:g} is outside 1..1024")
-    return LocalPageStore(path, fsync=_bool(q.get("fsync", True), "file store option fsync"), name=name,
-                          page_size=page_size, segment_bytes=int(segment_mib * (1 << 20)))  # fmt: skip
+    q = parse_options("file", parts.query, opts, _FILE_OPTIONS, url)
+    return LocalPageStore(path, fsync=q["fsync"], name=name, page_size=page_size,
+                          segment_bytes=int(q["segment_mib"] * (1 << 20)))  # fmt: skip
 
 
 def open_store(url: str, name: str = "default", page_size: int = 4096, **opts: Any) -> PageStore:

@@ -222,6 +222,7 @@ class EvictionPolicy(_message.Message):
     PAUSED_FIELD_NUMBER: _builtins.int
     SLO_PROMOTION_RATE_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    POISON_MISSING_FIELD_NUMBER: _builtins.int
     interval_ms: _builtins.int
     """detection interval, milliseconds, > 0"""
     cold_after: _builtins.int
@@ -240,6 +241,8 @@ class EvictionPolicy(_message.Message):
     """max promotions per evicted page per minute (0.002 = 0.2%/min); 0 = no SLO"""
     version: _builtins.int
     """monotonic version, assigned by the control plane"""
+    poison_missing: _builtins.bool
+    """a page lost from its store: true = UFFDIO_POISON (guest SIGBUS), false = wait"""
     @_builtins.property
     def max_evict(self) -> Global___EvictionCap:
         """per-cycle eviction cap"""
@@ -257,10 +260,11 @@ class EvictionPolicy(_message.Message):
         paused: _builtins.bool = ...,
         slo_promotion_rate: _builtins.float = ...,
         version: _builtins.int = ...,
+        poison_missing: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["max_evict", b"max_evict"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cold_after", b"cold_after", "compression", b"compression", "interval_ms", b"interval_ms", "max_evict", b"max_evict", "min_resident_bytes", b"min_resident_bytes", "paused", b"paused", "prefetch_pages", b"prefetch_pages", "slo_promotion_rate", b"slo_promotion_rate", "store", b"store", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cold_after", b"cold_after", "compression", b"compression", "interval_ms", b"interval_ms", "max_evict", b"max_evict", "min_resident_bytes", b"min_resident_bytes", "paused", b"paused", "poison_missing", b"poison_missing", "prefetch_pages", b"prefetch_pages", "slo_promotion_rate", b"slo_promotion_rate", "store", b"store", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -500,6 +504,7 @@ class VmStatus(_message.Message):
     FAULT_P99_US_FIELD_NUMBER: _builtins.int
     UPDATED_UNIX_MS_FIELD_NUMBER: _builtins.int
     NODE_UP_FIELD_NUMBER: _builtins.int
+    INCARNATION_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.str
     node_id: _builtins.str
     state: Global___VmState.ValueType
@@ -525,6 +530,8 @@ class VmStatus(_message.Message):
     updated_unix_ms: _builtins.int
     node_up: _builtins.bool
     """set by the control plane from the node lease"""
+    incarnation: _builtins.str
+    """the VM's incarnation on its agent: issued at first attach, proved on reattach"""
     @_builtins.property
     def store_usage(self) -> Global___StoreUsage: ...
     @_builtins.property
@@ -556,10 +563,11 @@ class VmStatus(_message.Message):
         fault_p99_us: _builtins.int = ...,
         updated_unix_ms: _builtins.int = ...,
         node_up: _builtins.bool = ...,
+        incarnation: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy", "store_usage", b"store_usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "cycles", b"cycles", "evicted_pages", b"evicted_pages", "fault_p50_us", b"fault_p50_us", "fault_p99_us", b"fault_p99_us", "faults_served", b"faults_served", "labels", b"labels", "minor_faults", b"minor_faults", "node_id", b"node_id", "node_up", b"node_up", "page_size", b"page_size", "policy", b"policy", "promotion_rate", b"promotion_rate", "resident_pages", b"resident_pages", "state", b"state", "store_usage", b"store_usage", "total_pages", b"total_pages", "updated_unix_ms", b"updated_unix_ms", "vm_id", b"vm_id", "working_set_pages", b"working_set_pages"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "cycles", b"cycles", "evicted_pages", b"evicted_pages", "fault_p50_us", b"fault_p50_us", "fault_p99_us", b"fault_p99_us", "faults_served", b"faults_served", "incarnation", b"incarnation", "labels", b"labels", "minor_faults", b"minor_faults", "node_id", b"node_id", "node_up", b"node_up", "page_size", b"page_size", "policy", b"policy", "promotion_rate", b"promotion_rate", "resident_pages", b"resident_pages", "state", b"state", "store_usage", b"store_usage", "total_pages", b"total_pages", "updated_unix_ms", b"updated_unix_ms", "vm_id", b"vm_id", "working_set_pages", b"working_set_pages"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
