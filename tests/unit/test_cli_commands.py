@@ -480,8 +480,9 @@ def test_output_json_is_the_json_flag(stub: StubClient, cmd: list[str]) -> None:
 
 
 def test_output_wide_never_folds(stub: StubClient) -> None:
-    narrow = ok(run(stub, "node", "list", env={"COLUMNS": "40", "TIERMEM_SERVER": None})).stdout
-    wide = ok(run(stub, "node", "list", "-o", "wide", env={"COLUMNS": "40", "TIERMEM_SERVER": None})).stdout
+    env: dict[str, str | None] = {"COLUMNS": "40", "TIERMEM_SERVER": None}
+    narrow = ok(run(stub, "node", "list", env=env)).stdout  # type: ignore[arg-type]
+    wide = ok(run(stub, "node", "list", "-o", "wide", env=env)).stdout  # type: ignore[arg-type]
     assert len(wide.splitlines()) < len(narrow.splitlines())
     assert max(len(line) for line in wide.splitlines()) > 40
 

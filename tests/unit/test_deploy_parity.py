@@ -29,7 +29,7 @@ DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 
 # Settings set by several descriptions, which must agree (and equal the built-in default).
-SHARED = {
+SHARED: dict[str, tuple[type[BaseModel], list[str]]] = {
     "CP": (ControlPlaneSettings, ["LEASE_TTL_MS", "LEADER_LEASE_MS", "MAX_CONCURRENT_CYCLES_PER_NODE", "SCHEDULER",
                                   "REFLECTION", "LOG_JSON", "LOG_LEVEL", "JITTER"]),
     "AGENT": (AgentSettings, ["HEARTBEAT_MS", "AUTONOMOUS_AFTER_MS", "FSYNC", "REFLECTION", "LOG_JSON", "LOG_LEVEL"]),

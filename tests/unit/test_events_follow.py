@@ -24,7 +24,8 @@ def _ev(seq: int) -> Event:
 def test_resumes_after_last_seq_without_duplicates() -> None:
     opened: list[int] = []
     sleeps: list[float] = []
-    script = [[1, 2, "drop"], ["drop"], [3, 4]]  # a drop mid-stream, then one while reconnecting
+    # a drop mid-stream, then one while reconnecting
+    script: list[list[int | str]] = [[1, 2, "drop"], ["drop"], [3, 4]]
 
     def open_stream(after: int) -> Iterator[Event]:
         opened.append(after)
