@@ -220,3 +220,21 @@ def test_kustomize_render() -> None:
             assert json.loads(env["TIERMEM_CP_KNOWN_STORES"])
         else:
             assert pod["hostPID"] is True
+
+
+def test_loopback_override_changes_only_where_services_listen() -> None:
+    """The override must not fork a service's command or security settings (the redis ACL drifted once)."""
+
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    _Loader.add_constructor("!reset", lambda loader, node: None)  # compose's "drop the inherited value"
+    override = yaml.load((DEPLOY / "docker-compose.loopback.yml").read_text(), Loader=_Loader)
+    allowed = {"network_mode", "extra_hosts", "ports", "hostname", "environment", "command", "healthcheck"}
+    for name, svc in override["services"].items():
+        assert set(svc) - {"<<"} <= allowed, f"{name}: {set(svc) - allowed}"
+        assert svc.get("network_mode", "host") == "host"
+        if name != "s3":  # weed's ports are flags; every other service reads its address from the environment
+            assert "command" not in svc and "healthcheck" not in svc, name
+    # the redis command (with its ACL) is the main file's
+    assert "+info" in " ".join(_compose()["services"]["redis"]["command"])
