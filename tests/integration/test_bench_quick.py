@@ -67,11 +67,17 @@ def test_store_s3(s3_srv: Any) -> None:
 
 def test_policy() -> None:
     out = bench("policy", "--pages", "512", "--ticks", "120", "--cold-after", "1,4", "--workload", "zipf:1.1",
-                "--workload", "hotset:0.1")  # fmt: skip
-    rows = out["rows"]
-    assert [(r["workload"], r["cold_after"]) for r in rows] == [
-        ("zipf:1.1", 1), ("zipf:1.1", 4), ("hotset:0.1", 1), ("hotset:0.1", 4)
+                "--workload", "hotset:0.1", "--cost-pages", "2048")  # fmt: skip
+    assert [(r["workload"], r["policy"], r["cold_after"]) for r in out["rows"]] == [
+        ("zipf:1.1", "age", 1), ("zipf:1.1", "age", 4), ("zipf:1.1", "rrd", 2),
+        ("hotset:0.1", "age", 1), ("hotset:0.1", "age", 4), ("hotset:0.1", "rrd", 2),
     ]  # fmt: skip
+    for r in out["rows"]:
+        # nothing beats the future-knowing bound at the same saving
+        assert r["bound_promotions"] <= r["promotions"] and r["oracle_promotions"] >= r["bound_promotions"]
+    assert [c["policy"] for c in out["cycle_cost"]] == ["age", "rrd"]
+    assert all(c["cpu_ms_per_cycle"] > 0 for c in out["cycle_cost"])
+    rows = [r for r in out["rows"] if r["policy"] == "age"]
     for r in rows:
         assert 0 < r["saved"] < 1 and r["accesses"] > 0
         # the oracle knows the future: it never promotes more than the policy at the same evictions

@@ -437,6 +437,28 @@ def test_paused_policy_is_a_precondition_failure(agent: Stack) -> None:
     ok(tm(agent, "vm", "deregister", "cli-vm3", "--purge", "--yes"))
 
 
+def test_policy_set_eviction_algorithm_reaches_the_agent(agent: Stack) -> None:
+    register(agent, "cli-vm4", "--workload", "hotset:0.1")
+    doc = js(
+        tm(agent, "policy", "set", "cli-vm4", "--policy", "recommended", "--policy-opt", "fast=2", "--json")
+    )
+    assert (doc["policy"]["algorithm"], doc["policy"]["algorithm_options"]) == ("recommended", "fast=2")
+    rep = js(tm(agent, "cycle", "run", "cli-vm4", "--interval", "100ms", "--json"))
+    assert rep["policy_version"] == doc["policy"]["version"] and not rep["error"]
+    s = agent.agent.agent.sessions["cli-vm4"]
+    assert (s.policy.algorithm, s.algorithm().name, s.algorithm().opts["fast"]) == ("recommended", "rrd", 2)
+    assert "recommended (fast=2)" in ok(tm(agent, "policy", "get", "cli-vm4")).stdout
+    # another algorithm resets the options; bad names and options are one-line errors (exit 1 / 2)
+    doc = js(tm(agent, "policy", "set", "cli-vm4", "--policy", "age", "--json"))
+    assert (doc["policy"]["algorithm"], doc["policy"]["algorithm_options"]) == ("age", "")
+    assert "bad option 'fast=1'" in one_line_error(tm(agent, "policy", "set", "cli-vm4", "--policy", "age",
+                                                       "--policy-opt", "fast=1"), 1)  # fmt: skip
+    assert "needs --policy" in one_line_error(
+        tm(agent, "policy", "set", "cli-vm4", "--policy-opt", "fast=1"), 1
+    )
+    ok(tm(agent, "vm", "deregister", "cli-vm4", "--purge", "--yes"))
+
+
 def test_events_follow_stops_cleanly_on_ctrl_c(stack: Stack) -> None:
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("TIERMEM_")},

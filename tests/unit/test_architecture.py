@@ -28,8 +28,9 @@ PKG = ROOT / "tiermem"
 # the packages of an "independent" group must not import each other.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("generated", ("tiermem.v1",)),
-    ("core", ("tiermem", "tiermem.errors", "tiermem.ids", "tiermem.model", "tiermem.api", "tiermem.selector", "tiermem.units",
-              "tiermem.config", "tiermem.events", "tiermem.logging", "tiermem.metrics", "tiermem.fsmodes")),
+    ("core", ("tiermem", "tiermem.errors", "tiermem.ids", "tiermem.model", "tiermem.api", "tiermem.selector", "tiermem.units", "tiermem.evict",
+              "tiermem.config", "tiermem.events", "tiermem.logging", "tiermem.metrics", "tiermem.fsmodes",
+              "tiermem.native", "tiermem._native")),
     ("kernel/store", ("tiermem.kernel", "tiermem.store")),
     ("handoff", ("tiermem.handoff",)),
     ("agent/control", ("tiermem.agent", "tiermem.control")),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -23,6 +24,22 @@ def test_doctor_json_shape() -> None:
     assert isinstance(data["kernel"], str) and data["kernel"]
     if not data["backends"]["rwp"]:
         assert "RWP" in data["backend_reasons"]["rwp"]
+    assert data["native"]["sim_scan"] in ("native", "numpy")
+    assert data["native"]["fault_serve"] in ("native", "python")
+
+
+def test_doctor_reports_the_native_paths_and_their_switch() -> None:
+    """doctor says which path is active: the built extension by default, the Python paths with
+    TIERMEM_NATIVE=0 (``make setup`` builds the extension, so it must be there in this venv)."""
+    env = {**os.environ, "TIERMEM_NATIVE": "0"}
+    off = json.loads(subprocess.run([sys.executable, "-m", "tiermem.cli", "doctor", "--json"], capture_output=True,
+                                    text=True, check=True, env=env).stdout)["native"]  # fmt: skip
+    assert off["sim_scan"] == "numpy" and off["fault_serve"] == "python"
+    assert "TIERMEM_NATIVE=0" in off["extension"]
+    on = json.loads(subprocess.run([sys.executable, "-m", "tiermem.cli", "doctor", "--json"], capture_output=True,
+                                   text=True, check=True).stdout)["native"]  # fmt: skip
+    assert on["extension"] == "built", on
+    assert on["sim_scan"] == "native"
 
 
 @pytest.mark.uffd

@@ -27,7 +27,7 @@ FILE_ONLY = {
     "agent": {
         "autonomous", "max_concurrent_cycles", "handshake_timeout_s",
         "tenant_manual_cycles", "tenant_manual_max_interval_ms",
-        "capacity_bytes", "trace_dir", "trace_max_bytes",
+        "capacity_bytes", "trace_dir", "trace_max_bytes", "page_key_file",
     },
 }  # fmt: skip
 CASES: list[tuple[str, type[BaseModel], Callable[..., dict[str, Any]]]] = [

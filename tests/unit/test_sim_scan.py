@@ -4,10 +4,14 @@ cached-but-unmapped alike, have no category and are reported by scans that match
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tiermem import native
 from tiermem.kernel import uapi
 from tiermem.sim.kernel import SimKernel
 
@@ -25,6 +29,20 @@ PRESENT, FILE, WRITTEN, ACCESSED = (
     uapi.PAGE_IS_ACCESSED,
 )
 NONE, PROT, CACHED, ACC = 0, 1, 2, 3  # the sim's page states
+
+
+@pytest.fixture(scope="module", params=["native", "numpy"], autouse=True)
+def scan_path(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test runs on the native run detection and on the numpy reference path."""
+    saved = native.mod
+    if request.param == "native" and saved is None:
+        pytest.skip(f"native extension unavailable: {native.reason}")
+    if request.param == "numpy":
+        native.mod = None
+    try:
+        yield request.param
+    finally:
+        native.mod = saved
 
 
 def regions(k: SimKernel, **kw: int) -> list[tuple[int, int, int]]:
@@ -207,3 +225,25 @@ def test_scan_matches_reference(
                                max_pages=max_pages, vec_len=vec_len)  # fmt: skip
     assert got == want
     assert r.walk_end == k.base + walk_end * PS
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    states=st.lists(st.sampled_from([NONE, PROT, CACHED, ACC]), min_size=1, max_size=300),
+    mask=st.sampled_from([ACCESSED, PRESENT, PRESENT | ACCESSED]), inv=st.sampled_from([0, ACCESSED, PRESENT]),
+    ret=st.sampled_from([0, ACCESSED, PRESENT | ACCESSED]), lo=st.integers(0, 20), cut=st.integers(0, 20),
+)  # fmt: skip
+def test_hot_scan_over_long_ranges_matches_reference(
+    states: list[int], mask: int, inv: int, ret: int, lo: int, cut: int
+) -> None:
+    """The hot-set scan's shapes (one RWP VMA: accessed, present, their inverses) over more than the 64
+    pages the native pass compares at a time, including blocks that are cut by the range."""
+    n = len(states)
+    k, fixed = build(n, [(0, n, RWP | MISSING)], states)
+    start, end = min(lo, n), max(min(lo, n), n - cut)
+    r = k.pagemap_scan(k.base + start * PS, k.base + end * PS, category_mask=mask, category_inverted=inv,
+                       return_mask=ret)  # fmt: skip
+    got = [((int(a) - k.base) // PS, (int(b) - k.base) // PS, int(c)) for a, b, c in r.regions.tolist()]
+    want, _ = reference(fixed, [RWP | MISSING] * n, start, end, mask=mask, inv=inv, anyof=0, ret=ret,
+                        max_pages=0, vec_len=0)  # fmt: skip
+    assert got == want

@@ -4,17 +4,38 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from typing import NoReturn
 
 import structlog
 
 from tiermem.agent.node import Agent
-from tiermem.errors import TiermemError
+from tiermem.errors import FailedPrecondition, TiermemError
 from tiermem.handoff.listener import HandoffAttach, HandoffListener
-from tiermem.model import Backend
+from tiermem.model import Backend, EventKind
 
-__all__ = ["on_handoff", "start_handoff"]
+__all__ = ["NO_SNAPSHOT_SOURCE", "on_handoff", "refuse_firecracker", "start_handoff"]
 
 log = structlog.get_logger(__name__)
+
+
+NO_SNAPSHOT_SOURCE = (
+    "no snapshot source for this Firecracker handshake: its memory would be served as zeros. Import the "
+    "snapshot's memory file with `tiermem snapshot import VM --mem-file PATH` and give Firecracker the "
+    "printed socket as the UFFD backend_path"
+)
+
+
+def refuse_firecracker(agent: Agent, att: HandoffAttach, socket_path: str, reason: str) -> NoReturn:
+    """Refuse a Firecracker handshake loudly: event, error log, and FailedPrecondition.
+
+    The listener turns the exception into an error line on the socket and closes the
+    socket and the uffd. Firecracker's vCPUs then never get a page from us: a refused
+    restore must fail, never resume the guest on zeroed memory.
+    """
+    agent.events.publish(EventKind.HANDOFF_REFUSED, f"Firecracker handshake from pid {att.peer_pid} refused: {reason}",
+                         "", pid=str(att.peer_pid), socket=socket_path)  # fmt: skip
+    log.error("firecracker handshake refused", pid=att.peer_pid, socket=socket_path, reason=reason)
+    raise FailedPrecondition(reason)
 
 
 def on_handoff(agent: Agent, att: HandoffAttach) -> None:
@@ -52,6 +73,10 @@ def start_handoff(agent: Agent) -> Callable[[], None] | None:
     path = agent.settings.handoff_path()
 
     def attach(att: HandoffAttach) -> None:
+        if att.mode == "firecracker":
+            # Its handshake carries no VM id, so the shared socket cannot know which snapshot this
+            # process restores: only a VM's own restore socket can serve it.
+            refuse_firecracker(agent, att, path, NO_SNAPSHOT_SOURCE)
         try:
             on_handoff(agent, att)
         except TiermemError as e:

@@ -7,7 +7,9 @@
     freeze:  UFFDIO_SET_MODE(disable=RWP_ASYNC)           -- sync: accesses now block
     scan:    PAGEMAP_SCAN(category_mask=PAGE_IS_PRESENT, return_mask=PRESENT|ACCESSED)
              -> hot = present and accessed; proven cold = present and not accessed (still protected)
-    decide:  ages[hot] = 0; ages[proven] += 1; cold = proven and ages >= cold_after, within the caps
+    decide:  the policy's eviction algorithm (:mod:`tiermem.evict`) picks the cold set among the
+             proven-cold pages, within the caps (``age``: ages[hot] = 0; ages[proven] += 1;
+             cold = proven and ages >= cold_after)
     evict:   per batch: read via the I/O mapping -> store.put (acknowledged) -> index (durable)
              -> fallocate(PUNCH_HOLE) -> UFFDIO_WAKE
     resume:  UFFDIO_SET_MODE(enable=RWP_ASYNC)            -- wakes every parked sync fault
@@ -19,9 +21,11 @@ guest mapping (a PTE carrying the RWP marker, whose accesses block while frozen)
 cannot be protected by UFFDIO_RWPROTECT; evicting it would lose a guest write landing between
 the read-out and the punch. Such pages are counted in ``CycleReport.pages_unproven`` and kept.
 
-A dry run (``CycleMode.DETECT``) reports what would be evicted and changes
-nothing: no eviction and no page ages. Cold pages are evicted oldest first,
-then lowest page number first, so capped runs are reproducible.
+The decide step is pure: scan result + caps + the algorithm's state -> cold set
+(:func:`decide`); ``tiermem simulate`` runs the same algorithms. A dry run
+(``CycleMode.DETECT``) reports what would be evicted and changes nothing: no
+eviction and no algorithm state. Capped runs evict oldest first, then lowest page
+number first, so they are reproducible.
 """
 
 from __future__ import annotations
@@ -33,15 +37,16 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import structlog
 
+from tiermem import evict
 from tiermem.agent.faults import FaultServer
 from tiermem.agent.metrics import CycleResult
 from tiermem.agent.session import VmSession
 from tiermem.errors import ConfigurationError, FailedPrecondition, NotFound, StoreFull, StoreUnavailable
 from tiermem.kernel import uapi
-from tiermem.model import CycleMode, CycleReport, EventKind, PhaseTimes, VmState, now_ms
+from tiermem.model import CycleMode, CycleReport, EventKind, EvictionPolicy, PhaseTimes, VmState, now_ms
 from tiermem.store.base import Codec, PageBlob
 
-__all__ = ["CycleEngine", "choose_cold", "runs"]
+__all__ = ["CycleEngine", "decide", "runs"]
 
 log = structlog.get_logger(__name__)
 
@@ -61,20 +66,20 @@ def runs(pages: np.ndarray) -> Iterator[tuple[int, int]]:
         yield int(pages[s]), e - s
 
 
-def choose_cold(
-    ages: np.ndarray, candidates: np.ndarray, cold_after: int, limit: int | None
-) -> tuple[np.ndarray, int]:
-    """Cold pages to evict (sorted) and the number of cold pages before the limit.
+def decide(
+    algorithm: evict.Algorithm, hot: np.ndarray, candidates: np.ndarray, promoted: np.ndarray,
+    n_resident: int, policy: EvictionPolicy, page_size: int, *, commit: bool,
+) -> tuple[np.ndarray, int]:  # fmt: skip
+    """The cold set (sorted pages) and the number of cold pages before the caps.
 
-    ``candidates`` is a bool mask of resident, not-hot pages; ``limit`` is the
-    number of pages allowed (None: all). Oldest first, then lowest page first.
+    ``candidates`` are the pages the frozen scan proves cold: the algorithm chooses only
+    among them. The caps: ``max_evict`` and ``min_resident_bytes``.
     """
-    cold = np.flatnonzero(candidates & (ages >= cold_after))
-    n_cold = int(cold.size)
-    if limit is not None and n_cold > limit:
-        order = np.lexsort((cold, -ages[cold].astype(np.int16)))
-        cold = np.sort(cold[order[: max(limit, 0)]])
-    return cold, n_cold
+    limit = policy.max_evict.limit_pages(algorithm.n_pages, page_size)
+    room = max(n_resident - math.ceil(policy.min_resident_bytes / page_size), 0)
+    limit = room if limit is None else min(limit, room)
+    view = evict.CloseView(hot=hot, candidates=candidates, promoted=promoted, limit=limit)
+    return algorithm.close(view, commit=commit)
 
 
 class CycleEngine:
@@ -158,15 +163,14 @@ class CycleEngine:
             hot &= resident
             candidates = resident & present & ~hot
             rep.pages_unproven = int(np.count_nonzero(resident & ~present))
-            ages = s.ages if mode is CycleMode.EVICT else s.ages.copy()
-            ages[hot] = 0
-            np.add(ages, candidates.astype(np.uint8), out=ages, where=ages < 255)
+            commit = mode is CycleMode.EVICT
+            with s.promoted_lock:
+                promoted = np.array(s.promoted, dtype=np.int64)
+                if commit:
+                    s.promoted.clear()
             n_resident = int(np.count_nonzero(resident))
-            limit = policy.max_evict.limit_pages(s.n_pages, s.page_size)
-            floor = math.ceil(policy.min_resident_bytes / s.page_size)
-            room = max(n_resident - floor, 0)
-            limit = room if limit is None else min(limit, room)
-            cold, n_cold = choose_cold(ages, candidates, policy.cold_after, limit)
+            cold, n_cold = decide(s.algorithm(policy), hot, candidates, promoted, n_resident, policy, s.page_size,
+                                  commit=commit)  # fmt: skip
             rep.pages_scanned = n_resident
             rep.pages_hot = int(np.count_nonzero(hot))
             rep.pages_cold = n_cold

@@ -25,8 +25,9 @@ import structlog
 
 from tiermem.agent.index import IndexEntry
 from tiermem.agent.metrics import FaultKind, FaultStage
+from tiermem.agent.native_faults import NativeFaults
 from tiermem.agent.session import VmSession
-from tiermem.errors import IntegrityError, NotFound, StoreUnavailable, TiermemError
+from tiermem.errors import FailedPrecondition, IntegrityError, NotFound, StoreUnavailable, TiermemError
 from tiermem.kernel import uapi
 from tiermem.kernel.uapi import UffdMsg
 from tiermem.model import EventKind
@@ -62,16 +63,24 @@ class FaultServer:
         self._m_lookup = m.fault_stage_seconds.labels(FaultStage.LOOKUP.value)
         self._m_fetch = m.fault_stage_seconds.labels(FaultStage.FETCH.value)
         self._m_install = m.fault_stage_seconds.labels(FaultStage.INSTALL.value)
+        self.native: NativeFaults | None = None
+        """The native fault thread serving this VM's common faults, when it applies (see native_faults)."""
 
     # --- lifecycle ---------------------------------------------------------------------------
-    def start(self) -> None:
-        """Start the reader thread."""
+    def start(self, *, native: bool = True) -> None:
+        """Start the native fault thread (where it applies, unless ``native`` is False) and the reader."""
+        if native:
+            self.native = NativeFaults.create(self.s)
+            if self.native is not None:
+                self.native.start()
         self._reader = threading.Thread(target=self._read_loop, name=f"uffd-{self.s.vm_id}", daemon=True)
         self._reader.start()
 
     def stop(self) -> None:
         """Stop reading; in-flight faults finish."""
         self._stop.set()
+        if self.native is not None:
+            self.native.stop()
         if self._reader is not None and self._reader is not threading.current_thread():
             self._reader.join(timeout=5)
         self._pool.shutdown(wait=True, cancel_futures=False)
@@ -97,6 +106,8 @@ class FaultServer:
                     self.dispatch(m, inline=False)
                 except Exception:
                     log.exception("fault message not handled", vm=self.s.vm_id, address=hex(m.address))
+                finally:
+                    self.s.backend.message_done()  # the native thread reads on once all are done
 
     def first_gone(self) -> bool:
         """Mark the VMM gone; True for the first caller only (who reports it: one event per VMM death)."""
@@ -233,7 +244,8 @@ class FaultServer:
         pages are forgotten and their payloads retired. On a shmem memfd the event is ambiguous:
         MADV_DONTNEED keeps the page cache (the guest still expects its data) and only MADV_REMOVE
         drops it, so evicted pages keep their entries: a later fault restores their last contents
-        rather than risking the loss of data the guest still owns.
+        rather than risking the loss of data the guest still owns. A restored snapshot keeps its
+        entries (it can be restored again): this restore answers the range with zeroes from now on.
         """
         s = self.s
         if not s.backend.anonymous:
@@ -241,10 +253,19 @@ class FaultServer:
                 "range zapped by the VMM; evicted pages kept", vm=s.vm_id, start=hex(start), end=hex(end)
             )
             return
-        first = max(s.backend.page_of(start), 0)
-        last = min(s.backend.page_of(end + s.page_size - 1), s.n_pages)
+        ranges = s.backend.page_ranges(start, end)
+        if s.restore is not None:
+            for first, last in ranges:
+                s.restore.remove(first, last)
+            log.info(
+                "range removed by the VMM", vm=s.vm_id, start=hex(start), end=hex(end), snapshot_kept=True
+            )
+            return
         gone = [
-            (e.stored.page, e.stored.generation) for e in s.index.entries(s.vm_id, range(first, last)) if e
+            (e.stored.page, e.stored.generation)
+            for first, last in ranges
+            for e in s.index.entries(s.vm_id, range(first, last))
+            if e
         ]
         dropped = s.index.remove(s.vm_id, gone)
         with s.retired_lock:
@@ -258,8 +279,8 @@ class FaultServer:
             t0 = time.perf_counter()
             s = self.s
             entry = s.index.get(s.vm_id, page)
-            if entry is None:
-                self._zero_fill(page)
+            if entry is None or (s.restore is not None and s.restore.removed[page]):
+                self._zero_fill(page)  # never evicted, zero in the snapshot, or given back by the balloon
                 return
             claimed = self._with_neighbours(page, entry)
             entries = [e for e in s.index.entries(s.vm_id, claimed) if e is not None]
@@ -295,10 +316,17 @@ class FaultServer:
             # or - on a stale MISSING message - still present because a cycle is evicting it right
             # now, whose new entry must survive the punch that is about to happen.
             if result.copied:
-                s.ages[result.copied] = 0  # a promoted page is resident with age 0
-                restored = s.index.remove(s.vm_id, [(p, gens[p]) for p in result.copied])
-                with s.retired_lock:
-                    s.retired.extend(restored)
+                if s.tracking:  # the eviction algorithm learns from promotions (bounded: cleared per close)
+                    with s.promoted_lock:
+                        s.promoted.extend(result.copied)
+                if s.restore is None:
+                    restored = s.index.remove(s.vm_id, [(p, gens[p]) for p in result.copied])
+                    with s.retired_lock:
+                        s.retired.extend(restored)
+                else:  # the snapshot stays whole: only this restore's progress is recorded
+                    copied = set(result.copied)
+                    restored = [e for e in entries if e.stored.page in copied]
+                    s.restore.installed(result.copied, sum(e.stored.length for e in restored), prefault=False)
             self.wake(result)
             t3 = time.perf_counter()
             if result.copied:
@@ -345,6 +373,8 @@ class FaultServer:
             s.backend.zeropage(s.backend.addr(page), s.page_size)
             s.counters.zero_fills += 1
             self._m_zero.inc()
+            if s.restore is not None:
+                s.restore.zero_filled([page])
         except OSError as e:
             if e.errno == errno.EEXIST:
                 return
@@ -358,16 +388,93 @@ class FaultServer:
         if n <= 0:
             return [page]
         bitmap = self.s.index.evicted_bitmap(self.s.vm_id)
+        done = self.s.restore.done if self.s.restore is not None else None  # this restore installed them
         out = [page]
         with self._inflight_lock:
             q = page + 1
-            while len(out) <= n and q < len(bitmap) and bitmap[q]:
+            while len(out) <= n and q < len(bitmap) and bitmap[q] and (done is None or not done[q]):
                 e = self.s.index.get(self.s.vm_id, q)
                 if e is None or e.store != entry.store or q in self._inflight:
                     break
                 self._inflight.add(q)
                 out.append(q)
                 q += 1
+        return out
+
+    def prefault(self, pages: list[int]) -> int:
+        """Restore only: install ``pages`` the guest has not touched yet; returns pages installed.
+
+        Pages in flight (a vCPU's fault) or already installed are skipped. A store outage is
+        waited out like a fault's (the restore must not leave a page behind with wrong bytes).
+        """
+        s = self.s
+        r = s.restore
+        if r is None:
+            raise FailedPrecondition(f"VM {s.vm_id} is not a snapshot restore")
+        with self._inflight_lock:
+            claimed = [p for p in pages if p not in self._inflight and not r.done[p]]
+            self._inflight.update(claimed)
+        try:
+            found = s.index.entries(s.vm_id, claimed)
+            entries = [e for e in found if e is not None]
+            zeros = [p for p, e in zip(claimed, found, strict=True) if e is None]
+            n = 0
+            for store_name in sorted({e.store for e in entries}):
+                group = [e for e in entries if e.store == store_name]
+                data = self.fetch(group, inline=False)
+                if data is None:
+                    return n  # session closing
+                done = self._fill_runs([e.stored.page for e in group], data)
+                if done is None:
+                    return n
+                got = set(done)
+                r.installed(done, sum(e.stored.length for e in group if e.stored.page in got), prefault=True)
+                n += len(done)
+            done = self._fill_runs(zeros, None)
+            if done is None:
+                return n
+            r.zero_filled(done)
+            return n + len(done)
+        finally:
+            with self._inflight_lock:
+                self._inflight.difference_update(claimed)
+
+    def _fill_runs(self, pages: list[int], data: list[bytes] | None) -> list[int] | None:
+        """COPY (``data``) or ZEROPAGE (None) ``pages`` with one ioctl per address-contiguous run, then
+        wake each run; returns the pages now present, or None if the VMM went away.
+
+        A prefault batch is hundreds of pages: one ioctl per run instead of per page is what makes
+        the background prefault faster than the guest's own faults. EEXIST means the whole run is
+        present now (the backend installed every other page first).
+        """
+        b = self.s.backend
+        ps = self.s.page_size
+        out: list[int] = []
+        i = 0
+        while i < len(pages):
+            j = i + 1
+            while j < len(pages) and b.addr(pages[j]) == b.addr(pages[j - 1]) + ps:
+                j += 1
+            start, length = b.addr(pages[i]), (j - i) * ps
+            for attempt in range(2):
+                try:
+                    if data is None:
+                        b.zeropage(start, length, dontwake=True)
+                    else:
+                        b.copy(start, b"".join(data[i:j]), dontwake=True)
+                except OSError as e:
+                    if e.errno == errno.EAGAIN and attempt == 0:
+                        continue  # the VMM's layout was changing (mmap_changing): retry once
+                    if e.errno in _VMM_GONE:
+                        self._vmm_went_away(e)
+                        return None
+                    if e.errno != errno.EEXIST:
+                        log.error("prefault install failed", vm=self.s.vm_id, page=pages[i], error=str(e))
+                        break
+                out.extend(pages[i:j])
+                self.wake(Installed(copied=pages[i:j]))
+                break
+            i = j
         return out
 
     def fetch(self, entries: list[IndexEntry], *, inline: bool, retry: bool = True) -> list[bytes] | None:
@@ -453,11 +560,28 @@ class FaultServer:
             return
         lo, hi = min(done), max(done)
         b = self.s.backend
-        try:
-            b.wake(b.addr(lo), (hi - lo + 1) * self.s.page_size)
-        except OSError as e:
-            if e.errno in _VMM_GONE:
-                self._vmm_went_away(e)
+        ps = self.s.page_size
+        spans = [(b.addr(lo), (hi - lo + 1) * ps)]
+        if b.addr(hi) - b.addr(lo) != (hi - lo) * ps:
+            # Pages on both sides of a hole in the address space (a Firecracker guest's MMIO gap: pages
+            # are numbered by snapshot-file offset): one wake per address-contiguous run.
+            spans = []
+            for p in sorted(done):
+                a = b.addr(p)
+                if spans and spans[-1][0] + spans[-1][1] == a:
+                    spans[-1] = (spans[-1][0], spans[-1][1] + ps)
+                elif not spans or spans[-1][0] + spans[-1][1] < a:
+                    spans.append((a, ps))
+        for start, length in spans:
+            try:
+                b.wake(start, length)
+            except OSError as e:
+                if e.errno in _VMM_GONE:
+                    self._vmm_went_away(e)
+                    return
+                log.error(
+                    "UFFDIO_WAKE failed", vm=self.s.vm_id, start=hex(start), length=length, error=str(e)
+                )
 
 
 @dataclass

@@ -8,7 +8,10 @@ batches off the fault path), because a stale entry for a page that is present is
 harmless: a drain's UFFDIO_COPY gets EEXIST and the entry is dropped then.
 
 Lookups on the fault path hit an in-memory mirror (a dict per VM plus a numpy
-bitmap for vectorised "is evicted" queries by the cycle engine).
+bitmap for vectorised "is evicted" queries by the cycle engine). A VM served by
+the native fault thread also has an :class:`IndexMirror` (its C-side table): it is
+written here after the durable commit and dropped with the same generation check,
+so it never holds an entry the durable index does not.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -28,7 +31,7 @@ from tiermem.errors import FailedPrecondition
 from tiermem.fsmodes import private_file
 from tiermem.store.base import Codec, StoredPage
 
-__all__ = ["IndexEntry", "PageIndex", "VmRecord"]
+__all__ = ["IndexEntry", "IndexMirror", "PageIndex", "VmRecord"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,19 @@ class VmRecord:
     page_size: int = 4096
     meta: dict[str, Any] = field(default_factory=dict)
     """Labels, policy, workload: JSON-serialisable."""
+
+
+class IndexMirror(Protocol):
+    """A second in-memory copy of one VM's entries (the native fault path's table)."""
+
+    def put(self, store: str, entries: Sequence[StoredPage]) -> None:
+        """Entries just made durable (replacing older generations of the same pages)."""
+
+    def remove(self, page: int, generation: int) -> None:
+        """Drop the page's entry if it holds ``generation``."""
+
+    def clear(self) -> None:
+        """Drop everything."""
 
 
 class _VmIndex:
@@ -91,6 +107,7 @@ class PageIndex:
         self._vms: dict[str, _VmIndex] = {}
         self._records: dict[str, VmRecord] = {}
         self._pending_removals: list[tuple[str, int, int]] = []
+        self._mirrors: dict[str, IndexMirror] = {}
         self._load()
 
     # --- VMs --------------------------------------------------------------------------------
@@ -142,6 +159,9 @@ class PageIndex:
             with self._mem:
                 self._vms.pop(vm_id, None)
                 self._records.pop(vm_id, None)
+                mirror = self._mirrors.pop(vm_id, None)
+                if mirror is not None:
+                    mirror.clear()
                 self._pending_removals = [r for r in self._pending_removals if r[0] != vm_id]
 
     def vm_records(self) -> list[VmRecord]:
@@ -185,6 +205,9 @@ class PageIndex:
                 for e in entries:
                     vi.entries[e.page] = IndexEntry(store, e)
                     vi.bitmap[e.page] = True
+                mirror = self._mirrors.get(vm_id)
+                if mirror is not None:  # after the commit: durable before the native path sees it
+                    mirror.put(store, entries)
 
     def get(self, vm_id: str, page: int) -> IndexEntry | None:
         """The entry of an evicted page, or None."""
@@ -207,6 +230,7 @@ class PageIndex:
             vi = self._vms.get(vm_id)
             if vi is None:
                 return dropped
+            mirror = self._mirrors.get(vm_id)
             for p, gen in restored:
                 e = vi.entries.get(p)
                 if e is None or e.stored.generation != gen:
@@ -215,9 +239,28 @@ class PageIndex:
                 vi.bitmap[p] = False
                 dropped.append(e)
                 self._pending_removals.append((vm_id, p, gen))
+                if mirror is not None:
+                    mirror.remove(p, gen)
         if flush:
             self.flush()
         return dropped
+
+    def detach_mirror(self, vm_id: str, mirror: IndexMirror) -> None:
+        """Stop updating ``mirror`` (if it is still the VM's: a reattached session may have its own)."""
+        with self._mem:
+            if self._mirrors.get(vm_id) is mirror:
+                del self._mirrors[vm_id]
+
+    def attach_mirror(self, vm_id: str, mirror: IndexMirror) -> None:
+        """Keep ``mirror`` in step with the VM's entries (loaded with the current ones now)."""
+        with self._mem:
+            vi = self._vms[vm_id]
+            by_store: dict[str, list[StoredPage]] = {}
+            for e in vi.entries.values():
+                by_store.setdefault(e.store, []).append(e.stored)
+            for store, entries in by_store.items():
+                mirror.put(store, entries)
+            self._mirrors[vm_id] = mirror
 
     def flush(self) -> None:
         """Write queued removals."""

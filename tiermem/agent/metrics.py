@@ -12,7 +12,7 @@ from prometheus_client.registry import Collector
 from tiermem.metrics import service_registry
 from tiermem.model import CycleMode
 
-__all__ = ["AgentMetrics", "CycleResult", "FaultKind", "FaultStage"]
+__all__ = ["RESTORE_HOW", "AgentMetrics", "CycleResult", "FaultKind", "FaultStage"]
 
 
 class FaultKind(enum.Enum):
@@ -81,6 +81,10 @@ class _VmGauges(Collector):
         return []
 
 
+RESTORE_HOW = ("on_demand", "prefaulted", "zero")
+"""Label values of ``tiermem_agent_restore_pages_total``."""
+
+
 class AgentMetrics:
     """Counters and histograms named in docs/metrics.md."""
 
@@ -141,6 +145,21 @@ class AgentMetrics:
             registry=r,
         )
 
+        self.restore_first_fault_seconds = Histogram(
+            "tiermem_agent_restore_first_fault_seconds", "Snapshot restore: handshake to first page served",
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30), registry=r,
+        )  # fmt: skip
+        self.restore_pages = Counter(
+            "tiermem_agent_restore_pages_total",
+            "Snapshot restore: pages installed",
+            ["vm", "how"],
+            registry=r,
+        )
+        self.restore_bytes_read = Counter(
+            "tiermem_agent_restore_store_bytes_read_total", "Snapshot restore: payload bytes read from the store",
+            ["vm"], registry=r,
+        )  # fmt: skip
+
     def watch_vms(self, snapshot: Callable[[], list[tuple[str, int, int, int]]]) -> None:
         """Expose per-VM gauges computed by ``snapshot`` -> [(vm, resident, evicted, working_set)]."""
         self.registry.register(_VmGauges(snapshot))
@@ -151,7 +170,9 @@ class AgentMetrics:
             (self.pages_evicted, (vm,)),
             (self.pages_restored, (vm,)),
             (self.pages_unproven, (vm,)),
+            (self.restore_bytes_read, (vm,)),
         ]
+        series += [(self.restore_pages, (vm, how)) for how in RESTORE_HOW]
         series += [(self.faults, (vm, kind.value)) for kind in FaultKind]
         series += [(self.cycles, (vm, mode.value, res.value)) for mode in CycleMode for res in CycleResult]
         for metric, labels in series:

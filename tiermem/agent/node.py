@@ -23,6 +23,7 @@ from tiermem.agent.cycle import CycleEngine
 from tiermem.agent.faults import FaultServer
 from tiermem.agent.index import IndexEntry, PageIndex, VmRecord
 from tiermem.agent.metrics import AgentMetrics
+from tiermem.agent.restore_state import RestoreState
 from tiermem.agent.session import VmSession
 from tiermem.config import AgentSettings
 from tiermem.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -173,7 +174,7 @@ class Agent:
 
     def attach_backend(self, vm_id: str, kind: Backend, backend: KernelBackend, policy: EvictionPolicy | None = None,
                        labels: dict[str, str] | None = None, tracking: bool = True, secret: str = "",
-                       fresh: bool = False) -> VmSession:  # fmt: skip
+                       fresh: bool = False, restore: RestoreState | None = None) -> VmSession:  # fmt: skip
         """Attach a VM whose armed backend arrived through the handoff socket (uffd/rwp).
 
         A VM's identity is its id plus an incarnation. Evicted pages of an earlier
@@ -182,6 +183,10 @@ class Agent:
         reuse both). A plain attach over such pages is refused; ``fresh`` (an
         operator's decision) starts a new incarnation and queues the old pages for
         purging. The session's ``reattach_secret`` is the secret to hand this VMM.
+
+        ``restore``: a Firecracker process restores the imported snapshot of ``vm_id`` (its own
+        restore socket named it): the session serves the snapshot's incarnation, whose pages
+        were imported, never an earlier VMM's memory.
         """
         validate_id(vm_id, "vm id")
         with self._lock:
@@ -189,6 +194,17 @@ class Agent:
             if old is not None and old.state is not VmState.DISCONNECTED and not old.backend.closed:
                 raise AlreadyExists(f"VM {vm_id} is already attached")
             rec = self.index.record(vm_id)
+            if restore is not None:
+                inc = rec.meta.get("incarnation") if rec is not None else None
+                if rec is None or "snapshot" not in rec.meta or not isinstance(inc, str) or not inc:
+                    raise FailedPrecondition(f"VM {vm_id} has no imported snapshot on node {self.node_id}")
+                if old is not None:
+                    self._close_session(old, drop_index=False)
+                saved = rec.meta.get("policy")
+                policy = policy or (policy_from_dict(saved) if isinstance(saved, dict) else EvictionPolicy())
+                keep = {k: v for k, v in rec.meta.items() if k != "labels"}
+                return self._new_session(vm_id, kind, backend, policy, labels or {}, meta=keep, tracking=tracking,
+                                         incarnation=inc, restore=restore)  # fmt: skip
             pages = self.index.count(vm_id) if rec is not None else 0
             proven = rec is not None and bool(secret) and _secret_matches(rec, secret)
             if pages and not proven and not fresh:
@@ -237,7 +253,7 @@ class Agent:
 
     def _new_session(self, vm_id: str, kind: Backend, backend: KernelBackend, policy: EvictionPolicy,
                      labels: dict[str, str], meta: dict[str, object], tracking: bool = True,
-                     incarnation: str = "", secret: str = "") -> VmSession:  # fmt: skip
+                     incarnation: str = "", secret: str = "", restore: RestoreState | None = None) -> VmSession:  # fmt: skip
         if not incarnation:  # a new incarnation: 64 random bits, fleet-unique without coordination
             incarnation = secrets.token_hex(8)
             secret = secrets.token_hex(32)
@@ -248,14 +264,14 @@ class Agent:
                                    {**meta, "labels": labels}))  # fmt: skip
         s = VmSession(vm_id=vm_id, backend_kind=kind, backend=backend, policy=policy, index=self.index,
                       stores=self.store, events=self.events, metrics=self.metrics, node_id=self.node_id,
-                      incarnation=incarnation, labels=dict(labels), tracking=tracking)  # fmt: skip
+                      incarnation=incarnation, labels=dict(labels), tracking=tracking, restore=restore)  # fmt: skip
         s.reattach_secret = secret
         fs = FaultServer(s)
         self.faults[vm_id] = fs
         self.engines[vm_id] = CycleEngine(s, fs)
         self.sessions[vm_id] = s
         s.state = VmState.ARMED
-        fs.start()
+        fs.start(native=self.settings.native_faults)
         if tracking:
             t = threading.Thread(target=self._auto_loop, args=(s,), name=f"auto-{vm_id}", daemon=True)
             self._auto_threads[vm_id] = t
@@ -345,6 +361,9 @@ class Agent:
     def drain(self, vm_id: str, progress: Callable[[DrainProgress], None] | None = None) -> DrainProgress:
         """Bring every evicted page back, then empty the store for this VM."""
         s = self.session(vm_id)
+        if s.restore is not None:
+            raise FailedPrecondition(f"VM {vm_id} restores a snapshot: its pages stay in the store for the next "
+                                     "restore (prefault brings them in; detach with purge deletes them)")  # fmt: skip
         fs = self.faults[vm_id]
         with s.cycle_lock:
             if s.backend.closed:
@@ -419,6 +438,12 @@ class Agent:
         self.events.publish(EventKind.VM_DETACHED, f"VM {vm_id} detached" + (f", {n} pages purged" if purge else ""),
                             vm_id)  # fmt: skip
         return max(purged, n if purge else 0)
+
+    def end_session(self, s: VmSession) -> None:
+        """Close a session and keep its index (a restore's snapshot outlives its Firecracker process)."""
+        with self._lock:
+            if self.sessions.get(s.vm_id) is s:
+                self._close_session(s, drop_index=False)
 
     def _close_session(self, s: VmSession, drop_index: bool) -> None:
         s.closing.set()

@@ -15,6 +15,7 @@ from tiermem.agent.cplink import ControlPlaneLink
 from tiermem.agent.malloc import pin_malloc_thresholds
 from tiermem.agent.metrics import AgentMetrics
 from tiermem.agent.node import Agent
+from tiermem.agent.restore import RestoreService
 from tiermem.agent.service import SERVICE_NAME, NodeAgentServicer
 from tiermem.config import AgentSettings
 from tiermem.metrics import start_metrics, stop_metrics
@@ -56,7 +57,8 @@ class RunningAgent:
 async def serve_agent(settings: AgentSettings, metrics: AgentMetrics | None = None) -> RunningAgent:
     """Start an agent from ``settings`` and return once it serves."""
     agent = await asyncio.to_thread(Agent, settings, metrics)
-    servicer = NodeAgentServicer(agent)
+    restores = await asyncio.to_thread(RestoreService(agent).start)
+    servicer = NodeAgentServicer(agent, restores)
     opts = ServerOptions(
         listen=settings.listen,
         tls=settings.tls,
@@ -70,6 +72,7 @@ async def serve_agent(settings: AgentSettings, metrics: AgentMetrics | None = No
     host = settings.listen.rsplit(":", 1)[0] or "127.0.0.1"
     address = settings.advertise or f"{host}:{started.port}"
     running = RunningAgent(agent, started, address, servicer)
+    running.closers.append(restores.close)
     if settings.metrics_listen:
         try:
             start_metrics(settings.metrics_listen, agent.metrics.registry, settings.metrics_tls)

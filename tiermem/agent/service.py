@@ -20,7 +20,9 @@ from typing import Any, TypeVar
 import grpc
 
 from tiermem.agent.node import Agent
-from tiermem.errors import InvalidArgument, PermissionDenied, ResourceExhausted
+from tiermem.agent.restore import RestoreService
+from tiermem.agent.snapshot import SnapshotInfo
+from tiermem.errors import FailedPrecondition, InvalidArgument, PermissionDenied, ResourceExhausted
 from tiermem.model import Backend, DrainProgress, EvictionPolicy
 from tiermem.rpc import convert
 from tiermem.rpc.security import caller_tenant, is_tenant_caller
@@ -45,8 +47,9 @@ def _deadline(context: Ctx, default: float) -> float:
 class NodeAgentServicer(agrpc.NodeAgentServicer):
     """Thin servicer: validate, convert, call the Agent, convert back."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: Agent, restores: RestoreService | None = None) -> None:
         self.agent = agent
+        self.restores = restores
         self._long = ThreadPoolExecutor(
             agent.settings.max_concurrent_cycles, thread_name_prefix="agent-cycle"
         )
@@ -92,7 +95,8 @@ class NodeAgentServicer(agrpc.NodeAgentServicer):
 
     @grpc_errors
     async def DetachVm(self, request: apb.DetachVmRequest, context: Ctx) -> apb.DetachVmResponse:
-        n = await self._run(self._short, self.agent.detach, request.vm_id, request.purge)
+        detach = self.restores.detach if self.restores is not None else self.agent.detach
+        n = await self._run(self._short, detach, request.vm_id, request.purge)
         return apb.DetachVmResponse(pages_purged=n)
 
     @grpc_errors
@@ -183,3 +187,44 @@ class NodeAgentServicer(agrpc.NodeAgentServicer):
     async def StreamEvents(self, request: tpb.StreamEventsRequest, context: Ctx) -> AsyncIterator[tpb.Event]:
         async for ev in self.agent.events.subscribe(request.vm_id, request.after_seq, request.follow):
             yield convert.event_to_pb(ev)
+
+    @grpc_stream_errors
+    async def ImportSnapshot(
+        self, request: apb.ImportSnapshotRequest, context: Ctx
+    ) -> AsyncIterator[apb.ImportSnapshotProgress]:
+        if self.restores is None:
+            raise FailedPrecondition("this agent serves no snapshot restores")
+        if is_tenant_caller():
+            raise PermissionDenied(
+                "importing a snapshot reads a file or an S3 object with the agent's own access: "
+                "an operator (admin token) imports it"
+            )
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[int, int] | None] = asyncio.Queue()
+        comp = convert.compression_from_pb(request.compression).value
+
+        def progress(done: int, total: int) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, (done, total))
+
+        def run() -> SnapshotInfo:
+            assert self.restores is not None
+            return self.restores.import_snapshot(
+                request.vm_id, mem_file=request.mem_file, mem_object=request.mem_object, store=request.store,
+                compression=comp, prefault_pages_per_s=request.prefault_pages_per_second if request.has_prefault
+                else None, prefetch_pages=request.prefetch_pages if request.has_prefetch else None,
+                progress=progress,
+            )  # fmt: skip
+
+        task = asyncio.ensure_future(self._run(self._long, run))
+        task.add_done_callback(lambda _t: loop.call_soon_threadsafe(queue.put_nowait, None))
+        while True:
+            item = await queue.get()
+            if item is None:
+                break
+            yield apb.ImportSnapshotProgress(pages_done=item[0], pages_total=item[1])
+        info = task.result()  # an import error becomes its status code
+        yield apb.ImportSnapshotProgress(
+            pages_done=info.pages, pages_total=info.pages, done=True, vm_id=info.vm_id, pages=info.pages,
+            zero_pages=info.zero_pages, stored_bytes=info.stored_bytes, socket=info.socket, store=info.store,
+            source=info.source,
+        )  # fmt: skip

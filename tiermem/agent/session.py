@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tiermem import evict
 from tiermem.agent.index import IndexEntry, PageIndex
 from tiermem.agent.metrics import AgentMetrics
+from tiermem.agent.restore_state import RestoreState
 from tiermem.agent.stats import LatencyWindow, VmCounters
 from tiermem.errors import FailedPrecondition, NotFound
 from tiermem.events import EventBus
@@ -55,6 +57,8 @@ class VmSession:
     state: VmState = VmState.ATTACHED
     tracking: bool = True
     """False for MISSING-only VMs (Firecracker lazy restore): no cycles."""
+    restore: RestoreState | None = None
+    """Set when this session restores an imported snapshot: its index entries are never consumed."""
     counters: VmCounters = field(default_factory=VmCounters)
     fault_latency: LatencyWindow = field(default_factory=LatencyWindow)
     last_report: CycleReport | None = None
@@ -70,7 +74,11 @@ class VmSession:
             store_space(self.node_id, self.vm_id, self.incarnation) if self.incarnation else self.vm_id
         )
         """The store namespace of this incarnation: every store call uses it, never the bare id."""
-        self.ages = np.zeros(self.backend.n_pages, dtype=np.uint8)
+        self._algorithm: evict.Algorithm | None = None
+        self._algorithm_key: tuple[str, str] = ("", "")
+        self.promoted: list[int] = []
+        """Pages promoted since the last cycle close (the eviction algorithm learns from them)."""
+        self.promoted_lock = threading.Lock()
         self.cycle_lock = threading.Lock()
         """One cycle or drain at a time."""
         self.evict_lock = threading.Lock()
@@ -86,6 +94,19 @@ class VmSession:
         self.recent_reports: dict[str, CycleReport] = {}
         """Reports by scheduler order id, so a repeated order is not run twice."""
 
+    def algorithm(self, policy: EvictionPolicy | None = None) -> evict.Algorithm:
+        """The eviction algorithm of ``policy`` (default: the VM's) with its per-page state.
+
+        A new one (fresh state) when the policy names another algorithm or other options.
+        """
+        p = policy or self.policy
+        key = (p.algorithm, p.algorithm_options)
+        if self._algorithm is None or key != self._algorithm_key:
+            self._algorithm = evict.create(key[0], self.backend.n_pages, p.cold_after, key[1])
+            self._algorithm_key = key
+        self._algorithm.cold_after = p.cold_after  # the SLO's back-off changes it; the state is kept
+        return self._algorithm
+
     # --- derived views -----------------------------------------------------------------------
     @property
     def n_pages(self) -> int:
@@ -98,7 +119,10 @@ class VmSession:
         return self.backend.page_size
 
     def evicted_count(self) -> int:
-        """Pages currently evicted (index entries)."""
+        """Pages currently evicted (index entries; for a restore, the snapshot pages not installed yet)."""
+        if self.restore is not None:  # the snapshot's entries stay: count what this restore still lacks
+            with self.restore.lock:
+                return int(np.count_nonzero(self.index.evicted_bitmap(self.vm_id) & ~self.restore.done))
         return self.index.count(self.vm_id)
 
     def resident_count(self) -> int:

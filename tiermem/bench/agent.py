@@ -192,6 +192,8 @@ def _run(agent: Any, label: str, sim_vms: int, sim_pages: int, guest_pages: int,
         if errors:
             raise errors[0]
         check = guest.cmd("verify", timeout=600)
+        fs = agent.faults["pg"]
+        native_stats = fs.native.stats() if fs.native is not None else None
     finally:
         guest.close()
     if check["mismatches"]:
@@ -230,5 +232,7 @@ def _run(agent: Any, label: str, sim_vms: int, sim_pages: int, guest_pages: int,
         "faults_during_eviction": {"faults": during["pages"], "p50_us": round(during["p50_us"], 1),
                                    "p99_us": round(during["p99_us"], 1), "agent_p50_us": d50, "agent_p99_us": d99,
                                    "overlap": round(overlap, 3)},
+        "fault_path": "native" if native_stats is not None else "python",
+        "native_served": native_stats["served"] if native_stats is not None else 0,
         "mismatches": check["mismatches"],
     }  # fmt: skip

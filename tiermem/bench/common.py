@@ -119,7 +119,8 @@ def store_targets(urls: Sequence[str] = (), spawn: Sequence[str] = (), *, local:
 
 # --- the agent and a process guest ------------------------------------------------------------------
 @contextlib.contextmanager
-def bench_agent(stores: dict[str, str], *, tmp: Path | None = None, fsync: bool = True) -> Iterator[Any]:
+def bench_agent(stores: dict[str, str], *, tmp: Path | None = None, fsync: bool = True,
+                native_faults: bool = True) -> Iterator[Any]:  # fmt: skip
     """An in-process node agent (autonomous cycles off) listening on a handoff socket in a temp dir."""
     from tiermem.agent.attach import start_handoff
     from tiermem.agent.node import Agent
@@ -128,7 +129,8 @@ def bench_agent(stores: dict[str, str], *, tmp: Path | None = None, fsync: bool 
     with contextlib.ExitStack() as stack:
         root = tmp or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tiermem-bench-agent-")))
         settings = AgentSettings(node_id="bench", data_dir=str(root / "agent"), autonomous=False, fsync=fsync,
-                                 stores=stores, handoff_socket=str(root / "handoff.sock"))  # fmt: skip
+                                 stores=stores, handoff_socket=str(root / "handoff.sock"),
+                                 native_faults=native_faults)  # fmt: skip
         agent = Agent(settings)
         stop = start_handoff(agent)
         try:

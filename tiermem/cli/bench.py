@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -145,21 +146,28 @@ def bench_store(urls: tuple[str, ...], spawn: tuple[str, ...], pages: int, batch
 )
 @click.option("--prefetch", type=click.IntRange(0, 512), default=0, show_default=True)
 @click.option("--no-local", is_flag=True, help="Skip the local store.")
+@click.option("--pin/--no-pin", "pin", default=None,
+              help="Only pinned to one CPU (--pin) or only unpinned (--no-pin). [default: both; the goal "
+                   "ratio uses the pinned run]")  # fmt: skip
 @_common
 def bench_fault(urls: tuple[str, ...], spawn: tuple[str, ...], faults: int, prefetch: int, no_local: bool,
-                quick: bool, as_json: bool) -> None:  # fmt: skip
-    """Real uffd fault latency with a process guest, per store, vs UFFDIO_COPY and the store's raw get."""
-    from tiermem.bench.fault import run
+                pin: bool | None, quick: bool, as_json: bool) -> None:  # fmt: skip
+    """Real uffd fault latency with a process guest, per store and CPU placement, vs a reference C handler,
+    UFFDIO_COPY and the store's raw get."""
+    from tiermem.bench.fault import PLACEMENTS, run
 
-    res = run(urls, spawn, quick, faults, prefetch, local=not no_local)
+    placements = PLACEMENTS if pin is None else ("pinned",) if pin else ("unpinned",)
+    res = run(urls, spawn, quick, faults, prefetch, local=not no_local, placements=placements)
 
     def render(r: dict[str, Any]) -> None:
         _show(f"fault service latency, µs ({r['faults']} faults per store, prefetch {r['prefetch']})",
-              ["store", "fault p50", "p99", "agent p50", "agent p99", "COPY p50", "raw get p50",
-               "p50 / (COPY+get)", "overhead p50", "resident touch", "mismatches"],
-              [[x["store"], x["guest"]["p50_us"], x["guest"]["p99_us"], x["agent"]["p50_us"], x["agent"]["p99_us"],
-                x["baseline_copy"]["p50_us"], x["baseline_get"]["p50_us"], _x(x["ratio_p50_vs_copy_plus_get"]),
-                x["overhead_p50_us"], x["resident_touch"]["p50_us"], x["mismatches"]] for x in r["rows"]])  # fmt: skip
+              ["store", "placement", "path", "fault p50", "p99", "C handler p50", "p50 / C", "agent p50",
+               "agent p99", "COPY p50", "raw get p50", "p50 / (COPY+get)", "resident touch", "mismatches"],
+              [[x["store"], x["placement"], x["fault_path"], x["guest"]["p50_us"], x["guest"]["p99_us"],
+                x["baseline_c_handler"]["p50_us"], _x(x["ratio_p50_vs_c_handler"]), x["agent"]["p50_us"],
+                x["agent"]["p99_us"], x["baseline_copy"]["p50_us"], x["baseline_get"]["p50_us"],
+                _x(x["ratio_p50_vs_copy_plus_get"]), x["resident_touch"]["p50_us"], x["mismatches"]]
+               for x in r["rows"]])  # fmt: skip
         _goals(r["goals"])
 
     _out("fault", res, as_json, render)
@@ -330,10 +338,15 @@ def bench_control(
 @click.option(
     "--workload", "workloads", multiple=True, help="Workload spec (repeatable) [default: the built-ins]."
 )
+@click.option("--trace", "traces", multiple=True, type=click.Path(exists=True),
+              help="Trace file or directory of *.csv.gz traces (repeatable), e.g. traces/.")  # fmt: skip
+@click.option("--no-workloads", is_flag=True, help="Only the --trace files.")
+@click.option("--cost-pages", type=click.IntRange(min=64), default=262144, show_default=True,
+              help="Guest pages of the agent CPU-per-cycle measurement (one sim VM per policy).")  # fmt: skip
 @_common
 def bench_policy(pages: int, ticks: int, interval_ticks: int, cold_after: str, workloads: tuple[str, ...],
-                 quick: bool, as_json: bool) -> None:  # fmt: skip
-    """Memory saved vs promotions per workload, beside an oracle and random eviction at the same memory saved."""
+                 traces: tuple[str, ...], no_workloads: bool, cost_pages: int, quick: bool, as_json: bool) -> None:  # fmt: skip
+    """Memory saved vs promotions per workload/trace and policy, beside the future-knowing bound."""
     from tiermem.bench.policy import WORKLOADS, run
 
     try:
@@ -342,16 +355,24 @@ def bench_policy(pages: int, ticks: int, interval_ticks: int, cold_after: str, w
         fail(f"--cold-after: integers separated by commas, got {cold_after!r}")
     if not ages or min(ages) < 1 or max(ages) > 250:
         fail("--cold-after: values between 1 and 250")
-    res = run(quick, pages, ticks, interval_ticks, ages, workloads or WORKLOADS)
+    files = sorted(
+        str(f) for t in traces for f in (sorted(Path(t).glob("*.csv.gz")) if Path(t).is_dir() else [t])
+    )
+    res = run(quick, pages, ticks, interval_ticks, ages, () if no_workloads else (workloads or WORKLOADS),
+              traces=tuple(files), cost_pages=cost_pages)  # fmt: skip
 
     def render(r: dict[str, Any]) -> None:
-        _show(f"policy: {r['pages']} pages, {r['ticks']} ticks, cycle every {r['interval_ticks']} ticks; "
-              "baselines evict as many pages at every close",
-              ["workload", "cold-after", "saved", "promotions", "per tick", "rate/cycle", "oracle prom.",
-               "random prom.", "vs oracle", "random/ours"],
-              [[x["workload"], x["cold_after"], f"{100 * x['saved']:.1f}%", x["promotions"],
-                _f(x["promotions_per_tick"], 2), f"{100 * x['promotion_rate']:.2f}%", x["oracle_promotions"],
-                x["random_promotions"], _x(x["vs_oracle"]), _x(x["random_vs_policy"])] for x in r["rows"]])  # fmt: skip
+        _show(f"policy: cycle every {r['interval_ticks']} ticks; workloads {r['pages']} pages x {r['ticks']} ticks; "
+              "bound = fewest promotions for the same saving; oracle/random evict as many pages at every close",
+              ["workload", "policy", "A", "saved", "promotions", "bound", "vs bound", "vs delayed bound", "per tick",
+               "oracle prom.", "random prom."],
+              [[x["workload"], x["policy"], x["cold_after"], f"{100 * x['saved']:.1f}%", x["promotions"],
+                x["bound_promotions"], _x(x["vs_bound"]), _x(x["vs_bound_delayed"]), _f(x["promotions_per_tick"], 2),
+                x.get("oracle_promotions", "-"), x.get("random_promotions", "-")] for x in r["rows"]])  # fmt: skip
+        _show("agent CPU per dry-run cycle (protect..resume), 10% of the pages touched per cycle",
+              ["policy", "pages", "CPU ms/cycle", "decide ms", "vs age", "state B/page"],
+              [[c["policy"], c["pages"], _f(c["cpu_ms_per_cycle"], 2), _f(c["decide_ms"], 2), _x(c["cpu_vs_age"]),
+                c["state_bytes_per_page"]] for c in r["cycle_cost"]])  # fmt: skip
 
     _out("policy", res, as_json, render)
 
@@ -405,3 +426,41 @@ def bench_agent(urls: tuple[str, ...], spawn: tuple[str, ...], sim_vms: int, sim
         _goals(r["goals"])
 
     _out("agent", res, as_json, render)
+
+
+# --- restore -----------------------------------------------------------------------------------------
+@bench.command("restore")
+@_stores
+@click.option("--size", "size_mib", type=click.IntRange(min=2), default=64, show_default=True,
+              help="Memory file size, MiB (even: two regions around an MMIO hole).")  # fmt: skip
+@click.option("--prefault-rate", type=click.FloatRange(min=1), default=1e6, show_default=True,
+              help="Background prefault rate of the second restore, pages/s.")  # fmt: skip
+@click.option("--prefetch", type=click.IntRange(0, 512), default=8, show_default=True,
+              help="Pages after a faulting page fetched in the same round trip.")  # fmt: skip
+@click.option("--no-local", is_flag=True, help="Skip the local store.")
+@_common
+def bench_restore(urls: tuple[str, ...], spawn: tuple[str, ...], size_mib: int, prefault_rate: float,
+                  prefetch: int, no_local: bool, quick: bool, as_json: bool) -> None:  # fmt: skip
+    """Firecracker snapshot restore per store: first touch, pages/s on demand and with prefault,
+    vs reading the memory file locally and a plain ranged GET."""
+    from tiermem.bench.restore import run
+
+    res = run(urls, spawn, quick, size_mib, prefault_rate, local=not no_local, prefetch=prefetch)
+
+    def render(r: dict[str, Any]) -> None:
+        lr, rg = r["baseline_local_read"], r["baseline_ranged_get"]
+        _show(f"snapshot restore of {r['size_mib']} MiB ({r['pages']} pages, prefetch {r['prefetch']}); "
+              "every restore byte-identical",
+              ["store", "import pages/s", "first touch ms", "on demand pages/s", "vs local read",
+               "prefault pages/s", "vs local read", "first touch vs ranged GET", "prefault vs ranged GET"],
+              [[x["store"], _f(x["import_pages_per_s"], 0), x["first_touch_ms"], _f(x["on_demand_pages_per_s"], 0),
+                _x(x["ratio_on_demand_vs_local_read"]), _f(x["prefault_pages_per_s"], 0),
+                _x(x["ratio_prefault_vs_local_read"]), _x(x.get("ratio_first_touch_vs_ranged_get")),
+                _x(x.get("ratio_prefault_vs_ranged_get"))] for x in r["rows"]])  # fmt: skip
+        console().print(kv_table(None, [
+            ("baseline: local file read", f"pread one page p50 {lr['p50_us']} µs, {_f(lr['pages_per_s'], 0)} pages/s"),
+            ("baseline: plain ranged GET", "no S3 store in this run" if rg is None else
+             f"one page p50 {rg['page_p50_us']} µs, 4 MiB ranges {_f(rg['chunk_pages_per_s'], 0)} pages/s"),
+        ]))  # fmt: skip
+
+    _out("restore", res, as_json, render)

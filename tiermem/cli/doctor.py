@@ -8,6 +8,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from tiermem import native
 from tiermem.kernel.probe import probe_host
 
 
@@ -17,7 +18,8 @@ def doctor(as_json: bool) -> None:
     """Probe the host: userfaultfd, RWP, PAGEMAP_SCAN, KVM and privileges."""
     rep = probe_host()
     if as_json:
-        click.echo(json.dumps({**rep.to_json(), "selected_backend": _selected(rep.backends)}, indent=2))
+        click.echo(json.dumps({**rep.to_json(), "selected_backend": _selected(rep.backends),
+                               "native": native.paths()}, indent=2))  # fmt: skip
         return
     console = Console()
     console.print(f"kernel [bold]{rep.kernel}[/] ({rep.machine})")
@@ -37,6 +39,11 @@ def doctor(as_json: bool) -> None:
     console.print(f"uffd features: {', '.join(rep.uffd_features) or 'none'}")
     console.print(
         f"selected backend: [bold]{_selected(rep.backends)}[/] (probed, never guessed from the kernel version)"
+    )
+    paths = native.paths()
+    console.print(f"native extension: {paths['extension']}")
+    console.print(
+        f"sim scan: [bold]{paths['sim_scan']}[/]; fault serve path: [bold]{paths['fault_serve']}[/]"
     )
 
 

@@ -33,6 +33,7 @@ from tiermem.cli.options import connection_options
 from tiermem.cli.policy import policy
 from tiermem.cli.serve import serve
 from tiermem.cli.simulate import simulate
+from tiermem.cli.snapshot import snapshot
 from tiermem.cli.vm import vm
 from tiermem.errors import TiermemError
 
@@ -124,6 +125,7 @@ cli.add_command(node)
 cli.add_command(events)
 cli.add_command(serve)
 cli.add_command(simulate)
+cli.add_command(snapshot)
 cli.add_command(bench)
 cli.add_command(demo)
 

@@ -147,6 +147,7 @@ def fmt_time(unix_ms: int) -> str:
 def policy_rows(p: EvictionPolicy) -> list[tuple[str, str]]:
     """The rows of a policy, labelled with the ``policy set`` flag that changes each."""
     return [
+        ("policy", p.algorithm + (f" ({p.algorithm_options})" if p.algorithm_options else "")),
         ("interval", format_duration_ms(p.interval_ms)),
         ("cold-after", f"{p.cold_after} cycles"),
         ("max-evict", f"{fmt_cap(p.max_evict)} per cycle"),

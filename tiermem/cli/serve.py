@@ -178,6 +178,8 @@ def agent_overrides(**flags: Any) -> dict[str, Any]:
         "data_dir": flags.get("data_dir"),
         "stores": _pairs("--store", flags.get("stores") or ()),
         "handoff_socket": flags.get("handoff_socket"),
+        "restore_socket_dir": flags.get("restore_socket_dir"),
+        "restore_prefault_pages_per_s": flags.get("restore_prefault"),
         "control_plane": flags.get("control_plane"),
         "heartbeat_ms": _positive("--heartbeat", flags.get("heartbeat")),
         "autonomous_after_ms": _positive("--autonomous-after", flags.get("autonomous_after")),
@@ -207,6 +209,11 @@ def agent_overrides(**flags: Any) -> dict[str, Any]:
     help="A page store (repeatable): file:///dir, redis://host:port/db, s3://bucket/prefix?...",
 )
 @click.option("--handoff-socket", metavar="PATH", help="Unix socket where VMMs hand off uffd + memfd.")
+@click.option(
+    "--restore-socket-dir", metavar="DIR", help="Directory of the per-VM Firecracker restore sockets."
+)
+@click.option("--restore-prefault", type=click.FloatRange(0), metavar="PAGES_PER_S",
+              help="Default background prefault rate of snapshot restores (0: on demand only).")  # fmt: skip
 @click.option("--control-plane", metavar="HOST:PORT", help="Control plane address (empty: autonomous).")
 @click.option("--heartbeat", type=DURATION, metavar="DURATION", help="Heartbeat period, e.g. 2s.")
 @click.option(

@@ -121,6 +121,13 @@ class KernelBackend(abc.ABC):
         """Guest page index of host virtual address ``addr``."""
         return (addr - self.base) // self.page_size
 
+    def page_ranges(self, start: int, end: int) -> list[tuple[int, int]]:
+        """Guest pages ``[first, last)`` that the address range ``[start, end)`` touches, clipped to
+        guest memory (one range here; several where guest memory has holes)."""
+        first = max((start - self.base) // self.page_size, 0)
+        last = min((end - self.base + self.page_size - 1) // self.page_size, self.n_pages)
+        return [(first, last)] if last > first else []
+
     # --- negotiation and registration -------------------------------------------------
     @abc.abstractmethod
     def api(self, features: int) -> ApiInfo:
@@ -210,6 +217,9 @@ class KernelBackend(abc.ABC):
     @abc.abstractmethod
     def read_messages(self, timeout: float | None) -> list[UffdMsg]:
         """Block up to ``timeout`` seconds for fault/event messages; [] on timeout or close."""
+
+    def message_done(self) -> None:  # a hook: only backends with a native reader need it
+        """The agent finished dispatching one message from :meth:`read_messages`."""
 
     @abc.abstractmethod
     def close(self) -> None:

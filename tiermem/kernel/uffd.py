@@ -181,6 +181,10 @@ class UffdBackend(RealBackend):
             raise
         finally:
             with self._state_lock:  # after the ack: its REMOVE echoes were read under this lock
+                if self._native is not None:
+                    # The native thread may have read an echo that no one handled yet: handle
+                    # everything it read while the zap is still known.
+                    self._service_events()
                 self._zapping.remove(zap)
 
     def _zap(self, start: int, length: int) -> None:
@@ -332,6 +336,13 @@ class MissingOnlyBackend(RealBackend):
     No memfd, so nothing can be tracked, read or punched: ``tracking`` is False and
     ``rwprotect``/``set_mode``/``pagemap_scan``/``punch_hole``/``io_*`` raise
     EOPNOTSUPP. Faults are served with COPY/ZEROPAGE (lazy restore from a store).
+
+    Pages are numbered by their offset in the **snapshot memory file** (the regions'
+    ``offset`` fields), not by their distance from the first region: page ``p`` is
+    file bytes ``[p * page_size, (p + 1) * page_size)``, so a snapshot imported page by
+    page is served page by page whatever holes (collapsed MMIO gaps) separate the regions
+    in Firecracker's address space. Addresses in a hole have no page (``page_of`` is -1).
+
     ``populated`` is the set of pages installed since the handshake, minus REMOVEd ranges
     (balloon): after a REMOVE the guest reads zeroes there, so the agent must drop its
     index entries for the range and answer the next fault with ZEROPAGE.
@@ -354,20 +365,67 @@ class MissingOnlyBackend(RealBackend):
         super().__init__(
             uffd_fd, None, regions, control=control, vmm_pid=vmm_pid, features=features, ioctl=ioctl
         )
-        self._present = np.zeros(self.n_pages, dtype=bool)
+        self._by_addr = sorted(self.regions, key=lambda r: r.base_host_virt_addr)
+        self._starts = [r.base_host_virt_addr for r in self._by_addr]
+        self._by_offset = sorted(self.regions, key=lambda r: r.offset)
+        self._offsets = [r.offset for r in self._by_offset]
+        for a, b in zip(self._by_offset, self._by_offset[1:], strict=False):
+            if a.offset + a.size > b.offset:
+                self._release(close_fds=False)
+                raise InvalidArgument(f"regions overlap in the snapshot file at offset {b.offset:#x}")
+        self._file_pages = max(r.offset + r.size for r in self.regions) // self.page_size
+        self._present = np.zeros(self._file_pages, dtype=bool)
         self._api_done = False
-        self._starts = [
-            r.base_host_virt_addr for r in sorted(self.regions, key=lambda r: r.base_host_virt_addr)
-        ]
         self.wake_all()
+
+    @property
+    def n_pages(self) -> int:
+        """Pages of the snapshot memory file the regions cover (its size, holes in the file included)."""
+        return self._file_pages
+
+    def addr(self, page: int) -> int:
+        """Address in the VMM of snapshot-file page ``page`` (InvalidArgument if no region holds it)."""
+        off = page * self.page_size
+        i = bisect.bisect_right(self._offsets, off) - 1
+        if i < 0 or off >= self._by_offset[i].offset + self._by_offset[i].size:
+            raise InvalidArgument(f"page {page} of the snapshot file is in no guest region")
+        r = self._by_offset[i]
+        return r.base_host_virt_addr + off - r.offset
+
+    def _region_at(self, addr: int) -> Region | None:
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i < 0 or addr >= self._by_addr[i].base_host_virt_addr + self._by_addr[i].size:
+            return None
+        return self._by_addr[i]
+
+    def page_of(self, addr: int) -> int:
+        """Snapshot-file page of address ``addr``; -1 in a hole or outside guest memory."""
+        r = self._region_at(addr)
+        return -1 if r is None else (r.offset + addr - r.base_host_virt_addr) // self.page_size
+
+    def page_ranges(self, start: int, end: int) -> list[tuple[int, int]]:
+        """Snapshot-file pages ``[first, last)`` of each region part of the address range."""
+        out = []
+        for r in self._by_addr:
+            s = max(start, r.base_host_virt_addr)
+            e = min(end, r.base_host_virt_addr + r.size)
+            if e > s:
+                first = (r.offset + s - r.base_host_virt_addr) // self.page_size
+                out.append(
+                    (first, (r.offset + e - r.base_host_virt_addr + self.page_size - 1) // self.page_size)
+                )
+        return out
 
     def snapshot_offset(self, addr: int) -> int:
         """Offset of guest address ``addr`` in the snapshot memory file (the region ``offset`` field)."""
-        i = bisect.bisect_right(self._starts, addr) - 1
-        regions = sorted(self.regions, key=lambda r: r.base_host_virt_addr)
-        if i < 0 or addr >= regions[i].base_host_virt_addr + regions[i].size:
+        r = self._region_at(addr)
+        if r is None:
             raise InvalidArgument(f"address {addr:#x} is in no guest region")
-        return regions[i].offset + addr - regions[i].base_host_virt_addr
+        return r.offset + addr - r.base_host_virt_addr
+
+    def _pages(self, start: int, length: int) -> slice:
+        p = self.page_of(start)  # ranges are inside one region (_check_range)
+        return slice(p, p + length // self.page_size)
 
     def _check_range(self, start: int, length: int) -> None:
         super()._check_range(start, length)
@@ -440,7 +498,5 @@ class MissingOnlyBackend(RealBackend):
         self._present[self._pages(start, length)] = True
 
     def _removed(self, start: int, end: int) -> None:
-        s = max(start, self.base)
-        e = min(end, self.base + self.size)
-        if e > s:
-            self._present[(s - self.base) // self.page_size : (e - self.base) // self.page_size] = False
+        for first, last in self.page_ranges(start, end):
+            self._present[first:last] = False

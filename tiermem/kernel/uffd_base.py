@@ -42,9 +42,41 @@ from tiermem.kernel.backend import KernelBackend, Region, ScanResult
 from tiermem.kernel.uapi import UffdMsg
 from tiermem.kernel.uffd_ioctl import IoctlFn, Mapping, Uffd, UffdOpError, buffer_address, punch_hole
 
-__all__ = ["ControlChannel", "PendingReply", "RealBackend", "emulate_scan", "validate_regions"]
+__all__ = [
+    "ControlChannel",
+    "NativeReader",
+    "PendingReply",
+    "RealBackend",
+    "emulate_scan",
+    "validate_regions",
+]
 
 log = structlog.get_logger(__name__)
+
+
+class NativeReader(Protocol):
+    """What the backend needs of the native fault thread (``tiermem._native.FaultPath``)."""
+
+    @property
+    def notify_fd(self) -> int:
+        """Readable when messages wait for Python."""
+
+    @property
+    def running(self) -> bool:
+        """The thread is reading the uffd."""
+
+    def start(self) -> None:
+        """Start reading and serving."""
+
+    def stop(self) -> None:
+        """Stop and join."""
+
+    def take(self, read_kernel: bool = False) -> list[bytes]:
+        """Messages handed over (then those still queued in the kernel), in order."""
+
+    def ack(self, n: int = 1) -> None:
+        """``n`` handed messages are done."""
+
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mincore.restype = ctypes.c_int
@@ -218,6 +250,8 @@ class RealBackend(KernelBackend):
         self._state_lock = threading.RLock()  # uffd reads + message processing + state changes
         self._read_lock = threading.RLock()  # one thread blocked in epoll at a time
         self._out: deque[UffdMsg] = deque()
+        self._native: NativeReader | None = None
+        """The native fault thread when attached: it reads the uffd, Python gets what it hands over."""
         self.stats: dict[str, int] = {"missing": 0, "minor": 0, "rwp": 0, "remove": 0, "unmap": 0}
         self._kick_lock = threading.Lock()
         self._kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -460,21 +494,76 @@ class RealBackend(KernelBackend):
     def _removed(self, start: int, end: int) -> None:
         """Hook: a REMOVE/UNMAP event for [start, end) (state lock held)."""
 
-    def _read_and_process(self) -> int:
-        """Read what is queued and process it; returns how many messages were read."""
+    def _read_and_process(self, kernel: bool = True) -> int:
+        """Read what is queued and process it; returns how many messages were read.
+
+        With the native fault thread attached, the messages are the ones it handed over (and with
+        ``kernel``, what is still queued in the kernel, read under its lock so the order holds).
+        """
         with self._state_lock:
             total = 0
             while True:
                 if self._closed:  # the fd may already be closed (and its number reused)
                     return total
-                msgs = self._uffd.read_msgs()
+                native = self._native
+                if native is not None:
+                    if not native.running:
+                        self._native_stopped()
+                    msgs = [UffdMsg.unpack(raw) for raw in native.take(kernel or not native.running)]
+                else:
+                    msgs = self._uffd.read_msgs()
                 if not msgs:
                     return total
                 total += len(msgs)
-                for m in msgs:
-                    out = self._handle(m)
+                for i, m in enumerate(msgs):
+                    try:
+                        out = self._handle(m)
+                    except BaseException:
+                        if native is not None:  # those messages are lost: never leave the thread waiting
+                            native.ack(len(msgs) - i)
+                        raise
                     if out is not None:
-                        self._out.append(out)
+                        self._out.append(out)  # acknowledged by message_done once dispatched
+                    elif native is not None:
+                        native.ack(1)
+                if native is not None:
+                    return total  # take() returned everything there was
+
+    # --- the native fault thread -------------------------------------------------------------
+    def attach_native(self, native: NativeReader) -> None:
+        """Let the native fault thread read the uffd (call before anyone reads it); it serves what
+        it can and hands the rest over, in kernel order, through :meth:`read_messages`."""
+        with self._state_lock:
+            self._check_open()
+            self._epoll.unregister(self.uffd_fd)
+            self._epoll.register(native.notify_fd, select.EPOLLIN)
+            self._native = native
+            native.start()
+
+    def _native_stopped(self) -> None:
+        """The native thread stopped reading (uffd error): read the uffd here again (state lock held)."""
+        native = self._native
+        if native is None:
+            return
+        log.warning("native fault thread stopped; the Python path reads the uffd again")
+        self._native = None
+        with contextlib.suppress(OSError, ValueError):
+            self._epoll.unregister(native.notify_fd)
+        with contextlib.suppress(OSError, ValueError):
+            self._epoll.register(self.uffd_fd, select.EPOLLIN)
+
+    def message_done(self) -> None:
+        """The agent finished dispatching one message from :meth:`read_messages`: with the native
+        thread attached, it may read on once every message it handed over is done (kernel order)."""
+        native = self._native
+        if native is not None:
+            native.ack(1)
+
+    def installed_natively(self, pages: Sequence[int]) -> None:
+        """Bookkeeping for pages the native thread installed (what :meth:`copy` does for its own)."""
+        with self._state_lock:
+            for p in pages:
+                self._installed(self.base + p * self.page_size, self.page_size)
 
     def _service_events(self) -> None:
         """Read and process pending messages from any thread (e.g. the REMOVE event that keeps
@@ -497,15 +586,16 @@ class RealBackend(KernelBackend):
                     events = self._epoll.poll(wait)
                 except (OSError, ValueError):  # epoll closed under us
                     return []
+                native = self._native
                 for fd, _ in events:
-                    if fd == self._kick:
+                    if fd == self._kick or (native is not None and fd == native.notify_fd):
                         with contextlib.suppress(OSError):
-                            os.eventfd_read(self._kick)
+                            os.eventfd_read(fd)
                     elif fd == self._pidfd:
                         self._mark_gone("VMM process exited")
                 if self._closed or self._gone:
                     return []
-                self._read_and_process()
+                self._read_and_process(kernel=False)
                 if self._out:
                     return self._take_out()
                 if deadline is not None and time.monotonic() >= deadline:
@@ -537,6 +627,9 @@ class RealBackend(KernelBackend):
         """Close the uffd and memfd copies and the I/O mapping (the VMM keeps its own)."""
         if self._closed:
             return
+        native = self._native
+        if native is not None:
+            native.stop()  # joined before the fd closes: its number could be reused at once
         with contextlib.suppress(OSError):
             if not self._gone:
                 self._before_close()

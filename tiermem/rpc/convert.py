@@ -37,6 +37,22 @@ _COMP = {
     Compression.LZ4: pb.COMPRESSION_LZ4,
 }
 _COMP_IN: dict[int, Compression] = {int(v): k for k, v in _COMP.items()}
+
+
+def compression_from_pb(v: int) -> Compression:
+    """A Compression enum value (UNSPECIFIED is none); InvalidArgument for an unknown value."""
+    if v == pb.COMPRESSION_UNSPECIFIED:
+        return Compression.NONE
+    if v not in _COMP_IN:
+        raise InvalidArgument(f"unknown compression {v}")
+    return _COMP_IN[v]
+
+
+def compression_to_pb(c: Compression) -> int:
+    """The wire value of a Compression."""
+    return int(_COMP[c])
+
+
 _MODE = {CycleMode.DETECT: pb.CYCLE_MODE_DETECT, CycleMode.EVICT: pb.CYCLE_MODE_EVICT}
 _MODE_IN: dict[int, CycleMode] = {int(v): k for k, v in _MODE.items()}
 _STATE = {s: getattr(pb, f"VM_STATE_{s.name}") for s in VmState}
@@ -113,6 +129,8 @@ def policy_to_pb(p: EvictionPolicy) -> pb.EvictionPolicy:
         slo_promotion_rate=p.slo_promotion_rate,
         poison_missing=p.poison_missing,
         version=p.version,
+        algorithm=p.algorithm,
+        algorithm_options=p.algorithm_options,
     )
 
 
@@ -127,7 +145,8 @@ def policy_from_pb(m: pb.EvictionPolicy, base: EvictionPolicy | None = None, fie
     base = base or EvictionPolicy()
     names = {
         "interval_ms", "cold_after", "max_evict", "min_resident_bytes", "store", "compression",
-        "prefetch_pages", "paused", "slo_promotion_rate", "poison_missing", "version",
+        "prefetch_pages", "paused", "slo_promotion_rate", "poison_missing", "version", "algorithm",
+        "algorithm_options",
     }  # fmt: skip
     if fields:
         unknown = set(fields) - names

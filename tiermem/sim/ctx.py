@@ -26,6 +26,7 @@ from tiermem.sim.scan import (
     check_scan_args,
     check_scan_flags,
     limit_regions,
+    scan_regions,
     scan_runs,
     to_regions,
 )
@@ -303,6 +304,13 @@ class SimContext(KernelBackend):
             vmas = self._vmas.overlapping(p0, p1)
             if check_scan_flags(flags, [m for _, _, m in vmas]) or p0 >= p1:
                 return ScanResult.empty(end)
+            if not max_pages and not vec_len:
+                fast = scan_regions(
+                    self._state, vmas, p0, p1, mask=category_mask, inverted=category_inverted,
+                    anyof=category_anyof_mask, ret=return_mask, base=self.base, page_size=self.page_size,
+                )  # fmt: skip
+                if fast is not None:
+                    return ScanResult(fast, end)
             s, e, k = scan_runs(
                 self._state, vmas, p0, p1, mask=category_mask, inverted=category_inverted,
                 anyof=category_anyof_mask, ret=return_mask,

@@ -23,6 +23,7 @@ back without an access, which the model above does not count.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from tiermem.agent.cycle import CycleEngine
 from tiermem.agent.faults import FaultServer
@@ -55,19 +56,28 @@ class ReplayResult:
     cold_after: int
     pages_evicted_total: int
     peak_evicted: int
+    policy: str = "age"
+    policy_options: str = ""
+    series: dict[str, list[int]] | None = None
+    """Per tick: ``evicted`` (count at the end of the tick) and ``promotions`` (when asked for)."""
 
-    def to_json(self) -> dict[str, float | int]:
-        """The ``--json`` object."""
-        return dict(vars(self))
+    def to_json(self) -> dict[str, Any]:
+        """The ``--json`` object (``series`` only when recorded)."""
+        d = dict(vars(self))
+        if d["series"] is None:
+            del d["series"]
+        return d
 
 
 def replay(trace: Trace, interval_ticks: int, cold_after: int, max_evict: EvictionCap | None = None,
-           min_resident_bytes: int = 0) -> ReplayResult:  # fmt: skip
-    """Replay ``trace`` and return the model's figures."""
+           min_resident_bytes: int = 0, *, policy_name: str = "age", options: str = "",
+           series: bool = False) -> ReplayResult:  # fmt: skip
+    """Replay ``trace`` with eviction algorithm ``policy_name`` and return the model's figures."""
     if interval_ticks < 1:
         raise InvalidArgument("--interval-ticks must be >= 1")
     policy = EvictionPolicy(interval_ms=1, cold_after=cold_after, max_evict=max_evict or EvictionCap(),
-                            min_resident_bytes=min_resident_bytes, prefetch_pages=0, store="memory").validate()  # fmt: skip
+                            min_resident_bytes=min_resident_bytes, prefetch_pages=0, store="memory",
+                            algorithm=policy_name, algorithm_options=options).validate()  # fmt: skip
     n = trace.n_pages
     sim = SimKernel(n, synthetic=True)
     sim.api(uapi.UFFD_FEATURE_RWP | uapi.UFFD_FEATURE_RWP_ASYNC)
@@ -83,14 +93,18 @@ def replay(trace: Trace, interval_ticks: int, cold_after: int, max_evict: Evicti
     engine = CycleEngine(s, faults)
     sim.set_fault_handler(faults.handle)
     evicted_sum = 0
+    per_tick: list[int] = []
+    prom_per_tick: list[int] = []
     peak = 0
     cycles = 0
     evicted_total = 0
     try:
         engine.begin()
         for tick, pages, writes in trace.by_tick():
+            served = s.counters.faults_served
             if pages.size:
                 sim.access_batch(pages, writes)
+            prom_per_tick.append(s.counters.faults_served - served)
             if (tick + 1) % interval_ticks == 0:
                 rep = engine.finish(CycleMode.EVICT)
                 if rep.error:
@@ -100,6 +114,7 @@ def replay(trace: Trace, interval_ticks: int, cold_after: int, max_evict: Evicti
                 engine.begin()
             evicted = index.count(vm)
             evicted_sum += evicted
+            per_tick.append(evicted)
             peak = max(peak, evicted)
     finally:
         sim.set_fault_handler(None)
@@ -107,8 +122,12 @@ def replay(trace: Trace, interval_ticks: int, cold_after: int, max_evict: Evicti
         index.close()
     ticks = trace.n_ticks
     promotions = s.counters.faults_served
-    return ReplayResult(
+    res = ReplayResult(
         pages=n, ticks=ticks, cycles=cycles, evicted_fraction=evicted_sum / (ticks * n) if ticks and n else 0.0,
         promotions=promotions, promotions_per_tick=promotions / ticks if ticks else 0.0,
         interval_ticks=interval_ticks, cold_after=cold_after, pages_evicted_total=evicted_total, peak_evicted=peak,
+        policy=policy_name, policy_options=policy.algorithm_options,
     )  # fmt: skip
+    if series:
+        res.series = {"evicted": per_tick, "promotions": prom_per_tick}
+    return res

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from tiermem import native
 from tiermem.kernel import uapi
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "check_scan_flags",
     "kerr",
     "limit_regions",
+    "scan_regions",
     "scan_runs",
     "to_regions",
 ]
@@ -60,6 +62,7 @@ ST_ACC = 3
 """Present with the uffd bit clear: accessed (or never protected) since the last protect."""
 
 _NO_MATCH = -1
+_CACHED_AS_NONE = np.array([ST_NONE, ST_PROT, ST_NONE, ST_ACC], dtype=np.uint8)
 
 
 def categories_by_state(mode: int) -> tuple[int, int, int]:
@@ -81,6 +84,36 @@ def _key(categories: int, mask: int, inverted: int, anyof: int, ret: int) -> int
     return categories & ret
 
 
+Classes = tuple[int, int, tuple[int, int] | None]
+"""(mask, val, keys): a state's class is ``state & mask``, or ``(state & mask) == val`` when
+``val >= 0``; keys are the two classes' keys when there are exactly two (class 0 first)."""
+
+
+def _classes(k_none: int, k_prot: int, k_acc: int) -> Classes:
+    """How to tell states with different keys apart in one pass (ST_CACHED reads as pte_none)."""
+    if k_prot == k_acc:
+        return 1, -1, (k_none, k_acc)  # bit 0: mapped in the guest
+    if k_none == k_prot:
+        return 0xFF, ST_ACC, (k_none, k_acc)
+    if k_none == k_acc:
+        return 0xFF, ST_PROT, (k_none, k_prot)
+    return 0xFF, -1, None
+
+
+def _class_of(state: int, mask: int, val: int) -> int:
+    return int((state & mask) == val) if val >= 0 else state & mask
+
+
+def _bounds(sl: np.ndarray, mask: int, val: int) -> np.ndarray:
+    """``[0, edges..., len]``: the bounds of the runs of one class."""
+    if native.available():
+        # Scattered hot pages make a run edge every few pages; numpy's flatnonzero takes a
+        # mispredicted branch per edge, the native pass compares 64 states at a time.
+        return native.run_bounds(sl, mask, val)
+    cls = (sl & mask if mask != 0xFF else sl) if val < 0 else ((sl & mask) == val).view(np.uint8)
+    return np.concatenate(([0], np.flatnonzero(cls[1:] != cls[:-1]) + 1, [len(sl)])).astype(np.int64)
+
+
 def _segment_runs(
     sl: np.ndarray, k_none: int, k_prot: int, k_acc: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -88,29 +121,15 @@ def _segment_runs(
     m = len(sl)
     if k_none == k_prot == k_acc:
         return np.zeros(1, dtype=np.int64), np.full(1, m, dtype=np.int64), np.full(1, k_none, dtype=np.int64)
-    # One cheap pass that gives equal values exactly to states with equal keys.
-    two: tuple[int, int] | None = None  # (key of class 0, key of class 1) when there are two classes
-    if k_prot == k_acc:
-        cls, two = sl & 1, (k_none, k_acc)
-    elif k_none == k_prot:
-        cls, two = (sl == ST_ACC).view(np.uint8), (k_none, k_acc)
-    elif k_none == k_acc:
-        cls, two = (sl == ST_PROT).view(np.uint8), (k_none, k_prot)
-    else:
-        # A cached page reads like a hole (pte_none), so it must not split a run of holes.
-        cls = np.where(sl == ST_CACHED, ST_NONE, sl)
-    edges = np.flatnonzero(cls[1:] != cls[:-1]) + 1
-    starts = np.empty(len(edges) + 1, dtype=np.int64)
-    starts[0] = 0
-    starts[1:] = edges
-    ends = np.empty_like(starts)
-    ends[:-1] = edges
-    ends[-1] = m
+    mask, val, two = _classes(k_none, k_prot, k_acc)
+    # Three keys: ST_CACHED and ST_NONE are one class (both pte_none), whatever their values.
+    bounds = _bounds(sl if two is not None else _CACHED_AS_NONE[sl], mask, val)
+    starts, ends = bounds[:-1], bounds[1:]
     if two is None:
         lut = np.array([k_none, k_prot, k_none, k_acc], dtype=np.int64)  # ST_CACHED reads as pte_none
         return starts, ends, lut[sl[starts]]
     # Two classes: the runs alternate, so no per-run gather is needed.
-    first = two[int(cls[0])]
+    first = two[_class_of(int(sl[0]), mask, val)]
     keys = np.empty(len(starts), dtype=np.int64)
     keys[0::2] = first
     keys[1::2] = two[1] if first == two[0] else two[0]
@@ -172,6 +191,39 @@ def scan_runs(
         return st[p::2], en[p::2], ky[p::2]
     idx = np.flatnonzero(ky != _NO_MATCH)
     return st.take(idx), en.take(idx), ky.take(idx)
+
+
+def scan_regions(
+    state: np.ndarray,
+    vmas: Sequence[tuple[int, int, int]],
+    p0: int,
+    p1: int,
+    *,
+    mask: int,
+    inverted: int,
+    anyof: int,
+    ret: int,
+    base: int,
+    page_size: int,
+) -> np.ndarray | None:
+    """The hot-set scan's shape (one VMA, two classes of state, one not matching) as a
+    ``PAGE_REGION_DTYPE`` array in one native pass, or None when it does not apply (no native
+    extension, several VMAs, other categories: use :func:`scan_runs`). No limits: the caller uses
+    this only without max_pages and vec_len."""
+    if not native.available() or len(vmas) != 1:
+        return None
+    vs, ve, mode = vmas[0]
+    a, b = max(vs, p0), min(ve, p1)
+    if a >= b:
+        return None
+    keys = tuple(_key(c, mask, inverted, anyof, ret) for c in categories_by_state(mode))
+    cmask, val, two = _classes(*keys)
+    if two is None or _NO_MATCH not in two or two[0] == two[1]:
+        return None
+    matching = 1 if two[0] == _NO_MATCH else 0
+    match = matching if val >= 0 else (cmask if matching else 0)
+    return native.match_regions(state[a:b], cmask, val, match, two[matching], base + a * page_size, page_size,
+                                uapi.PAGE_REGION_DTYPE)  # fmt: skip
 
 
 def limit_regions(
@@ -243,6 +295,8 @@ def to_regions(
     starts: np.ndarray, ends: np.ndarray, keys: np.ndarray, base: int, page_size: int
 ) -> np.ndarray:
     """Page-index runs as a ``PAGE_REGION_DTYPE`` array of addresses."""
+    if native.available():
+        return native.regions(starts, ends, keys, base, page_size, uapi.PAGE_REGION_DTYPE)
     out = np.empty(len(starts), dtype=uapi.PAGE_REGION_DTYPE)
     ps, b = np.uint64(page_size), np.uint64(base)
     out["start"] = starts.astype(np.uint64) * ps + b

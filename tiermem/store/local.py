@@ -191,6 +191,11 @@ class LocalPageStore(SegmentStore):
         """``file://<root>`` (plus ``?fsync=0`` when fsync is off)."""
         return f"file://{self.root}" + ("" if self.fsync else "?fsync=0")
 
+    def segment_dir(self, space: str) -> str:
+        """The directory of a VM namespace's segment files (entry locations ``seg/<name>@...`` are
+        relative to its parent); the native fault path reads payloads there."""
+        return f"{self._root}/{validate_space(space)}/seg"
+
     def close(self) -> None:
         """Close descriptors and release the root's lock."""
         super().close()

@@ -114,6 +114,10 @@ class PageKeyring:
         """The tag of a page written now (current key)."""
         return page_mac(self._key, space, page, generation, raw)
 
+    def keys(self) -> list[bytes]:
+        """Every key, the current one first (the order :meth:`verify` tries them; the native fault path)."""
+        return [self._key, *self._old]
+
     def verify(self, space: str, page: int, generation: int, raw: bytes | memoryview, tag: int) -> bool:
         """True if ``tag`` authenticates the page under the current key or an older one."""
         if page_mac(self._key, space, page, generation, raw) == tag:

@@ -408,3 +408,106 @@ class ListVmsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListVmsResponse: _TypeAlias = ListVmsResponse  # noqa: Y015
+
+@_typing.final
+class ImportSnapshotRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_ID_FIELD_NUMBER: _builtins.int
+    MEM_FILE_FIELD_NUMBER: _builtins.int
+    MEM_OBJECT_FIELD_NUMBER: _builtins.int
+    STORE_FIELD_NUMBER: _builtins.int
+    COMPRESSION_FIELD_NUMBER: _builtins.int
+    PREFAULT_PAGES_PER_SECOND_FIELD_NUMBER: _builtins.int
+    HAS_PREFAULT_FIELD_NUMBER: _builtins.int
+    PREFETCH_PAGES_FIELD_NUMBER: _builtins.int
+    HAS_PREFETCH_FIELD_NUMBER: _builtins.int
+    vm_id: _builtins.str
+    """[a-zA-Z0-9._-]{1,64}; must be unknown to the agent"""
+    mem_file: _builtins.str
+    """absolute path of the memory file on the agent's host"""
+    mem_object: _builtins.str
+    """or an S3 object: s3://bucket/key[?endpoint=http://host:port&region=r]"""
+    store: _builtins.str
+    """store name (empty: "default")"""
+    compression: _types_pb2.Compression.ValueType
+    prefault_pages_per_second: _builtins.float
+    """background prefault rate once the guest runs; 0: on demand only"""
+    has_prefault: _builtins.bool
+    """false: the agent's restore_prefault_pages_per_s setting"""
+    prefetch_pages: _builtins.int
+    """pages after a faulting page fetched in the same round trip"""
+    has_prefetch: _builtins.bool
+    """false: the policy default (8)"""
+    def __init__(
+        self,
+        *,
+        vm_id: _builtins.str = ...,
+        mem_file: _builtins.str = ...,
+        mem_object: _builtins.str = ...,
+        store: _builtins.str = ...,
+        compression: _types_pb2.Compression.ValueType = ...,
+        prefault_pages_per_second: _builtins.float = ...,
+        has_prefault: _builtins.bool = ...,
+        prefetch_pages: _builtins.int = ...,
+        has_prefetch: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compression", b"compression", "has_prefault", b"has_prefault", "has_prefetch", b"has_prefetch", "mem_file", b"mem_file", "mem_object", b"mem_object", "prefault_pages_per_second", b"prefault_pages_per_second", "prefetch_pages", b"prefetch_pages", "store", b"store", "vm_id", b"vm_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportSnapshotRequest: _TypeAlias = ImportSnapshotRequest  # noqa: Y015
+
+@_typing.final
+class ImportSnapshotProgress(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGES_DONE_FIELD_NUMBER: _builtins.int
+    PAGES_TOTAL_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    VM_ID_FIELD_NUMBER: _builtins.int
+    PAGES_FIELD_NUMBER: _builtins.int
+    ZERO_PAGES_FIELD_NUMBER: _builtins.int
+    STORED_BYTES_FIELD_NUMBER: _builtins.int
+    SOCKET_FIELD_NUMBER: _builtins.int
+    STORE_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    pages_done: _builtins.int
+    """pages of the file read and stored so far"""
+    pages_total: _builtins.int
+    done: _builtins.bool
+    """the last message: the fields below are set"""
+    vm_id: _builtins.str
+    pages: _builtins.int
+    """pages of the memory file"""
+    zero_pages: _builtins.int
+    """zero pages (stored nowhere; served with UFFDIO_ZEROPAGE)"""
+    stored_bytes: _builtins.int
+    """payload bytes written to the store"""
+    socket: _builtins.str
+    """the VM's restore socket: Firecracker's UFFD backend_path"""
+    store: _builtins.str
+    source: _builtins.str
+    def __init__(
+        self,
+        *,
+        pages_done: _builtins.int = ...,
+        pages_total: _builtins.int = ...,
+        done: _builtins.bool = ...,
+        vm_id: _builtins.str = ...,
+        pages: _builtins.int = ...,
+        zero_pages: _builtins.int = ...,
+        stored_bytes: _builtins.int = ...,
+        socket: _builtins.str = ...,
+        store: _builtins.str = ...,
+        source: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "pages", b"pages", "pages_done", b"pages_done", "pages_total", b"pages_total", "socket", b"socket", "source", b"source", "store", b"store", "stored_bytes", b"stored_bytes", "vm_id", b"vm_id", "zero_pages", b"zero_pages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportSnapshotProgress: _TypeAlias = ImportSnapshotProgress  # noqa: Y015

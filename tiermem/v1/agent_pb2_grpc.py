@@ -80,6 +80,11 @@ class NodeAgentStub:
                 request_serializer=tiermem_dot_v1_dot_types__pb2.StreamEventsRequest.SerializeToString,
                 response_deserializer=tiermem_dot_v1_dot_types__pb2.Event.FromString,
                 _registered_method=True)
+        self.ImportSnapshot = channel.unary_stream(
+                '/tiermem.v1.NodeAgent/ImportSnapshot',
+                request_serializer=tiermem_dot_v1_dot_agent__pb2.ImportSnapshotRequest.SerializeToString,
+                response_deserializer=tiermem_dot_v1_dot_agent__pb2.ImportSnapshotProgress.FromString,
+                _registered_method=True)
 
 
 class NodeAgentServicer:
@@ -147,6 +152,15 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImportSnapshot(self, request, context):
+        """Import a Firecracker snapshot memory file into a store and make the VM restorable:
+        progress messages, then one with done=true and the result. Firecracker restores it
+        through the returned socket (its UFFD backend_path).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -194,6 +208,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.StreamEvents,
                     request_deserializer=tiermem_dot_v1_dot_types__pb2.StreamEventsRequest.FromString,
                     response_serializer=tiermem_dot_v1_dot_types__pb2.Event.SerializeToString,
+            ),
+            'ImportSnapshot': grpc.unary_stream_rpc_method_handler(
+                    servicer.ImportSnapshot,
+                    request_deserializer=tiermem_dot_v1_dot_agent__pb2.ImportSnapshotRequest.FromString,
+                    response_serializer=tiermem_dot_v1_dot_agent__pb2.ImportSnapshotProgress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -439,6 +458,33 @@ class NodeAgent:
             '/tiermem.v1.NodeAgent/StreamEvents',
             tiermem_dot_v1_dot_types__pb2.StreamEventsRequest.SerializeToString,
             tiermem_dot_v1_dot_types__pb2.Event.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tiermem.v1.NodeAgent/ImportSnapshot',
+            tiermem_dot_v1_dot_agent__pb2.ImportSnapshotRequest.SerializeToString,
+            tiermem_dot_v1_dot_agent__pb2.ImportSnapshotProgress.FromString,
             options,
             channel_credentials,
             insecure,

@@ -50,6 +50,11 @@ class NodeAgentStub:
     GetStats: _grpc.UnaryUnaryMultiCallable[_agent_pb2.GetStatsRequest, _agent_pb2.GetStatsResponse]
     ListVms: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ListVmsRequest, _agent_pb2.ListVmsResponse]
     StreamEvents: _grpc.UnaryStreamMultiCallable[_types_pb2.StreamEventsRequest, _types_pb2.Event]
+    ImportSnapshot: _grpc.UnaryStreamMultiCallable[_agent_pb2.ImportSnapshotRequest, _agent_pb2.ImportSnapshotProgress]
+    """Import a Firecracker snapshot memory file into a store and make the VM restorable:
+    progress messages, then one with done=true and the result. Firecracker restores it
+    through the returned socket (its UFFD backend_path).
+    """
 
 @_typing.type_check_only
 class NodeAgentAsyncStub(NodeAgentStub):
@@ -72,6 +77,11 @@ class NodeAgentAsyncStub(NodeAgentStub):
     GetStats: _aio.UnaryUnaryMultiCallable[_agent_pb2.GetStatsRequest, _agent_pb2.GetStatsResponse]  # type: ignore[assignment]
     ListVms: _aio.UnaryUnaryMultiCallable[_agent_pb2.ListVmsRequest, _agent_pb2.ListVmsResponse]  # type: ignore[assignment]
     StreamEvents: _aio.UnaryStreamMultiCallable[_types_pb2.StreamEventsRequest, _types_pb2.Event]  # type: ignore[assignment]
+    ImportSnapshot: _aio.UnaryStreamMultiCallable[_agent_pb2.ImportSnapshotRequest, _agent_pb2.ImportSnapshotProgress]  # type: ignore[assignment]
+    """Import a Firecracker snapshot memory file into a store and make the VM restorable:
+    progress messages, then one with done=true and the result. Firecracker restores it
+    through the returned socket (its UFFD backend_path).
+    """
 
 class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -145,5 +155,16 @@ class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
         request: _types_pb2.StreamEventsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_types_pb2.Event], _abc.AsyncIterator[_types_pb2.Event]]: ...
+
+    @_abc_1.abstractmethod
+    def ImportSnapshot(
+        self,
+        request: _agent_pb2.ImportSnapshotRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agent_pb2.ImportSnapshotProgress], _abc.AsyncIterator[_agent_pb2.ImportSnapshotProgress]]:
+        """Import a Firecracker snapshot memory file into a store and make the VM restorable:
+        progress messages, then one with done=true and the result. Firecracker restores it
+        through the returned socket (its UFFD backend_path).
+        """
 
 def add_NodeAgentServicer_to_server(servicer: NodeAgentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -148,6 +148,14 @@ class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.V
     EVENT_KIND_EVICTION_STOPPED: _EventKind.ValueType  # 14
     """store full or failing; nothing punched"""
     EVENT_KIND_LEADER_CHANGED: _EventKind.ValueType  # 15
+    EVENT_KIND_HANDOFF_REFUSED: _EventKind.ValueType  # 16
+    """a VMM's handshake was refused (e.g. Firecracker with no snapshot source)"""
+    EVENT_KIND_SNAPSHOT_IMPORTED: _EventKind.ValueType  # 17
+    """a Firecracker memory file was imported: the VM is restorable"""
+    EVENT_KIND_RESTORE_STARTED: _EventKind.ValueType  # 18
+    """Firecracker connected to a VM's restore socket"""
+    EVENT_KIND_RESTORE_FINISHED: _EventKind.ValueType  # 19
+    """that Firecracker process went away; attributes carry the restore's figures"""
 
 class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper): ...
 
@@ -169,6 +177,14 @@ EVENT_KIND_VMM_RECONNECTED: EventKind.ValueType  # 13
 EVENT_KIND_EVICTION_STOPPED: EventKind.ValueType  # 14
 """store full or failing; nothing punched"""
 EVENT_KIND_LEADER_CHANGED: EventKind.ValueType  # 15
+EVENT_KIND_HANDOFF_REFUSED: EventKind.ValueType  # 16
+"""a VMM's handshake was refused (e.g. Firecracker with no snapshot source)"""
+EVENT_KIND_SNAPSHOT_IMPORTED: EventKind.ValueType  # 17
+"""a Firecracker memory file was imported: the VM is restorable"""
+EVENT_KIND_RESTORE_STARTED: EventKind.ValueType  # 18
+"""Firecracker connected to a VM's restore socket"""
+EVENT_KIND_RESTORE_FINISHED: EventKind.ValueType  # 19
+"""that Firecracker process went away; attributes carry the restore's figures"""
 Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
 
 @_typing.final
@@ -223,6 +239,8 @@ class EvictionPolicy(_message.Message):
     SLO_PROMOTION_RATE_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     POISON_MISSING_FIELD_NUMBER: _builtins.int
+    ALGORITHM_FIELD_NUMBER: _builtins.int
+    ALGORITHM_OPTIONS_FIELD_NUMBER: _builtins.int
     interval_ms: _builtins.int
     """detection interval, milliseconds, > 0"""
     cold_after: _builtins.int
@@ -243,6 +261,10 @@ class EvictionPolicy(_message.Message):
     """monotonic version, assigned by the control plane"""
     poison_missing: _builtins.bool
     """a page lost from its store: true = UFFDIO_POISON (guest SIGBUS), false = wait"""
+    algorithm: _builtins.str
+    """eviction algorithm: "age" (default), "rrd", "recommended" (tiermem/evict.py)"""
+    algorithm_options: _builtins.str
+    """its options, "key=value[,key=value]" """
     @_builtins.property
     def max_evict(self) -> Global___EvictionCap:
         """per-cycle eviction cap"""
@@ -261,10 +283,12 @@ class EvictionPolicy(_message.Message):
         slo_promotion_rate: _builtins.float = ...,
         version: _builtins.int = ...,
         poison_missing: _builtins.bool = ...,
+        algorithm: _builtins.str = ...,
+        algorithm_options: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["max_evict", b"max_evict"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cold_after", b"cold_after", "compression", b"compression", "interval_ms", b"interval_ms", "max_evict", b"max_evict", "min_resident_bytes", b"min_resident_bytes", "paused", b"paused", "poison_missing", b"poison_missing", "prefetch_pages", b"prefetch_pages", "slo_promotion_rate", b"slo_promotion_rate", "store", b"store", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "algorithm_options", b"algorithm_options", "cold_after", b"cold_after", "compression", b"compression", "interval_ms", b"interval_ms", "max_evict", b"max_evict", "min_resident_bytes", b"min_resident_bytes", "paused", b"paused", "poison_missing", b"poison_missing", "prefetch_pages", b"prefetch_pages", "slo_promotion_rate", b"slo_promotion_rate", "store", b"store", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,222 @@
+"""The fault-path invariants on the real ``uffd`` backend, run on the native fault thread and on the
+pure-Python path (the reference): verify before install, never zeros on an outage, removal only
+for the generation installed, events in kernel order, nothing lost while cycles race the guest."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.helpers.guest import GuestProc, pages_spec
+from tiermem import native
+from tiermem.agent.attach import start_handoff
+from tiermem.agent.node import Agent
+from tiermem.config import AgentSettings
+from tiermem.model import CycleMode, EventKind, EvictionPolicy
+from tiermem.store.base import StoredPage
+from tiermem.store.local import LocalPageStore
+from tiermem.store.segfile import parse_location
+
+pytestmark = [pytest.mark.uffd, pytest.mark.timeout(180)]
+
+N = 1024
+
+
+@pytest.fixture(params=["native", "python"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Which fault path the agent serves with (the native one needs the built extension)."""
+    if request.param == "native" and (native.mod is None or not hasattr(native.mod, "FaultPath")):
+        pytest.skip(f"native extension unavailable: {native.reason}")
+    if request.param == "python":
+        monkeypatch.setattr(native, "mod", None)
+    return str(request.param)
+
+
+@pytest.fixture
+def agent(tmp_path: Path, path: str) -> Iterator[Agent]:
+    s = AgentSettings(node_id="n1", data_dir=str(tmp_path / "agent"), autonomous=False,
+                      stores={"default": f"file://{tmp_path}/pages"},
+                      handoff_socket=str(tmp_path / "h" / "handoff.sock"))  # fmt: skip
+    a = Agent(s)
+    stop = start_handoff(a)
+    yield a
+    if stop:
+        stop()
+    a.close()
+
+
+@pytest.fixture
+def guest(agent: Agent) -> Iterator[GuestProc]:
+    g = GuestProc(agent.settings.handoff_path(), "vm1", f"{N * 4}K")
+    deadline = time.monotonic() + 10
+    while "vm1" not in agent.sessions:
+        assert time.monotonic() < deadline, "vm1 never attached"
+        time.sleep(0.02)
+    agent.set_policy("vm1", EvictionPolicy(cold_after=1, prefetch_pages=0, store="default"))
+    g.cmd(f"touch 0-{N - 1} w")
+    yield g
+    g.close()
+
+
+def evict_all(agent: Agent) -> None:
+    rep = agent.run_cycle("vm1", CycleMode.EVICT, interval_ms=20)
+    assert rep.pages_evicted == N, rep.error
+
+
+def served_natively(agent: Agent) -> int:
+    fs = agent.faults["vm1"]
+    return int(fs.native.stats()["served"]) if fs.native is not None else 0
+
+
+def check_path(agent: Agent, path: str) -> None:
+    """The path under test is the one that served."""
+    fs = agent.faults["vm1"]
+    assert (fs.native is not None) == (path == "native")
+
+
+def wait_until(cond: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def in_background(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    out: list[Any] = []
+    t = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    t.start()
+    return t, out
+
+
+def segment_file(agent: Agent, st: StoredPage) -> tuple[Path, int, int]:
+    store = agent.store("default")
+    assert isinstance(store, LocalPageStore)
+    loc = parse_location(st.location)
+    assert loc is not None
+    return Path(store.segment_dir(agent.sessions["vm1"].space)) / loc[0], loc[1], loc[2]
+
+
+def test_evicted_pages_fault_back_with_their_contents(agent: Agent, guest: GuestProc, path: str) -> None:
+    check_path(agent, path)
+    evict_all(agent)
+    order = np.random.default_rng(5).permutation(N)
+    guest.cmd(f"touch {','.join(str(int(p)) for p in order)} r")
+    assert guest.cmd("verify")["mismatches"] == 0
+    s = agent.sessions["vm1"]
+    wait_until(lambda: s.counters.faults_served == N, "every fault to be counted")
+    wait_until(lambda: agent.index.count("vm1") == 0, "every entry to be dropped")
+    assert len(s.fault_latency.samples()) >= N
+    if path == "native":
+        assert served_natively(agent) == N  # the common case never reached Python
+    agent.index.flush()
+    assert agent.index.count("vm1") == 0
+
+
+def test_corrupt_payload_is_never_installed_and_the_fault_waits(
+    agent: Agent, guest: GuestProc, path: str
+) -> None:
+    evict_all(agent)
+    victim = 77
+    entry = agent.index.get("vm1", victim)
+    assert entry is not None
+    seg, off, length = segment_file(agent, entry.stored)
+    at = off + length // 2
+    fd = os.open(seg, os.O_RDWR)
+    try:
+        old = os.pread(fd, 1, at)
+        os.pwrite(fd, bytes([old[0] ^ 0x40]), at)
+        t, out = in_background(lambda: guest.cmd(f"touch {victim} r"))
+        t.join(1.5)
+        assert t.is_alive(), "the vCPU must wait: a corrupt payload is never installed"
+        assert agent.index.get("vm1", victim) == entry  # still evicted, still indexed
+        wait_until(lambda: any(e.kind is EventKind.INTEGRITY_ERROR for e in agent.events.history("vm1")),
+                   "the integrity event")  # fmt: skip
+        nf = agent.faults["vm1"].native
+        if path == "native":
+            assert nf is not None and nf.stats()["fallbacks"]["verify"] >= 1  # refused natively too
+        os.pwrite(fd, old, at)
+    finally:
+        os.close(fd)
+    t.join(30)
+    assert not t.is_alive() and out, "the fault did not resume after the payload was repaired"
+    assert guest.cmd("verify")["mismatches"] == 0
+
+
+def test_store_outage_never_installs_zeros(agent: Agent, guest: GuestProc, path: str) -> None:
+    evict_all(agent)
+    store = agent.store("default")
+    assert isinstance(store, LocalPageStore)
+    seg_dir = Path(store.segment_dir(agent.sessions["vm1"].space))
+    away = seg_dir.with_name("seg-away")
+    seg_dir.rename(away)  # every payload unreadable: NotFound, as after losing the disk
+    try:
+        t, out = in_background(lambda: guest.cmd("touch 5 r"))
+        t.join(1.5)
+        assert t.is_alive(), "the vCPU must wait out the outage, never get zeros"
+        assert agent.index.get("vm1", 5) is not None
+    finally:
+        away.rename(seg_dir)
+    t.join(30)
+    assert not t.is_alive() and out
+    assert guest.cmd("verify")["mismatches"] == 0  # the page holds its contents, not zeros
+
+
+def test_remove_events_before_later_faults_keep_shared_memory_evicted_pages(
+    agent: Agent, guest: GuestProc, path: str
+) -> None:
+    """Events go to Python in kernel order, ahead of the faults that follow them. On a shmem memfd a
+    REMOVE event is ambiguous (MADV_DONTNEED keeps the page cache), so the agent keeps the evicted
+    pages' entries and their faults restore the last contents (the guest's model, which expects the
+    ballooned pages to read zeroes, differs on exactly those pages); the pages around them too."""
+    evict_all(agent)
+    gone = list(range(100, 164))
+    guest.cmd(f"balloon {pages_spec(gone)}")  # MADV_REMOVE: REMOVE events, handled before the faults below
+    assert all(agent.index.get("vm1", p) is not None for p in gone)
+    guest.cmd(f"touch {pages_spec(list(range(90, 180)))} r")
+    res = guest.cmd("verify")
+    assert res["mismatches"] == len(gone)
+    assert all(
+        f["page"] in gone and f["valid"] and f["expected"] == 0 and f["counter"] == 1 for f in res["first"]
+    )
+    wait_until(
+        lambda: all(agent.index.get("vm1", p) is None for p in range(90, 180)), "the restored entries to go"
+    )
+
+
+def test_only_the_generation_installed_loses_its_entry(agent: Agent, guest: GuestProc, path: str) -> None:
+    """A page faulted back and evicted again before the fault's bookkeeping ran keeps its new entry."""
+    evict_all(agent)
+    guest.cmd("touch 3 w")  # back, and written: the next eviction stores a new generation
+    first = agent.index.get("vm1", 3)
+    for _ in range(3):  # a promoted page is age 0: cold_after=1 evicts it on the second cycle
+        if agent.run_cycle("vm1", CycleMode.EVICT, interval_ms=20).pages_evicted:
+            break
+    second = agent.index.get("vm1", 3)
+    assert second is not None and (first is None or second.stored.generation > first.stored.generation)
+    s = agent.sessions["vm1"]
+    # A stale removal of the old generation (what a lagging drain or a second installer does) is a no-op.
+    if first is not None:
+        s.index.remove("vm1", [(3, first.stored.generation)])
+    assert agent.index.get("vm1", 3) == second
+    guest.cmd("touch 3 r")
+    assert guest.cmd("verify")["mismatches"] == 0
+    wait_until(lambda: agent.index.get("vm1", 3) is None, "the installed generation's entry to go")
+
+
+def test_cycles_while_the_guest_runs_lose_nothing(agent: Agent, guest: GuestProc, path: str) -> None:
+    """Races: evictions while the guest writes and faults, several rounds."""
+    for _ in range(4):
+        rep = agent.run_cycle("vm1", CycleMode.EVICT, interval_ms=20)
+        assert rep.error is None or rep.error == "", rep.error
+        guest.cmd(f"touch {pages_spec(list(range(0, N, 3)))} w")
+        guest.cmd(f"touch {pages_spec(list(range(1, N, 5)))} r")
+    assert guest.cmd("verify")["mismatches"] == 0
+    if path == "native":
+        assert served_natively(agent) > 0
