@@ -39,8 +39,12 @@ def mode(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[Agent]:
-    s = AgentSettings(node_id="n1", data_dir=str(tmp_path / "agent"), autonomous=False,
-                      handoff_socket=str(tmp_path / "h" / "handoff.sock"))  # fmt: skip
+    s = AgentSettings(
+        node_id="n1",
+        data_dir=str(tmp_path / "agent"),
+        autonomous=False,
+        handoff_socket=str(tmp_path / "h" / "handoff.sock"),
+    )
     a = Agent(s)
     stop = start_handoff(a)
     yield a
@@ -64,8 +68,12 @@ def test_detection_is_exact_and_evicted_pages_fault_back(agent: Agent, mode: str
         with s.cycle_lock:
             eng.begin()  # the VMM zaps every PTE; first touches are now MINOR faults
             guest.cmd(f"touch {pages_spec(hot)} r")
-            scan = b.pagemap_scan(b.base, b.base + b.size, category_mask=uapi.PAGE_IS_ACCESSED,
-                                  return_mask=uapi.PAGE_IS_ACCESSED)  # fmt: skip
+            scan = b.pagemap_scan(
+                b.base,
+                b.base + b.size,
+                category_mask=uapi.PAGE_IS_ACCESSED,
+                return_mask=uapi.PAGE_IS_ACCESSED,
+            )
             seen = np.flatnonzero(scan.page_mask(b.base, b.base + b.size, PS)).tolist()
             rep = eng.finish(CycleMode.EVICT)
         tp = len(set(seen) & set(hot))
@@ -96,12 +104,18 @@ def test_cycles_while_the_guest_runs_lose_nothing(
     # rwp evicts to a real redis-server (the host's binary, over 9p in the kernel-VM tier); the local
     # store on rwp is the detection test's
     stores = {"default": request.getfixturevalue("redis_srv").url} if store == "redis" else {}
-    s = AgentSettings(node_id="n1", data_dir=str(tmp_path / "agent"), autonomous=False, stores=stores,
-                      handoff_socket=str(tmp_path / "h" / "handoff.sock"))  # fmt: skip
+    s = AgentSettings(
+        node_id="n1",
+        data_dir=str(tmp_path / "agent"),
+        autonomous=False,
+        stores=stores,
+        handoff_socket=str(tmp_path / "h" / "handoff.sock"),
+    )
     agent = Agent(s)
     stop = start_handoff(agent)
-    guest = GuestProc(agent.settings.handoff_path(), "pg2", "16M", "--workload", "hotset:0.1", "--seed", "5",
-                      mode=mode)  # fmt: skip
+    guest = GuestProc(
+        agent.settings.handoff_path(), "pg2", "16M", "--workload", "hotset:0.1", "--seed", "5", mode=mode
+    )
     try:
         wait_until(lambda: "pg2" in agent.sessions, scaled(10), "pg2 to attach")
         assert agent.sessions["pg2"].backend.name == mode
@@ -129,11 +143,29 @@ def test_cycles_while_the_guest_runs_lose_nothing(
 def _agent_proc(tmp: Path, redis_url: str, port: int) -> subprocess.Popen[bytes]:
     env = {**os.environ, "TIERMEM_AGENT_AUTONOMOUS": "false"}
     return subprocess.Popen(
-        [sys.executable, "-m", "tiermem", "serve", "agent", "--node-id", "n1", "--listen", f"127.0.0.1:{port}",
-         "--data-dir", str(tmp / "agent"), "--store", f"default={redis_url}", "--handoff-socket",
-         str(tmp / "h" / "handoff.sock"), "--log-format", "console"],
-        env=env, stdout=subprocess.DEVNULL, stderr=open(tmp / "agent.log", "ab"),
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "tiermem",
+            "serve",
+            "agent",
+            "--node-id",
+            "n1",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--data-dir",
+            str(tmp / "agent"),
+            "--store",
+            f"default={redis_url}",
+            "--handoff-socket",
+            str(tmp / "h" / "handoff.sock"),
+            "--log-format",
+            "console",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp / "agent.log", "ab"),
+    )
 
 
 @pytest.mark.redis
@@ -159,8 +191,10 @@ def test_agent_sigkill_and_restart_serves_every_page(tmp_path: Path) -> None:
         guest.cmd("touch 0-4095 w")
         guest.cmd("touch 0-99 w")
         pol = types_pb2.EvictionPolicy(interval_ms=100, cold_after=1, prefetch_pages=2)
-        rep = stub.RunCycle(agent_pb2.RunCycleRequest(vm_id="pg3", mode=types_pb2.CYCLE_MODE_EVICT, policy=pol),
-                            timeout=scaled(30))  # fmt: skip
+        rep = stub.RunCycle(
+            agent_pb2.RunCycleRequest(vm_id="pg3", mode=types_pb2.CYCLE_MODE_EVICT, policy=pol),
+            timeout=scaled(30),
+        )
         assert rep.pages_evicted == 4096
         agent.send_signal(signal.SIGKILL)
         agent.wait(scaled(10))

@@ -73,8 +73,21 @@ def test_evict_uffd_local() -> None:
 
 @pytest.mark.redis
 def test_agent_with_redis(redis_srv: Any) -> None:
-    out = bench("agent", "--store", redis_srv.url, "--sim-vms", "2", "--sim-mib", "8", "--guest-mib", "4",
-                "--cap-mib", "2", "--interval-ms", "50")  # fmt: skip
+    out = bench(
+        "agent",
+        "--store",
+        redis_srv.url,
+        "--sim-vms",
+        "2",
+        "--sim-mib",
+        "8",
+        "--guest-mib",
+        "4",
+        "--cap-mib",
+        "2",
+        "--interval-ms",
+        "50",
+    )
     assert out["store"]["kind"] == "redis" and out["mismatches"] == 0
     assert [t["backend"] for t in out["tracking"]] == ["sim", "sim", probed_mode()]
     for t in out["tracking"][:2]:  # the 10% hot set, found exactly by a detect-only cycle
@@ -142,8 +155,21 @@ def test_tracking_all_three_modes_on_an_rwp_kernel() -> None:
 
 
 def test_agent_with_a_local_store_faults_on_the_native_path(tmp_path: Any) -> None:
-    out = bench("agent", "--store", f"file://{tmp_path}/pages", "--sim-vms", "2", "--sim-mib", "8",
-                "--guest-mib", "4", "--cap-mib", "2", "--interval-ms", "50")  # fmt: skip
+    out = bench(
+        "agent",
+        "--store",
+        f"file://{tmp_path}/pages",
+        "--sim-vms",
+        "2",
+        "--sim-mib",
+        "8",
+        "--guest-mib",
+        "4",
+        "--cap-mib",
+        "2",
+        "--interval-ms",
+        "50",
+    )
     assert out["mismatches"] == 0
     if native.paths()["fault_serve"] != "native":
         assert out["fault_path"] == "python" and out["native_served"] == 0

@@ -41,9 +41,13 @@ def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
 
 @pytest.fixture
 def agent(tmp_path: Path, path: str) -> Iterator[Agent]:
-    s = AgentSettings(node_id="n1", data_dir=str(tmp_path / "agent"), autonomous=False,
-                      stores={"default": f"file://{tmp_path}/pages"},
-                      handoff_socket=str(tmp_path / "h" / "handoff.sock"))  # fmt: skip
+    s = AgentSettings(
+        node_id="n1",
+        data_dir=str(tmp_path / "agent"),
+        autonomous=False,
+        stores={"default": f"file://{tmp_path}/pages"},
+        handoff_socket=str(tmp_path / "h" / "handoff.sock"),
+    )
     a = Agent(s)
     stop = start_handoff(a)
     yield a
@@ -136,8 +140,10 @@ def test_corrupt_payload_is_never_installed_and_the_fault_waits(
         t.join(1.5)
         assert t.is_alive(), "the vCPU must wait: a corrupt payload is never installed"
         assert agent.index.get("vm1", victim) == entry  # still evicted, still indexed
-        wait_until(lambda: any(e.kind is EventKind.INTEGRITY_ERROR for e in agent.events.history("vm1")),
-                   "the integrity event")  # fmt: skip
+        wait_until(
+            lambda: any(e.kind is EventKind.INTEGRITY_ERROR for e in agent.events.history("vm1")),
+            "the integrity event",
+        )
         nf = agent.faults["vm1"].native
         if path == "native":
             assert nf is not None and nf.stats()["fallbacks"]["verify"] >= 1  # refused natively too

@@ -21,8 +21,11 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def _demo(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "tiermem", "demo", "--json", "--plot", str(tmp_path / "demo.png"), *args],
-        capture_output=True, text=True, cwd=tmp_path, timeout=scaled(200),
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=scaled(200),
+    )
 
 
 def _check_plot(path: Path) -> None:
@@ -82,8 +85,13 @@ def test_demo_rwp_is_refused_in_one_line_where_the_kernel_lacks_it(tmp_path: Pat
 
     if probe_host().backends["rwp"]:
         pytest.skip("this kernel has userfaultfd RWP: the refusal cannot happen here")
-    proc = subprocess.run([sys.executable, "-m", "tiermem", "demo", "--backend", "rwp", "--json"],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "tiermem", "demo", "--backend", "rwp", "--json"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
     assert proc.returncode == 3, proc.stderr
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
@@ -104,8 +112,9 @@ def test_json_output_is_pure_while_the_demo_logs_warnings(tmp_path: Path) -> Non
         "from tiermem.cli.main import main\n"
         "main(['demo', '--json', '--duration', '1s'])\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
-                          timeout=scaled(60))  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=scaled(60)
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout)["integrity_ok"] is True
     assert "structlog-warning-line" in proc.stderr and "stdlib-warning-line" in proc.stderr
@@ -114,8 +123,11 @@ def test_json_output_is_pure_while_the_demo_logs_warnings(tmp_path: Path) -> Non
 def test_ctrl_c_stops_the_demo_cleanly(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "tiermem", "demo", "--duration", "120s", "--workdir", str(tmp_path / "w")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
     deadline = time.monotonic() + 60
     while not (tmp_path / "w" / "agent" / "index.db").exists():
         assert time.monotonic() < deadline and proc.poll() is None, "the demo did not start"
@@ -129,7 +141,11 @@ def test_ctrl_c_stops_the_demo_cleanly(tmp_path: Path) -> None:
 
 
 def test_bad_flag_is_one_line(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "tiermem", "demo", "--duration", "soon"], capture_output=True,
-                          text=True, cwd=tmp_path)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "tiermem", "demo", "--duration", "soon"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 1
     assert "--duration" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

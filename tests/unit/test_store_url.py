@@ -178,8 +178,20 @@ def test_redact_url(url: str, safe: str) -> None:
 # --- issue 17 item 14: one strict parser ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("word,expected", [("on", True), ("ON", True), ("yes", True), ("1", True), ("true", True),
-                                           ("off", False), ("no", False), ("0", False), ("False", False)])  # fmt: skip
+@pytest.mark.parametrize(
+    "word,expected",
+    [
+        ("on", True),
+        ("ON", True),
+        ("yes", True),
+        ("1", True),
+        ("true", True),
+        ("off", False),
+        ("no", False),
+        ("0", False),
+        ("False", False),
+    ],
+)
 def test_ssl_check_hostname_booleans_mean_what_they_say(word: str, expected: bool) -> None:
     # ssl_check_hostname=on used to turn hostname checking OFF (three parsers disagreed)
     st = open_store(f"rediss://host/0?ssl_check_hostname={word}&ssl_cert_reqs=required")

@@ -48,7 +48,7 @@ class NativeMirror:
 
     def __init__(self, fp: Any, session: VmSession, keys: list[bytes]) -> None:
         self.fp = fp
-        self.s = session
+        self.session = session
         self.keys = keys
         """The page MAC keys the thread verifies with (current first)."""
         self._dirs: dict[str, int | None] = {}
@@ -57,13 +57,13 @@ class NativeMirror:
         """The thread's id of the store's segment directory for this VM; None if it cannot serve it."""
         if store not in self._dirs:
             try:
-                st = self.s.stores(store)
+                st = self.session.stores(store)
             except TiermemError:
                 st = None
             self._dirs[store] = None
             if isinstance(st, LocalPageStore) and st.keyring.keys() == self.keys:
                 # the thread verifies with one keyring: a store keyed otherwise stays with Python
-                self._dirs[store] = self.fp.add_dir(st.segment_dir(self.s.space))
+                self._dirs[store] = self.fp.add_dir(st.segment_dir(self.session.space))
         return self._dirs[store]
 
     def put(self, store: str, entries: Sequence[StoredPage]) -> None:
@@ -91,7 +91,7 @@ class NativeFaults:
     """The native fault thread of one VM and the Python thread that drains what it served."""
 
     def __init__(self, session: VmSession, fp: Any, keys: list[bytes]) -> None:
-        self.s = session
+        self.session = session
         self.fp = fp
         fp.set_mac(session.space, keys)
         self.mirror = NativeMirror(fp, session, keys)
@@ -122,12 +122,14 @@ class NativeFaults:
 
     def start(self) -> None:
         """Mirror the index, let the thread read the uffd, start draining."""
-        b = self.s.backend
+        b = self.session.backend
         assert isinstance(b, RealBackend)
-        self.fp.enabled = self.s.policy.prefetch_pages <= 0
-        self.s.index.attach_mirror(self.s.vm_id, self.mirror)
+        self.fp.enabled = self.session.policy.prefetch_pages <= 0
+        self.session.index.attach_mirror(self.session.vm_id, self.mirror)
         b.attach_native(self.fp)
-        self._drainer = threading.Thread(target=self._drain_loop, name=f"native-{self.s.vm_id}", daemon=True)
+        self._drainer = threading.Thread(
+            target=self._drain_loop, name=f"native-{self.session.vm_id}", daemon=True
+        )
         self._drainer.start()
 
     def stop(self) -> None:
@@ -136,7 +138,7 @@ class NativeFaults:
         self.fp.stop()
         if self._drainer is not None and self._drainer is not threading.current_thread():
             self._drainer.join(timeout=5)
-        self.s.index.detach_mirror(self.s.vm_id, self.mirror)
+        self.session.index.detach_mirror(self.session.vm_id, self.mirror)
         self.drain()
 
     def stats(self) -> dict[str, Any]:
@@ -147,21 +149,23 @@ class NativeFaults:
     def _drain_loop(self) -> None:
         while not self._stop.wait(DRAIN_INTERVAL_S):
             try:
-                self.fp.enabled = self.s.policy.prefetch_pages <= 0
+                self.fp.enabled = self.session.policy.prefetch_pages <= 0
                 self.drain()
             except Exception:  # the loop must survive: without it the Python side stops learning
-                log.exception("native fault drain failed", vm=self.s.vm_id)
+                log.exception("native fault drain failed", vm=self.session.vm_id)
 
     def drain(self) -> int:
         """Apply what the thread served to the Python side; returns the faults applied."""
         served = self.fp.drain()
         if not served:
             return 0
-        s = self.s
+        s = self.session
         copied = [(p, g) for p, g, _, c in served if c]
         if copied:
             pages = [p for p, _ in copied]
-            s.ages[pages] = 0  # a promoted page is resident with age 0
+            if s.tracking:  # the eviction algorithm's view of promotions (cleared at each close)
+                with s.promoted_lock:
+                    s.promoted.extend(pages)
             # The entry of the generation installed only (a re-evicted page keeps its new one);
             # the durable delete is queued, as on the Python path.
             restored = s.index.remove(s.vm_id, copied)
