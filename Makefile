@@ -9,7 +9,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: demo test test-fast test-rwp setup setup-test os-deps native-deps apt-install engine-deps lint typecheck pytest protos images
+.PHONY: demo test test-fast test-rwp test-rwp-all setup setup-test os-deps native-deps apt-install engine-deps lint typecheck pytest protos images
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -73,6 +73,10 @@ pytest:
 # had, it reports a skip with the reason instead of failing. RWP_TESTS narrows the selection.
 test-rwp: setup-test
 	scripts/kvm_tier/pytest.sh $(ARGS)
+
+# Every rwp test, the heavy process-guest suites and the demo included (tens of minutes under TCG).
+test-rwp-all: setup-test
+	RWP_ALL=1 scripts/kvm_tier/pytest.sh $(ARGS)
 
 test: setup-test lint typecheck pytest test-rwp
 

@@ -7,6 +7,8 @@
 #
 #   RWP_TESTS   paths to collect from [tests]
 #   RWP_TIME_SCALE   TIERMEM_TEST_TIME_SCALE inside the VM [10]
+#   RWP_ALL          1: every rwp test; by default the heaviest files (benchmarks, the backend's process-guest
+#                    suite, the demo: minutes each under TCG) are left to `make test-rwp-all`, so CI stays in budget
 #   KVM_TIER_TIMEOUT the whole tier's limit, boot included, s [1200]
 set -euo pipefail
 export KVM_TIER_TIMEOUT=${KVM_TIER_TIMEOUT:-1200}
@@ -16,6 +18,11 @@ PY=${PY:-$PWD/.venv/bin/python}
 # shellcheck disable=SC2086
 files=$("$PY" -m pytest --collect-only -q -m rwp -p no:cacheprovider ${RWP_TESTS:-tests} 2>/dev/null |
 	sed -n 's/::.*//p' | sort -u)
+# The heavy files: each of their tests boots process guests that take minutes under TCG.
+HEAVY="tests/e2e/test_bench_uffd.py tests/e2e/test_uffd_backend.py tests/integration/test_demo.py"
+if [ "${RWP_ALL:-0}" != 1 ] && [ -z "${RWP_TESTS:-}" ]; then
+	files=$(for f in $files; do case " $HEAVY " in *" $f "*) ;; *) echo "$f" ;; esac; done)
+fi
 [ -n "$files" ] || { echo "kvm-tier: no test is marked rwp under ${RWP_TESTS:-tests}" >&2; exit 1; }
 echo "[kvm-tier] rwp tests in: $(echo $files)" >&2
 rc=0
