@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.helpers.capability import redis_reason, require
 from tests.helpers.guest import GuestProc, pages_spec
 from tests.helpers.servers import RedisServer
 from tiermem import native
@@ -44,7 +45,7 @@ def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
     return str(request.param)
 
 
-@pytest.fixture(params=["local", "redis"])
+@pytest.fixture(params=["local", pytest.param("redis", marks=pytest.mark.redis)])
 def store_kind(request: pytest.FixtureRequest, path: str) -> str:
     """Where the evicted pages live; the native path reads Redis only when built with hiredis."""
     if request.param == "redis" and path == "native" and not getattr(native.mod, "HAVE_REDIS", 0):
@@ -59,6 +60,7 @@ def redis_srv(tmp_path: Path, store_kind: str) -> Iterator[RedisServer | None]:
     if store_kind != "redis":
         yield None
         return
+    require(redis_reason())
     srv = RedisServer(tmp_path / "redis", extra_args=["--requirepass", "not-this-one", "--user", "tm", "on",
                                                        ">s3cr3t-pw", "~*", "&*", "+@all"])  # fmt: skip
     srv.tmpdir.mkdir()

@@ -161,11 +161,12 @@ def bench_fault(urls: tuple[str, ...], spawn: tuple[str, ...], faults: int, pref
     def render(r: dict[str, Any]) -> None:
         _show(f"fault service latency, µs ({r['faults']} faults per store, prefetch {r['prefetch']})",
               ["store", "placement", "path", "fault p50", "p99", "C handler p50", "p50 / C", "agent p50",
-               "agent p99", "COPY p50", "raw get p50", "p50 / (COPY+get)", "resident touch", "mismatches"],
+               "agent p99", "COPY p50", "raw get p50", "p50 / get", "p50 / (COPY+get)", "resident touch",
+               "mismatches"],
               [[x["store"], x["placement"], x["fault_path"], x["guest"]["p50_us"], x["guest"]["p99_us"],
                 x["baseline_c_handler"]["p50_us"], _x(x["ratio_p50_vs_c_handler"]), x["agent"]["p50_us"],
                 x["agent"]["p99_us"], x["baseline_copy"]["p50_us"], x["baseline_get"]["p50_us"],
-                _x(x["ratio_p50_vs_copy_plus_get"]), x["resident_touch"]["p50_us"], x["mismatches"]]
+                _x(x["ratio_p50_vs_get"]), _x(x["ratio_p50_vs_copy_plus_get"]), x["resident_touch"]["p50_us"], x["mismatches"]]
                for x in r["rows"]])  # fmt: skip
         _goals(r["goals"])
 
@@ -372,13 +373,18 @@ def bench_policy(pages: int, ticks: int, interval_ticks: int, cold_after: str, w
 @click.option("--cap-mib", type=click.IntRange(min=1), default=256, show_default=True,
               help="Per-cycle eviction cap of each sim VM.")  # fmt: skip
 @click.option("--interval-ms", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option(
+    "--python-path", is_flag=True, help="Serve faults on the pure-Python path (no native fault thread)."
+)
 @_common
 def bench_agent(urls: tuple[str, ...], spawn: tuple[str, ...], sim_vms: int, sim_mib: int, guest_mib: int,
-                cap_mib: int, interval_ms: int, quick: bool, as_json: bool) -> None:  # fmt: skip
+                cap_mib: int, interval_ms: int, python_path: bool, quick: bool, as_json: bool) -> None:  # fmt: skip
     """4 sim VMs of 1 GiB + 1 process guest on uffd, one store (default: a spawned Redis)."""
     from tiermem.bench.agent import run
 
-    res = run(urls, spawn, quick, sim_vms, sim_mib, guest_mib, cap_mib, interval_ms)
+    res = run(
+        urls, spawn, quick, sim_vms, sim_mib, guest_mib, cap_mib, interval_ms, native_faults=not python_path
+    )
 
     def render(r: dict[str, Any]) -> None:
         _show(f"tracking: one detect cycle per VM ({r['interval_ms']} ms window), ms per phase",
@@ -393,7 +399,7 @@ def bench_agent(urls: tuple[str, ...], spawn: tuple[str, ...], sim_vms: int, sim
               [[v["vm"], v["pages"], *(v["phases_ms"][p] for p in ("protect", "scan", "decide", "evict", "total"))]
                for v in ev["per_vm"]])  # fmt: skip
         i, d, g = r["faults_idle"], r["faults_during_eviction"], r["baseline_get"]
-        _show(f"fault latency, µs ({r['store']['kind']}); baseline: {g['client']}",
+        _show(f"fault latency, µs ({r['store']['kind']}, {r['fault_path']} fault path); baseline: {g['client']}",
               ["", "faults", "p50", "p99", "agent p50", "agent p99", "p50 vs raw get"],
               [["faults, idle", i["faults"], i["p50_us"], i["p99_us"], i["agent_p50_us"], i["agent_p99_us"],
                 _x(r["ratio_fault_p50_idle_vs_raw_get"])],
