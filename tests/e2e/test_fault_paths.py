@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -302,3 +303,34 @@ def test_cycles_while_the_guest_runs_lose_nothing(agent: Agent, guest: GuestProc
     assert guest.cmd("verify")["mismatches"] == 0
     if path == "native":
         assert served_natively(agent) > 0
+
+
+@pytest.fixture
+def redis_only(store_kind: str) -> None:
+    """Skip before any other fixture starts an agent: the scenario is Redis's own."""
+    if store_kind != "redis":
+        pytest.skip("a Redis scenario")
+
+
+def test_a_hung_redis_never_installs_zeros(
+    redis_only: None, agent: Agent, guest: GuestProc, path: str, redis_srv: RedisServer | None
+) -> None:
+    """Redis stopped (SIGSTOP: connections stay open, nothing answers): the native thread times out,
+    hands the fault to Python, and the vCPU waits; once Redis continues, the page comes back whole."""
+    assert redis_srv is not None and redis_srv.proc is not None
+    evict_all(agent)
+    guest.cmd("touch 1 r")  # the native thread's connection is open before Redis hangs
+    os.kill(redis_srv.proc.pid, signal.SIGSTOP)
+    try:
+        t, out = in_background(lambda: guest.cmd("touch 9 r"))
+        t.join(2.0)  # past the native thread's 0.5 s Redis timeout
+        assert t.is_alive(), "the vCPU must wait for a hung Redis, never get zeros"
+        assert agent.index.get("vm1", 9) is not None
+        nf = agent.faults["vm1"].native
+        if path == "native":
+            assert nf is not None and nf.stats()["fallbacks"]["store"] >= 1  # gave up, handed to Python
+    finally:
+        os.kill(redis_srv.proc.pid, signal.SIGCONT)
+    t.join(30)
+    assert not t.is_alive() and out
+    assert guest.cmd("verify")["mismatches"] == 0

@@ -34,12 +34,13 @@ def test_doctor_reports_the_native_paths_and_their_switch() -> None:
     env = {**os.environ, "TIERMEM_NATIVE": "0"}
     off = json.loads(subprocess.run([sys.executable, "-m", "tiermem.cli", "doctor", "--json"], capture_output=True,
                                     text=True, check=True, env=env).stdout)["native"]  # fmt: skip
-    assert off["sim_scan"] == "numpy" and off["fault_serve"] == "python"
+    assert off["sim_scan"] == "numpy" and off["fault_serve"] == off["fault_serve_redis"] == "python"
     assert "TIERMEM_NATIVE=0" in off["extension"]
     on = json.loads(subprocess.run([sys.executable, "-m", "tiermem.cli", "doctor", "--json"], capture_output=True,
                                    text=True, check=True).stdout)["native"]  # fmt: skip
     assert on["extension"] == "built", on
     assert on["sim_scan"] == "native"
+    assert on["fault_serve_redis"] == "native"  # make setup-test installs libhiredis-dev
 
 
 @pytest.mark.uffd

@@ -37,12 +37,16 @@ from tiermem.store.local import LocalPageStore
 from tiermem.store.redis_store import RedisPageStore
 from tiermem.store.segfile import parse_location
 
-__all__ = ["DRAIN_INTERVAL_S", "NativeFaults", "NativeMirror"]
+__all__ = ["DRAIN_INTERVAL_S", "REDIS_TIMEOUT_CAP_S", "NativeFaults", "NativeMirror", "servable"]
 
 log = structlog.get_logger("tiermem.agent.native_faults")
 
 DRAIN_INTERVAL_S = 0.005
 """How often served faults reach the Python side (index, counters): the lag of its bookkeeping."""
+REDIS_TIMEOUT_CAP_S = 0.5
+"""The fault thread's Redis timeouts are the store's, capped at this: while it waits on a hung Redis it
+reads no other message of the VM, so it gives up early and hands the fault to Python (which waits
+with the store's own timeouts and retries)."""
 
 
 def servable(store: PageStore | None) -> bool:
@@ -75,7 +79,8 @@ class NativeMirror:
         assert ep is not None
         return int(self.fp.add_redis(
             st.key_prefix(self.s.space), ep.host, ep.port, ep.unix_path, ep.username, ep.password, ep.db,
-            max(1, round(ep.timeout_s * 1000)), max(1, round(ep.connect_timeout_s * 1000)),
+            max(1, round(min(ep.timeout_s, REDIS_TIMEOUT_CAP_S) * 1000)),
+            max(1, round(min(ep.connect_timeout_s, REDIS_TIMEOUT_CAP_S) * 1000)),
         ))  # fmt: skip
 
     def _dir(self, store: str) -> tuple[int, bool] | None:
