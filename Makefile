@@ -1,12 +1,14 @@
 # The two commands of the README:
 #   make demo   set up a virtualenv and run `tiermem demo` on embedded defaults
-#   make test   install everything the tests need (OS packages, Redis, S3 server) and run the whole suite
+#   make test   install everything the tests need (OS packages, Redis, S3 server, a Docker engine) and run
+#               the whole suite, including the deployment tier (the compose stack on a real engine)
+#   make images every image, from a Debian base bootstrapped locally (no registry needed)
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: demo test test-fast setup setup-test os-deps native-deps apt-install lint typecheck pytest protos
+.PHONY: demo test test-fast setup setup-test os-deps native-deps apt-install engine-deps lint typecheck pytest protos images
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,6 +27,7 @@ setup-test: $(BIN)/python os-deps
 NATIVE_PKGS := gcc libc6-dev python3-dev libzstd-dev liblz4-dev libsodium-dev libhiredis-dev
 os-deps:
 	@$(MAKE) --no-print-directory apt-install PKGS="redis-server $(NATIVE_PKGS)"
+	@$(MAKE) --no-print-directory engine-deps
 
 native-deps:
 	-@$(MAKE) --no-print-directory apt-install PKGS="$(NATIVE_PKGS)"
@@ -34,6 +37,23 @@ apt-install:
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q $$missing; fi
+
+# The deployment tier needs a Docker engine (docker.io), mmdebstrap (the images' base) and promtool
+# (prometheus). If the package's service starts the engine, it must create no bridge and no
+# private-range address: /etc/docker/daemon.json says so before the package is installed.
+NO_BRIDGE_JSON := {\"bridge\": \"none\", \"iptables\": false, \"ip-forward\": false, \"ip-masq\": false, \"ip6tables\": false}
+ENGINE_DEPS := dockerd:docker.io mmdebstrap:mmdebstrap promtool:prometheus
+engine-deps:
+	@missing=; for d in $(ENGINE_DEPS); do PATH="$$PATH:/usr/sbin" command -v $${d%%:*} >/dev/null 2>&1 || missing="$$missing $${d#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  case "$$missing" in *docker.io*) [ -e /etc/docker/daemon.json ] || { \
+	    $$SUDO mkdir -p /etc/docker && echo "$(NO_BRIDGE_JSON)" | $$SUDO tee /etc/docker/daemon.json >/dev/null; };; esac; \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+images:
+	$(PY) scripts/images.py
 
 demo: setup
 	$(BIN)/tiermem demo $(ARGS)

@@ -16,7 +16,24 @@ from collections.abc import AsyncIterator, Callable
 
 from tiermem.model import Event, EventKind
 
-__all__ = ["EventBus"]
+__all__ = ["EventBus", "log_level"]
+
+# Failures are logged at warning or error so that a log pipeline filtering on level sees them.
+_LEVELS = {
+    EventKind.INTEGRITY_ERROR: "error",
+    EventKind.STORE_ERROR: "error",
+    EventKind.EVICTION_STOPPED: "error",
+    EventKind.CYCLE_FAILED: "warning",
+    EventKind.NODE_DOWN: "warning",
+    EventKind.VMM_DISCONNECTED: "warning",
+    EventKind.CYCLE_COMPLETED: "debug",
+    EventKind.DRAIN_PROGRESS: "debug",
+}
+
+
+def log_level(kind: EventKind) -> str:
+    """The level an event of ``kind`` is logged at: error, warning, info or debug."""
+    return _LEVELS.get(kind, "info")
 
 
 class _Subscriber:
@@ -47,8 +64,14 @@ class EventBus:
     def publish(self, kind: EventKind, message: str, vm_id: str = "", **attributes: object) -> Event:
         """Record and fan out one event; safe from any thread."""
         with self._lock:
-            ev = Event(kind=kind, message=message, vm_id=vm_id, node_id=self.node_id, seq=next(self._seq),
-                       attributes={k: str(v) for k, v in attributes.items()})  # fmt: skip
+            ev = Event(
+                kind=kind,
+                message=message,
+                vm_id=vm_id,
+                node_id=self.node_id,
+                seq=next(self._seq),
+                attributes={k: str(v) for k, v in attributes.items()},
+            )
             self._history.append(ev)
             subs = list(self._subs)
             listeners = list(self._listeners)

@@ -56,10 +56,13 @@ def _redact(value: Any, depth: int = 0) -> Any:
         return value  # payloads are logged by size, never decoded here
     if isinstance(value, Mapping):
         return {
-            k: (REDACTED if isinstance(k, str) and _SECRET_KEY.search(k) and v not in (None, "")
-                else _redact(v, depth + 1))
+            k: (
+                REDACTED
+                if isinstance(k, str) and _SECRET_KEY.search(k) and v not in (None, "")
+                else _redact(v, depth + 1)
+            )
             for k, v in value.items()
-        }  # fmt: skip
+        }
     if isinstance(value, list | tuple):
         items = [_redact(v, depth + 1) for v in value]
         return items if isinstance(value, list) else tuple(items)

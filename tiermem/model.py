@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from tiermem import evict
 from tiermem.errors import InvalidArgument
 from tiermem.ids import validate_id
 
@@ -160,6 +161,10 @@ class EvictionPolicy:
     retrying, the vCPU stays blocked), True answers with UFFDIO_POISON (the guest gets SIGBUS)."""
     version: int = 0
     """Monotonic version assigned by the control plane (0 = local)."""
+    algorithm: str = "age"
+    """Eviction algorithm (:mod:`tiermem.evict`: ``age``, ``rrd``, ``recommended``)."""
+    algorithm_options: str = ""
+    """Its options, ``key=value[,key=value]``."""
 
     MAX_INTERVAL_MS = 7 * 24 * 3600 * 1000
     MAX_PREFETCH = 512
@@ -184,6 +189,7 @@ class EvictionPolicy:
             raise InvalidArgument("slo_promotion_rate must be between 0 and 1 (per evicted page per minute)")
         if not self.store:
             raise InvalidArgument("store must be a store name")
+        evict.parse_options(self.algorithm, self.algorithm_options)  # names the bad algorithm or option
         if known_stores is not None and self.store not in known_stores:
             raise InvalidArgument(f"unknown store {self.store!r}; known: {', '.join(sorted(known_stores))}")
         return self
@@ -299,12 +305,24 @@ class Event:
 def policy_to_dict(p: EvictionPolicy) -> dict[str, Any]:
     """A JSON-serialisable form of a policy (for durable state)."""
     return {
-        "interval_ms": p.interval_ms, "cold_after": p.cold_after,
-        "max_evict": {"pages": p.max_evict.pages, "bytes": p.max_evict.bytes, "fraction": p.max_evict.fraction},
-        "min_resident_bytes": p.min_resident_bytes, "store": p.store, "compression": p.compression.value,
-        "prefetch_pages": p.prefetch_pages, "paused": p.paused, "slo_promotion_rate": p.slo_promotion_rate,
-        "poison_missing": p.poison_missing, "version": p.version,
-    }  # fmt: skip
+        "interval_ms": p.interval_ms,
+        "cold_after": p.cold_after,
+        "max_evict": {
+            "pages": p.max_evict.pages,
+            "bytes": p.max_evict.bytes,
+            "fraction": p.max_evict.fraction,
+        },
+        "min_resident_bytes": p.min_resident_bytes,
+        "store": p.store,
+        "compression": p.compression.value,
+        "prefetch_pages": p.prefetch_pages,
+        "paused": p.paused,
+        "slo_promotion_rate": p.slo_promotion_rate,
+        "poison_missing": p.poison_missing,
+        "version": p.version,
+        "algorithm": p.algorithm,
+        "algorithm_options": p.algorithm_options,
+    }
 
 
 def policy_from_dict(d: dict[str, Any]) -> EvictionPolicy:
@@ -326,6 +344,8 @@ def policy_from_dict(d: dict[str, Any]) -> EvictionPolicy:
             slo_promotion_rate=float(d.get("slo_promotion_rate", 0.0)),
             poison_missing=bool(d.get("poison_missing", False)),
             version=int(d.get("version", 0)),
+            algorithm=str(d.get("algorithm", base.algorithm)),
+            algorithm_options=str(d.get("algorithm_options", "")),
         )
     except (TypeError, ValueError) as e:
         raise InvalidArgument(f"invalid policy: {e}") from None

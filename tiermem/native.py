@@ -63,18 +63,26 @@ def run_bounds(states: np.ndarray, mask: int = 0xFF, val: int = -1) -> np.ndarra
     return out[: k + 2]
 
 
-def regions(starts: np.ndarray, ends: np.ndarray, keys: np.ndarray, base: int, page_size: int,
-            dtype: Any) -> np.ndarray:  # fmt: skip
+def regions(
+    starts: np.ndarray, ends: np.ndarray, keys: np.ndarray, base: int, page_size: int, dtype: Any
+) -> np.ndarray:
     """Page runs as an array of ``dtype`` (three u64 fields: start, end, categories); native only."""
     assert mod is not None
     out = np.empty(len(starts), dtype=dtype)
-    mod.regions(starts.astype(np.int64, copy=False), ends.astype(np.int64, copy=False),
-                keys.astype(np.int64, copy=False), base, page_size, out)  # fmt: skip
+    mod.regions(
+        starts.astype(np.int64, copy=False),
+        ends.astype(np.int64, copy=False),
+        keys.astype(np.int64, copy=False),
+        base,
+        page_size,
+        out,
+    )
     return out
 
 
-def match_regions(states: np.ndarray, mask: int, val: int, match: int, key: int, base: int, page_size: int,
-                  dtype: Any) -> np.ndarray:  # fmt: skip
+def match_regions(
+    states: np.ndarray, mask: int, val: int, match: int, key: int, base: int, page_size: int, dtype: Any
+) -> np.ndarray:
     """The runs of states of class ``match`` (classes as in :func:`run_bounds`) as an array of ``dtype``
     regions (start and end addresses, ``key`` as categories), in one pass over the states after a
     counting pass. Native only."""

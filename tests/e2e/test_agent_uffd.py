@@ -29,8 +29,12 @@ PS = 4096
 
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[Agent]:
-    s = AgentSettings(node_id="n1", data_dir=str(tmp_path / "agent"), autonomous=False,
-                      handoff_socket=str(tmp_path / "h" / "handoff.sock"))  # fmt: skip
+    s = AgentSettings(
+        node_id="n1",
+        data_dir=str(tmp_path / "agent"),
+        autonomous=False,
+        handoff_socket=str(tmp_path / "h" / "handoff.sock"),
+    )
     a = Agent(s)
     stop = start_handoff(a)
     yield a
@@ -53,8 +57,12 @@ def test_detection_is_exact_and_evicted_pages_fault_back(agent: Agent, tmp_path:
         with s.cycle_lock:
             eng.begin()  # the VMM zaps every PTE; first touches are now MINOR faults
             guest.cmd(f"touch {pages_spec(hot)} r")
-            scan = b.pagemap_scan(b.base, b.base + b.size, category_mask=uapi.PAGE_IS_ACCESSED,
-                                  return_mask=uapi.PAGE_IS_ACCESSED)  # fmt: skip
+            scan = b.pagemap_scan(
+                b.base,
+                b.base + b.size,
+                category_mask=uapi.PAGE_IS_ACCESSED,
+                return_mask=uapi.PAGE_IS_ACCESSED,
+            )
             seen = np.flatnonzero(scan.page_mask(b.base, b.base + b.size, PS)).tolist()
             rep = eng.finish(CycleMode.EVICT)
         tp = len(set(seen) & set(hot))
@@ -98,11 +106,29 @@ def test_cycles_while_the_guest_runs_lose_nothing(agent: Agent) -> None:
 def _agent_proc(tmp: Path, redis_url: str, port: int) -> subprocess.Popen[bytes]:
     env = {**os.environ, "TIERMEM_AGENT_AUTONOMOUS": "false"}
     return subprocess.Popen(
-        [sys.executable, "-m", "tiermem", "serve", "agent", "--node-id", "n1", "--listen", f"127.0.0.1:{port}",
-         "--data-dir", str(tmp / "agent"), "--store", f"default={redis_url}", "--handoff-socket",
-         str(tmp / "h" / "handoff.sock"), "--log-format", "console"],
-        env=env, stdout=subprocess.DEVNULL, stderr=open(tmp / "agent.log", "ab"),
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "tiermem",
+            "serve",
+            "agent",
+            "--node-id",
+            "n1",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--data-dir",
+            str(tmp / "agent"),
+            "--store",
+            f"default={redis_url}",
+            "--handoff-socket",
+            str(tmp / "h" / "handoff.sock"),
+            "--log-format",
+            "console",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp / "agent.log", "ab"),
+    )
 
 
 @pytest.mark.redis
@@ -123,8 +149,9 @@ def test_agent_sigkill_and_restart_serves_every_page(tmp_path: Path) -> None:
         guest.cmd("touch 0-4095 w")
         guest.cmd("touch 0-99 w")
         pol = types_pb2.EvictionPolicy(interval_ms=100, cold_after=1, prefetch_pages=2)
-        rep = stub.RunCycle(agent_pb2.RunCycleRequest(vm_id="pg3", mode=types_pb2.CYCLE_MODE_EVICT, policy=pol),
-                            timeout=30)  # fmt: skip
+        rep = stub.RunCycle(
+            agent_pb2.RunCycleRequest(vm_id="pg3", mode=types_pb2.CYCLE_MODE_EVICT, policy=pol), timeout=30
+        )
         assert rep.pages_evicted == 4096
         agent.send_signal(signal.SIGKILL)
         agent.wait(10)

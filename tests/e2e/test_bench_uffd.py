@@ -71,8 +71,22 @@ def test_evict_uffd_local() -> None:
 @pytest.mark.parametrize("path", ["native", "python"])
 def test_agent_with_redis(redis_srv: Any, path: str) -> None:
     more = ["--python-path"] if path == "python" else []
-    out = bench("agent", "--store", redis_srv.url, "--sim-vms", "2", "--sim-mib", "8", "--guest-mib", "4",
-                "--cap-mib", "2", "--interval-ms", "50", *more)  # fmt: skip
+    out = bench(
+        "agent",
+        "--store",
+        redis_srv.url,
+        "--sim-vms",
+        "2",
+        "--sim-mib",
+        "8",
+        "--guest-mib",
+        "4",
+        "--cap-mib",
+        "2",
+        "--interval-ms",
+        "50",
+        *more,
+    )
     expect = "native" if path == "native" and getattr(native.mod, "HAVE_REDIS", False) else "python"
     assert out["fault_path"] == expect
     assert out["native_served"] == (1024 if expect == "native" else 0)
@@ -110,8 +124,21 @@ def test_kvm() -> None:
 
 
 def test_agent_with_a_local_store_faults_on_the_native_path(tmp_path: Any) -> None:
-    out = bench("agent", "--store", f"file://{tmp_path}/pages", "--sim-vms", "2", "--sim-mib", "8",
-                "--guest-mib", "4", "--cap-mib", "2", "--interval-ms", "50")  # fmt: skip
+    out = bench(
+        "agent",
+        "--store",
+        f"file://{tmp_path}/pages",
+        "--sim-vms",
+        "2",
+        "--sim-mib",
+        "8",
+        "--guest-mib",
+        "4",
+        "--cap-mib",
+        "2",
+        "--interval-ms",
+        "50",
+    )
     assert out["mismatches"] == 0
     if native.paths()["fault_serve"] != "native":
         assert out["fault_path"] == "python" and out["native_served"] == 0

@@ -18,8 +18,12 @@ pytestmark = [pytest.mark.kvm, pytest.mark.uffd, pytest.mark.timeout(120)]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "tiermem", "vm", "run", "--json", *args], capture_output=True,
-                          text=True, timeout=100)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "tiermem", "vm", "run", "--json", *args],
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
 
 
 def test_vm_run_alone_verifies_every_page() -> None:
@@ -31,15 +35,40 @@ def test_vm_run_alone_verifies_every_page() -> None:
 
 
 def test_vm_run_under_an_agent_hands_its_memory_over(tmp_path: Path) -> None:
-    agent = Agent(AgentSettings(node_id="n1", data_dir=str(tmp_path / "a"), autonomous=False,
-                                handoff_socket=str(tmp_path / "h" / "sock")))  # fmt: skip
+    agent = Agent(
+        AgentSettings(
+            node_id="n1",
+            data_dir=str(tmp_path / "a"),
+            autonomous=False,
+            handoff_socket=str(tmp_path / "h" / "sock"),
+        )
+    )
     stop = start_handoff(agent)
     try:
         seen: list[int] = []
-        proc = subprocess.Popen([sys.executable, "-m", "tiermem", "vm", "run", "--json", "--memory", "64M",
-                                 "--duration", "2s", "--workload", "hotset:0.2", "--vm-id", "kv1",
-                                 "--agent", agent.settings.handoff_path()],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tiermem",
+                "vm",
+                "run",
+                "--json",
+                "--memory",
+                "64M",
+                "--duration",
+                "2s",
+                "--workload",
+                "hotset:0.2",
+                "--vm-id",
+                "kv1",
+                "--agent",
+                agent.settings.handoff_path(),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         deadline = time.monotonic() + 30
         while proc.poll() is None and time.monotonic() < deadline:
             s = agent.sessions.get("kv1")
@@ -72,8 +101,14 @@ def test_vm_run_over_an_earlier_vmms_pages_needs_fresh(tmp_path: Path) -> None:
     from tests.helpers.guest import GuestProc
     from tiermem.model import CycleMode, EvictionPolicy, VmState
 
-    agent = Agent(AgentSettings(node_id="n1", data_dir=str(tmp_path / "a"), autonomous=False,
-                                handoff_socket=str(tmp_path / "h" / "sock")))  # fmt: skip
+    agent = Agent(
+        AgentSettings(
+            node_id="n1",
+            data_dir=str(tmp_path / "a"),
+            autonomous=False,
+            handoff_socket=str(tmp_path / "h" / "sock"),
+        )
+    )
     stop = start_handoff(agent)
     path = agent.settings.handoff_path()
     try:
@@ -94,8 +129,19 @@ def test_vm_run_over_an_earlier_vmms_pages_needs_fresh(tmp_path: Path) -> None:
         assert len(p.stderr.strip().splitlines()) == 1 and "reattach with the secret" in p.stderr
         assert agent.index.count("kv2") == 1024  # nothing of the old VM was touched
 
-        p = _run("--memory", "4M", "--duration", "1s", "--workload", "hotset:0.2", "--vm-id", "kv2",
-                 "--agent", path, "--fresh")  # fmt: skip
+        p = _run(
+            "--memory",
+            "4M",
+            "--duration",
+            "1s",
+            "--workload",
+            "hotset:0.2",
+            "--vm-id",
+            "kv2",
+            "--agent",
+            path,
+            "--fresh",
+        )
         assert p.returncode == 0, p.stderr
         assert json.loads(p.stdout)["mismatches"] == 0  # its own memory, not the old VM's
         assert agent.sessions.get("kv2") is None or agent.sessions["kv2"].incarnation != old_inc

@@ -62,8 +62,10 @@ def redis_srv(tmp_path: Path, store_kind: str) -> Iterator[RedisServer | None]:
         yield None
         return
     require(redis_reason())
-    srv = RedisServer(tmp_path / "redis", extra_args=["--requirepass", "not-this-one", "--user", "tm", "on",
-                                                       ">s3cr3t-pw", "~*", "&*", "+@all"])  # fmt: skip
+    srv = RedisServer(
+        tmp_path / "redis",
+        extra_args=["--requirepass", "not-this-one", "--user", "tm", "on", ">s3cr3t-pw", "~*", "&*", "+@all"],
+    )
     srv.tmpdir.mkdir()
     srv.start()
     yield srv
@@ -77,8 +79,13 @@ def agent(tmp_path: Path, path: str, redis_srv: RedisServer | None) -> Iterator[
         if redis_srv is None
         else f"redis://tm:s3cr3t-pw@127.0.0.1:{redis_srv.port}/0"
     )
-    s = AgentSettings(node_id="n1", data_dir=str(tmp_path / "agent"), autonomous=False,
-                      stores={"default": url}, handoff_socket=str(tmp_path / "h" / "handoff.sock"))  # fmt: skip
+    s = AgentSettings(
+        node_id="n1",
+        data_dir=str(tmp_path / "agent"),
+        autonomous=False,
+        stores={"default": url},
+        handoff_socket=str(tmp_path / "h" / "handoff.sock"),
+    )
     a = Agent(s)
     stop = start_handoff(a)
     yield a
@@ -218,8 +225,10 @@ def test_corrupt_payload_is_never_installed_and_the_fault_waits(
         t.join(1.5)
         assert t.is_alive(), "the vCPU must wait: a corrupt payload is never installed"
         assert agent.index.get("vm1", victim) == entry  # still evicted, still indexed
-        wait_until(lambda: any(e.kind is EventKind.INTEGRITY_ERROR for e in agent.events.history("vm1")),
-                   "the integrity event")  # fmt: skip
+        wait_until(
+            lambda: any(e.kind is EventKind.INTEGRITY_ERROR for e in agent.events.history("vm1")),
+            "the integrity event",
+        )
         nf = agent.faults["vm1"].native
         if path == "native":
             assert nf is not None and nf.stats()["fallbacks"]["verify"] >= 1  # refused natively too

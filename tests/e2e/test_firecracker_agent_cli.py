@@ -30,8 +30,13 @@ MiB = 1 << 20
 def tiermem(
     *args: str, env: dict[str, str] | None = None, timeout: float = 180
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "tiermem", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "tiermem", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 @pytest.fixture
@@ -40,12 +45,31 @@ def agent_proc(tmp_path: Path, redis_srv: RedisServer, s3_srv: S3Server) -> Iter
     handoff = tmp_path / "h" / "handoff.sock"
     log = (tmp_path / "agent.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tiermem", "serve", "agent", "--listen", f"127.0.0.1:{port}", "--node-id", "fc1",
-         "--data-dir", str(tmp_path / "agent"), "--handoff-socket", str(handoff),
-         "--restore-socket-dir", str(tmp_path / "r"), "--store", f"redis={redis_srv.url}",
-         "--store", f"s3={s3_srv.url('fc-cli')}"],
-        stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, **s3_srv.env()},
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "tiermem",
+            "serve",
+            "agent",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--node-id",
+            "fc1",
+            "--data-dir",
+            str(tmp_path / "agent"),
+            "--handoff-socket",
+            str(handoff),
+            "--restore-socket-dir",
+            str(tmp_path / "r"),
+            "--store",
+            f"redis={redis_srv.url}",
+            "--store",
+            f"s3={s3_srv.url('fc-cli')}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+        env={**os.environ, **s3_srv.env()},
+    )
     try:
         wait_port(port, 60, proc)
         yield f"127.0.0.1:{port}", handoff
@@ -70,8 +94,19 @@ def test_import_then_restore_gives_byte_identical_memory(
     mem.write_bytes(raw.tobytes())
     vm = f"fc-{store}"
     more = ["--prefetch", "64"] if store == "s3" else []  # one ranged GET per fault: fetch more per trip
-    r = tiermem("snapshot", "import", vm, "--mem-file", str(mem), "--store", store, "--agent", address, "--json",
-                *more)  # fmt: skip
+    r = tiermem(
+        "snapshot",
+        "import",
+        vm,
+        "--mem-file",
+        str(mem),
+        "--store",
+        store,
+        "--agent",
+        address,
+        "--json",
+        *more,
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert {"vm_id", "pages", "zero_pages", "stored_bytes", "socket"} <= set(out)
@@ -125,9 +160,24 @@ def test_import_shows_progress_on_a_tty(agent_proc: tuple[str, Path], tmp_path: 
     mem = tmp_path / "tty.bin"
     mem.write_bytes(np.random.default_rng(5).integers(0, 256, 16 * MiB, dtype=np.uint8).tobytes())
     master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "tiermem", "snapshot", "import", "fc-tty", "--mem-file", str(mem),
-                             "--agent", address], stdin=slave, stdout=slave, stderr=slave,
-                            env={**os.environ, "COLUMNS": "120", "TERM": "xterm"})  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tiermem",
+            "snapshot",
+            "import",
+            "fc-tty",
+            "--mem-file",
+            str(mem),
+            "--agent",
+            address,
+        ],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env={**os.environ, "COLUMNS": "120", "TERM": "xterm"},
+    )
     os.close(slave)
     out = b""
     while True:

@@ -26,8 +26,12 @@ pytestmark = [pytest.mark.uffd, pytest.mark.timeout(120)]
 
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[Agent]:
-    s = AgentSettings(node_id="n1", data_dir=str(tmp_path / "agent"), autonomous=False,
-                      handoff_socket=str(tmp_path / "h" / "handoff.sock"))  # fmt: skip
+    s = AgentSettings(
+        node_id="n1",
+        data_dir=str(tmp_path / "agent"),
+        autonomous=False,
+        handoff_socket=str(tmp_path / "h" / "handoff.sock"),
+    )
     a = Agent(s)
     stop = start_handoff(a)
     yield a

@@ -37,9 +37,14 @@ class Node:
     """An agent with its shared handoff socket and its restore service."""
 
     def __init__(self, tmp: Path, stores: dict[str, str] | None = None) -> None:
-        s = AgentSettings(node_id="n1", data_dir=str(tmp / "agent"), autonomous=False, stores=stores or {},
-                          handoff_socket=str(tmp / "h" / "handoff.sock"),
-                          restore_socket_dir=str(tmp / "r"))  # fmt: skip
+        s = AgentSettings(
+            node_id="n1",
+            data_dir=str(tmp / "agent"),
+            autonomous=False,
+            stores=stores or {},
+            handoff_socket=str(tmp / "h" / "handoff.sock"),
+            restore_socket_dir=str(tmp / "r"),
+        )
         self.agent = Agent(s)
         self.stop_handoff = start_handoff(self.agent)
         self.restores = RestoreService(self.agent).start()
@@ -83,8 +88,9 @@ def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.02)
 
 
-def restore_and_compare(node: Node, vm: str, raw: bytes, regions: str, tmp: Path, hole: str = "0",
-                        variant: str = "current") -> dict[str, object]:  # fmt: skip
+def restore_and_compare(
+    node: Node, vm: str, raw: bytes, regions: str, tmp: Path, hole: str = "0", variant: str = "current"
+) -> dict[str, object]:
     fc = FirecrackerProcess(node.restores.socket_path(vm), regions, hole=hole, vcpus=2, variant=variant)
     try:
         out = tmp / f"{vm}.dump"
@@ -155,8 +161,9 @@ def test_restore_from_redis_is_byte_identical(tmp_path: Path, redis_srv: RedisSe
     node = Node(tmp_path, {"redis": redis_srv.url})
     try:
         raw = memory_file(tmp_path / "mem", 16 * MiB, seed=2)
-        info = node.restores.import_snapshot("snap-redis", mem_file=str(tmp_path / "mem"), store="redis",
-                                             prefetch_pages=32)  # fmt: skip
+        info = node.restores.import_snapshot(
+            "snap-redis", mem_file=str(tmp_path / "mem"), store="redis", prefetch_pages=32
+        )
         rec = node.agent.index.record("snap-redis")
         assert rec is not None
         space = snapshot_space("n1", rec)
@@ -179,8 +186,13 @@ def test_restore_from_s3_is_byte_identical_and_imports_from_an_s3_object(
         s3_srv.client().put_object(Bucket=s3_srv.bucket, Key="snapshots/mem.bin", Body=raw)
         obj = f"s3://{s3_srv.bucket}/snapshots/mem.bin?endpoint={s3_srv.endpoint}&region={s3_srv.region}"
         seen: list[tuple[int, int]] = []
-        info = node.restores.import_snapshot("snap-s3", mem_object=obj, store="s3", prefetch_pages=64,
-                                             progress=lambda d, t: seen.append((d, t)))  # fmt: skip
+        info = node.restores.import_snapshot(
+            "snap-s3",
+            mem_object=obj,
+            store="s3",
+            prefetch_pages=64,
+            progress=lambda d, t: seen.append((d, t)),
+        )
         assert len(seen) == 4 and seen[-1] == (info.pages, info.pages)  # streamed: one ranged GET per 4 MiB
         restore_and_compare(node, "snap-s3", raw, "16M", tmp_path, variant="page_size_kib")
     finally:
@@ -242,9 +254,15 @@ def test_killing_the_client_mid_restore_leaves_the_agent_healthy(node: Node, tmp
     node.restores.import_snapshot("snap-kill", mem_file=str(tmp_path / "mem"))
     fc = FirecrackerProcess(node.restores.socket_path("snap-kill"), "16M", vcpus=4)
     fc.cmd("start 0-4095")
-    wait_until(lambda: "snap-kill" in node.agent.sessions
-               and (node.agent.sessions["snap-kill"].restore is not None)
-               and node.agent.sessions["snap-kill"].counters.faults_served > 20, 30, "faults to be served")  # fmt: skip
+    wait_until(
+        lambda: (
+            "snap-kill" in node.agent.sessions
+            and (node.agent.sessions["snap-kill"].restore is not None)
+            and node.agent.sessions["snap-kill"].counters.faults_served > 20
+        ),
+        30,
+        "faults to be served",
+    )
     fc.kill()
     fc.close()
     wait_until(lambda: bool(node.events(EventKind.RESTORE_FINISHED)), 10, "the RESTORE_FINISHED event")
@@ -286,8 +304,9 @@ def test_after_an_agent_restart_the_snapshot_restores_and_unfinished_imports_are
         from tiermem.agent.index import VmRecord
         from tiermem.store.base import PageBlob
 
-        node.agent.index.add_vm(VmRecord("snap-half", "uffd", 1024, PS, {"snapshot": {"state": "importing",
-                                                                                     "store": "default"}}))  # fmt: skip
+        node.agent.index.add_vm(
+            VmRecord("snap-half", "uffd", 1024, PS, {"snapshot": {"state": "importing", "store": "default"}})
+        )
         st = node.agent.store("default")
         node.agent.index.put_many(
             "snap-half", "default", st.put_pages("snap-half", [PageBlob(0, 1, b"x" * PS)])

@@ -61,8 +61,14 @@ def closed_by_peer(read_end: int, timeout: float = 5.0) -> bool:
 
 
 def good_description(vm_id: str = "vm-ok", base: int = 0x7F00_0000_0000) -> dict[str, Any]:
-    return {"version": 1, "vm_id": vm_id, "mode": "uffd", "vmm_pid": os.getpid(), "features": 0,
-            "regions": [{"base_host_virt_addr": base, "size": 16 * PS, "offset": 0, "page_size": PS}]}  # fmt: skip
+    return {
+        "version": 1,
+        "vm_id": vm_id,
+        "mode": "uffd",
+        "vmm_pid": os.getpid(),
+        "features": 0,
+        "regions": [{"base_host_virt_addr": base, "size": 16 * PS, "offset": 0, "page_size": PS}],
+    }
 
 
 def send(s: socket.socket, data: bytes, fds: list[int]) -> None:
@@ -102,8 +108,12 @@ BAD_HANDSHAKES: list[tuple[str, object, int, str]] = [
     ("bad vm_id", {**good_description(), "vm_id": "../etc"}, 2, "invalid_argument"),
     ("unknown mode", {**good_description(), "mode": "swap"}, 2, "invalid_argument"),
     ("regions not a list", {**good_description(), "regions": "all"}, 2, "invalid_argument"),
-    ("region field type", {**good_description(), "regions": [{"base_host_virt_addr": "0x1", "size": 4096}]}, 2,
-     "invalid_argument"),
+    (
+        "region field type",
+        {**good_description(), "regions": [{"base_host_virt_addr": "0x1", "size": 4096}]},
+        2,
+        "invalid_argument",
+    ),
     ("features negative", {**good_description(), "features": -1}, 2, "invalid_argument"),
     ("unknown first message", {**good_description(), "type": "zap"}, 2, "invalid_argument"),
     ("no fds", good_description(), 0, "invalid_argument"),
@@ -111,19 +121,31 @@ BAD_HANDSHAKES: list[tuple[str, object, int, str]] = [
     ("three fds", good_description(), 3, "invalid_argument"),
     ("fds of the wrong kind", good_description(), 2, "invalid_argument"),
     ("too many fds", good_description(), 12, "invalid_argument"),
-    ("firecracker with two fds", b'[{"base_host_virt_addr":140000000000000,"size":8192,"offset":0}]', 2,
-     "invalid_argument"),
-    ("firecracker with a pipe", b'[{"base_host_virt_addr":140000000000000,"size":8192,"offset":0}]', 1,
-     "invalid_argument"),
+    (
+        "firecracker with two fds",
+        b'[{"base_host_virt_addr":140000000000000,"size":8192,"offset":0}]',
+        2,
+        "invalid_argument",
+    ),
+    (
+        "firecracker with a pipe",
+        b'[{"base_host_virt_addr":140000000000000,"size":8192,"offset":0}]',
+        1,
+        "invalid_argument",
+    ),
     ("firecracker malformed", b'[{"base_host_virt_addr":1', 1, "invalid_argument"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("name,payload,nfds,code", BAD_HANDSHAKES, ids=[b[0] for b in BAD_HANDSHAKES])
 def test_bad_handshakes_get_an_error_their_fds_closed_and_others_are_served(
     agent: MiniAgent, name: str, payload: object, nfds: int, code: str
 ) -> None:
-    data = encode_frame(payload) if isinstance(payload, dict) else bytes(payload)
+    if isinstance(payload, dict):
+        data = encode_frame(payload)
+    else:
+        assert isinstance(payload, bytes)
+        data = payload
     r, w = os.pipe()
     with connect(agent.path) as s:
         send(s, data, [w] * nfds)
@@ -273,9 +295,14 @@ def snapshot_page(offset: int) -> bytes:
 
 
 def test_firecracker_handshake_is_served_missing_only(agent: MiniAgent) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", FIRECRACKER_LIKE, agent.path], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FIRECRACKER_LIKE, agent.path],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     try:
         a = agent.wait_attach()
         assert a.mode == "firecracker" and not a.tracking and a.memfd is None
@@ -302,8 +329,12 @@ def test_firecracker_handshake_is_served_missing_only(agent: MiniAgent) -> None:
         with pytest.raises(OSError) as ei:  # the hole between the regions is not guest memory
             be.zeropage(hole, PS)
         assert ei.value.errno == 22 and not be.closed
-        for call in (lambda: be.rwprotect(be.base, PS, protect=True), lambda: be.pagemap_scan(be.base, be.base + PS),
-                     lambda: be.punch_hole(0, PS), lambda: be.io_read(0, PS)):  # fmt: skip
+        for call in (
+            lambda: be.rwprotect(be.base, PS, protect=True),
+            lambda: be.pagemap_scan(be.base, be.base + PS),
+            lambda: be.punch_hole(0, PS),
+            lambda: be.io_read(0, PS),
+        ):
             with pytest.raises(OSError) as ei:
                 call()
             assert ei.value.errno == 95  # EOPNOTSUPP

@@ -9,6 +9,8 @@ through the memfd, like a restored memory image) so every cold page holds data.
 
 from __future__ import annotations
 
+import functools
+import operator
 import threading
 import time
 from collections.abc import Iterator
@@ -32,8 +34,14 @@ HOT = 0.1
 
 
 def _agent(tmp_path: Path, stores: dict[str, str] | None = None) -> tuple[Agent, object]:
-    s = AgentSettings(node_id="kvm-node", data_dir=str(tmp_path / "agent"), autonomous=False, fsync=False,
-                      handoff_socket=str(tmp_path / "h" / "handoff.sock"), stores=stores or {})  # fmt: skip
+    s = AgentSettings(
+        node_id="kvm-node",
+        data_dir=str(tmp_path / "agent"),
+        autonomous=False,
+        fsync=False,
+        handoff_socket=str(tmp_path / "h" / "handoff.sock"),
+        stores=stores or {},
+    )
     a = Agent(s)
     return a, start_handoff(a)
 
@@ -89,7 +97,7 @@ def _run_scenario(agent: Agent, vm_id: str, memory: int, store: str = "default")
         evicted_cold = np.intersect1d(evicted, cold)
         assert len(evicted_cold) >= 0.8 * len(cold), (len(evicted_cold), len(cold))
         assert vm.resident_bytes() <= resident_before - 0.8 * len(cold) * 4096
-        assert agent.store(store).usage(vm_id).pages >= len(evicted_cold)
+        assert agent.store(store).usage(agent.sessions[vm_id].space).pages >= len(evicted_cold)
         assert vm.summary().zaps_served >= 3  # the agent's zaps ran in this VMM
 
         # The guest touches a random sample of evicted pages: every fault is served from the store.
@@ -136,11 +144,15 @@ def test_kvm_guest_against_redis(tmp_path: Path) -> None:
 
 
 def test_two_kvm_guests_under_one_agent(agent: Agent) -> None:
-    with KvmVm("kvm-g1", 32 * MiB, vcpus=1, workload_spec=f"hotset:{HOT}:w=0.5", seed=1) as a, \
-         KvmVm("kvm-g2", 32 * MiB, vcpus=1, workload_spec=f"hotset:{HOT}:w=0.5", seed=2) as b:  # fmt: skip
+    with (
+        KvmVm("kvm-g1", 32 * MiB, vcpus=1, workload_spec=f"hotset:{HOT}:w=0.5", seed=1) as a,
+        KvmVm("kvm-g2", 32 * MiB, vcpus=1, workload_spec=f"hotset:{HOT}:w=0.5", seed=2) as b,
+    ):
         for vm in (a, b):
             vm.start(agent.settings.handoff_path())
-            wait_until(lambda vm_id=vm.vm_id: vm_id in agent.sessions, 10, f"{vm.vm_id} to attach")
+            wait_until(
+                functools.partial(operator.contains, agent.sessions, vm.vm_id), 10, f"{vm.vm_id} to attach"
+            )
             vm.prefill()
             agent.set_policy(vm.vm_id, EvictionPolicy(cold_after=1, prefetch_pages=8))
         # Only guest one runs and gets evicted; guest two is idle and never cycled.

@@ -109,8 +109,10 @@ def test_guest_access_outside_ram_is_reported_not_hidden(vm: KvmVm) -> None:
 
 
 def test_two_guests_never_see_each_other() -> None:
-    with KvmVm("kvm-one", 16 * MiB, workload_spec="mix:0.5", seed=1) as a, \
-         KvmVm("kvm-two", 16 * MiB, workload_spec="mix:0.5", seed=2) as b:  # fmt: skip
+    with (
+        KvmVm("kvm-one", 16 * MiB, workload_spec="mix:0.5", seed=1) as a,
+        KvmVm("kvm-two", 16 * MiB, workload_spec="mix:0.5", seed=2) as b,
+    ):
         a.start()
         b.start()
         b.run_batches(20)

@@ -21,8 +21,14 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
 def run_guest(*args: str, timeout: float = 60) -> tuple[int, list[dict[str, object]]]:
-    p = subprocess.run([sys.executable, "-m", "tiermem.guests.process", *args], capture_output=True, text=True,
-                       env=ENV, cwd=ROOT, timeout=timeout)  # fmt: skip
+    p = subprocess.run(
+        [sys.executable, "-m", "tiermem.guests.process", *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
+        timeout=timeout,
+    )
     return p.returncode, [json.loads(line) for line in p.stdout.splitlines() if line.strip()]
 
 
@@ -39,8 +45,21 @@ def test_batch_mode_with_everything_evicted_up_front_verifies_clean(tmp_path: Pa
 
     agent = MiniAgent(tmp_path / "h.sock", on_attach=evict_all)
     try:
-        rc, out = run_guest("--socket", agent.path, "--vm-id", "vm-batch", "--memory", "16M", "--prefill",
-                            "--workload", "zipf:1.1:w=0.5", "--seed", "3", "--batches", "40")  # fmt: skip
+        rc, out = run_guest(
+            "--socket",
+            agent.path,
+            "--vm-id",
+            "vm-batch",
+            "--memory",
+            "16M",
+            "--prefill",
+            "--workload",
+            "zipf:1.1:w=0.5",
+            "--seed",
+            "3",
+            "--batches",
+            "40",
+        )
         assert rc == 0, out
         assert out[0]["ready"] is True and out[0]["pages"] == 4096
         assert out[-1]["done"] is True and out[-1]["mismatches"] == 0
@@ -89,8 +108,9 @@ def test_command_line_errors_are_json(tmp_path: Path) -> None:
 
 @pytest.mark.uffd
 def test_no_agent_is_a_clear_error(tmp_path: Path) -> None:
-    rc, out = run_guest("--socket", str(tmp_path / "none.sock"), "--vm-id", "vm-alone", "--memory", "1M",
-                        "--timeout", "0.3")  # fmt: skip
+    rc, out = run_guest(
+        "--socket", str(tmp_path / "none.sock"), "--vm-id", "vm-alone", "--memory", "1M", "--timeout", "0.3"
+    )
     assert rc == 2 and "no agent answered" in str(out[0]["error"])
 
 

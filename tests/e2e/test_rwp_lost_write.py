@@ -43,8 +43,12 @@ def _skip_reason() -> str | None:
 def agent(tmp_path: Path) -> Iterator[Agent]:
     if why := _skip_reason():
         pytest.skip(why)
-    s = AgentSettings(node_id="n1", data_dir=str(tmp_path / "agent"), autonomous=False,
-                      handoff_socket=str(tmp_path / "h" / "handoff.sock"))  # fmt: skip
+    s = AgentSettings(
+        node_id="n1",
+        data_dir=str(tmp_path / "agent"),
+        autonomous=False,
+        handoff_socket=str(tmp_path / "h" / "handoff.sock"),
+    )
     a = Agent(s)
     stop = start_handoff(a)
     yield a
@@ -79,8 +83,9 @@ def cycle_with_writes_during_eviction(agent: Agent, guest: GuestProc, pages: str
 
 
 def test_prefilled_pages_written_during_eviction_lose_nothing(agent: Agent) -> None:
-    guest = GuestProc(agent.settings.handoff_path(), "pg1", f"{N * 4}K", "--mode", "rwp", "--prefill",
-                      timeout=120)  # fmt: skip
+    guest = GuestProc(
+        agent.settings.handoff_path(), "pg1", f"{N * 4}K", "--mode", "rwp", "--prefill", timeout=120
+    )
     try:
         deadline = time.monotonic() + 120
         while "pg1" not in agent.sessions:

@@ -89,8 +89,10 @@ def test_detection_finds_exactly_the_hot_set_and_eviction_loses_nothing(agent: M
         assert v["mismatches"] == 0, v["first"]
         assert not agent.saved  # every evicted page came back
         assert be.stats["missing"] >= len(cold)
-        print(f"\nfault round trip seen by the guest: p50 {r['p50_us']:.0f} us, p99 {r['p99_us']:.0f} us; "
-              f"agent-side service p50 {np.percentile(agent.service_us, 50):.0f} us")  # fmt: skip
+        print(
+            f"\nfault round trip seen by the guest: p50 {r['p50_us']:.0f} us, p99 {r['p99_us']:.0f} us; "
+            f"agent-side service p50 {np.percentile(agent.service_us, 50):.0f} us"
+        )
 
         # cycle 2 with an explicit set: protect resets the accessed bits
         be.rwprotect(be.base, be.size, protect=True)

@@ -35,8 +35,10 @@ class Vm:
         """A 'vCPU' access in a thread (the GIL is released while it is blocked in the fault)."""
         buf = ctypes.create_string_buffer(1)
         addr = self.gm.base + page * PS
-        t = threading.Thread(target=lambda: ctypes.memmove(addr, buf, 1) if write else ctypes.memmove(buf, addr, 1),
-                             daemon=True)  # fmt: skip
+        t = threading.Thread(
+            target=lambda: ctypes.memmove(addr, buf, 1) if write else ctypes.memmove(buf, addr, 1),
+            daemon=True,
+        )
         t.start()
         return t
 
@@ -131,15 +133,31 @@ def test_async_records_accesses_and_sync_parks_them(vm: Vm) -> None:
         (be.addr(1), be.addr(2)),
         (be.addr(3), be.addr(4)),
     ]
-    cold = be.pagemap_scan(be.base, end, category_mask=uapi.PAGE_IS_ACCESSED,
-                           category_inverted=uapi.PAGE_IS_ACCESSED, return_mask=uapi.PAGE_IS_ACCESSED)  # fmt: skip
+    cold = be.pagemap_scan(
+        be.base,
+        end,
+        category_mask=uapi.PAGE_IS_ACCESSED,
+        category_inverted=uapi.PAGE_IS_ACCESSED,
+        return_mask=uapi.PAGE_IS_ACCESSED,
+    )
     # the inverted scan reports still-protected pages and, as mainline does, the pages not in the memfd
     assert [(r["start"], r["end"]) for r in cold.regions] == [
-        (be.addr(0), be.addr(1)), (be.addr(2), be.addr(3)), (be.addr(4), be.addr(be.n_pages))]  # fmt: skip
-    proven = be.pagemap_scan(be.base, end, category_mask=uapi.PAGE_IS_PRESENT | uapi.PAGE_IS_ACCESSED,
-                             category_inverted=uapi.PAGE_IS_ACCESSED, return_mask=0)  # fmt: skip
+        (be.addr(0), be.addr(1)),
+        (be.addr(2), be.addr(3)),
+        (be.addr(4), be.addr(be.n_pages)),
+    ]
+    proven = be.pagemap_scan(
+        be.base,
+        end,
+        category_mask=uapi.PAGE_IS_PRESENT | uapi.PAGE_IS_ACCESSED,
+        category_inverted=uapi.PAGE_IS_ACCESSED,
+        return_mask=0,
+    )
     assert [(r["start"], r["end"]) for r in proven.regions] == [
-        (be.addr(0), be.addr(1)), (be.addr(2), be.addr(3)), (be.addr(4), be.addr(8))]  # fmt: skip
+        (be.addr(0), be.addr(1)),
+        (be.addr(2), be.addr(3)),
+        (be.addr(4), be.addr(8)),
+    ]
     assert be.stats["rwp"] == 0 and be.stats["minor"] == 2
 
     be.set_mode(disable=ASYNC)
@@ -178,8 +196,9 @@ def test_close_releases_a_parked_vcpu(vm: Vm) -> None:
 
 def test_uffd_backend_needs_minor_faults(vm: Vm) -> None:
     with pytest.raises(InvalidArgument, match="MINOR_SHMEM"):
-        UffdBackend(vm.gm.uffd, vm.gm.memfd, vm.be.regions, vm.be._control,
-                    features=uapi.UFFD_FEATURE_MISSING_SHMEM)  # fmt: skip
+        UffdBackend(
+            vm.gm.uffd, vm.gm.memfd, vm.be.regions, vm.be._control, features=uapi.UFFD_FEATURE_MISSING_SHMEM
+        )
 
 
 def test_many_guest_threads_fault_the_same_evicted_page(vm: Vm) -> None:

@@ -36,9 +36,18 @@ SOAK = os.environ.get("TIERMEM_SOAK") == "1"
 def fuzz_settings(examples: int, soak_examples: int | None = None) -> settings:
     """Hypothesis settings of the suite: modest example counts, no deadline; many more under --soak."""
     n = (soak_examples or examples * 10) if SOAK else examples
-    return settings(max_examples=n, deadline=None, derandomize=not SOAK, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
-                                           HealthCheck.data_too_large, HealthCheck.filter_too_much])  # fmt: skip
+    return settings(
+        max_examples=n,
+        deadline=None,
+        derandomize=not SOAK,
+        database=None,
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.function_scoped_fixture,
+            HealthCheck.data_too_large,
+            HealthCheck.filter_too_much,
+        ],
+    )
 
 
 class LoopThread:
@@ -87,8 +96,13 @@ class EventLog:
 # --- results ---------------------------------------------------------------------------------------
 def record(scenario: str, *, pages_verified: int, pages_lost: int, **figures: Any) -> None:
     """One scenario run's outcome: appended as JSON to $TIERMEM_RELIABILITY_LOG (docs/reliability.md)."""
-    row = {"scenario": scenario, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "pages_verified": pages_verified,
-           "pages_lost": pages_lost, **figures}  # fmt: skip
+    row = {
+        "scenario": scenario,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "pages_verified": pages_verified,
+        "pages_lost": pages_lost,
+        **figures,
+    }
     print("RELIABILITY " + json.dumps(row))
     path = os.environ.get("TIERMEM_RELIABILITY_LOG")
     if path:

@@ -54,8 +54,14 @@ def make_agent(tmp_path: Path) -> Iterator[AgentFactory]:
 
     def factory(stores: dict[str, str] | None = None, node_id: str = "n1", **kw: object) -> Agent:
         d = tmp_path / f"agent-{node_id}-{len(made)}"
-        s = AgentSettings(node_id=node_id, data_dir=str(d), stores=stores or {}, autonomous=False,
-                          handoff_socket=str(tmp_path / f"h{len(made)}" / "handoff.sock"), **kw)  # type: ignore[arg-type]  # fmt: skip
+        s = AgentSettings(
+            node_id=node_id,
+            data_dir=str(d),
+            stores=stores or {},
+            autonomous=False,
+            handoff_socket=str(tmp_path / f"h{len(made)}" / "handoff.sock"),
+            **kw,  # type: ignore[arg-type]
+        )
         a = Agent(s)
         made.append(a)
         return a

@@ -54,8 +54,11 @@ def _ints(lo: int, hi: int) -> st.SearchStrategy[int]:
     edges = sorted(
         {v for v in (lo, hi, 0, 1, -1, 2, 4095, 4096, 4097, 2**31 - 1, 2**32, 2**63 - 1) if lo <= v <= hi}
     )
-    return st.one_of(st.sampled_from(edges), st.integers(0, min(hi, 100_000)) if lo <= 0 else st.nothing(),
-                     st.integers(lo, hi))  # fmt: skip
+    return st.one_of(
+        st.sampled_from(edges),
+        st.integers(0, min(hi, 100_000)) if lo <= 0 else st.nothing(),
+        st.integers(lo, hi),
+    )
 
 
 def _scalar(f: FieldDescriptor) -> st.SearchStrategy[Any]:

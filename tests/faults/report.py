@@ -33,8 +33,10 @@ def table(rows: list[dict[str, Any]]) -> str:
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         groups[r["scenario"]].append(r)
-    out = ["| scenario | runs | pages verified | pages lost | figures (min–max over the runs) |",
-           "|---|---:|---:|---:|---|"]  # fmt: skip
+    out = [
+        "| scenario | runs | pages verified | pages lost | figures (min–max over the runs) |",
+        "|---|---:|---:|---:|---|",
+    ]
     for name, runs in groups.items():
         keys = [k for k in runs[0] if k not in _SKIP and not isinstance(runs[0][k], list | dict)]
         figures = ", ".join(f"{k} {_fmt([r.get(k) for r in runs if k in r])}" for k in keys)

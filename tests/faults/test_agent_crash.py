@@ -44,11 +44,29 @@ PAGES = 4096
 def _agent(tmp: Path, store_url: str, port: int) -> subprocess.Popen[bytes]:
     env = {**os.environ, "TIERMEM_AGENT_AUTONOMOUS": "false"}
     return subprocess.Popen(
-        [sys.executable, "-m", "tiermem", "serve", "agent", "--node-id", "n1", "--listen", f"127.0.0.1:{port}",
-         "--data-dir", str(tmp / "agent"), "--store", f"default={store_url}", "--handoff-socket",
-         str(tmp / "h" / "handoff.sock"), "--log-format", "console"],
-        env=env, stdout=subprocess.DEVNULL, stderr=open(tmp / "agent.log", "ab"),
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "tiermem",
+            "serve",
+            "agent",
+            "--node-id",
+            "n1",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--data-dir",
+            str(tmp / "agent"),
+            "--store",
+            f"default={store_url}",
+            "--handoff-socket",
+            str(tmp / "h" / "handoff.sock"),
+            "--log-format",
+            "console",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp / "agent.log", "ab"),
+    )
 
 
 def _guest_holes(pid: int, vm_id: str) -> set[int]:
@@ -85,8 +103,10 @@ def test_agent_sigkill_mid_eviction_then_restart(
 
         def order() -> None:
             try:
-                stub.RunCycle(agent_pb2.RunCycleRequest(vm_id="pg", mode=types_pb2.CYCLE_MODE_EVICT, policy=pol),
-                              timeout=60)  # fmt: skip
+                stub.RunCycle(
+                    agent_pb2.RunCycleRequest(vm_id="pg", mode=types_pb2.CYCLE_MODE_EVICT, policy=pol),
+                    timeout=60,
+                )
             except grpc.RpcError as e:
                 errors.append(e)
 
@@ -132,9 +152,14 @@ def test_agent_sigkill_mid_eviction_then_restart(
         assert [v.evicted_pages for v in vms if v.vm_id == "pg"] == [0]
         ans2 = guest.cmd("verify", timeout=60)
         assert ans2["mismatches"] == 0
-        record("agent SIGKILLed mid-eviction, restarted (uffd, redis)", pages_verified=ans["pages"] + ans2["pages"],
-               pages_lost=ans["mismatches"] + ans2["mismatches"], punched_at_kill=len(holes),
-               indexed_not_punched=len(entries) - len(holes), orphan_payloads=max(orphans, 0))  # fmt: skip
+        record(
+            "agent SIGKILLed mid-eviction, restarted (uffd, redis)",
+            pages_verified=ans["pages"] + ans2["pages"],
+            pages_lost=ans["mismatches"] + ans2["mismatches"],
+            punched_at_kill=len(holes),
+            indexed_not_punched=len(entries) - len(holes),
+            orphan_payloads=max(orphans, 0),
+        )
     finally:
         if guest is not None:
             guest.close()

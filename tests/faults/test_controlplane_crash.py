@@ -68,8 +68,13 @@ class OrderLog:
         self._lock = threading.Lock()
         orig = agent.run_cycle
 
-        def run_cycle(vm_id: str, mode: CycleMode, interval_ms: int = 0, policy: EvictionPolicy | None = None,
-                      order_id: str = "") -> CycleReport:  # fmt: skip
+        def run_cycle(
+            vm_id: str,
+            mode: CycleMode,
+            interval_ms: int = 0,
+            policy: EvictionPolicy | None = None,
+            order_id: str = "",
+        ) -> CycleReport:
             s = agent.sessions.get(vm_id)
             o = Order(vm_id, order_id, time.monotonic(), executed=not (s and order_id in s.recent_reports))
             with self._lock:
@@ -95,10 +100,27 @@ class OrderLog:
 
 def _cp(tmp: Path, port: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "tiermem", "serve", "controlplane", "--listen", f"127.0.0.1:{port}", "--state",
-         f"sqlite:///{tmp}/cp.db", "--jitter", "0", "--lease-ttl", "30s", "--log-format", "console"],
-        stdout=subprocess.DEVNULL, stderr=open(tmp / "cp.log", "ab"), env={**os.environ},
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "tiermem",
+            "serve",
+            "controlplane",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--state",
+            f"sqlite:///{tmp}/cp.db",
+            "--jitter",
+            "0",
+            "--lease-ttl",
+            "30s",
+            "--log-format",
+            "console",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp / "cp.log", "ab"),
+        env={**os.environ},
+    )
 
 
 @pytest.fixture
@@ -116,9 +138,16 @@ def test_control_plane_killed_while_scheduling(tmp_path: Path, loop: LoopThread)
     steppers: list[threading.Thread] = []
     try:
         wait_port(port, 30, cp)
-        settings = AgentSettings(node_id="n1", listen="127.0.0.1:0", data_dir=str(tmp_path / "agent"),
-                                 control_plane=f"127.0.0.1:{port}", heartbeat_ms=200, autonomous_after_ms=1000,
-                                 fsync=False, stores={"default": "memory://"})  # fmt: skip
+        settings = AgentSettings(
+            node_id="n1",
+            listen="127.0.0.1:0",
+            data_dir=str(tmp_path / "agent"),
+            control_plane=f"127.0.0.1:{port}",
+            heartbeat_ms=200,
+            autonomous_after_ms=1000,
+            fsync=False,
+            stores={"default": "memory://"},
+        )
         running = loop.run(serve_agent(settings))
         agent = running.agent
         orders = OrderLog(agent)
@@ -167,8 +196,11 @@ def test_control_plane_killed_while_scheduling(tmp_path: Path, loop: LoopThread)
         wait_port(port, 30, cp)
         back_at = time.monotonic()
         wait_until(lambda: not agent.autonomous.is_set(), 20, "the agent to leave autonomous mode")
-        wait_until(lambda: all(len(orders.executed(vm, after=back_at)) >= 2 for vm in VMS), 30,
-                   "two scheduled cycles per VM after the restart")  # fmt: skip
+        wait_until(
+            lambda: all(len(orders.executed(vm, after=back_at)) >= 2 for vm in VMS),
+            30,
+            "two scheduled cycles per VM after the restart",
+        )
         auto_then = {vm: autonomous_cycles(vm) for vm in VMS}
         n_then = {vm: len(orders.executed(vm)) for vm in VMS}
         wait_until(lambda: all(len(orders.executed(vm)) >= n_then[vm] + 2 for vm in VMS), 30, "more cycles")
@@ -203,9 +235,16 @@ def test_control_plane_killed_while_scheduling(tmp_path: Path, loop: LoopThread)
             assert ok
             checked, lost = checked + n, lost + bad
         assert lost == 0
-        record("control plane SIGKILLed while scheduling, restarted", pages_verified=checked, pages_lost=lost,
-               orders=len(ids), autonomous_cycles=sum(auto_then.values()), faults_while_down=faults_alone,
-               down_s=round(back_at - killed_at, 1), reports_lost_in_flight=sum(missing.values()))  # fmt: skip
+        record(
+            "control plane SIGKILLed while scheduling, restarted",
+            pages_verified=checked,
+            pages_lost=lost,
+            orders=len(ids),
+            autonomous_cycles=sum(auto_then.values()),
+            faults_while_down=faults_alone,
+            down_s=round(back_at - killed_at, 1),
+            reports_lost_in_flight=sum(missing.values()),
+        )
     finally:
         stop.set()
         if running is not None:
@@ -217,8 +256,15 @@ def test_control_plane_killed_while_scheduling(tmp_path: Path, loop: LoopThread)
 
 def test_a_repeated_order_is_never_run_twice(tmp_path: Path) -> None:
     """A scheduler that re-sends an order (a restart, a retry) while or after it runs gets no second cycle."""
-    agent = Agent(AgentSettings(node_id="n1", data_dir=str(tmp_path / "a"), stores={"default": "memory://"},
-                                autonomous=False, fsync=False))  # fmt: skip
+    agent = Agent(
+        AgentSettings(
+            node_id="n1",
+            data_dir=str(tmp_path / "a"),
+            stores={"default": "memory://"},
+            autonomous=False,
+            fsync=False,
+        )
+    )
     try:
         agent.attach_sim(
             "vm", 64 * 4096, EvictionPolicy(interval_ms=300, cold_after=1), workload="idle", vcpus=0

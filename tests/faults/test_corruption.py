@@ -83,7 +83,7 @@ def _flip_redis(store: RedisPageStore, port: int, vm_id: str) -> Flip:
 
 
 def _flip_s3(store: S3PageStore, srv: S3Server, vm_id: str) -> Flip:
-    c = srv.client()  # type: ignore[no-untyped-call]
+    c = srv.client()
 
     def flip(st: StoredPage) -> Callable[[], None]:
         loc = parse_location(st.location)
@@ -94,7 +94,11 @@ def _flip_s3(store: S3PageStore, srv: S3Server, vm_id: str) -> Flip:
         bad = bytearray(original)
         bad[off + length // 2] ^= 0x40
         c.put_object(Bucket=srv.bucket, Key=key, Body=bytes(bad))
-        return lambda: c.put_object(Bucket=srv.bucket, Key=key, Body=original)
+
+        def restore() -> None:
+            c.put_object(Bucket=srv.bucket, Key=key, Body=original)
+
+        return restore
 
     return flip
 
@@ -121,16 +125,27 @@ def _setup(
     return agent, lambda e: _flip_s3(st, s3, agent.sessions["vm1"].space)(e)
 
 
-@pytest.mark.parametrize("kind", [
-    "file", pytest.param("redis", marks=pytest.mark.redis), pytest.param("s3", marks=pytest.mark.s3),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "file",
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("s3", marks=pytest.mark.s3),
+    ],
+)
 def test_corrupt_payload_is_refused_reported_and_never_installed(
     kind: str, make_agent: AgentFactory, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     agent, flip = _setup(kind, make_agent, tmp_path, request)
     log = EventLog(agent)
-    agent.attach_sim("vm1", 256 * PS, EvictionPolicy(interval_ms=20, cold_after=1, prefetch_pages=0, store="store"),
-                     workload="uniform", vcpus=0, seed=2)  # fmt: skip
+    agent.attach_sim(
+        "vm1",
+        256 * PS,
+        EvictionPolicy(interval_ms=20, cold_after=1, prefetch_pages=0, store="store"),
+        workload="uniform",
+        vcpus=0,
+        seed=2,
+    )
     sim, guest = sim_of(agent, "vm1")
     fill(guest, times=3)
     assert agent.run_cycle("vm1", CycleMode.EVICT, 20).pages_evicted == 256
@@ -156,16 +171,26 @@ def test_corrupt_payload_is_refused_reported_and_never_installed(
     wait_until(lambda: agent.index.get("vm1", victim) is None, 5, "the restored page's entry to go")
     checked, lost = guest.verify()
     assert lost == 0
-    record(f"corrupt payload refused ({kind} store)", pages_verified=checked, pages_lost=lost,
-           integrity_errors=agent.sessions["vm1"].counters.integrity_errors, installed_corrupt=0)  # fmt: skip
+    record(
+        f"corrupt payload refused ({kind} store)",
+        pages_verified=checked,
+        pages_lost=lost,
+        integrity_errors=agent.sessions["vm1"].counters.integrity_errors,
+        installed_corrupt=0,
+    )
 
 
 def test_a_corrupt_neighbour_does_not_block_a_healthy_fault(make_agent: AgentFactory, tmp_path: Path) -> None:
     agent = make_agent({"store": f"file://{tmp_path}/pages"})
     st = agent.store("store")
     assert isinstance(st, LocalPageStore)
-    agent.attach_sim("vm1", 64 * PS, EvictionPolicy(interval_ms=20, cold_after=1, prefetch_pages=8, store="store"),
-                     workload="uniform", vcpus=0)  # fmt: skip
+    agent.attach_sim(
+        "vm1",
+        64 * PS,
+        EvictionPolicy(interval_ms=20, cold_after=1, prefetch_pages=8, store="store"),
+        workload="uniform",
+        vcpus=0,
+    )
     sim, guest = sim_of(agent, "vm1")
     fill(guest)
     agent.run_cycle("vm1", CycleMode.EVICT, 20)

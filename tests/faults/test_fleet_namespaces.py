@@ -35,8 +35,9 @@ def _shared_url(kind: str, request: pytest.FixtureRequest) -> str:
     return s3.url(f"fleet-{os.urandom(4).hex()}") + "&segment_mib=1"
 
 
-@pytest.mark.parametrize("kind", [pytest.param("redis", marks=pytest.mark.redis),
-                                  pytest.param("s3", marks=pytest.mark.s3)])  # fmt: skip
+@pytest.mark.parametrize(
+    "kind", [pytest.param("redis", marks=pytest.mark.redis), pytest.param("s3", marks=pytest.mark.s3)]
+)
 def test_two_nodes_same_vm_id_one_store(
     kind: str, make_agent: AgentFactory, request: pytest.FixtureRequest
 ) -> None:

@@ -68,24 +68,41 @@ def _hints(agent_address: str) -> dict[str, st.SearchStrategy[Any]]:
     """Meaningful values per field name: existing objects, valid and boundary sizes."""
     ids = st.sampled_from([*BASE_VMS, SOLO, "ghost", "n1", "", "a" * 65, "../etc", "vm a", "-x"])
     return {
-        "vm_id": ids, "node_id": st.sampled_from(["n1", "n2", "", "n1 ", "N" * 70]),
+        "vm_id": ids,
+        "node_id": st.sampled_from(["n1", "n2", "", "n1 ", "N" * 70]),
         "address": st.sampled_from([agent_address, "127.0.0.1:1", "", "nohost", "[::1]:99999"]),
         "store": st.sampled_from(["default", "nope", "", "Default"]),
-        "workload": st.sampled_from(["idle", "uniform", "hotset:0.1", "zipf:1.1", "zipf:-1", "hotset:2", "scan:batch=0",
-                                     "trace:/nonexistent", "nope"]),
+        "workload": st.sampled_from(
+            [
+                "idle",
+                "uniform",
+                "hotset:0.1",
+                "zipf:1.1",
+                "zipf:-1",
+                "hotset:2",
+                "scan:batch=0",
+                "trace:/nonexistent",
+                "nope",
+            ]
+        ),
         "selector": st.sampled_from(["tier=web", "tier!=web", "a=b,c=d", "=", "tier=", "", ",", "k in (a)"]),
         "value": st.sampled_from(["vm-a", "tier=web", "", "x=y"]),
         "fields": st.sampled_from([*POLICY_FIELDS, "nope", ""]),
         # sim VMs allocate real (lazily committed) memory: valid sizes stay small; the other sizes are invalid
-        "memory_bytes": st.one_of(st.integers(1, 64).map(lambda n: n * PS), st.integers(1, 1 << 30),
-                                  st.sampled_from([0, 4095, (64 << 30) + PS, 2**64 - 1])),
+        "memory_bytes": st.one_of(
+            st.integers(1, 64).map(lambda n: n * PS),
+            st.integers(1, 1 << 30),
+            st.sampled_from([0, 4095, (64 << 30) + PS, 2**64 - 1]),
+        ),
         "vcpus": st.sampled_from([0, 1, 2, 65, 2**32 - 1]),
-        "interval_ms": st.sampled_from([0, 1, 20, 7 * 24 * 3600 * 1000, 7 * 24 * 3600 * 1000 + 1, 2**63, 2**64 - 1]),
+        "interval_ms": st.sampled_from(
+            [0, 1, 20, 7 * 24 * 3600 * 1000, 7 * 24 * 3600 * 1000 + 1, 2**63, 2**64 - 1]
+        ),
         "cold_after": st.sampled_from([0, 1, 3, 250, 251, 2**32 - 1]),
         "fraction": st.sampled_from([0.0, 0.5, 1.0, 1.5, -0.1, float("nan"), float("inf")]),
         "after_seq": st.sampled_from([0, 1, 2**64 - 1]),
         "limit": st.sampled_from([0, 1, 1000, 1001, 2**32 - 1]),
-    }  # fmt: skip
+    }
 
 
 @dataclasses.dataclass(repr=False)
@@ -104,11 +121,22 @@ class Stack:
     def snapshot(self) -> tuple[Any, ...]:
         """What a failed request must not change (dynamic counters and timestamps left out)."""
         a = self.agent.agent
-        vms = sorted((s.vm_id, s.state.value, s.total_pages, s.evicted_pages, tuple(sorted(s.labels.items())),
-                      s.policy) for s in a.list_status())  # fmt: skip
+        vms = sorted(
+            (
+                s.vm_id,
+                s.state.value,
+                s.total_pages,
+                s.evicted_pages,
+                tuple(sorted(s.labels.items())),
+                s.policy,
+            )
+            for s in a.list_status()
+        )
         c = self.client
-        nodes = sorted((n.node_id, n.address, n.backends, n.capacity_bytes, n.max_concurrent_cycles, n.evict_mbps)
-                       for n in c.list_nodes())  # fmt: skip
+        nodes = sorted(
+            (n.node_id, n.address, n.backends, n.capacity_bytes, n.max_concurrent_cycles, n.evict_mbps)
+            for n in c.list_nodes()
+        )
         cvms = sorted((v.vm_id, v.node_id, tuple(sorted(v.labels.items()))) for v in c.list_vm_status())
         pols = sorted(((p.scope.key, p.policy) for p in c.list_policies()), key=lambda x: x[0])
         reports = sorted(
@@ -175,32 +203,59 @@ class Stack:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp: Path = tmp_path_factory.mktemp("fuzz")
     loop = LoopThread()
-    agent = loop.run(serve_agent(AgentSettings(
-        node_id="n1", listen="127.0.0.1:0", data_dir=str(tmp / "agent"), stores={"default": "memory://"},
-        autonomous=False, fsync=False, handoff_socket=str(tmp / "h" / "handoff.sock"))))  # fmt: skip
-    cp = loop.run(serve_control_plane(ControlPlaneSettings(
-        listen="127.0.0.1:0", state=f"sqlite:///{tmp}/cp.db", scheduler=False, replica_id="r1",
-        lease_ttl_ms=3_600_000, jitter=0.0)))  # fmt: skip
-    channels = {"NodeAgent": grpc.insecure_channel(agent.address),
-                "ControlPlane": grpc.insecure_channel(cp.address)}  # fmt: skip
+    agent = loop.run(
+        serve_agent(
+            AgentSettings(
+                node_id="n1",
+                listen="127.0.0.1:0",
+                data_dir=str(tmp / "agent"),
+                stores={"default": "memory://"},
+                autonomous=False,
+                fsync=False,
+                handoff_socket=str(tmp / "h" / "handoff.sock"),
+            )
+        )
+    )
+    cp = loop.run(
+        serve_control_plane(
+            ControlPlaneSettings(
+                listen="127.0.0.1:0",
+                state=f"sqlite:///{tmp}/cp.db",
+                scheduler=False,
+                replica_id="r1",
+                lease_ttl_ms=3_600_000,
+                jitter=0.0,
+            )
+        )
+    )
+    channels = {
+        "NodeAgent": grpc.insecure_channel(agent.address),
+        "ControlPlane": grpc.insecure_channel(cp.address),
+    }
     client = ControlPlaneClient(cp.address, timeout_s=30)
     hints = _hints(agent.address)
     strategies = {f"{svc.name}.{m.name}": message_strategy(m.input_type, hints) for svc, m in METHODS}
     s = Stack(loop, agent, cp, channels, client, strategies)
     s.restore()
     client.set_policy(PolicyScope.fleet(), EvictionPolicy(interval_ms=20, cold_after=2))
-    client.set_policy(PolicyScope.for_selector("tier=web"), EvictionPolicy(interval_ms=20, prefetch_pages=4),
-                      ["prefetch_pages"])  # fmt: skip
-    client.set_policy(PolicyScope.for_vm("vm-a"), EvictionPolicy(interval_ms=20, cold_after=1,
-                      max_evict=EvictionCap(pages=8)))  # fmt: skip
+    client.set_policy(
+        PolicyScope.for_selector("tier=web"),
+        EvictionPolicy(interval_ms=20, prefetch_pages=4),
+        ["prefetch_pages"],
+    )
+    client.set_policy(
+        PolicyScope.for_vm("vm-a"),
+        EvictionPolicy(interval_ms=20, cold_after=1, max_evict=EvictionCap(pages=8)),
+    )
     yield s
     # the servers survived: health, list calls, and one valid request of each kind still work
     for ch in channels.values():
         h = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert h.status == health_pb2.HealthCheckResponse.SERVING
     assert {v.vm_id for v in client.list_vm_status()} >= set(BASE_VMS)
-    record("gRPC request fuzzing (NodeAgent + ControlPlane)", pages_verified=0, pages_lost=0, crashes=0,
-           **TOTALS)  # fmt: skip
+    record(
+        "gRPC request fuzzing (NodeAgent + ControlPlane)", pages_verified=0, pages_lost=0, crashes=0, **TOTALS
+    )
     client.close()
     for ch in channels.values():
         ch.close()

@@ -54,10 +54,18 @@ STATS = {"connections": 0, "error_replies": 0, "silent_closes": 0, "fds_sent": 0
 @pytest.fixture(scope="module")
 def listener(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Agent, HandoffListener]]:
     tmp: Path = tmp_path_factory.mktemp("handoff-fuzz")
-    agent = Agent(AgentSettings(node_id="n1", data_dir=str(tmp / "agent"), stores={"default": "memory://"},
-                                autonomous=False, fsync=False))  # fmt: skip
-    lst = HandoffListener(str(tmp / "h" / "handoff.sock"), lambda att: on_handoff(agent, att),
-                          handshake_timeout=0.5).start()  # fmt: skip
+    agent = Agent(
+        AgentSettings(
+            node_id="n1",
+            data_dir=str(tmp / "agent"),
+            stores={"default": "memory://"},
+            autonomous=False,
+            fsync=False,
+        )
+    )
+    lst = HandoffListener(
+        str(tmp / "h" / "handoff.sock"), lambda att: on_handoff(agent, att), handshake_timeout=0.5
+    ).start()
     yield agent, lst
     lst.stop()
     agent.close()
@@ -65,8 +73,15 @@ def listener(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Agent, 
 
 # --- inputs ------------------------------------------------------------------------------------------
 def good(vm_id: str = "fz") -> dict[str, Any]:
-    return {"version": 1, "type": "attach", "vm_id": vm_id, "mode": "uffd", "vmm_pid": os.getpid(), "features": 0,
-            "regions": [{"base_host_virt_addr": 0x7F00_0000_0000, "size": 16 * PS, "offset": 0, "page_size": PS}]}  # fmt: skip
+    return {
+        "version": 1,
+        "type": "attach",
+        "vm_id": vm_id,
+        "mode": "uffd",
+        "vmm_pid": os.getpid(),
+        "features": 0,
+        "regions": [{"base_host_virt_addr": 0x7F00_0000_0000, "size": 16 * PS, "offset": 0, "page_size": PS}],
+    }
 
 
 JSON_VALUES = st.recursive(
@@ -86,8 +101,14 @@ REGION_FIELDS = ["base_host_virt_addr", "size", "offset", "page_size"]
 def wrong_types(draw: st.DrawFn) -> bytes:
     """A good handshake with one or more fields replaced (or removed) by values of the wrong type."""
     desc = good()
-    for f in draw(st.lists(st.sampled_from(FIELDS + ["region." + r for r in REGION_FIELDS]), min_size=1,
-                           max_size=3, unique=True)):  # fmt: skip
+    for f in draw(
+        st.lists(
+            st.sampled_from(FIELDS + ["region." + r for r in REGION_FIELDS]),
+            min_size=1,
+            max_size=3,
+            unique=True,
+        )
+    ):
         value = draw(JSON_VALUES | st.just(...))
         regions = desc.get("regions")
         if f.startswith("region.") and not (
@@ -114,8 +135,15 @@ def frames(draw: st.DrawFn) -> bytes:
 
 
 firecracker = st.builds(lambda v: json.dumps(v).encode(), st.lists(JSON_VALUES, max_size=3))
-payloads = st.one_of(st.binary(max_size=300), frames(), wrong_types(), firecracker,
-                     st.just(b"["), st.just(b"{}"), st.just(b"\x00\x00\x00"))  # fmt: skip
+payloads = st.one_of(
+    st.binary(max_size=300),
+    frames(),
+    wrong_types(),
+    firecracker,
+    st.just(b"["),
+    st.just(b"{}"),
+    st.just(b"\x00\x00\x00"),
+)
 fd_kinds = st.sampled_from(
     ["none", "pipe", "2pipes", "uffd+memfd", "memfd+uffd", "uffd+pipe", "3fds", "9fds"]
 )
@@ -136,11 +164,15 @@ def make_fds(kind: str) -> list[int]:
         return memfd_create("fuzz", 16 * PS)
 
     makers: dict[str, Callable[[], list[int]]] = {
-        "none": list, "pipe": lambda: [pipe()], "2pipes": lambda: [pipe(), pipe()],
-        "uffd+memfd": lambda: [uffd(), memfd()], "memfd+uffd": lambda: [memfd(), uffd()],
-        "uffd+pipe": lambda: [uffd(), pipe()], "3fds": lambda: [uffd(), memfd(), pipe()],
+        "none": list,
+        "pipe": lambda: [pipe()],
+        "2pipes": lambda: [pipe(), pipe()],
+        "uffd+memfd": lambda: [uffd(), memfd()],
+        "memfd+uffd": lambda: [memfd(), uffd()],
+        "uffd+pipe": lambda: [uffd(), pipe()],
+        "3fds": lambda: [uffd(), memfd(), pipe()],
         "9fds": lambda: [pipe() for _ in range(9)],
-    }  # fmt: skip
+    }
     return makers[kind]()
 
 
@@ -212,8 +244,13 @@ def test_a_real_vmm_is_served_after_the_fuzzing(listener: tuple[Agent, HandoffLi
         assert ans["mismatches"] == 0
         assert agent.sessions["after-fuzz"].counters.faults_served > 0
         assert lst.rejected == rejected
-        record("handoff socket fuzzing, then a real VMM", pages_verified=ans["pages"], pages_lost=ans["mismatches"],
-               crashes=0, **STATS)  # fmt: skip
+        record(
+            "handoff socket fuzzing, then a real VMM",
+            pages_verified=ans["pages"],
+            pages_lost=ans["mismatches"],
+            crashes=0,
+            **STATS,
+        )
     finally:
         g.close()
         with contextlib.suppress(Exception):

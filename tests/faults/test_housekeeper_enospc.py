@@ -39,8 +39,9 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     mnt.mkdir()
     if os.geteuid() != 0:
         pytest.skip("needs root to mount a tmpfs (a real ENOSPC)")
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(mnt)],
-                         capture_output=True, text=True)  # fmt: skip
+    res = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(mnt)], capture_output=True, text=True
+    )
     if res.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
     try:
@@ -73,11 +74,22 @@ def _errors(agent: Agent) -> float:
 
 
 def test_housekeeper_survives_enospc_and_collects_garbage_after(tiny_disk: Path) -> None:
-    agent = Agent(AgentSettings(node_id="n1", data_dir=str(tiny_disk / "agent"), autonomous=False,
-                                handoff_socket=str(tiny_disk / "h.sock")))  # fmt: skip
+    agent = Agent(
+        AgentSettings(
+            node_id="n1",
+            data_dir=str(tiny_disk / "agent"),
+            autonomous=False,
+            handoff_socket=str(tiny_disk / "h.sock"),
+        )
+    )
     try:
-        agent.attach_sim("vm1", PAGES * PS, EvictionPolicy(interval_ms=20, cold_after=1, prefetch_pages=0),
-                         workload="uniform", vcpus=0)  # fmt: skip
+        agent.attach_sim(
+            "vm1",
+            PAGES * PS,
+            EvictionPolicy(interval_ms=20, cold_after=1, prefetch_pages=0),
+            workload="uniform",
+            vcpus=0,
+        )
         sim, guest = sim_of(agent, "vm1")
         fill(guest)
         assert agent.run_cycle("vm1", CycleMode.EVICT, 20).pages_evicted == PAGES

@@ -41,8 +41,12 @@ class Node:
     """An in-process agent with its handoff listener, restartable on the same data dir."""
 
     def __init__(self, tmp: Path) -> None:
-        self.settings = AgentSettings(node_id="n1", data_dir=str(tmp / "agent"), autonomous=False,
-                                      handoff_socket=str(tmp / "h" / "handoff.sock"))  # fmt: skip
+        self.settings = AgentSettings(
+            node_id="n1",
+            data_dir=str(tmp / "agent"),
+            autonomous=False,
+            handoff_socket=str(tmp / "h" / "handoff.sock"),
+        )
         self.agent: Agent | None = None
         self._stop: object = None
 
@@ -138,8 +142,12 @@ def test_a_reused_id_is_refused_until_the_operator_chooses(node: Node, tmp_path:
         wait_until(lambda: agent.index.orphans() == [], 5, "the orphan queue to empty")
     finally:
         b.close()
-    record("reused VM id refused; --fresh got its own memory", pages_verified=PAGES, pages_lost=0,
-           old_pages_served_to_new_vmm=0)  # fmt: skip
+    record(
+        "reused VM id refused; --fresh got its own memory",
+        pages_verified=PAGES,
+        pages_lost=0,
+        old_pages_served_to_new_vmm=0,
+    )
 
 
 def test_the_real_vmm_reattaches_with_its_secret(node: Node) -> None:
@@ -156,8 +164,11 @@ def test_the_real_vmm_reattaches_with_its_secret(node: Node) -> None:
         assert agent.run_cycle("vm-r", CycleMode.EVICT, 100).pages_evicted == PAGES
         node.stop()  # the agent goes away; the VMM's client library reconnects with its secret
         agent = node.start()
-        wait_until(lambda: "vm-r" in agent.sessions and agent.sessions["vm-r"].state is VmState.ARMED, 30,
-                   "the VMM to reattach")  # fmt: skip
+        wait_until(
+            lambda: "vm-r" in agent.sessions and agent.sessions["vm-r"].state is VmState.ARMED,
+            30,
+            "the VMM to reattach",
+        )
         assert agent.sessions["vm-r"].incarnation == inc
         assert g.cmd("verify")["mismatches"] == 0  # every evicted page came back from its own namespace
         assert agent.index.count("vm-r") == 0

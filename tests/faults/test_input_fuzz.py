@@ -35,10 +35,11 @@ STATS = {"traces": 0, "traces_ok": 0, "cli_runs": 0, "cli_ok": 0, "cli_errors": 
 
 # --- traces ---------------------------------------------------------------------------------------------
 _field = st.one_of(
-    st.from_regex(r"[0-9]{1,20}", fullmatch=True), st.integers(0, 10**6).map(str),
+    st.from_regex(r"[0-9]{1,20}", fullmatch=True),
+    st.integers(0, 10**6).map(str),
     st.sampled_from(["", "-1", "+3", " 4", "4 ", "0x10", "1e3", "١٢", "r", "w", "R", "rw", "\x00", "9" * 19]),
     st.text(max_size=6),
-)  # fmt: skip
+)
 _line = st.tuples(_field, _field, st.one_of(st.sampled_from(["r", "w"]), _field)).map(lambda t: ",".join(t))
 _eol = st.sampled_from(["\n", "\r\n", "\r", ""])
 
@@ -135,24 +136,60 @@ class RecordingClient:
 
 values = st.one_of(
     st.text(max_size=30),
-    st.from_regex(r"[-+]?[0-9]{0,22}(\.[0-9]{0,4})?(e[0-9]{1,3})?(us|ms|s|m|h|d|w|%|/min|KiB|MiB|GiB|TiB|B|K|M|G|pages)?",
-                  fullmatch=True),
-    st.sampled_from(["nan", "inf", "-inf", "1e309", "0x10", "١٢s", " 5s ", "5 s", "%", "/min", "none", "0", "-0",
-                     "100%", "0.2%/min", "99999999999999999999GiB", "1000pages", "zstd", "lz4", "ZSTD", "k=v", "=",
-                     "a" * 80, "tier=web,", "default"]),
-)  # fmt: skip
+    st.from_regex(
+        r"[-+]?[0-9]{0,22}(\.[0-9]{0,4})?(e[0-9]{1,3})?(us|ms|s|m|h|d|w|%|/min|KiB|MiB|GiB|TiB|B|K|M|G|pages)?",
+        fullmatch=True,
+    ),
+    st.sampled_from(
+        [
+            "nan",
+            "inf",
+            "-inf",
+            "1e309",
+            "0x10",
+            "١٢s",
+            " 5s ",
+            "5 s",
+            "%",
+            "/min",
+            "none",
+            "0",
+            "-0",
+            "100%",
+            "0.2%/min",
+            "99999999999999999999GiB",
+            "1000pages",
+            "zstd",
+            "lz4",
+            "ZSTD",
+            "k=v",
+            "=",
+            "a" * 80,
+            "tier=web,",
+            "default",
+        ]
+    ),
+)
 
 COMMANDS: list[tuple[list[str], str]] = [
-    (["policy", "set", "vm1"], "--interval"), (["policy", "set", "vm1"], "--cold-after"),
-    (["policy", "set", "vm1"], "--max-evict"), (["policy", "set", "vm1"], "--min-resident"),
-    (["policy", "set", "vm1"], "--prefetch"), (["policy", "set", "vm1"], "--slo"),
-    (["policy", "set", "vm1"], "--store"), (["policy", "set", "vm1"], "--compression"),
-    (["policy", "set", "--cold-after", "2"], "--selector"), (["policy", "set", "--cold-after", "2"], "VM"),
-    (["vm", "register", "vm1", "--node", "n1"], "--memory"), (["vm", "register", "vm1", "--memory", "1GiB"], "--node"),
-    (["vm", "register", "--node", "n1", "--memory", "1GiB"], "VM"), (["vm", "register", "vm1", "--node", "n1",
-     "--memory", "64MiB"], "--label"), (["cycle", "run", "vm1"], "--interval"), (["events"], "--after"),
+    (["policy", "set", "vm1"], "--interval"),
+    (["policy", "set", "vm1"], "--cold-after"),
+    (["policy", "set", "vm1"], "--max-evict"),
+    (["policy", "set", "vm1"], "--min-resident"),
+    (["policy", "set", "vm1"], "--prefetch"),
+    (["policy", "set", "vm1"], "--slo"),
+    (["policy", "set", "vm1"], "--store"),
+    (["policy", "set", "vm1"], "--compression"),
+    (["policy", "set", "--cold-after", "2"], "--selector"),
+    (["policy", "set", "--cold-after", "2"], "VM"),
+    (["vm", "register", "vm1", "--node", "n1"], "--memory"),
+    (["vm", "register", "vm1", "--memory", "1GiB"], "--node"),
+    (["vm", "register", "--node", "n1", "--memory", "1GiB"], "VM"),
+    (["vm", "register", "vm1", "--node", "n1", "--memory", "64MiB"], "--label"),
+    (["cycle", "run", "vm1"], "--interval"),
+    (["events"], "--after"),
     (["policy", "set", "vm1", "--cold-after", "2"], "--timeout"),
-]  # fmt: skip
+]
 
 
 def run_cli(client: RecordingClient, args: list[str]) -> Any:

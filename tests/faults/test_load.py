@@ -47,11 +47,33 @@ def _agent(tmp: Path, port: int) -> subprocess.Popen[bytes]:
     # VM has its 1 s policy (a VMM-handed VM starts with the default policy, and a detection wait in progress
     # keeps the interval it started with, 30 s by default).
     return subprocess.Popen(
-        [sys.executable, "-X", "faulthandler", "-m", "tiermem", "serve", "agent", "--node-id", "load", "--listen",
-         f"127.0.0.1:{port}", "--data-dir", str(tmp / "agent"), "--handoff-socket", str(tmp / "h" / "handoff.sock"),
-         "--control-plane", f"127.0.0.1:{free_port()}", "--autonomous-after", "6s", "--log-format", "console"],
-        stdout=subprocess.DEVNULL, stderr=open(tmp / "agent.log", "ab"), env={**os.environ},
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-X",
+            "faulthandler",
+            "-m",
+            "tiermem",
+            "serve",
+            "agent",
+            "--node-id",
+            "load",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--data-dir",
+            str(tmp / "agent"),
+            "--handoff-socket",
+            str(tmp / "h" / "handoff.sock"),
+            "--control-plane",
+            f"127.0.0.1:{free_port()}",
+            "--autonomous-after",
+            "6s",
+            "--log-format",
+            "console",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp / "agent.log", "ab"),
+        env={**os.environ},
+    )
 
 
 def run_load(
@@ -67,11 +89,29 @@ def run_load(
         stub = agent_pb2_grpc.NodeAgentStub(sync_channel(f"127.0.0.1:{port}"))
         pol = types_pb2.EvictionPolicy(interval_ms=1000, cold_after=1, prefetch_pages=8)
         for i in range(SIM_VMS):
-            stub.AttachVm(agent_pb2.AttachVmRequest(vm_id=f"sim-{i}", memory_bytes=4 * MiB, policy=pol, synthetic=True,
-                                                    workload=WORKLOADS[i % len(WORKLOADS)], vcpus=1), timeout=30)  # fmt: skip
+            stub.AttachVm(
+                agent_pb2.AttachVmRequest(
+                    vm_id=f"sim-{i}",
+                    memory_bytes=4 * MiB,
+                    policy=pol,
+                    synthetic=True,
+                    workload=WORKLOADS[i % len(WORKLOADS)],
+                    vcpus=1,
+                ),
+                timeout=30,
+            )
         for i in range(2):  # --prefill: a loaded image, cached in the memfd; first touches are MINOR faults
-            g = GuestProc(str(tmp / "h" / "handoff.sock"), f"pg-{i}", "16M", "--workload", WORKLOADS[i], "--seed",
-                          str(i + 1), "--prefill", timeout=30)  # fmt: skip
+            g = GuestProc(
+                str(tmp / "h" / "handoff.sock"),
+                f"pg-{i}",
+                "16M",
+                "--workload",
+                WORKLOADS[i],
+                "--seed",
+                str(i + 1),
+                "--prefill",
+                timeout=30,
+            )
             guests.append(g)
             stub.SetPolicy(agent_pb2.SetVmPolicyRequest(vm_id=f"pg-{i}", policy=pol), timeout=10)
         errors: list[BaseException] = []
@@ -147,13 +187,26 @@ def run_load(
         lost = sum(r[1] for r in results)
         assert lost == 0
         growth = floors[-1] - floors[0]
-        record(label, pages_verified=checked, pages_lost=lost, seconds=seconds, vms=len(vms), faults_served=faults,
-               cycles=cycles, p99_fault_us_max=max(p99, default=0), p99_fault_us_median=int(np.median(p99)) if p99
-               else 0, rss_after_warmup_mib=round(rss_warm / MiB, 1), rss_end_mib=round(rss_end / MiB, 1),
-               anon_floor_first_mib=round(floors[0] / MiB, 1), anon_floor_last_mib=round(floors[-1] / MiB, 1),
-               anon_max_mib=round(anon_max / MiB, 1), anon_growth_mib=round(growth / MiB, 1),
-               anon_floors_mib=[round(f / MiB) for f in floors],
-               verify_s=round(verify_s, 1), guest_batches=sum(batches))  # fmt: skip
+        record(
+            label,
+            pages_verified=checked,
+            pages_lost=lost,
+            seconds=seconds,
+            vms=len(vms),
+            faults_served=faults,
+            cycles=cycles,
+            p99_fault_us_max=max(p99, default=0),
+            p99_fault_us_median=int(np.median(p99)) if p99 else 0,
+            rss_after_warmup_mib=round(rss_warm / MiB, 1),
+            rss_end_mib=round(rss_end / MiB, 1),
+            anon_floor_first_mib=round(floors[0] / MiB, 1),
+            anon_floor_last_mib=round(floors[-1] / MiB, 1),
+            anon_max_mib=round(anon_max / MiB, 1),
+            anon_growth_mib=round(growth / MiB, 1),
+            anon_floors_mib=[round(f / MiB) for f in floors],
+            verify_s=round(verify_s, 1),
+            guest_batches=sum(batches),
+        )
         assert growth < growth_limit, f"the agent's anonymous RSS grew {growth / MiB:.1f} MiB after warm-up"
     finally:
         stop.set()

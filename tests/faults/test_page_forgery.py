@@ -96,8 +96,15 @@ def _store(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Payload
     return st
 
 
-def _forge(st: PayloadStore, space: str, location: str, page: int, gen: int, payload: bytes,
-           request: pytest.FixtureRequest) -> None:  # fmt: skip
+def _forge(
+    st: PayloadStore,
+    space: str,
+    location: str,
+    page: int,
+    gen: int,
+    payload: bytes,
+    request: pytest.FixtureRequest,
+) -> None:
     if isinstance(st, LocalPageStore):
         _overwrite_local(st, space, location, payload)
     elif isinstance(st, RedisPageStore):
@@ -116,9 +123,14 @@ def _forge(st: PayloadStore, space: str, location: str, page: int, gen: int, pay
         c.put_object(Bucket=s3.bucket, Key=key, Body=bytes(body))
 
 
-@pytest.mark.parametrize("kind", [
-    "file", pytest.param("redis", marks=pytest.mark.redis), pytest.param("s3", marks=pytest.mark.s3),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "file",
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("s3", marks=pytest.mark.s3),
+    ],
+)
 def test_a_forged_twin_written_into_the_store_is_refused(
     kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
@@ -168,8 +180,13 @@ def test_a_page_replayed_from_another_namespace_or_slot_is_refused(redis_own: Re
 def test_agent_never_installs_a_forged_twin(make_agent: AgentFactory, tmp_path: Path) -> None:
     agent = make_agent({"store": f"file://{tmp_path}/pages"})
     log = EventLog(agent)
-    agent.attach_sim("vm1", 32 * PS, EvictionPolicy(interval_ms=20, cold_after=1, prefetch_pages=0, store="store"),
-                     workload="uniform", vcpus=0)  # fmt: skip
+    agent.attach_sim(
+        "vm1",
+        32 * PS,
+        EvictionPolicy(interval_ms=20, cold_after=1, prefetch_pages=0, store="store"),
+        workload="uniform",
+        vcpus=0,
+    )
     s = agent.sessions["vm1"]
     sim = s.backend
     assert isinstance(sim, SimKernel)

@@ -121,9 +121,15 @@ def test_redis_killed_mid_eviction_batch_then_restarted(
     assert rep2.error == "" and rep2.pages_evicted > 0
     checked, lost = guest.verify()
     assert lost == 0
-    record("redis killed mid-eviction batch, restarted", pages_verified=checked, pages_lost=lost,
-           evicted_before_kill=evicted, faults_waited=len(victims), orphan_payloads=max(orphans, 0),
-           store_errors=agent.sessions["vm1"].counters.store_errors)  # fmt: skip
+    record(
+        "redis killed mid-eviction batch, restarted",
+        pages_verified=checked,
+        pages_lost=lost,
+        evicted_before_kill=evicted,
+        faults_waited=len(victims),
+        orphan_payloads=max(orphans, 0),
+        store_errors=agent.sessions["vm1"].counters.store_errors,
+    )
 
 
 def test_faults_wait_through_partition_truncation_and_latency(
@@ -171,9 +177,15 @@ def test_faults_wait_through_partition_truncation_and_latency(
     checked, lost = guest.verify()
     assert lost == 0
     assert served.served_differently() == []
-    record("redis partitioned / truncated / slow during faults", pages_verified=checked, pages_lost=lost,
-           store_errors=agent.sessions["vm1"].counters.store_errors, store_gets=served.calls,
-           resets=redis_proxy.stats.refused_or_reset, truncated=redis_proxy.stats.truncated)  # fmt: skip
+    record(
+        "redis partitioned / truncated / slow during faults",
+        pages_verified=checked,
+        pages_lost=lost,
+        store_errors=agent.sessions["vm1"].counters.store_errors,
+        store_gets=served.calls,
+        resets=redis_proxy.stats.refused_or_reset,
+        truncated=redis_proxy.stats.truncated,
+    )
 
 
 def _used_memory(r: redis.Redis) -> int:
@@ -186,8 +198,13 @@ def test_store_full_from_the_start_punches_nothing(make_agent: AgentFactory, red
     r.config_set("maxmemory", str(_used_memory(r) + 64 * 1024))
     agent = make_agent({"redis": redis_url(redis_own.port)})
     log = EventLog(agent)
-    agent.attach_sim("vm1", 512 * PS, EvictionPolicy(interval_ms=20, cold_after=1, store="redis"),
-                     workload="uniform", vcpus=0)  # fmt: skip
+    agent.attach_sim(
+        "vm1",
+        512 * PS,
+        EvictionPolicy(interval_ms=20, cold_after=1, store="redis"),
+        workload="uniform",
+        vcpus=0,
+    )
     _, guest = sim_of(agent, "vm1")
     fill(guest)
     rep = agent.run_cycle("vm1", CycleMode.EVICT, 20)
@@ -202,8 +219,12 @@ def test_store_full_from_the_start_punches_nothing(make_agent: AgentFactory, red
     assert lost == 0
     r.config_set("maxmemory", "0")
     r.close()
-    record("store full (redis maxmemory noeviction) from the start", pages_verified=checked, pages_lost=lost,
-           pages_punched=0)  # fmt: skip
+    record(
+        "store full (redis maxmemory noeviction) from the start",
+        pages_verified=checked,
+        pages_lost=lost,
+        pages_punched=0,
+    )
 
 
 def test_store_fills_mid_eviction_stops_and_resumes(make_agent: AgentFactory, redis_own: RedisServer) -> None:
@@ -214,8 +235,14 @@ def test_store_fills_mid_eviction_stops_and_resumes(make_agent: AgentFactory, re
     agent = make_agent({"redis": redis_url(redis_own.port)})
     log = EventLog(agent)
     n = 4 * EVICT_BATCH_PAGES
-    agent.attach_sim("vm1", n * PS, EvictionPolicy(interval_ms=20, cold_after=1, store="redis"),
-                     workload="hotset:0.1", vcpus=0, seed=9)  # fmt: skip
+    agent.attach_sim(
+        "vm1",
+        n * PS,
+        EvictionPolicy(interval_ms=20, cold_after=1, store="redis"),
+        workload="hotset:0.1",
+        vcpus=0,
+        seed=9,
+    )
     _sim, guest = sim_of(agent, "vm1")
     fill(guest)
     rep = agent.run_cycle("vm1", CycleMode.EVICT, 20)
@@ -243,5 +270,9 @@ def test_store_fills_mid_eviction_stops_and_resumes(make_agent: AgentFactory, re
     checked, lost = guest.verify()
     assert lost == 0
     r.close()
-    record("store fills mid-eviction (redis maxmemory)", pages_verified=checked, pages_lost=lost,
-           evicted_before_full=full_at)  # fmt: skip
+    record(
+        "store fills mid-eviction (redis maxmemory)",
+        pages_verified=checked,
+        pages_lost=lost,
+        evicted_before_full=full_at,
+    )

@@ -102,8 +102,10 @@ def s3_proxy(s3_srv: S3Server) -> Iterator[ToxicProxy]:
 
 
 def s3_url(srv: S3Server, port: int, prefix: str) -> str:
-    return (f"s3://{srv.bucket}/{prefix}?endpoint=http://127.0.0.1:{port}&region={srv.region}&retries=2"
-            "&timeout=5&connect_timeout=1&segment_mib=1")  # fmt: skip
+    return (
+        f"s3://{srv.bucket}/{prefix}?endpoint=http://127.0.0.1:{port}&region={srv.region}&retries=2"
+        "&timeout=5&connect_timeout=1&segment_mib=1"
+    )
 
 
 def test_s3_errors_and_slowness_during_eviction_and_faults(
@@ -113,8 +115,14 @@ def test_s3_errors_and_slowness_during_eviction_and_faults(
     agent = make_agent({"s3": s3_url(s3_srv, s3_proxy.port, prefix)})
     log = EventLog(agent)
     n = 2 * EVICT_BATCH_PAGES
-    agent.attach_sim("vm1", n * PS, EvictionPolicy(interval_ms=20, cold_after=1, prefetch_pages=8, store="s3"),
-                     workload="zipf:1.0", vcpus=0, seed=11)  # fmt: skip
+    agent.attach_sim(
+        "vm1",
+        n * PS,
+        EvictionPolicy(interval_ms=20, cold_after=1, prefetch_pages=8, store="s3"),
+        workload="zipf:1.0",
+        vcpus=0,
+        seed=11,
+    )
     sim, guest = sim_of(agent, "vm1")
     fill(guest)
     store = agent.store("s3")
@@ -145,8 +153,10 @@ def test_s3_errors_and_slowness_during_eviction_and_faults(
     # --- faults while 30% of GETs fail and the link is slow ------------------------------------
     chaos.set(GetObject=0.3)
     s3_proxy.latency(0.005)
-    readers = [threading.Thread(target=touch_all, args=(sim, ps.tolist()), daemon=True)
-               for ps in np.array_split(np.array(evicted[:: max(1, len(evicted) // 96)]), 4)]  # fmt: skip
+    readers = [
+        threading.Thread(target=touch_all, args=(sim, ps.tolist()), daemon=True)
+        for ps in np.array_split(np.array(evicted[:: max(1, len(evicted) // 96)]), 4)
+    ]
     for t in readers:
         t.start()
     for _ in range(3):
@@ -175,8 +185,14 @@ def test_s3_errors_and_slowness_during_eviction_and_faults(
     checked, lost = guest.verify()
     assert lost == 0
     assert served.served_differently() == []
-    record("s3 500/503 + slow link during eviction and faults", pages_verified=checked, pages_lost=lost,
-           injected_put=chaos.injected["PutObject"], injected_get=chaos.injected["GetObject"],
-           requests_sent=sum(chaos.sent.values()), cycles_stopped=stopped,
-           agent_store_errors=agent.sessions["vm1"].counters.store_errors)  # fmt: skip
+    record(
+        "s3 500/503 + slow link during eviction and faults",
+        pages_verified=checked,
+        pages_lost=lost,
+        injected_put=chaos.injected["PutObject"],
+        injected_get=chaos.injected["GetObject"],
+        requests_sent=sum(chaos.sent.values()),
+        cycles_stopped=stopped,
+        agent_store_errors=agent.sessions["vm1"].counters.store_errors,
+    )
     agent.detach("vm1", purge=True)

@@ -50,8 +50,9 @@ def volatile_redis(tmp_path: Path) -> Iterator[RedisServer]:
     srv.stop()
 
 
-def test_a_volatile_redis_is_refused_for_eviction(volatile_redis: RedisServer, redis_own: RedisServer,
-                                                  make_agent: AgentFactory) -> None:  # fmt: skip
+def test_a_volatile_redis_is_refused_for_eviction(
+    volatile_redis: RedisServer, redis_own: RedisServer, make_agent: AgentFactory
+) -> None:
     st = open_store(redis_url(volatile_redis.port))
     assert isinstance(st, RedisPageStore)
     with pytest.raises(ConfigurationError, match=r"does not persist.*durability=none"):
@@ -64,8 +65,13 @@ def test_a_volatile_redis_is_refused_for_eviction(volatile_redis: RedisServer, r
 
     # through the agent: the cycle reports the refusal, and nothing is punched
     agent = make_agent({"volatile": redis_url(volatile_redis.port)})
-    agent.attach_sim("vm1", PAGES * PS, EvictionPolicy(interval_ms=20, cold_after=1, store="volatile"),
-                     workload="uniform", vcpus=0)  # fmt: skip
+    agent.attach_sim(
+        "vm1",
+        PAGES * PS,
+        EvictionPolicy(interval_ms=20, cold_after=1, store="volatile"),
+        workload="uniform",
+        vcpus=0,
+    )
     sim, guest = sim_of(agent, "vm1")
     fill(guest)
     rep = agent.run_cycle("vm1", CycleMode.EVICT, 20)
@@ -90,8 +96,10 @@ def test_lost_pages_are_loud_and_poison_gives_sigbus(
     try:
         wait_until(lambda: {"vm-wait", "vm-poison"} <= set(agent.sessions), 10, "both VMs to attach")
         for g, poison in ((waiting, False), (poisoned, True)):
-            agent.set_policy(g.vm_id, EvictionPolicy(cold_after=1, prefetch_pages=0, store="volatile",
-                                                     poison_missing=poison))  # fmt: skip
+            agent.set_policy(
+                g.vm_id,
+                EvictionPolicy(cold_after=1, prefetch_pages=0, store="volatile", poison_missing=poison),
+            )
             g.cmd(f"touch 0-{PAGES - 1} w")
             assert agent.run_cycle(g.vm_id, CycleMode.EVICT, 100).pages_evicted == PAGES
         assert agent.sessions["vm-poison"].backend.can_poison, "the VMM negotiated UFFD_FEATURE_POISON"
@@ -117,13 +125,22 @@ def test_lost_pages_are_loud_and_poison_gives_sigbus(
 
         # both are loud: an event naming the missing page, and the metric
         for vm in ("vm-poison", "vm-wait"):
-            wait_until(lambda vm=vm: any(e.attributes.get("missing") == "true" for e in log.of(EventKind.STORE_ERROR, vm)),  # type: ignore[misc]
-                       10, f"a missing-page event for {vm}")  # fmt: skip
+            wait_until(
+                lambda vm=vm: any(
+                    e.attributes.get("missing") == "true" for e in log.of(EventKind.STORE_ERROR, vm)
+                ),  # type: ignore[misc]
+                10,
+                f"a missing-page event for {vm}",
+            )
             assert agent.metrics.pages_missing.labels(vm, "volatile")._value.get() >= 1
         assert any(e.attributes.get("poisoned") == "true" for e in log.of(EventKind.STORE_ERROR, "vm-poison"))
     finally:
         waiting.proc.kill()
         waiting.close()
         poisoned.close()
-    record("pages lost from a volatile Redis: loud; poison gives SIGBUS", pages_verified=0, pages_lost=2 * PAGES,
-           hung_vcpus_with_poison=0)  # fmt: skip
+    record(
+        "pages lost from a volatile Redis: loud; poison gives SIGBUS",
+        pages_verified=0,
+        pages_lost=2 * PAGES,
+        hung_vcpus_with_poison=0,
+    )

@@ -113,8 +113,13 @@ def test_vmm_dies_while_faults_are_in_flight(
         b.cmd("run 10")
         ans = b.cmd("verify")
         assert ans["mismatches"] == 0
-        record("VMM SIGKILLed with faults in flight (uffd)", pages_verified=ans["pages"], pages_lost=ans["mismatches"],
-               dead_vm_pages_purged=a_left, other_vm_served_s=round(b_seconds, 2))  # fmt: skip
+        record(
+            "VMM SIGKILLed with faults in flight (uffd)",
+            pages_verified=ans["pages"],
+            pages_lost=ans["mismatches"],
+            dead_vm_pages_purged=a_left,
+            other_vm_served_s=round(b_seconds, 2),
+        )
     finally:
         for g in (a, b):
             g.close()

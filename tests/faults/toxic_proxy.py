@@ -99,8 +99,9 @@ class ToxicProxy:
         lst.listen(128)
         self.port = lst.getsockname()[1]
         self._listener = lst
-        self._accept_thread = threading.Thread(target=self._accept_loop, args=(lst,), name="toxic-accept",
-                                               daemon=True)  # fmt: skip
+        self._accept_thread = threading.Thread(
+            target=self._accept_loop, args=(lst,), name="toxic-accept", daemon=True
+        )
         self._accept_thread.start()
         return self
 

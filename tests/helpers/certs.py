@@ -23,11 +23,15 @@ def issue_cert(d: Path, stem: str, ca: Any | None, san_ip: str | None = None) ->
     issuer_cert, issuer_key = ca if ca else (None, key)
     now = dt.datetime.now(dt.UTC)
     b = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(issuer_cert.subject if issuer_cert else name)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(hours=1))
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer_cert.subject if issuer_cert else name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(hours=1))
         .add_extension(x509.BasicConstraints(ca=ca is None, path_length=None), critical=True)
-    )  # fmt: skip
+    )
     if san_ip:
         b = b.add_extension(
             x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(san_ip))]), False
@@ -35,6 +39,9 @@ def issue_cert(d: Path, stem: str, ca: Any | None, san_ip: str | None = None) ->
     cert = b.sign(issuer_key, hashes.SHA256())
     cp, kp = d / f"{stem}.pem", d / f"{stem}.key"
     cp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    kp.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                     serialization.NoEncryption()))  # fmt: skip
+    kp.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     return cp, kp, (cert, key)

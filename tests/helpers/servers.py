@@ -75,8 +75,23 @@ class RedisServer:
             raise RuntimeError("redis-server not installed (make test installs it)")
         if not self.port:
             self.port = free_port()
-        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.tmpdir),
-                "--save", "", "--appendonly", "yes", "--appendfsync", "always", "--protected-mode", "no"]  # fmt: skip
+        args = [
+            binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.tmpdir),
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--protected-mode",
+            "no",
+        ]
         if self.password:
             args += ["--requirepass", self.password]
         self.proc = subprocess.Popen(
@@ -126,8 +141,11 @@ class S3Server:
 
     def env(self) -> dict[str, str]:
         """Credentials for the standard chain."""
-        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
-                "AWS_DEFAULT_REGION": self.region}  # fmt: skip
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": self.region,
+        }
 
     def start(self, prefer: str = "weed", fallback: bool = True) -> S3Server:
         """Start SeaweedFS if its binary is there (else moto, when ``fallback``), and create the bucket."""
@@ -152,9 +170,19 @@ class S3Server:
         self.port = free_port()
         ports = {k: free_port() for k in ("master", "volume", "filer")}
         env = {**os.environ, **self.env(), "S3_BUCKET": self.bucket}
-        args = [weed, "mini", f"-dir={self.tmpdir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                f"-s3.port={self.port}", f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
-                f"-filer.port={ports['filer']}", "-webdav=false", "-admin.ui=false"]  # fmt: skip
+        args = [
+            weed,
+            "mini",
+            f"-dir={self.tmpdir}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-s3.port={self.port}",
+            f"-master.port={ports['master']}",
+            f"-volume.port={ports['volume']}",
+            f"-filer.port={ports['filer']}",
+            "-webdav=false",
+            "-admin.ui=false",
+        ]
         # gRPC ports default to port+10000; they must be free too.
         for k in ("master", "volume", "filer"):
             args.append(f"-{k}.port.grpc={free_port()}")
@@ -172,16 +200,25 @@ class S3Server:
         self.port = free_port()
         moto = _bin("moto_server")
         args = [moto] if moto else [sys.executable, "-m", "moto.server"]
-        self.proc = subprocess.Popen([*args, "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [*args, "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         wait_port(self.port, 30, self.proc)
 
     def client(self) -> S3Client:
         """A boto3 S3 client for this server (for assertions and corruption tests)."""
 
-        return boto3.client("s3", endpoint_url=self.endpoint, region_name=self.region,
-                            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
-                            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2, "mode": "standard"}))  # fmt: skip
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name=self.region,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2, "mode": "standard"}),
+        )
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -36,8 +36,12 @@ ROOT = Path(__file__).resolve().parents[2]
 class MiniAgent:
     """Handoff listener + one fault thread per attached backend."""
 
-    def __init__(self, socket_path: Path | str, on_attach: Callable[[HandoffAttach], None] | None = None,
-                 **listener_kw: Any) -> None:  # fmt: skip
+    def __init__(
+        self,
+        socket_path: Path | str,
+        on_attach: Callable[[HandoffAttach], None] | None = None,
+        **listener_kw: Any,
+    ) -> None:
         self.path = str(socket_path)
         self.attaches: queue.Queue[HandoffAttach] = queue.Queue()
         self._hook = on_attach
@@ -126,18 +130,40 @@ class MiniAgent:
 class GuestProc:
     """``python -m tiermem.guests.process --control`` as a child process."""
 
-    def __init__(self, socket_path: str, vm_id: str, *, memory: str = "16M", workload: str | None = None,
-                 prefill: bool = True, seed: int = 1, extra: list[str] | None = None) -> None:  # fmt: skip
-        cmd = [sys.executable, "-m", "tiermem.guests.process", "--socket", socket_path, "--vm-id", vm_id,
-               "--memory", memory, "--seed", str(seed), "--control"]  # fmt: skip
+    def __init__(
+        self,
+        socket_path: str,
+        vm_id: str,
+        *,
+        memory: str = "16M",
+        workload: str | None = None,
+        prefill: bool = True,
+        seed: int = 1,
+        extra: list[str] | None = None,
+    ) -> None:
+        cmd = [
+            sys.executable,
+            "-m",
+            "tiermem.guests.process",
+            "--socket",
+            socket_path,
+            "--vm-id",
+            vm_id,
+            "--memory",
+            memory,
+            "--seed",
+            str(seed),
+            "--control",
+        ]
         if workload:
             cmd += ["--workload", workload]
         if prefill:
             cmd.append("--prefill")
         cmd += extra or []
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
-                                     cwd=ROOT)  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT
+        )
         self.ready: dict[str, Any] = {}
 
     def wait_ready(self) -> dict[str, Any]:

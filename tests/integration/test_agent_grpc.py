@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -18,13 +19,22 @@ from tiermem.v1 import agent_pb2 as apb
 from tiermem.v1 import agent_pb2_grpc as agrpc
 from tiermem.v1 import types_pb2 as tpb
 
+OUT_OF_RANGE: Any = 7
+"""A cycle mode no proto defines (typed Any: the generated stubs only accept defined ones)."""
 PS = 4096
 
 
 @pytest.fixture
 async def agent(tmp_path: Path) -> AsyncIterator[tuple[RunningAgent, agrpc.NodeAgentAsyncStub]]:
-    running = await serve_agent(AgentSettings(node_id="g1", listen="127.0.0.1:0", data_dir=str(tmp_path),
-                                              autonomous=False, stores={"default": "memory://"}))  # fmt: skip
+    running = await serve_agent(
+        AgentSettings(
+            node_id="g1",
+            listen="127.0.0.1:0",
+            data_dir=str(tmp_path),
+            autonomous=False,
+            stores={"default": "memory://"},
+        )
+    )
     channel = grpc.aio.insecure_channel(running.address)
     yield running, agrpc.NodeAgentStub(channel)
     await channel.close()
@@ -44,8 +54,9 @@ async def code_of(call: object) -> grpc.StatusCode:
 
 async def test_attach_cycle_drain_detach(agent: tuple[RunningAgent, agrpc.NodeAgentAsyncStub]) -> None:
     running, stub = agent
-    r = await stub.AttachVm(apb.AttachVmRequest(vm_id="v1", backend=tpb.KERNEL_BACKEND_SIM, memory_bytes=64 * PS,
-                                                policy=policy()))  # fmt: skip
+    r = await stub.AttachVm(
+        apb.AttachVmRequest(vm_id="v1", backend=tpb.KERNEL_BACKEND_SIM, memory_bytes=64 * PS, policy=policy())
+    )
     assert r.status.total_pages == 64 and r.status.state == tpb.VM_STATE_ARMED
     sim = running.agent.sessions["v1"].backend
     assert isinstance(sim, SimKernel)
@@ -94,23 +105,43 @@ async def test_bad_requests_get_the_right_code_and_change_nothing(
     bad = [
         (stub.AttachVm(apb.AttachVmRequest(vm_id="no spaces", memory_bytes=16 * PS)), "INVALID_ARGUMENT"),
         (stub.AttachVm(apb.AttachVmRequest(vm_id="x", memory_bytes=1000)), "INVALID_ARGUMENT"),
-        (stub.AttachVm(apb.AttachVmRequest(vm_id="x", memory_bytes=16 * PS, policy=policy(cold_after=251))),
-         "INVALID_ARGUMENT"),
-        (stub.AttachVm(apb.AttachVmRequest(vm_id="x", memory_bytes=16 * PS, policy=policy(store="nope"))),
-         "INVALID_ARGUMENT"),
-        (stub.AttachVm(apb.AttachVmRequest(vm_id="x", backend=tpb.KERNEL_BACKEND_UFFD, memory_bytes=16 * PS)),
-         "INVALID_ARGUMENT"),
-        (stub.AttachVm(apb.AttachVmRequest(vm_id="x", memory_bytes=16 * PS, workload="warp:9")), "INVALID_ARGUMENT"),
+        (
+            stub.AttachVm(
+                apb.AttachVmRequest(vm_id="x", memory_bytes=16 * PS, policy=policy(cold_after=251))
+            ),
+            "INVALID_ARGUMENT",
+        ),
+        (
+            stub.AttachVm(apb.AttachVmRequest(vm_id="x", memory_bytes=16 * PS, policy=policy(store="nope"))),
+            "INVALID_ARGUMENT",
+        ),
+        (
+            stub.AttachVm(
+                apb.AttachVmRequest(vm_id="x", backend=tpb.KERNEL_BACKEND_UFFD, memory_bytes=16 * PS)
+            ),
+            "INVALID_ARGUMENT",
+        ),
+        (
+            stub.AttachVm(apb.AttachVmRequest(vm_id="x", memory_bytes=16 * PS, workload="warp:9")),
+            "INVALID_ARGUMENT",
+        ),
         (stub.AttachVm(apb.AttachVmRequest(vm_id="ok", memory_bytes=16 * PS)), "ALREADY_EXISTS"),
         (stub.RunCycle(apb.RunCycleRequest(vm_id="ghost")), "NOT_FOUND"),
-        (stub.RunCycle(apb.RunCycleRequest(vm_id="ok", mode=7)), "INVALID_ARGUMENT"),
-        (stub.SetPolicy(apb.SetVmPolicyRequest(vm_id="ok", policy=policy(interval_ms=10**15))), "INVALID_ARGUMENT"),
+        (stub.RunCycle(apb.RunCycleRequest(vm_id="ok", mode=OUT_OF_RANGE)), "INVALID_ARGUMENT"),
+        (
+            stub.SetPolicy(apb.SetVmPolicyRequest(vm_id="ok", policy=policy(interval_ms=10**15))),
+            "INVALID_ARGUMENT",
+        ),
         (stub.SetPolicy(apb.SetVmPolicyRequest(vm_id="ok")), "INVALID_ARGUMENT"),
-        (stub.SetPolicy(apb.SetVmPolicyRequest(vm_id="ok", policy=policy(
-            max_evict=tpb.EvictionCap(fraction=1.5)))), "INVALID_ARGUMENT"),
+        (
+            stub.SetPolicy(
+                apb.SetVmPolicyRequest(vm_id="ok", policy=policy(max_evict=tpb.EvictionCap(fraction=1.5)))
+            ),
+            "INVALID_ARGUMENT",
+        ),
         (stub.DetachVm(apb.DetachVmRequest(vm_id="ghost")), "NOT_FOUND"),
         (stub.VerifyVm(apb.VerifyVmRequest(vm_id="")), "INVALID_ARGUMENT"),
-    ]  # fmt: skip
+    ]
     for call, want in bad:
         assert (await code_of(call)).name == want
     assert list(running.agent.sessions) == ["ok"]
@@ -141,6 +172,7 @@ async def test_health_and_follow_stream(agent: tuple[RunningAgent, agrpc.NodeAge
     stream = stub.StreamEvents(tpb.StreamEventsRequest(follow=True))
     await stub.AttachVm(apb.AttachVmRequest(vm_id="late", memory_bytes=16 * PS))
     first = await asyncio.wait_for(stream.read(), 5)
+    assert isinstance(first, tpb.Event)
     assert first.kind == tpb.EVENT_KIND_VM_ATTACHED and first.vm_id == "late"
     stream.cancel()
 
@@ -157,10 +189,13 @@ async def test_many_concurrent_cycles_neither_queue_nor_block_other_calls(
             apb.AttachVmRequest(vm_id=f"c{i}", memory_bytes=64 * 4096, policy=policy()), timeout=10
         )
     cycles = [
-        asyncio.ensure_future(stub.RunCycle(apb.RunCycleRequest(vm_id=f"c{i}", interval_ms=3000,
-                                                                mode=tpb.CYCLE_MODE_DETECT), timeout=30))
+        asyncio.ensure_future(
+            stub.RunCycle(
+                apb.RunCycleRequest(vm_id=f"c{i}", interval_ms=3000, mode=tpb.CYCLE_MODE_DETECT), timeout=30
+            )
+        )
         for i in range(n)
-    ]  # fmt: skip
+    ]
     await asyncio.sleep(0.5)
     await stub.AttachVm(
         apb.AttachVmRequest(vm_id="late", memory_bytes=64 * 4096, policy=policy()), timeout=10

@@ -13,17 +13,31 @@ from tiermem.model import CycleMode, EvictionPolicy
 from tiermem.sim.kernel import SimKernel
 
 DOCUMENTED = [
-    "tiermem_agent_vm_resident_pages", "tiermem_agent_vm_evicted_pages", "tiermem_agent_vm_working_set_pages",
-    "tiermem_agent_faults_total", "tiermem_agent_fault_seconds_bucket", "tiermem_agent_fault_stage_seconds_bucket",
-    "tiermem_agent_cycle_phase_seconds_bucket", "tiermem_agent_cycles_total", "tiermem_agent_pages_evicted_total",
-    "tiermem_agent_pages_restored_total", "tiermem_agent_store_bytes_written_total",
-]  # fmt: skip
+    "tiermem_agent_vm_resident_pages",
+    "tiermem_agent_vm_evicted_pages",
+    "tiermem_agent_vm_working_set_pages",
+    "tiermem_agent_faults_total",
+    "tiermem_agent_fault_seconds_bucket",
+    "tiermem_agent_fault_stage_seconds_bucket",
+    "tiermem_agent_cycle_phase_seconds_bucket",
+    "tiermem_agent_cycles_total",
+    "tiermem_agent_pages_evicted_total",
+    "tiermem_agent_pages_restored_total",
+    "tiermem_agent_store_bytes_written_total",
+]
 
 
 async def test_metrics_after_a_cycle_and_a_fault(tmp_path: Path) -> None:
     port = free_port()
-    running = await serve_agent(AgentSettings(node_id="m1", listen="127.0.0.1:0", data_dir=str(tmp_path),
-                                              autonomous=False, metrics_listen=f"127.0.0.1:{port}"))  # fmt: skip
+    running = await serve_agent(
+        AgentSettings(
+            node_id="m1",
+            listen="127.0.0.1:0",
+            data_dir=str(tmp_path),
+            autonomous=False,
+            metrics_listen=f"127.0.0.1:{port}",
+        )
+    )
     try:
         a = running.agent
         a.attach_sim("vm1", 64 * 4096, EvictionPolicy(cold_after=1))

@@ -193,7 +193,7 @@ async def test_health_is_open_without_a_token(served: Any) -> None:
 async def test_unknown_method_needs_a_token_before_unimplemented(served: Any) -> None:
     srv, _ = served
     async with aio_channel(f"127.0.0.1:{srv.port}") as ch:
-        call = ch.unary_unary("/tiermem.v1.ControlPlane/NoSuchMethod")
+        call: Any = ch.unary_unary("/tiermem.v1.ControlPlane/NoSuchMethod")
         assert await _code(call(b"", timeout=5)) == grpc.StatusCode.UNAUTHENTICATED
         assert await _code(call(b"", metadata=_md(ADMIN), timeout=5)) == grpc.StatusCode.UNIMPLEMENTED
 
@@ -201,8 +201,11 @@ async def test_unknown_method_needs_a_token_before_unimplemented(served: Any) ->
 async def test_server_options_token_enforced_by_start_server() -> None:
     """The plain ``token`` setting path of start_server uses the same interceptor."""
     rec = Recorder()
-    srv = await start_server(lambda s: s.add_generic_rpc_handlers((_handlers(rec),)), ["tiermem.v1.ControlPlane"],
-                             ServerOptions(listen="127.0.0.1:0", token=ADMIN))  # fmt: skip
+    srv = await start_server(
+        lambda s: s.add_generic_rpc_handlers((_handlers(rec),)),
+        ["tiermem.v1.ControlPlane"],
+        ServerOptions(listen="127.0.0.1:0", token=ADMIN),
+    )
     try:
         async with aio_channel(f"127.0.0.1:{srv.port}") as ch:
             stub = cpg.ControlPlaneStub(ch)

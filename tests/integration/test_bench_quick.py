@@ -20,8 +20,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def bench(*args: str, timeout: float = 110) -> dict[str, Any]:
     """Run ``tiermem bench ARGS --quick --json``; the parsed JSON (stdout holds only the JSON)."""
-    proc = subprocess.run([sys.executable, "-m", "tiermem", "bench", *args, "--quick", "--json"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "tiermem", "bench", *args, "--quick", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out: dict[str, Any] = json.loads(proc.stdout)
     assert out["host"]["cores"] >= 1 and out["host"]["kernel"]
@@ -66,12 +71,35 @@ def test_store_s3(s3_srv: Any) -> None:
 
 
 def test_policy() -> None:
-    out = bench("policy", "--pages", "512", "--ticks", "120", "--cold-after", "1,4", "--workload", "zipf:1.1",
-                "--workload", "hotset:0.1")  # fmt: skip
-    rows = out["rows"]
-    assert [(r["workload"], r["cold_after"]) for r in rows] == [
-        ("zipf:1.1", 1), ("zipf:1.1", 4), ("hotset:0.1", 1), ("hotset:0.1", 4)
-    ]  # fmt: skip
+    out = bench(
+        "policy",
+        "--pages",
+        "512",
+        "--ticks",
+        "120",
+        "--cold-after",
+        "1,4",
+        "--workload",
+        "zipf:1.1",
+        "--workload",
+        "hotset:0.1",
+        "--cost-pages",
+        "2048",
+    )
+    assert [(r["workload"], r["policy"], r["cold_after"]) for r in out["rows"]] == [
+        ("zipf:1.1", "age", 1),
+        ("zipf:1.1", "age", 4),
+        ("zipf:1.1", "rrd", 2),
+        ("hotset:0.1", "age", 1),
+        ("hotset:0.1", "age", 4),
+        ("hotset:0.1", "rrd", 2),
+    ]
+    for r in out["rows"]:
+        # nothing beats the future-knowing bound at the same saving
+        assert r["bound_promotions"] <= r["promotions"] and r["oracle_promotions"] >= r["bound_promotions"]
+    assert [c["policy"] for c in out["cycle_cost"]] == ["age", "rrd"]
+    assert all(c["cpu_ms_per_cycle"] > 0 for c in out["cycle_cost"])
+    rows = [r for r in out["rows"] if r["policy"] == "age"]
     for r in rows:
         assert 0 < r["saved"] < 1 and r["accesses"] > 0
         # the oracle knows the future: it never promotes more than the policy at the same evictions
@@ -120,10 +148,17 @@ def test_evict_on_the_sim_backend() -> None:
 
 
 def test_bad_arguments_are_one_line_errors() -> None:
-    for args, msg in ((["policy", "--cold-after", "0"], "--cold-after"),
-                      (["store", "--batch-sizes", "a,b"], "--batch-sizes"),
-                      (["store", "--spawn", "mysql"], "--spawn")):  # fmt: skip
-        proc = subprocess.run([sys.executable, "-m", "tiermem", "bench", *args], cwd=ROOT, capture_output=True,
-                              text=True, timeout=60)  # fmt: skip
+    for args, msg in (
+        (["policy", "--cold-after", "0"], "--cold-after"),
+        (["store", "--batch-sizes", "a,b"], "--batch-sizes"),
+        (["store", "--spawn", "mysql"], "--spawn"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "tiermem", "bench", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert proc.returncode == 1, (args, proc.stderr)
         assert msg in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -56,16 +56,22 @@ class Stack:
     def start_control_plane(self) -> str:
         from tiermem.control.server import serve_control_plane
 
-        settings = ControlPlaneSettings(listen="127.0.0.1:0", state=f"sqlite:///{self.tmp}/cp.db", scheduler=False,
-                                        lease_ttl_ms=5000)  # fmt: skip
+        settings = ControlPlaneSettings(
+            listen="127.0.0.1:0", state=f"sqlite:///{self.tmp}/cp.db", scheduler=False, lease_ttl_ms=5000
+        )
         self.cp = self.run(serve_control_plane(settings))
         return str(self.cp.address)
 
     def start_agent(self) -> None:
         from tiermem.agent.server import serve_agent
 
-        settings = AgentSettings(node_id=NODE, listen="127.0.0.1:0", data_dir=str(self.tmp / "agent"),
-                                 control_plane=self.cp.address, heartbeat_ms=200)  # fmt: skip
+        settings = AgentSettings(
+            node_id=NODE,
+            listen="127.0.0.1:0",
+            data_dir=str(self.tmp / "agent"),
+            control_plane=self.cp.address,
+            heartbeat_ms=200,
+        )
         self.agent = self.run(serve_agent(settings))
 
     def stop(self) -> None:
@@ -154,8 +160,9 @@ def names(cls: Any) -> set[str]:
 
 
 def register(stack: Stack, vm_id: str, *extra: str) -> dict[str, Any]:
-    doc: dict[str, Any] = js(tm(stack, "vm", "register", vm_id, "--node", NODE, "--memory", MEM, "--attach",
-                                "--json", *extra))  # fmt: skip
+    doc: dict[str, Any] = js(
+        tm(stack, "vm", "register", vm_id, "--node", NODE, "--memory", MEM, "--attach", "--json", *extra)
+    )
     return doc
 
 
@@ -171,8 +178,22 @@ def test_policy_crud_on_selector_and_fleet(stack: Stack) -> None:
     assert doc["scope"] == {"kind": "fleet", "value": ""}
     assert doc["policy"]["interval_ms"] == 45_000 and doc["policy"]["prefetch_pages"] == 4
     v1 = doc["policy"]["version"]
-    doc = js(tm(stack, "policy", "set", "--selector", "team=cli,tier=web", "--max-evict", "20%", "--slo",
-                "0.2%/min", "--compression", "lz4", "--json"))  # fmt: skip
+    doc = js(
+        tm(
+            stack,
+            "policy",
+            "set",
+            "--selector",
+            "team=cli,tier=web",
+            "--max-evict",
+            "20%",
+            "--slo",
+            "0.2%/min",
+            "--compression",
+            "lz4",
+            "--json",
+        )
+    )
     assert doc["scope"] == {"kind": "selector", "value": "team=cli,tier=web"}
     assert doc["policy"]["max_evict"]["fraction"] == pytest.approx(0.2)
     assert doc["policy"]["slo_promotion_rate"] == pytest.approx(0.002)
@@ -221,8 +242,12 @@ def test_invalid_input_exit_1(stack: Stack, args: list[str], needle: str) -> Non
 
 def test_unreachable_server_exit_2() -> None:
     port = free_port()  # nothing listens there
-    proc = subprocess.run(tiermem_cmd("vm", "list", "--server", f"127.0.0.1:{port}", "--timeout", "5s"),
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        tiermem_cmd("vm", "list", "--server", f"127.0.0.1:{port}", "--timeout", "5s"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -234,8 +259,9 @@ def test_token_auth(stack: Stack, tmp_path: Path) -> None:
     """A control plane that requires a token: none or a wrong one is exit 1; --token or TIERMEM_TOKEN works."""
     from tiermem.control.server import serve_control_plane
 
-    settings = ControlPlaneSettings(listen="127.0.0.1:0", state=f"sqlite:///{tmp_path}/auth.db", scheduler=False,
-                                    token="cli-s3cret")  # fmt: skip
+    settings = ControlPlaneSettings(
+        listen="127.0.0.1:0", state=f"sqlite:///{tmp_path}/auth.db", scheduler=False, token="cli-s3cret"
+    )
     cp = stack.run(serve_control_plane(settings))
     try:
         base = {"TIERMEM_SERVER": cp.address, "TIERMEM_CONFIG": None}
@@ -305,19 +331,38 @@ def test_serve_controlplane_subprocess(tmp_path: Path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TIERMEM_")}
     proc = subprocess.Popen(
-        tiermem_cmd("serve", "controlplane", "--listen", f"127.0.0.1:{port}", "--state",
-                    f"sqlite:///{tmp_path}/cp.db", "--log-format", "console", "--no-scheduler"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )  # fmt: skip
+        tiermem_cmd(
+            "serve",
+            "controlplane",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--state",
+            f"sqlite:///{tmp_path}/cp.db",
+            "--log-format",
+            "console",
+            "--no-scheduler",
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert f"listening on 127.0.0.1:{port}" in line, (
             line,
-            proc.stderr.read() if proc.poll() is not None else "",
+            proc.stderr.read() if proc.poll() is not None and proc.stderr is not None else "",
         )
-        out = subprocess.run(tiermem_cmd("policy", "set", "--fleet", "--cold-after", "7", "--json", "--server",
-                                         f"127.0.0.1:{port}"), capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
+        out = subprocess.run(
+            tiermem_cmd(
+                "policy", "set", "--fleet", "--cold-after", "7", "--json", "--server", f"127.0.0.1:{port}"
+            ),
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout)["policy"]["cold_after"] == 7
         proc.send_signal(signal.SIGTERM)
@@ -331,8 +376,12 @@ def test_serve_controlplane_subprocess(tmp_path: Path) -> None:
 
 
 def test_serve_rejects_bad_flag_before_starting(tmp_path: Path) -> None:
-    proc = subprocess.run(tiermem_cmd("serve", "agent", "--data-dir", str(tmp_path), "--store", "x"),
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        tiermem_cmd("serve", "agent", "--data-dir", str(tmp_path), "--store", "x"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 1
     assert proc.stderr.strip() == "tiermem: error: --store: invalid 'x': use NAME=VALUE"
 
@@ -437,17 +486,50 @@ def test_paused_policy_is_a_precondition_failure(agent: Stack) -> None:
     ok(tm(agent, "vm", "deregister", "cli-vm3", "--purge", "--yes"))
 
 
+def test_policy_set_eviction_algorithm_reaches_the_agent(agent: Stack) -> None:
+    register(agent, "cli-vm4", "--workload", "hotset:0.1")
+    doc = js(
+        tm(agent, "policy", "set", "cli-vm4", "--policy", "recommended", "--policy-opt", "fast=2", "--json")
+    )
+    assert (doc["policy"]["algorithm"], doc["policy"]["algorithm_options"]) == ("recommended", "fast=2")
+    rep = js(tm(agent, "cycle", "run", "cli-vm4", "--interval", "100ms", "--json"))
+    assert rep["policy_version"] == doc["policy"]["version"] and not rep["error"]
+    s = agent.agent.agent.sessions["cli-vm4"]
+    assert (s.policy.algorithm, s.algorithm().name, s.algorithm().opts["fast"]) == ("recommended", "rrd", 2)
+    assert "recommended (fast=2)" in ok(tm(agent, "policy", "get", "cli-vm4")).stdout
+    # another algorithm resets the options; bad names and options are one-line errors (exit 1 / 2)
+    doc = js(tm(agent, "policy", "set", "cli-vm4", "--policy", "age", "--json"))
+    assert (doc["policy"]["algorithm"], doc["policy"]["algorithm_options"]) == ("age", "")
+    assert "bad option 'fast=1'" in one_line_error(
+        tm(agent, "policy", "set", "cli-vm4", "--policy", "age", "--policy-opt", "fast=1"), 1
+    )
+    assert "needs --policy" in one_line_error(
+        tm(agent, "policy", "set", "cli-vm4", "--policy-opt", "fast=1"), 1
+    )
+    ok(tm(agent, "vm", "deregister", "cli-vm4", "--purge", "--yes"))
+
+
 def test_events_follow_stops_cleanly_on_ctrl_c(stack: Stack) -> None:
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("TIERMEM_")},
         "TIERMEM_SERVER": stack.cp.address,
     }
-    proc = subprocess.Popen(tiermem_cmd("events", "--follow", "--json"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    proc = subprocess.Popen(
+        tiermem_cmd("events", "--follow", "--json"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     lines: queue.Queue[str] = queue.Queue()
     assert proc.stdout is not None
     out = proc.stdout
-    threading.Thread(target=lambda: [lines.put(x) for x in out], daemon=True).start()
+
+    def pump() -> None:
+        for x in out:
+            lines.put(x)
+
+    threading.Thread(target=pump, daemon=True).start()
     try:
         ok(tm(stack, "policy", "set", "--fleet", "--cold-after", "9"))
         # The change arrives on the open stream (after any buffered events replayed first).
@@ -472,11 +554,27 @@ def test_serve_agent_subprocess_registers(stack: Stack, tmp_path: Path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TIERMEM_")}
     proc = subprocess.Popen(
-        tiermem_cmd("serve", "agent", "--node-id", "cli-sub-node", "--listen", f"127.0.0.1:{port}", "--data-dir",
-                    str(tmp_path / "agent"), "--control-plane", stack.cp.address, "--heartbeat", "200ms",
-                    "--log-format", "console"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )  # fmt: skip
+        tiermem_cmd(
+            "serve",
+            "agent",
+            "--node-id",
+            "cli-sub-node",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--data-dir",
+            str(tmp_path / "agent"),
+            "--control-plane",
+            stack.cp.address,
+            "--heartbeat",
+            "200ms",
+            "--log-format",
+            "console",
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -502,8 +600,9 @@ def test_closed_pipe_ends_quietly(stack: Stack) -> None:
         **{k: v for k, v in os.environ.items() if not k.startswith("TIERMEM_")},
         "TIERMEM_SERVER": stack.cp.address,
     }
-    proc = subprocess.Popen(tiermem_cmd("events", "--follow", "--json"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env)  # fmt: skip
+    proc = subprocess.Popen(
+        tiermem_cmd("events", "--follow", "--json"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
     try:
         assert proc.stdout is not None
         assert json.loads(proc.stdout.readline())["seq"] >= 1

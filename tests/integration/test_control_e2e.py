@@ -50,8 +50,14 @@ async def stack(
     cp = await start_cp(cp_settings(tmp_path, lease_ttl_ms=5_000, max_concurrent_cycles_per_node=8))
     agents = {}
     for node in ("n1", "n2"):
-        s = AgentSettings(node_id=node, listen="127.0.0.1:0", data_dir=str(tmp_path / node), control_plane=cp.address,
-                          heartbeat_ms=200, fsync=False)  # fmt: skip
+        s = AgentSettings(
+            node_id=node,
+            listen="127.0.0.1:0",
+            data_dir=str(tmp_path / node),
+            control_plane=cp.address,
+            heartbeat_ms=200,
+            fsync=False,
+        )
         agents[node] = await serve_agent(s)
     client = AsyncControlPlaneClient(cp.address, timeout_s=20)
     yield cp, client, agents
@@ -69,8 +75,9 @@ async def test_fleet_of_ten_vms_on_two_sim_agents(stack: Any) -> None:
 
     await wait_until_async(registered)
     for vm, node, workload, policy in FLEET:
-        await client.register_vm(VmSpec(vm, node, 4 * MiB, labels={"wl": workload.split(":")[0]}, workload=workload),
-                                 attach=True)  # fmt: skip
+        await client.register_vm(
+            VmSpec(vm, node, 4 * MiB, labels={"wl": workload.split(":")[0]}, workload=workload), attach=True
+        )
         await client.set_policy(PolicyScope.for_vm(vm), policy)
 
     running = [vm for vm, *_, p in FLEET if not p.paused]
@@ -95,7 +102,7 @@ async def test_fleet_of_ten_vms_on_two_sim_agents(stack: Any) -> None:
 
     # statuses arrive by heartbeat
     async def evicted_seen() -> bool:
-        return (await client.get_vm_status("vm-0")).evicted_pages > 0
+        return bool((await client.get_vm_status("vm-0")).evicted_pages > 0)
 
     await wait_until_async(evicted_seen)
 
@@ -107,7 +114,7 @@ async def test_fleet_of_ten_vms_on_two_sim_agents(stack: Any) -> None:
             assert v.supported and v.pages_checked > 0 and v.mismatches == 0, (vm, v)
 
     async def faults_served() -> bool:
-        return (await client.get_vm_status("vm-0")).faults_served > 0
+        return bool((await client.get_vm_status("vm-0")).faults_served > 0)
 
     await wait_until_async(faults_served, timeout=20)
 

@@ -43,6 +43,10 @@ class Order:
     deadline_s: float | None
 
 
+OUT_OF_RANGE: Any = 99
+"""An enum value no proto defines (typed Any: the generated stubs only accept defined ones)."""
+
+
 class FakeAgent(agrpc.NodeAgentServicer):
     """The agent.proto contract, minimally: VMs in a dict, cycles that evict 10 pages each."""
 
@@ -70,9 +74,15 @@ class FakeAgent(agrpc.NodeAgentServicer):
 
     def _status(self, vm_id: str) -> tpb.VmStatus:
         req = self.vms[vm_id]
-        return tpb.VmStatus(vm_id=vm_id, node_id=self.node_id, state=tpb.VM_STATE_ARMED, backend=req.backend,
-                            total_pages=req.memory_bytes // 4096, evicted_pages=self.evicted.get(vm_id, 0),
-                            policy=req.policy)  # fmt: skip
+        return tpb.VmStatus(
+            vm_id=vm_id,
+            node_id=self.node_id,
+            state=tpb.VM_STATE_ARMED,
+            backend=req.backend,
+            total_pages=req.memory_bytes // 4096,
+            evicted_pages=self.evicted.get(vm_id, 0),
+            policy=req.policy,
+        )
 
     async def AttachVm(self, request: apb.AttachVmRequest, context: Ctx) -> apb.AttachVmResponse:
         if request.vm_id in self.vms:
@@ -101,9 +111,18 @@ class FakeAgent(agrpc.NodeAgentServicer):
         await asyncio.sleep(self.cycle_s)
         self.evicted[request.vm_id] = self.evicted.get(request.vm_id, 0) + 10
         n = sum(1 for o in self.orders if o.vm_id == request.vm_id)
-        return tpb.CycleReport(vm_id=request.vm_id, cycle=n, mode=request.mode, pages_scanned=256, pages_hot=20,
-                               pages_cold=10, pages_evicted=10, bytes_written=40960, node_id=self.node_id,
-                               policy_version=policy.version if policy else 0)  # fmt: skip
+        return tpb.CycleReport(
+            vm_id=request.vm_id,
+            cycle=n,
+            mode=request.mode,
+            pages_scanned=256,
+            pages_hot=20,
+            pages_cold=10,
+            pages_evicted=10,
+            bytes_written=40960,
+            node_id=self.node_id,
+            policy_version=policy.version if policy else 0,
+        )
 
     async def Drain(self, request: apb.DrainRequest, context: Ctx) -> AsyncIterator[tpb.DrainProgress]:
         if request.vm_id not in self.vms:
@@ -115,9 +134,19 @@ class FakeAgent(agrpc.NodeAgentServicer):
         yield tpb.DrainProgress(vm_id=request.vm_id, pages_total=total, pages_restored=total, done=True)
 
 
+def _fake_agent(node_id: str) -> FakeAgent:
+    """A FakeAgent; the RPCs it leaves out answer UNIMPLEMENTED, from the generated base class."""
+    return FakeAgent(node_id)  # type: ignore[abstract]
+
+
 def cp_settings(tmp_path: Path, **kw: Any) -> ControlPlaneSettings:
-    base: dict[str, Any] = {"listen": "127.0.0.1:0", "state": f"sqlite:///{tmp_path}/cp.db", "jitter": 0.0,
-                            "replica_id": "r1", "lease_ttl_ms": 60_000}  # fmt: skip
+    base: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "state": f"sqlite:///{tmp_path}/cp.db",
+        "jitter": 0.0,
+        "replica_id": "r1",
+        "lease_ttl_ms": 60_000,
+    }
     base.update(kw)
     return ControlPlaneSettings(**base)
 
@@ -132,7 +161,7 @@ async def fleet(
     tmp_path: Path,
 ) -> AsyncIterator[tuple[RunningControlPlane, AsyncControlPlaneClient, list[FakeAgent]]]:
     cp = await start_cp(cp_settings(tmp_path))
-    agents = [await FakeAgent("n1").start(), await FakeAgent("n2").start()]
+    agents = [await _fake_agent("n1").start(), await _fake_agent("n2").start()]
     client = AsyncControlPlaneClient(cp.address, timeout_s=10)
     for a in agents:
         await client.register_node(NodeInfo(a.node_id, a.address, backends=(Backend.SIM,)))
@@ -212,8 +241,12 @@ async def test_bad_requests_get_the_right_codes_and_change_nothing(fleet: Any) -
             await coro
         return ei.value.code  # type: ignore[attr-defined,no-any-return]
 
-    INV, N, A, F = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS,
-                    grpc.StatusCode.FAILED_PRECONDITION)  # fmt: skip
+    INV, N, A, F = (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
     assert await code(client.register_vm(VmSpec("bad id", "n1", 1 << 20))) == INV
     assert await code(client.register_vm(VmSpec("vm-2", "n1", 1000))) == INV  # not page aligned
     assert await code(client.register_vm(VmSpec("vm-2", "n1", 0))) == INV
@@ -246,17 +279,20 @@ async def test_bad_requests_get_the_right_codes_and_change_nothing(fleet: Any) -
 
     async with grpc.aio.insecure_channel(cp.address) as ch:
         stub = cgrpc.ControlPlaneStub(ch)
-        for call, req in [
+        bad: list[tuple[Any, Any]] = [
             (stub.SetPolicy, cpb.SetPolicyRequest(policy=tpb.EvictionPolicy(interval_ms=1))),  # no scope
             (stub.SetPolicy, cpb.SetPolicyRequest(scope=cpb.PolicyScope(fleet=False))),
             (stub.SetPolicy, cpb.SetPolicyRequest(scope=cpb.PolicyScope(selector="a=1,a=2"))),
             (stub.RegisterVm, cpb.RegisterVmRequest()),
             (
                 stub.RegisterNode,
-                cpb.RegisterNodeRequest(node=cpb.NodeInfo(node_id="n9", address="x:1", backends=[99])),
+                cpb.RegisterNodeRequest(
+                    node=cpb.NodeInfo(node_id="n9", address="x:1", backends=[OUT_OF_RANGE])
+                ),
             ),
-            (stub.TriggerCycle, cpb.TriggerCycleRequest(vm_id="vm-1", mode=7)),
-        ]:
+            (stub.TriggerCycle, cpb.TriggerCycleRequest(vm_id="vm-1", mode=OUT_OF_RANGE)),
+        ]
+        for call, req in bad:
             with pytest.raises(grpc.aio.AioRpcError) as ei:
                 await call(req, timeout=5)
             assert ei.value.code() == INV, req
@@ -304,7 +340,7 @@ async def test_trigger_cycle_and_deadlines_are_passed_to_the_agent(fleet: Any) -
 
 async def test_lease_expiry_marks_the_node_down_and_heartbeat_brings_it_back(tmp_path: Path) -> None:
     cp = await start_cp(cp_settings(tmp_path, lease_ttl_ms=300))
-    agent = await FakeAgent("n1").start()
+    agent = await _fake_agent("n1").start()
     client = AsyncControlPlaneClient(cp.address, timeout_s=5)
     try:
         assert await client.register_node(NodeInfo("n1", agent.address)) == 300
@@ -391,7 +427,7 @@ async def test_metrics_endpoint_serves_the_scheduler_series(tmp_path: Path) -> N
     import urllib.request
 
     cp = await start_cp(cp_settings(tmp_path, metrics_listen="127.0.0.1:0"))
-    agent = await FakeAgent("n1").start()
+    agent = await _fake_agent("n1").start()
     try:
         async with AsyncControlPlaneClient(cp.address, timeout_s=5) as client:
             await client.register_node(NodeInfo("n1", agent.address))
@@ -401,8 +437,12 @@ async def test_metrics_endpoint_serves_the_scheduler_series(tmp_path: Path) -> N
         assert cp.metrics_port
         url = f"http://127.0.0.1:{cp.metrics_port}/metrics"
         text = (await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())).decode()
-        for series in ("tiermem_cp_scheduler_lag_seconds_count", 'tiermem_cp_cycle_orders_total{result="ok"}',
-                       "tiermem_cp_nodes_up 1.0", "tiermem_cp_vms 1.0"):  # fmt: skip
+        for series in (
+            "tiermem_cp_scheduler_lag_seconds_count",
+            'tiermem_cp_cycle_orders_total{result="ok"}',
+            "tiermem_cp_nodes_up 1.0",
+            "tiermem_cp_vms 1.0",
+        ):
             assert series in text, series
     finally:
         await cp.stop()

@@ -14,7 +14,7 @@ import pytest
 
 from tests.helpers.servers import RedisServer
 from tests.helpers.wait import wait_until_async
-from tests.integration.test_control_grpc import FakeAgent, cp_settings, start_cp
+from tests.integration.test_control_grpc import FakeAgent, _fake_agent, cp_settings, start_cp
 from tiermem.api import NodeInfo, PolicyScope, VmSpec
 from tiermem.control.server import RunningControlPlane
 from tiermem.errors import FailedPrecondition, NotLeader
@@ -36,7 +36,7 @@ async def replicas(
     for rid in ("A", "B"):
         s = cp_settings(tmp_path, state=url, replica_id=rid, leader_lease_ms=LEASE_MS, jitter=0.3)
         started.append(await start_cp(s))
-    agents = [await FakeAgent("n1").start(), await FakeAgent("n2").start()]
+    agents = [await _fake_agent("n1").start(), await _fake_agent("n2").start()]
     yield started, agents
     for cp in started:
         await cp.stop()
@@ -123,8 +123,11 @@ async def test_follower_serves_reads_refuses_writes_and_takes_over_from_a_crashe
         # B now takes writes
         await cb.register_vm(VmSpec("vm-x", "n1", 1 << 20), attach=True)
         await wait_until_async(lambda: asyncio.sleep(0, any(o.vm_id == "vm-x" for o in agents[0].orders)))
-        leaders = [e.attributes["replica"] for e in [e async for e in cb.stream_events()]
-                   if e.kind is EventKind.LEADER_CHANGED]  # fmt: skip
+        leaders = [
+            e.attributes["replica"]
+            for e in [e async for e in cb.stream_events()]
+            if e.kind is EventKind.LEADER_CHANGED
+        ]
         assert leaders == ["A", "B"]
         assert_each_slot_ordered_once(agents)
     finally:

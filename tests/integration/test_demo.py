@@ -19,8 +19,11 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def _demo(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "tiermem", "demo", "--json", "--plot", str(tmp_path / "demo.png"), *args],
-        capture_output=True, text=True, cwd=tmp_path, timeout=200,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=200,
+    )
 
 
 def _check_plot(path: Path) -> None:
@@ -62,8 +65,11 @@ def test_demo_with_real_process_guests(tmp_path: Path) -> None:
 def test_ctrl_c_stops_the_demo_cleanly(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "tiermem", "demo", "--duration", "120s", "--workdir", str(tmp_path / "w")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
     deadline = time.monotonic() + 60
     while not (tmp_path / "w" / "agent" / "index.db").exists():
         assert time.monotonic() < deadline and proc.poll() is None, "the demo did not start"
@@ -77,7 +83,11 @@ def test_ctrl_c_stops_the_demo_cleanly(tmp_path: Path) -> None:
 
 
 def test_bad_flag_is_one_line(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "tiermem", "demo", "--duration", "soon"], capture_output=True,
-                          text=True, cwd=tmp_path)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "tiermem", "demo", "--duration", "soon"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 1
     assert "--duration" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

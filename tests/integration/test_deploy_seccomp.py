@@ -25,13 +25,42 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PROFILE = ROOT / "services" / "agent" / "seccomp.json"
 # Docker's default capability set plus SYS_PTRACE, as in the compose "uffd" profile and the DaemonSet.
-CAPS = {"CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW", "CAP_SETGID",
-        "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL",
-        "CAP_AUDIT_WRITE", "CAP_SYS_PTRACE"}  # fmt: skip
-ACTIONS = {"SCMP_ACT_ALLOW", "SCMP_ACT_ERRNO", "SCMP_ACT_KILL", "SCMP_ACT_KILL_PROCESS", "SCMP_ACT_TRAP",
-           "SCMP_ACT_LOG", "SCMP_ACT_TRACE", "SCMP_ACT_NOTIFY"}  # fmt: skip
-OPS = {"SCMP_CMP_NE": 1, "SCMP_CMP_LT": 2, "SCMP_CMP_LE": 3, "SCMP_CMP_EQ": 4, "SCMP_CMP_GE": 5, "SCMP_CMP_GT": 6,
-       "SCMP_CMP_MASKED_EQ": 7}  # fmt: skip
+CAPS = {
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+    "CAP_SYS_PTRACE",
+}
+ACTIONS = {
+    "SCMP_ACT_ALLOW",
+    "SCMP_ACT_ERRNO",
+    "SCMP_ACT_KILL",
+    "SCMP_ACT_KILL_PROCESS",
+    "SCMP_ACT_TRAP",
+    "SCMP_ACT_LOG",
+    "SCMP_ACT_TRACE",
+    "SCMP_ACT_NOTIFY",
+}
+OPS = {
+    "SCMP_CMP_NE": 1,
+    "SCMP_CMP_LT": 2,
+    "SCMP_CMP_LE": 3,
+    "SCMP_CMP_EQ": 4,
+    "SCMP_CMP_GE": 5,
+    "SCMP_CMP_GT": 6,
+    "SCMP_CMP_MASKED_EQ": 7,
+}
 
 
 def _profile() -> dict[str, Any]:
@@ -55,9 +84,11 @@ def test_profile_is_valid_docker_seccomp_json() -> None:
 
 def test_profile_allows_userfaultfd_and_what_the_agent_needs() -> None:
     unconditional = {
-        n for r in _profile()["syscalls"] if r["action"] == "SCMP_ACT_ALLOW" and not r.keys() & {"args", "includes", "excludes"}
+        n
+        for r in _profile()["syscalls"]
+        if r["action"] == "SCMP_ACT_ALLOW" and not r.keys() & {"args", "includes", "excludes"}
         for n in r["names"]
-    }  # fmt: skip
+    }
     assert {
         "userfaultfd",
         "memfd_create",
@@ -166,8 +197,13 @@ def _run_under(profile: dict[str, Any]) -> dict[str, Any]:
                 ]
 
             lib.seccomp_init.restype = ctypes.c_void_p
-            lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint,
-                                                   ctypes.POINTER(Cmp)]  # fmt: skip
+            lib.seccomp_rule_add_array.argtypes = [
+                ctypes.c_void_p,
+                ctypes.c_uint32,
+                ctypes.c_int,
+                ctypes.c_uint,
+                ctypes.POINTER(Cmp),
+            ]
             lib.seccomp_load.argtypes = [ctypes.c_void_p]
             errno_act = 0x00050000
             ctx = lib.seccomp_init(errno_act | profile.get("defaultErrnoRet", 1))
@@ -234,6 +270,11 @@ def test_without_the_userfaultfd_rule_the_syscall_is_refused() -> None:
 
 def test_subprocess_python_is_this_interpreter() -> None:
     # the child execs sys.executable; it must import tiermem from this checkout
-    out = subprocess.run([sys.executable, "-c", "import tiermem, sys; print(tiermem.__file__)"], cwd=ROOT,
-                         capture_output=True, text=True, check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", "import tiermem, sys; print(tiermem.__file__)"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout.strip().startswith(str(ROOT))

@@ -29,8 +29,9 @@ def _mode(p: Path) -> int:
 
 
 def _nobody_can_read(path: Path) -> bool:
-    res = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat", str(path)],
-                         capture_output=True)  # fmt: skip
+    res = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat", str(path)], capture_output=True
+    )
     return res.returncode == 0
 
 
@@ -38,11 +39,22 @@ def _agent_state(tmp_path: Path) -> list[Path]:
     base = tmp_path / "world"
     base.mkdir(mode=0o755)
     base.chmod(0o755)  # reachable by anyone: only the tiermem modes stand between nobody and the files
-    agent = Agent(AgentSettings(node_id="n1", data_dir=str(base / "agent"), autonomous=False,
-                                stores={"local": f"file://{base}/pages"}))  # fmt: skip
+    agent = Agent(
+        AgentSettings(
+            node_id="n1",
+            data_dir=str(base / "agent"),
+            autonomous=False,
+            stores={"local": f"file://{base}/pages"},
+        )
+    )
     try:
-        agent.attach_sim("vm1", 16 * PS, EvictionPolicy(interval_ms=20, cold_after=1, store="local"),
-                         workload="uniform", vcpus=0)  # fmt: skip
+        agent.attach_sim(
+            "vm1",
+            16 * PS,
+            EvictionPolicy(interval_ms=20, cold_after=1, store="local"),
+            workload="uniform",
+            vcpus=0,
+        )
         sim = agent.sessions["vm1"].backend
         for p in range(16):
             sim.io_write(p * PS, os.urandom(PS))

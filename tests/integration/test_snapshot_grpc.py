@@ -22,10 +22,18 @@ ADMIN, ACME = "admin-token-1", "acme-token-1"
 
 @pytest.fixture
 async def agent(tmp_path: Path) -> AsyncIterator[tuple[RunningAgent, agrpc.NodeAgentAsyncStub]]:
-    running = await serve_agent(AgentSettings(
-        node_id="s1", listen="127.0.0.1:0", data_dir=str(tmp_path / "agent"), autonomous=False, fsync=False,
-        handoff_socket=str(tmp_path / "h" / "h.sock"), restore_socket_dir=str(tmp_path / "r"),
-        token=f"{ADMIN},acme:{ACME}"))  # fmt: skip
+    running = await serve_agent(
+        AgentSettings(
+            node_id="s1",
+            listen="127.0.0.1:0",
+            data_dir=str(tmp_path / "agent"),
+            autonomous=False,
+            fsync=False,
+            handoff_socket=str(tmp_path / "h" / "h.sock"),
+            restore_socket_dir=str(tmp_path / "r"),
+            token=f"{ADMIN},acme:{ACME}",
+        )
+    )
     channel = grpc.aio.insecure_channel(running.address)
     yield running, agrpc.NodeAgentStub(channel)
     await channel.close()
@@ -86,14 +94,22 @@ async def test_bad_imports_get_status_codes_and_change_nothing(
         (apb.ImportSnapshotRequest(vm_id="v"), grpc.StatusCode.INVALID_ARGUMENT),
         (apb.ImportSnapshotRequest(vm_id="v", mem_file=str(mem), store="nope"), grpc.StatusCode.NOT_FOUND),
         (apb.ImportSnapshotRequest(vm_id="../x", mem_file=str(mem)), grpc.StatusCode.INVALID_ARGUMENT),
-        (apb.ImportSnapshotRequest(vm_id="v", mem_file=str(mem), prefetch_pages=9999, has_prefetch=True),
-         grpc.StatusCode.INVALID_ARGUMENT),
-        (apb.ImportSnapshotRequest(vm_id="v", mem_file=str(mem), prefault_pages_per_second=-1, has_prefault=True),
-         grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            apb.ImportSnapshotRequest(vm_id="v", mem_file=str(mem), prefetch_pages=9999, has_prefetch=True),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            apb.ImportSnapshotRequest(
+                vm_id="v", mem_file=str(mem), prefault_pages_per_second=-1, has_prefault=True
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
         # the agent reads S3 only from the endpoint of a configured S3 store (it signs with its credentials)
-        (apb.ImportSnapshotRequest(vm_id="v", mem_object="s3://b/k?endpoint=http://127.0.0.1:1"),
-         grpc.StatusCode.INVALID_ARGUMENT),
-    ]  # fmt: skip
+        (
+            apb.ImportSnapshotRequest(vm_id="v", mem_object="s3://b/k?endpoint=http://127.0.0.1:1"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+    ]
     for req, code in cases:
         assert await code_of(stub.ImportSnapshot(req, metadata=md(ADMIN))) == code, req
     assert running.agent.index.vm_records() == []

@@ -97,21 +97,34 @@ def _tls_files(d: Path, name: str = "localhost", with_ip: bool = True) -> tuple[
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tiermem test CA")])
     ca = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(ca_key, hashes.SHA256())
-    )  # fmt: skip
+    )
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
-        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)] + ([x509.IPAddress(ipaddress.ip_address(
-            "127.0.0.1"))] if with_ip else [])), critical=False)
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName(name)]
+                + ([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))] if with_ip else [])
+            ),
+            critical=False,
+        )
         .sign(ca_key, hashes.SHA256())
-    )  # fmt: skip
+    )
     paths = d / "ca.pem", d / "server.pem", d / "server.key"
     paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
@@ -126,9 +139,25 @@ def _tls_files(d: Path, name: str = "localhost", with_ip: bool = True) -> tuple[
 def test_tls(tmp_path: Path) -> None:
     ca, cert, key = _tls_files(tmp_path)
     port = free_port()
-    srv = RedisServer(tmp_path, port=port, password="tls-pw", extra_args=[
-        "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
-        "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"])  # fmt: skip
+    srv = RedisServer(
+        tmp_path,
+        port=port,
+        password="tls-pw",
+        extra_args=[
+            "--port",
+            "0",
+            "--tls-port",
+            str(port),
+            "--tls-cert-file",
+            str(cert),
+            "--tls-key-file",
+            str(key),
+            "--tls-ca-cert-file",
+            str(ca),
+            "--tls-auth-clients",
+            "no",
+        ],
+    )
     srv.start()
     try:
         st = redis(f"rediss://:tls-pw@127.0.0.1:{port}/0?ssl_ca_certs={ca}")
@@ -158,13 +187,31 @@ def test_ssl_check_hostname_on_checks_the_hostname(tmp_path: Path, word: str) ->
     # issue 17 item 14: "on" used to turn hostname checking OFF (three option parsers disagreed)
     ca, cert, key = _tls_files(tmp_path, name="redis.other.example", with_ip=False)
     port = free_port()
-    srv = RedisServer(tmp_path, port=port, password="tls-pw", extra_args=[
-        "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
-        "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"])  # fmt: skip
+    srv = RedisServer(
+        tmp_path,
+        port=port,
+        password="tls-pw",
+        extra_args=[
+            "--port",
+            "0",
+            "--tls-port",
+            str(port),
+            "--tls-cert-file",
+            str(cert),
+            "--tls-key-file",
+            str(key),
+            "--tls-ca-cert-file",
+            str(ca),
+            "--tls-auth-clients",
+            "no",
+        ],
+    )
     srv.start()
     try:
-        wrong_name = redis(f"rediss://:tls-pw@127.0.0.1:{port}/0?ssl_ca_certs={ca}&ssl_check_hostname={word}"
-                           "&retries=1&timeout=2")  # fmt: skip
+        wrong_name = redis(
+            f"rediss://:tls-pw@127.0.0.1:{port}/0?ssl_ca_certs={ca}&ssl_check_hostname={word}"
+            "&retries=1&timeout=2"
+        )
         with pytest.raises(StoreUnavailable, match=r"hostname|match"):
             wrong_name.put_pages(vm(), [PageBlob(1, 1, TEXT)])
         wrong_name.close()

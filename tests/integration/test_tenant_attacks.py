@@ -81,21 +81,35 @@ async def stack(tmp: Path, mtls: bool = False, **cp_settings: Any) -> AsyncItera
         ca_pem, _, ca = issue_cert(tmp, "ca", None)
         srv_pem, srv_key, _ = issue_cert(tmp, "server", ca, san_ip="127.0.0.1")
         cli_pem, cli_key, _ = issue_cert(tmp, "client", ca)
-        server_tls = TlsSettings(cert_file=str(srv_pem), key_file=str(srv_key), ca_file=str(ca_pem),
-                                 require_client_cert=True)  # fmt: skip
+        server_tls = TlsSettings(
+            cert_file=str(srv_pem), key_file=str(srv_key), ca_file=str(ca_pem), require_client_cert=True
+        )
         client_tls = TlsSettings(cert_file=str(cli_pem), key_file=str(cli_key), ca_file=str(ca_pem))
     cps = ControlPlaneSettings(
-        listen="127.0.0.1:0", state=f"sqlite:///{tmp}/cp.db", lease_ttl_ms=5000, agent_token=AGENT,
-        token=f"{ADMIN},acme:{ACME},globex:{GLOBEX},node:{NODE_ID}:{NODE}", tls=server_tls,
+        listen="127.0.0.1:0",
+        state=f"sqlite:///{tmp}/cp.db",
+        lease_ttl_ms=5000,
+        agent_token=AGENT,
+        token=f"{ADMIN},acme:{ACME},globex:{GLOBEX},node:{NODE_ID}:{NODE}",
+        tls=server_tls,
         **{"scheduler": False, **cp_settings},
-    )  # fmt: skip
+    )
     cpl = await serve_control_plane(cps)
     ags = AgentSettings(
-        node_id=NODE_ID, listen="127.0.0.1:0", data_dir=str(tmp / "agent"), control_plane=cpl.address,
-        control_plane_token=NODE, token=f"{AGENT},acme:{ACME}", heartbeat_ms=200, capacity_bytes=CAPACITY,
-        trace_dir=str(tmp / "traces"), trace_max_bytes=TRACE_CAP, handshake_timeout_s=1.0, fsync=False,
+        node_id=NODE_ID,
+        listen="127.0.0.1:0",
+        data_dir=str(tmp / "agent"),
+        control_plane=cpl.address,
+        control_plane_token=NODE,
+        token=f"{AGENT},acme:{ACME}",
+        heartbeat_ms=200,
+        capacity_bytes=CAPACITY,
+        trace_dir=str(tmp / "traces"),
+        trace_max_bytes=TRACE_CAP,
+        handshake_timeout_s=1.0,
+        fsync=False,
         client_tls=client_tls,
-    )  # fmt: skip
+    )
     agent = await serve_agent(ags)
     ch = aio_channel(cpl.address, client_tls)
     ach = aio_channel(agent.address)
@@ -103,8 +117,10 @@ async def stack(tmp: Path, mtls: bool = False, **cp_settings: Any) -> AsyncItera
     try:
         # the agent registers with its node-role token: the node role is enough for an agent
         deadline = time.monotonic() + 20
-        while not any(n.node_id == NODE_ID and n.up for n in (await s.stub.ListNodes(
-                cp.ListNodesRequest(), metadata=md(ADMIN), timeout=5)).nodes):  # fmt: skip
+        while not any(
+            n.node_id == NODE_ID and n.up
+            for n in (await s.stub.ListNodes(cp.ListNodesRequest(), metadata=md(ADMIN), timeout=5)).nodes
+        ):
             assert time.monotonic() < deadline, "the agent never registered with its node token"
             await asyncio.sleep(0.1)
         yield s
@@ -126,8 +142,14 @@ async def refused(call: Any) -> grpc.aio.AioRpcError:
 
 
 def sim_vm(vm_id: str, memory: int = MiB, workload: str = "", node: str = NODE_ID) -> cp.VmSpec:
-    return cp.VmSpec(vm_id=vm_id, node_id=node, memory_bytes=memory, backend=t.KERNEL_BACKEND_SIM,
-                     workload=workload, synthetic=not workload)  # fmt: skip
+    return cp.VmSpec(
+        vm_id=vm_id,
+        node_id=node,
+        memory_bytes=memory,
+        backend=t.KERNEL_BACKEND_SIM,
+        workload=workload,
+        synthetic=not workload,
+    )
 
 
 def uffd_vm(vm_id: str, memory: int, node: str) -> cp.VmSpec:
@@ -137,11 +159,15 @@ def uffd_vm(vm_id: str, memory: int, node: str) -> cp.VmSpec:
 # --- 6. node role -------------------------------------------------------------------------------------------
 async def test_node_token_cannot_purge_another_tenants_vm_or_act_as_another_node(tmp_path: Path) -> None:
     async with stack(tmp_path, mtls=True) as s:  # a valid client certificate does not widen the node role
-        await s.stub.RegisterVm(cp.RegisterVmRequest(vm=sim_vm("globex.db"), attach=True), metadata=md(ADMIN),
-                                timeout=10)  # fmt: skip
+        await s.stub.RegisterVm(
+            cp.RegisterVmRequest(vm=sim_vm("globex.db"), attach=True), metadata=md(ADMIN), timeout=10
+        )
         # the review's attack: with the node token, purge another tenant's VM
-        e = await refused(s.stub.DeregisterVm(cp.DeregisterVmRequest(vm_id="globex.db", purge=True),
-                                              metadata=md(NODE), timeout=5))  # fmt: skip
+        e = await refused(
+            s.stub.DeregisterVm(
+                cp.DeregisterVmRequest(vm_id="globex.db", purge=True), metadata=md(NODE), timeout=5
+            )
+        )
         assert e.code() == grpc.StatusCode.PERMISSION_DENIED
         assert "node token" in (e.details() or "")
         # nor any other method than its own node's registration, heartbeat and reports
@@ -165,8 +191,13 @@ async def test_node_token_cannot_purge_another_tenants_vm_or_act_as_another_node
         ]:
             assert (await refused(call)).code() == grpc.StatusCode.PERMISSION_DENIED
         # a node cannot borrow a tenant's identity either
-        e = await refused(s.stub.Heartbeat(cp.HeartbeatRequest(node_id=NODE_ID),
-                                           metadata=(*md(NODE), ("x-tiermem-tenant", "globex")), timeout=5))  # fmt: skip
+        e = await refused(
+            s.stub.Heartbeat(
+                cp.HeartbeatRequest(node_id=NODE_ID),
+                metadata=(*md(NODE), ("x-tiermem-tenant", "globex")),
+                timeout=5,
+            )
+        )
         assert e.code() == grpc.StatusCode.PERMISSION_DENIED
         # as itself it works, and the VM is untouched
         hb = await s.stub.Heartbeat(cp.HeartbeatRequest(node_id=NODE_ID), metadata=md(NODE), timeout=5)
@@ -181,13 +212,21 @@ async def test_node_token_cannot_purge_another_tenants_vm_or_act_as_another_node
 async def test_tenant_reads_hide_nodes_foreign_policies_and_node_events(tmp_path: Path) -> None:
     async with stack(tmp_path) as s:
         for vm in ("acme.web", "globex.db"):
-            await s.stub.RegisterVm(cp.RegisterVmRequest(vm=sim_vm(vm), attach=True), metadata=md(ADMIN),
-                                    timeout=10)  # fmt: skip
+            await s.stub.RegisterVm(
+                cp.RegisterVmRequest(vm=sim_vm(vm), attach=True), metadata=md(ADMIN), timeout=10
+            )
         pol = t.EvictionPolicy(interval_ms=45_000)
-        for scope in (cp.PolicyScope(selector="team=globex-secret-project"), cp.PolicyScope(fleet=True),
-                      cp.PolicyScope(vm_id="acme.web"), cp.PolicyScope(vm_id="globex.db")):  # fmt: skip
-            await s.stub.SetPolicy(cp.SetPolicyRequest(scope=scope, policy=pol, fields=["interval_ms"]),
-                                   metadata=md(ADMIN), timeout=5)  # fmt: skip
+        for scope in (
+            cp.PolicyScope(selector="team=globex-secret-project"),
+            cp.PolicyScope(fleet=True),
+            cp.PolicyScope(vm_id="acme.web"),
+            cp.PolicyScope(vm_id="globex.db"),
+        ):
+            await s.stub.SetPolicy(
+                cp.SetPolicyRequest(scope=scope, policy=pol, fields=["interval_ms"]),
+                metadata=md(ADMIN),
+                timeout=5,
+            )
 
         nodes = await s.stub.ListNodes(cp.ListNodesRequest(), metadata=md(ACME), timeout=5)
         assert list(nodes.nodes) == []
@@ -217,15 +256,29 @@ async def test_tenant_reads_hide_nodes_foreign_policies_and_node_events(tmp_path
 
 
 # --- 9. ids ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("bad", ["acme.vm1\n", "acme.vm1\r", "acme.vm\x00", "acme.vm1\t", "acme.v" + "m" * 60,
-                                 "acme.vm\u0661", "acme.vm1 "])  # fmt: skip
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "acme.vm1\n",
+        "acme.vm1\r",
+        "acme.vm\x00",
+        "acme.vm1\t",
+        "acme.v" + "m" * 60,
+        "acme.vm\u0661",
+        "acme.vm1 ",
+    ],
+)
 async def test_ids_with_control_characters_or_too_long_are_refused(tmp_path: Path, bad: str) -> None:
     async with stack(tmp_path) as s:
-        await s.stub.RegisterVm(cp.RegisterVmRequest(vm=uffd_vm("acme.vm1", MiB, NODE_ID)), metadata=md(ACME),
-                                timeout=5)  # fmt: skip
+        await s.stub.RegisterVm(
+            cp.RegisterVmRequest(vm=uffd_vm("acme.vm1", MiB, NODE_ID)), metadata=md(ACME), timeout=5
+        )
         for token in (ACME, ADMIN):
-            e = await refused(s.stub.RegisterVm(cp.RegisterVmRequest(vm=uffd_vm(bad, MiB, NODE_ID)),
-                                                metadata=md(token), timeout=5))  # fmt: skip
+            e = await refused(
+                s.stub.RegisterVm(
+                    cp.RegisterVmRequest(vm=uffd_vm(bad, MiB, NODE_ID)), metadata=md(token), timeout=5
+                )
+            )
             # a tenant sees PERMISSION_DENIED (the id is not one of its VMs' ids), the admin INVALID_ARGUMENT
             assert e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED)
         listed = await s.stub.ListVmStatus(cp.ListVmStatusRequest(), metadata=md(ADMIN), timeout=5)
@@ -236,8 +289,12 @@ def test_cli_refuses_a_newline_id_before_sending(tmp_path: Path) -> None:
     async def go() -> None:
         async with stack(tmp_path) as s:
             env = {"TIERMEM_SERVER": s.cp.address, "TIERMEM_TOKEN": ACME, "TIERMEM_CONFIG": None}
-            r = await asyncio.to_thread(CliRunner().invoke, cli, ["vm", "register", "acme.vm1\n", "--node", NODE_ID,
-                                        "--memory", "1MiB", "--backend", "uffd"], env=env)  # fmt: skip
+            r = await asyncio.to_thread(
+                CliRunner().invoke,
+                cli,
+                ["vm", "register", "acme.vm1\n", "--node", NODE_ID, "--memory", "1MiB", "--backend", "uffd"],
+                env=env,
+            )
             assert r.exit_code == 1, r.output
             assert "invalid VM id" in r.output and len(r.output.strip().splitlines()) == 1
             listed = await s.stub.ListVmStatus(cp.ListVmStatusRequest(), metadata=md(ADMIN), timeout=5)
@@ -276,9 +333,16 @@ def _frame(desc: dict[str, Any]) -> bytes:
 
 
 def _attach_desc(vm_id: str) -> dict[str, Any]:
-    return {"version": 1, "type": "attach", "vm_id": vm_id, "mode": "uffd", "vmm_pid": os.getpid(),
-            "regions": [{"base_host_virt_addr": 0x7F00_0000_0000, "size": 16 * 4096, "offset": 0,
-                         "page_size": 4096}]}  # fmt: skip
+    return {
+        "version": 1,
+        "type": "attach",
+        "vm_id": vm_id,
+        "mode": "uffd",
+        "vmm_pid": os.getpid(),
+        "regions": [
+            {"base_host_virt_addr": 0x7F00_0000_0000, "size": 16 * 4096, "offset": 0, "page_size": 4096}
+        ],
+    }
 
 
 async def test_handoff_refuses_a_newline_vm_id(tmp_path: Path) -> None:
@@ -308,17 +372,25 @@ async def test_trickling_handoff_peer_is_cut_at_the_handshake_deadline(tmp_path:
 # --- 4. tenant-safe inputs ----------------------------------------------------------------------------------
 async def test_tenant_cannot_create_sim_vms_or_read_agent_files(tmp_path: Path) -> None:
     async with stack(tmp_path) as s:
-        for spec in (sim_vm("acme.x", workload="trace:/etc/shadow"), sim_vm("acme.y"),
-                     uffd_vm("acme.z", MiB, NODE_ID)):  # fmt: skip
+        for spec in (
+            sim_vm("acme.x", workload="trace:/etc/shadow"),
+            sim_vm("acme.y"),
+            uffd_vm("acme.z", MiB, NODE_ID),
+        ):
             spec.workload = spec.workload or "trace:/etc/shadow"
-            e = await refused(s.stub.RegisterVm(cp.RegisterVmRequest(vm=spec, attach=True), metadata=md(ACME),
-                                                timeout=5))  # fmt: skip
+            e = await refused(
+                s.stub.RegisterVm(cp.RegisterVmRequest(vm=spec, attach=True), metadata=md(ACME), timeout=5)
+            )
             assert e.code() == grpc.StatusCode.PERMISSION_DENIED, e.details()
             assert "operators" in (e.details() or "")
         # straight to the agent, with a tenant token it accepts
-        e = await refused(s.agent_stub.AttachVm(apb.AttachVmRequest(vm_id="acme.x", memory_bytes=MiB,
-                                                                    workload="trace:/etc/shadow"),
-                                                metadata=md(ACME), timeout=5))  # fmt: skip
+        e = await refused(
+            s.agent_stub.AttachVm(
+                apb.AttachVmRequest(vm_id="acme.x", memory_bytes=MiB, workload="trace:/etc/shadow"),
+                metadata=md(ACME),
+                timeout=5,
+            )
+        )
         assert e.code() == grpc.StatusCode.PERMISSION_DENIED
         listed = await s.stub.ListVmStatus(cp.ListVmStatusRequest(), metadata=md(ADMIN), timeout=5)
         assert list(listed.vms) == []
@@ -348,14 +420,22 @@ async def test_admin_traces_only_from_trace_dir_capped_never_echoed(tmp_path: Pa
             "trace:bomb.csv.gz": f"decompresses to more than {TRACE_CAP} bytes",
         }
         for i, (workload, why) in enumerate(cases.items()):
-            e = await refused(s.stub.RegisterVm(cp.RegisterVmRequest(vm=sim_vm(f"lab.t{i}", workload=workload),
-                                                                     attach=True), metadata=md(ADMIN), timeout=20))  # fmt: skip
+            e = await refused(
+                s.stub.RegisterVm(
+                    cp.RegisterVmRequest(vm=sim_vm(f"lab.t{i}", workload=workload), attach=True),
+                    metadata=md(ADMIN),
+                    timeout=20,
+                )
+            )
             assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (workload, e.code(), e.details())
             assert why in (e.details() or ""), (workload, e.details())
             assert "S3CRET" not in (e.details() or "") and "root:" not in (e.details() or "")
         # the facility still works for what it is for
-        st = await s.stub.RegisterVm(cp.RegisterVmRequest(vm=sim_vm("lab.ok", workload="trace:ok.csv"), attach=True),
-                                     metadata=md(ADMIN), timeout=10)  # fmt: skip
+        st = await s.stub.RegisterVm(
+            cp.RegisterVmRequest(vm=sim_vm("lab.ok", workload="trace:ok.csv"), attach=True),
+            metadata=md(ADMIN),
+            timeout=10,
+        )
         assert st.status.vm_id == "lab.ok"
 
 
@@ -364,64 +444,116 @@ async def test_vm_sizes_are_bounded_by_declared_node_capacity(tmp_path: Path) ->
         nodes = (await s.stub.ListNodes(cp.ListNodesRequest(), metadata=md(ADMIN), timeout=5)).nodes
         assert [n.capacity_bytes for n in nodes] == [CAPACITY]  # the agent declares its capacity
         for node_id, cap in (("free", 0), ("small", 8 * MiB)):
-            await s.stub.RegisterNode(cp.RegisterNodeRequest(node=cp.NodeInfo(node_id=node_id, address="127.0.0.1:9",
-                                                                              capacity_bytes=cap)),
-                                      metadata=md(ADMIN), timeout=5)  # fmt: skip
+            await s.stub.RegisterNode(
+                cp.RegisterNodeRequest(
+                    node=cp.NodeInfo(node_id=node_id, address="127.0.0.1:9", capacity_bytes=cap)
+                ),
+                metadata=md(ADMIN),
+                timeout=5,
+            )
         # capacity 0 ("not declared") is not unlimited for a tenant
-        e = await refused(s.stub.RegisterVm(cp.RegisterVmRequest(vm=uffd_vm("acme.big", 64 << 30, "free")),
-                                            metadata=md(ACME), timeout=5))  # fmt: skip
+        e = await refused(
+            s.stub.RegisterVm(
+                cp.RegisterVmRequest(vm=uffd_vm("acme.big", 64 << 30, "free")), metadata=md(ACME), timeout=5
+            )
+        )
         assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "declares no capacity" in (
             e.details() or ""
         )
-        e = await refused(s.stub.RegisterVm(cp.RegisterVmRequest(vm=uffd_vm("acme.big", 16 * MiB, "small")),
-                                            metadata=md(ACME), timeout=5))  # fmt: skip
+        e = await refused(
+            s.stub.RegisterVm(
+                cp.RegisterVmRequest(vm=uffd_vm("acme.big", 16 * MiB, "small")), metadata=md(ACME), timeout=5
+            )
+        )
         assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "capacity left" in (e.details() or "")
-        await s.stub.RegisterVm(cp.RegisterVmRequest(vm=uffd_vm("acme.fits", 8 * MiB, "small")), metadata=md(ACME),
-                                timeout=5)  # fmt: skip
+        await s.stub.RegisterVm(
+            cp.RegisterVmRequest(vm=uffd_vm("acme.fits", 8 * MiB, "small")), metadata=md(ACME), timeout=5
+        )
         # the agent bounds a sim VM by its capacity too (64 GiB on a 64 MiB node)
-        e = await refused(s.agent_stub.AttachVm(apb.AttachVmRequest(vm_id="lab.huge", memory_bytes=64 << 30,
-                                                                    synthetic=True), metadata=md(AGENT), timeout=5))  # fmt: skip
+        e = await refused(
+            s.agent_stub.AttachVm(
+                apb.AttachVmRequest(vm_id="lab.huge", memory_bytes=64 << 30, synthetic=True),
+                metadata=md(AGENT),
+                timeout=5,
+            )
+        )
         assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "capacity" in (e.details() or "")
 
 
 # --- 5. fair scheduling --------------------------------------------------------------------------------------
 async def test_tenant_manual_cycles_cannot_starve_another_tenants_schedule(tmp_path: Path) -> None:
-    async with stack(tmp_path, scheduler=True, max_concurrent_cycles_per_node=2, tenant_manual_cycles=2,
-                     tenant_manual_max_interval_ms=3000) as s:  # fmt: skip
+    async with stack(
+        tmp_path,
+        scheduler=True,
+        max_concurrent_cycles_per_node=2,
+        tenant_manual_cycles=2,
+        tenant_manual_max_interval_ms=3000,
+    ) as s:
         admin = md(ADMIN)
-        await s.stub.SetPolicy(cp.SetPolicyRequest(scope=cp.PolicyScope(fleet=True), policy=t.EvictionPolicy(
-            paused=True), fields=["paused"]), metadata=admin, timeout=5)  # fmt: skip
+        await s.stub.SetPolicy(
+            cp.SetPolicyRequest(
+                scope=cp.PolicyScope(fleet=True), policy=t.EvictionPolicy(paused=True), fields=["paused"]
+            ),
+            metadata=admin,
+            timeout=5,
+        )
         vms = [f"acme.vm{i}" for i in range(6)] + ["globex.db"]
         for vm in vms:
             await s.stub.RegisterVm(
                 cp.RegisterVmRequest(vm=sim_vm(vm), attach=True), metadata=admin, timeout=10
             )
-        await s.stub.SetPolicy(cp.SetPolicyRequest(scope=cp.PolicyScope(vm_id="globex.db"), policy=t.EvictionPolicy(
-            paused=False, interval_ms=200), fields=["paused", "interval_ms"]), metadata=admin, timeout=5)  # fmt: skip
+        await s.stub.SetPolicy(
+            cp.SetPolicyRequest(
+                scope=cp.PolicyScope(vm_id="globex.db"),
+                policy=t.EvictionPolicy(paused=False, interval_ms=200),
+                fields=["paused", "interval_ms"],
+            ),
+            metadata=admin,
+            timeout=5,
+        )
 
         # the review's attack, scaled to this node: more long manual cycles than the node has slots
-        calls = [asyncio.ensure_future(s.stub.TriggerCycle(
-            cp.TriggerCycleRequest(vm_id=vm, mode=t.CYCLE_MODE_DETECT, interval_ms=3000),
-            metadata=md(ACME), timeout=30)) for vm in vms[:6]]  # fmt: skip
+        calls = [
+            asyncio.ensure_future(
+                s.stub.TriggerCycle(
+                    cp.TriggerCycleRequest(vm_id=vm, mode=t.CYCLE_MODE_DETECT, interval_ms=3000),
+                    metadata=md(ACME),
+                    timeout=30,
+                )
+            )
+            for vm in vms[:6]
+        ]
         await asyncio.sleep(0.5)
         t0 = time.time() * 1000
         await asyncio.sleep(2.0)
         t1 = time.time() * 1000
         results = await asyncio.gather(*calls, return_exceptions=True)
-        reports = (await s.stub.ListCycleReports(cp.ListCycleReportsRequest(vm_id="globex.db", limit=1000),
-                                                 metadata=admin, timeout=5)).reports  # fmt: skip
+        reports = (
+            await s.stub.ListCycleReports(
+                cp.ListCycleReportsRequest(vm_id="globex.db", limit=1000), metadata=admin, timeout=5
+            )
+        ).reports
         during = [r for r in reports if t0 <= r.started_unix_ms <= t1]
         assert len(during) >= 2, f"globex's 200 ms schedule got {len(during)} cycles while acme's ran"
 
         done = [r for r in results if isinstance(r, t.CycleReport)]
-        exhausted = [r for r in results if isinstance(r, grpc.aio.AioRpcError)
-                     and r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED]  # fmt: skip
+        exhausted = [
+            r
+            for r in results
+            if isinstance(r, grpc.aio.AioRpcError) and r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        ]
         assert len(done) == 2 and len(exhausted) == 4, results
         assert "already runs 2 manual cycle" in (exhausted[0].details() or "")
         # and a manual cycle of a tenant cannot hold a slot for the policy maximum (7 days)
-        e = await refused(s.stub.TriggerCycle(cp.TriggerCycleRequest(vm_id="acme.vm0", mode=t.CYCLE_MODE_DETECT,
-                                                                     interval_ms=7 * 24 * 3600 * 1000),
-                                              metadata=md(ACME), timeout=5))  # fmt: skip
+        e = await refused(
+            s.stub.TriggerCycle(
+                cp.TriggerCycleRequest(
+                    vm_id="acme.vm0", mode=t.CYCLE_MODE_DETECT, interval_ms=7 * 24 * 3600 * 1000
+                ),
+                metadata=md(ACME),
+                timeout=5,
+            )
+        )
         assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 3000 ms" in (e.details() or "")
 
 
@@ -433,17 +565,35 @@ async def test_tenant_run_cycles_straight_to_the_agent_are_limited_too(tmp_path:
                 cp.RegisterVmRequest(vm=sim_vm(vm), attach=True), metadata=md(ADMIN), timeout=10
             )
         week = 7 * 24 * 3600 * 1000
-        e = await refused(s.agent_stub.RunCycle(apb.RunCycleRequest(vm_id="acme.vm0", mode=t.CYCLE_MODE_DETECT,
-                                                                    interval_ms=week), metadata=md(ACME), timeout=5))  # fmt: skip
+        e = await refused(
+            s.agent_stub.RunCycle(
+                apb.RunCycleRequest(vm_id="acme.vm0", mode=t.CYCLE_MODE_DETECT, interval_ms=week),
+                metadata=md(ACME),
+                timeout=5,
+            )
+        )
         assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most" in (e.details() or "")
-        calls = [asyncio.ensure_future(s.agent_stub.RunCycle(
-            apb.RunCycleRequest(vm_id=vm, mode=t.CYCLE_MODE_DETECT, interval_ms=1500), metadata=md(ACME), timeout=30,
-        )) for vm in vms]  # fmt: skip
+        calls = [
+            asyncio.ensure_future(
+                s.agent_stub.RunCycle(
+                    apb.RunCycleRequest(vm_id=vm, mode=t.CYCLE_MODE_DETECT, interval_ms=1500),
+                    metadata=md(ACME),
+                    timeout=30,
+                )
+            )
+            for vm in vms
+        ]
         results = await asyncio.gather(*calls, return_exceptions=True)
         done = [r for r in results if isinstance(r, t.CycleReport)]
-        exhausted = [r for r in results if isinstance(r, grpc.aio.AioRpcError)
-                     and r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED]  # fmt: skip
+        exhausted = [
+            r
+            for r in results
+            if isinstance(r, grpc.aio.AioRpcError) and r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        ]
         assert len(done) == 2 and len(exhausted) == 2, results
         # the admin (the control plane's token) is not limited
-        await s.agent_stub.RunCycle(apb.RunCycleRequest(vm_id="acme.vm0", mode=t.CYCLE_MODE_DETECT, interval_ms=100),
-                                    metadata=md(AGENT), timeout=10)  # fmt: skip
+        await s.agent_stub.RunCycle(
+            apb.RunCycleRequest(vm_id="acme.vm0", mode=t.CYCLE_MODE_DETECT, interval_ms=100),
+            metadata=md(AGENT),
+            timeout=10,
+        )

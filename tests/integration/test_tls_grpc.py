@@ -38,8 +38,11 @@ def _name(cn: str) -> x509.Name:
 def _write(d: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> Issued:
     c, k = d / f"{stem}.pem", d / f"{stem}.key"
     c.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    k.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption()))  # fmt: skip
+    k.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     return Issued(c, k)
 
 
@@ -51,19 +54,40 @@ class CA:
         self.key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
         self.cert = (
-            x509.CertificateBuilder().subject_name(_name(name)).issuer_name(_name(name))
-            .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+            x509.CertificateBuilder()
+            .subject_name(_name(name))
+            .issuer_name(_name(name))
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
             .sign(self.key, hashes.SHA256())
-        )  # fmt: skip
+        )
         self.pem = _write(d, name, self.cert, self.key).cert
 
-    def issue(self, stem: str, dns: list[str], ips: list[str] = (), server: bool = True,  # type: ignore[assignment]
-              client: bool = False) -> Issued:  # fmt: skip
+    def issue(
+        self,
+        stem: str,
+        dns: list[str],
+        ips: list[str] = (),  # type: ignore[assignment]
+        server: bool = True,
+        client: bool = False,
+    ) -> Issued:
         key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
         usages = ([ExtendedKeyUsageOID.SERVER_AUTH] if server else []) + (
@@ -72,12 +96,16 @@ class CA:
         sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns]
         sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
         b = (
-            x509.CertificateBuilder().subject_name(_name(stem)).issuer_name(self.cert.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+            x509.CertificateBuilder()
+            .subject_name(_name(stem))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-        )  # fmt: skip
+        )
         if sans:
             b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
         return _write(self.dir, stem, b.sign(self.key, hashes.SHA256()), key)
@@ -172,15 +200,23 @@ async def test_plaintext_client_cannot_talk_to_tls_server(pki: Pki) -> None:
 
 
 def _mtls_server(pki: Pki) -> TlsSettings:
-    return TlsSettings(cert_file=str(pki.server.cert), key_file=str(pki.server.key), ca_file=str(pki.ca.pem),
-                       require_client_cert=True)  # fmt: skip
+    return TlsSettings(
+        cert_file=str(pki.server.cert),
+        key_file=str(pki.server.key),
+        ca_file=str(pki.ca.pem),
+        require_client_cert=True,
+    )
 
 
 async def test_mtls_client_cert_from_ca_succeeds(pki: Pki) -> None:
     srv = await _serve(_mtls_server(pki))
     try:
-        tls = TlsSettings(ca_file=str(pki.ca.pem), cert_file=str(pki.client.cert), key_file=str(pki.client.key),
-                          server_name=SERVER_NAME)  # fmt: skip
+        tls = TlsSettings(
+            ca_file=str(pki.ca.pem),
+            cert_file=str(pki.client.cert),
+            key_file=str(pki.client.key),
+            server_name=SERVER_NAME,
+        )
         assert await _check(srv.port, tls) == "SERVING"
     finally:
         await srv.stop(0)
@@ -198,8 +234,12 @@ async def test_mtls_without_client_cert_fails(pki: Pki) -> None:
 async def test_mtls_client_cert_from_other_ca_fails(pki: Pki) -> None:
     srv = await _serve(_mtls_server(pki))
     try:
-        tls = TlsSettings(ca_file=str(pki.ca.pem), cert_file=str(pki.rogue_client.cert),
-                          key_file=str(pki.rogue_client.key), server_name=SERVER_NAME)  # fmt: skip
+        tls = TlsSettings(
+            ca_file=str(pki.ca.pem),
+            cert_file=str(pki.rogue_client.cert),
+            key_file=str(pki.rogue_client.key),
+            server_name=SERVER_NAME,
+        )
         assert await _fails(srv.port, tls) == grpc.StatusCode.UNAVAILABLE
     finally:
         await srv.stop(0)
@@ -214,8 +254,18 @@ async def test_health_probe_cli_with_tls(pki: Pki) -> None:
     srv = await _serve(_mtls_server(pki))
     try:
         addr = f"127.0.0.1:{srv.port}"
-        good = ["--addr", addr, "--tls-ca", str(pki.ca.pem), "--tls-cert", str(pki.client.cert),
-                "--tls-key", str(pki.client.key), "--server-name", SERVER_NAME]  # fmt: skip
+        good = [
+            "--addr",
+            addr,
+            "--tls-ca",
+            str(pki.ca.pem),
+            "--tls-cert",
+            str(pki.client.cert),
+            "--tls-key",
+            str(pki.client.key),
+            "--server-name",
+            SERVER_NAME,
+        ]
         # the probe is a blocking client: run it off the loop that serves
         assert await asyncio.to_thread(health_probe.main, good) == 0
         no_cert = [
@@ -270,8 +320,11 @@ def test_tls_config_errors_are_clear(pki: Pki, tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="key_file"):
         server_credentials(TlsSettings(cert_file=str(pki.server.cert)))
     with pytest.raises(ConfigurationError, match=r"needs tls\.ca_file"):
-        server_credentials(TlsSettings(cert_file=str(pki.server.cert), key_file=str(pki.server.key),
-                                       require_client_cert=True))  # fmt: skip
+        server_credentials(
+            TlsSettings(
+                cert_file=str(pki.server.cert), key_file=str(pki.server.key), require_client_cert=True
+            )
+        )
     junk = tmp_path / "junk.pem"
     junk.write_text("not a certificate")
     with pytest.raises(ConfigurationError, match="not a PEM"):

@@ -28,20 +28,45 @@ PKG = ROOT / "tiermem"
 # the packages of an "independent" group must not import each other.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("generated", ("tiermem.v1",)),
-    ("core", ("tiermem", "tiermem.errors", "tiermem.ids", "tiermem.model", "tiermem.api", "tiermem.selector", "tiermem.units",
-              "tiermem.config", "tiermem.events", "tiermem.logging", "tiermem.metrics", "tiermem.fsmodes",
-              "tiermem.native", "tiermem._native")),
+    (
+        "core",
+        (
+            "tiermem",
+            "tiermem.errors",
+            "tiermem.ids",
+            "tiermem.model",
+            "tiermem.api",
+            "tiermem.selector",
+            "tiermem.units",
+            "tiermem.evict",
+            "tiermem.config",
+            "tiermem.events",
+            "tiermem.logging",
+            "tiermem.metrics",
+            "tiermem.fsmodes",
+            "tiermem.native",
+            "tiermem._native",
+        ),
+    ),
     ("kernel/store", ("tiermem.kernel", "tiermem.store")),
     ("handoff", ("tiermem.handoff",)),
     ("agent/control", ("tiermem.agent", "tiermem.control")),
     ("rpc", ("tiermem.rpc",)),
-    ("service edges", ("tiermem.agent.service", "tiermem.agent.server", "tiermem.agent.cplink",
-                       "tiermem.control.service", "tiermem.control.server")),
+    (
+        "service edges",
+        (
+            "tiermem.agent.service",
+            "tiermem.agent.server",
+            "tiermem.agent.cplink",
+            "tiermem.control.service",
+            "tiermem.control.server",
+        ),
+    ),
     ("sim", ("tiermem.sim",)),
     ("guests", ("tiermem.guests",)),
     ("demo/bench", ("tiermem.demo", "tiermem.bench")),
     ("cli", ("tiermem.cli", "tiermem.__main__")),
-]  # fmt: skip
+]
 INDEPENDENT = [
     ("tiermem.kernel", "tiermem.store"),
     ("tiermem.agent", "tiermem.control"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -48,12 +49,28 @@ class StubClient:
         ]
         self.closed = False
         self.status = VmStatus(
-            "vm1", node_id="n1", total_pages=1024, resident_pages=700, evicted_pages=324, working_set_pages=100,
-            faults_served=7, promotion_rate=0.001, labels={"tier": "web"}, cycles=4,
+            "vm1",
+            node_id="n1",
+            total_pages=1024,
+            resident_pages=700,
+            evicted_pages=324,
+            working_set_pages=100,
+            faults_served=7,
+            promotion_rate=0.001,
+            labels={"tier": "web"},
+            cycles=4,
             store_usage=StoreUsage("default", "file", "file:///tmp/p", 300, 24, 600_000, 1_228_800),
-        )  # fmt: skip
-        self.report = CycleReport("vm1", cycle=5, pages_scanned=1024, pages_hot=100, pages_cold=200,
-                                  pages_evicted=150, phases=PhaseTimes(scan_us=1500, total_us=9000), node_id="n1")  # fmt: skip
+        )
+        self.report = CycleReport(
+            "vm1",
+            cycle=5,
+            pages_scanned=1024,
+            pages_hot=100,
+            pages_cold=200,
+            pages_evicted=150,
+            phases=PhaseTimes(scan_us=1500, total_us=9000),
+            node_id="n1",
+        )
 
     def _call(self, name: str, *args: Any) -> None:
         self.calls.append((name, args))
@@ -75,8 +92,10 @@ class StubClient:
 
     def list_policies(self, selector: str = "") -> list[PolicyEntry]:
         self._call("list_policies", selector)
-        return [PolicyEntry(PolicyScope.fleet(), EvictionPolicy(version=1), 1),
-                PolicyEntry(PolicyScope.for_vm("vm1"), EvictionPolicy(max_evict=EvictionCap(fraction=0.2)), 2)]  # fmt: skip
+        return [
+            PolicyEntry(PolicyScope.fleet(), EvictionPolicy(version=1), 1),
+            PolicyEntry(PolicyScope.for_vm("vm1"), EvictionPolicy(max_evict=EvictionCap(fraction=0.2)), 2),
+        ]
 
     def delete_policy(self, scope: PolicyScope) -> None:
         self._call("delete_policy", scope)
@@ -119,8 +138,13 @@ class StubClient:
 
     def stream_events(self, vm_id: str = "", after_seq: int = 0, follow: bool = False) -> Iterator[Event]:
         self._call("stream_events", vm_id, after_seq, follow)
-        yield Event(EventKind.CYCLE_COMPLETED, "cycle 5 evicted 150 pages", vm_id="vm1", seq=1,
-                    attributes={"cycle": "5"})  # fmt: skip
+        yield Event(
+            EventKind.CYCLE_COMPLETED,
+            "cycle 5 evicted 150 pages",
+            vm_id="vm1",
+            seq=1,
+            attributes={"cycle": "5"},
+        )
         yield Event(EventKind.NODE_DOWN, "node n2 missed its lease", node_id="n2", seq=2)
 
 
@@ -129,8 +153,12 @@ def stub() -> StubClient:
     return StubClient()
 
 
-def run(stub: StubClient, *args: str, env: dict[str, str] | None = None,
-        settings_out: list[ClientSettings] | None = None) -> Result:  # fmt: skip
+def run(
+    stub: StubClient,
+    *args: str,
+    env: dict[str, str] | None = None,
+    settings_out: list[ClientSettings] | None = None,
+) -> Result:
     def factory(settings: ClientSettings) -> StubClient:
         if settings_out is not None:
             settings_out.append(settings)
@@ -163,8 +191,23 @@ def field_names(cls: Any) -> set[str]:
 
 
 def test_policy_set_sends_only_the_given_fields(stub: StubClient) -> None:
-    r = ok(run(stub, "policy", "set", "vm1", "--interval", "500ms", "--max-evict", "20%", "--slo", "0.2%/min",
-               "--compression", "zstd", "--pause"))  # fmt: skip
+    r = ok(
+        run(
+            stub,
+            "policy",
+            "set",
+            "vm1",
+            "--interval",
+            "500ms",
+            "--max-evict",
+            "20%",
+            "--slo",
+            "0.2%/min",
+            "--compression",
+            "zstd",
+            "--pause",
+        )
+    )
     (name, (scope, pol, fields)), *_ = stub.calls
     assert name == "set_policy"
     assert scope == PolicyScope(ScopeKind.VM, "vm1")
@@ -179,8 +222,26 @@ def test_policy_set_sends_only_the_given_fields(stub: StubClient) -> None:
 
 
 def test_policy_set_every_flag(stub: StubClient) -> None:
-    ok(run(stub, "policy", "set", "--selector", "tier=web, zone=a", "--cold-after", "5", "--min-resident", "1GiB",
-           "--store", "redis", "--prefetch", "0", "--max-evict", "1000pages", "--resume"))  # fmt: skip
+    ok(
+        run(
+            stub,
+            "policy",
+            "set",
+            "--selector",
+            "tier=web, zone=a",
+            "--cold-after",
+            "5",
+            "--min-resident",
+            "1GiB",
+            "--store",
+            "redis",
+            "--prefetch",
+            "0",
+            "--max-evict",
+            "1000pages",
+            "--resume",
+        )
+    )
     _, (scope, pol, fields) = stub.calls[0]
     assert scope == PolicyScope(ScopeKind.SELECTOR, "tier=web,zone=a")
     assert set(fields) == {
@@ -285,14 +346,42 @@ def test_vm_show(stub: StubClient) -> None:
     assert set(doc["last_cycles"][0]) == field_names(CycleReport)
     assert ("list_cycle_reports", ("vm1", 5)) in stub.calls
     out = ok(run(stub, "vm", "show", "vm1")).stdout
-    for needle in ("working set", "resident", "evicted", "faults served", "promotion rate", "store usage",
-                   "tier=web", "cycle"):  # fmt: skip
+    for needle in (
+        "working set",
+        "resident",
+        "evicted",
+        "faults served",
+        "promotion rate",
+        "store usage",
+        "tier=web",
+        "cycle",
+    ):
         assert needle in out
 
 
 def test_vm_register(stub: StubClient) -> None:
-    doc = json.loads(ok(run(stub, "vm", "register", "vm9", "--node", "n1", "--memory", "64MiB", "--label", "a=b",
-                            "--label", "c=d", "--workload", "zipf", "--attach", "--json")).stdout)  # fmt: skip
+    doc = json.loads(
+        ok(
+            run(
+                stub,
+                "vm",
+                "register",
+                "vm9",
+                "--node",
+                "n1",
+                "--memory",
+                "64MiB",
+                "--label",
+                "a=b",
+                "--label",
+                "c=d",
+                "--workload",
+                "zipf",
+                "--attach",
+                "--json",
+            )
+        ).stdout
+    )
     _, (spec, attach) = stub.calls[0]
     assert spec == VmSpec("vm9", "n1", 64 << 20, {"a": "b", "c": "d"}, Backend.SIM, "zipf")
     assert attach is True
@@ -391,15 +480,45 @@ def test_events(stub: StubClient) -> None:
 
 def test_connection_options_reach_client_settings(stub: StubClient, tmp_path: Any) -> None:
     seen: list[ClientSettings] = []
-    ok(run(stub, "--server", "10.0.0.1:1", "vm", "list", "--server", "127.0.0.1:7001", "--timeout", "2s",
-           "--token", "t0k", settings_out=seen))  # fmt: skip
+    ok(
+        run(
+            stub,
+            "--server",
+            "10.0.0.1:1",
+            "vm",
+            "list",
+            "--server",
+            "127.0.0.1:7001",
+            "--timeout",
+            "2s",
+            "--token",
+            "t0k",
+            settings_out=seen,
+        )
+    )
     assert seen[0].server == "127.0.0.1:7001"  # the later flag wins
     assert seen[0].timeout_s == 2.0 and seen[0].token == "t0k"
-    ok(run(stub, "node", "list", env={"TIERMEM_SERVER": "127.0.0.1:7002", "TIERMEM_TOKEN": "envtok"},
-           settings_out=seen))  # fmt: skip
+    ok(
+        run(
+            stub,
+            "node",
+            "list",
+            env={"TIERMEM_SERVER": "127.0.0.1:7002", "TIERMEM_TOKEN": "envtok"},
+            settings_out=seen,
+        )
+    )
     assert (seen[1].server, seen[1].token) == ("127.0.0.1:7002", "envtok")
-    ok(run(stub, "node", "list", "--tls-ca", "/ca.pem", env={"TIERMEM_TLS__SERVER_NAME": "cp.local"},
-           settings_out=seen))  # fmt: skip
+    ok(
+        run(
+            stub,
+            "node",
+            "list",
+            "--tls-ca",
+            "/ca.pem",
+            env={"TIERMEM_TLS__SERVER_NAME": "cp.local"},
+            settings_out=seen,
+        )
+    )
     assert (seen[2].tls.ca_file, seen[2].tls.server_name) == ("/ca.pem", "cp.local")
     assert "--tls-key" in one_line_error(run(stub, "node", "list", "--tls-cert", "/c.pem"))
     assert "--timeout" in one_line_error(run(stub, "node", "list", "--timeout", "0s"))
@@ -408,17 +527,28 @@ def test_connection_options_reach_client_settings(stub: StubClient, tmp_path: An
 @pytest.mark.parametrize(
     ("exc", "code", "needle"),
     [
-        (errors.Unavailable("server unavailable: failed to connect to all addresses; last error: refused"), 2,
-         "control plane at 127.0.0.1:7999 is unreachable: failed to connect to all addresses"),
-        (errors.Unavailable("server unavailable: agent n1 is down"), 2, "control plane at 127.0.0.1:7999 is unavailable"),
+        (
+            errors.Unavailable("server unavailable: failed to connect to all addresses; last error: refused"),
+            2,
+            "control plane at 127.0.0.1:7999 is unreachable: failed to connect to all addresses",
+        ),
+        (
+            errors.Unavailable("server unavailable: agent n1 is down"),
+            2,
+            "control plane at 127.0.0.1:7999 is unavailable",
+        ),
         (errors.StoreUnavailable("redis timed out"), 2, "redis timed out"),
         (errors.FailedPrecondition("node n1 is down"), 3, "node n1 is down"),
         (errors.StoreFull("quota"), 3, "quota"),
         (errors.NotFound("unknown VM 'vm1'"), 1, "unknown VM 'vm1'"),
-        (errors.InvalidArgument("unauthenticated: missing token\nsecond line"), 1, "unauthenticated: missing token"),
+        (
+            errors.InvalidArgument("unauthenticated: missing token\nsecond line"),
+            1,
+            "unauthenticated: missing token",
+        ),
         (RuntimeError("boom"), 1, "internal error: RuntimeError: boom (run with --debug for a traceback)"),
     ],
-)  # fmt: skip
+)
 def test_errors_map_to_exit_codes(stub: StubClient, exc: BaseException, code: int, needle: str) -> None:
     stub.fail_with = exc
     line = one_line_error(run(stub, "vm", "show", "vm1", "--server", "127.0.0.1:7999"), code)
@@ -445,8 +575,12 @@ def test_bare_group_prints_help(stub: StubClient) -> None:
 
 
 def test_shell_completion_lists_commands() -> None:
-    r = CliRunner().invoke(cli, [], prog_name="tiermem", env={"_TIERMEM_COMPLETE": "bash_complete",
-                                                              "COMP_WORDS": "tiermem po", "COMP_CWORD": "1"})  # fmt: skip
+    r = CliRunner().invoke(
+        cli,
+        [],
+        prog_name="tiermem",
+        env={"_TIERMEM_COMPLETE": "bash_complete", "COMP_WORDS": "tiermem po", "COMP_CWORD": "1"},
+    )
     assert "policy" in r.stdout
     r = CliRunner().invoke(cli, [], prog_name="tiermem", env={"_TIERMEM_COMPLETE": "bash_source"})
     assert "_TIERMEM_COMPLETE=bash_complete" in r.stdout
@@ -459,3 +593,79 @@ def test_vm_ids_complete_from_the_server(stub: StubClient) -> None:
     stub.fail_with = errors.Unavailable("down")  # an unreachable server completes nothing, silently
     r = CliRunner().invoke(cli, [], prog_name="tiermem", env=env, obj={"client_factory": lambda s: stub})
     assert r.exit_code == 0 and r.stdout.strip() == "" and r.stderr == ""
+
+
+# ---------------------------------------------------------------- output formats (issue 20)
+
+
+def test_tables_are_plain_ascii_off_a_terminal(stub: StubClient) -> None:
+    out = ok(run(stub, "node", "list")).stdout
+    assert "127.0.0.1:7070" in out
+    assert out.isascii(), [c for c in out if not c.isascii()][:5]
+    assert "|" in out and "-" in out
+
+
+@pytest.mark.parametrize("cmd", [["node", "list"], ["vm", "list"]])
+def test_output_json_is_the_json_flag(stub: StubClient, cmd: list[str]) -> None:
+    assert json.loads(ok(run(stub, *cmd, "-o", "json")).stdout) == json.loads(
+        ok(run(stub, *cmd, "--json")).stdout
+    )
+
+
+def test_output_wide_never_folds(stub: StubClient) -> None:
+    env: dict[str, str | None] = {"COLUMNS": "40", "TIERMEM_SERVER": None}
+    narrow = ok(run(stub, "node", "list", env=env)).stdout  # type: ignore[arg-type]
+    wide = ok(run(stub, "node", "list", "-o", "wide", env=env)).stdout  # type: ignore[arg-type]
+    assert len(wide.splitlines()) < len(narrow.splitlines())
+    assert max(len(line) for line in wide.splitlines()) > 40
+
+
+def test_output_and_json_must_agree(stub: StubClient) -> None:
+    assert "disagree" in one_line_error(run(stub, "node", "list", "--json", "-o", "wide"))
+    assert "yaml" in one_line_error(run(stub, "node", "list", "-o", "yaml"))
+
+
+def test_drain_keep_paused_pauses_first(stub: StubClient) -> None:
+    out = ok(run(stub, "vm", "drain", "vm1", "--keep-paused")).stdout
+    names = [c[0] for c in stub.calls]
+    assert names.index("set_policy") < names.index("drain_vm")
+    scope, policy, fields = next(c[1] for c in stub.calls if c[0] == "set_policy")
+    assert scope == PolicyScope.for_vm("vm1") and policy.paused is True and fields == ["paused"]
+    assert "--resume" in out
+
+
+def test_drain_without_keep_paused_changes_no_policy(stub: StubClient) -> None:
+    ok(run(stub, "vm", "drain", "vm1"))
+    assert "set_policy" not in [c[0] for c in stub.calls]
+
+
+def _workload_examples() -> list[str]:
+    """Every workload spec that a --workload help text shows (after "e.g." or as the default)."""
+    import click
+
+    from tiermem.cli.main import cli as root
+
+    found: list[str] = []
+    stack: list[click.Command] = [root]
+    while stack:
+        cmd = stack.pop()
+        stack += list(getattr(cmd, "commands", {}).values())
+        for p in cmd.params:
+            if not (isinstance(p, click.Option) and "--workload" in p.opts):
+                continue
+            if isinstance(p.default, str) and p.default:
+                found.append(p.default)
+            helptext = p.help or ""
+            if "e.g." in helptext:
+                words = re.split(r",\s*|\s+or\s+", helptext.split("e.g.", 1)[1].strip().rstrip("."))
+                found += [w for w in words if w]
+    return found
+
+
+def test_workload_help_examples_are_accepted() -> None:
+    from tiermem.sim.workloads import parse_workload
+
+    examples = _workload_examples()
+    assert "zipf:1.1" in examples and "hotset:0.1" in examples
+    for spec in examples:
+        parse_workload(spec, 4096, 1)

@@ -40,20 +40,67 @@ def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
 
 
 def test_controlplane_flags(captured: list[Any], tmp_path: Path) -> None:
-    r = invoke("serve", "controlplane", "--listen", "127.0.0.1:0", "--state", f"sqlite:///{tmp_path}/cp.db",
-               "--token", "s3cret", "--tls-cert", "/c.pem", "--tls-key", "/k.pem", "--tls-ca", "/ca.pem", "--mtls",
-               "--metrics", "127.0.0.1:9100", "--reflection", "--lease-ttl", "15s", "--max-concurrent-cycles", "8",
-               "--node-evict-mbps", "100", "--store-write-mbps", "s3=50", "--jitter", "0.2", "--no-scheduler",
-               "--agent-token", "atok", "--agent-tls-ca", "/aca.pem", "--replica-id", "r1", "--log-format", "console",
-               "--advertise", "10.0.0.9:7000", "--known-store", "default", "--known-store", "fast")  # fmt: skip
+    r = invoke(
+        "serve",
+        "controlplane",
+        "--listen",
+        "127.0.0.1:0",
+        "--state",
+        f"sqlite:///{tmp_path}/cp.db",
+        "--token",
+        "s3cret",
+        "--tls-cert",
+        "/c.pem",
+        "--tls-key",
+        "/k.pem",
+        "--tls-ca",
+        "/ca.pem",
+        "--mtls",
+        "--metrics",
+        "127.0.0.1:9100",
+        "--reflection",
+        "--lease-ttl",
+        "15s",
+        "--max-concurrent-cycles",
+        "8",
+        "--node-evict-mbps",
+        "100",
+        "--store-write-mbps",
+        "s3=50",
+        "--jitter",
+        "0.2",
+        "--no-scheduler",
+        "--agent-token",
+        "atok",
+        "--agent-tls-ca",
+        "/aca.pem",
+        "--replica-id",
+        "r1",
+        "--log-format",
+        "console",
+        "--advertise",
+        "10.0.0.9:7000",
+        "--known-store",
+        "default",
+        "--known-store",
+        "fast",
+    )
     assert r.exit_code == 0, r.output
     (s,) = captured
     assert isinstance(s, ControlPlaneSettings)
     assert (s.listen, s.state, s.token) == ("127.0.0.1:0", f"sqlite:///{tmp_path}/cp.db", "s3cret")
     assert (s.tls.cert_file, s.tls.key_file, s.tls.ca_file, s.tls.require_client_cert) == (
-        "/c.pem", "/k.pem", "/ca.pem", True)  # fmt: skip
+        "/c.pem",
+        "/k.pem",
+        "/ca.pem",
+        True,
+    )
     assert (s.metrics_listen, s.reflection, s.lease_ttl_ms, s.max_concurrent_cycles_per_node) == (
-        "127.0.0.1:9100", True, 15_000, 8)  # fmt: skip
+        "127.0.0.1:9100",
+        True,
+        15_000,
+        8,
+    )
     assert s.node_evict_mbps == 100 and s.store_write_mbps == {"s3": 50.0} and s.jitter == 0.2
     assert s.scheduler is False and s.agent_token == "atok" and s.agent_tls.ca_file == "/aca.pem"
     assert s.replica_id == "r1" and s.log_json is False
@@ -61,11 +108,35 @@ def test_controlplane_flags(captured: list[Any], tmp_path: Path) -> None:
 
 
 def test_agent_flags(captured: list[Any], tmp_path: Path) -> None:
-    r = invoke("serve", "agent", "--node-id", "n7", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path),
-               "--store", "fast=redis://127.0.0.1:1/0", "--store", "cold=file:///tmp/x", "--control-plane",
-               "127.0.0.1:7000", "--handoff-socket", str(tmp_path / "h.sock"), "--heartbeat", "500ms",
-               "--autonomous-after", "1m", "--no-fsync", "--control-plane-token", "cpt", "--cp-tls-ca", "/ca.pem",
-               "--advertise", "10.0.0.7:7070")  # fmt: skip
+    r = invoke(
+        "serve",
+        "agent",
+        "--node-id",
+        "n7",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        str(tmp_path),
+        "--store",
+        "fast=redis://127.0.0.1:1/0",
+        "--store",
+        "cold=file:///tmp/x",
+        "--control-plane",
+        "127.0.0.1:7000",
+        "--handoff-socket",
+        str(tmp_path / "h.sock"),
+        "--heartbeat",
+        "500ms",
+        "--autonomous-after",
+        "1m",
+        "--no-fsync",
+        "--control-plane-token",
+        "cpt",
+        "--cp-tls-ca",
+        "/ca.pem",
+        "--advertise",
+        "10.0.0.7:7070",
+    )
     assert r.exit_code == 0, r.output
     (s,) = captured
     assert isinstance(s, AgentSettings)
@@ -86,8 +157,17 @@ def test_unset_flags_keep_env_and_toml(captured: list[Any], tmp_path: Path) -> N
     cfg.write_text(
         'listen = "127.0.0.1:7444"\nstate = "sqlite:///from-toml.db"\njitter = 0.3\n[tls]\nca_file = "/toml-ca.pem"\n'
     )
-    r = invoke("serve", "controlplane", "--config", str(cfg), "--jitter", "0.05", "--tls-cert", "/flag.pem",
-               env={"TIERMEM_CP_STATE": "sqlite:///from-env.db"})  # fmt: skip
+    r = invoke(
+        "serve",
+        "controlplane",
+        "--config",
+        str(cfg),
+        "--jitter",
+        "0.05",
+        "--tls-cert",
+        "/flag.pem",
+        env={"TIERMEM_CP_STATE": "sqlite:///from-env.db"},
+    )
     assert r.exit_code == 0, r.output
     (s,) = captured
     assert s.listen == "127.0.0.1:7444"  # TOML, no flag

@@ -49,8 +49,16 @@ class FakeAgents:
     cycle_s: float = 0.0
     cold: dict[str, int] = field(default_factory=dict)
 
-    async def run_cycle(self, address: str, vm_id: str, mode: CycleMode, interval_ms: int,
-                        policy: EvictionPolicy | None, order_id: str, timeout: float) -> CycleReport:  # fmt: skip
+    async def run_cycle(
+        self,
+        address: str,
+        vm_id: str,
+        mode: CycleMode,
+        interval_ms: int,
+        policy: EvictionPolicy | None,
+        order_id: str,
+        timeout: float,
+    ) -> CycleReport:
         self.orders.append(Order(address, vm_id, order_id, policy, int(self.clock.now() * 1000)))
         self.running[vm_id] = self.running.get(vm_id, 0) + 1
         self.max_running[vm_id] = max(self.max_running.get(vm_id, 0), self.running[vm_id])
@@ -61,9 +69,13 @@ class FakeAgents:
             if self.gate is not None:
                 await self.gate.wait()
             self.clock.advance(self.cycle_s)
-            return CycleReport(vm_id=vm_id, cycle=len(self.orders), pages_cold=self.cold.get(vm_id, 0),
-                               bytes_written=self.bytes_written,
-                               policy_version=policy.version if policy else 0)  # fmt: skip
+            return CycleReport(
+                vm_id=vm_id,
+                cycle=len(self.orders),
+                pages_cold=self.cold.get(vm_id, 0),
+                bytes_written=self.bytes_written,
+                policy_version=policy.version if policy else 0,
+            )
         finally:
             self.running[vm_id] -= 1
 
@@ -196,11 +208,14 @@ async def test_jitter_spreads_same_interval_vms_deterministically() -> None:
 async def test_priority_goes_to_the_most_reclaimable_memory() -> None:
     env = await make_env()
     await add(env, "n1", "small", "big", "mid", max_concurrent_cycles=1)
-    await env.reg.heartbeat("n1", [
-        VmStatus("small", resident_pages=100, working_set_pages=90),
-        VmStatus("big", resident_pages=1000, working_set_pages=10),
-        VmStatus("mid", resident_pages=500, working_set_pages=100),
-    ])  # fmt: skip
+    await env.reg.heartbeat(
+        "n1",
+        [
+            VmStatus("small", resident_pages=100, working_set_pages=90),
+            VmStatus("big", resident_pages=1000, working_set_pages=10),
+            VmStatus("mid", resident_pages=500, working_set_pages=100),
+        ],
+    )
     env.clock.set(T0 + 10)
     for _ in range(3):
         await env.step()

@@ -19,18 +19,25 @@ from tiermem.control.clock import ManualClock
 HOUR_MS = 3_600_000
 
 
-def _closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
+@pytest.fixture
+def refusing_port() -> Iterator[int]:
+    """A loopback port that refuses connections: bound but not listening, and held so nothing else takes it."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        yield int(s.getsockname()[1])
 
 
 @pytest.fixture
-def agent(tmp_path: Path) -> Iterator[Agent]:
-    settings = AgentSettings(node_id="n1", data_dir=str(tmp_path), stores={"default": "memory://"}, fsync=False,
-                             control_plane=f"127.0.0.1:{_closed_port()}", heartbeat_ms=100,
-                             autonomous_after_ms=HOUR_MS)  # fmt: skip
+def agent(tmp_path: Path, refusing_port: int) -> Iterator[Agent]:
+    settings = AgentSettings(
+        node_id="n1",
+        data_dir=str(tmp_path),
+        stores={"default": "memory://"},
+        fsync=False,
+        control_plane=f"127.0.0.1:{refusing_port}",
+        heartbeat_ms=100,
+        autonomous_after_ms=HOUR_MS,
+    )
     a = Agent(settings)
     yield a
     a.close()

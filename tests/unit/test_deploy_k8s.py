@@ -17,7 +17,6 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from pydantic import BaseModel
 
 from tests.unit.test_deploy_compose import _model_has
 from tiermem.config import AgentSettings, ControlPlaneSettings, load_settings
@@ -113,8 +112,11 @@ def test_selectors_match_pod_labels_and_services_target_named_ports() -> None:
         for p in svc["spec"]["ports"]:
             assert p["targetPort"] in ports, f"{svc['metadata']['name']}: no container port {p['targetPort']}"
     for pdb in _kind("PodDisruptionBudget"):
-        assert any(pdb["spec"]["selector"]["matchLabels"].items() <= w["spec"]["template"]["metadata"]["labels"].items()
-                   for w in _workloads())  # fmt: skip
+        assert any(
+            pdb["spec"]["selector"]["matchLabels"].items()
+            <= w["spec"]["template"]["metadata"]["labels"].items()
+            for w in _workloads()
+        )
 
 
 def test_volumes_and_mounts_agree() -> None:
@@ -196,8 +198,9 @@ def _env_of(w: dict[str, Any]) -> dict[str, str]:
 @pytest.mark.parametrize(
     ("kind", "model"), [("Deployment", ControlPlaneSettings), ("DaemonSet", AgentSettings)]
 )
-def test_environment_keys_are_settings_fields_and_load(kind: str, model: type[BaseModel],
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_environment_keys_are_settings_fields_and_load(
+    kind: str, model: type[ControlPlaneSettings] | type[AgentSettings], monkeypatch: pytest.MonkeyPatch
+) -> None:
     (w,) = _kind(kind)
     env = _env_of(w)
     prefix = "TIERMEM_CP_" if model is ControlPlaneSettings else "TIERMEM_AGENT_"

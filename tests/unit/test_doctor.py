@@ -14,8 +14,9 @@ from tiermem.kernel.probe import probe_host
 
 
 def test_doctor_json_shape() -> None:
-    out = subprocess.run([sys.executable, "-m", "tiermem.cli", "doctor", "--json"], capture_output=True, text=True,
-                         check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "tiermem.cli", "doctor", "--json"], capture_output=True, text=True, check=True
+    ).stdout
     data = json.loads(out)
     assert set(data["backends"]) == {"sim", "uffd", "rwp"}
     assert data["backends"]["sim"] is True
@@ -32,12 +33,25 @@ def test_doctor_reports_the_native_paths_and_their_switch() -> None:
     """doctor says which path is active: the built extension by default, the Python paths with
     TIERMEM_NATIVE=0 (``make setup`` builds the extension, so it must be there in this venv)."""
     env = {**os.environ, "TIERMEM_NATIVE": "0"}
-    off = json.loads(subprocess.run([sys.executable, "-m", "tiermem.cli", "doctor", "--json"], capture_output=True,
-                                    text=True, check=True, env=env).stdout)["native"]  # fmt: skip
+    off = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "tiermem.cli", "doctor", "--json"],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+        ).stdout
+    )["native"]
     assert off["sim_scan"] == "numpy" and off["fault_serve"] == off["fault_serve_redis"] == "python"
     assert "TIERMEM_NATIVE=0" in off["extension"]
-    on = json.loads(subprocess.run([sys.executable, "-m", "tiermem.cli", "doctor", "--json"], capture_output=True,
-                                   text=True, check=True).stdout)["native"]  # fmt: skip
+    on = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "tiermem.cli", "doctor", "--json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )["native"]
     assert on["extension"] == "built", on
     assert on["sim_scan"] == "native"
     assert on["fault_serve_redis"] == "native"  # make setup-test installs libhiredis-dev

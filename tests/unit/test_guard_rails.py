@@ -30,10 +30,24 @@ def _run_pytest(tmp_path: Path, *, path: str, ci: str | None) -> subprocess.Comp
     if ci is not None:
         env["CI"] = ci
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "tests.conftest", "-p", "no:cacheprovider", "-q", "-rs",
-         str(tmp_path / "test_needs_redis.py")],
-        capture_output=True, text=True, cwd=ROOT, env=env, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "tests.conftest",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "-rs",
+            str(tmp_path / "test_needs_redis.py"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
 
 
 def test_missing_redis_server_is_a_skip_with_its_reason_outside_ci(tmp_path: Path) -> None:

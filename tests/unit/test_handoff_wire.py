@@ -113,16 +113,30 @@ def test_our_regions_are_validated() -> None:
 
 
 def test_firecracker_regions_in_every_known_variant() -> None:
-    current = json.dumps([{"base_host_virt_addr": BASE, "size": 1 << 21, "offset": 0, "page_size": 4096,
-                           "page_size_kib": 4096}], separators=(",", ":")).encode()  # fmt: skip
+    current = json.dumps(
+        [
+            {
+                "base_host_virt_addr": BASE,
+                "size": 1 << 21,
+                "offset": 0,
+                "page_size": 4096,
+                "page_size_kib": 4096,
+            }
+        ],
+        separators=(",", ":"),
+    ).encode()
     assert parse_firecracker_regions(current) == (Region(BASE, 1 << 21, 0, 4096),)
     oldest = b'[{"base_host_virt_addr":%d,"size":8192,"offset":0}]' % BASE
     assert parse_firecracker_regions(oldest)[0].page_size == 4096
     kib = b'[{"base_host_virt_addr":%d,"size":8192,"offset":0,"page_size_kib":4}]' % BASE
     assert parse_firecracker_regions(kib)[0].page_size == 4096
     # two regions around an MMIO hole: allowed for private anonymous memory
-    gap = json.dumps([{"base_host_virt_addr": BASE, "size": 8192, "offset": 0, "page_size": 4096},
-                      {"base_host_virt_addr": BASE + 65536, "size": 4096, "offset": 8192, "page_size": 4096}])  # fmt: skip
+    gap = json.dumps(
+        [
+            {"base_host_virt_addr": BASE, "size": 8192, "offset": 0, "page_size": 4096},
+            {"base_host_virt_addr": BASE + 65536, "size": 4096, "offset": 8192, "page_size": 4096},
+        ]
+    )
     assert len(parse_firecracker_regions(gap.encode())) == 2
     with pytest.raises(ProtocolError, match="page_size"):  # hugetlbfs: not served by these backends
         parse_firecracker_regions(

@@ -16,9 +16,25 @@ def test_valid_ids(good: str) -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    ["", "acme.vm1\n", "acme.vm1\r\n", "\nacme", "acme.vm\x00", "acme.vm\t", "acme vm", "-acme", ".acme",
-     "9" * (ID_MAX + 1), "acme.vm\u0661", "acme.vm\uff11", "acmé", "acme/vm", None, 7],
-)  # fmt: skip
+    [
+        "",
+        "acme.vm1\n",
+        "acme.vm1\r\n",
+        "\nacme",
+        "acme.vm\x00",
+        "acme.vm\t",
+        "acme vm",
+        "-acme",
+        ".acme",
+        "9" * (ID_MAX + 1),
+        "acme.vm\u0661",
+        "acme.vm\uff11",
+        "acmé",
+        "acme/vm",
+        None,
+        7,
+    ],
+)
 def test_invalid_ids(bad: object) -> None:
     assert not is_id(bad)
     with pytest.raises(InvalidArgument) as ei:

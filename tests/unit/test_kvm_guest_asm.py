@@ -107,8 +107,12 @@ def test_gdt_descriptors() -> None:
     gdt = g.build_gdt()
     assert len(gdt) == 40 and gdt[:8] == bytes(8)
     # access byte and flags of each descriptor at its selector
-    for selector, access, flags in ((0x08, 0x9B, 0xA), (0x10, 0x93, 0xC), (g.USER_CS & ~3, 0xFB, 0xA),
-                                    (g.USER_DS & ~3, 0xF3, 0xC)):  # fmt: skip
+    for selector, access, flags in (
+        (0x08, 0x9B, 0xA),
+        (0x10, 0x93, 0xC),
+        (g.USER_CS & ~3, 0xFB, 0xA),
+        (g.USER_DS & ~3, 0xF3, 0xC),
+    ):
         d = gdt[selector : selector + 8]
         assert d[5] == access and d[6] >> 4 == flags and d[:2] == b"\xff\xff"
     assert g.USER_CS & 3 == 3 and g.USER_DS & 3 == 3

@@ -42,19 +42,40 @@ int main(void) {
 """
 
 
-@pytest.mark.skipif(shutil.which("gcc") is None or not Path("/usr/include/linux/kvm.h").exists(),
-                    reason="needs gcc and the kernel uapi headers")  # fmt: skip
+@pytest.mark.skipif(
+    shutil.which("gcc") is None or not Path("/usr/include/linux/kvm.h").exists(),
+    reason="needs gcc and the kernel uapi headers",
+)
 def test_layouts_match_the_system_headers(tmp_path: Path) -> None:
     src = tmp_path / "probe.c"
     src.write_text(_PROBE_C)
     subprocess.run(["gcc", str(src), "-o", str(tmp_path / "probe")], check=True, capture_output=True)
     out = subprocess.run([str(tmp_path / "probe")], check=True, capture_output=True, text=True).stdout
     c = {name: int(v) for name, v in (line.split() for line in out.splitlines())}
-    for name in ("KVM_GET_API_VERSION", "KVM_CREATE_VM", "KVM_CHECK_EXTENSION", "KVM_GET_VCPU_MMAP_SIZE",
-                 "KVM_GET_SUPPORTED_CPUID", "KVM_CREATE_VCPU", "KVM_SET_USER_MEMORY_REGION", "KVM_SET_TSS_ADDR",
-                 "KVM_RUN", "KVM_GET_REGS", "KVM_SET_REGS", "KVM_GET_SREGS", "KVM_SET_SREGS", "KVM_SET_CPUID2",
-                 "KVM_CAP_USER_MEMORY", "KVM_CAP_MAX_VCPUS", "KVM_EXIT_IO", "KVM_EXIT_HLT", "KVM_EXIT_MMIO",
-                 "KVM_EXIT_SHUTDOWN", "KVM_EXIT_FAIL_ENTRY", "KVM_EXIT_INTERNAL_ERROR"):  # fmt: skip
+    for name in (
+        "KVM_GET_API_VERSION",
+        "KVM_CREATE_VM",
+        "KVM_CHECK_EXTENSION",
+        "KVM_GET_VCPU_MMAP_SIZE",
+        "KVM_GET_SUPPORTED_CPUID",
+        "KVM_CREATE_VCPU",
+        "KVM_SET_USER_MEMORY_REGION",
+        "KVM_SET_TSS_ADDR",
+        "KVM_RUN",
+        "KVM_GET_REGS",
+        "KVM_SET_REGS",
+        "KVM_GET_SREGS",
+        "KVM_SET_SREGS",
+        "KVM_SET_CPUID2",
+        "KVM_CAP_USER_MEMORY",
+        "KVM_CAP_MAX_VCPUS",
+        "KVM_EXIT_IO",
+        "KVM_EXIT_HLT",
+        "KVM_EXIT_MMIO",
+        "KVM_EXIT_SHUTDOWN",
+        "KVM_EXIT_FAIL_ENTRY",
+        "KVM_EXIT_INTERNAL_ERROR",
+    ):
         assert getattr(k, name) == c[name], name
     assert ctypes.sizeof(k.KvmRegs) == c["sizeof_regs"]
     assert ctypes.sizeof(k.KvmSregs) == c["sizeof_sregs"]
@@ -109,9 +130,27 @@ def test_unstarted_vm_refuses_to_run() -> None:
 
 
 def test_summary_json_round_trip() -> None:
-    s = KvmRunSummary(vm_id="a", memory_bytes=1 << 20, vcpus=2, workload="zipf:1.1", seed=3, agent_socket=None,
-                      mode="plain", duration_s=1.5, batches=10, accesses=100, reads=75, writes=25,
-                      accesses_per_s=66.7, faults=0, faults_per_s=0.0, resident_mib=0.5, zaps_served=0,
-                      pages_checked=256, mismatches=0, bad_pages=[])  # fmt: skip
+    s = KvmRunSummary(
+        vm_id="a",
+        memory_bytes=1 << 20,
+        vcpus=2,
+        workload="zipf:1.1",
+        seed=3,
+        agent_socket=None,
+        mode="plain",
+        duration_s=1.5,
+        batches=10,
+        accesses=100,
+        reads=75,
+        writes=25,
+        accesses_per_s=66.7,
+        faults=0,
+        faults_per_s=0.0,
+        resident_mib=0.5,
+        zaps_served=0,
+        pages_checked=256,
+        mismatches=0,
+        bad_pages=[],
+    )
     assert json.loads(s.to_json()) == s.to_dict()
     assert json.loads(s.to_json())["mismatches"] == 0

@@ -31,8 +31,15 @@ PREFILLED = list(range(8, N))  # written through the I/O mapping only: cached, u
 
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[Agent]:
-    a = Agent(AgentSettings(node_id="n1", data_dir=str(tmp_path), stores={"default": "memory://"}, fsync=False,
-                            autonomous=False))  # fmt: skip
+    a = Agent(
+        AgentSettings(
+            node_id="n1",
+            data_dir=str(tmp_path),
+            stores={"default": "memory://"},
+            fsync=False,
+            autonomous=False,
+        )
+    )
     yield a
     a.close()
 

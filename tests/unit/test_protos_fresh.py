@@ -10,8 +10,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_generated_code_is_fresh(tmp_path: Path) -> None:
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_protos.py"), str(tmp_path)], check=True,
-                   capture_output=True)  # fmt: skip
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gen_protos.py"), str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
     fresh = {p.name: p.read_bytes() for p in (tmp_path / "tiermem" / "v1").iterdir() if p.is_file()}
     committed = {p.name: p.read_bytes() for p in (ROOT / "tiermem" / "v1").iterdir() if p.is_file()}
     assert sorted(fresh) == sorted(committed), "generated file set differs: run `make protos`"

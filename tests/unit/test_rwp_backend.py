@@ -67,9 +67,20 @@ class FakeKernel:
         if request == REQ["PAGEMAP_SCAN"]:
             f = struct.unpack("<12Q", buf)
             _, _, start, end, _, vec, vec_len, max_pages, inv, mask, anyof, ret = f
-            res = emulate_scan(BASE, PS, self.categories, np.ones(N, dtype=bool), start, end, category_mask=mask,
-                               category_inverted=inv, category_anyof_mask=anyof, return_mask=ret,
-                               max_pages=max_pages, vec_len=vec_len)  # fmt: skip
+            res = emulate_scan(
+                BASE,
+                PS,
+                self.categories,
+                np.ones(N, dtype=bool),
+                start,
+                end,
+                category_mask=mask,
+                category_inverted=inv,
+                category_anyof_mask=anyof,
+                return_mask=ret,
+                max_pages=max_pages,
+                vec_len=vec_len,
+            )
             raw = res.regions.tobytes()
             ctypes.memmove(vec, raw, len(raw))
             struct.pack_into("<Q", buf, 32, res.walk_end)
@@ -90,8 +101,16 @@ def backend(kern: FakeKernel) -> Iterator[RwpBackend]:
     fake_uffd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # epoll-able stand-in: no kernel uffd needed
     memfd = os.memfd_create("rwp-test", os.MFD_CLOEXEC)
     os.ftruncate(memfd, SIZE)
-    be = RwpBackend(fake_uffd, memfd, [Region(BASE, SIZE, 0, PS)], None, vmm_pid=os.getpid(),
-                    features=NEGOTIATED, ioctl=kern, pagemap_path="/proc/self/pagemap")  # fmt: skip
+    be = RwpBackend(
+        fake_uffd,
+        memfd,
+        [Region(BASE, SIZE, 0, PS)],
+        None,
+        vmm_pid=os.getpid(),
+        features=NEGOTIATED,
+        ioctl=kern,
+        pagemap_path="/proc/self/pagemap",
+    )
     yield be
     be.close()
 
@@ -177,16 +196,19 @@ def test_resolve_ioctl_bytes(kern: FakeKernel, backend: RwpBackend) -> None:
 def test_pagemap_scan_arg_bytes_and_result(kern: FakeKernel, backend: RwpBackend) -> None:
     acc = uapi.PAGE_IS_ACCESSED | uapi.PAGE_IS_PRESENT | uapi.PAGE_IS_FILE
     kern.categories[[2, 3, 10]] = acc
-    res = backend.pagemap_scan(BASE, BASE + SIZE, category_mask=uapi.PAGE_IS_ACCESSED,
-                               return_mask=uapi.PAGE_IS_ACCESSED, vec_len=8)  # fmt: skip
+    res = backend.pagemap_scan(
+        BASE, BASE + SIZE, category_mask=uapi.PAGE_IS_ACCESSED, return_mask=uapi.PAGE_IS_ACCESSED, vec_len=8
+    )
     (raw,) = kern.of("PAGEMAP_SCAN")
     f = struct.unpack("<12Q", raw)
     assert len(raw) == 96 and f[0] == 96  # size
     assert (f[1], f[2], f[3], f[4]) == (0, BASE, BASE + SIZE, 0)  # flags, start, end, walk_end
     assert f[5] != 0 and f[6] == 8 and f[7] == 0  # vec, vec_len, max_pages
     assert f[8:] == (0, 0x200, 0, 0x200)  # inverted, mask, anyof, return
-    assert [tuple(map(int, r)) for r in res.regions] == [(BASE + 2 * PS, BASE + 4 * PS, 0x200),
-                                                         (BASE + 10 * PS, BASE + 11 * PS, 0x200)]  # fmt: skip
+    assert [tuple(map(int, r)) for r in res.regions] == [
+        (BASE + 2 * PS, BASE + 4 * PS, 0x200),
+        (BASE + 10 * PS, BASE + 11 * PS, 0x200),
+    ]
     assert res.walk_end == BASE + SIZE
 
 
@@ -197,9 +219,20 @@ def test_whole_range_scan_loops_from_walk_end_and_merges(
     rng = np.random.default_rng(7)
     kern.categories[:] = np.where(rng.random(N) < 0.5, uapi.PAGE_IS_ACCESSED, 0)
     kern.categories[20:40] = uapi.PAGE_IS_ACCESSED  # a long run split across calls
-    full = emulate_scan(BASE, PS, kern.categories, np.ones(N, dtype=bool), BASE, BASE + SIZE,
-                        category_mask=0x200, category_inverted=0, category_anyof_mask=0, return_mask=0x200,
-                        max_pages=0, vec_len=0)  # fmt: skip
+    full = emulate_scan(
+        BASE,
+        PS,
+        kern.categories,
+        np.ones(N, dtype=bool),
+        BASE,
+        BASE + SIZE,
+        category_mask=0x200,
+        category_inverted=0,
+        category_anyof_mask=0,
+        return_mask=0x200,
+        max_pages=0,
+        vec_len=0,
+    )
     res = backend.pagemap_scan(BASE, BASE + SIZE, category_mask=0x200, return_mask=0x200)
     assert len(kern.of("PAGEMAP_SCAN")) > 2
     assert res.regions.tolist() == full.regions.tolist() and res.walk_end == BASE + SIZE
@@ -250,8 +283,15 @@ def test_vmm_client_arms_rwp_mode_with_minor_co_registered(kern: FakeKernel) -> 
 # --- the PAGEMAP_SCAN emulation (the fake kernel above, and the uffd backend's scan) -------------------
 def scan(cats: list[int], **kw: int) -> list[tuple[int, int, int]]:
     c = np.array(cats, dtype=np.uint64)
-    args = {"category_mask": 0, "category_inverted": 0, "category_anyof_mask": 0, "return_mask": 0,
-            "max_pages": 0, "vec_len": 0, **kw}  # fmt: skip
+    args = {
+        "category_mask": 0,
+        "category_inverted": 0,
+        "category_anyof_mask": 0,
+        "return_mask": 0,
+        "max_pages": 0,
+        "vec_len": 0,
+        **kw,
+    }
     r = emulate_scan(0, PS, c, np.ones(len(c), dtype=bool), 0, len(c) * PS, **args)
     return [(int(s) // PS, int(e) // PS, int(k)) for s, e, k in r.regions.tolist()] + [
         (-1, r.walk_end // PS, 0)

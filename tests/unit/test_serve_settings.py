@@ -22,14 +22,23 @@ from tiermem.config import AgentSettings, ControlPlaneSettings, TlsSettings
 FILE_ONLY = {
     "controlplane": {
         "leader_lease_ms",
-        "tenant_manual_cycles", "tenant_manual_cycles_per_node", "tenant_manual_max_interval_ms",
+        "tenant_manual_cycles",
+        "tenant_manual_cycles_per_node",
+        "tenant_manual_max_interval_ms",
     },
     "agent": {
-        "autonomous", "max_concurrent_cycles", "handshake_timeout_s",
-        "tenant_manual_cycles", "tenant_manual_max_interval_ms",
-        "capacity_bytes", "trace_dir", "trace_max_bytes", "page_key_file",
+        "autonomous",
+        "max_concurrent_cycles",
+        "native_faults",
+        "handshake_timeout_s",
+        "tenant_manual_cycles",
+        "tenant_manual_max_interval_ms",
+        "capacity_bytes",
+        "trace_dir",
+        "trace_max_bytes",
+        "page_key_file",
     },
-}  # fmt: skip
+}
 CASES: list[tuple[str, type[BaseModel], Callable[..., dict[str, Any]]]] = [
     ("controlplane", ControlPlaneSettings, controlplane_overrides),
     ("agent", AgentSettings, agent_overrides),
@@ -57,11 +66,15 @@ def _flags(kind: str) -> list[click.Parameter]:
 
 
 @pytest.mark.parametrize(("kind", "model", "overrides"), CASES, ids=[c[0] for c in CASES])
-def test_every_flag_sets_an_existing_field(kind: str, model: type[BaseModel], overrides: Callable[..., dict[str, Any]]) -> None:  # fmt: skip
+def test_every_flag_sets_an_existing_field(
+    kind: str, model: type[BaseModel], overrides: Callable[..., dict[str, Any]]
+) -> None:
     for param in _flags(kind):
         out = overrides(**{str(param.name): _sample(param)})
         assert out, f"--{param.name} of `serve {kind}` sets no setting"
-        assert set(out) <= set(model.model_fields), f"--{param.name} sets unknown fields {set(out) - set(model.model_fields)}"  # fmt: skip
+        assert set(out) <= set(model.model_fields), (
+            f"--{param.name} sets unknown fields {set(out) - set(model.model_fields)}"
+        )
         for key, value in out.items():
             if isinstance(value, dict) and model.model_fields[key].annotation is TlsSettings:
                 assert set(value) <= set(TlsSettings.model_fields), (param.name, value)
@@ -69,7 +82,9 @@ def test_every_flag_sets_an_existing_field(kind: str, model: type[BaseModel], ov
 
 
 @pytest.mark.parametrize(("kind", "model", "overrides"), CASES, ids=[c[0] for c in CASES])
-def test_every_field_has_a_flag_or_is_file_only(kind: str, model: type[BaseModel], overrides: Callable[..., dict[str, Any]]) -> None:  # fmt: skip
+def test_every_field_has_a_flag_or_is_file_only(
+    kind: str, model: type[BaseModel], overrides: Callable[..., dict[str, Any]]
+) -> None:
     covered: set[str] = set()
     for param in _flags(kind):
         covered |= set(overrides(**{str(param.name): _sample(param)}))

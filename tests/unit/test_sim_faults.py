@@ -398,9 +398,11 @@ class MiniAgent:
         # One atomic observation: resident and not accessed. "Not hot" alone is not enough: a page
         # the fault server installs after the scan (UFFDIO_COPY, no uffd bit) is writable at once.
         cold = k.pagemap_scan(
-            k.base, k.base + k.size, category_mask=uapi.PAGE_IS_PRESENT | uapi.PAGE_IS_ACCESSED,
+            k.base,
+            k.base + k.size,
+            category_mask=uapi.PAGE_IS_PRESENT | uapi.PAGE_IS_ACCESSED,
             category_inverted=uapi.PAGE_IS_ACCESSED,
-        )  # fmt: skip
+        )
         evicted = False
         if cold.page_mask(k.base, k.base + k.size, PS)[0]:
             data = k.io_read(0, PS)

@@ -51,9 +51,18 @@ def regions(k: SimKernel, **kw: int) -> list[tuple[int, int, int]]:
 
 
 def reference(
-    states: list[int], modes: list[int], start: int, end: int, *, mask: int, inv: int, anyof: int,
-    ret: int, max_pages: int, vec_len: int,
-) -> tuple[list[tuple[int, int, int]], int]:  # fmt: skip
+    states: list[int],
+    modes: list[int],
+    start: int,
+    end: int,
+    *,
+    mask: int,
+    inv: int,
+    anyof: int,
+    ret: int,
+    max_pages: int,
+    vec_len: int,
+) -> tuple[list[tuple[int, int, int]], int]:
     """The kernel walk, one page at a time; pages and walk_end in page units (end rounded up)."""
     out: list[tuple[int, int, int]] = []
     found = 0
@@ -119,8 +128,10 @@ def test_categories_per_vma_kind() -> None:
 def test_hot_scan_merges_across_vmas_and_the_inverted_scan_reports_holes() -> None:
     k, _ = build(8, [(0, 4, RWP | MISSING), (4, 4, RWP)], [ACC, ACC, NONE, ACC, ACC, CACHED, PROT, ACC])
     assert regions(k, category_mask=ACCESSED, return_mask=ACCESSED) == [
-        (0, 2, ACCESSED), (3, 5, ACCESSED), (7, 8, ACCESSED),
-    ]  # fmt: skip
+        (0, 2, ACCESSED),
+        (3, 5, ACCESSED),
+        (7, 8, ACCESSED),
+    ]
     cold = regions(k, category_mask=ACCESSED, category_inverted=ACCESSED, return_mask=ACCESSED)
     assert cold == [(2, 3, 0), (5, 7, 0)]  # "not accessed" includes the hole and the cached page
     proven = regions(k, category_mask=PRESENT | ACCESSED, category_inverted=ACCESSED, return_mask=PRESENT)
@@ -130,8 +141,10 @@ def test_hot_scan_merges_across_vmas_and_the_inverted_scan_reports_holes() -> No
 def test_return_mask_splits_regions_and_anyof_selects() -> None:
     k, _ = build(6, [(0, 6, RWP)], [ACC, PROT, PROT, ACC, ACC, NONE])
     assert regions(k, category_mask=PRESENT, return_mask=PRESENT | ACCESSED) == [
-        (0, 1, PRESENT | ACCESSED), (1, 3, PRESENT), (3, 5, PRESENT | ACCESSED),
-    ]  # fmt: skip
+        (0, 1, PRESENT | ACCESSED),
+        (1, 3, PRESENT),
+        (3, 5, PRESENT | ACCESSED),
+    ]
     assert regions(k, category_mask=PRESENT, return_mask=PRESENT) == [(0, 5, PRESENT)]
     assert regions(k, category_anyof_mask=ACCESSED | WRITTEN) == [(0, 1, 0), (3, 5, 0)]
 
@@ -139,9 +152,12 @@ def test_return_mask_splits_regions_and_anyof_selects() -> None:
 def test_three_keys_in_one_vma() -> None:
     k, _ = build(6, [(0, 6, RWP)], [ACC, NONE, ACC, PROT, ACC, ACC])
     assert regions(k, return_mask=PRESENT | ACCESSED) == [
-        (0, 1, PRESENT | ACCESSED), (1, 2, 0), (2, 3, PRESENT | ACCESSED), (3, 4, PRESENT),
+        (0, 1, PRESENT | ACCESSED),
+        (1, 2, 0),
+        (2, 3, PRESENT | ACCESSED),
+        (3, 4, PRESENT),
         (4, 6, PRESENT | ACCESSED),
-    ]  # fmt: skip
+    ]
 
 
 def test_max_pages_and_vec_len_stop_the_walk_and_walk_end_resumes_it() -> None:
@@ -202,14 +218,28 @@ CATS = st.integers(0, 0x3FF).map(lambda m: m & (PRESENT | FILE | WRITTEN | ACCES
     n=st.integers(1, 40),
     regs=st.lists(st.tuples(st.integers(0, 39), st.integers(1, 40), MODES), max_size=4),
     states=st.lists(st.sampled_from([NONE, PROT, CACHED, ACC]), min_size=40, max_size=40),
-    mask=CATS, inv=CATS, anyof=CATS, ret=CATS,
-    max_pages=st.integers(0, 12), vec_len=st.integers(0, 6),
-    lo=st.integers(-2, 42), span=st.integers(0, 44),
-)  # fmt: skip
+    mask=CATS,
+    inv=CATS,
+    anyof=CATS,
+    ret=CATS,
+    max_pages=st.integers(0, 12),
+    vec_len=st.integers(0, 6),
+    lo=st.integers(-2, 42),
+    span=st.integers(0, 44),
+)
 def test_scan_matches_reference(
-    n: int, regs: list[tuple[int, int, int]], states: list[int], mask: int, inv: int, anyof: int,
-    ret: int, max_pages: int, vec_len: int, lo: int, span: int,
-) -> None:  # fmt: skip
+    n: int,
+    regs: list[tuple[int, int, int]],
+    states: list[int],
+    mask: int,
+    inv: int,
+    anyof: int,
+    ret: int,
+    max_pages: int,
+    vec_len: int,
+    lo: int,
+    span: int,
+) -> None:
     k, fixed = build(n, [r for r in regs if r[0] < n], states[:n])
     modes = [0] * n
     for a, ln, mode in regs:
@@ -217,12 +247,28 @@ def test_scan_matches_reference(
             modes[a : min(n, a + ln)] = [mode] * (min(n, a + ln) - a)
     start = max(lo, -(k.base // PS))
     r = k.pagemap_scan(
-        k.base + start * PS, k.base + (start + span) * PS, category_mask=mask, category_inverted=inv,
-        category_anyof_mask=anyof, return_mask=ret, max_pages=max_pages, vec_len=vec_len,
-    )  # fmt: skip
+        k.base + start * PS,
+        k.base + (start + span) * PS,
+        category_mask=mask,
+        category_inverted=inv,
+        category_anyof_mask=anyof,
+        return_mask=ret,
+        max_pages=max_pages,
+        vec_len=vec_len,
+    )
     got = [((int(a) - k.base) // PS, (int(b) - k.base) // PS, int(c)) for a, b, c in r.regions.tolist()]
-    want, walk_end = reference(fixed, modes, start, start + span, mask=mask, inv=inv, anyof=anyof, ret=ret,
-                               max_pages=max_pages, vec_len=vec_len)  # fmt: skip
+    want, walk_end = reference(
+        fixed,
+        modes,
+        start,
+        start + span,
+        mask=mask,
+        inv=inv,
+        anyof=anyof,
+        ret=ret,
+        max_pages=max_pages,
+        vec_len=vec_len,
+    )
     assert got == want
     assert r.walk_end == k.base + walk_end * PS
 
@@ -230,9 +276,12 @@ def test_scan_matches_reference(
 @settings(max_examples=200, deadline=None)
 @given(
     states=st.lists(st.sampled_from([NONE, PROT, CACHED, ACC]), min_size=1, max_size=300),
-    mask=st.sampled_from([ACCESSED, PRESENT, PRESENT | ACCESSED]), inv=st.sampled_from([0, ACCESSED, PRESENT]),
-    ret=st.sampled_from([0, ACCESSED, PRESENT | ACCESSED]), lo=st.integers(0, 20), cut=st.integers(0, 20),
-)  # fmt: skip
+    mask=st.sampled_from([ACCESSED, PRESENT, PRESENT | ACCESSED]),
+    inv=st.sampled_from([0, ACCESSED, PRESENT]),
+    ret=st.sampled_from([0, ACCESSED, PRESENT | ACCESSED]),
+    lo=st.integers(0, 20),
+    cut=st.integers(0, 20),
+)
 def test_hot_scan_over_long_ranges_matches_reference(
     states: list[int], mask: int, inv: int, ret: int, lo: int, cut: int
 ) -> None:
@@ -241,9 +290,11 @@ def test_hot_scan_over_long_ranges_matches_reference(
     n = len(states)
     k, fixed = build(n, [(0, n, RWP | MISSING)], states)
     start, end = min(lo, n), max(min(lo, n), n - cut)
-    r = k.pagemap_scan(k.base + start * PS, k.base + end * PS, category_mask=mask, category_inverted=inv,
-                       return_mask=ret)  # fmt: skip
+    r = k.pagemap_scan(
+        k.base + start * PS, k.base + end * PS, category_mask=mask, category_inverted=inv, return_mask=ret
+    )
     got = [((int(a) - k.base) // PS, (int(b) - k.base) // PS, int(c)) for a, b, c in r.regions.tolist()]
-    want, _ = reference(fixed, [RWP | MISSING] * n, start, end, mask=mask, inv=inv, anyof=0, ret=ret,
-                        max_pages=0, vec_len=0)  # fmt: skip
+    want, _ = reference(
+        fixed, [RWP | MISSING] * n, start, end, mask=mask, inv=inv, anyof=0, ret=ret, max_pages=0, vec_len=0
+    )
     assert got == want

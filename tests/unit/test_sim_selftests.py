@@ -95,9 +95,13 @@ def test_rwp_pagemap_v10_hot_scan(n: int) -> None:
     assert r.walk_end == k.base + k.size
     # The v2 form (inverted, vec_len=16): the first cold region starts at the second half.
     inv = k.pagemap_scan(
-        k.base, k.base + k.size, category_mask=uapi.PAGE_IS_ACCESSED,
-        category_inverted=uapi.PAGE_IS_ACCESSED, return_mask=uapi.PAGE_IS_ACCESSED, vec_len=16,
-    )  # fmt: skip
+        k.base,
+        k.base + k.size,
+        category_mask=uapi.PAGE_IS_ACCESSED,
+        category_inverted=uapi.PAGE_IS_ACCESSED,
+        return_mask=uapi.PAGE_IS_ACCESSED,
+        vec_len=16,
+    )
     assert len(inv.regions) >= 1
     assert int(inv.regions[0]["start"]) == k.base + n // 2 * k.page_size
     assert int(inv.regions[0]["categories"]) == 0

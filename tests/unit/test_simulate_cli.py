@@ -54,8 +54,19 @@ def trace_file(tmp_path: Path) -> Path:
 def test_hand_computed_traces(
     trace_file: Path, engine: str, extra: list[str], expected: dict[str, float]
 ) -> None:
-    code, out = run("simulate", "--trace", str(trace_file), "--interval-ticks", "2", "--cold-after", "1",
-                    *extra, "--engine", engine, "--json")  # fmt: skip
+    code, out = run(
+        "simulate",
+        "--trace",
+        str(trace_file),
+        "--interval-ticks",
+        "2",
+        "--cold-after",
+        "1",
+        *extra,
+        "--engine",
+        engine,
+        "--json",
+    )
     assert code == 0, out
     got = json.loads(out)
     assert (got["pages"], got["ticks"], got["cycles"]) == (4, 6, 3)
@@ -73,8 +84,18 @@ def test_promotion_in_the_middle_of_a_cycle_counts_from_its_tick(tmp_path: Path)
     p = tmp_path / "mid.csv"
     p.write_text("tick,page,op\n0,0,r\n4,1,w\n5,1,r\n7,0,r\n")
     for engine in ("fast", "agent"):
-        code, out = run("simulate", "--trace", str(p), "--interval-ticks", "3", "--cold-after", "1",
-                        "--engine", engine, "--json")  # fmt: skip
+        code, out = run(
+            "simulate",
+            "--trace",
+            str(p),
+            "--interval-ticks",
+            "3",
+            "--cold-after",
+            "1",
+            "--engine",
+            engine,
+            "--json",
+        )
         assert code == 0, out
         got = json.loads(out)
         assert (got["pages"], got["ticks"], got["cycles"]) == (2, 8, 2)
@@ -91,8 +112,14 @@ def test_fast_engine_equals_the_agent_engine_on_random_traces() -> None:
         pages = rng.integers(0, n, m).astype(np.int64)
         tr = Trace(ticks, pages, rng.random(m) < 0.3, n, int(ticks[-1]) + 1)
         k, a = int(rng.integers(1, 5)), int(rng.integers(1, 4))
-        cap = pick.choice([None, EvictionCap(pages=int(rng.integers(0, 4))), EvictionCap(fraction=0.25),
-                           EvictionCap(bytes=8192)])  # fmt: skip
+        cap = pick.choice(
+            [
+                None,
+                EvictionCap(pages=int(rng.integers(0, 4))),
+                EvictionCap(fraction=0.25),
+                EvictionCap(bytes=8192),
+            ]
+        )
         min_res = int(rng.integers(0, n + 1)) * 4096 if pick.random() < 0.3 else 0
         assert fast_model(tr, k, a, cap, min_res).result == replay(tr, k, a, cap, min_res)
 
@@ -158,8 +185,18 @@ def test_sweep_prints_the_table_and_writes_a_png(tmp_path: Path) -> None:
     pages = np.where(rng.random(3000) < 0.8, rng.integers(0, 50, 3000), rng.integers(0, 1000, 3000))
     trace = write_trace(tmp_path / "w.csv.gz", ticks, pages, rng.random(3000) < 0.2)
     plot = tmp_path / "out" / "sweep.png"
-    code, out = run("simulate", "--trace", str(trace), "--sweep", "cold-after=1,2,4,8", "--sweep",
-                    "interval-ticks=5,10", "--plot", str(plot), "--json")  # fmt: skip
+    code, out = run(
+        "simulate",
+        "--trace",
+        str(trace),
+        "--sweep",
+        "cold-after=1,2,4,8",
+        "--sweep",
+        "interval-ticks=5,10",
+        "--plot",
+        str(plot),
+        "--json",
+    )
     assert code == 0, out
     got = json.loads(out)
     runs = got["runs"]

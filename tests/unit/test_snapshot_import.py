@@ -51,8 +51,14 @@ def test_every_nonzero_page_is_stored_verified_and_zero_pages_nowhere(
 ) -> None:
     raw = write_file(tmp_path / "mem", 2500, zero=[0, 7, 1024, 2499])  # more than two 1024-page chunks
     seen: list[tuple[int, int]] = []
-    info = import_snapshot(index, store, "vm-a", node_id="n1", source=FileSource(str(tmp_path / "mem")),
-                           progress=lambda d, t: seen.append((d, t)))  # fmt: skip
+    info = import_snapshot(
+        index,
+        store,
+        "vm-a",
+        node_id="n1",
+        source=FileSource(str(tmp_path / "mem")),
+        progress=lambda d, t: seen.append((d, t)),
+    )
     assert (info.pages, info.zero_pages) == (2500, 4) and seen[-1] == (2500, 2500) and len(seen) == 3
     assert index.count("vm-a") == 2496 and index.get("vm-a", 7) is None
     entries = [e for e in index.entries("vm-a", range(2500)) if e is not None]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+from typing import Any
 
 import botocore.exceptions as bexc
 import pytest
@@ -52,13 +53,12 @@ def test_redis_errors(exc: Exception, expected: type[TiermemError]) -> None:
 
 
 def _client_error(code: str, status: int) -> bexc.ClientError:
-    return bexc.ClientError(
-        {
-            "Error": {"Code": code, "Message": f"{code} happened"},
-            "ResponseMetadata": {"HTTPStatusCode": status},
-        },
-        "PutObject",
-    )
+    # a minimal error response, as a failing endpoint may send (the stubs' type wants every field)
+    response: Any = {
+        "Error": {"Code": code, "Message": f"{code} happened"},
+        "ResponseMetadata": {"HTTPStatusCode": status},
+    }
+    return bexc.ClientError(response, "PutObject")
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import Any
 
 import pytest
 
@@ -154,9 +155,7 @@ def test_corrupted_payload_raises_and_returns_nothing(store: MemoryPageStore) ->
     [{"checksum": 1}, {"length": 17}, {"codec": Codec.LZ4}, {"length": PS + 1}, {"codec": 42}],
     ids=["checksum", "length", "codec", "too-long", "unknown-codec"],
 )
-def test_entry_that_disagrees_with_the_payload_raises(
-    store: MemoryPageStore, change: dict[str, object]
-) -> None:
+def test_entry_that_disagrees_with_the_payload_raises(store: MemoryPageStore, change: dict[str, Any]) -> None:
     (e,) = store.put_pages("vm1", [PageBlob(0, 1, TEXT)], "zstd")
     bad = e._replace(**change)
     with pytest.raises(IntegrityError):

@@ -178,8 +178,20 @@ def test_redact_url(url: str, safe: str) -> None:
 # --- issue 17 item 14: one strict parser ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("word,expected", [("on", True), ("ON", True), ("yes", True), ("1", True), ("true", True),
-                                           ("off", False), ("no", False), ("0", False), ("False", False)])  # fmt: skip
+@pytest.mark.parametrize(
+    "word,expected",
+    [
+        ("on", True),
+        ("ON", True),
+        ("yes", True),
+        ("1", True),
+        ("true", True),
+        ("off", False),
+        ("no", False),
+        ("0", False),
+        ("False", False),
+    ],
+)
 def test_ssl_check_hostname_booleans_mean_what_they_say(word: str, expected: bool) -> None:
     # ssl_check_hostname=on used to turn hostname checking OFF (three parsers disagreed)
     st = open_store(f"rediss://host/0?ssl_check_hostname={word}&ssl_cert_reqs=required")
@@ -232,8 +244,14 @@ def test_redis_endpoint_for_the_native_fault_path() -> None:
     )
     ep = st.endpoint()
     assert ep is not None
-    assert (ep.host, ep.port, ep.unix_path, ep.username, ep.password, ep.db) == ("10.1.2.3", 6380, None, "tm",
-                                                                                  "p@ss", 2)  # fmt: skip
+    assert (ep.host, ep.port, ep.unix_path, ep.username, ep.password, ep.db) == (
+        "10.1.2.3",
+        6380,
+        None,
+        "tm",
+        "p@ss",
+        2,
+    )
     assert (ep.timeout_s, ep.connect_timeout_s) == (0.25, 1.5)
     assert "p@ss" not in repr(ep)
     assert st.key(f"n~vm~{'0' * 16}", 7, 9) == st.key_prefix(f"n~vm~{'0' * 16}") + "7:9"

@@ -24,9 +24,13 @@ def test_hand_written_trace() -> None:
     assert (t.n_pages, t.n_ticks, len(t)) == (8, 6, 5)
     ticks = [(tick, p.tolist(), w.tolist()) for tick, p, w in t.by_tick()]
     assert ticks == [
-        (0, [3, 0], [False, True]), (1, [], []), (2, [7, 3], [True, False]), (3, [], []), (4, [], []),
+        (0, [3, 0], [False, True]),
+        (1, [], []),
+        (2, [7, 3], [True, False]),
+        (3, [], []),
+        (4, [], []),
         (5, [1], [False]),
-    ]  # fmt: skip
+    ]
 
 
 def test_crlf_no_final_newline_bom_and_given_size() -> None:

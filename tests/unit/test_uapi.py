@@ -119,11 +119,26 @@ def test_derived_ioctl_sets() -> None:
 
 def test_feature_bits_and_names() -> None:
     expected = [
-        "PAGEFAULT_FLAG_WP", "EVENT_FORK", "EVENT_REMAP", "EVENT_REMOVE", "MISSING_HUGETLBFS",
-        "MISSING_SHMEM", "EVENT_UNMAP", "SIGBUS", "THREAD_ID", "MINOR_HUGETLBFS", "MINOR_SHMEM",
-        "EXACT_ADDRESS", "WP_HUGETLBFS_SHMEM", "WP_UNPOPULATED", "POISON", "WP_ASYNC", "MOVE", "RWP",
+        "PAGEFAULT_FLAG_WP",
+        "EVENT_FORK",
+        "EVENT_REMAP",
+        "EVENT_REMOVE",
+        "MISSING_HUGETLBFS",
+        "MISSING_SHMEM",
+        "EVENT_UNMAP",
+        "SIGBUS",
+        "THREAD_ID",
+        "MINOR_HUGETLBFS",
+        "MINOR_SHMEM",
+        "EXACT_ADDRESS",
+        "WP_HUGETLBFS_SHMEM",
+        "WP_UNPOPULATED",
+        "POISON",
+        "WP_ASYNC",
+        "MOVE",
+        "RWP",
         "RWP_ASYNC",
-    ]  # fmt: skip
+    ]
     for bit, name in enumerate(expected):
         assert getattr(uapi, f"UFFD_FEATURE_{name}") == 1 << bit
     assert uapi.feature_names((1 << 19) - 1) == expected

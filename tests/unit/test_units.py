@@ -23,9 +23,19 @@ from tiermem.units import (
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("4096", 4096), ("0", 0), ("512MiB", 512 << 20), ("1GiB", 1 << 30), ("1gib", 1 << 30), ("2GB", 2 * 10**9),
-     ("1.5KiB", 1536), ("  8 KiB ", 8192), ("1TiB", 1 << 40), ("10k", 10_000)],
-)  # fmt: skip
+    [
+        ("4096", 4096),
+        ("0", 0),
+        ("512MiB", 512 << 20),
+        ("1GiB", 1 << 30),
+        ("1gib", 1 << 30),
+        ("2GB", 2 * 10**9),
+        ("1.5KiB", 1536),
+        ("  8 KiB ", 8192),
+        ("1TiB", 1 << 40),
+        ("10k", 10_000),
+    ],
+)
 def test_parse_size_valid(text: str, expected: int) -> None:
     assert parse_size(text) == expected
 
@@ -46,9 +56,16 @@ def test_parse_size_too_large() -> None:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("256M", 256 << 20), ("1G", 1 << 30), ("1GiB", 1 << 30), ("1gb", 1 << 30), ("4096", 4096), ("2k", 2048),
-     ("1.5G", 3 << 29)],
-)  # fmt: skip
+    [
+        ("256M", 256 << 20),
+        ("1G", 1 << 30),
+        ("1GiB", 1 << 30),
+        ("1gb", 1 << 30),
+        ("4096", 4096),
+        ("2k", 2048),
+        ("1.5G", 3 << 29),
+    ],
+)
 def test_parse_memory_is_binary(text: str, expected: int) -> None:
     assert parse_memory(text) == expected
 
@@ -66,9 +83,18 @@ def test_parse_memory_too_large() -> None:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("500ms", 500), ("30s", 30_000), ("2m", 120_000), ("2min", 120_000), ("1h", 3_600_000), ("30", 30_000),
-     ("1.5s", 1500), ("0s", 0), (" 10 s", 10_000)],
-)  # fmt: skip
+    [
+        ("500ms", 500),
+        ("30s", 30_000),
+        ("2m", 120_000),
+        ("2min", 120_000),
+        ("1h", 3_600_000),
+        ("30", 30_000),
+        ("1.5s", 1500),
+        ("0s", 0),
+        (" 10 s", 10_000),
+    ],
+)
 def test_parse_duration(text: str, expected: int) -> None:
     assert parse_duration_ms(text) == expected
 
@@ -95,9 +121,16 @@ def test_parse_percent_invalid(text: str) -> None:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("0.2%/min", 0.002), ("0.2%/m", 0.002), ("0.002", 0.002), ("0.01%/s", 0.006), ("6%/h", 0.001), ("0", 0.0),
-     ("100%/min", 1.0)],
-)  # fmt: skip
+    [
+        ("0.2%/min", 0.002),
+        ("0.2%/m", 0.002),
+        ("0.002", 0.002),
+        ("0.01%/s", 0.006),
+        ("6%/h", 0.001),
+        ("0", 0.0),
+        ("100%/min", 1.0),
+    ],
+)
 def test_parse_rate(text: str, expected: float) -> None:
     assert parse_rate_per_min(text) == pytest.approx(expected)
 
@@ -110,10 +143,18 @@ def test_parse_rate_invalid(text: str) -> None:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("20%", EvictionCap(fraction=0.2)), ("100%", EvictionCap(fraction=1.0)), ("512MiB", EvictionCap(bytes=512 << 20)),
-     ("1000pages", EvictionCap(pages=1000)), ("1 page", EvictionCap(pages=1)), ("64p", EvictionCap(pages=64)),
-     ("0pages", EvictionCap(pages=0)), ("none", EvictionCap()), ("Unlimited", EvictionCap())],
-)  # fmt: skip
+    [
+        ("20%", EvictionCap(fraction=0.2)),
+        ("100%", EvictionCap(fraction=1.0)),
+        ("512MiB", EvictionCap(bytes=512 << 20)),
+        ("1000pages", EvictionCap(pages=1000)),
+        ("1 page", EvictionCap(pages=1)),
+        ("64p", EvictionCap(pages=64)),
+        ("0pages", EvictionCap(pages=0)),
+        ("none", EvictionCap()),
+        ("Unlimited", EvictionCap()),
+    ],
+)
 def test_parse_eviction_cap(text: str, expected: EvictionCap) -> None:
     cap = parse_eviction_cap(text)
     assert cap == expected
@@ -122,9 +163,15 @@ def test_parse_eviction_cap(text: str, expected: EvictionCap) -> None:
 
 @pytest.mark.parametrize(
     ("text", "match"),
-    [("20", "needs a unit"), ("0.2", "needs a unit"), ("120%", "between 0% and 100%"), ("lots", "invalid eviction cap"),
-     ("-5pages", "invalid eviction cap"), ("1.5pages", "invalid eviction cap")],
-)  # fmt: skip
+    [
+        ("20", "needs a unit"),
+        ("0.2", "needs a unit"),
+        ("120%", "between 0% and 100%"),
+        ("lots", "invalid eviction cap"),
+        ("-5pages", "invalid eviction cap"),
+        ("1.5pages", "invalid eviction cap"),
+    ],
+)
 def test_parse_eviction_cap_invalid(text: str, match: str) -> None:
     with pytest.raises(InvalidArgument, match=match):
         parse_eviction_cap(text)
@@ -142,9 +189,16 @@ def test_duration_ms_roundtrip(ms: int) -> None:
 
 @pytest.mark.parametrize(
     ("ms", "text"),
-    [(500, "500ms"), (30_000, "30s"), (1500, "1.5s"), (120_000, "2m"), (90_000, "1m30s"), (3_600_000, "1h"),
-     (5_400_000, "1h30m")],
-)  # fmt: skip
+    [
+        (500, "500ms"),
+        (30_000, "30s"),
+        (1500, "1.5s"),
+        (120_000, "2m"),
+        (90_000, "1m30s"),
+        (3_600_000, "1h"),
+        (5_400_000, "1h30m"),
+    ],
+)
 def test_format_duration(ms: int, text: str) -> None:
     assert format_duration_ms(ms) == text
     assert parse_duration_ms(text.replace("1m30s", "90s").replace("1h30m", "90m")) == ms

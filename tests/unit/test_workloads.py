@@ -32,9 +32,19 @@ def take(w: Workload, n: int, stream: int = 0) -> list[tuple[np.ndarray, np.ndar
 
 
 @pytest.mark.parametrize(
-    "spec", ["hotset:0.1", "hotset:0.05:rate=0.5:w=0.3:noise=0.2", "zipf:1.1", "zipf:0.8:batch=100",
-             "phases:0.1:period=3", "scan", "mix:0.5", "uniform:w=0.1:batch=7", "idle"],
-)  # fmt: skip
+    "spec",
+    [
+        "hotset:0.1",
+        "hotset:0.05:rate=0.5:w=0.3:noise=0.2",
+        "zipf:1.1",
+        "zipf:0.8:batch=100",
+        "phases:0.1:period=3",
+        "scan",
+        "mix:0.5",
+        "uniform:w=0.1:batch=7",
+        "idle",
+    ],
+)
 def test_deterministic_per_seed_and_spec_round_trips(spec: str) -> None:
     a = take(parse_workload(spec, N, seed=5), 6)
     b = take(parse_workload(spec, N, seed=5), 6)
@@ -230,8 +240,12 @@ def test_simguest_threads_with_a_fault_server_and_evictions() -> None:
         stop.wait(0.005)
         frozen.set()
         k.set_mode(disable=uapi.UFFD_FEATURE_RWP_ASYNC)
-        cold = k.pagemap_scan(k.base, k.base + k.size, category_mask=uapi.PAGE_IS_PRESENT | uapi.PAGE_IS_ACCESSED,
-                              category_inverted=uapi.PAGE_IS_ACCESSED)  # fmt: skip
+        cold = k.pagemap_scan(
+            k.base,
+            k.base + k.size,
+            category_mask=uapi.PAGE_IS_PRESENT | uapi.PAGE_IS_ACCESSED,
+            category_inverted=uapi.PAGE_IS_ACCESSED,
+        )
         for p in np.flatnonzero(cold.page_mask(k.base, k.base + k.size, PS)).tolist():
             data = k.io_read(p * PS, PS)
             with lock:

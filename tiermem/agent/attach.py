@@ -32,8 +32,13 @@ def refuse_firecracker(agent: Agent, att: HandoffAttach, socket_path: str, reaso
     socket and the uffd. Firecracker's vCPUs then never get a page from us: a refused
     restore must fail, never resume the guest on zeroed memory.
     """
-    agent.events.publish(EventKind.HANDOFF_REFUSED, f"Firecracker handshake from pid {att.peer_pid} refused: {reason}",
-                         "", pid=str(att.peer_pid), socket=socket_path)  # fmt: skip
+    agent.events.publish(
+        EventKind.HANDOFF_REFUSED,
+        f"Firecracker handshake from pid {att.peer_pid} refused: {reason}",
+        "",
+        pid=str(att.peer_pid),
+        socket=socket_path,
+    )
     log.error("firecracker handshake refused", pid=att.peer_pid, socket=socket_path, reason=reason)
     raise FailedPrecondition(reason)
 
@@ -43,8 +48,9 @@ def on_handoff(agent: Agent, att: HandoffAttach) -> None:
     kind = Backend.RWP if att.mode == "rwp" else Backend.UFFD
     backend = att.make_backend(arm=True)
     try:
-        session = agent.attach_backend(att.vm_id, kind, backend, tracking=att.tracking, secret=att.secret,
-                                       fresh=att.fresh)  # fmt: skip
+        session = agent.attach_backend(
+            att.vm_id, kind, backend, tracking=att.tracking, secret=att.secret, fresh=att.fresh
+        )
     except BaseException:
         backend.close()
         raise

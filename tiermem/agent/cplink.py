@@ -51,8 +51,12 @@ class ControlPlaneLink:
         except OSError:
             avail = {"sim": True}
         backends = tuple(Backend(name) for name, ok in avail.items() if ok)
-        return NodeInfo(node_id=self.agent.node_id, address=self.address, backends=backends,
-                        capacity_bytes=self.agent.capacity_bytes)  # fmt: skip
+        return NodeInfo(
+            node_id=self.agent.node_id,
+            address=self.address,
+            backends=backends,
+            capacity_bytes=self.agent.capacity_bytes,
+        )
 
     async def run(self) -> None:
         """Heartbeat until cancelled."""
@@ -93,8 +97,11 @@ class ControlPlaneLink:
                         and down_for * 1000 >= s.autonomous_after_ms
                         and not self.agent.autonomous.is_set()
                     ):
-                        log.warning("control plane unreachable; running autonomous cycles", error=str(e),
-                                    down_s=round(down_for, 1))  # fmt: skip
+                        log.warning(
+                            "control plane unreachable; running autonomous cycles",
+                            error=str(e),
+                            down_s=round(down_for, 1),
+                        )
                         self.agent.autonomous.set()
                     self.registered = self.registered and "not registered" not in str(e).lower()
                 await asyncio.sleep(period)

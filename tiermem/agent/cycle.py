@@ -7,7 +7,9 @@
     freeze:  UFFDIO_SET_MODE(disable=RWP_ASYNC)           -- sync: accesses now block
     scan:    PAGEMAP_SCAN(category_mask=PAGE_IS_PRESENT, return_mask=PRESENT|ACCESSED)
              -> hot = present and accessed; proven cold = present and not accessed (still protected)
-    decide:  ages[hot] = 0; ages[proven] += 1; cold = proven and ages >= cold_after, within the caps
+    decide:  the policy's eviction algorithm (:mod:`tiermem.evict`) picks the cold set among the
+             proven-cold pages, within the caps (``age``: ages[hot] = 0; ages[proven] += 1;
+             cold = proven and ages >= cold_after)
     evict:   per batch: read via the I/O mapping -> store.put (acknowledged) -> index (durable)
              -> fallocate(PUNCH_HOLE) -> UFFDIO_WAKE
     resume:  UFFDIO_SET_MODE(enable=RWP_ASYNC)            -- wakes every parked sync fault
@@ -19,9 +21,11 @@ guest mapping (a PTE carrying the RWP marker, whose accesses block while frozen)
 cannot be protected by UFFDIO_RWPROTECT; evicting it would lose a guest write landing between
 the read-out and the punch. Such pages are counted in ``CycleReport.pages_unproven`` and kept.
 
-A dry run (``CycleMode.DETECT``) reports what would be evicted and changes
-nothing: no eviction and no page ages. Cold pages are evicted oldest first,
-then lowest page number first, so capped runs are reproducible.
+The decide step is pure: scan result + caps + the algorithm's state -> cold set
+(:func:`decide`); ``tiermem simulate`` runs the same algorithms. A dry run
+(``CycleMode.DETECT``) reports what would be evicted and changes nothing: no
+eviction and no algorithm state. Capped runs evict oldest first, then lowest page
+number first, so they are reproducible.
 """
 
 from __future__ import annotations
@@ -33,15 +37,16 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import structlog
 
+from tiermem import evict
 from tiermem.agent.faults import FaultServer
 from tiermem.agent.metrics import CycleResult
 from tiermem.agent.session import VmSession
 from tiermem.errors import ConfigurationError, FailedPrecondition, NotFound, StoreFull, StoreUnavailable
 from tiermem.kernel import uapi
-from tiermem.model import CycleMode, CycleReport, EventKind, PhaseTimes, VmState, now_ms
+from tiermem.model import CycleMode, CycleReport, EventKind, EvictionPolicy, PhaseTimes, VmState, now_ms
 from tiermem.store.base import Codec, PageBlob
 
-__all__ = ["CycleEngine", "choose_cold", "runs"]
+__all__ = ["CycleEngine", "decide", "runs"]
 
 log = structlog.get_logger(__name__)
 
@@ -61,27 +66,34 @@ def runs(pages: np.ndarray) -> Iterator[tuple[int, int]]:
         yield int(pages[s]), e - s
 
 
-def choose_cold(
-    ages: np.ndarray, candidates: np.ndarray, cold_after: int, limit: int | None
+def decide(
+    algorithm: evict.Algorithm,
+    hot: np.ndarray,
+    candidates: np.ndarray,
+    promoted: np.ndarray,
+    n_resident: int,
+    policy: EvictionPolicy,
+    page_size: int,
+    *,
+    commit: bool,
 ) -> tuple[np.ndarray, int]:
-    """Cold pages to evict (sorted) and the number of cold pages before the limit.
+    """The cold set (sorted pages) and the number of cold pages before the caps.
 
-    ``candidates`` is a bool mask of resident, not-hot pages; ``limit`` is the
-    number of pages allowed (None: all). Oldest first, then lowest page first.
+    ``candidates`` are the pages the frozen scan proves cold: the algorithm chooses only
+    among them. The caps: ``max_evict`` and ``min_resident_bytes``.
     """
-    cold = np.flatnonzero(candidates & (ages >= cold_after))
-    n_cold = int(cold.size)
-    if limit is not None and n_cold > limit:
-        order = np.lexsort((cold, -ages[cold].astype(np.int16)))
-        cold = np.sort(cold[order[: max(limit, 0)]])
-    return cold, n_cold
+    limit = policy.max_evict.limit_pages(algorithm.n_pages, page_size)
+    room = max(n_resident - math.ceil(policy.min_resident_bytes / page_size), 0)
+    limit = room if limit is None else min(limit, room)
+    view = evict.CloseView(hot=hot, candidates=candidates, promoted=promoted, limit=limit)
+    return algorithm.close(view, commit=commit)
 
 
 class CycleEngine:
     """Runs cycles for one session; ``begin`` and ``finish`` can be driven separately (trace replay)."""
 
     def __init__(self, session: VmSession, faults: FaultServer) -> None:
-        self.s = session
+        self.session = session
         self.faults = faults
         self._t_begin = 0.0
         self._phases = PhaseTimes()
@@ -92,7 +104,7 @@ class CycleEngine:
         self, mode: CycleMode, interval_s: float, wait: Callable[[float], bool] | None = None
     ) -> CycleReport:
         """Protect, wait ``interval_s`` (``wait`` returns False to abort), then finish."""
-        s = self.s
+        s = self.session
         if not s.tracking:
             raise FailedPrecondition(
                 f"VM {s.vm_id} is served MISSING-only (no tracking); cycles are not possible"
@@ -113,7 +125,7 @@ class CycleEngine:
     # --- phases -------------------------------------------------------------------------------
     def begin(self) -> None:
         """Detection: write-protect every resident page (async mode: no faults are delivered)."""
-        s = self.s
+        s = self.session
         s.require(VmState.ARMED, VmState.DETECTING)
         self._started_ms = now_ms()
         self._phases = PhaseTimes()
@@ -123,15 +135,21 @@ class CycleEngine:
         self._phases.protect_us = _us(time.perf_counter() - self._t_begin)
 
     def _abort(self) -> None:
-        self.s.state = VmState.ARMED
+        self.session.state = VmState.ARMED
 
     def finish(self, mode: CycleMode) -> CycleReport:
         """Freeze, scan, decide and (unless a dry run) evict; then resume async."""
-        s = self.s
+        s = self.session
         b = s.backend
         ph = self._phases
-        rep = CycleReport(vm_id=s.vm_id, cycle=s.counters.cycles + 1, mode=mode, started_unix_ms=self._started_ms,
-                          policy_version=s.policy.version, node_id=s.node_id)  # fmt: skip
+        rep = CycleReport(
+            vm_id=s.vm_id,
+            cycle=s.counters.cycles + 1,
+            mode=mode,
+            started_unix_ms=self._started_ms,
+            policy_version=s.policy.version,
+            node_id=s.node_id,
+        )
         faults_before = s.counters.faults_served
         policy = s.policy
         try:
@@ -148,8 +166,12 @@ class CycleEngine:
             # block until its batch is punched and woken. A resident page the scan does not show
             # present is pte_none (cached but unmapped): unprotectable, so never evicted.
             resident = b.populated().copy()
-            scan = b.pagemap_scan(b.base, b.base + b.size, category_mask=uapi.PAGE_IS_PRESENT,
-                                  return_mask=uapi.PAGE_IS_PRESENT | uapi.PAGE_IS_ACCESSED)  # fmt: skip
+            scan = b.pagemap_scan(
+                b.base,
+                b.base + b.size,
+                category_mask=uapi.PAGE_IS_PRESENT,
+                return_mask=uapi.PAGE_IS_PRESENT | uapi.PAGE_IS_ACCESSED,
+            )
             present = scan.page_mask(b.base, b.base + b.size, b.page_size)
             hot = scan.pages_with(b.base, b.base + b.size, b.page_size, uapi.PAGE_IS_ACCESSED)
             ph.scan_us = _us(time.perf_counter() - t)
@@ -158,15 +180,15 @@ class CycleEngine:
             hot &= resident
             candidates = resident & present & ~hot
             rep.pages_unproven = int(np.count_nonzero(resident & ~present))
-            ages = s.ages if mode is CycleMode.EVICT else s.ages.copy()
-            ages[hot] = 0
-            np.add(ages, candidates.astype(np.uint8), out=ages, where=ages < 255)
+            commit = mode is CycleMode.EVICT
+            with s.promoted_lock:
+                promoted = np.array(s.promoted, dtype=np.int64)
+                if commit:
+                    s.promoted.clear()
             n_resident = int(np.count_nonzero(resident))
-            limit = policy.max_evict.limit_pages(s.n_pages, s.page_size)
-            floor = math.ceil(policy.min_resident_bytes / s.page_size)
-            room = max(n_resident - floor, 0)
-            limit = room if limit is None else min(limit, room)
-            cold, n_cold = choose_cold(ages, candidates, policy.cold_after, limit)
+            cold, n_cold = decide(
+                s.algorithm(policy), hot, candidates, promoted, n_resident, policy, s.page_size, commit=commit
+            )
             rep.pages_scanned = n_resident
             rep.pages_hot = int(np.count_nonzero(hot))
             rep.pages_cold = n_cold
@@ -207,7 +229,7 @@ class CycleEngine:
 
     def _evict(self, cold: np.ndarray, rep: CycleReport) -> None:
         """Evict ``cold`` in batches; stop at the first store error (nothing unacknowledged is punched)."""
-        s = self.s
+        s = self.session
         b = s.backend
         ps = s.page_size
         try:
@@ -251,7 +273,7 @@ class CycleEngine:
         s.counters.bytes_written_total += rep.bytes_written
 
     def _observe(self, rep: CycleReport) -> None:
-        s = self.s
+        s = self.session
         m = s.metrics
         ph = rep.phases
         for phase in ("protect", "wait", "freeze", "scan", "decide", "evict", "resume"):
@@ -266,8 +288,11 @@ class CycleEngine:
             kind,
             f"cycle {rep.cycle} ({rep.mode.value}): {rep.pages_hot} hot, {rep.pages_cold} cold, "
             f"{rep.pages_evicted} evicted{'; ' + rep.error if rep.error else ''}",
-            s.vm_id, cycle=rep.cycle, evicted=rep.pages_evicted, hot=rep.pages_hot,
-        )  # fmt: skip
+            s.vm_id,
+            cycle=rep.cycle,
+            evicted=rep.pages_evicted,
+            hot=rep.pages_hot,
+        )
 
 
 def _us(seconds: float) -> int:

@@ -44,7 +44,7 @@ class FaultServer:
     """Reads and resolves the faults of one VM."""
 
     def __init__(self, session: VmSession, workers: int = 4, max_backoff_s: float = 1.0) -> None:
-        self.s = session
+        self.session = session
         self.max_backoff_s = max_backoff_s
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"faults-{session.vm_id}")
         self._inflight: set[int] = set()
@@ -70,10 +70,12 @@ class FaultServer:
     def start(self, *, native: bool = True) -> None:
         """Start the native fault thread (where it applies, unless ``native`` is False) and the reader."""
         if native:
-            self.native = NativeFaults.create(self.s)
+            self.native = NativeFaults.create(self.session)
             if self.native is not None:
                 self.native.start()
-        self._reader = threading.Thread(target=self._read_loop, name=f"uffd-{self.s.vm_id}", daemon=True)
+        self._reader = threading.Thread(
+            target=self._read_loop, name=f"uffd-{self.session.vm_id}", daemon=True
+        )
         self._reader.start()
 
     def stop(self) -> None:
@@ -86,17 +88,17 @@ class FaultServer:
         self._pool.shutdown(wait=True, cancel_futures=False)
 
     def _read_loop(self) -> None:
-        while not self._stop.is_set() and not self.s.closing.is_set():
+        while not self._stop.is_set() and not self.session.closing.is_set():
             try:
-                msgs = self.s.backend.read_messages(0.2)
+                msgs = self.session.backend.read_messages(0.2)
             except OSError as e:
                 if e.errno in _VMM_GONE:
                     self._vmm_went_away(e)
                     return
-                log.error("uffd read failed", vm=self.s.vm_id, error=str(e))
+                log.error("uffd read failed", vm=self.session.vm_id, error=str(e))
                 time.sleep(0.05)
                 continue
-            if not msgs and self.s.backend.closed:
+            if not msgs and self.session.backend.closed:
                 self._vmm_went_away(None)
                 return
             for m in msgs:
@@ -105,9 +107,9 @@ class FaultServer:
                 try:
                     self.dispatch(m, inline=False)
                 except Exception:
-                    log.exception("fault message not handled", vm=self.s.vm_id, address=hex(m.address))
+                    log.exception("fault message not handled", vm=self.session.vm_id, address=hex(m.address))
                 finally:
-                    self.s.backend.message_done()  # the native thread reads on once all are done
+                    self.session.backend.message_done()  # the native thread reads on once all are done
 
     def first_gone(self) -> bool:
         """Mark the VMM gone; True for the first caller only (who reports it: one event per VMM death)."""
@@ -119,8 +121,12 @@ class FaultServer:
 
     def _vmm_went_away(self, err: OSError | None) -> None:
         if self.first_gone():
-            self.s.events.publish(EventKind.VMM_DISCONNECTED, f"VMM of {self.s.vm_id} went away", self.s.vm_id,
-                                  error=str(err or "closed"))  # fmt: skip
+            self.session.events.publish(
+                EventKind.VMM_DISCONNECTED,
+                f"VMM of {self.session.vm_id} went away",
+                self.session.vm_id,
+                error=str(err or "closed"),
+            )
 
     # --- dispatch ------------------------------------------------------------------------------
     def handle(self, msg: UffdMsg) -> None:
@@ -130,9 +136,9 @@ class FaultServer:
     def dispatch(self, msg: UffdMsg, *, inline: bool) -> None:
         """Route a message: tracking faults inline, MISSING faults to the pool (or inline)."""
         if msg.event == uapi.UFFD_EVENT_PAGEFAULT:
-            page = self.s.backend.page_of(msg.address)
-            if not 0 <= page < self.s.n_pages:
-                log.warning("fault outside guest memory", vm=self.s.vm_id, address=hex(msg.address))
+            page = self.session.backend.page_of(msg.address)
+            if not 0 <= page < self.session.n_pages:
+                log.warning("fault outside guest memory", vm=self.session.vm_id, address=hex(msg.address))
                 return
             if msg.flags & uapi.UFFD_PAGEFAULT_FLAG_RWP:
                 self.on_tracking_fault(page)
@@ -154,7 +160,9 @@ class FaultServer:
                 except TiermemError as e:
                     # The first attempt failed: hand the fault to a worker, which retries with backoff,
                     # so this reader keeps resolving the VM's other faults meanwhile.
-                    log.warning("fast fault path failed; retrying on a worker", vm=self.s.vm_id, error=str(e))
+                    log.warning(
+                        "fast fault path failed; retrying on a worker", vm=self.session.vm_id, error=str(e)
+                    )
                     with self._inflight_lock:
                         self._inflight.add(page)
                     self._submit(page)
@@ -172,7 +180,7 @@ class FaultServer:
         try:
             self._serve_missing(page, inline=False)
         except Exception:  # nobody reads this future: say it here
-            log.exception("fault not served", vm=self.s.vm_id, page=page)
+            log.exception("fault not served", vm=self.session.vm_id, page=page)
         finally:
             with self._inflight_lock:
                 self._busy -= 1
@@ -186,11 +194,11 @@ class FaultServer:
         """
         if self._busy:
             return False
-        e = self.s.index.get(self.s.vm_id, page)
+        e = self.session.index.get(self.session.vm_id, page)
         if e is None:
             return True  # a zero fill: no store involved
         try:
-            kind = self.s.stores(e.store).kind
+            kind = self.session.stores(e.store).kind
         except TiermemError:
             return False
         return kind in ("file", "memory")
@@ -198,7 +206,7 @@ class FaultServer:
     # --- tracking faults ---------------------------------------------------------------------------
     def on_tracking_fault(self, page: int, *, minor: bool = False) -> None:
         """A sync RWP fault (or the uffd emulation's surfaced one), or a MINOR fault (``minor``)."""
-        s = self.s
+        s = self.session
         s.counters.rwp_faults += 1
         self._m_rwp.inc()
         with s.evict_lock:
@@ -210,12 +218,12 @@ class FaultServer:
         self._resolve_tracking(page, minor)
 
     def _resolve_tracking(self, page: int, minor: bool) -> None:
-        b = self.s.backend
+        b = self.session.backend
         try:
             if minor:
-                b.continue_(b.addr(page), self.s.page_size)
+                b.continue_(b.addr(page), self.session.page_size)
             else:
-                b.rwprotect(b.addr(page), self.s.page_size, protect=False)
+                b.rwprotect(b.addr(page), self.session.page_size, protect=False)
         except OSError as e:
             if e.errno in _VMM_GONE:
                 self._vmm_went_away(e)
@@ -224,12 +232,12 @@ class FaultServer:
                 self.wake(Installed(present=[page]))
             elif e.errno != errno.EEXIST:
                 log.error(
-                    "tracking fault not resolved", vm=self.s.vm_id, page=page, minor=minor, error=str(e)
+                    "tracking fault not resolved", vm=self.session.vm_id, page=page, minor=minor, error=str(e)
                 )
 
     def release_deferred(self) -> None:
         """Called by the cycle engine once the eviction set is known: resolve parked faults not in it."""
-        s = self.s
+        s = self.session
         with s.evict_lock:
             parked, s.deferred = s.deferred, []
             s.frozen = False
@@ -247,7 +255,7 @@ class FaultServer:
         rather than risking the loss of data the guest still owns. A restored snapshot keeps its
         entries (it can be restored again): this restore answers the range with zeroes from now on.
         """
-        s = self.s
+        s = self.session
         if not s.backend.anonymous:
             log.info(
                 "range zapped by the VMM; evicted pages kept", vm=s.vm_id, start=hex(start), end=hex(end)
@@ -277,7 +285,7 @@ class FaultServer:
         claimed = [page]  # pages this handler marked in flight; all are released at the end
         try:
             t0 = time.perf_counter()
-            s = self.s
+            s = self.session
             entry = s.index.get(s.vm_id, page)
             if entry is None or (s.restore is not None and s.restore.removed[page]):
                 self._zero_fill(page)  # never evicted, zero in the snapshot, or given back by the balloon
@@ -316,7 +324,9 @@ class FaultServer:
             # or - on a stale MISSING message - still present because a cycle is evicting it right
             # now, whose new entry must survive the punch that is about to happen.
             if result.copied:
-                s.ages[result.copied] = 0  # a promoted page is resident with age 0
+                if s.tracking:  # the eviction algorithm learns from promotions (bounded: cleared per close)
+                    with s.promoted_lock:
+                        s.promoted.extend(result.copied)
                 if s.restore is None:
                     restored = s.index.remove(s.vm_id, [(p, gens[p]) for p in result.copied])
                     with s.retired_lock:
@@ -345,10 +355,10 @@ class FaultServer:
 
     def _poisons(self, retry: bool) -> bool:
         # a VMM that did not negotiate UFFD_FEATURE_POISON (or the sim) keeps the waiting behaviour
-        return retry and self.s.policy.poison_missing and self.s.backend.can_poison
+        return retry and self.session.policy.poison_missing and self.session.backend.can_poison
 
     def _poison(self, page: int, entry: IndexEntry) -> None:
-        s = self.s
+        s = self.session
         try:
             s.backend.poison(s.backend.addr(page), s.page_size)
         except OSError as e:
@@ -359,14 +369,19 @@ class FaultServer:
                 raise
         # the page is gone for good: its entry goes, so no drain or restart waits on it again
         s.index.remove(s.vm_id, [(page, entry.stored.generation)], flush=True)
-        s.events.publish(EventKind.STORE_ERROR, f"page {page} of {s.vm_id} is lost: poisoned (the guest gets SIGBUS)",
-                         s.vm_id, page=page, poisoned="true")  # fmt: skip
+        s.events.publish(
+            EventKind.STORE_ERROR,
+            f"page {page} of {s.vm_id} is lost: poisoned (the guest gets SIGBUS)",
+            s.vm_id,
+            page=page,
+            poisoned="true",
+        )
         log.critical("page poisoned", vm=s.vm_id, page=page)
 
     def _zero_fill(self, page: int) -> None:
         # A hole that was never evicted: the guest's first touch (or a balloon page). Zero it, as the
         # kernel would without a handler.
-        s = self.s
+        s = self.session
         try:
             s.backend.zeropage(s.backend.addr(page), s.page_size)
             s.counters.zero_fills += 1
@@ -382,16 +397,18 @@ class FaultServer:
             raise
 
     def _with_neighbours(self, page: int, entry: IndexEntry) -> list[int]:
-        n = self.s.policy.prefetch_pages
+        n = self.session.policy.prefetch_pages
         if n <= 0:
             return [page]
-        bitmap = self.s.index.evicted_bitmap(self.s.vm_id)
-        done = self.s.restore.done if self.s.restore is not None else None  # this restore installed them
+        bitmap = self.session.index.evicted_bitmap(self.session.vm_id)
+        done = (
+            self.session.restore.done if self.session.restore is not None else None
+        )  # this restore installed them
         out = [page]
         with self._inflight_lock:
             q = page + 1
             while len(out) <= n and q < len(bitmap) and bitmap[q] and (done is None or not done[q]):
-                e = self.s.index.get(self.s.vm_id, q)
+                e = self.session.index.get(self.session.vm_id, q)
                 if e is None or e.store != entry.store or q in self._inflight:
                     break
                 self._inflight.add(q)
@@ -405,7 +422,7 @@ class FaultServer:
         Pages in flight (a vCPU's fault) or already installed are skipped. A store outage is
         waited out like a fault's (the restore must not leave a page behind with wrong bytes).
         """
-        s = self.s
+        s = self.session
         r = s.restore
         if r is None:
             raise FailedPrecondition(f"VM {s.vm_id} is not a snapshot restore")
@@ -445,8 +462,8 @@ class FaultServer:
         the background prefault faster than the guest's own faults. EEXIST means the whole run is
         present now (the backend installed every other page first).
         """
-        b = self.s.backend
-        ps = self.s.page_size
+        b = self.session.backend
+        ps = self.session.page_size
         out: list[int] = []
         i = 0
         while i < len(pages):
@@ -467,7 +484,9 @@ class FaultServer:
                         self._vmm_went_away(e)
                         return None
                     if e.errno != errno.EEXIST:
-                        log.error("prefault install failed", vm=self.s.vm_id, page=pages[i], error=str(e))
+                        log.error(
+                            "prefault install failed", vm=self.session.vm_id, page=pages[i], error=str(e)
+                        )
                         break
                 out.extend(pages[i:j])
                 self.wake(Installed(copied=pages[i:j]))
@@ -478,7 +497,7 @@ class FaultServer:
     def fetch(self, entries: list[IndexEntry], *, inline: bool, retry: bool = True) -> list[bytes] | None:
         """Get and verify payloads, retrying with backoff while the store is unavailable (unless ``retry``
         is false: then the first error is raised, after it was counted and reported)."""
-        s = self.s
+        s = self.session
         store_name = entries[0].store
         backoff = 0.005
         reported = False
@@ -505,12 +524,23 @@ class FaultServer:
                     reported = True
                     ev = EventKind.INTEGRITY_ERROR if isinstance(e, IntegrityError) else EventKind.STORE_ERROR
                     what = "an evicted page is MISSING from its store" if missing else "fault waits"
-                    s.events.publish(ev, f"{what} ({s.vm_id}): {e}", s.vm_id, store=store_name,
-                                     page=entries[0].stored.page, missing=str(missing).lower())  # fmt: skip
+                    s.events.publish(
+                        ev,
+                        f"{what} ({s.vm_id}): {e}",
+                        s.vm_id,
+                        store=store_name,
+                        page=entries[0].stored.page,
+                        missing=str(missing).lower(),
+                    )
                     if missing:  # acknowledged pages are gone (a Redis without persistence restarted, ...)
                         s.metrics.pages_missing.labels(s.vm_id, store_name).inc()
-                        log.critical("EVICTED PAGE MISSING FROM ITS STORE", vm=s.vm_id, store=store_name,
-                                     error=str(e), poison=s.policy.poison_missing)  # fmt: skip
+                        log.critical(
+                            "EVICTED PAGE MISSING FROM ITS STORE",
+                            vm=s.vm_id,
+                            store=store_name,
+                            error=str(e),
+                            poison=s.policy.poison_missing,
+                        )
                     else:
                         log.error("fault waits on the store", vm=s.vm_id, store=store_name, error=str(e))
                 if missing and len(entries) == 1 and self._poisons(retry):
@@ -531,7 +561,7 @@ class FaultServer:
         evicted. An error on ``fault_page`` is raised; on other (prefetched or drained) pages it only
         leaves that page evicted.
         """
-        b = self.s.backend
+        b = self.session.backend
         out = Installed()
         for p, d in zip(pages, data, strict=True):
             for attempt in range(2):
@@ -557,8 +587,8 @@ class FaultServer:
         if not done:
             return
         lo, hi = min(done), max(done)
-        b = self.s.backend
-        ps = self.s.page_size
+        b = self.session.backend
+        ps = self.session.page_size
         spans = [(b.addr(lo), (hi - lo + 1) * ps)]
         if b.addr(hi) - b.addr(lo) != (hi - lo) * ps:
             # Pages on both sides of a hole in the address space (a Firecracker guest's MMIO gap: pages
@@ -578,7 +608,7 @@ class FaultServer:
                     self._vmm_went_away(e)
                     return
                 log.error(
-                    "UFFDIO_WAKE failed", vm=self.s.vm_id, start=hex(start), length=length, error=str(e)
+                    "UFFDIO_WAKE failed", vm=self.session.vm_id, start=hex(start), length=length, error=str(e)
                 )
 
 

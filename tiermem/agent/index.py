@@ -186,8 +186,19 @@ class PageIndex:
 
     def put_many(self, vm_id: str, store: str, entries: Sequence[StoredPage]) -> None:
         """Durably record evicted pages; returns after the commit (before any punch)."""
-        rows = [(vm_id, e.page, store, e.generation, int(e.codec), _u64_to_signed(e.checksum), e.length, e.location)
-                for e in entries]  # fmt: skip
+        rows = [
+            (
+                vm_id,
+                e.page,
+                store,
+                e.generation,
+                int(e.codec),
+                _u64_to_signed(e.checksum),
+                e.length,
+                e.location,
+            )
+            for e in entries
+        ]
         with self._lock:
             vi = self._vms[vm_id]
             self._db.execute("BEGIN")

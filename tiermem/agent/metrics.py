@@ -93,13 +93,18 @@ class AgentMetrics:
         r = self.registry
         self.faults = Counter("tiermem_agent_faults_total", "Faults handled", ["vm", "kind"], registry=r)
         self.fault_seconds = Histogram(
-            "tiermem_agent_fault_seconds", "Fault service latency, MISSING fault to install", buckets=_FAULT_BUCKETS,
+            "tiermem_agent_fault_seconds",
+            "Fault service latency, MISSING fault to install",
+            buckets=_FAULT_BUCKETS,
             registry=r,
-        )  # fmt: skip
+        )
         self.fault_stage_seconds = Histogram(
-            "tiermem_agent_fault_stage_seconds", "Fault service latency by stage", ["stage"],
-            buckets=_FAULT_BUCKETS, registry=r,
-        )  # fmt: skip
+            "tiermem_agent_fault_stage_seconds",
+            "Fault service latency by stage",
+            ["stage"],
+            buckets=_FAULT_BUCKETS,
+            registry=r,
+        )
         self.cycle_seconds = Histogram(
             "tiermem_agent_cycle_phase_seconds",
             "Cycle time by phase",
@@ -146,9 +151,11 @@ class AgentMetrics:
         )
 
         self.restore_first_fault_seconds = Histogram(
-            "tiermem_agent_restore_first_fault_seconds", "Snapshot restore: handshake to first page served",
-            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30), registry=r,
-        )  # fmt: skip
+            "tiermem_agent_restore_first_fault_seconds",
+            "Snapshot restore: handshake to first page served",
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30),
+            registry=r,
+        )
         self.restore_pages = Counter(
             "tiermem_agent_restore_pages_total",
             "Snapshot restore: pages installed",
@@ -156,9 +163,11 @@ class AgentMetrics:
             registry=r,
         )
         self.restore_bytes_read = Counter(
-            "tiermem_agent_restore_store_bytes_read_total", "Snapshot restore: payload bytes read from the store",
-            ["vm"], registry=r,
-        )  # fmt: skip
+            "tiermem_agent_restore_store_bytes_read_total",
+            "Snapshot restore: payload bytes read from the store",
+            ["vm"],
+            registry=r,
+        )
 
     def watch_vms(self, snapshot: Callable[[], list[tuple[str, int, int, int]]]) -> None:
         """Expose per-VM gauges computed by ``snapshot`` -> [(vm, resident, evicted, working_set)]."""

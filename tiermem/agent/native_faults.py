@@ -66,29 +66,37 @@ class NativeMirror:
 
     def __init__(self, fp: Any, session: VmSession, keys: list[bytes]) -> None:
         self.fp = fp
-        self.s = session
+        self.session = session
         self.keys = keys
         """The page MAC keys the thread verifies with (current first)."""
         self._dirs: dict[str, tuple[int, bool] | None] = {}
 
     def _source(self, st: PageStore) -> int:
         if isinstance(st, LocalPageStore):
-            return int(self.fp.add_dir(st.segment_dir(self.s.space)))
+            return int(self.fp.add_dir(st.segment_dir(self.session.space)))
         assert isinstance(st, RedisPageStore)
         ep = st.endpoint()
         assert ep is not None
-        return int(self.fp.add_redis(
-            st.key_prefix(self.s.space), ep.host, ep.port, ep.unix_path, ep.username, ep.password, ep.db,
-            max(1, round(min(ep.timeout_s, REDIS_TIMEOUT_CAP_S) * 1000)),
-            max(1, round(min(ep.connect_timeout_s, REDIS_TIMEOUT_CAP_S) * 1000)),
-        ))  # fmt: skip
+        return int(
+            self.fp.add_redis(
+                st.key_prefix(self.session.space),
+                ep.host,
+                ep.port,
+                ep.unix_path,
+                ep.username,
+                ep.password,
+                ep.db,
+                max(1, round(min(ep.timeout_s, REDIS_TIMEOUT_CAP_S) * 1000)),
+                max(1, round(min(ep.connect_timeout_s, REDIS_TIMEOUT_CAP_S) * 1000)),
+            )
+        )
 
     def _dir(self, store: str) -> tuple[int, bool] | None:
         """The thread's id of the store's source for this VM (a segment directory or a Redis connection)
         and whether it is Redis; None if it cannot serve it."""
         if store not in self._dirs:
             try:
-                st: PageStore | None = self.s.stores(store)
+                st: PageStore | None = self.session.stores(store)
             except TiermemError:
                 st = None
             self._dirs[store] = None
@@ -125,7 +133,7 @@ class NativeFaults:
     """The native fault thread of one VM and the Python thread that drains what it served."""
 
     def __init__(self, session: VmSession, fp: Any, keys: list[bytes]) -> None:
-        self.s = session
+        self.session = session
         self.fp = fp
         fp.set_mac(session.space, keys)
         self.mirror = NativeMirror(fp, session, keys)
@@ -156,12 +164,14 @@ class NativeFaults:
 
     def start(self) -> None:
         """Mirror the index, let the thread read the uffd, start draining."""
-        b = self.s.backend
+        b = self.session.backend
         assert isinstance(b, RealBackend)
-        self.fp.enabled = self.s.policy.prefetch_pages <= 0
-        self.s.index.attach_mirror(self.s.vm_id, self.mirror)
+        self.fp.enabled = self.session.policy.prefetch_pages <= 0
+        self.session.index.attach_mirror(self.session.vm_id, self.mirror)
         b.attach_native(self.fp)
-        self._drainer = threading.Thread(target=self._drain_loop, name=f"native-{self.s.vm_id}", daemon=True)
+        self._drainer = threading.Thread(
+            target=self._drain_loop, name=f"native-{self.session.vm_id}", daemon=True
+        )
         self._drainer.start()
 
     def stop(self) -> None:
@@ -170,7 +180,7 @@ class NativeFaults:
         self.fp.stop()
         if self._drainer is not None and self._drainer is not threading.current_thread():
             self._drainer.join(timeout=5)
-        self.s.index.detach_mirror(self.s.vm_id, self.mirror)
+        self.session.index.detach_mirror(self.session.vm_id, self.mirror)
         self.drain()
 
     def stats(self) -> dict[str, Any]:
@@ -181,21 +191,23 @@ class NativeFaults:
     def _drain_loop(self) -> None:
         while not self._stop.wait(DRAIN_INTERVAL_S):
             try:
-                self.fp.enabled = self.s.policy.prefetch_pages <= 0
+                self.fp.enabled = self.session.policy.prefetch_pages <= 0
                 self.drain()
             except Exception:  # the loop must survive: without it the Python side stops learning
-                log.exception("native fault drain failed", vm=self.s.vm_id)
+                log.exception("native fault drain failed", vm=self.session.vm_id)
 
     def drain(self) -> int:
         """Apply what the thread served to the Python side; returns the faults applied."""
         served = self.fp.drain()
         if not served:
             return 0
-        s = self.s
+        s = self.session
         copied = [(p, g) for p, g, _, c in served if c]
         if copied:
             pages = [p for p, _ in copied]
-            s.ages[pages] = 0  # a promoted page is resident with age 0
+            if s.tracking:  # the eviction algorithm's view of promotions (cleared at each close)
+                with s.promoted_lock:
+                    s.promoted.extend(pages)
             # The entry of the generation installed only (a re-evicted page keeps its new one);
             # the durable delete is queued, as on the Python path.
             restored = s.index.remove(s.vm_id, copied)

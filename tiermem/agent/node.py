@@ -128,8 +128,17 @@ class Agent:
         return set(self.store_urls)
 
     # --- attach ---------------------------------------------------------------------------------------
-    def attach_sim(self, vm_id: str, memory_bytes: int, policy: EvictionPolicy, labels: dict[str, str] | None = None,
-                   workload: str = "", synthetic: bool = False, vcpus: int = 1, seed: int = 0) -> VmStatus:  # fmt: skip
+    def attach_sim(
+        self,
+        vm_id: str,
+        memory_bytes: int,
+        policy: EvictionPolicy,
+        labels: dict[str, str] | None = None,
+        workload: str = "",
+        synthetic: bool = False,
+        vcpus: int = 1,
+        seed: int = 0,
+    ) -> VmStatus:
         """Create a simulated VM (guest memory in this process) and arm it."""
         validate_id(vm_id, "vm id")
         limit = min(MAX_SIM_BYTES, self.capacity_bytes)
@@ -146,8 +155,10 @@ class Agent:
             if vm_id in self.sessions:
                 raise AlreadyExists(f"VM {vm_id} is already attached")
             if self.index.count(vm_id):  # a VMM's pages waiting for its reattach (sim records go at start)
-                raise FailedPrecondition(f"VM {vm_id} has evicted pages waiting for its VMM to reattach: "
-                                         "purge them first (detach with purge)")  # fmt: skip
+                raise FailedPrecondition(
+                    f"VM {vm_id} has evicted pages waiting for its VMM to reattach: "
+                    "purge them first (detach with purge)"
+                )
             try:
                 # traces only from the configured directory, with its byte cap (admin-only facility)
                 backend, guest = create(
@@ -165,16 +176,31 @@ class Agent:
                     "contents; use synthetic contents or a smaller VM"
                 ) from None
             self._retire_incarnation(vm_id)  # a sim VM of an earlier run is gone with its process
-            s = self._new_session(vm_id, Backend.SIM, backend, policy, labels or {},
-                                  meta={"workload": workload, "synthetic": synthetic})  # fmt: skip
+            s = self._new_session(
+                vm_id,
+                Backend.SIM,
+                backend,
+                policy,
+                labels or {},
+                meta={"workload": workload, "synthetic": synthetic},
+            )
             s.guest = guest
             if guest is not None and vcpus > 0:
                 guest.start()
             return s.status()
 
-    def attach_backend(self, vm_id: str, kind: Backend, backend: KernelBackend, policy: EvictionPolicy | None = None,
-                       labels: dict[str, str] | None = None, tracking: bool = True, secret: str = "",
-                       fresh: bool = False, restore: RestoreState | None = None) -> VmSession:  # fmt: skip
+    def attach_backend(
+        self,
+        vm_id: str,
+        kind: Backend,
+        backend: KernelBackend,
+        policy: EvictionPolicy | None = None,
+        labels: dict[str, str] | None = None,
+        tracking: bool = True,
+        secret: str = "",
+        fresh: bool = False,
+        restore: RestoreState | None = None,
+    ) -> VmSession:
         """Attach a VM whose armed backend arrived through the handoff socket (uffd/rwp).
 
         A VM's identity is its id plus an incarnation. Evicted pages of an earlier
@@ -203,8 +229,17 @@ class Agent:
                 saved = rec.meta.get("policy")
                 policy = policy or (policy_from_dict(saved) if isinstance(saved, dict) else EvictionPolicy())
                 keep = {k: v for k, v in rec.meta.items() if k != "labels"}
-                return self._new_session(vm_id, kind, backend, policy, labels or {}, meta=keep, tracking=tracking,
-                                         incarnation=inc, restore=restore)  # fmt: skip
+                return self._new_session(
+                    vm_id,
+                    kind,
+                    backend,
+                    policy,
+                    labels or {},
+                    meta=keep,
+                    tracking=tracking,
+                    incarnation=inc,
+                    restore=restore,
+                )
             pages = self.index.count(vm_id) if rec is not None else 0
             proven = rec is not None and bool(secret) and _secret_matches(rec, secret)
             if pages and not proven and not fresh:
@@ -230,11 +265,21 @@ class Agent:
                 saved = rec.meta.get("policy") if rec else None
                 policy = policy_from_dict(saved) if isinstance(saved, dict) else EvictionPolicy()
             keep = {k: v for k, v in rec.meta.items() if k not in ("labels",)} if rec else {}
-            s = self._new_session(vm_id, kind, backend, policy, labels or {}, meta=keep, tracking=tracking,
-                                  incarnation=incarnation, secret=secret if proven else "")  # fmt: skip
+            s = self._new_session(
+                vm_id,
+                kind,
+                backend,
+                policy,
+                labels or {},
+                meta=keep,
+                tracking=tracking,
+                incarnation=incarnation,
+                secret=secret if proven else "",
+            )
             if proven and pages:
-                self.events.publish(EventKind.VMM_RECONNECTED, f"VM {vm_id} reattached with {pages} "
-                                    "evicted pages", vm_id)  # fmt: skip
+                self.events.publish(
+                    EventKind.VMM_RECONNECTED, f"VM {vm_id} reattached with {pages} evicted pages", vm_id
+                )
             return s
 
     def _retire_incarnation(self, vm_id: str) -> None:
@@ -251,20 +296,43 @@ class Agent:
             self.index.add_orphans([(name, space) for name in sorted(used | {"default"})])
         self.index.remove_vm(vm_id)
 
-    def _new_session(self, vm_id: str, kind: Backend, backend: KernelBackend, policy: EvictionPolicy,
-                     labels: dict[str, str], meta: dict[str, object], tracking: bool = True,
-                     incarnation: str = "", secret: str = "", restore: RestoreState | None = None) -> VmSession:  # fmt: skip
+    def _new_session(
+        self,
+        vm_id: str,
+        kind: Backend,
+        backend: KernelBackend,
+        policy: EvictionPolicy,
+        labels: dict[str, str],
+        meta: dict[str, object],
+        tracking: bool = True,
+        incarnation: str = "",
+        secret: str = "",
+        restore: RestoreState | None = None,
+    ) -> VmSession:
         if not incarnation:  # a new incarnation: 64 random bits, fleet-unique without coordination
             incarnation = secrets.token_hex(8)
             secret = secrets.token_hex(32)
             meta = {**meta, "incarnation": incarnation, "secret_sha256": _sha256(secret)}
         # A proven reattach keeps its secret: a new one could be lost with a reply the agent never
         # delivered (a crash right after the commit), and that would lock the VMM out of its own pages.
-        self.index.add_vm(VmRecord(vm_id, kind.value, backend.n_pages, backend.page_size,
-                                   {**meta, "labels": labels}))  # fmt: skip
-        s = VmSession(vm_id=vm_id, backend_kind=kind, backend=backend, policy=policy, index=self.index,
-                      stores=self.store, events=self.events, metrics=self.metrics, node_id=self.node_id,
-                      incarnation=incarnation, labels=dict(labels), tracking=tracking, restore=restore)  # fmt: skip
+        self.index.add_vm(
+            VmRecord(vm_id, kind.value, backend.n_pages, backend.page_size, {**meta, "labels": labels})
+        )
+        s = VmSession(
+            vm_id=vm_id,
+            backend_kind=kind,
+            backend=backend,
+            policy=policy,
+            index=self.index,
+            stores=self.store,
+            events=self.events,
+            metrics=self.metrics,
+            node_id=self.node_id,
+            incarnation=incarnation,
+            labels=dict(labels),
+            tracking=tracking,
+            restore=restore,
+        )
         s.reattach_secret = secret
         fs = FaultServer(s)
         self.faults[vm_id] = fs
@@ -276,8 +344,9 @@ class Agent:
             t = threading.Thread(target=self._auto_loop, args=(s,), name=f"auto-{vm_id}", daemon=True)
             self._auto_threads[vm_id] = t
             t.start()
-        self.events.publish(EventKind.VM_ATTACHED, f"VM {vm_id} attached ({kind.value}, {backend.n_pages} pages)",
-                            vm_id)  # fmt: skip
+        self.events.publish(
+            EventKind.VM_ATTACHED, f"VM {vm_id} attached ({kind.value}, {backend.n_pages} pages)", vm_id
+        )
         log.info("vm attached", vm=vm_id, backend=kind.value, pages=backend.n_pages)
         return s
 
@@ -315,8 +384,14 @@ class Agent:
             self.events.publish(EventKind.POLICY_CHANGED, f"policy v{policy.version} installed", vm_id)
         return policy.version
 
-    def run_cycle(self, vm_id: str, mode: CycleMode, interval_ms: int = 0, policy: EvictionPolicy | None = None,
-                  order_id: str = "") -> CycleReport:  # fmt: skip
+    def run_cycle(
+        self,
+        vm_id: str,
+        mode: CycleMode,
+        interval_ms: int = 0,
+        policy: EvictionPolicy | None = None,
+        order_id: str = "",
+    ) -> CycleReport:
         """Run one cycle now (blocking for the detection interval)."""
         s = self.session(vm_id)
         if order_id and order_id in s.recent_reports:
@@ -362,8 +437,10 @@ class Agent:
         """Bring every evicted page back, then empty the store for this VM."""
         s = self.session(vm_id)
         if s.restore is not None:
-            raise FailedPrecondition(f"VM {vm_id} restores a snapshot: its pages stay in the store for the next "
-                                     "restore (prefault brings them in; detach with purge deletes them)")  # fmt: skip
+            raise FailedPrecondition(
+                f"VM {vm_id} restores a snapshot: its pages stay in the store for the next "
+                "restore (prefault brings them in; detach with purge deletes them)"
+            )
         fs = self.faults[vm_id]
         with s.cycle_lock:
             if s.backend.closed:
@@ -403,8 +480,13 @@ class Agent:
     def _emit_drain(
         self, s: VmSession, prog: DrainProgress, cb: Callable[[DrainProgress], None] | None
     ) -> None:
-        self.events.publish(EventKind.DRAIN_PROGRESS, f"drain {prog.pages_restored}/{prog.pages_total}", s.vm_id,
-                            restored=prog.pages_restored, total=prog.pages_total)  # fmt: skip
+        self.events.publish(
+            EventKind.DRAIN_PROGRESS,
+            f"drain {prog.pages_restored}/{prog.pages_total}",
+            s.vm_id,
+            restored=prog.pages_restored,
+            total=prog.pages_total,
+        )
         if cb is not None:
             cb(DrainProgress(prog.vm_id, prog.pages_total, prog.pages_restored, prog.done))
 
@@ -422,8 +504,10 @@ class Agent:
         s = self.session(vm_id)
         n = self.index.count(vm_id)
         if n and not purge:
-            raise FailedPrecondition(f"VM {vm_id} has {n} evicted pages: drain it first, or detach with purge "
-                                     "after the VM has shut down")  # fmt: skip
+            raise FailedPrecondition(
+                f"VM {vm_id} has {n} evicted pages: drain it first, or detach with purge "
+                "after the VM has shut down"
+            )
         if n and purge and s.backend_kind is not Backend.SIM and not s.backend.closed:
             raise FailedPrecondition(f"VM {vm_id} is still running: shut it down before purging its pages")
         used = {e.store for e in self.index.entries(vm_id, self.index.evicted_pages(vm_id)) if e} | {
@@ -435,8 +519,9 @@ class Agent:
         if purge:
             for name in sorted(used & self.known_stores()):
                 purged += self.store(name).purge_vm(s.space)
-        self.events.publish(EventKind.VM_DETACHED, f"VM {vm_id} detached" + (f", {n} pages purged" if purge else ""),
-                            vm_id)  # fmt: skip
+        self.events.publish(
+            EventKind.VM_DETACHED, f"VM {vm_id} detached" + (f", {n} pages purged" if purge else ""), vm_id
+        )
         return max(purged, n if purge else 0)
 
     def end_session(self, s: VmSession) -> None:

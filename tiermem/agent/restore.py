@@ -91,8 +91,9 @@ class RestoreService:
         with self._lock:
             if vm_id in self._listeners:
                 return path
-            lst = HandoffListener(path, lambda att: self._on_attach(vm_id, path, att),
-                                  firecracker_vm_id=lambda _pid: vm_id)  # fmt: skip
+            lst = HandoffListener(
+                path, lambda att: self._on_attach(vm_id, path, att), firecracker_vm_id=lambda _pid: vm_id
+            )
             self._listeners[vm_id] = lst.start()
         return path
 
@@ -103,10 +104,18 @@ class RestoreService:
             lst.stop()
 
     # --- import -------------------------------------------------------------------------------------
-    def import_snapshot(self, vm_id: str, *, mem_file: str = "", mem_object: str = "", store: str = "",
-                        compression: str = "none", prefault_pages_per_s: float | None = None,
-                        prefetch_pages: int | None = None,
-                        progress: Callable[[int, int], None] | None = None) -> SnapshotInfo:  # fmt: skip
+    def import_snapshot(
+        self,
+        vm_id: str,
+        *,
+        mem_file: str = "",
+        mem_object: str = "",
+        store: str = "",
+        compression: str = "none",
+        prefault_pages_per_s: float | None = None,
+        prefetch_pages: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> SnapshotInfo:
         """Import a memory file for ``vm_id``, record it restorable, open its restore socket."""
         validate_id(vm_id, "vm id")
         rate = (
@@ -125,10 +134,17 @@ class RestoreService:
                 raise AlreadyExists(f"VM {vm_id} is attached or being imported on node {self.agent.node_id}")
             self._importing.add(vm_id)
         try:
-            info = import_snapshot(self.agent.index, page_store, vm_id, source, node_id=self.agent.node_id,
-                                   compression=compression,
-                                   prefault_pages_per_s=rate, prefetch_pages=prefetch_pages,
-                                   progress=progress)  # fmt: skip
+            info = import_snapshot(
+                self.agent.index,
+                page_store,
+                vm_id,
+                source,
+                node_id=self.agent.node_id,
+                compression=compression,
+                prefault_pages_per_s=rate,
+                prefetch_pages=prefetch_pages,
+                progress=progress,
+            )
             try:
                 path = self._open(vm_id)
             except BaseException:
@@ -142,10 +158,15 @@ class RestoreService:
             with self._lock:
                 self._importing.discard(vm_id)
         self.agent.events.publish(
-            EventKind.SNAPSHOT_IMPORTED, f"snapshot of {info.pages} pages imported from {info.source}", vm_id,
-            pages=info.pages, zero_pages=info.zero_pages, stored_bytes=info.stored_bytes, store=info.store,
+            EventKind.SNAPSHOT_IMPORTED,
+            f"snapshot of {info.pages} pages imported from {info.source}",
+            vm_id,
+            pages=info.pages,
+            zero_pages=info.zero_pages,
+            stored_bytes=info.stored_bytes,
+            store=info.store,
             socket=path,
-        )  # fmt: skip
+        )
         return SnapshotInfo(
             info.vm_id, info.pages, info.zero_pages, info.stored_bytes, info.store, info.source, path
         )
@@ -161,14 +182,18 @@ class RestoreService:
         }
         if want not in allowed:
             shown = ", ".join(sorted(str(a or "AWS (no endpoint)") for a in allowed)) or "none"
-            raise InvalidArgument(f"mem object endpoint {want or 'AWS (no endpoint)'} is not the endpoint of a "
-                                  f"configured S3 store (configured: {shown})")  # fmt: skip
+            raise InvalidArgument(
+                f"mem object endpoint {want or 'AWS (no endpoint)'} is not the endpoint of a "
+                f"configured S3 store (configured: {shown})"
+            )
 
     # --- a Firecracker process connects ------------------------------------------------------------
     def _on_attach(self, vm_id: str, path: str, att: HandoffAttach) -> None:
         if att.mode != "firecracker":
-            raise FailedPrecondition(f"{path} restores VM {vm_id}'s snapshot for Firecracker; other VMMs hand "
-                                     f"off on the agent's socket {self.agent.settings.handoff_path()}")  # fmt: skip
+            raise FailedPrecondition(
+                f"{path} restores VM {vm_id}'s snapshot for Firecracker; other VMMs hand "
+                f"off on the agent's socket {self.agent.settings.handoff_path()}"
+            )
         snap = snapshot_meta(self.agent.index.record(vm_id))
         if snap is None:
             refuse_firecracker(self.agent, att, path, f"VM {vm_id} has no complete snapshot on this node")
@@ -176,8 +201,13 @@ class RestoreService:
         try:
             want = int(snap["pages"])
             if backend.n_pages != want:
-                refuse_firecracker(self.agent, att, path, f"the regions cover {backend.n_pages} pages of the "
-                                   f"snapshot file; VM {vm_id}'s imported file has {want}")  # fmt: skip
+                refuse_firecracker(
+                    self.agent,
+                    att,
+                    path,
+                    f"the regions cover {backend.n_pages} pages of the "
+                    f"snapshot file; VM {vm_id}'s imported file has {want}",
+                )
             rate = float(snap.get("prefault_pages_per_s", 0.0))
             state = RestoreState(backend.n_pages, prefault_pages_per_s=rate)
             try:
@@ -190,8 +220,13 @@ class RestoreService:
             backend.close()
             raise
         att.connection.on_close = lambda: self._finished(session)
-        self.agent.events.publish(EventKind.RESTORE_STARTED, f"Firecracker pid {att.peer_pid} restores {vm_id}",
-                                  vm_id, pid=att.peer_pid, prefault_pages_per_s=rate)  # fmt: skip
+        self.agent.events.publish(
+            EventKind.RESTORE_STARTED,
+            f"Firecracker pid {att.peer_pid} restores {vm_id}",
+            vm_id,
+            pid=att.peer_pid,
+            prefault_pages_per_s=rate,
+        )
         log.info("restore started", vm=vm_id, pid=att.peer_pid, pages=backend.n_pages, prefault=rate)
         t = threading.Thread(target=self._monitor, args=(session,), name=f"restore-{vm_id}", daemon=True)
         self._monitors[vm_id] = t
@@ -205,8 +240,12 @@ class RestoreService:
             t.join(timeout=5)
         assert s.restore is not None
         summary = s.restore.summary()
-        self.agent.events.publish(EventKind.RESTORE_FINISHED, f"restore of {s.vm_id} ended", s.vm_id,
-                                  **{k: v for k, v in summary.items() if v is not None})  # fmt: skip
+        self.agent.events.publish(
+            EventKind.RESTORE_FINISHED,
+            f"restore of {s.vm_id} ended",
+            s.vm_id,
+            **{k: v for k, v in summary.items() if v is not None},
+        )
         log.info("restore ended", vm=s.vm_id, **summary)
 
     # --- monitor: first fault, prefault, metrics ---------------------------------------------------------
@@ -220,8 +259,12 @@ class RestoreService:
 
         def push() -> None:
             with r.lock:
-                now = {"on_demand": r.on_demand, "prefaulted": r.prefaulted, "zero": r.zero_pages,
-                       "bytes": r.bytes_read}  # fmt: skip
+                now = {
+                    "on_demand": r.on_demand,
+                    "prefaulted": r.prefaulted,
+                    "zero": r.zero_pages,
+                    "bytes": r.bytes_read,
+                }
             for k, v in now.items():
                 if v > sent[k]:
                     (read if k == "bytes" else pages[k]).inc(v - sent[k])
@@ -280,8 +323,10 @@ class RestoreService:
             return self.agent.detach(vm_id, purge)
         n = self.agent.index.count(vm_id)
         if not purge:
-            raise FailedPrecondition(f"VM {vm_id} holds an imported snapshot ({n} stored pages) that Firecracker can "
-                                     "restore again: detach with purge to delete it")  # fmt: skip
+            raise FailedPrecondition(
+                f"VM {vm_id} holds an imported snapshot ({n} stored pages) that Firecracker can "
+                "restore again: detach with purge to delete it"
+            )
         s = self.agent.sessions.get(vm_id)
         if s is not None and not s.backend.closed:
             raise FailedPrecondition(

@@ -88,9 +88,16 @@ class NodeAgentServicer(agrpc.NodeAgentServicer):
             )
         vcpus = request.vcpus or (1 if request.workload else 0)  # a workload with no vCPU would never run
         status = await self._run(
-            self._short, self.agent.attach_sim, request.vm_id, request.memory_bytes, policy, dict(request.labels),
-            request.workload, request.synthetic, vcpus,
-        )  # fmt: skip
+            self._short,
+            self.agent.attach_sim,
+            request.vm_id,
+            request.memory_bytes,
+            policy,
+            dict(request.labels),
+            request.workload,
+            request.synthetic,
+            vcpus,
+        )
         return apb.AttachVmResponse(status=convert.status_to_pb(status))
 
     @grpc_errors
@@ -173,10 +180,15 @@ class NodeAgentServicer(agrpc.NodeAgentServicer):
         vms = [self.agent.status(request.vm_id)] if request.vm_id else self.agent.list_status()
         st = self.agent.node_stats()
         node = apb.NodeStats(
-            node_id=self.agent.node_id, vms=int(st["vms"]), tracked_bytes=int(st["tracked_bytes"]),
-            evicted_bytes=int(st["evicted_bytes"]), faults_served=int(st["faults_served"]),
-            store_errors=int(st["store_errors"]), cpu_seconds=st["cpu_seconds"], rss_bytes=int(st["rss_bytes"]),
-        )  # fmt: skip
+            node_id=self.agent.node_id,
+            vms=int(st["vms"]),
+            tracked_bytes=int(st["tracked_bytes"]),
+            evicted_bytes=int(st["evicted_bytes"]),
+            faults_served=int(st["faults_served"]),
+            store_errors=int(st["store_errors"]),
+            cpu_seconds=st["cpu_seconds"],
+            rss_bytes=int(st["rss_bytes"]),
+        )
         return apb.GetStatsResponse(node=node, vms=[convert.status_to_pb(s) for s in vms])
 
     @grpc_errors
@@ -209,11 +221,15 @@ class NodeAgentServicer(agrpc.NodeAgentServicer):
         def run() -> SnapshotInfo:
             assert self.restores is not None
             return self.restores.import_snapshot(
-                request.vm_id, mem_file=request.mem_file, mem_object=request.mem_object, store=request.store,
-                compression=comp, prefault_pages_per_s=request.prefault_pages_per_second if request.has_prefault
-                else None, prefetch_pages=request.prefetch_pages if request.has_prefetch else None,
+                request.vm_id,
+                mem_file=request.mem_file,
+                mem_object=request.mem_object,
+                store=request.store,
+                compression=comp,
+                prefault_pages_per_s=request.prefault_pages_per_second if request.has_prefault else None,
+                prefetch_pages=request.prefetch_pages if request.has_prefetch else None,
                 progress=progress,
-            )  # fmt: skip
+            )
 
         task = asyncio.ensure_future(self._run(self._long, run))
         task.add_done_callback(lambda _t: loop.call_soon_threadsafe(queue.put_nowait, None))
@@ -224,7 +240,14 @@ class NodeAgentServicer(agrpc.NodeAgentServicer):
             yield apb.ImportSnapshotProgress(pages_done=item[0], pages_total=item[1])
         info = task.result()  # an import error becomes its status code
         yield apb.ImportSnapshotProgress(
-            pages_done=info.pages, pages_total=info.pages, done=True, vm_id=info.vm_id, pages=info.pages,
-            zero_pages=info.zero_pages, stored_bytes=info.stored_bytes, socket=info.socket, store=info.store,
+            pages_done=info.pages,
+            pages_total=info.pages,
+            done=True,
+            vm_id=info.vm_id,
+            pages=info.pages,
+            zero_pages=info.zero_pages,
+            stored_bytes=info.stored_bytes,
+            socket=info.socket,
+            store=info.store,
             source=info.source,
-        )  # fmt: skip
+        )

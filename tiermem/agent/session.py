@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tiermem import evict
 from tiermem.agent.index import IndexEntry, PageIndex
 from tiermem.agent.metrics import AgentMetrics
 from tiermem.agent.restore_state import RestoreState
@@ -73,7 +74,11 @@ class VmSession:
             store_space(self.node_id, self.vm_id, self.incarnation) if self.incarnation else self.vm_id
         )
         """The store namespace of this incarnation: every store call uses it, never the bare id."""
-        self.ages = np.zeros(self.backend.n_pages, dtype=np.uint8)
+        self._algorithm: evict.Algorithm | None = None
+        self._algorithm_key: tuple[str, str] = ("", "")
+        self.promoted: list[int] = []
+        """Pages promoted since the last cycle close (the eviction algorithm learns from them)."""
+        self.promoted_lock = threading.Lock()
         self.cycle_lock = threading.Lock()
         """One cycle or drain at a time."""
         self.evict_lock = threading.Lock()
@@ -88,6 +93,19 @@ class VmSession:
         self.retired_lock = threading.Lock()
         self.recent_reports: dict[str, CycleReport] = {}
         """Reports by scheduler order id, so a repeated order is not run twice."""
+
+    def algorithm(self, policy: EvictionPolicy | None = None) -> evict.Algorithm:
+        """The eviction algorithm of ``policy`` (default: the VM's) with its per-page state.
+
+        A new one (fresh state) when the policy names another algorithm or other options.
+        """
+        p = policy or self.policy
+        key = (p.algorithm, p.algorithm_options)
+        if self._algorithm is None or key != self._algorithm_key:
+            self._algorithm = evict.create(key[0], self.backend.n_pages, p.cold_after, key[1])
+            self._algorithm_key = key
+        self._algorithm.cold_after = p.cold_after  # the SLO's back-off changes it; the state is kept
+        return self._algorithm
 
     # --- derived views -----------------------------------------------------------------------
     @property
@@ -135,16 +153,36 @@ class VmSession:
         try:
             st = self.store()
             u = st.usage(self.space)
-            usage = StoreUsage(store_name=st.name, store_kind=st.kind, store_url=st.url, pages=u.pages,
-                               zero_pages=u.zero_pages, stored_bytes=u.stored_bytes, logical_bytes=u.logical_bytes)  # fmt: skip
+            usage = StoreUsage(
+                store_name=st.name,
+                store_kind=st.kind,
+                store_url=st.url,
+                pages=u.pages,
+                zero_pages=u.zero_pages,
+                stored_bytes=u.stored_bytes,
+                logical_bytes=u.logical_bytes,
+            )
         except (NotFound, Exception):  # status must not fail because a store is down
             usage = StoreUsage(store_name=self.policy.store)
         return VmStatus(
-            vm_id=self.vm_id, node_id=self.node_id, state=self.state, backend=self.backend_kind,
-            total_pages=self.n_pages, resident_pages=self.resident_count(), evicted_pages=evicted,
-            working_set_pages=self.working_set, faults_served=self.counters.faults_served,
-            minor_faults=self.counters.rwp_faults, promotion_rate=self.counters.promotion_rate(evicted),
-            store_usage=usage, cycles=self.counters.cycles, page_size=self.page_size, labels=dict(self.labels),
-            policy=self.policy, fault_p50_us=int(p50), fault_p99_us=int(p99), updated_unix_ms=now_ms(),
+            vm_id=self.vm_id,
+            node_id=self.node_id,
+            state=self.state,
+            backend=self.backend_kind,
+            total_pages=self.n_pages,
+            resident_pages=self.resident_count(),
+            evicted_pages=evicted,
+            working_set_pages=self.working_set,
+            faults_served=self.counters.faults_served,
+            minor_faults=self.counters.rwp_faults,
+            promotion_rate=self.counters.promotion_rate(evicted),
+            store_usage=usage,
+            cycles=self.counters.cycles,
+            page_size=self.page_size,
+            labels=dict(self.labels),
+            policy=self.policy,
+            fault_p50_us=int(p50),
+            fault_p99_us=int(p99),
+            updated_unix_ms=now_ms(),
             incarnation=self.incarnation,
-        )  # fmt: skip
+        )

@@ -134,9 +134,13 @@ class S3Source:
             from botocore.config import Config
 
             client = boto3.session.Session().client(
-                "s3", endpoint_url=q.get("endpoint") or None, region_name=q.get("region") or None,
-                config=Config(retries={"mode": "standard", "max_attempts": 4}, s3={"addressing_style": "path"}),
-            )  # fmt: skip
+                "s3",
+                endpoint_url=q.get("endpoint") or None,
+                region_name=q.get("region") or None,
+                config=Config(
+                    retries={"mode": "standard", "max_attempts": 4}, s3={"addressing_style": "path"}
+                ),
+            )
         self.client = client
         self._size: int | None = None
 
@@ -274,8 +278,14 @@ def import_snapshot(
                 f"{source.description}: read {done} pages, expected {n_pages} (file changed?)"
             )
         pages = n_pages
-        snap.update(state="ready", pages=pages, zero_pages=zero, stored_bytes=stored, imported_unix_ms=now_ms(),
-                    prefault_pages_per_s=prefault_pages_per_s)  # fmt: skip
+        snap.update(
+            state="ready",
+            pages=pages,
+            zero_pages=zero,
+            stored_bytes=stored,
+            imported_unix_ms=now_ms(),
+            prefault_pages_per_s=prefault_pages_per_s,
+        )
         index.add_vm(VmRecord(vm_id, Backend.UFFD.value, n_pages, PAGE_SIZE, meta))  # restorable from now on
         index.flush()
     except BaseException as e:

@@ -85,9 +85,17 @@ def _detect(agent: Any, vm: str, interval_s: float) -> tuple[CycleReport, float]
     return rep, cpu_seconds() - c0 - guest_cpu
 
 
-def run(urls: Sequence[str] = (), spawn: Sequence[str] = (), quick: bool = False, sim_vms: int = 4,
-        sim_mib: int = 1024, guest_mib: int = 64, cap_mib: int = 256, interval_ms: int = 1000,
-        native_faults: bool = True) -> dict[str, Any]:  # fmt: skip
+def run(
+    urls: Sequence[str] = (),
+    spawn: Sequence[str] = (),
+    quick: bool = False,
+    sim_vms: int = 4,
+    sim_mib: int = 1024,
+    guest_mib: int = 64,
+    cap_mib: int = 256,
+    interval_ms: int = 1000,
+    native_faults: bool = True,
+) -> dict[str, Any]:
     """Run the agent benchmark against the first store given (default: a spawned redis-server);
     ``native_faults=False`` serves the guest's faults on the pure-Python path."""
     require_uffd()
@@ -113,9 +121,11 @@ def run(urls: Sequence[str] = (), spawn: Sequence[str] = (), quick: bool = False
     out["ratio_fault_p50_during_vs_raw_get"] = ratio(during["p50_us"], g50)
     out["ratio_fault_p50_idle_vs_raw_get"] = ratio(idle["p50_us"], g50)
     out["ratio_evict_rate_vs_raw_put"] = ratio(out["eviction"]["pages_per_s"], put_rate["pages_per_s"])
-    out["goals"] = {f"fault_p50_idle_le_{GOAL_FAULT_VS_GET:g}x_raw_get": idle["p50_us"] <= GOAL_FAULT_VS_GET * g50,
-                    f"fault_p50_during_eviction_le_{GOAL_FAULT_VS_GET:g}x_raw_get":
-                    during["p50_us"] <= GOAL_FAULT_VS_GET * g50}  # fmt: skip
+    out["goals"] = {
+        f"fault_p50_idle_le_{GOAL_FAULT_VS_GET:g}x_raw_get": idle["p50_us"] <= GOAL_FAULT_VS_GET * g50,
+        f"fault_p50_during_eviction_le_{GOAL_FAULT_VS_GET:g}x_raw_get": during["p50_us"]
+        <= GOAL_FAULT_VS_GET * g50,
+    }
     return out
 
 
@@ -127,11 +137,17 @@ def _raw_put_rate(url: str, pages: int) -> tuple[str, dict[str, float]]:
     return name, raw
 
 
-def _run(agent: Any, label: str, sim_vms: int, sim_pages: int, guest_pages: int, cap_mib: int,
-         interval_ms: int) -> dict[str, Any]:  # fmt: skip
+def _run(
+    agent: Any, label: str, sim_vms: int, sim_pages: int, guest_pages: int, cap_mib: int, interval_ms: int
+) -> dict[str, Any]:
     interval_s = interval_ms / 1000
-    pol = EvictionPolicy(interval_ms=interval_ms, cold_after=1, max_evict=EvictionCap(bytes=cap_mib * MiB),
-                         prefetch_pages=0, store="default")  # fmt: skip
+    pol = EvictionPolicy(
+        interval_ms=interval_ms,
+        cold_after=1,
+        max_evict=EvictionCap(bytes=cap_mib * MiB),
+        prefetch_pages=0,
+        store="default",
+    )
     sims = [f"sim-{i}" for i in range(sim_vms)]
     for i, vm in enumerate(sims):
         agent.attach_sim(
@@ -149,13 +165,30 @@ def _run(agent: Any, label: str, sim_vms: int, sim_pages: int, guest_pages: int,
         tracking: list[dict[str, Any]] = []
         for vm in sims:
             rep, cpu = _detect(agent, vm, interval_s)
-            tracking.append({"vm": vm, "backend": "sim", "pages": sim_pages, "hot": rep.pages_hot,
-                             "cold": rep.pages_cold, "cpu_ms": round(cpu * 1000, 2), "phases_ms": _phases(rep)})  # fmt: skip
+            tracking.append(
+                {
+                    "vm": vm,
+                    "backend": "sim",
+                    "pages": sim_pages,
+                    "hot": rep.pages_hot,
+                    "cold": rep.pages_cold,
+                    "cpu_ms": round(cpu * 1000, 2),
+                    "phases_ms": _phases(rep),
+                }
+            )
         c0 = cpu_seconds()
         rep = agent.run_cycle("pg", CycleMode.DETECT, interval_ms=interval_ms)
-        tracking.append({"vm": "pg", "backend": "uffd", "pages": guest_pages, "hot": rep.pages_hot,
-                         "cold": rep.pages_cold, "cpu_ms": round((cpu_seconds() - c0) * 1000, 2),
-                         "phases_ms": _phases(rep)})  # fmt: skip
+        tracking.append(
+            {
+                "vm": "pg",
+                "backend": "uffd",
+                "pages": guest_pages,
+                "hot": rep.pages_hot,
+                "cold": rep.pages_cold,
+                "cpu_ms": round((cpu_seconds() - c0) * 1000, 2),
+                "phases_ms": _phases(rep),
+            }
+        )
         # --- evict the whole guest, then fault half of it back with nothing else running
         rep = agent.run_cycle("pg", CycleMode.EVICT, interval_ms=20)
         if rep.error or rep.pages_evicted != guest_pages:
@@ -215,8 +248,12 @@ def _run(agent: Any, label: str, sim_vms: int, sim_pages: int, guest_pages: int,
     i50, i99 = pct(idle_agent, 50, 99)
     d50, d99 = pct(during_agent, 50, 99)
     return {
-        "sim_vms": sim_vms, "sim_mib": sim_pages * PAGE_SIZE // MiB, "guest_mib": guest_pages * PAGE_SIZE // MiB,
-        "interval_ms": interval_ms, "cap_mib": cap_mib, "store_label": label,
+        "sim_vms": sim_vms,
+        "sim_mib": sim_pages * PAGE_SIZE // MiB,
+        "guest_mib": guest_pages * PAGE_SIZE // MiB,
+        "interval_ms": interval_ms,
+        "cap_mib": cap_mib,
+        "store_label": label,
         "tracking": tracking,
         "cpu_per_gib": {
             "sim_ms_per_cycle": round(cpu_ms_per_gib, 2),
@@ -226,16 +263,29 @@ def _run(agent: Any, label: str, sim_vms: int, sim_pages: int, guest_pages: int,
             "baseline_numpy_pass_ms": round(np_us / 1000, 3),
         },
         "eviction": {
-            **rate(evicted, t_ev1 - t_ev0), "vms": len(reports),
-            "per_vm": [{"vm": vm, "pages": r.pages_evicted, "bytes": r.bytes_written, "phases_ms": _phases(r)}
-                       for vm, r in sorted(reports.items())],
+            **rate(evicted, t_ev1 - t_ev0),
+            "vms": len(reports),
+            "per_vm": [
+                {"vm": vm, "pages": r.pages_evicted, "bytes": r.bytes_written, "phases_ms": _phases(r)}
+                for vm, r in sorted(reports.items())
+            ],
         },
-        "faults_idle": {"faults": idle["pages"], "p50_us": round(idle["p50_us"], 1), "p99_us": round(idle["p99_us"], 1),
-                        "agent_p50_us": i50, "agent_p99_us": i99},
-        "faults_during_eviction": {"faults": during["pages"], "p50_us": round(during["p50_us"], 1),
-                                   "p99_us": round(during["p99_us"], 1), "agent_p50_us": d50, "agent_p99_us": d99,
-                                   "overlap": round(overlap, 3)},
+        "faults_idle": {
+            "faults": idle["pages"],
+            "p50_us": round(idle["p50_us"], 1),
+            "p99_us": round(idle["p99_us"], 1),
+            "agent_p50_us": i50,
+            "agent_p99_us": i99,
+        },
+        "faults_during_eviction": {
+            "faults": during["pages"],
+            "p50_us": round(during["p50_us"], 1),
+            "p99_us": round(during["p99_us"], 1),
+            "agent_p50_us": d50,
+            "agent_p99_us": d99,
+            "overlap": round(overlap, 3),
+        },
         "fault_path": "native" if native_stats is not None else "python",
         "native_served": native_stats["served"] if native_stats is not None else 0,
         "mismatches": check["mismatches"],
-    }  # fmt: skip
+    }

@@ -58,8 +58,12 @@ def ratio(a: float | None, b: float | None) -> float | None:
 def rate(pages: int, seconds: float, page_size: int = PAGE_SIZE) -> dict[str, float]:
     """Throughput of ``pages`` in ``seconds``: pages/s and MB/s (decimal)."""
     s = max(seconds, 1e-9)
-    return {"pages": pages, "seconds": round(seconds, 4), "pages_per_s": round(pages / s, 1),
-            "mb_per_s": round(pages * page_size / s / 1e6, 2)}  # fmt: skip
+    return {
+        "pages": pages,
+        "seconds": round(seconds, 4),
+        "pages_per_s": round(pages / s, 1),
+        "mb_per_s": round(pages * page_size / s / 1e6, 2),
+    }
 
 
 def cpu_seconds() -> float:
@@ -96,8 +100,9 @@ def _label(url: str) -> str:
 
 
 @contextlib.contextmanager
-def store_targets(urls: Sequence[str] = (), spawn: Sequence[str] = (), *, local: bool = True,
-                  tmp: Path | None = None) -> Iterator[list[StoreTarget]]:  # fmt: skip
+def store_targets(
+    urls: Sequence[str] = (), spawn: Sequence[str] = (), *, local: bool = True, tmp: Path | None = None
+) -> Iterator[list[StoreTarget]]:
     """The stores to benchmark: a fresh local store (unless ``local`` is False), the servers started
     for ``spawn`` (``redis``, ``s3``: stopped on exit) and the given URLs, in that order."""
     from tiermem.bench.servers import spawn as spawn_server
@@ -119,8 +124,9 @@ def store_targets(urls: Sequence[str] = (), spawn: Sequence[str] = (), *, local:
 
 # --- the agent and a process guest ------------------------------------------------------------------
 @contextlib.contextmanager
-def bench_agent(stores: dict[str, str], *, tmp: Path | None = None, fsync: bool = True,
-                native_faults: bool = True) -> Iterator[Any]:  # fmt: skip
+def bench_agent(
+    stores: dict[str, str], *, tmp: Path | None = None, fsync: bool = True, native_faults: bool = True
+) -> Iterator[Any]:
     """An in-process node agent (autonomous cycles off) listening on a handoff socket in a temp dir."""
     from tiermem.agent.attach import start_handoff
     from tiermem.agent.node import Agent
@@ -128,9 +134,15 @@ def bench_agent(stores: dict[str, str], *, tmp: Path | None = None, fsync: bool 
 
     with contextlib.ExitStack() as stack:
         root = tmp or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tiermem-bench-agent-")))
-        settings = AgentSettings(node_id="bench", data_dir=str(root / "agent"), autonomous=False, fsync=fsync,
-                                 stores=stores, handoff_socket=str(root / "handoff.sock"),
-                                 native_faults=native_faults)  # fmt: skip
+        settings = AgentSettings(
+            node_id="bench",
+            data_dir=str(root / "agent"),
+            autonomous=False,
+            fsync=fsync,
+            stores=stores,
+            handoff_socket=str(root / "handoff.sock"),
+            native_faults=native_faults,
+        )
         agent = Agent(settings)
         stop = start_handoff(agent)
         try:
@@ -146,10 +158,29 @@ class GuestDriver:
 
     def __init__(self, socket_path: str, vm_id: str, memory: str, *extra: str, timeout: float = 30.0) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tiermem.guests.process", "--socket", socket_path, "--vm-id", vm_id,
-             "--memory", memory, "--mode", "uffd", "--control", "--timeout", str(timeout), *extra],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "tiermem.guests.process",
+                "--socket",
+                socket_path,
+                "--vm-id",
+                vm_id,
+                "--memory",
+                memory,
+                "--mode",
+                "uffd",
+                "--control",
+                "--timeout",
+                str(timeout),
+                *extra,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
         self.vm_id = vm_id
         self.ready = self._read(timeout + 10)
         if not self.ready.get("ready"):
@@ -160,8 +191,9 @@ class GuestDriver:
 
     def _read(self, timeout: float) -> dict[str, Any]:
         out: list[str] = []
-        t = threading.Thread(target=lambda: out.append(self.proc.stdout.readline() if self.proc.stdout else ""),
-                             daemon=True)  # fmt: skip
+        t = threading.Thread(
+            target=lambda: out.append(self.proc.stdout.readline() if self.proc.stdout else ""), daemon=True
+        )
         t.start()
         t.join(timeout)
         if not out or not out[0]:

@@ -74,9 +74,17 @@ async def _agents(conn: Connection, agents: int, vms: int, cycle_ms: int, cp_add
         async def RunCycle(self, request: apb.RunCycleRequest, context: Any) -> tpb.CycleReport:
             await asyncio.sleep(cycle_ms / 1000)
             n = cycles[request.vm_id] = cycles.get(request.vm_id, 0) + 1
-            return tpb.CycleReport(vm_id=request.vm_id, cycle=n, mode=request.mode, pages_scanned=65536,
-                                   pages_hot=6000, pages_cold=2000 + n % 7, pages_evicted=2000,
-                                   bytes_written=2000 * 4096, policy_version=request.policy.version)  # fmt: skip
+            return tpb.CycleReport(
+                vm_id=request.vm_id,
+                cycle=n,
+                mode=request.mode,
+                pages_scanned=65536,
+                pages_hot=6000,
+                pages_cold=2000 + n % 7,
+                pages_evicted=2000,
+                bytes_written=2000 * 4096,
+                policy_version=request.policy.version,
+            )
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     agrpc.add_NodeAgentServicer_to_server(TinyAgent(), server)  # type: ignore[abstract]
@@ -93,9 +101,18 @@ async def _agents(conn: Connection, agents: int, vms: int, cycle_ms: int, cp_add
         k = 0
         while True:
             k += 1
-            statuses = [VmStatus(v, state=VmState.ARMED, total_pages=65536, resident_pages=60000 - (j * 37) % 5000,
-                                 working_set_pages=6000, evicted_pages=5536, faults_served=k)
-                        for j, v in enumerate(mine)]  # fmt: skip
+            statuses = [
+                VmStatus(
+                    v,
+                    state=VmState.ARMED,
+                    total_pages=65536,
+                    resident_pages=60000 - (j * 37) % 5000,
+                    working_set_pages=6000,
+                    evicted_pages=5536,
+                    faults_served=k,
+                )
+                for j, v in enumerate(mine)
+            ]
             with contextlib.suppress(Exception):
                 await client.heartbeat(f"node-{i}", statuses)
             await asyncio.sleep(HEARTBEAT_S)
@@ -132,15 +149,28 @@ async def _baseline(vms: int, interval_s: float, jitter: float, duration_s: floa
     cpu0, t0 = time.process_time(), loop.time()
     await asyncio.gather(*(vm(i) for i in range(vms)))
     cpu = time.process_time() - cpu0
-    return {"wakeups": len(lags), "lag_p50_ms": _pct(lags, 0.5), "lag_p99_ms": _pct(lags, 0.99),
-            "lag_max_ms": max(lags, default=0.0), "cpu_s": cpu, "wall_s": loop.time() - t0}  # fmt: skip
+    return {
+        "wakeups": len(lags),
+        "lag_p50_ms": _pct(lags, 0.5),
+        "lag_p99_ms": _pct(lags, 0.99),
+        "lag_max_ms": max(lags, default=0.0),
+        "cpu_s": cpu,
+        "wall_s": loop.time() - t0,
+    }
 
 
 # ---------------------------------------------------------------- the run
 
 
-async def _run(vms: int, agents: int, interval_s: float, duration_s: float, cycle_ms: int, jitter: float,
-               max_concurrent: int) -> dict[str, Any]:  # fmt: skip
+async def _run(
+    vms: int,
+    agents: int,
+    interval_s: float,
+    duration_s: float,
+    cycle_ms: int,
+    jitter: float,
+    max_concurrent: int,
+) -> dict[str, Any]:
     from tiermem.api import PolicyScope, VmSpec
     from tiermem.config import ControlPlaneSettings
     from tiermem.control.server import serve_control_plane
@@ -149,9 +179,15 @@ async def _run(vms: int, agents: int, interval_s: float, duration_s: float, cycl
 
     baseline = await _baseline(vms, interval_s, jitter, duration_s)
     with tempfile.TemporaryDirectory(prefix="tiermem-bench-cp-") as tmp:
-        settings = ControlPlaneSettings(listen="127.0.0.1:0", state=f"sqlite:///{tmp}/control.db", jitter=jitter,
-                                        replica_id="bench", max_concurrent_cycles_per_node=max_concurrent,
-                                        lease_ttl_ms=30_000, log_json=True)  # fmt: skip
+        settings = ControlPlaneSettings(
+            listen="127.0.0.1:0",
+            state=f"sqlite:///{tmp}/control.db",
+            jitter=jitter,
+            replica_id="bench",
+            max_concurrent_cycles_per_node=max_concurrent,
+            lease_ttl_ms=30_000,
+            log_json=True,
+        )
         from tiermem.logging import configure_logging
 
         configure_logging(json=True, level="WARNING")
@@ -195,21 +231,42 @@ async def _run(vms: int, agents: int, interval_s: float, duration_s: float, cycl
             await cp.stop()
     lag_p99 = _pct([float(x) for x in lags], 0.99)
     return {
-        "vms": vms, "agents": agents, "interval_s": interval_s, "duration_s": round(wall, 2), "cycle_ms": cycle_ms,
-        "jitter": jitter, "max_concurrent_per_node": max_concurrent, "register_s": round(reg_s, 2),
-        "orders": orders, "orders_per_s": round(orders / wall, 1), "expected_orders_per_s": round(vms / interval_s, 1),
-        "failed": failed, "reports_listed": reports,
-        "lag_p50_ms": _pct([float(x) for x in lags], 0.5), "lag_p99_ms": lag_p99,
-        "lag_max_ms": float(max(lags, default=0)), "lag_mean_ms": round(statistics.fmean(lags), 1) if lags else 0.0,
-        "cpu_s": round(cpu, 2), "cpu_pct_of_one_core": round(100 * cpu / wall, 1),
-        "rss_mib": round(rss, 1), "rss_peak_mib": round(peak, 1),
+        "vms": vms,
+        "agents": agents,
+        "interval_s": interval_s,
+        "duration_s": round(wall, 2),
+        "cycle_ms": cycle_ms,
+        "jitter": jitter,
+        "max_concurrent_per_node": max_concurrent,
+        "register_s": round(reg_s, 2),
+        "orders": orders,
+        "orders_per_s": round(orders / wall, 1),
+        "expected_orders_per_s": round(vms / interval_s, 1),
+        "failed": failed,
+        "reports_listed": reports,
+        "lag_p50_ms": _pct([float(x) for x in lags], 0.5),
+        "lag_p99_ms": lag_p99,
+        "lag_max_ms": float(max(lags, default=0)),
+        "lag_mean_ms": round(statistics.fmean(lags), 1) if lags else 0.0,
+        "cpu_s": round(cpu, 2),
+        "cpu_pct_of_one_core": round(100 * cpu / wall, 1),
+        "rss_mib": round(rss, 1),
+        "rss_peak_mib": round(peak, 1),
         "baseline": {k: round(v, 2) for k, v in baseline.items()},
         "goals": {"lag_p99_under_1s": lag_p99 < 1000, "rss_under_500mib": rss < 500},
-    }  # fmt: skip
+    }
 
 
-def run(vms: int = 1000, agents: int = 50, interval_s: float = 10, duration_s: float = 30, quick: bool = False,
-        cycle_ms: int = 50, jitter: float = 0.1, max_concurrent: int = 4) -> dict[str, Any]:  # fmt: skip
+def run(
+    vms: int = 1000,
+    agents: int = 50,
+    interval_s: float = 10,
+    duration_s: float = 30,
+    quick: bool = False,
+    cycle_ms: int = 50,
+    jitter: float = 0.1,
+    max_concurrent: int = 4,
+) -> dict[str, Any]:
     """Run the benchmark and return its figures (``quick``: 100 VMs, 5 agents, 2 s intervals, 6 s)."""
     if quick:
         vms, agents, interval_s, duration_s = (
@@ -223,22 +280,34 @@ def run(vms: int = 1000, agents: int = 50, interval_s: float = 10, duration_s: f
 
 def _print(r: dict[str, Any]) -> None:
     b = r["baseline"]
-    print(f"control plane: {r['vms']} VMs on {r['agents']} agents, interval {r['interval_s']} s, jitter {r['jitter']}, "
-          f"{r['duration_s']} s measured (RunCycle answers after {r['cycle_ms']} ms)")  # fmt: skip
+    print(
+        f"control plane: {r['vms']} VMs on {r['agents']} agents, interval {r['interval_s']} s, jitter {r['jitter']}, "
+        f"{r['duration_s']} s measured (RunCycle answers after {r['cycle_ms']} ms)"
+    )
     print(f"  registration          {r['register_s']} s for {r['vms']} VMs")
-    print(f"  cycle orders          {r['orders']} ({r['orders_per_s']}/s sustained, {r['expected_orders_per_s']}/s due)"
-          f", {r['failed']} failed")  # fmt: skip
+    print(
+        f"  cycle orders          {r['orders']} ({r['orders_per_s']}/s sustained, {r['expected_orders_per_s']}/s due)"
+        f", {r['failed']} failed"
+    )
     ratio = r["lag_p99_ms"] / b["lag_p99_ms"] if b["lag_p99_ms"] else float("inf")
-    print(f"  scheduling lag        p50 {r['lag_p50_ms']:.0f} ms  p99 {r['lag_p99_ms']:.0f} ms  "
-          f"max {r['lag_max_ms']:.0f} ms")  # fmt: skip
-    print(f"  baseline (bare timer) p50 {b['lag_p50_ms']:.1f} ms  p99 {b['lag_p99_ms']:.1f} ms  "
-          f"({b['wakeups']:.0f} wakeups, {b['cpu_s']:.2f} CPU s); control-plane p99 = {ratio:.1f}x the baseline")  # fmt: skip
-    print(f"  control-plane CPU     {r['cpu_s']} s = {r['cpu_pct_of_one_core']}% of one core; "
-          f"baseline {b['cpu_s']:.2f} s")  # fmt: skip
+    print(
+        f"  scheduling lag        p50 {r['lag_p50_ms']:.0f} ms  p99 {r['lag_p99_ms']:.0f} ms  "
+        f"max {r['lag_max_ms']:.0f} ms"
+    )
+    print(
+        f"  baseline (bare timer) p50 {b['lag_p50_ms']:.1f} ms  p99 {b['lag_p99_ms']:.1f} ms  "
+        f"({b['wakeups']:.0f} wakeups, {b['cpu_s']:.2f} CPU s); control-plane p99 = {ratio:.1f}x the baseline"
+    )
+    print(
+        f"  control-plane CPU     {r['cpu_s']} s = {r['cpu_pct_of_one_core']}% of one core; "
+        f"baseline {b['cpu_s']:.2f} s"
+    )
     print(f"  control-plane RSS     {r['rss_mib']} MiB (peak {r['rss_peak_mib']} MiB)")
     g = r["goals"]
-    print(f"  goals: lag p99 < 1 s: {'met' if g['lag_p99_under_1s'] else 'MISSED'}; "
-          f"RSS < 500 MiB: {'met' if g['rss_under_500mib'] else 'MISSED'}")  # fmt: skip
+    print(
+        f"  goals: lag p99 < 1 s: {'met' if g['lag_p99_under_1s'] else 'MISSED'}; "
+        f"RSS < 500 MiB: {'met' if g['rss_under_500mib'] else 'MISSED'}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -93,10 +93,21 @@ def c_handler_touch(
             r = a.regions[0]
             uffd, memfd = a.take_fds()
             try:
-                procs.append(subprocess.Popen(
-                    [str(exe), str(uffd), hex(r.base_host_virt_addr), str(r.page_size), str(r.size // r.page_size),
-                     str(data), str(a.peer_pid)], pass_fds=(uffd,), stderr=subprocess.PIPE,
-                ))  # fmt: skip
+                procs.append(
+                    subprocess.Popen(
+                        [
+                            str(exe),
+                            str(uffd),
+                            hex(r.base_host_virt_addr),
+                            str(r.page_size),
+                            str(r.size // r.page_size),
+                            str(data),
+                            str(a.peer_pid),
+                        ],
+                        pass_fds=(uffd,),
+                        stderr=subprocess.PIPE,
+                    )
+                )
             finally:
                 os.close(uffd)
                 if memfd is not None:
@@ -124,5 +135,9 @@ def c_handler_touch(
             raise FailedPrecondition(
                 f"the C reference handler served {served} faults, the guest read {len(order)}"
             )
-        return {"p50_us": round(touched["p50_us"], 1), "p99_us": round(touched["p99_us"], 1),
-                "max_us": round(touched["max_us"], 1), "faults": served}  # fmt: skip
+        return {
+            "p50_us": round(touched["p50_us"], 1),
+            "p99_us": round(touched["p99_us"], 1),
+            "max_us": round(touched["max_us"], 1),
+            "faults": served,
+        }

@@ -117,20 +117,44 @@ def run_store(label: str, url: str, pages: int, backend: str = "uffd") -> dict[s
     mac = mac_cost(min(pages, 4096))  # the page MAC's tag, paid once per evicted page
     evict_us_per_page = evict_s * 1e6 / max(rep.pages_evicted, 1)
     return {
-        "store": label, "url": url, "backend": backend, "pages": pages, "batch": EVICT_BATCH_PAGES,
-        "bytes_written": rep.bytes_written, "zero_pages": rep.zero_pages,
-        "agent": agent_rate, "raw": {"client": raw_name, **raw_rate}, "store_put": store_rate,
+        "store": label,
+        "url": url,
+        "backend": backend,
+        "pages": pages,
+        "batch": EVICT_BATCH_PAGES,
+        "bytes_written": rep.bytes_written,
+        "zero_pages": rep.zero_pages,
+        "agent": agent_rate,
+        "raw": {"client": raw_name, **raw_rate},
+        "store_put": store_rate,
         "ratio_vs_raw": ratio(agent_rate["pages_per_s"], raw_rate["pages_per_s"]),
         "ratio_vs_store_put": ratio(agent_rate["pages_per_s"], store_rate["pages_per_s"]),
-        "mac": mac, "mac_share_of_evict_per_page": ratio(mac["tag_us_per_page"], evict_us_per_page),
-        "phases_ms": {k.removesuffix("_us"): round(getattr(ph, k) / 1000, 2) for k in
-                      ("protect_us", "wait_us", "freeze_us", "scan_us", "decide_us", "evict_us", "resume_us",
-                       "total_us")},
-    }  # fmt: skip
+        "mac": mac,
+        "mac_share_of_evict_per_page": ratio(mac["tag_us_per_page"], evict_us_per_page),
+        "phases_ms": {
+            k.removesuffix("_us"): round(getattr(ph, k) / 1000, 2)
+            for k in (
+                "protect_us",
+                "wait_us",
+                "freeze_us",
+                "scan_us",
+                "decide_us",
+                "evict_us",
+                "resume_us",
+                "total_us",
+            )
+        },
+    }
 
 
-def run(urls: Sequence[str] = (), spawn: Sequence[str] = (), quick: bool = False, pages: int = 65536,
-        backend: str = "uffd", local: bool = True) -> dict[str, Any]:  # fmt: skip
+def run(
+    urls: Sequence[str] = (),
+    spawn: Sequence[str] = (),
+    quick: bool = False,
+    pages: int = 65536,
+    backend: str = "uffd",
+    local: bool = True,
+) -> dict[str, Any]:
     """The eviction benchmark on each store (a local store first, unless ``local`` is False)."""
     if backend == "uffd":
         require_uffd()

@@ -76,12 +76,21 @@ def _stage_means(
     before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
 ) -> dict[str, float]:
     """Mean microseconds per fault in each stage between two readings."""
-    return {st: round((after[st][0] - before[st][0]) / max(after[st][1] - before[st][1], 1) * 1e6, 1)
-            for st in _STAGES}  # fmt: skip
+    return {
+        st: round((after[st][0] - before[st][0]) / max(after[st][1] - before[st][1], 1) * 1e6, 1)
+        for st in _STAGES
+    }
 
 
-def run_store(label: str, url: str, faults: int, prefetch: int = 0, seed: int = 1,
-              tmp: Path | None = None, native_faults: bool = True) -> dict[str, Any]:  # fmt: skip
+def run_store(
+    label: str,
+    url: str,
+    faults: int,
+    prefetch: int = 0,
+    seed: int = 1,
+    tmp: Path | None = None,
+    native_faults: bool = True,
+) -> dict[str, Any]:
     """Evict ``faults`` pages of a process guest to the store at ``url`` and fault them back."""
     vm = f"fault-{label}"
     with bench_agent({"default": url}, tmp=tmp, native_faults=native_faults) as agent:
@@ -124,31 +133,54 @@ def run_store(label: str, url: str, faults: int, prefetch: int = 0, seed: int = 
     c50, c99 = pct(copy_us, 50, 99)
     r50, r99 = pct(get_us, 50, 99)
     return {
-        "store": label, "url": url, "faults": touched["pages"], "faults_served": served, "prefetch": prefetch,
-        "fault_path": path, "native": native_stats,
-        "evict_s": round(evict_s, 3), "touch_wall_s": round(wall, 3),
+        "store": label,
+        "url": url,
+        "faults": touched["pages"],
+        "faults_served": served,
+        "prefetch": prefetch,
+        "fault_path": path,
+        "native": native_stats,
+        "evict_s": round(evict_s, 3),
+        "touch_wall_s": round(wall, 3),
         "guest": {"p50_us": round(g50, 1), "p99_us": round(g99, 1), "max_us": round(touched["max_us"], 1)},
         "agent": {"p50_us": a50, "p99_us": a99, "samples": len(agent_us), "stage_mean_us": stages},
         "resident_touch": {"p50_us": round(resident["p50_us"], 2), "p99_us": round(resident["p99_us"], 2)},
-        "baseline_copy": {"calls": faults, "p50_us": c50, "p99_us": c99, "total_s": round(float(copy_us.sum()) / 1e6, 4)},
+        "baseline_copy": {
+            "calls": faults,
+            "p50_us": c50,
+            "p99_us": c99,
+            "total_s": round(float(copy_us.sum()) / 1e6, 4),
+        },
         "baseline_get": {"client": raw_name, "samples": len(get_us), "p50_us": r50, "p99_us": r99},
-        "ratio_p50_vs_copy": ratio(g50, c50), "ratio_p50_vs_copy_plus_get": ratio(g50, c50 + r50),
+        "ratio_p50_vs_copy": ratio(g50, c50),
+        "ratio_p50_vs_copy_plus_get": ratio(g50, c50 + r50),
         "ratio_p50_vs_get": ratio(g50, r50),
         "ratio_p99_vs_copy_plus_get": ratio(g99, c99 + r99),
         "overhead_p50_us": round(g50 - c50 - r50, 1),
-        "mac": mac, "mac_share_of_agent_p50": ratio(mac["verify_us_per_page"], a50),
+        "mac": mac,
+        "mac_share_of_agent_p50": ratio(mac["verify_us_per_page"], a50),
         "mismatches": check["mismatches"],
-    }  # fmt: skip
+    }
 
 
 def _c_baseline(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The C handler's figures: the mean of its runs before and after the agent's."""
-    return {"p50_us": round(sum(r["p50_us"] for r in runs) / len(runs), 1),
-            "p99_us": round(sum(r["p99_us"] for r in runs) / len(runs), 1), "runs": runs}  # fmt: skip
+    return {
+        "p50_us": round(sum(r["p50_us"] for r in runs) / len(runs), 1),
+        "p99_us": round(sum(r["p99_us"] for r in runs) / len(runs), 1),
+        "runs": runs,
+    }
 
 
-def run(urls: Sequence[str] = (), spawn: Sequence[str] = (), quick: bool = False, faults: int = 10240,
-        prefetch: int = 0, local: bool = True, placements: Sequence[str] = PLACEMENTS) -> dict[str, Any]:  # fmt: skip
+def run(
+    urls: Sequence[str] = (),
+    spawn: Sequence[str] = (),
+    quick: bool = False,
+    faults: int = 10240,
+    prefetch: int = 0,
+    local: bool = True,
+    placements: Sequence[str] = PLACEMENTS,
+) -> dict[str, Any]:
     """The fault benchmark on each store (a local store first, unless ``local`` is False), per placement,
     each agent run between two runs of the reference C handler with the same placement."""
     require_uffd()
@@ -172,18 +204,26 @@ def run(urls: Sequence[str] = (), spawn: Sequence[str] = (), quick: bool = False
                         row = run_store(t.label, t.url, faults, prefetch, native_faults=use_native)
                         after = c_handler_touch(order, faults)
                         c = _c_baseline([before, after])
-                        row.update(placement=where, baseline_c_handler=c,
-                                   ratio_p50_vs_c_handler=ratio(row["guest"]["p50_us"], c["p50_us"]))  # fmt: skip
+                        row.update(
+                            placement=where,
+                            baseline_c_handler=c,
+                            ratio_p50_vs_c_handler=ratio(row["guest"]["p50_us"], c["p50_us"]),
+                        )
                         rows.append(row)
-    goals: dict[str, bool | None] = {"local_p50_le_4x_c_handler": None, "local_p99_le_1ms": None,
-                                     "redis_p50_le_1.3x_raw_get": None}  # fmt: skip
+    goals: dict[str, bool | None] = {
+        "local_p50_le_4x_c_handler": None,
+        "local_p99_le_1ms": None,
+        "redis_p50_le_1.3x_raw_get": None,
+    }
     local_rows = [r for r in rows if r["store"] == "local"]
     if local_rows:
         # the fastest path's row, pinned if measured
         pinned = [x for x in local_rows if x["placement"] == "pinned"] or local_rows
         r = min(pinned, key=lambda x: x["ratio_p50_vs_c_handler"] or float("inf"))
-        goals.update(local_p50_le_4x_c_handler=r["ratio_p50_vs_c_handler"] <= GOAL_P50_VS_C,
-                     local_p99_le_1ms=r["guest"]["p99_us"] <= GOAL_P99_US)  # fmt: skip
+        goals.update(
+            local_p50_le_4x_c_handler=r["ratio_p50_vs_c_handler"] <= GOAL_P50_VS_C,
+            local_p99_le_1ms=r["guest"]["p99_us"] <= GOAL_P99_US,
+        )
     redis_rows = [r for r in rows if r["store"] == "redis" and r["ratio_p50_vs_get"] is not None]
     if redis_rows:  # the fastest path's row, in every placement measured (the goal is met in all or not)
         best: dict[str, dict[str, Any]] = {}
@@ -193,5 +233,11 @@ def run(urls: Sequence[str] = (), spawn: Sequence[str] = (), quick: bool = False
         goals["redis_p50_le_1.3x_raw_get"] = all(
             r["ratio_p50_vs_get"] <= GOAL_REDIS_P50_VS_GET for r in best.values()
         )
-    return {"faults": faults, "prefetch": prefetch, "page_size": PAGE_SIZE, "placements": list(placements),
-            "rows": rows, "goals": goals}  # fmt: skip
+    return {
+        "faults": faults,
+        "prefetch": prefetch,
+        "page_size": PAGE_SIZE,
+        "placements": list(placements),
+        "rows": rows,
+        "goals": goals,
+    }

@@ -76,8 +76,9 @@ class _Zapper:
         self._thread.join()
 
 
-def _segment(run_for: Callable[[float], int], pager: PagerProcess, secs: float,
-             zap: tuple[int, int, float] | None) -> tuple[int, float, int, int, int]:  # fmt: skip
+def _segment(
+    run_for: Callable[[float], int], pager: PagerProcess, secs: float, zap: tuple[int, int, float] | None
+) -> tuple[int, float, int, int, int]:
     """(accesses, seconds, zaps, MINOR faults, MISSING faults) of one run of ``secs``."""
     pager.reset()
     t0 = time.perf_counter()
@@ -92,8 +93,13 @@ def _segment(run_for: Callable[[float], int], pager: PagerProcess, secs: float,
     return accesses, elapsed, zaps, int(st["minor"]), int(st["missing"])
 
 
-def _phases(run_for: Callable[[float], int], pager: PagerProcess, duration_s: float, zap: tuple[int, int, float],
-            rounds: int) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+def _phases(
+    run_for: Callable[[float], int],
+    pager: PagerProcess,
+    duration_s: float,
+    zap: tuple[int, int, float],
+    rounds: int,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Tracking off and on, ``duration_s`` each, alternated in ``rounds`` segments so both see the same load."""
     totals = {False: [0, 0.0, 0, 0, 0], True: [0, 0.0, 0, 0, 0]}
     for _ in range(rounds):
@@ -104,9 +110,17 @@ def _phases(run_for: Callable[[float], int], pager: PagerProcess, duration_s: fl
     out = []
     for on in (False, True):
         acc, secs, zaps, minor, missing = totals[on]
-        out.append({"accesses": int(acc), "seconds": round(secs, 3), "accesses_per_s": round(acc / secs),
-                    "zaps": int(zaps), "minor_faults": int(minor), "minor_faults_per_s": round(minor / secs),
-                    "missing_faults": int(missing)})  # fmt: skip
+        out.append(
+            {
+                "accesses": int(acc),
+                "seconds": round(secs, 3),
+                "accesses_per_s": round(acc / secs),
+                "zaps": int(zaps),
+                "minor_faults": int(minor),
+                "minor_faults_per_s": round(minor / secs),
+                "missing_faults": int(missing),
+            }
+        )
     _lost_per_fault(out[0], out[1])
     return out[0], out[1]
 
@@ -119,8 +133,9 @@ def _lost_per_fault(off: dict[str, Any], on: dict[str, Any]) -> None:
     )
 
 
-def _latency(touch: Callable[[int], None], pager: PagerProcess, resident: np.ndarray,
-             victims: np.ndarray) -> dict[str, Any]:  # fmt: skip
+def _latency(
+    touch: Callable[[int], None], pager: PagerProcess, resident: np.ndarray, victims: np.ndarray
+) -> dict[str, Any]:
     """Per-access time of resident pages (baseline) and of evicted ones (MISSING -> COPY), µs."""
     base = np.empty(len(resident))
     for i, p in enumerate(resident.tolist()):
@@ -140,11 +155,16 @@ def _latency(touch: Callable[[int], None], pager: PagerProcess, resident: np.nda
     lat /= 1e3
     base /= 1e3
     b50 = _pct(base, 50)
-    return {"faults": len(victims), "touch_resident_p50_us": round(b50, 2),
-            "touch_evicted_p50_us": round(_pct(lat, 50), 2), "touch_evicted_p99_us": round(_pct(lat, 99), 2),
-            "fault_p50_us": round(_pct(lat, 50) - b50, 2), "fault_p99_us": round(_pct(lat, 99) - b50, 2),
-            "handler_service_p50_us": round(_pct(svc, 50), 2),
-            "handler_service_p99_us": round(_pct(svc, 99), 2)}  # fmt: skip
+    return {
+        "faults": len(victims),
+        "touch_resident_p50_us": round(b50, 2),
+        "touch_evicted_p50_us": round(_pct(lat, 50), 2),
+        "touch_evicted_p99_us": round(_pct(lat, 99), 2),
+        "fault_p50_us": round(_pct(lat, 50) - b50, 2),
+        "fault_p99_us": round(_pct(lat, 99) - b50, 2),
+        "handler_service_p50_us": round(_pct(svc, 50), 2),
+        "handler_service_p99_us": round(_pct(svc, 99), 2),
+    }
 
 
 def _kvm_guest(
@@ -232,8 +252,15 @@ def _process_guest(
     return {"off": off, "on": on, "latency": lat, "verified_pages": n, "mismatches": bad}
 
 
-def run(memory_mib: int = 256, duration_s: float = 5, quick: bool = False, *, interval_s: float = 1.0,
-        workload: str = "hotset:0.1", fault_samples: int = 2000) -> dict[str, Any]:  # fmt: skip
+def run(
+    memory_mib: int = 256,
+    duration_s: float = 5,
+    quick: bool = False,
+    *,
+    interval_s: float = 1.0,
+    workload: str = "hotset:0.1",
+    fault_samples: int = 2000,
+) -> dict[str, Any]:
     """Run both guests (tracking off, then on) and the fault-latency probe; a JSON-able dict."""
     if quick:
         memory_mib, duration_s, fault_samples = (
@@ -250,36 +277,52 @@ def run(memory_mib: int = 256, duration_s: float = 5, quick: bool = False, *, in
         return round(a / b, 3) if b else None
 
     return {
-        "memory_mib": memory_mib, "duration_s": duration_s, "interval_s": interval_s, "workload": workload,
+        "memory_mib": memory_mib,
+        "duration_s": duration_s,
+        "interval_s": interval_s,
+        "workload": workload,
         "rounds": rounds,
-        "kvm": kvm, "process": proc,
+        "kvm": kvm,
+        "process": proc,
         "ratios": {
             "kvm_on_over_off": ratio(kvm["on"]["accesses_per_s"], kvm["off"]["accesses_per_s"]),
             "process_on_over_off": ratio(proc["on"]["accesses_per_s"], proc["off"]["accesses_per_s"]),
             "kvm_over_process_off": ratio(kvm["off"]["accesses_per_s"], proc["off"]["accesses_per_s"]),
-            "kvm_fault_p50_over_process": ratio(kvm["latency"]["fault_p50_us"], proc["latency"]["fault_p50_us"]),
-            "kvm_fault_p99_over_process": ratio(kvm["latency"]["fault_p99_us"], proc["latency"]["fault_p99_us"]),
+            "kvm_fault_p50_over_process": ratio(
+                kvm["latency"]["fault_p50_us"], proc["latency"]["fault_p50_us"]
+            ),
+            "kvm_fault_p99_over_process": ratio(
+                kvm["latency"]["fault_p99_us"], proc["latency"]["fault_p99_us"]
+            ),
         },
-    }  # fmt: skip
+    }
 
 
 def _print(r: dict[str, Any]) -> None:
-    print(f"KVM guest vs process guest: {r['memory_mib']} MiB, workload {r['workload']}, {r['duration_s']} s per "
-          f"phase in {r['rounds']} alternating rounds, tracking on = zap all PTEs every {r['interval_s']} s, MINOR faults resolved with CONTINUE")  # fmt: skip
+    print(
+        f"KVM guest vs process guest: {r['memory_mib']} MiB, workload {r['workload']}, {r['duration_s']} s per "
+        f"phase in {r['rounds']} alternating rounds, tracking on = zap all PTEs every {r['interval_s']} s, MINOR faults resolved with CONTINUE"
+    )
     for name in ("kvm", "process"):
         g = r[name]
         off, on, lat = g["off"], g["on"], g["latency"]
-        print(f"  {name:8} off {off['accesses_per_s']:>12,} acc/s   on {on['accesses_per_s']:>12,} acc/s   "
-              f"({on['minor_faults_per_s']:,} MINOR faults/s, {on['zaps']} zaps)")  # fmt: skip
+        print(
+            f"  {name:8} off {off['accesses_per_s']:>12,} acc/s   on {on['accesses_per_s']:>12,} acc/s   "
+            f"({on['minor_faults_per_s']:,} MINOR faults/s, {on['zaps']} zaps)"
+        )
         print(f"  {'':8} guest time lost per MINOR fault: {on['lost_us_per_minor_fault']} us")
-        print(f"  {'':8} MISSING->COPY fault: p50 {lat['fault_p50_us']} us  p99 {lat['fault_p99_us']} us over "
-              f"{lat['faults']} faults (touch of a resident page {lat['touch_resident_p50_us']} us subtracted; "
-              f"handler service p50 {lat['handler_service_p50_us']} us, p99 {lat['handler_service_p99_us']} us)")  # fmt: skip
+        print(
+            f"  {'':8} MISSING->COPY fault: p50 {lat['fault_p50_us']} us  p99 {lat['fault_p99_us']} us over "
+            f"{lat['faults']} faults (touch of a resident page {lat['touch_resident_p50_us']} us subtracted; "
+            f"handler service p50 {lat['handler_service_p50_us']} us, p99 {lat['handler_service_p99_us']} us)"
+        )
         print(f"  {'':8} verified {g['verified_pages']} pages, {g['mismatches']} mismatches")
     x = r["ratios"]
-    print(f"  ratios: KVM on/off {x['kvm_on_over_off']}, process on/off {x['process_on_over_off']}, "
-          f"KVM/process (off) {x['kvm_over_process_off']}, KVM/process fault p50 {x['kvm_fault_p50_over_process']}, "
-          f"p99 {x['kvm_fault_p99_over_process']}")  # fmt: skip
+    print(
+        f"  ratios: KVM on/off {x['kvm_on_over_off']}, process on/off {x['process_on_over_off']}, "
+        f"KVM/process (off) {x['kvm_over_process_off']}, KVM/process fault p50 {x['kvm_fault_p50_over_process']}, "
+        f"p99 {x['kvm_fault_p99_over_process']}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -293,8 +336,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    r = run(a.memory_mib, a.duration, a.quick, interval_s=a.interval, workload=a.workload,
-            fault_samples=a.fault_samples)  # fmt: skip
+    r = run(
+        a.memory_mib,
+        a.duration,
+        a.quick,
+        interval_s=a.interval,
+        workload=a.workload,
+        fault_samples=a.fault_samples,
+    )
     print(json.dumps(r, indent=2)) if a.json else _print(r)
 
 

@@ -40,9 +40,17 @@ def mac_cost(pages: int = 4096, rounds: int = 5) -> dict[str, Any]:
             xxhash.xxh3_64_intdigest(d)
         t3 = time.perf_counter()
         assert ok
-        best = {"tag": min(best["tag"], t1 - t0), "verify": min(best["verify"], t2 - t1),
-                "xxh3": min(best["xxh3"], t3 - t2)}  # fmt: skip
+        best = {
+            "tag": min(best["tag"], t1 - t0),
+            "verify": min(best["verify"], t2 - t1),
+            "xxh3": min(best["xxh3"], t3 - t2),
+        }
     us = {k: round(v / n * 1e6, 2) for k, v in best.items()}
-    return {"pages": n, "tag_us_per_page": us["tag"], "verify_us_per_page": us["verify"],
-            "xxh3_us_per_page": us["xxh3"], "tag_vs_xxh3": ratio(us["tag"], us["xxh3"]),
-            "construction": "keyed BLAKE2b-128 truncated to 64 bits (tiermem.store.pagemac)"}  # fmt: skip
+    return {
+        "pages": n,
+        "tag_us_per_page": us["tag"],
+        "verify_us_per_page": us["verify"],
+        "xxh3_us_per_page": us["xxh3"],
+        "tag_vs_xxh3": ratio(us["tag"], us["xxh3"]),
+        "construction": "keyed BLAKE2b-128 truncated to 64 bits (tiermem.store.pagemac)",
+    }

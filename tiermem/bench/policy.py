@@ -1,45 +1,35 @@
-"""The tiering model replayed with numpy (the engine of ``tiermem simulate``) and the policy benchmark.
+"""The policy benchmark: memory saved versus promotions, beside the future-knowing bound.
 
-:func:`simulate` computes exactly what :func:`tiermem.sim.replay.replay` computes
-(the model in that module's docstring: cycles every K ticks, ages, cold after A
-cycles, caps oldest first then lowest page, promotions), but without running the
-sim kernel, the store and the index page by page. The agent path costs tens of
-microseconds per evicted or promoted page (about ten minutes for a 10-million-line
-trace); this one works per cycle on whole arrays, and only on the cycles where
-something can change, so the same trace takes seconds. The unit tests check that
-both engines agree field by field on random traces, caps included.
-
-Event-driven form of the model: the age of a resident page at the close of cycle c
-is ``min(c - last, 255)`` where ``last`` is the cycle of its last access (-1 at
-start), so a page becomes cold exactly at the close of cycle ``last + A``. With no
-cap in force, a close only has work when its cycle had accesses or when cycle
-``c - A`` had some; pages left cold by a cap wait in a backlog.
-
-The benchmark (:func:`run`) replays the built-in workloads and puts each
-``cold_after`` setting beside two baselines evicting the same number of pages at
-every cycle close: an oracle that knows the future (it evicts the resident pages
-whose next access is furthest away, Belady's choice) and random eviction.
+:func:`run` replays the built-in workloads and any trace files (the real-program
+corpus in ``traces/``) through the ``fast`` model (:mod:`tiermem.sim.fast`, the
+same eviction algorithms the agent runs), for ``age`` at several ``cold_after``
+and every other algorithm. Each row carries the bound's promotions at the row's
+own saving (:mod:`tiermem.sim.bound`) and the ratio. Workload rows also carry two
+baselines evicting the same number of pages at every cycle close: an oracle that
+evicts the resident pages whose next access is furthest away (Belady's choice)
+and random eviction.
 """
 
 from __future__ import annotations
 
-import math
+import os
 import time
-from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from tiermem import evict
 from tiermem.errors import InvalidArgument
-from tiermem.model import PAGE_SIZE, EvictionCap, EvictionPolicy
+from tiermem.sim.bound import GapProfile, gaps
+from tiermem.sim.fast import Model, simulate
 from tiermem.sim.replay import ReplayResult
-from tiermem.sim.trace import Trace
+from tiermem.sim.trace import Trace, load_trace
 from tiermem.sim.workloads import parse_workload
 
-__all__ = ["WORKLOADS", "Model", "baseline", "make_trace", "run", "simulate"]
+__all__ = ["POLICIES", "WORKLOADS", "Model", "baseline", "make_trace", "run", "simulate"]
 
-_AGE_MAX = 255  # the agent's ages are uint8 and saturate
+POLICIES = tuple(n for n in evict.NAMES if n not in evict.ALIASES)
+"""Every eviction algorithm (aliases left out: they repeat a row)."""
 
 WORKLOADS = (
     "hotset:0.1",
@@ -50,14 +40,6 @@ WORKLOADS = (
     "mix:0.25",
 )
 """Built-in workloads the benchmark replays (``tiermem.sim.workloads`` specs)."""
-
-
-@dataclass
-class Model:
-    """A model run: the result plus the evicted count after every cycle close (when asked for)."""
-
-    result: ReplayResult
-    evicted_after_close: np.ndarray | None
 
 
 class _Slices:
@@ -83,102 +65,6 @@ class _Slices:
             self.j += 1
             return a, b
         return None
-
-
-def _check(trace: Trace, interval_ticks: int, cold_after: int, max_evict: EvictionCap | None,
-           min_resident_bytes: int) -> EvictionPolicy:  # fmt: skip
-    if interval_ticks < 1:
-        raise InvalidArgument("--interval-ticks must be >= 1")
-    return EvictionPolicy(interval_ms=1, cold_after=cold_after, max_evict=max_evict or EvictionCap(),
-                          min_resident_bytes=min_resident_bytes, prefetch_pages=0, store="memory").validate()  # fmt: skip
-
-
-def simulate(trace: Trace, interval_ticks: int, cold_after: int, max_evict: EvictionCap | None = None,
-             min_resident_bytes: int = 0, *, page_size: int = PAGE_SIZE,
-             record_closes: bool = False) -> Model:  # fmt: skip
-    """Replay ``trace`` through the exact model; ``record_closes`` keeps the evicted count per close."""
-    policy = _check(trace, interval_ticks, cold_after, max_evict, min_resident_bytes)
-    n, t_total, k, a = trace.n_pages, trace.n_ticks, interval_ticks, cold_after
-    n_cycles = t_total // k
-    cap = policy.max_evict.limit_pages(n, page_size)
-    floor = math.ceil(min_resident_bytes / page_size)
-    last = np.full(n, -1, dtype=np.int64)
-    evicted = np.zeros(n, dtype=bool)
-    closes = np.zeros(n_cycles, dtype=np.int64) if record_closes else None
-    touched: deque[tuple[int, np.ndarray]] = deque([(-1, np.arange(n, dtype=np.int64))])
-    backlog = np.zeros(0, dtype=np.int64)
-    sl = _Slices(trace, k)
-    n_ev = promotions = total_ev = peak = 0
-    ev_sum = 0  # sum over ticks of the evicted count at the end of the tick
-    done_ticks = 0
-    c = 0
-    while True:
-        # The next cycle where anything can change; the ones before it keep n_ev at every tick.
-        cands = [n_cycles]
-        if (nc := sl.next_cycle()) is not None:
-            cands.append(nc)
-        if touched:
-            cands.append(touched[0][0] + a)
-        c = max(c, min(cands)) if not backlog.size else c
-        if c > n_cycles:
-            break
-        t0, t_end = c * k, min(c * k + k, t_total)
-        if closes is not None and done_ticks < t0:
-            closes[done_ticks // k : c] = n_ev
-        ev_sum += (t0 - done_ticks) * n_ev
-        ev_start = n_ev
-        adjust = 0
-        if (rng := sl.take(c)) is not None:
-            pc, tc = trace.pages[rng[0] : rng[1]], trace.ticks[rng[0] : rng[1]]
-            u, first = np.unique(pc, return_index=True)
-            was = evicted[u]
-            if was.any():
-                prom = u[was]
-                evicted[prom] = False
-                n_ev -= int(prom.size)
-                promotions += int(prom.size)
-                # a page promoted at tick f is absent from the evicted count at ticks f .. t_end-1
-                adjust = int(prom.size) * t_end - int(tc[first[was]].sum())
-            last[u] = c
-            touched.append((c, u))
-        ev_sum += (t_end - t0) * ev_start - adjust
-        done_ticks = t_end
-        if c == n_cycles:  # the trailing ticks after the last close: promotions only
-            break
-        while touched and touched[0][0] < c - a:
-            touched.popleft()
-        cold = backlog[last[backlog] <= c - a] if backlog.size else backlog
-        if touched and touched[0][0] == c - a:
-            entr = touched.popleft()[1]
-            entr = entr[last[entr] == c - a]
-            cold = np.concatenate((cold, entr)) if cold.size else entr
-        room = max(n - n_ev - floor, 0)
-        limit = room if cap is None else min(cap, room)
-        if cold.size <= limit:
-            chosen, backlog = cold, np.zeros(0, dtype=np.int64)
-        else:  # oldest first, then lowest page, as the cycle engine's choose_cold
-            age = np.minimum(c - last[cold], _AGE_MAX)
-            order = np.lexsort((cold, -age))
-            chosen, backlog = cold[order[:limit]], cold[order[limit:]]
-        if chosen.size:
-            evicted[chosen] = True
-            n_ev += int(chosen.size)
-            total_ev += int(chosen.size)
-            ev_sum += int(chosen.size)  # the closing tick ends with them evicted
-            peak = max(peak, n_ev)
-        if closes is not None:
-            closes[c] = n_ev
-        c += 1
-    ev_sum += (t_total - done_ticks) * n_ev
-    if closes is not None and done_ticks < n_cycles * k:
-        closes[done_ticks // k :] = n_ev
-    res = ReplayResult(
-        pages=n, ticks=t_total, cycles=n_cycles,
-        evicted_fraction=ev_sum / (t_total * n) if t_total and n else 0.0,
-        promotions=promotions, promotions_per_tick=promotions / t_total if t_total else 0.0,
-        interval_ticks=k, cold_after=a, pages_evicted_total=total_ev, peak_evicted=peak,
-    )  # fmt: skip
-    return Model(res, closes)
 
 
 def _next_access(trace: Trace) -> tuple[np.ndarray, np.ndarray]:
@@ -257,11 +143,17 @@ def baseline(
             ev_sum += need
             peak = max(peak, n_ev)
     return ReplayResult(
-        pages=n, ticks=t_total, cycles=n_cycles,
+        pages=n,
+        ticks=t_total,
+        cycles=n_cycles,
         evicted_fraction=ev_sum / (t_total * n) if t_total and n else 0.0,
-        promotions=promotions, promotions_per_tick=promotions / t_total if t_total else 0.0,
-        interval_ticks=k, cold_after=0, pages_evicted_total=total_ev, peak_evicted=peak,
-    )  # fmt: skip
+        promotions=promotions,
+        promotions_per_tick=promotions / t_total if t_total else 0.0,
+        interval_ticks=k,
+        cold_after=0,
+        pages_evicted_total=total_ev,
+        peak_evicted=peak,
+    )
 
 
 def make_trace(spec: str, n_pages: int, ticks: int, seed: int = 1) -> Trace:
@@ -285,36 +177,159 @@ def _rate(r: ReplayResult) -> float:
     return r.promotions / r.cycles / mean_ev if r.cycles and mean_ev else 0.0
 
 
-def run(quick: bool = False, pages: int = 16384, ticks: int = 1000, interval_ticks: int = 10,
-        cold_after: tuple[int, ...] = (1, 2, 4, 8), workloads: tuple[str, ...] = WORKLOADS,
-        seed: int = 1) -> dict[str, Any]:  # fmt: skip
-    """Memory saved versus promotions per workload and cold-after, beside the oracle and random eviction."""
+def _row(
+    name: str,
+    trace: Trace,
+    k: int,
+    algo: str,
+    a: int,
+    prof: GapProfile,
+    delayed: GapProfile,
+    seed: int,
+    baselines: bool,
+) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    m = simulate(trace, k, a, policy=algo, record_closes=baselines)
+    dt = time.perf_counter() - t0
+    r = m.result
+    bound = prof.promotions_at(r.evicted_fraction)
+    late = delayed.promotions_at(r.evicted_fraction)
+    row: dict[str, Any] = {
+        "workload": name,
+        "policy": algo,
+        "cold_after": a,
+        "accesses": len(trace),
+        "pages": trace.n_pages,
+        "ticks": trace.n_ticks,
+        "saved": round(r.evicted_fraction, 4),
+        "promotions": r.promotions,
+        "promotions_per_tick": round(r.promotions_per_tick, 3),
+        "promotion_rate": round(_rate(r), 5),
+        "bound_promotions": bound,
+        "vs_bound": round(r.promotions / bound, 3) if bound else None,
+        "bound_delayed_promotions": late,
+        "vs_bound_delayed": round(r.promotions / late, 3) if late else None,
+        "model_s": round(dt, 4),
+    }
+    if baselines and m.evicted_after_close is not None:
+        orc = baseline(trace, k, m.evicted_after_close, "oracle", seed)
+        rnd = baseline(trace, k, m.evicted_after_close, "random", seed)
+        row.update(
+            {
+                "oracle_saved": round(orc.evicted_fraction, 4),
+                "oracle_promotions": orc.promotions,
+                "random_saved": round(rnd.evicted_fraction, 4),
+                "random_promotions": rnd.promotions,
+                "vs_oracle": round(r.promotions / orc.promotions, 3) if orc.promotions else None,
+                "random_vs_policy": round(rnd.promotions / r.promotions, 3) if r.promotions else None,
+            }
+        )
+    return row
+
+
+def cycle_cost(pages: int = 262144, cycles: int = 8, seed: int = 1) -> list[dict[str, Any]]:
+    """Agent CPU per cycle with each algorithm: a sim VM of ``pages``, 10% of them touched per cycle.
+
+    Dry-run cycles (protect, freeze, scan, decide, resume; no eviction, whose store cost is the
+    same whatever decides) through the agent's own cycle engine; process CPU time per cycle, and
+    the decide phase alone. The first cycle (allocations) is not counted.
+    """
+    import tempfile
+
+    from tiermem.agent.node import Agent
+    from tiermem.config import AgentSettings
+    from tiermem.model import CycleMode, EvictionPolicy
+    from tiermem.sim.kernel import SimKernel
+
+    rng = np.random.default_rng(seed)
+    out: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        agent = Agent(AgentSettings(node_id="cost", data_dir=tmp, autonomous=False, fsync=False))
+        try:
+            for name in POLICIES:
+                vm = f"cost-{name}"
+                pol = EvictionPolicy(interval_ms=1, cold_after=2, prefetch_pages=0, algorithm=name)
+                agent.attach_sim(vm, pages * 4096, pol, synthetic=True, vcpus=0)
+                b = agent.sessions[vm].backend
+                assert isinstance(b, SimKernel)
+                b.access_batch(np.arange(pages, dtype=np.int64), np.ones(pages, dtype=bool))
+                cpu, decide = [], []
+                for c in range(cycles + 1):
+                    eng = agent.engines[vm]
+                    with agent.sessions[vm].cycle_lock:
+                        t0 = time.process_time()
+                        eng.begin()
+                        used = time.process_time() - t0
+                        hot = rng.choice(pages, pages // 10, replace=False)  # the guest's part: not counted
+                        b.access_batch(np.sort(hot), np.zeros(hot.size, dtype=bool))
+                        t0 = time.process_time()
+                        rep = eng.finish(CycleMode.DETECT)
+                        used += time.process_time() - t0
+                    if c:
+                        cpu.append(used)
+                        decide.append(rep.phases.decide_us)
+                agent.detach(vm, purge=True)
+                out.append(
+                    {
+                        "policy": name,
+                        "pages": pages,
+                        "cpu_ms_per_cycle": round(1e3 * float(np.median(cpu)), 2),
+                        "decide_ms": round(float(np.median(decide)) / 1e3, 2),
+                        "state_bytes_per_page": evict.resolve(name).state_bytes_per_page,
+                    }
+                )
+        finally:
+            agent.close()
+    base = float(out[0]["cpu_ms_per_cycle"]) or 1.0
+    for r in out:
+        r["cpu_vs_age"] = round(r["cpu_ms_per_cycle"] / base, 2)
+    return out
+
+
+def _settings(cold_after: tuple[int, ...], policies: tuple[str, ...]) -> list[tuple[str, int]]:
+    """``age`` at every A, then each other policy at its defaults (A = 2, the issue's reference)."""
+    return [("age", a) for a in cold_after] + [(p, 2) for p in policies if p != "age"]
+
+
+def run(
+    quick: bool = False,
+    pages: int = 16384,
+    ticks: int = 1000,
+    interval_ticks: int = 10,
+    cold_after: tuple[int, ...] = (1, 2, 4, 8),
+    workloads: tuple[str, ...] = WORKLOADS,
+    seed: int = 1,
+    traces: tuple[str, ...] = (),
+    policies: tuple[str, ...] = POLICIES,
+    cost_pages: int = 262144,
+) -> dict[str, Any]:
+    """Memory saved versus promotions per workload or trace file, policy and cold-after.
+
+    Every row carries the future-knowing bound at its own saving (:mod:`tiermem.sim.bound`);
+    workload rows also the oracle and random eviction at the same evicted count per close.
+    """
     if quick:
         pages, ticks = min(pages, 2048), min(ticks, 200)
     rows: list[dict[str, Any]] = []
     t_all = time.perf_counter()
-    for spec in workloads:
-        trace = make_trace(spec, pages, ticks, seed)
-        for a in cold_after:
-            t0 = time.perf_counter()
-            m = simulate(trace, interval_ticks, a, record_closes=True)
-            dt = time.perf_counter() - t0
-            assert m.evicted_after_close is not None
-            orc = baseline(trace, interval_ticks, m.evicted_after_close, "oracle", seed)
-            rnd = baseline(trace, interval_ticks, m.evicted_after_close, "random", seed)
-            r = m.result
-            rows.append({
-                "workload": spec, "cold_after": a, "accesses": len(trace),
-                "saved": round(r.evicted_fraction, 4), "promotions": r.promotions,
-                "promotions_per_tick": round(r.promotions_per_tick, 3), "promotion_rate": round(_rate(r), 5),
-                "oracle_saved": round(orc.evicted_fraction, 4), "oracle_promotions": orc.promotions,
-                "random_saved": round(rnd.evicted_fraction, 4), "random_promotions": rnd.promotions,
-                "vs_oracle": round(r.promotions / orc.promotions, 3) if orc.promotions else None,
-                "random_vs_policy": round(rnd.promotions / r.promotions, 3) if r.promotions else None,
-                "model_s": round(dt, 4),
-            })  # fmt: skip
+    todo: list[tuple[str, Trace, bool]] = [(w, make_trace(w, pages, ticks, seed), True) for w in workloads]
+    todo += [(os.path.basename(t), load_trace(t), False) for t in traces]
+    for name, trace, baselines in todo:
+        prof, delayed = gaps(trace, interval_ticks), gaps(trace, interval_ticks, delay_cycles=1)
+        for algo, a in _settings(cold_after, policies):
+            rows.append(_row(name, trace, interval_ticks, algo, a, prof, delayed, seed, baselines))
     return {
-        "pages": pages, "ticks": ticks, "interval_ticks": interval_ticks, "seed": seed,
-        "baselines": "oracle (furthest next access) and random eviction, same evicted count at every close",
-        "rows": rows, "seconds": round(time.perf_counter() - t_all, 2),
-    }  # fmt: skip
+        "pages": pages,
+        "ticks": ticks,
+        "interval_ticks": interval_ticks,
+        "seed": seed,
+        "baselines": "bound: fewest promotions for the same saving (future known, evictions at closes); "
+        "bound_delayed: the same with evictions only after a whole untouched cycle (the agent's rule); "
+        "workloads also: oracle (furthest next access) and random eviction, same evicted count "
+        "at every close",
+        "rows": rows,
+        "cycle_cost": cycle_cost(
+            pages=min(cost_pages, 16384) if quick else cost_pages, cycles=3 if quick else 8
+        ),
+        "seconds": round(time.perf_counter() - t_all, 2),
+    }

@@ -95,12 +95,17 @@ def _restore_once(rs: RestoreService, vm: str, raw: bytes, tmp: Path, *, prefaul
     _wait(lambda: vm not in rs.agent.sessions, 30, "the restore session to end")
     if not same:
         raise AssertionError(f"restored memory of {vm} differs from the memory file")
-    return {"first_touch_ms": round(float(first["seconds"]) * 1000, 3), "rest_s": rest_s,
-            "pages_per_s": round((n - 1) / rest_s, 1), "summary": summary}  # fmt: skip
+    return {
+        "first_touch_ms": round(float(first["seconds"]) * 1000, 3),
+        "rest_s": rest_s,
+        "pages_per_s": round((n - 1) / rest_s, 1),
+        "summary": summary,
+    }
 
 
-def run_store(label: str, url: str, raw: bytes, mem: Path, prefault_rate: float, tmp: Path,
-              prefetch: int = 8) -> dict[str, Any]:  # fmt: skip
+def run_store(
+    label: str, url: str, raw: bytes, mem: Path, prefault_rate: float, tmp: Path, prefetch: int = 8
+) -> dict[str, Any]:
     """Import ``mem`` into the store at ``url``; restore it on demand, then with prefault."""
     home = tmp / f"agent-{label}"
     home.mkdir(mode=0o700)  # the restore sockets live below it
@@ -114,14 +119,23 @@ def run_store(label: str, url: str, raw: bytes, mem: Path, prefault_rate: float,
         )
         pf = _restore_once(rs, f"pf-{label}", raw, tmp, prefault=True)
     return {
-        "store": label, "url": url, "pages": info.pages, "zero_pages": info.zero_pages,
-        "stored_bytes": info.stored_bytes, "import_s": round(import_s, 3),
+        "store": label,
+        "url": url,
+        "pages": info.pages,
+        "zero_pages": info.zero_pages,
+        "stored_bytes": info.stored_bytes,
+        "import_s": round(import_s, 3),
         "import_pages_per_s": round(info.pages / import_s, 1),
-        "first_touch_ms": od["first_touch_ms"], "on_demand_pages_per_s": od["pages_per_s"],
-        "prefault_first_touch_ms": pf["first_touch_ms"], "prefault_pages_per_s": pf["pages_per_s"],
-        "prefault_rate": prefault_rate, "prefetch": prefetch, "on_demand": od["summary"], "prefaulted": pf["summary"],
+        "first_touch_ms": od["first_touch_ms"],
+        "on_demand_pages_per_s": od["pages_per_s"],
+        "prefault_first_touch_ms": pf["first_touch_ms"],
+        "prefault_pages_per_s": pf["pages_per_s"],
+        "prefault_rate": prefault_rate,
+        "prefetch": prefetch,
+        "on_demand": od["summary"],
+        "prefaulted": pf["summary"],
         "identical": True,
-    }  # fmt: skip
+    }
 
 
 def _local_read(mem: Path, n: int) -> dict[str, Any]:
@@ -149,8 +163,12 @@ def _ranged_get(url: str, raw: bytes, samples: int) -> dict[str, Any]:
 
     parts = urlsplit(url)
     q = dict(parse_qsl(parts.query))
-    client = boto3.session.Session().client("s3", endpoint_url=q.get("endpoint"), region_name=q.get("region"),
-                                            config=Config(s3={"addressing_style": "path"}))  # fmt: skip
+    client = boto3.session.Session().client(
+        "s3",
+        endpoint_url=q.get("endpoint"),
+        region_name=q.get("region"),
+        config=Config(s3={"addressing_style": "path"}),
+    )
     key = f"{parts.path.strip('/')}-restore-bench/mem.bin".lstrip("/")
     client.put_object(Bucket=parts.netloc, Key=key, Body=raw)
     try:
@@ -178,8 +196,15 @@ def _ranged_get(url: str, raw: bytes, samples: int) -> dict[str, Any]:
     }
 
 
-def run(urls: Sequence[str] = (), spawn: Sequence[str] = (), quick: bool = False, size_mib: int = 64,
-        prefault_rate: float = 1e6, local: bool = True, prefetch: int = 8) -> dict[str, Any]:  # fmt: skip
+def run(
+    urls: Sequence[str] = (),
+    spawn: Sequence[str] = (),
+    quick: bool = False,
+    size_mib: int = 64,
+    prefault_rate: float = 1e6,
+    local: bool = True,
+    prefetch: int = 8,
+) -> dict[str, Any]:
     """The restore benchmark on each store, with the same-run baselines."""
     require_uffd()
     if quick:
@@ -205,5 +230,12 @@ def run(urls: Sequence[str] = (), spawn: Sequence[str] = (), quick: bool = False
         if ranged is not None:
             r["ratio_first_touch_vs_ranged_get"] = ratio(r["first_touch_ms"] * 1000, ranged["page_p50_us"])
             r["ratio_prefault_vs_ranged_get"] = ratio(r["prefault_pages_per_s"], ranged["chunk_pages_per_s"])
-    return {"size_mib": size_mib, "pages": n, "prefault_rate": prefault_rate, "prefetch": prefetch, "rows": rows,
-            "baseline_local_read": local_read, "baseline_ranged_get": ranged}  # fmt: skip
+    return {
+        "size_mib": size_mib,
+        "pages": n,
+        "prefault_rate": prefault_rate,
+        "prefetch": prefetch,
+        "rows": rows,
+        "baseline_local_read": local_read,
+        "baseline_ranged_get": ranged,
+    }

@@ -78,13 +78,36 @@ def spawn(kind: str) -> Iterator[str]:
     tmp = Path(tempfile.mkdtemp(prefix=f"tiermem-bench-{kind}-"))
     port = _free_port()
     if kind == "redis":
-        args = [_binary("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp),
-                "--save", "", "--appendonly", "yes", "--appendfsync", "always", "--protected-mode", "no"]  # fmt: skip
+        args = [
+            _binary("redis-server"),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(tmp),
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--protected-mode",
+            "no",
+        ]
         url = f"redis://127.0.0.1:{port}/0"
         env = dict(os.environ)
     elif kind == "s3":
-        args = [_binary("weed"), "mini", f"-dir={tmp}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                f"-s3.port={port}", "-webdav=false", "-admin.ui=false"]  # fmt: skip
+        args = [
+            _binary("weed"),
+            "mini",
+            f"-dir={tmp}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-s3.port={port}",
+            "-webdav=false",
+            "-admin.ui=false",
+        ]
         for k in ("master", "volume", "filer"):
             args += [f"-{k}.port={_free_port()}", f"-{k}.port.grpc={_free_port()}"]
         args.append(f"-s3.port.grpc={_free_port()}")

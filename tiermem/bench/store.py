@@ -303,8 +303,12 @@ def _zero_half(store: PageStore, n: int, compression: str) -> dict[str, Any]:
         backend = _backend_bytes(store, vm)
     finally:
         store.purge_vm(vm)
-    out: dict[str, Any] = {"pages": n, "input_bytes": n * ps, "stored_bytes": u.stored_bytes,
-                           "ratio": round(u.stored_bytes / (n * ps), 4)}  # fmt: skip
+    out: dict[str, Any] = {
+        "pages": n,
+        "input_bytes": n * ps,
+        "stored_bytes": u.stored_bytes,
+        "ratio": round(u.stored_bytes / (n * ps), 4),
+    }
     if backend is not None:
         out |= {"backend_bytes": backend, "backend_ratio": round(backend / (n * ps), 4)}
     return out
@@ -342,10 +346,16 @@ def run(
         <= GOAL_ZERO_RATIO,
     }
     return {
-        "store": store.url, "kind": store.kind, "page_size": store.page_size, "compression": compression,
-        "baseline": raw.name if raw is not None else None, "throughput": rows, "single_get_latency": latency,
-        "zero_half": zero, "goals": goals,
-    }  # fmt: skip
+        "store": store.url,
+        "kind": store.kind,
+        "page_size": store.page_size,
+        "compression": compression,
+        "baseline": raw.name if raw is not None else None,
+        "throughput": rows,
+        "single_get_latency": latency,
+        "zero_half": zero,
+        "goals": goals,
+    }
 
 
 def _print(res: dict[str, Any]) -> None:
@@ -358,12 +368,16 @@ def _print(res: dict[str, Any]) -> None:
     )
     for r in res["throughput"]:
         raw_put, raw_get = r.get("put_raw", {}), r.get("get_raw", {})
-        print(f"{r['batch']:>6} {r['put']['pages_per_s']:>10.0f} {raw_put.get('pages_per_s', 0):>10.0f} "
-              f"{r.get('put_ratio') or 0:>6.2f} {r['put']['mb_per_s']:>9.1f} | {r['get']['pages_per_s']:>10.0f} "
-              f"{raw_get.get('pages_per_s', 0):>10.0f} {r.get('get_ratio') or 0:>6.2f} {r['get']['mb_per_s']:>9.1f}")  # fmt: skip
+        print(
+            f"{r['batch']:>6} {r['put']['pages_per_s']:>10.0f} {raw_put.get('pages_per_s', 0):>10.0f} "
+            f"{r.get('put_ratio') or 0:>6.2f} {r['put']['mb_per_s']:>9.1f} | {r['get']['pages_per_s']:>10.0f} "
+            f"{raw_get.get('pages_per_s', 0):>10.0f} {r.get('get_ratio') or 0:>6.2f} {r['get']['mb_per_s']:>9.1f}"
+        )
     lat = res["single_get_latency"]
-    print(f"single get: p50 {lat['p50_us']} us (raw {lat.get('raw_p50_us')}, x{lat.get('ratio_p50')}), "
-          f"p99 {lat['p99_us']} us (raw {lat.get('raw_p99_us')}, x{lat.get('ratio_p99')})")  # fmt: skip
+    print(
+        f"single get: p50 {lat['p50_us']} us (raw {lat.get('raw_p50_us')}, x{lat.get('ratio_p50')}), "
+        f"p99 {lat['p99_us']} us (raw {lat.get('raw_p99_us')}, x{lat.get('ratio_p99')})"
+    )
     z = res["zero_half"]
     print(
         f"50% zero pages: stored {z['ratio']:.3f}x input"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -33,8 +34,13 @@ def host_info() -> dict[str, Any]:
     except (OSError, StopIteration, ValueError):
         pass
     u = os.uname()
-    return {"cores": os.cpu_count(), "memory_gib": round(mem / 2**30, 1), "kernel": u.release, "machine": u.machine,
-            "python": sys.version.split()[0]}  # fmt: skip
+    return {
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem / 2**30, 1),
+        "kernel": u.release,
+        "machine": u.machine,
+        "python": sys.version.split()[0],
+    }
 
 
 def _common(f: F) -> F:
@@ -45,10 +51,19 @@ def _common(f: F) -> F:
 
 
 def _stores(f: F) -> F:
-    f = click.option("--spawn", multiple=True, type=click.Choice(["redis", "s3"]),
-                     help="Start a throwaway redis-server or SeaweedFS for the run (repeatable).")(f)  # fmt: skip
-    return click.option("--store", "urls", multiple=True, metavar="URL",
-                        help="Store URL to benchmark (repeatable): file://, redis://, s3://...")(f)  # fmt: skip
+    f = click.option(
+        "--spawn",
+        multiple=True,
+        type=click.Choice(["redis", "s3"]),
+        help="Start a throwaway redis-server or SeaweedFS for the run (repeatable).",
+    )(f)
+    return click.option(
+        "--store",
+        "urls",
+        multiple=True,
+        metavar="URL",
+        help="Store URL to benchmark (repeatable): file://, redis://, s3://...",
+    )(f)
 
 
 def _quiet_logs() -> None:
@@ -102,8 +117,15 @@ def bench() -> None:
 @click.option("--batch-sizes", default="1,64,1024", show_default=True)
 @click.option("--compression", type=click.Choice(["none", "zstd", "lz4"]), default="none", show_default=True)
 @_common
-def bench_store(urls: tuple[str, ...], spawn: tuple[str, ...], pages: int, batch_sizes: str, compression: str,
-                quick: bool, as_json: bool) -> None:  # fmt: skip
+def bench_store(
+    urls: tuple[str, ...],
+    spawn: tuple[str, ...],
+    pages: int,
+    batch_sizes: str,
+    compression: str,
+    quick: bool,
+    as_json: bool,
+) -> None:
     """Page-store put/get throughput and single-page latency vs the plain client (a local store by default)."""
     from tiermem.bench import store as mod
     from tiermem.bench.common import store_targets
@@ -119,19 +141,52 @@ def bench_store(urls: tuple[str, ...], spawn: tuple[str, ...], pages: int, batch
 
     def render(r: dict[str, Any]) -> None:
         for s in r["runs"]:
-            _show(f"store {s['store']} ({s['kind']}); baseline: {s['baseline']}",
-                  ["batch", "put p/s", "raw p/s", "put ratio", "put MB/s", "get p/s", "raw p/s", "get ratio", "get MB/s"],
-                  [[t["batch"], _f(t["put"]["pages_per_s"], 0), _f(t.get("put_raw", {}).get("pages_per_s"), 0),
-                    _x(t.get("put_ratio")), _f(t["put"]["mb_per_s"]), _f(t["get"]["pages_per_s"], 0),
-                    _f(t.get("get_raw", {}).get("pages_per_s"), 0), _x(t.get("get_ratio")), _f(t["get"]["mb_per_s"])]
-                   for t in s["throughput"]])  # fmt: skip
+            _show(
+                f"store {s['store']} ({s['kind']}); baseline: {s['baseline']}",
+                [
+                    "batch",
+                    "put p/s",
+                    "raw p/s",
+                    "put ratio",
+                    "put MB/s",
+                    "get p/s",
+                    "raw p/s",
+                    "get ratio",
+                    "get MB/s",
+                ],
+                [
+                    [
+                        t["batch"],
+                        _f(t["put"]["pages_per_s"], 0),
+                        _f(t.get("put_raw", {}).get("pages_per_s"), 0),
+                        _x(t.get("put_ratio")),
+                        _f(t["put"]["mb_per_s"]),
+                        _f(t["get"]["pages_per_s"], 0),
+                        _f(t.get("get_raw", {}).get("pages_per_s"), 0),
+                        _x(t.get("get_ratio")),
+                        _f(t["get"]["mb_per_s"]),
+                    ]
+                    for t in s["throughput"]
+                ],
+            )
             lat, z = s["single_get_latency"], s["zero_half"]
-            console().print(kv_table(None, [
-                ("single-page get", f"p50 {lat['p50_us']} µs (raw {lat.get('raw_p50_us')}, {_x(lat.get('ratio_p50'))})"
-                                    f", p99 {lat['p99_us']} µs (raw {lat.get('raw_p99_us')}, {_x(lat.get('ratio_p99'))})"),
-                ("50% zero pages", f"stored {z['ratio']:.3f}x the input"
-                                   + (f", backend {z['backend_ratio']:.3f}x" if "backend_ratio" in z else "")),
-            ]))  # fmt: skip
+            console().print(
+                kv_table(
+                    None,
+                    [
+                        (
+                            "single-page get",
+                            f"p50 {lat['p50_us']} µs (raw {lat.get('raw_p50_us')}, {_x(lat.get('ratio_p50'))})"
+                            f", p99 {lat['p99_us']} µs (raw {lat.get('raw_p99_us')}, {_x(lat.get('ratio_p99'))})",
+                        ),
+                        (
+                            "50% zero pages",
+                            f"stored {z['ratio']:.3f}x the input"
+                            + (f", backend {z['backend_ratio']:.3f}x" if "backend_ratio" in z else ""),
+                        ),
+                    ],
+                )
+            )
             _goals(s["goals"])
 
     _out("store", {"runs": runs}, as_json, render)
@@ -145,12 +200,24 @@ def bench_store(urls: tuple[str, ...], spawn: tuple[str, ...], pages: int, batch
 )
 @click.option("--prefetch", type=click.IntRange(0, 512), default=0, show_default=True)
 @click.option("--no-local", is_flag=True, help="Skip the local store.")
-@click.option("--pin/--no-pin", "pin", default=None,
-              help="Only pinned to one CPU (--pin) or only unpinned (--no-pin). [default: both; the goal "
-                   "ratio uses the pinned run]")  # fmt: skip
+@click.option(
+    "--pin/--no-pin",
+    "pin",
+    default=None,
+    help="Only pinned to one CPU (--pin) or only unpinned (--no-pin). [default: both; the goal "
+    "ratio uses the pinned run]",
+)
 @_common
-def bench_fault(urls: tuple[str, ...], spawn: tuple[str, ...], faults: int, prefetch: int, no_local: bool,
-                pin: bool | None, quick: bool, as_json: bool) -> None:  # fmt: skip
+def bench_fault(
+    urls: tuple[str, ...],
+    spawn: tuple[str, ...],
+    faults: int,
+    prefetch: int,
+    no_local: bool,
+    pin: bool | None,
+    quick: bool,
+    as_json: bool,
+) -> None:
     """Real uffd fault latency with a process guest, per store and CPU placement, vs a reference C handler,
     UFFDIO_COPY and the store's raw get."""
     from tiermem.bench.fault import PLACEMENTS, run
@@ -159,15 +226,46 @@ def bench_fault(urls: tuple[str, ...], spawn: tuple[str, ...], faults: int, pref
     res = run(urls, spawn, quick, faults, prefetch, local=not no_local, placements=placements)
 
     def render(r: dict[str, Any]) -> None:
-        _show(f"fault service latency, µs ({r['faults']} faults per store, prefetch {r['prefetch']})",
-              ["store", "placement", "path", "fault p50", "p99", "C handler p50", "p50 / C", "agent p50",
-               "agent p99", "COPY p50", "raw get p50", "p50 / get", "p50 / (COPY+get)", "resident touch",
-               "mismatches"],
-              [[x["store"], x["placement"], x["fault_path"], x["guest"]["p50_us"], x["guest"]["p99_us"],
-                x["baseline_c_handler"]["p50_us"], _x(x["ratio_p50_vs_c_handler"]), x["agent"]["p50_us"],
-                x["agent"]["p99_us"], x["baseline_copy"]["p50_us"], x["baseline_get"]["p50_us"],
-                _x(x["ratio_p50_vs_get"]), _x(x["ratio_p50_vs_copy_plus_get"]), x["resident_touch"]["p50_us"], x["mismatches"]]
-               for x in r["rows"]])  # fmt: skip
+        _show(
+            f"fault service latency, µs ({r['faults']} faults per store, prefetch {r['prefetch']})",
+            [
+                "store",
+                "placement",
+                "path",
+                "fault p50",
+                "p99",
+                "C handler p50",
+                "p50 / C",
+                "agent p50",
+                "agent p99",
+                "COPY p50",
+                "raw get p50",
+                "p50 / get",
+                "p50 / (COPY+get)",
+                "resident touch",
+                "mismatches",
+            ],
+            [
+                [
+                    x["store"],
+                    x["placement"],
+                    x["fault_path"],
+                    x["guest"]["p50_us"],
+                    x["guest"]["p99_us"],
+                    x["baseline_c_handler"]["p50_us"],
+                    _x(x["ratio_p50_vs_c_handler"]),
+                    x["agent"]["p50_us"],
+                    x["agent"]["p99_us"],
+                    x["baseline_copy"]["p50_us"],
+                    x["baseline_get"]["p50_us"],
+                    _x(x["ratio_p50_vs_get"]),
+                    _x(x["ratio_p50_vs_copy_plus_get"]),
+                    x["resident_touch"]["p50_us"],
+                    x["mismatches"],
+                ]
+                for x in r["rows"]
+            ],
+        )
         _goals(r["goals"])
 
     _out("fault", res, as_json, render)
@@ -180,20 +278,49 @@ def bench_fault(urls: tuple[str, ...], spawn: tuple[str, ...], faults: int, pref
 @click.option("--backend", type=click.Choice(["uffd", "sim"]), default="uffd", show_default=True)
 @click.option("--no-local", is_flag=True, help="Skip the local store.")
 @_common
-def bench_evict(urls: tuple[str, ...], spawn: tuple[str, ...], pages: int, backend: str, no_local: bool,
-                quick: bool, as_json: bool) -> None:  # fmt: skip
+def bench_evict(
+    urls: tuple[str, ...],
+    spawn: tuple[str, ...],
+    pages: int,
+    backend: str,
+    no_local: bool,
+    quick: bool,
+    as_json: bool,
+) -> None:
     """Eviction throughput per store: the agent's path vs the store's raw put and put_pages."""
     from tiermem.bench.evict import run
 
     res = run(urls, spawn, quick, pages, backend, local=not no_local)
 
     def render(r: dict[str, Any]) -> None:
-        _show(f"eviction throughput ({r['pages']} pages per store, {r['backend']} backend)",
-              ["store", "agent p/s", "agent MB/s", "raw put p/s", "agent/raw", "put_pages p/s", "agent/put_pages",
-               "evict ms", "cycle ms"],
-              [[x["store"], _f(x["agent"]["pages_per_s"], 0), _f(x["agent"]["mb_per_s"]), _f(x["raw"]["pages_per_s"], 0),
-                _x(x["ratio_vs_raw"]), _f(x["store_put"]["pages_per_s"], 0), _x(x["ratio_vs_store_put"]),
-                x["phases_ms"]["evict"], x["phases_ms"]["total"]] for x in r["rows"]])  # fmt: skip
+        _show(
+            f"eviction throughput ({r['pages']} pages per store, {r['backend']} backend)",
+            [
+                "store",
+                "agent p/s",
+                "agent MB/s",
+                "raw put p/s",
+                "agent/raw",
+                "put_pages p/s",
+                "agent/put_pages",
+                "evict ms",
+                "cycle ms",
+            ],
+            [
+                [
+                    x["store"],
+                    _f(x["agent"]["pages_per_s"], 0),
+                    _f(x["agent"]["mb_per_s"]),
+                    _f(x["raw"]["pages_per_s"], 0),
+                    _x(x["ratio_vs_raw"]),
+                    _f(x["store_put"]["pages_per_s"], 0),
+                    _x(x["ratio_vs_store_put"]),
+                    x["phases_ms"]["evict"],
+                    x["phases_ms"]["total"],
+                ]
+                for x in r["rows"]
+            ],
+        )
         for x in r["rows"]:
             console().print(f"{x['store']} raw baseline: {x['raw']['client']}")
 
@@ -208,8 +335,15 @@ def bench_evict(urls: tuple[str, ...], spawn: tuple[str, ...], pages: int, backe
 @click.option("--fleet-pages", type=click.IntRange(min=1), default=262144, show_default=True)
 @click.option("--repeat", type=click.IntRange(min=1), default=5, show_default=True)
 @_common
-def bench_scan(pages: int, accessed: float, fleet_vms: int | None, fleet_pages: int, repeat: int, quick: bool,
-               as_json: bool) -> None:  # fmt: skip
+def bench_scan(
+    pages: int,
+    accessed: float,
+    fleet_vms: int | None,
+    fleet_pages: int,
+    repeat: int,
+    quick: bool,
+    as_json: bool,
+) -> None:
     """The sim's full-range rwprotect and hot-set scan vs one numpy pass; state per page; fleet RSS."""
     from tiermem.bench.scan import run
 
@@ -220,17 +354,43 @@ def bench_scan(pages: int, accessed: float, fleet_vms: int | None, fleet_pages: 
 
     def render(r: dict[str, Any]) -> None:
         base = r["baseline_count_nonzero_s"]
-        rows = [["np.count_nonzero (baseline)", _f(base * 1e6), "1.00x", "-"],
-                ["full-range rwprotect", _f(r["rwprotect_s"] * 1e6), _x(r["rwprotect_ratio"]), _x(r["rwprotect_ratio_best"])]]  # fmt: skip
+        rows = [
+            ["np.count_nonzero (baseline)", _f(base * 1e6), "1.00x", "-"],
+            [
+                "full-range rwprotect",
+                _f(r["rwprotect_s"] * 1e6),
+                _x(r["rwprotect_ratio"]),
+                _x(r["rwprotect_ratio_best"]),
+            ],
+        ]
         for layout in ("clustered", "scattered"):
-            rows.append([f"hot-set scan, {layout}", _f(r[f"scan_{layout}_s"] * 1e6), _x(r[f"scan_{layout}_ratio"]),
-                         _x(r[f"scan_{layout}_ratio_best"])])  # fmt: skip
-        _show(f"sim scan: {r['pages']:,} pages, {r['accessed_fraction']:.0%} accessed (median of {r['repeat']})",
-              ["operation", "µs", "vs baseline", "best vs best"], rows)  # fmt: skip
-        pairs = [("state per page", f"{r['state_bytes_per_page']} B (+{r['synthetic_content_bytes_per_page']} B synthetic content)")]  # fmt: skip
+            rows.append(
+                [
+                    f"hot-set scan, {layout}",
+                    _f(r[f"scan_{layout}_s"] * 1e6),
+                    _x(r[f"scan_{layout}_ratio"]),
+                    _x(r[f"scan_{layout}_ratio_best"]),
+                ]
+            )
+        _show(
+            f"sim scan: {r['pages']:,} pages, {r['accessed_fraction']:.0%} accessed (median of {r['repeat']})",
+            ["operation", "µs", "vs baseline", "best vs best"],
+            rows,
+        )
+        pairs = [
+            (
+                "state per page",
+                f"{r['state_bytes_per_page']} B (+{r['synthetic_content_bytes_per_page']} B synthetic content)",
+            )
+        ]
         if "fleet_vms" in r:
-            pairs.append(("fleet", f"{r['fleet_vms']:,} VMs x {r['fleet_pages_per_vm']:,} pages: RSS "
-                                   f"{r['fleet_rss_bytes'] / 2**30:.2f} GiB ({r['fleet_bytes_per_page']:.2f} B/page)"))  # fmt: skip
+            pairs.append(
+                (
+                    "fleet",
+                    f"{r['fleet_vms']:,} VMs x {r['fleet_pages_per_vm']:,} pages: RSS "
+                    f"{r['fleet_rss_bytes'] / 2**30:.2f} GiB ({r['fleet_bytes_per_page']:.2f} B/page)",
+                )
+            )
         console().print(kv_table(None, pairs))
         _goals(_scan_goals(r))
 
@@ -251,15 +411,32 @@ def _scan_goals(r: dict[str, Any]) -> dict[str, Any]:
 # --- kvm ---------------------------------------------------------------------------------------------
 @bench.command("kvm")
 @click.option("--memory-mib", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
-              help="Seconds per phase.")  # fmt: skip
-@click.option("--interval", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
-              help="Seconds between zaps with tracking on.")  # fmt: skip
+@click.option(
+    "--duration",
+    type=click.FloatRange(min=0, min_open=True),
+    default=5.0,
+    show_default=True,
+    help="Seconds per phase.",
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Seconds between zaps with tracking on.",
+)
 @click.option("--workload", default="hotset:0.1", show_default=True)
 @click.option("--fault-samples", type=click.IntRange(min=1), default=2000, show_default=True)
 @_common
-def bench_kvm(memory_mib: int, duration: float, interval: float, workload: str, fault_samples: int, quick: bool,
-              as_json: bool) -> None:  # fmt: skip
+def bench_kvm(
+    memory_mib: int,
+    duration: float,
+    interval: float,
+    workload: str,
+    fault_samples: int,
+    quick: bool,
+    as_json: bool,
+) -> None:
     """A KVM guest vs a process guest: accesses/s with tracking off and on, fault latency."""
     from tiermem.kernel.probe import kvm_api_version
 
@@ -276,17 +453,42 @@ def bench_kvm(memory_mib: int, duration: float, interval: float, workload: str, 
         for name in ("kvm", "process"):
             g = r[name]
             off, on, lat = g["off"], g["on"], g["latency"]
-            rows.append([name, _f(off["accesses_per_s"], 0), _f(on["accesses_per_s"], 0),
-                         _x(on["accesses_per_s"] / off["accesses_per_s"] if off["accesses_per_s"] else None),
-                         _f(on["minor_faults_per_s"], 0), on["lost_us_per_minor_fault"], lat["fault_p50_us"],
-                         lat["fault_p99_us"], lat["touch_resident_p50_us"], g["mismatches"]])  # fmt: skip
-        _show(f"KVM vs process guest: {r['memory_mib']} MiB, {r['workload']}, {r['duration_s']} s per phase, "
-              f"zap every {r['interval_s']} s",
-              ["guest", "off acc/s", "on acc/s", "on/off", "MINOR/s", "µs lost/MINOR", "fault p50 µs", "p99 µs",
-               "resident touch µs", "mismatches"], rows)  # fmt: skip
+            rows.append(
+                [
+                    name,
+                    _f(off["accesses_per_s"], 0),
+                    _f(on["accesses_per_s"], 0),
+                    _x(on["accesses_per_s"] / off["accesses_per_s"] if off["accesses_per_s"] else None),
+                    _f(on["minor_faults_per_s"], 0),
+                    on["lost_us_per_minor_fault"],
+                    lat["fault_p50_us"],
+                    lat["fault_p99_us"],
+                    lat["touch_resident_p50_us"],
+                    g["mismatches"],
+                ]
+            )
+        _show(
+            f"KVM vs process guest: {r['memory_mib']} MiB, {r['workload']}, {r['duration_s']} s per phase, "
+            f"zap every {r['interval_s']} s",
+            [
+                "guest",
+                "off acc/s",
+                "on acc/s",
+                "on/off",
+                "MINOR/s",
+                "µs lost/MINOR",
+                "fault p50 µs",
+                "p99 µs",
+                "resident touch µs",
+                "mismatches",
+            ],
+            rows,
+        )
         x = r["ratios"]
-        console().print(f"KVM/process accesses (off) {_x(x['kvm_over_process_off'])}, fault p50 "
-                        f"{_x(x['kvm_fault_p50_over_process'])}, p99 {_x(x['kvm_fault_p99_over_process'])}")  # fmt: skip
+        console().print(
+            f"KVM/process accesses (off) {_x(x['kvm_over_process_off'])}, fault p50 "
+            f"{_x(x['kvm_fault_p50_over_process'])}, p99 {_x(x['kvm_fault_p99_over_process'])}"
+        )
 
     _out("kvm", res, as_json, render)
 
@@ -295,10 +497,20 @@ def bench_kvm(memory_mib: int, duration: float, interval: float, workload: str, 
 @bench.command("control")
 @click.option("--vms", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--agents", type=click.IntRange(min=1), default=50, show_default=True)
-@click.option("--interval", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
-              help="Cycle interval, seconds.")  # fmt: skip
-@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
-              help="Measured window, seconds.")  # fmt: skip
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Cycle interval, seconds.",
+)
+@click.option(
+    "--duration",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Measured window, seconds.",
+)
 @_common
 def bench_control(
     vms: int, agents: int, interval: float, duration: float, quick: bool, as_json: bool
@@ -311,19 +523,45 @@ def bench_control(
 
     def render(r: dict[str, Any]) -> None:
         b = r["baseline"]
-        _show(f"control plane: {r['vms']} VMs on {r['agents']} agents, interval {r['interval_s']} s, "
-              f"{r['duration_s']} s measured",
-              ["", "lag p50 ms", "lag p99 ms", "lag max ms", "CPU s"],
-              [["control plane", _f(r["lag_p50_ms"]), _f(r["lag_p99_ms"]), _f(r["lag_max_ms"]), _f(r["cpu_s"], 2)],
-               ["bare asyncio timers (baseline)", _f(b["lag_p50_ms"]), _f(b["lag_p99_ms"]), _f(b["lag_max_ms"]),
-                _f(b["cpu_s"], 2)]])  # fmt: skip
-        console().print(kv_table(None, [
-            ("cycle orders", f"{r['orders']} ({r['orders_per_s']}/s sustained, {r['expected_orders_per_s']}/s due), "
-                             f"{r['failed']} failed"),
-            ("lag p99 vs baseline", _x(r["lag_p99_ms"] / b["lag_p99_ms"] if b["lag_p99_ms"] else None)),
-            ("CPU", f"{r['cpu_pct_of_one_core']}% of one core"),
-            ("RSS", f"{r['rss_mib']} MiB (peak {r['rss_peak_mib']} MiB)"),
-        ]))  # fmt: skip
+        _show(
+            f"control plane: {r['vms']} VMs on {r['agents']} agents, interval {r['interval_s']} s, "
+            f"{r['duration_s']} s measured",
+            ["", "lag p50 ms", "lag p99 ms", "lag max ms", "CPU s"],
+            [
+                [
+                    "control plane",
+                    _f(r["lag_p50_ms"]),
+                    _f(r["lag_p99_ms"]),
+                    _f(r["lag_max_ms"]),
+                    _f(r["cpu_s"], 2),
+                ],
+                [
+                    "bare asyncio timers (baseline)",
+                    _f(b["lag_p50_ms"]),
+                    _f(b["lag_p99_ms"]),
+                    _f(b["lag_max_ms"]),
+                    _f(b["cpu_s"], 2),
+                ],
+            ],
+        )
+        console().print(
+            kv_table(
+                None,
+                [
+                    (
+                        "cycle orders",
+                        f"{r['orders']} ({r['orders_per_s']}/s sustained, {r['expected_orders_per_s']}/s due), "
+                        f"{r['failed']} failed",
+                    ),
+                    (
+                        "lag p99 vs baseline",
+                        _x(r["lag_p99_ms"] / b["lag_p99_ms"] if b["lag_p99_ms"] else None),
+                    ),
+                    ("CPU", f"{r['cpu_pct_of_one_core']}% of one core"),
+                    ("RSS", f"{r['rss_mib']} MiB (peak {r['rss_peak_mib']} MiB)"),
+                ],
+            )
+        )
         _goals(r["goals"])
 
     _out("control", res, as_json, render)
@@ -338,10 +576,35 @@ def bench_control(
 @click.option(
     "--workload", "workloads", multiple=True, help="Workload spec (repeatable) [default: the built-ins]."
 )
+@click.option(
+    "--trace",
+    "traces",
+    multiple=True,
+    type=click.Path(exists=True),
+    help="Trace file or directory of *.csv.gz traces (repeatable), e.g. traces/.",
+)
+@click.option("--no-workloads", is_flag=True, help="Only the --trace files.")
+@click.option(
+    "--cost-pages",
+    type=click.IntRange(min=64),
+    default=262144,
+    show_default=True,
+    help="Guest pages of the agent CPU-per-cycle measurement (one sim VM per policy).",
+)
 @_common
-def bench_policy(pages: int, ticks: int, interval_ticks: int, cold_after: str, workloads: tuple[str, ...],
-                 quick: bool, as_json: bool) -> None:  # fmt: skip
-    """Memory saved vs promotions per workload, beside an oracle and random eviction at the same memory saved."""
+def bench_policy(
+    pages: int,
+    ticks: int,
+    interval_ticks: int,
+    cold_after: str,
+    workloads: tuple[str, ...],
+    traces: tuple[str, ...],
+    no_workloads: bool,
+    cost_pages: int,
+    quick: bool,
+    as_json: bool,
+) -> None:
+    """Memory saved vs promotions per workload/trace and policy, beside the future-knowing bound."""
     from tiermem.bench.policy import WORKLOADS, run
 
     try:
@@ -350,16 +613,69 @@ def bench_policy(pages: int, ticks: int, interval_ticks: int, cold_after: str, w
         fail(f"--cold-after: integers separated by commas, got {cold_after!r}")
     if not ages or min(ages) < 1 or max(ages) > 250:
         fail("--cold-after: values between 1 and 250")
-    res = run(quick, pages, ticks, interval_ticks, ages, workloads or WORKLOADS)
+    files = sorted(
+        str(f) for t in traces for f in (sorted(Path(t).glob("*.csv.gz")) if Path(t).is_dir() else [t])
+    )
+    res = run(
+        quick,
+        pages,
+        ticks,
+        interval_ticks,
+        ages,
+        () if no_workloads else (workloads or WORKLOADS),
+        traces=tuple(files),
+        cost_pages=cost_pages,
+    )
 
     def render(r: dict[str, Any]) -> None:
-        _show(f"policy: {r['pages']} pages, {r['ticks']} ticks, cycle every {r['interval_ticks']} ticks; "
-              "baselines evict as many pages at every close",
-              ["workload", "cold-after", "saved", "promotions", "per tick", "rate/cycle", "oracle prom.",
-               "random prom.", "vs oracle", "random/ours"],
-              [[x["workload"], x["cold_after"], f"{100 * x['saved']:.1f}%", x["promotions"],
-                _f(x["promotions_per_tick"], 2), f"{100 * x['promotion_rate']:.2f}%", x["oracle_promotions"],
-                x["random_promotions"], _x(x["vs_oracle"]), _x(x["random_vs_policy"])] for x in r["rows"]])  # fmt: skip
+        _show(
+            f"policy: cycle every {r['interval_ticks']} ticks; workloads {r['pages']} pages x {r['ticks']} ticks; "
+            "bound = fewest promotions for the same saving; oracle/random evict as many pages at every close",
+            [
+                "workload",
+                "policy",
+                "A",
+                "saved",
+                "promotions",
+                "bound",
+                "vs bound",
+                "vs delayed bound",
+                "per tick",
+                "oracle prom.",
+                "random prom.",
+            ],
+            [
+                [
+                    x["workload"],
+                    x["policy"],
+                    x["cold_after"],
+                    f"{100 * x['saved']:.1f}%",
+                    x["promotions"],
+                    x["bound_promotions"],
+                    _x(x["vs_bound"]),
+                    _x(x["vs_bound_delayed"]),
+                    _f(x["promotions_per_tick"], 2),
+                    x.get("oracle_promotions", "-"),
+                    x.get("random_promotions", "-"),
+                ]
+                for x in r["rows"]
+            ],
+        )
+        _show(
+            "agent CPU per dry-run cycle (protect..resume), 10% of the pages touched per cycle",
+            ["policy", "pages", "CPU ms/cycle", "decide ms", "vs age", "state B/page"],
+            [
+                [
+                    c["policy"],
+                    c["pages"],
+                    _f(c["cpu_ms_per_cycle"], 2),
+                    _f(c["decide_ms"], 2),
+                    _x(c["cpu_vs_age"]),
+                    c["state_bytes_per_page"],
+                ]
+                for c in r["cycle_cost"]
+            ],
+        )
 
     _out("policy", res, as_json, render)
 
@@ -370,15 +686,30 @@ def bench_policy(pages: int, ticks: int, interval_ticks: int, cold_after: str, w
 @click.option("--sim-vms", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--sim-mib", type=click.IntRange(min=1), default=1024, show_default=True)
 @click.option("--guest-mib", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--cap-mib", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Per-cycle eviction cap of each sim VM.")  # fmt: skip
+@click.option(
+    "--cap-mib",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Per-cycle eviction cap of each sim VM.",
+)
 @click.option("--interval-ms", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option(
     "--python-path", is_flag=True, help="Serve faults on the pure-Python path (no native fault thread)."
 )
 @_common
-def bench_agent(urls: tuple[str, ...], spawn: tuple[str, ...], sim_vms: int, sim_mib: int, guest_mib: int,
-                cap_mib: int, interval_ms: int, python_path: bool, quick: bool, as_json: bool) -> None:  # fmt: skip
+def bench_agent(
+    urls: tuple[str, ...],
+    spawn: tuple[str, ...],
+    sim_vms: int,
+    sim_mib: int,
+    guest_mib: int,
+    cap_mib: int,
+    interval_ms: int,
+    python_path: bool,
+    quick: bool,
+    as_json: bool,
+) -> None:
     """4 sim VMs of 1 GiB + 1 process guest on uffd, one store (default: a spawned Redis)."""
     from tiermem.bench.agent import run
 
@@ -387,34 +718,96 @@ def bench_agent(urls: tuple[str, ...], spawn: tuple[str, ...], sim_vms: int, sim
     )
 
     def render(r: dict[str, Any]) -> None:
-        _show(f"tracking: one detect cycle per VM ({r['interval_ms']} ms window), ms per phase",
-              ["vm", "backend", "pages", "hot", "protect", "wait", "freeze", "scan", "decide", "resume", "total",
-               "agent CPU ms"],
-              [[t["vm"], t["backend"], t["pages"], t["hot"], *(t["phases_ms"][p] for p in
-                ("protect", "wait", "freeze", "scan", "decide", "resume", "total")), t["cpu_ms"]]
-               for t in r["tracking"]])  # fmt: skip
+        _show(
+            f"tracking: one detect cycle per VM ({r['interval_ms']} ms window), ms per phase",
+            [
+                "vm",
+                "backend",
+                "pages",
+                "hot",
+                "protect",
+                "wait",
+                "freeze",
+                "scan",
+                "decide",
+                "resume",
+                "total",
+                "agent CPU ms",
+            ],
+            [
+                [
+                    t["vm"],
+                    t["backend"],
+                    t["pages"],
+                    t["hot"],
+                    *(
+                        t["phases_ms"][p]
+                        for p in ("protect", "wait", "freeze", "scan", "decide", "resume", "total")
+                    ),
+                    t["cpu_ms"],
+                ]
+                for t in r["tracking"]
+            ],
+        )
         ev = r["eviction"]
-        _show(f"eviction: {ev['vms']} sim VMs at once, cap {r['cap_mib']} MiB each, ms per phase",
-              ["vm", "pages", "protect", "scan", "decide", "evict", "total"],
-              [[v["vm"], v["pages"], *(v["phases_ms"][p] for p in ("protect", "scan", "decide", "evict", "total"))]
-               for v in ev["per_vm"]])  # fmt: skip
+        _show(
+            f"eviction: {ev['vms']} sim VMs at once, cap {r['cap_mib']} MiB each, ms per phase",
+            ["vm", "pages", "protect", "scan", "decide", "evict", "total"],
+            [
+                [
+                    v["vm"],
+                    v["pages"],
+                    *(v["phases_ms"][p] for p in ("protect", "scan", "decide", "evict", "total")),
+                ]
+                for v in ev["per_vm"]
+            ],
+        )
         i, d, g = r["faults_idle"], r["faults_during_eviction"], r["baseline_get"]
-        _show(f"fault latency, µs ({r['store']['kind']}, {r['fault_path']} fault path); baseline: {g['client']}",
-              ["", "faults", "p50", "p99", "agent p50", "agent p99", "p50 vs raw get"],
-              [["faults, idle", i["faults"], i["p50_us"], i["p99_us"], i["agent_p50_us"], i["agent_p99_us"],
-                _x(r["ratio_fault_p50_idle_vs_raw_get"])],
-               [f"faults during eviction ({100 * d['overlap']:.0f}% overlap)", d["faults"], d["p50_us"], d["p99_us"],
-                d["agent_p50_us"], d["agent_p99_us"], _x(r["ratio_fault_p50_during_vs_raw_get"])],
-               ["raw get (baseline)", g["samples"], g["p50_us"], g["p99_us"], "-", "-", "1.00x"]])  # fmt: skip
+        _show(
+            f"fault latency, µs ({r['store']['kind']}, {r['fault_path']} fault path); baseline: {g['client']}",
+            ["", "faults", "p50", "p99", "agent p50", "agent p99", "p50 vs raw get"],
+            [
+                [
+                    "faults, idle",
+                    i["faults"],
+                    i["p50_us"],
+                    i["p99_us"],
+                    i["agent_p50_us"],
+                    i["agent_p99_us"],
+                    _x(r["ratio_fault_p50_idle_vs_raw_get"]),
+                ],
+                [
+                    f"faults during eviction ({100 * d['overlap']:.0f}% overlap)",
+                    d["faults"],
+                    d["p50_us"],
+                    d["p99_us"],
+                    d["agent_p50_us"],
+                    d["agent_p99_us"],
+                    _x(r["ratio_fault_p50_during_vs_raw_get"]),
+                ],
+                ["raw get (baseline)", g["samples"], g["p50_us"], g["p99_us"], "-", "-", "1.00x"],
+            ],
+        )
         c = r["cpu_per_gib"]
-        console().print(kv_table(None, [
-            ("evicted", f"{ev['pages']} pages in {ev['seconds']} s: {_f(ev['pages_per_s'], 0)} pages/s, "
+        console().print(
+            kv_table(
+                None,
+                [
+                    (
+                        "evicted",
+                        f"{ev['pages']} pages in {ev['seconds']} s: {_f(ev['pages_per_s'], 0)} pages/s, "
                         f"{ev['mb_per_s']} MB/s ({_x(r['ratio_evict_rate_vs_raw_put'])} the raw put, "
-                        f"{_f(r['baseline_put']['pages_per_s'], 0)} pages/s)"),
-            ("agent CPU per GiB tracked", f"sim {c['sim_ms_per_cycle']} ms per cycle ({c['sim_pct_core_at_30s']}% "
-                                          f"of a core at a 30 s interval); uffd {c['uffd_ms_per_cycle']} ms per cycle; "
-                                          f"baseline numpy pass over a GiB's pages {c['baseline_numpy_pass_ms']} ms"),
-        ]))  # fmt: skip
+                        f"{_f(r['baseline_put']['pages_per_s'], 0)} pages/s)",
+                    ),
+                    (
+                        "agent CPU per GiB tracked",
+                        f"sim {c['sim_ms_per_cycle']} ms per cycle ({c['sim_pct_core_at_30s']}% "
+                        f"of a core at a 30 s interval); uffd {c['uffd_ms_per_cycle']} ms per cycle; "
+                        f"baseline numpy pass over a GiB's pages {c['baseline_numpy_pass_ms']} ms",
+                    ),
+                ],
+            )
+        )
         _goals(r["goals"])
 
     _out("agent", res, as_json, render)
@@ -423,16 +816,40 @@ def bench_agent(urls: tuple[str, ...], spawn: tuple[str, ...], sim_vms: int, sim
 # --- restore -----------------------------------------------------------------------------------------
 @bench.command("restore")
 @_stores
-@click.option("--size", "size_mib", type=click.IntRange(min=2), default=64, show_default=True,
-              help="Memory file size, MiB (even: two regions around an MMIO hole).")  # fmt: skip
-@click.option("--prefault-rate", type=click.FloatRange(min=1), default=1e6, show_default=True,
-              help="Background prefault rate of the second restore, pages/s.")  # fmt: skip
-@click.option("--prefetch", type=click.IntRange(0, 512), default=8, show_default=True,
-              help="Pages after a faulting page fetched in the same round trip.")  # fmt: skip
+@click.option(
+    "--size",
+    "size_mib",
+    type=click.IntRange(min=2),
+    default=64,
+    show_default=True,
+    help="Memory file size, MiB (even: two regions around an MMIO hole).",
+)
+@click.option(
+    "--prefault-rate",
+    type=click.FloatRange(min=1),
+    default=1e6,
+    show_default=True,
+    help="Background prefault rate of the second restore, pages/s.",
+)
+@click.option(
+    "--prefetch",
+    type=click.IntRange(0, 512),
+    default=8,
+    show_default=True,
+    help="Pages after a faulting page fetched in the same round trip.",
+)
 @click.option("--no-local", is_flag=True, help="Skip the local store.")
 @_common
-def bench_restore(urls: tuple[str, ...], spawn: tuple[str, ...], size_mib: int, prefault_rate: float,
-                  prefetch: int, no_local: bool, quick: bool, as_json: bool) -> None:  # fmt: skip
+def bench_restore(
+    urls: tuple[str, ...],
+    spawn: tuple[str, ...],
+    size_mib: int,
+    prefault_rate: float,
+    prefetch: int,
+    no_local: bool,
+    quick: bool,
+    as_json: bool,
+) -> None:
     """Firecracker snapshot restore per store: first touch, pages/s on demand and with prefault,
     vs reading the memory file locally and a plain ranged GET."""
     from tiermem.bench.restore import run
@@ -441,18 +858,51 @@ def bench_restore(urls: tuple[str, ...], spawn: tuple[str, ...], size_mib: int, 
 
     def render(r: dict[str, Any]) -> None:
         lr, rg = r["baseline_local_read"], r["baseline_ranged_get"]
-        _show(f"snapshot restore of {r['size_mib']} MiB ({r['pages']} pages, prefetch {r['prefetch']}); "
-              "every restore byte-identical",
-              ["store", "import pages/s", "first touch ms", "on demand pages/s", "vs local read",
-               "prefault pages/s", "vs local read", "first touch vs ranged GET", "prefault vs ranged GET"],
-              [[x["store"], _f(x["import_pages_per_s"], 0), x["first_touch_ms"], _f(x["on_demand_pages_per_s"], 0),
-                _x(x["ratio_on_demand_vs_local_read"]), _f(x["prefault_pages_per_s"], 0),
-                _x(x["ratio_prefault_vs_local_read"]), _x(x.get("ratio_first_touch_vs_ranged_get")),
-                _x(x.get("ratio_prefault_vs_ranged_get"))] for x in r["rows"]])  # fmt: skip
-        console().print(kv_table(None, [
-            ("baseline: local file read", f"pread one page p50 {lr['p50_us']} µs, {_f(lr['pages_per_s'], 0)} pages/s"),
-            ("baseline: plain ranged GET", "no S3 store in this run" if rg is None else
-             f"one page p50 {rg['page_p50_us']} µs, 4 MiB ranges {_f(rg['chunk_pages_per_s'], 0)} pages/s"),
-        ]))  # fmt: skip
+        _show(
+            f"snapshot restore of {r['size_mib']} MiB ({r['pages']} pages, prefetch {r['prefetch']}); "
+            "every restore byte-identical",
+            [
+                "store",
+                "import pages/s",
+                "first touch ms",
+                "on demand pages/s",
+                "vs local read",
+                "prefault pages/s",
+                "vs local read",
+                "first touch vs ranged GET",
+                "prefault vs ranged GET",
+            ],
+            [
+                [
+                    x["store"],
+                    _f(x["import_pages_per_s"], 0),
+                    x["first_touch_ms"],
+                    _f(x["on_demand_pages_per_s"], 0),
+                    _x(x["ratio_on_demand_vs_local_read"]),
+                    _f(x["prefault_pages_per_s"], 0),
+                    _x(x["ratio_prefault_vs_local_read"]),
+                    _x(x.get("ratio_first_touch_vs_ranged_get")),
+                    _x(x.get("ratio_prefault_vs_ranged_get")),
+                ]
+                for x in r["rows"]
+            ],
+        )
+        console().print(
+            kv_table(
+                None,
+                [
+                    (
+                        "baseline: local file read",
+                        f"pread one page p50 {lr['p50_us']} µs, {_f(lr['pages_per_s'], 0)} pages/s",
+                    ),
+                    (
+                        "baseline: plain ranged GET",
+                        "no S3 store in this run"
+                        if rg is None
+                        else f"one page p50 {rg['page_p50_us']} µs, 4 MiB ranges {_f(rg['chunk_pages_per_s'], 0)} pages/s",
+                    ),
+                ],
+            )
+        )
 
     _out("restore", res, as_json, render)

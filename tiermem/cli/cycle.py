@@ -22,8 +22,12 @@ def cycle() -> None:
 @cycle.command("run")
 @click.argument("vm_id", metavar="VM", shell_complete=complete_vm_ids)
 @click.option("--dry-run", is_flag=True, help="Detect only: report the hot and cold pages, evict nothing.")
-@click.option("--interval", type=DURATION, metavar="DURATION",
-              help="Detection wait for this cycle, e.g. 5s (default: the VM's policy).")  # fmt: skip
+@click.option(
+    "--interval",
+    type=DURATION,
+    metavar="DURATION",
+    help="Detection wait for this cycle, e.g. 5s (default: the VM's policy).",
+)
 @json_option
 @connection_options
 @click.pass_context
@@ -61,8 +65,9 @@ def run_cycle(ctx: click.Context, vm_id: str, dry_run: bool, interval: int | Non
 
 @cycle.command("history")
 @click.argument("vm_id", metavar="[VM]", required=False, shell_complete=complete_vm_ids)
-@click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True,
-              help="Newest reports to show.")  # fmt: skip
+@click.option(
+    "--limit", type=click.IntRange(1, 10_000), default=20, show_default=True, help="Newest reports to show."
+)
 @json_option
 @connection_options
 @click.pass_context

@@ -21,16 +21,29 @@ MIB = 1024 * 1024
 
 def _table(sample: Sample, duration: float) -> Table:
     t = Table(title=f"tiermem demo — {sample.t:4.0f}s / {duration:.0f}s", title_justify="left")
-    for col in ("vm", "total MiB", "resident MiB", "evicted MiB", "working set MiB", "faults/s", "promotion %/min",
-                "cycles"):  # fmt: skip
+    for col in (
+        "vm",
+        "total MiB",
+        "resident MiB",
+        "evicted MiB",
+        "working set MiB",
+        "faults/s",
+        "promotion %/min",
+        "cycles",
+    ):
         t.add_column(col, justify="right" if col != "vm" else "left")
     for s in sorted(sample.statuses, key=lambda s: s.vm_id):
         ps = s.page_size
         t.add_row(
-            s.vm_id, f"{s.total_pages * ps / MIB:.0f}", f"{s.resident_pages * ps / MIB:.1f}",
-            f"{s.evicted_pages * ps / MIB:.1f}", f"{s.working_set_pages * ps / MIB:.1f}",
-            f"{sample.faults_per_s.get(s.vm_id, 0.0):.0f}", f"{s.promotion_rate * 100:.2f}", str(s.cycles),
-        )  # fmt: skip
+            s.vm_id,
+            f"{s.total_pages * ps / MIB:.0f}",
+            f"{s.resident_pages * ps / MIB:.1f}",
+            f"{s.evicted_pages * ps / MIB:.1f}",
+            f"{s.working_set_pages * ps / MIB:.1f}",
+            f"{sample.faults_per_s.get(s.vm_id, 0.0):.0f}",
+            f"{s.promotion_rate * 100:.2f}",
+            str(s.cycles),
+        )
     return t
 
 
@@ -41,23 +54,42 @@ def _print_summary(console: Console, s: DemoSummary) -> None:
     for v in s.vms:
         total = int(v["total_pages"])  # type: ignore[call-overload]
         ev = int(v["evicted_pages"])  # type: ignore[call-overload]
-        t.add_row(str(v["vm_id"]), str(v["workload"]), f"{ev}/{total} ({ev / max(total, 1):.0%})",
-                  str(v["faults_served"]), str(v["cycles"]), str(v["pages_verified"]), str(v["mismatches"]))  # fmt: skip
+        t.add_row(
+            str(v["vm_id"]),
+            str(v["workload"]),
+            f"{ev}/{total} ({ev / max(total, 1):.0%})",
+            str(v["faults_served"]),
+            str(v["cycles"]),
+            str(v["pages_verified"]),
+            str(v["mismatches"]),
+        )
     console.print(t)
     ok = "[green]intact[/]" if s.integrity_ok else "[red]MISMATCHES[/]"
-    console.print(f"memory saved: [bold]{s.saved_fraction:.0%}[/] of {s.total_pages * 4096 / MIB:.0f} MiB "
-                  f"({s.evicted_pages} pages in the local store); faults served: {s.faults_served}; "
-                  f"every guest's memory {ok} ({s.pages_verified} pages verified)")  # fmt: skip
+    console.print(
+        f"memory saved: [bold]{s.saved_fraction:.0%}[/] of {s.total_pages * 4096 / MIB:.0f} MiB "
+        f"({s.evicted_pages} pages in the local store); faults served: {s.faults_served}; "
+        f"every guest's memory {ok} ({s.pages_verified} pages verified)"
+    )
     console.print(f"plot: {s.plot}")
 
 
 @click.command()
 @click.option("--duration", default="30s", show_default=True, help="How long to run, e.g. 20s, 2m.")
-@click.option("--backend", type=click.Choice(["sim", "uffd"]), default="sim", show_default=True,
-              help="sim: simulated RWP kernel; uffd: real process guests on this kernel's userfaultfd.")  # fmt: skip
+@click.option(
+    "--backend",
+    type=click.Choice(["sim", "uffd"]),
+    default="sim",
+    show_default=True,
+    help="sim: simulated RWP kernel; uffd: real process guests on this kernel's userfaultfd.",
+)
 @click.option("--kvm", is_flag=True, help="Run the four workloads as real KVM guests (needs /dev/kvm).")
-@click.option("--memory", "memory_mib", type=click.IntRange(4, 65536), default=None,
-              help="MiB per VM [default: 128 sim, 64 uffd and KVM].")  # fmt: skip
+@click.option(
+    "--memory",
+    "memory_mib",
+    type=click.IntRange(4, 65536),
+    default=None,
+    help="MiB per VM [default: 128 sim, 64 uffd and KVM].",
+)
 @click.option(
     "--interval", default="1s", show_default=True, help="Detection interval of the demo's fleet policy."
 )
@@ -67,8 +99,17 @@ def _print_summary(console: Console, s: DemoSummary) -> None:
     "--workdir", type=click.Path(file_okay=False), default=None, help="Keep state here (default: a temp dir)."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
-def demo(duration: str, backend: str, kvm: bool, memory_mib: int | None, interval: str, cold_after: int, plot: str | None,
-         workdir: str | None, as_json: bool) -> None:  # fmt: skip
+def demo(
+    duration: str,
+    backend: str,
+    kvm: bool,
+    memory_mib: int | None,
+    interval: str,
+    cold_after: int,
+    plot: str | None,
+    workdir: str | None,
+    as_json: bool,
+) -> None:
     """Start a control plane, an agent and four VMs (hot set, Zipf, phase shift, idle); tier them live."""
     require_extra("matplotlib", "demo", "tiermem demo")
     try:
@@ -83,18 +124,30 @@ def demo(duration: str, backend: str, kvm: bool, memory_mib: int | None, interva
         from tiermem.kernel.probe import kvm_api_version
 
         if kvm_api_version() != 12:
-            raise CliExit("/dev/kvm is missing or unusable here: run the demo on the sim (default) or with "
-                          "--backend uffd (process guests)", EXIT_PRECONDITION)  # fmt: skip
+            raise CliExit(
+                "/dev/kvm is missing or unusable here: run the demo on the sim (default) or with "
+                "--backend uffd (process guests)",
+                EXIT_PRECONDITION,
+            )
         backend = "kvm"
-    cfg = DemoConfig(duration_s=dur, backend=backend, memory_mib=memory_mib or 0, interval_ms=interval_ms,
-                     cold_after=cold_after, plot=plot or "", workdir=workdir or "")  # fmt: skip
+    cfg = DemoConfig(
+        duration_s=dur,
+        backend=backend,
+        memory_mib=memory_mib or 0,
+        interval_ms=interval_ms,
+        cold_after=cold_after,
+        plot=plot or "",
+        workdir=workdir or "",
+    )
     logging.getLogger().setLevel(logging.WARNING)
     _quiet_logs()
     console = Console(stderr=as_json)
     if not as_json:
-        console.print(f"tiermem demo: control plane + agent + {len(DEFAULT_WORKLOADS)} {backend} VMs "
-                      f"(workloads: {', '.join(DEFAULT_WORKLOADS.values())}); policy: every {interval}, "
-                      f"cold after {cold_after} cycles; local directory store")  # fmt: skip
+        console.print(
+            f"tiermem demo: control plane + agent + {len(DEFAULT_WORKLOADS)} {backend} VMs "
+            f"(workloads: {', '.join(DEFAULT_WORKLOADS.values())}); policy: every {interval}, "
+            f"cold after {cold_after} cycles; local directory store"
+        )
     summary = _run(cfg, console, as_json)
     if as_json:
         click.echo(json.dumps(summary.to_json(), indent=2))

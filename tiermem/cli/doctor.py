@@ -18,8 +18,12 @@ def doctor(as_json: bool) -> None:
     """Probe the host: userfaultfd, RWP, PAGEMAP_SCAN, KVM and privileges."""
     rep = probe_host()
     if as_json:
-        click.echo(json.dumps({**rep.to_json(), "selected_backend": _selected(rep.backends),
-                               "native": native.paths()}, indent=2))  # fmt: skip
+        click.echo(
+            json.dumps(
+                {**rep.to_json(), "selected_backend": _selected(rep.backends), "native": native.paths()},
+                indent=2,
+            )
+        )
         return
     console = Console()
     console.print(f"kernel [bold]{rep.kernel}[/] ({rep.machine})")

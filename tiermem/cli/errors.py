@@ -40,10 +40,20 @@ EXIT_INTERRUPTED = 130
 # Phrases gRPC puts in UNAVAILABLE details when the client never reached the server,
 # as opposed to the server answering UNAVAILABLE about one of its own dependencies.
 _UNREACHABLE = (
-    "failed to connect", "connection refused", "connect failed", "dns resolution failed",
-    "name resolution", "socket closed", "connection reset", "no route to host", "handshake",
-    "ssl", "unreachable", "failed to create secure", "empty address list",
-)  # fmt: skip
+    "failed to connect",
+    "connection refused",
+    "connect failed",
+    "dns resolution failed",
+    "name resolution",
+    "socket closed",
+    "connection reset",
+    "no route to host",
+    "handshake",
+    "ssl",
+    "unreachable",
+    "failed to create secure",
+    "empty address list",
+)
 
 
 class CliExit(click.ClickException):

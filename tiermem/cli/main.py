@@ -165,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     except Exception as e:
         if debug:
             raise
-        click.echo(f"tiermem: error: internal error: {type(e).__name__}: {e} (run with --debug for a traceback)",
-                   err=True)  # fmt: skip
+        click.echo(
+            f"tiermem: error: internal error: {type(e).__name__}: {e} (run with --debug for a traceback)",
+            err=True,
+        )
         sys.exit(EXIT_USER)

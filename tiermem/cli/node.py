@@ -36,10 +36,17 @@ def list_nodes(ctx: click.Context, as_json: bool) -> None:
         return
     cols = ["NODE", "ADDRESS", "UP", "VMS", "CAPACITY", "BACKENDS", "MAX CYCLES", "EVICT MB/S", "LEASE UNTIL"]
     rows = [
-        [n.node_id, n.address, "yes" if n.up else "[red]no[/]", n.vms,
-         format_bytes(n.capacity_bytes) if n.capacity_bytes else "unlimited",
-         ",".join(b.value for b in n.backends) or "any", n.max_concurrent_cycles or "default",
-         f"{n.evict_mbps:g}" if n.evict_mbps else "unlimited", fmt_time(n.lease_expires_ms)]
+        [
+            n.node_id,
+            n.address,
+            "yes" if n.up else "[red]no[/]",
+            n.vms,
+            format_bytes(n.capacity_bytes) if n.capacity_bytes else "unlimited",
+            ",".join(b.value for b in n.backends) or "any",
+            n.max_concurrent_cycles or "default",
+            f"{n.evict_mbps:g}" if n.evict_mbps else "unlimited",
+            fmt_time(n.lease_expires_ms),
+        ]
         for n in nodes
-    ]  # fmt: skip
+    ]
     console().print(table(None, cols, rows))

@@ -9,11 +9,13 @@ leave ``ClientSettings`` to the environment (``TIERMEM_SERVER``,
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
 
+from tiermem.cli.output import set_wide
 from tiermem.config import ClientSettings, load_settings
 from tiermem.errors import InvalidArgument
 from tiermem.units import (
@@ -95,29 +97,91 @@ def _store(key: str) -> Callable[[click.Context, click.Parameter, Any], None]:
 def connection_options(f: F) -> F:
     """Add ``--server``, ``--token``, ``--tls-ca/--tls-cert/--tls-key``, ``--tls-server-name``, ``--timeout``."""
     opts = [
-        click.option("--server", metavar="HOST:PORT", expose_value=False, callback=_store("server"),
-                     help="Control plane address [env TIERMEM_SERVER; default 127.0.0.1:7000]."),
-        click.option("--token", metavar="TOKEN", expose_value=False, callback=_store("token"),
-                     help="Bearer token [env TIERMEM_TOKEN, preferred: flags show in ps]."),
-        click.option("--tls-ca", metavar="FILE", type=click.Path(dir_okay=False), expose_value=False,
-                     callback=_store("ca_file"), help="CA bundle that signs the server certificate (enables TLS)."),
-        click.option("--tls-cert", metavar="FILE", type=click.Path(dir_okay=False), expose_value=False,
-                     callback=_store("cert_file"), help="Client certificate for mTLS."),
-        click.option("--tls-key", metavar="FILE", type=click.Path(dir_okay=False), expose_value=False,
-                     callback=_store("key_file"), help="Client private key for mTLS."),
-        click.option("--tls-server-name", metavar="NAME", expose_value=False, callback=_store("server_name"),
-                     help="Name to verify in the server certificate."),
-        click.option("--timeout", type=DURATION, metavar="DURATION", expose_value=False,
-                     callback=_store("timeout_ms"), help="Deadline per call, e.g. 10s [default 30s]."),
-    ]  # fmt: skip
+        click.option(
+            "--server",
+            metavar="HOST:PORT",
+            expose_value=False,
+            callback=_store("server"),
+            help="Control plane address [env TIERMEM_SERVER; default 127.0.0.1:7000].",
+        ),
+        click.option(
+            "--token",
+            metavar="TOKEN",
+            expose_value=False,
+            callback=_store("token"),
+            help="Bearer token [env TIERMEM_TOKEN, preferred: flags show in ps].",
+        ),
+        click.option(
+            "--tls-ca",
+            metavar="FILE",
+            type=click.Path(dir_okay=False),
+            expose_value=False,
+            callback=_store("ca_file"),
+            help="CA bundle that signs the server certificate (enables TLS).",
+        ),
+        click.option(
+            "--tls-cert",
+            metavar="FILE",
+            type=click.Path(dir_okay=False),
+            expose_value=False,
+            callback=_store("cert_file"),
+            help="Client certificate for mTLS.",
+        ),
+        click.option(
+            "--tls-key",
+            metavar="FILE",
+            type=click.Path(dir_okay=False),
+            expose_value=False,
+            callback=_store("key_file"),
+            help="Client private key for mTLS.",
+        ),
+        click.option(
+            "--tls-server-name",
+            metavar="NAME",
+            expose_value=False,
+            callback=_store("server_name"),
+            help="Name to verify in the server certificate.",
+        ),
+        click.option(
+            "--timeout",
+            type=DURATION,
+            metavar="DURATION",
+            expose_value=False,
+            callback=_store("timeout_ms"),
+            help="Deadline per call, e.g. 10s [default 30s].",
+        ),
+    ]
     for opt in reversed(opts):
         f = opt(f)
     return f
 
 
 def json_option(f: F) -> F:
-    """Add ``--json`` (as the ``as_json`` parameter)."""
-    return click.option("--json", "as_json", is_flag=True, help="Print JSON (the documented fields).")(f)
+    """Add ``--json`` and ``-o/--output table|wide|json`` (kubectl style); the command sees ``as_json``.
+
+    ``-o json`` is ``--json``; ``-o wide`` prints tables at full width, never folding a cell.
+    """
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, output: str | None = None, **kwargs: Any) -> Any:
+        if output == "json":
+            kwargs["as_json"] = True
+        elif output is not None and kwargs.get("as_json"):
+            raise InvalidArgument(f"--json and -o {output} disagree; use one")
+        set_wide(output == "wide")
+        return f(*args, **kwargs)
+
+    wrapper = click.option(
+        "-o",
+        "--output",
+        type=click.Choice(["table", "wide", "json"]),
+        default=None,
+        help="Output format: table (default), wide (never fold cells) or json (= --json).",
+    )(wrapper)
+    return cast(
+        F,
+        click.option("--json", "as_json", is_flag=True, help="Print JSON (the documented fields).")(wrapper),
+    )
 
 
 def client_settings(ctx: click.Context) -> ClientSettings:

@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from tiermem import evict
 from tiermem.api import PolicyScope, ScopeKind
 from tiermem.cli.errors import fail
 from tiermem.cli.options import (
@@ -99,13 +100,41 @@ def _check_range(flag: str, value: int | None, lo: int, hi: int) -> None:
     default=None,
     help="A page lost from its store: SIGBUS the guest (UFFDIO_POISON) or keep it waiting (default).",
 )
+@click.option(
+    "--policy",
+    "algorithm",
+    type=click.Choice(list(evict.NAMES)),
+    help="Eviction algorithm (its options reset unless --policy-opt is given).",
+)
+@click.option(
+    "--policy-opt",
+    "policy_opts",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="An option of the eviction algorithm (repeatable); needs --policy.",
+)
 @json_option
 @connection_options
 @click.pass_context
-def set_policy(ctx: click.Context, vm_id: str | None, selector: str | None, fleet: bool, interval: int | None,
-               cold_after: int | None, max_evict: EvictionCap | None, min_resident: int | None, store: str | None,
-               compression: str | None, prefetch: int | None, slo: float | None, pause: bool | None,
-               poison: bool | None, as_json: bool) -> None:  # fmt: skip
+def set_policy(
+    ctx: click.Context,
+    vm_id: str | None,
+    selector: str | None,
+    fleet: bool,
+    interval: int | None,
+    cold_after: int | None,
+    max_evict: EvictionCap | None,
+    min_resident: int | None,
+    store: str | None,
+    compression: str | None,
+    prefetch: int | None,
+    slo: float | None,
+    pause: bool | None,
+    poison: bool | None,
+    algorithm: str | None,
+    policy_opts: tuple[str, ...],
+    as_json: bool,
+) -> None:
     """Set (part of) a policy: only the flags given change.
 
     \b
@@ -114,6 +143,8 @@ def set_policy(ctx: click.Context, vm_id: str | None, selector: str | None, flee
       tiermem policy set --selector tier=batch --compression zstd --slo 0.2%/min
       tiermem policy set --fleet --min-resident 256MiB
       tiermem policy set web-1 --pause
+      tiermem policy set web-1 --policy recommended
+      tiermem policy set web-1 --policy rrd --policy-opt fast=2
     """
     scope = resolve_scope(vm_id, selector, fleet)
     if interval is not None and not 0 < interval <= EvictionPolicy.MAX_INTERVAL_MS:
@@ -128,15 +159,33 @@ def set_policy(ctx: click.Context, vm_id: str | None, selector: str | None, flee
         except InvalidArgument as e:
             raise InvalidArgument(f"--store: {e}") from None
     changes: dict[str, Any] = {
-        "interval_ms": interval, "cold_after": cold_after, "max_evict": max_evict,
-        "min_resident_bytes": min_resident, "store": store,
-        "compression": Compression(compression) if compression else None, "prefetch_pages": prefetch,
-        "slo_promotion_rate": slo, "paused": pause, "poison_missing": poison,
-    }  # fmt: skip
+        "interval_ms": interval,
+        "cold_after": cold_after,
+        "max_evict": max_evict,
+        "min_resident_bytes": min_resident,
+        "store": store,
+        "compression": Compression(compression) if compression else None,
+        "prefetch_pages": prefetch,
+        "slo_promotion_rate": slo,
+        "paused": pause,
+        "poison_missing": poison,
+    }
+    if policy_opts and algorithm is None:
+        fail("--policy-opt needs --policy (the options belong to one algorithm)")
+    if algorithm is not None:
+        try:
+            opts = evict.parse_options(algorithm, policy_opts)
+        except InvalidArgument as e:
+            raise InvalidArgument(f"--policy-opt: {e}") from None
+        changes["algorithm"] = algorithm
+        changes["algorithm_options"] = ",".join(f"{k}={v}" for k, v in sorted(opts.items()))
     changes = {k: v for k, v in changes.items() if v is not None}
     if not changes:
-        fail("nothing to set: give at least one of --interval, --cold-after, --max-evict, --min-resident, "
-             "--store, --compression, --prefetch, --slo, --pause/--resume, --poison-missing/--wait-missing")  # fmt: skip
+        fail(
+            "nothing to set: give at least one of --interval, --cold-after, --max-evict, --min-resident, "
+            "--store, --compression, --prefetch, --slo, --pause/--resume, --poison-missing/--wait-missing, "
+            "--policy"
+        )
     new = EvictionPolicy().with_changes(**changes)
     entry = get_client(ctx).set_policy(scope, new, sorted(changes))
     if as_json:
@@ -195,14 +244,36 @@ def list_policies(ctx: click.Context, selector: str | None, as_json: bool) -> No
     rows = []
     for entry in entries:
         p = entry.policy
-        rows.append([
-            scope_text(entry.scope), format_duration_ms(p.interval_ms), p.cold_after, fmt_cap(p.max_evict),
-            format_bytes(p.min_resident_bytes), p.store, p.compression.value, p.prefetch_pages,
-            format_rate_per_min(p.slo_promotion_rate) if p.slo_promotion_rate else "off",
-            "yes" if p.paused else "no", p.version, fmt_time(entry.updated_ms),
-        ])  # fmt: skip
-    cols = ["SCOPE", "INTERVAL", "COLD-AFTER", "MAX-EVICT", "MIN-RESIDENT", "STORE", "COMPRESSION",
-            "PREFETCH", "SLO", "PAUSED", "VERSION", "UPDATED"]  # fmt: skip
+        rows.append(
+            [
+                scope_text(entry.scope),
+                format_duration_ms(p.interval_ms),
+                p.cold_after,
+                fmt_cap(p.max_evict),
+                format_bytes(p.min_resident_bytes),
+                p.store,
+                p.compression.value,
+                p.prefetch_pages,
+                format_rate_per_min(p.slo_promotion_rate) if p.slo_promotion_rate else "off",
+                "yes" if p.paused else "no",
+                p.version,
+                fmt_time(entry.updated_ms),
+            ]
+        )
+    cols = [
+        "SCOPE",
+        "INTERVAL",
+        "COLD-AFTER",
+        "MAX-EVICT",
+        "MIN-RESIDENT",
+        "STORE",
+        "COMPRESSION",
+        "PREFETCH",
+        "SLO",
+        "PAUSED",
+        "VERSION",
+        "UPDATED",
+    ]
     if not rows:
         click.echo("no policies stored: every VM runs with the built-in defaults")
         return

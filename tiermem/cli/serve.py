@@ -47,19 +47,38 @@ def _tls(cert: str | None, key: str | None, ca: str | None, mtls: bool | None) -
 
 def _common_server_options(f: F) -> F:
     opts = [
-        click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
-                     help="TOML settings file (sets TIERMEM_CONFIG; flags and env win over it)."),
+        click.option(
+            "--config",
+            "config_file",
+            type=click.Path(exists=True, dir_okay=False),
+            metavar="FILE",
+            help="TOML settings file (sets TIERMEM_CONFIG; flags and env win over it).",
+        ),
         click.option("--listen", metavar="HOST:PORT", help="gRPC listen address (port 0 picks a free one)."),
-        click.option("--token", metavar="TOKEN", help="Bearer token required from callers (prefer the env var)."),
+        click.option(
+            "--token", metavar="TOKEN", help="Bearer token required from callers (prefer the env var)."
+        ),
         click.option("--tls-cert", metavar="FILE", help="Server certificate (PEM): enables TLS."),
         click.option("--tls-key", metavar="FILE", help="Server private key (PEM)."),
         click.option("--tls-ca", metavar="FILE", help="CA bundle that verifies client certificates."),
         click.option("--mtls/--no-mtls", default=None, help="Require client certificates (needs --tls-ca)."),
-        click.option("--metrics", "metrics_listen", metavar="HOST:PORT", help="Prometheus endpoint (off by default)."),
+        click.option(
+            "--metrics", "metrics_listen", metavar="HOST:PORT", help="Prometheus endpoint (off by default)."
+        ),
         click.option("--reflection/--no-reflection", default=None, help="Serve gRPC reflection."),
-        click.option("--log-format", type=click.Choice(["json", "console"]), default=None,
-                     help="Log format [default json]."),
-    ]  # fmt: skip
+        click.option(
+            "--log-format",
+            type=click.Choice(["json", "console"]),
+            default=None,
+            help="Log format [default json].",
+        ),
+        click.option(
+            "--log-level",
+            type=click.Choice(["debug", "info", "warning", "error"]),
+            default=None,
+            help="Least severe level logged [default info].",
+        ),
+    ]
     for opt in reversed(opts):
         f = opt(f)
     return f
@@ -108,6 +127,7 @@ def controlplane_overrides(**flags: Any) -> dict[str, Any]:
         "metrics_listen": flags.get("metrics_listen"),
         "reflection": flags.get("reflection"),
         "log_json": _log_json(flags.get("log_format")),
+        "log_level": flags.get("log_level"),
     }
     return {k: v for k, v in out.items() if v is not None}
 
@@ -162,7 +182,7 @@ def serve_controlplane(config_file: str | None, **flags: Any) -> None:
     from tiermem.control.server import run_control_plane
     from tiermem.logging import configure_logging
 
-    configure_logging(json=settings.log_json)
+    configure_logging(json=settings.log_json, level=settings.log_level)
     run_control_plane(settings)
 
 
@@ -188,6 +208,7 @@ def agent_overrides(**flags: Any) -> dict[str, Any]:
         "metrics_listen": flags.get("metrics_listen"),
         "reflection": flags.get("reflection"),
         "log_json": _log_json(flags.get("log_format")),
+        "log_level": flags.get("log_level"),
     }
     return {k: v for k, v in out.items() if v is not None}
 
@@ -208,8 +229,12 @@ def agent_overrides(**flags: Any) -> dict[str, Any]:
 @click.option(
     "--restore-socket-dir", metavar="DIR", help="Directory of the per-VM Firecracker restore sockets."
 )
-@click.option("--restore-prefault", type=click.FloatRange(0), metavar="PAGES_PER_S",
-              help="Default background prefault rate of snapshot restores (0: on demand only).")  # fmt: skip
+@click.option(
+    "--restore-prefault",
+    type=click.FloatRange(0),
+    metavar="PAGES_PER_S",
+    help="Default background prefault rate of snapshot restores (0: on demand only).",
+)
 @click.option("--control-plane", metavar="HOST:PORT", help="Control plane address (empty: autonomous).")
 @click.option("--heartbeat", type=DURATION, metavar="DURATION", help="Heartbeat period, e.g. 2s.")
 @click.option(
@@ -232,5 +257,5 @@ def serve_agent(config_file: str | None, **flags: Any) -> None:
     from tiermem.agent.server import run_agent
     from tiermem.logging import configure_logging
 
-    configure_logging(json=settings.log_json)
+    configure_logging(json=settings.log_json, level=settings.log_level)
     run_agent(settings)

@@ -33,25 +33,60 @@ def snapshot() -> None:
 @snapshot.command("import")
 @click.argument("vm_id", metavar="VM")
 @click.option("--mem-file", metavar="PATH", help="The snapshot memory file, on the agent's host.")
-@click.option("--mem-object", metavar="S3_URL",
-              help="Or an object in S3: s3://bucket/key[?endpoint=http://host:port&region=R] (read in ranges).")  # fmt: skip
+@click.option(
+    "--mem-object",
+    metavar="S3_URL",
+    help="Or an object in S3: s3://bucket/key[?endpoint=http://host:port&region=R] (read in ranges).",
+)
 @click.option(
     "--store", default="", metavar="NAME", help="Agent store to put the pages in [default: default]."
 )
-@click.option("--compression", type=click.Choice([c.value for c in Compression]), default="none",
-              show_default=True, help="Page compression in the store.")  # fmt: skip
-@click.option("--prefault", "prefault", type=float, default=None, metavar="PAGES_PER_S",
-              help="Prefault the pages not touched yet in the background, once the guest runs, at this rate "
-                   "[default: the agent's restore_prefault_pages_per_s].")  # fmt: skip
-@click.option("--prefetch", "prefetch", type=click.IntRange(0, 512), default=None, metavar="PAGES",
-              help="Pages after a faulting page fetched in the same store round trip [default: 8].")  # fmt: skip
-@click.option("--agent", "agent", default=None, metavar="HOST:PORT",
-              help=f"Node agent address [env TIERMEM_AGENT; default {DEFAULT_AGENT}].")  # fmt: skip
+@click.option(
+    "--compression",
+    type=click.Choice([c.value for c in Compression]),
+    default="none",
+    show_default=True,
+    help="Page compression in the store.",
+)
+@click.option(
+    "--prefault",
+    "prefault",
+    type=float,
+    default=None,
+    metavar="PAGES_PER_S",
+    help="Prefault the pages not touched yet in the background, once the guest runs, at this rate "
+    "[default: the agent's restore_prefault_pages_per_s].",
+)
+@click.option(
+    "--prefetch",
+    "prefetch",
+    type=click.IntRange(0, 512),
+    default=None,
+    metavar="PAGES",
+    help="Pages after a faulting page fetched in the same store round trip [default: 8].",
+)
+@click.option(
+    "--agent",
+    "agent",
+    default=None,
+    metavar="HOST:PORT",
+    help=f"Node agent address [env TIERMEM_AGENT; default {DEFAULT_AGENT}].",
+)
 @json_option
 @connection_options
 @click.pass_context
-def import_snapshot(ctx: click.Context, vm_id: str, mem_file: str | None, mem_object: str | None, store: str,
-                    compression: str, prefault: float | None, prefetch: int | None, agent: str | None, as_json: bool) -> None:  # fmt: skip
+def import_snapshot(
+    ctx: click.Context,
+    vm_id: str,
+    mem_file: str | None,
+    mem_object: str | None,
+    store: str,
+    compression: str,
+    prefault: float | None,
+    prefetch: int | None,
+    agent: str | None,
+    as_json: bool,
+) -> None:
     """Import a Firecracker snapshot memory file for VM and print its restore socket.
 
     Give Firecracker the socket as the UFFD backend_path of PUT /snapshot/load.
@@ -70,14 +105,27 @@ def import_snapshot(ctx: click.Context, vm_id: str, mem_file: str | None, mem_ob
     address = agent or os.environ.get("TIERMEM_AGENT") or DEFAULT_AGENT
     client = AgentClient(address, settings.token, settings.tls)
     ctx.call_on_close(client.close)
-    stream = client.import_snapshot(vm_id, mem_file=mem_file or "", mem_object=mem_object or "", store=store,
-                                    compression=Compression(compression), prefault_pages_per_s=prefault,
-                                    prefetch_pages=prefetch)  # fmt: skip
+    stream = client.import_snapshot(
+        vm_id,
+        mem_file=mem_file or "",
+        mem_object=mem_object or "",
+        store=store,
+        compression=Compression(compression),
+        prefault_pages_per_s=prefault,
+        prefetch_pages=prefetch,
+    )
     result = None
     con = console()
-    with Progress(TextColumn("importing [bold]{task.description}[/]"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("pages"), TimeElapsedColumn(), console=con, transient=True,
-                  disable=as_json or not con.is_terminal) as bar:  # fmt: skip
+    with Progress(
+        TextColumn("importing [bold]{task.description}[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("pages"),
+        TimeElapsedColumn(),
+        console=con,
+        transient=True,
+        disable=as_json or not con.is_terminal,
+    ) as bar:
         task = bar.add_task(vm_id, total=None)
         for p in stream:
             bar.update(task, total=max(p.pages_total, 1), completed=p.pages_done)
@@ -85,12 +133,22 @@ def import_snapshot(ctx: click.Context, vm_id: str, mem_file: str | None, mem_ob
     if result is None:
         fail(f"import of {vm_id} ended without a result", 2)
     if as_json:
-        emit_json({"vm_id": result.vm_id, "pages": result.pages, "zero_pages": result.zero_pages,
-                   "stored_bytes": result.stored_bytes, "store": result.store, "source": result.source,
-                   "socket": result.socket})  # fmt: skip
+        emit_json(
+            {
+                "vm_id": result.vm_id,
+                "pages": result.pages,
+                "zero_pages": result.zero_pages,
+                "stored_bytes": result.stored_bytes,
+                "store": result.store,
+                "source": result.source,
+                "socket": result.socket,
+            }
+        )
         return
-    click.echo(f"VM {result.vm_id}: {result.pages} pages imported from {result.source} into store {result.store} "
-               f"({result.zero_pages} zero pages, {format_bytes(result.stored_bytes)} stored)")  # fmt: skip
+    click.echo(
+        f"VM {result.vm_id}: {result.pages} pages imported from {result.source} into store {result.store} "
+        f"({result.zero_pages} zero pages, {format_bytes(result.stored_bytes)} stored)"
+    )
     click.echo(f"restore socket: {result.socket}")
     click.echo(
         'Firecracker: PUT /snapshot/load with "mem_backend": {"backend_type": "Uffd", "backend_path": '

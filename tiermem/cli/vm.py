@@ -8,7 +8,7 @@ from typing import Any
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from tiermem.api import VmSpec
+from tiermem.api import PolicyScope, VmSpec
 from tiermem.cli.errors import fail
 from tiermem.cli.options import (
     MEMORY,
@@ -29,7 +29,7 @@ from tiermem.cli.output import (
     table,
 )
 from tiermem.errors import InvalidArgument
-from tiermem.model import PAGE_SIZE, Backend, DrainProgress, VmStatus, validate_id
+from tiermem.model import PAGE_SIZE, Backend, DrainProgress, EvictionPolicy, VmStatus, validate_id
 from tiermem.selector import parse_selector, validate_labels
 from tiermem.units import format_bytes, format_duration_ms, format_rate_per_min
 
@@ -84,22 +84,48 @@ def list_vms(ctx: click.Context, node_id: str | None, selector: str | None, as_j
     if not vms:
         click.echo("no VMs registered")
         return
-    cols = ["VM", "NODE", "STATE", "BACKEND", "TOTAL", "RESIDENT", "EVICTED", "WORKING SET", "FAULTS",
-            "PROMOTION", "CYCLES"]  # fmt: skip
+    cols = [
+        "VM",
+        "NODE",
+        "STATE",
+        "BACKEND",
+        "TOTAL",
+        "RESIDENT",
+        "EVICTED",
+        "WORKING SET",
+        "FAULTS",
+        "PROMOTION",
+        "CYCLES",
+    ]
     rows = [
-        [s.vm_id, s.node_id + ("" if s.node_up else " (down)"), s.state.value, s.backend.value,
-         format_bytes(s.total_pages * s.page_size), format_bytes(s.resident_pages * s.page_size),
-         format_bytes(s.evicted_pages * s.page_size), format_bytes(s.working_set_pages * s.page_size),
-         s.faults_served, format_rate_per_min(s.promotion_rate), s.cycles]
+        [
+            s.vm_id,
+            s.node_id + ("" if s.node_up else " (down)"),
+            s.state.value,
+            s.backend.value,
+            format_bytes(s.total_pages * s.page_size),
+            format_bytes(s.resident_pages * s.page_size),
+            format_bytes(s.evicted_pages * s.page_size),
+            format_bytes(s.working_set_pages * s.page_size),
+            s.faults_served,
+            format_rate_per_min(s.promotion_rate),
+            s.cycles,
+        ]
         for s in vms
-    ]  # fmt: skip
+    ]
     console().print(table(None, cols, rows))
 
 
 @vm.command("show")
 @click.argument("vm_id", metavar="VM", shell_complete=complete_vm_ids)
-@click.option("--cycles", "last", type=click.IntRange(0, 1000), default=LAST_CYCLES, show_default=True,
-              help="How many recent cycles to show.")  # fmt: skip
+@click.option(
+    "--cycles",
+    "last",
+    type=click.IntRange(0, 1000),
+    default=LAST_CYCLES,
+    show_default=True,
+    help="How many recent cycles to show.",
+)
 @json_option
 @connection_options
 @click.pass_context
@@ -133,16 +159,29 @@ def show_vm(ctx: click.Context, vm_id: str, last: int, as_json: bool) -> None:
         ("working set", fmt_pages(s.working_set_pages, ps)),
         ("faults served", f"{s.faults_served} (p50 {s.fault_p50_us} us, p99 {s.fault_p99_us} us)"),
         ("tracking faults", s.minor_faults),
-        ("promotion rate", format_rate_per_min(s.promotion_rate)
-         + (f" (SLO {format_rate_per_min(s.policy.slo_promotion_rate)})" if s.policy.slo_promotion_rate else "")),
+        (
+            "promotion rate",
+            format_rate_per_min(s.promotion_rate)
+            + (
+                f" (SLO {format_rate_per_min(s.policy.slo_promotion_rate)})"
+                if s.policy.slo_promotion_rate
+                else ""
+            ),
+        ),
         ("store", f"{u.store_name or s.policy.store} {u.store_kind} {u.store_url}".strip()),
-        ("store usage", f"{u.pages} pages + {u.zero_pages} zero pages, {format_bytes(u.stored_bytes)}{ratio}"),
+        (
+            "store usage",
+            f"{u.pages} pages + {u.zero_pages} zero pages, {format_bytes(u.stored_bytes)}{ratio}",
+        ),
         ("cycles", s.cycles),
-        ("policy", f"every {format_duration_ms(s.policy.interval_ms)}, cold after {s.policy.cold_after}, "
-                   f"cap {fmt_cap(s.policy.max_evict)}, v{s.policy.version}"
-                   + (" [yellow]paused[/]" if s.policy.paused else "")),
+        (
+            "policy",
+            f"every {format_duration_ms(s.policy.interval_ms)}, cold after {s.policy.cold_after}, "
+            f"cap {fmt_cap(s.policy.max_evict)}, v{s.policy.version}"
+            + (" [yellow]paused[/]" if s.policy.paused else ""),
+        ),
         ("updated", fmt_time(s.updated_unix_ms)),
-    ]  # fmt: skip
+    ]
     con = console()
     con.print(kv_table(f"VM {s.vm_id}", rows))
     if reports:
@@ -151,15 +190,37 @@ def show_vm(ctx: click.Context, vm_id: str, last: int, as_json: bool) -> None:
 
 def cycle_table(reports: list[Any], title: str | None) -> Any:
     """A table of cycle reports (shared with ``tiermem cycle history``)."""
-    cols = ["VM", "CYCLE", "MODE", "STARTED", "SCANNED", "HOT", "COLD", "EVICTED", "WRITTEN", "FAULTS",
-            "TOTAL", "NOTE"]  # fmt: skip
+    cols = [
+        "VM",
+        "CYCLE",
+        "MODE",
+        "STARTED",
+        "SCANNED",
+        "HOT",
+        "COLD",
+        "EVICTED",
+        "WRITTEN",
+        "FAULTS",
+        "TOTAL",
+        "NOTE",
+    ]
     rows = [
-        [r.vm_id, r.cycle, r.mode.value, fmt_time(r.started_unix_ms), r.pages_scanned, r.pages_hot,
-         r.pages_cold, r.pages_evicted, format_bytes(r.bytes_written), r.faults_served,
-         format_duration_ms(r.phases.total_us / 1000),
-         r.error or ("capped" if r.capped else "")]
+        [
+            r.vm_id,
+            r.cycle,
+            r.mode.value,
+            fmt_time(r.started_unix_ms),
+            r.pages_scanned,
+            r.pages_hot,
+            r.pages_cold,
+            r.pages_evicted,
+            format_bytes(r.bytes_written),
+            r.faults_served,
+            format_duration_ms(r.phases.total_us / 1000),
+            r.error or ("capped" if r.capped else ""),
+        ]
         for r in reports
-    ]  # fmt: skip
+    ]
     return table(title, cols, rows)
 
 
@@ -175,17 +236,34 @@ def cycle_table(reports: list[Any], title: str | None) -> Any:
 )
 @click.option("--memory", type=MEMORY, required=True, metavar="SIZE", help="Guest memory, e.g. 1GiB, 256M.")
 @click.option("--label", "labels", multiple=True, metavar="K=V", help="A label (repeatable).")
-@click.option("--backend", type=click.Choice([b.value for b in Backend]), default=Backend.SIM.value,
-              show_default=True, help="Kernel backend.")  # fmt: skip
 @click.option(
-    "--workload", metavar="SPEC", default="", help="Sim backend only: guest workload spec, e.g. zipf."
+    "--backend",
+    type=click.Choice([b.value for b in Backend]),
+    default=Backend.SIM.value,
+    show_default=True,
+    help="Kernel backend.",
+)
+@click.option(
+    "--workload",
+    metavar="SPEC",
+    default="",
+    help="Sim backend only: guest workload spec, e.g. zipf:1.1, hotset:0.1, scan or idle.",
 )
 @click.option("--attach", is_flag=True, help="Also attach it on its node now.")
 @json_option
 @connection_options
 @click.pass_context
-def register_vm(ctx: click.Context, vm_id: str, node_id: str, memory: int, labels: tuple[str, ...], backend: str,
-                workload: str, attach: bool, as_json: bool) -> None:  # fmt: skip
+def register_vm(
+    ctx: click.Context,
+    vm_id: str,
+    node_id: str,
+    memory: int,
+    labels: tuple[str, ...],
+    backend: str,
+    workload: str,
+    attach: bool,
+    as_json: bool,
+) -> None:
     """Register a VM with the control plane (and attach it with --attach).
 
     JSON: the VmStatus object.
@@ -208,8 +286,14 @@ def register_vm(ctx: click.Context, vm_id: str, node_id: str, memory: int, label
         raise InvalidArgument(f"--label: {e}") from None
     if workload and backend != Backend.SIM.value:
         raise InvalidArgument("--workload: only the sim backend runs an in-process workload")
-    spec = VmSpec(vm_id=vm_id, node_id=node_id, memory_bytes=memory, labels=label_map, backend=Backend(backend),
-                  workload=workload)  # fmt: skip
+    spec = VmSpec(
+        vm_id=vm_id,
+        node_id=node_id,
+        memory_bytes=memory,
+        labels=label_map,
+        backend=Backend(backend),
+        workload=workload,
+    )
     status: VmStatus = get_client(ctx).register_vm(spec, attach)
     if as_json:
         emit_json(status)
@@ -220,16 +304,28 @@ def register_vm(ctx: click.Context, vm_id: str, node_id: str, memory: int, label
 
 @vm.command("drain")
 @click.argument("vm_id", metavar="VM", shell_complete=complete_vm_ids)
+@click.option(
+    "--keep-paused",
+    is_flag=True,
+    help="Pause the VM's policy first, so no later cycle evicts it again (undo: policy set VM --resume).",
+)
 @json_option
 @connection_options
 @click.pass_context
-def drain_vm(ctx: click.Context, vm_id: str, as_json: bool) -> None:
+def drain_vm(ctx: click.Context, vm_id: str, keep_paused: bool, as_json: bool) -> None:
     """Bring every evicted page of a VM back into its memory, with a progress bar.
+
+    No cycle runs during the drain. Afterwards the VM's policy applies again, and the next scheduled
+    cycle evicts its cold pages anew, unless --keep-paused paused it (a VM policy entry with
+    paused=true; `tiermem policy set VM --resume` undoes it).
 
     JSON: one DrainProgress object per line (vm_id, pages_total, pages_restored, done).
     """
     check_id(vm_id, "VM id", "VM")
-    stream = get_client(ctx).drain_vm(vm_id)
+    client = get_client(ctx)
+    if keep_paused:
+        client.set_policy(PolicyScope.for_vm(vm_id), EvictionPolicy(paused=True), ["paused"])
+    stream = client.drain_vm(vm_id)
     last = DrainProgress(vm_id)
     if as_json:
         for p in stream:
@@ -237,14 +333,22 @@ def drain_vm(ctx: click.Context, vm_id: str, as_json: bool) -> None:
             last = p
     else:
         con = console()
-        with Progress(TextColumn("draining [bold]{task.description}[/]"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("pages"), TimeElapsedColumn(), console=con, transient=False,
-                      disable=not con.is_terminal) as bar:  # fmt: skip
+        with Progress(
+            TextColumn("draining [bold]{task.description}[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("pages"),
+            TimeElapsedColumn(),
+            console=con,
+            transient=False,
+            disable=not con.is_terminal,
+        ) as bar:
             task = bar.add_task(vm_id, total=None)
             for p in stream:
                 bar.update(task, total=max(p.pages_total, 1), completed=p.pages_restored)
                 last = p
-        click.echo(f"VM {vm_id} drained: {last.pages_restored} of {last.pages_total} pages restored")
+        paused = " (paused: policy set VM --resume to tier it again)" if keep_paused else ""
+        click.echo(f"VM {vm_id} drained: {last.pages_restored} of {last.pages_total} pages restored{paused}")
     if not last.done:
         fail(f"drain of {vm_id} ended before it was done ({last.pages_restored}/{last.pages_total} pages)", 2)
 

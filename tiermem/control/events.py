@@ -14,6 +14,7 @@ import structlog
 
 from tiermem.control.clock import Clock, clock_ms
 from tiermem.control.state import StateStore
+from tiermem.events import log_level
 from tiermem.model import Event, EventKind
 
 __all__ = ["EventLog"]
@@ -43,7 +44,7 @@ class EventLog:
             attributes={k: str(v) for k, v in attributes.items()},
         )
         ev = await self._state.append_event(ev)
-        log.info(
+        getattr(log, log_level(kind))(
             "event", kind=kind.value, seq=ev.seq, vm_id=vm_id or None, node_id=node_id or None, msg=message
         )
         self._new.set()
@@ -54,16 +55,27 @@ class EventLog:
         self, kind: EventKind, message: str, vm_id: str = "", node_id: str = "", **attributes: object
     ) -> Event:
         """An event stamped now, not yet published (for :meth:`publish_many`)."""
-        return Event(kind=kind, message=message, vm_id=vm_id, node_id=node_id, time_unix_ms=clock_ms(self._clock),
-                     attributes={k: str(v) for k, v in attributes.items()})  # fmt: skip
+        return Event(
+            kind=kind,
+            message=message,
+            vm_id=vm_id,
+            node_id=node_id,
+            time_unix_ms=clock_ms(self._clock),
+            attributes={k: str(v) for k, v in attributes.items()},
+        )
 
     async def publish_many(self, events: list[Event]) -> list[Event]:
         """Append several events in one store operation and wake followers."""
         out = await self._state.append_events(events)
         for ev in out:
-            emit = log.debug if ev.kind is EventKind.CYCLE_COMPLETED else log.info
-            emit("event", kind=ev.kind.value, seq=ev.seq, vm_id=ev.vm_id or None, node_id=ev.node_id or None,
-                 msg=ev.message)  # fmt: skip
+            getattr(log, log_level(ev.kind))(
+                "event",
+                kind=ev.kind.value,
+                seq=ev.seq,
+                vm_id=ev.vm_id or None,
+                node_id=ev.node_id or None,
+                msg=ev.message,
+            )
         if out:
             self._new.set()
             self._new = asyncio.Event()

@@ -113,9 +113,16 @@ class ControlPlane:
         self.metrics = ControlPlaneMetrics()
         """This plane's Prometheus series (served by its server when metrics_listen is set)."""
         self.scheduler = Scheduler(
-            state=state, policies=self.policies, agents=agents, clock=self.clock, on_report=self._record,
-            config=self.config.scheduler, slo=self.slo, owner=replica_id, metrics=self.metrics,
-        )  # fmt: skip
+            state=state,
+            policies=self.policies,
+            agents=agents,
+            clock=self.clock,
+            on_report=self._record,
+            config=self.config.scheduler,
+            slo=self.slo,
+            owner=replica_id,
+            metrics=self.metrics,
+        )
         self.registry.on_statuses = self._statuses_arrived
         self.registry.on_node_change = self.scheduler.notify_nodes
         self.elector = LeaderElector(
@@ -300,9 +307,12 @@ class ControlPlane:
                     status.vm_id, status.node_id = spec.vm_id, spec.node_id
                     await self.registry.put_status(status)
                 await self.events.publish(
-                    EventKind.VM_ATTACHED, f"VM {spec.vm_id} attached on {spec.node_id}",
-                    vm_id=spec.vm_id, node_id=spec.node_id, backend=spec.backend.value,
-                )  # fmt: skip
+                    EventKind.VM_ATTACHED,
+                    f"VM {spec.vm_id} attached on {spec.node_id}",
+                    vm_id=spec.vm_id,
+                    node_id=spec.node_id,
+                    backend=spec.backend.value,
+                )
         except BaseException:
             with contextlib.suppress(TiermemError):
                 await self.registry.remove_vm(spec.vm_id)
@@ -339,9 +349,13 @@ class ControlPlane:
             await self.registry.remove_vm(vm_id)
         self.slo.forget(vm_id)
         await self.events.publish(
-            EventKind.VM_DETACHED, f"VM {vm_id} deregistered" + (" (purged)" if purge else ""),
-            vm_id=vm_id, node_id=spec.node_id, purge=str(purge).lower(), pages_purged=pages,
-        )  # fmt: skip
+            EventKind.VM_DETACHED,
+            f"VM {vm_id} deregistered" + (" (purged)" if purge else ""),
+            vm_id=vm_id,
+            node_id=spec.node_id,
+            purge=str(purge).lower(),
+            pages_purged=pages,
+        )
         self.scheduler.notify([vm_id])
         return pages
 
@@ -386,10 +400,15 @@ class ControlPlane:
                 if p.done or time.monotonic() - last >= 1.0:
                     last = time.monotonic()
                     await self.events.publish(
-                        EventKind.DRAIN_PROGRESS, f"drain of {vm_id}: {p.pages_restored}/{p.pages_total} pages back"
-                        + (" (done)" if p.done else ""), vm_id=vm_id, node_id=spec.node_id,
-                        pages_restored=p.pages_restored, pages_total=p.pages_total, done=str(p.done).lower(),
-                    )  # fmt: skip
+                        EventKind.DRAIN_PROGRESS,
+                        f"drain of {vm_id}: {p.pages_restored}/{p.pages_total} pages back"
+                        + (" (done)" if p.done else ""),
+                        vm_id=vm_id,
+                        node_id=spec.node_id,
+                        pages_restored=p.pages_restored,
+                        pages_total=p.pages_total,
+                        done=str(p.done).lower(),
+                    )
 
     # ------------------------------------------------------------ policies
     async def set_policy(
@@ -454,8 +473,13 @@ class ControlPlane:
         except ResourceExhausted:
             raise  # refused before any cycle ran (a tenant's limits): nothing to record
         except TiermemError as e:
-            failed = CycleReport(vm_id=vm_id, mode=mode, started_unix_ms=clock_ms(self.clock),
-                                 policy_version=eff.policy.version, node_id=node.node_id)  # fmt: skip
+            failed = CycleReport(
+                vm_id=vm_id,
+                mode=mode,
+                started_unix_ms=clock_ms(self.clock),
+                policy_version=eff.policy.version,
+                node_id=node.node_id,
+            )
             await self._record(failed, f"{type(e).__name__}: {e}")
             raise
         await self._record(report)

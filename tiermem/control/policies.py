@@ -33,9 +33,21 @@ from tiermem.selector import matches, parse_selector
 __all__ = ["POLICY_FIELDS", "PolicyBook", "apply_adjustment", "resolve"]
 
 POLICY_FIELDS = frozenset(
-    {"interval_ms", "cold_after", "max_evict", "min_resident_bytes", "store", "compression", "prefetch_pages",
-     "paused", "slo_promotion_rate", "poison_missing"}
-)  # fmt: skip
+    {
+        "interval_ms",
+        "cold_after",
+        "max_evict",
+        "min_resident_bytes",
+        "store",
+        "compression",
+        "prefetch_pages",
+        "paused",
+        "slo_promotion_rate",
+        "poison_missing",
+        "algorithm",
+        "algorithm_options",
+    }
+)
 """Fields a SetPolicy may name (``version`` is assigned, never set)."""
 DELETE_MARK = "policy_deleted_version"
 

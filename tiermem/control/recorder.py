@@ -28,13 +28,22 @@ log = structlog.get_logger(__name__)
 def _event(events: EventLog, r: CycleReport) -> Event:
     attrs = {"cycle": r.cycle, "mode": r.mode.value, "policy_version": r.policy_version}
     if r.error:
-        return events.make(EventKind.CYCLE_FAILED, f"cycle of {r.vm_id} failed: {r.error}", vm_id=r.vm_id,
-                           node_id=r.node_id, **attrs)  # fmt: skip
+        return events.make(
+            EventKind.CYCLE_FAILED,
+            f"cycle of {r.vm_id} failed: {r.error}",
+            vm_id=r.vm_id,
+            node_id=r.node_id,
+            **attrs,
+        )
     return events.make(
         EventKind.CYCLE_COMPLETED,
         f"cycle {r.cycle} of {r.vm_id}: {r.pages_evicted} pages evicted, {r.pages_hot} hot, {r.pages_cold} cold",
-        vm_id=r.vm_id, node_id=r.node_id, pages_evicted=r.pages_evicted, bytes_written=r.bytes_written, **attrs,
-    )  # fmt: skip
+        vm_id=r.vm_id,
+        node_id=r.node_id,
+        pages_evicted=r.pages_evicted,
+        bytes_written=r.bytes_written,
+        **attrs,
+    )
 
 
 class Recorder:

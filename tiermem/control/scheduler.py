@@ -271,9 +271,14 @@ class Scheduler:
             if d is None:
                 continue
             await self.policies.adjust(
-                d.vm_id, d.level, d.reason, previous=d.previous, rate=f"{d.rate:.6f}", slo=f"{d.slo:.6f}",
+                d.vm_id,
+                d.level,
+                d.reason,
+                previous=d.previous,
+                rate=f"{d.rate:.6f}",
+                slo=f"{d.slo:.6f}",
                 direction="backoff" if d.level > d.previous else "tighten",
-            )  # fmt: skip
+            )
             self.metrics.slo_adjustment(
                 SloDirection.BACKOFF if d.level > d.previous else SloDirection.TIGHTEN
             )
@@ -419,9 +424,12 @@ class Scheduler:
 
     def _failure_report(self, v: VmSlot, node: NodeSlot, policy: EvictionPolicy) -> CycleReport:
         return CycleReport(
-            vm_id=v.vm_id, mode=CycleMode.EVICT, started_unix_ms=self._now_ms(), policy_version=policy.version,
+            vm_id=v.vm_id,
+            mode=CycleMode.EVICT,
+            started_unix_ms=self._now_ms(),
+            policy_version=policy.version,
             node_id=node.node_id,
-        )  # fmt: skip
+        )
 
     def observe_report(self, report: CycleReport, store: str = "") -> None:
         """Account a report (scheduled, manual or sent by an agent): buckets and reclaimable memory."""
@@ -440,9 +448,16 @@ class Scheduler:
 
     # ------------------------------------------------------------ manual cycles and drains
     async def run_now(
-        self, vm_id: str, mode: CycleMode, interval_ms: int, policy: EvictionPolicy, node_id: str, address: str,
-        timeout: float, tenant: str | None = None,
-    ) -> CycleReport:  # fmt: skip
+        self,
+        vm_id: str,
+        mode: CycleMode,
+        interval_ms: int,
+        policy: EvictionPolicy,
+        node_id: str,
+        address: str,
+        timeout: float,
+        tenant: str | None = None,
+    ) -> CycleReport:
         """Run one cycle now (TriggerCycle), after any cycle or drain of the VM in progress.
 
         ``tenant``: the caller is scoped to this tenant, and the tenant limits of
@@ -488,9 +503,16 @@ class Scheduler:
                 node.tenant_manual -= 1
 
     async def _manual(
-        self, vm_id: str, mode: CycleMode, interval_ms: int, policy: EvictionPolicy, node_id: str, address: str,
-        timeout: float, scheduled_slot: bool,
-    ) -> CycleReport:  # fmt: skip
+        self,
+        vm_id: str,
+        mode: CycleMode,
+        interval_ms: int,
+        policy: EvictionPolicy,
+        node_id: str,
+        address: str,
+        timeout: float,
+        scheduled_slot: bool,
+    ) -> CycleReport:
         gate = self.gate(vm_id)
         async with asyncio.timeout(timeout):
             await gate.acquire()

@@ -128,18 +128,26 @@ class SloController:
             if level >= cfg.max_level or evicted < cfg.min_evicted_pages:
                 return None
             return SloDecision(
-                vm_id, level + 1, level, rate, slo,
+                vm_id,
+                level + 1,
+                level,
+                rate,
+                slo,
                 f"promotion rate {rate:.4%}/min exceeds the SLO {slo:.4%}/min: backing off to level {level + 1}",
-            )  # fmt: skip
+            )
         if rate < cfg.tighten_fraction * slo:
             tr.low_windows += 1
             if level > 0 and tr.low_windows >= cfg.tighten_windows:
                 tr.low_windows = 0
                 return SloDecision(
-                    vm_id, level - 1, level, rate, slo,
+                    vm_id,
+                    level - 1,
+                    level,
+                    rate,
+                    slo,
                     f"promotion rate {rate:.4%}/min is far below the SLO {slo:.4%}/min for "
                     f"{cfg.tighten_windows} windows: tightening to level {level - 1}",
-                )  # fmt: skip
+                )
             return None
         tr.low_windows = 0
         return None

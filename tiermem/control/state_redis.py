@@ -232,9 +232,17 @@ class RedisState(StateStore):
         """Remove a VM and everything kept for it (one MULTI)."""
         async with self._guard():
             found = await self.r.eval(
-                _DELETE_VM, 7, self._k("vms"), self._k("status"), self._k("adjust"), self._k("policies"),
-                self._k("reports", vm_id), self._k("reports_all"), self._k("vm_node"), vm_id,
-            )  # fmt: skip
+                _DELETE_VM,
+                7,
+                self._k("vms"),
+                self._k("status"),
+                self._k("adjust"),
+                self._k("policies"),
+                self._k("reports", vm_id),
+                self._k("reports_all"),
+                self._k("vm_node"),
+                vm_id,
+            )
             return bool(found)
 
     async def list_vms(self) -> list[VmSpec]:

@@ -234,8 +234,9 @@ class SqliteState(StateStore):
         """Replace the agent-local VM ids one node reported."""
         with self._tx() as db:
             db.execute("DELETE FROM local_vms WHERE node_id = ?", (node_id,))
-            db.executemany("INSERT OR REPLACE INTO local_vms VALUES (?, ?, ?)",
-                           [(v, node_id, now_ms) for v in vm_ids])  # fmt: skip
+            db.executemany(
+                "INSERT OR REPLACE INTO local_vms VALUES (?, ?, ?)", [(v, node_id, now_ms) for v in vm_ids]
+            )
 
     async def local_vm_owner(self, vm_id: str) -> tuple[str, int] | None:
         """The node reporting ``vm_id`` as agent-local, and when."""

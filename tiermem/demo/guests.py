@@ -66,11 +66,30 @@ class ProcessGuestHandle:
     def spawn(self, timeout: float = 20.0) -> None:
         """Start the process; returns once the agent accepted its handoff."""
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tiermem.guests.process", "--socket", self.socket_path, "--vm-id", self.vm_id,
-             "--memory", self.memory, "--workload", self.workload, "--seed", str(self.seed), "--control",
-             "--timeout", str(timeout)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "tiermem.guests.process",
+                "--socket",
+                self.socket_path,
+                "--vm-id",
+                self.vm_id,
+                "--memory",
+                self.memory,
+                "--workload",
+                self.workload,
+                "--seed",
+                str(self.seed),
+                "--control",
+                "--timeout",
+                str(timeout),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            bufsize=1,
+        )
         ready = self._read()
         if not ready.get("ready"):
             raise FailedPrecondition(f"process guest {self.vm_id} did not attach: {ready}")

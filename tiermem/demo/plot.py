@@ -35,8 +35,14 @@ def write_plot(series: Sequence[Series], path: Path) -> Path:
     for ax in axes.flat[n:]:
         ax.axis("off")
     for ax, s in zip(axes.flat, series, strict=False):
-        ax.stackplot(s.t, s.resident_mib, s.evicted_mib, labels=["resident", "evicted"],
-                     colors=["#4c72b0", "#dd8452"], alpha=0.85)  # fmt: skip
+        ax.stackplot(
+            s.t,
+            s.resident_mib,
+            s.evicted_mib,
+            labels=["resident", "evicted"],
+            colors=["#4c72b0", "#dd8452"],
+            alpha=0.85,
+        )
         ax.set_title(f"{s.vm_id} ({s.workload})", fontsize=10)
         ax.set_xlabel("seconds")
         ax.set_ylabel("MiB")

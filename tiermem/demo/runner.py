@@ -114,13 +114,27 @@ async def run_demo(cfg: DemoConfig, on_sample: Callable[[Sample], None] | None =
     guests: list[DemoGuest] = []
     summary = DemoSummary(backend=cfg.backend, workdir=str(work))
     try:
-        cp = await serve_control_plane(ControlPlaneSettings(
-            listen="127.0.0.1:0", state=f"sqlite:///{work / 'control.db'}", lease_ttl_ms=5000, jitter=0.2,
-            log_json=False))  # fmt: skip
-        agent = await serve_agent(AgentSettings(
-            node_id=NODE, listen="127.0.0.1:0", data_dir=str(work / "agent"), control_plane=cp.address,
-            heartbeat_ms=250, handoff_socket=str(work / "h" / "handoff.sock"), log_json=False,
-            stores={"default": f"file://{work / 'pages'}"}))  # fmt: skip
+        cp = await serve_control_plane(
+            ControlPlaneSettings(
+                listen="127.0.0.1:0",
+                state=f"sqlite:///{work / 'control.db'}",
+                lease_ttl_ms=5000,
+                jitter=0.2,
+                log_json=False,
+            )
+        )
+        agent = await serve_agent(
+            AgentSettings(
+                node_id=NODE,
+                listen="127.0.0.1:0",
+                data_dir=str(work / "agent"),
+                control_plane=cp.address,
+                heartbeat_ms=250,
+                handoff_socket=str(work / "h" / "handoff.sock"),
+                log_json=False,
+                stores={"default": f"file://{work / 'pages'}"},
+            )
+        )
         client = AsyncControlPlaneClient(cp.address, timeout_s=10)
         await _wait_node(client)
         policy = EvictionPolicy(interval_ms=cfg.interval_ms, cold_after=cfg.cold_after, prefetch_pages=8)
@@ -158,12 +172,20 @@ async def run_demo(cfg: DemoConfig, on_sample: Callable[[Sample], None] | None =
         results = await asyncio.gather(*(asyncio.to_thread(g.verify) for g in guests))
         for g, (checked, bad) in zip(guests, results, strict=True):
             s = final[g.vm_id]
-            summary.vms.append({
-                "vm_id": g.vm_id, "workload": g.workload, "total_pages": s.total_pages,
-                "evicted_pages": s.evicted_pages, "resident_pages": s.resident_pages,
-                "working_set_pages": s.working_set_pages, "faults_served": s.faults_served, "cycles": s.cycles,
-                "pages_verified": checked, "mismatches": bad,
-            })  # fmt: skip
+            summary.vms.append(
+                {
+                    "vm_id": g.vm_id,
+                    "workload": g.workload,
+                    "total_pages": s.total_pages,
+                    "evicted_pages": s.evicted_pages,
+                    "resident_pages": s.resident_pages,
+                    "working_set_pages": s.working_set_pages,
+                    "faults_served": s.faults_served,
+                    "cycles": s.cycles,
+                    "pages_verified": checked,
+                    "mismatches": bad,
+                }
+            )
             summary.total_pages += s.total_pages
             summary.evicted_pages += s.evicted_pages
             summary.faults_served += s.faults_served
@@ -190,8 +212,17 @@ async def _start_guests(
         mem = (cfg.memory_mib or 128) * MIB
         for name, spec in DEFAULT_WORKLOADS.items():
             vm = f"sim-{name}"
-            await client.register_vm(VmSpec(vm_id=vm, node_id=NODE, memory_bytes=mem, labels={"workload": name},
-                                            backend=Backend.SIM, workload=spec), attach=True)  # fmt: skip
+            await client.register_vm(
+                VmSpec(
+                    vm_id=vm,
+                    node_id=NODE,
+                    memory_bytes=mem,
+                    labels={"workload": name},
+                    backend=Backend.SIM,
+                    workload=spec,
+                ),
+                attach=True,
+            )
             guests.append(SimGuestHandle(vm, spec, agent.agent.verify))
         return guests
     sock = agent.agent.settings.handoff_path()
@@ -201,8 +232,15 @@ async def _start_guests(
             kg = KvmGuestHandle(f"kvm-{name}", spec, sock, mem, seed=i + 1)
             await asyncio.to_thread(kg.spawn)
             guests.append(kg)
-            await client.register_vm(VmSpec(vm_id=kg.vm_id, node_id=NODE, memory_bytes=mem,
-                                            labels={"workload": name}, backend=Backend.UFFD))  # fmt: skip
+            await client.register_vm(
+                VmSpec(
+                    vm_id=kg.vm_id,
+                    node_id=NODE,
+                    memory_bytes=mem,
+                    labels={"workload": name},
+                    backend=Backend.UFFD,
+                )
+            )
             kg.start()
         return guests
     mem_mib = cfg.memory_mib or 64
@@ -212,14 +250,25 @@ async def _start_guests(
         await asyncio.to_thread(pg.spawn)
         guests.append(pg)
         await asyncio.to_thread(pg._cmd, f"touch 0-{mem_mib * MIB // 4096 - 1} w")  # a booted guest's memory
-        await client.register_vm(VmSpec(vm_id=vm, node_id=NODE, memory_bytes=mem_mib * MIB,
-                                        labels={"workload": name}, backend=Backend.UFFD))  # fmt: skip
+        await client.register_vm(
+            VmSpec(
+                vm_id=vm,
+                node_id=NODE,
+                memory_bytes=mem_mib * MIB,
+                labels={"workload": name},
+                backend=Backend.UFFD,
+            )
+        )
         pg.start()
     return guests
 
 
-async def _shutdown(guests: list[DemoGuest], agent: RunningAgent | None, cp: RunningControlPlane | None,
-                    client: AsyncControlPlaneClient | None) -> None:  # fmt: skip
+async def _shutdown(
+    guests: list[DemoGuest],
+    agent: RunningAgent | None,
+    cp: RunningControlPlane | None,
+    client: AsyncControlPlaneClient | None,
+) -> None:
     for g in guests:
         with contextlib.suppress(Exception):
             await asyncio.to_thread(g.stop)

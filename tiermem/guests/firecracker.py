@@ -88,8 +88,14 @@ class FirecrackerGuest:
         self.bases: list[int] = []
         pos = area
         for s in sizes:  # memory::anonymous per region; the hole stays PROT_NONE and unregistered
-            got = _libc.mmap(pos, s, mmap.PROT_READ | mmap.PROT_WRITE,
-                             mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED, -1, 0)  # fmt: skip
+            got = _libc.mmap(
+                pos,
+                s,
+                mmap.PROT_READ | mmap.PROT_WRITE,
+                mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED,
+                -1,
+                0,
+            )
             if got != pos:
                 raise OSError(ctypes.get_errno(), "mmap of a region failed")
             self.bases.append(pos)
@@ -200,20 +206,46 @@ class FirecrackerGuest:
 class FirecrackerProcess:
     """The parent side: runs ``python -m tiermem.guests.firecracker`` and speaks its line protocol."""
 
-    def __init__(self, socket_path: str, regions: str, *, hole: str = "0", vcpus: int = 2,
-                 variant: str = "current", timeout: float = 30.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        socket_path: str,
+        regions: str,
+        *,
+        hole: str = "0",
+        vcpus: int = 2,
+        variant: str = "current",
+        timeout: float = 30.0,
+    ) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tiermem.guests.firecracker", "--socket", socket_path, "--regions", regions,
-             "--hole", hole, "--vcpus", str(vcpus), "--variant", variant],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "tiermem.guests.firecracker",
+                "--socket",
+                socket_path,
+                "--regions",
+                regions,
+                "--hole",
+                hole,
+                "--vcpus",
+                str(vcpus),
+                "--variant",
+                variant,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
         self.pid = self.proc.pid
         self.hello = self._read(timeout)
 
     def _read(self, timeout: float) -> dict[str, Any]:
         out: list[str] = []
-        t = threading.Thread(target=lambda: out.append(self.proc.stdout.readline() if self.proc.stdout else ""),
-                             daemon=True)  # fmt: skip
+        t = threading.Thread(
+            target=lambda: out.append(self.proc.stdout.readline() if self.proc.stdout else ""), daemon=True
+        )
         t.start()
         t.join(timeout)
         if not out or not out[0]:

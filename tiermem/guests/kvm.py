@@ -124,8 +124,9 @@ class _VcpuStats:
 class KvmVm:
     """One KVM guest running a workload on ``vcpus`` vCPU threads, its RAM optionally under an agent."""
 
-    def __init__(self, vm_id: str, memory_bytes: int, vcpus: int = 1, workload_spec: str = "zipf:1.1",
-                 seed: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self, vm_id: str, memory_bytes: int, vcpus: int = 1, workload_spec: str = "zipf:1.1", seed: int = 0
+    ) -> None:
         self.vm_id = validate_id(vm_id, "vm id")
         if memory_bytes <= 0 or memory_bytes % PAGE_SIZE or memory_bytes > g.MAX_RAM_BYTES:
             raise InvalidArgument(
@@ -179,9 +180,14 @@ class KvmVm:
         else:
             ram = GuestMemory.create(self.vm_id, self.memory_bytes, mode=mode)
         try:
-            self._machine = KvmMachine(self.vm_id, ram.base, ram.size, self.vcpus,
-                                       counter_offset=content.COUNTER_OFFSET,
-                                       index_offset=content.PAGE_INDEX_OFFSET)  # fmt: skip
+            self._machine = KvmMachine(
+                self.vm_id,
+                ram.base,
+                ram.size,
+                self.vcpus,
+                counter_offset=content.COUNTER_OFFSET,
+                index_offset=content.PAGE_INDEX_OFFSET,
+            )
             if isinstance(ram, GuestMemory):
                 assert agent_socket is not None
                 ram.handoff(agent_socket, timeout=timeout, fresh=fresh)
@@ -295,8 +301,14 @@ class KvmVm:
         self._join_threads()
         return self.accesses - before
 
-    def run(self, duration_s: float, on_progress: Callable[[Progress], None] | None = None, *,
-            progress_interval_s: float = 1.0, verify: bool = True) -> KvmRunSummary:  # fmt: skip
+    def run(
+        self,
+        duration_s: float,
+        on_progress: Callable[[Progress], None] | None = None,
+        *,
+        progress_interval_s: float = 1.0,
+        verify: bool = True,
+    ) -> KvmRunSummary:
         """Run the workload on every vCPU for ``duration_s`` seconds (or until a trace ends).
 
         ``on_progress`` gets a :class:`Progress` every ``progress_interval_s``.
@@ -320,8 +332,18 @@ class KvmVm:
                     continue
                 if on_progress is not None:
                     acc, faults, dt = self.accesses, self.faults, now - last_t
-                    on_progress(Progress(self.vm_id, now - t0, self.batches, acc, (acc - last_acc) / dt, faults,
-                                         (faults - last_faults) / dt, self.resident_bytes() / 2**20))  # fmt: skip
+                    on_progress(
+                        Progress(
+                            self.vm_id,
+                            now - t0,
+                            self.batches,
+                            acc,
+                            (acc - last_acc) / dt,
+                            faults,
+                            (faults - last_faults) / dt,
+                            self.resident_bytes() / 2**20,
+                        )
+                    )
                 last_t, last_acc, last_faults = now, self.accesses, self.faults
         finally:
             self._stop.set()
@@ -338,8 +360,9 @@ class KvmVm:
         self._errors.clear()
         self._run_started = time.monotonic()
         for i in range(self.vcpus):
-            t = threading.Thread(target=self._guarded, args=(target, i), name=f"{self.vm_id}-vcpu{i}",
-                                 daemon=True)  # fmt: skip
+            t = threading.Thread(
+                target=self._guarded, args=(target, i), name=f"{self.vm_id}-vcpu{i}", daemon=True
+            )
             self._threads.append(t)
             t.start()
 
@@ -461,11 +484,24 @@ class KvmVm:
         checked, n_bad, bad = self._verified
         zaps = self.ram.zaps if isinstance(self.ram, GuestMemory) else 0
         return KvmRunSummary(
-            vm_id=self.vm_id, memory_bytes=self.memory_bytes, vcpus=self.vcpus, workload=self.workload_spec,
-            seed=self.seed, agent_socket=self.agent_socket, mode=self.mode, duration_s=round(secs, 3),
-            batches=self.batches, accesses=self.accesses, reads=sum(s.reads for s in self._stats),
+            vm_id=self.vm_id,
+            memory_bytes=self.memory_bytes,
+            vcpus=self.vcpus,
+            workload=self.workload_spec,
+            seed=self.seed,
+            agent_socket=self.agent_socket,
+            mode=self.mode,
+            duration_s=round(secs, 3),
+            batches=self.batches,
+            accesses=self.accesses,
+            reads=sum(s.reads for s in self._stats),
             writes=sum(s.writes for s in self._stats),
-            accesses_per_s=self.accesses / secs if secs else 0.0, faults=self.faults,
-            faults_per_s=self.faults / secs if secs else 0.0, resident_mib=self.resident_bytes() / 2**20,
-            zaps_served=zaps, pages_checked=checked, mismatches=n_bad, bad_pages=list(bad),
-        )  # fmt: skip
+            accesses_per_s=self.accesses / secs if secs else 0.0,
+            faults=self.faults,
+            faults_per_s=self.faults / secs if secs else 0.0,
+            resident_mib=self.resident_bytes() / 2**20,
+            zaps_served=zaps,
+            pages_checked=checked,
+            mismatches=n_bad,
+            bad_pages=list(bad),
+        )

@@ -76,10 +76,26 @@ class KvmRegs(ctypes.Structure):
     _fields_ = [
         (name, ctypes.c_uint64)
         for name in (
-            "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
-            "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags",
+            "rax",
+            "rbx",
+            "rcx",
+            "rdx",
+            "rsi",
+            "rdi",
+            "rsp",
+            "rbp",
+            "r8",
+            "r9",
+            "r10",
+            "r11",
+            "r12",
+            "r13",
+            "r14",
+            "r15",
+            "rip",
+            "rflags",
         )
-    ]  # fmt: skip
+    ]
 
 
 class KvmSegment(ctypes.Structure):
@@ -172,10 +188,23 @@ KVM_EXIT_INTERNAL_ERROR = 17
 KVM_EXIT_IO_IN = 0
 KVM_EXIT_IO_OUT = 1
 KVM_EXIT_NAMES: dict[int, str] = {
-    0: "UNKNOWN", 1: "EXCEPTION", 2: "IO", 3: "HYPERCALL", 4: "DEBUG", 5: "HLT", 6: "MMIO",
-    7: "IRQ_WINDOW_OPEN", 8: "SHUTDOWN", 9: "FAIL_ENTRY", 10: "INTR", 17: "INTERNAL_ERROR",
-    24: "SYSTEM_EVENT", 33: "X86_BUS_LOCK", 37: "NOTIFY", 39: "MEMORY_FAULT",
-}  # fmt: skip
+    0: "UNKNOWN",
+    1: "EXCEPTION",
+    2: "IO",
+    3: "HYPERCALL",
+    4: "DEBUG",
+    5: "HLT",
+    6: "MMIO",
+    7: "IRQ_WINDOW_OPEN",
+    8: "SHUTDOWN",
+    9: "FAIL_ENTRY",
+    10: "INTR",
+    17: "INTERNAL_ERROR",
+    24: "SYSTEM_EVENT",
+    33: "X86_BUS_LOCK",
+    37: "NOTIFY",
+    39: "MEMORY_FAULT",
+}
 
 CR0_PE = 1 << 0
 CR0_ET = 1 << 4

@@ -78,8 +78,16 @@ class _Vcpu:
 class KvmMachine:
     """A KVM VM with the system slot, one guest RAM slot and ``vcpus`` vCPUs parked in the guest loop."""
 
-    def __init__(self, name: str, ram_base: int, ram_size: int, vcpus: int, *, counter_offset: int = 0,
-                 index_offset: int = 8) -> None:  # fmt: skip
+    def __init__(
+        self,
+        name: str,
+        ram_base: int,
+        ram_size: int,
+        vcpus: int,
+        *,
+        counter_offset: int = 0,
+        index_offset: int = 8,
+    ) -> None:
         if not 1 <= vcpus <= g.MAX_VCPUS:
             raise InvalidArgument(f"vcpus must be between 1 and {g.MAX_VCPUS}, got {vcpus}")
         if ram_size <= 0 or ram_size % 4096 or ram_size > g.MAX_RAM_BYTES:

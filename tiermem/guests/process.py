@@ -124,8 +124,15 @@ class ProcessGuest:
         if write:
             self.expected.apply(pages, np.ones(len(pages), dtype=bool))
         us = lat * 1e6
-        stats = {"p50_us": float(np.percentile(us, 50)), "p99_us": float(np.percentile(us, 99)),
-                 "max_us": float(us.max())} if len(us) else {}  # fmt: skip
+        stats = (
+            {
+                "p50_us": float(np.percentile(us, 50)),
+                "p99_us": float(np.percentile(us, 99)),
+                "max_us": float(us.max()),
+            }
+            if len(us)
+            else {}
+        )
         return {"pages": len(pages), **stats}
 
     def balloon(self, pages: np.ndarray) -> dict[str, Any]:
@@ -139,8 +146,15 @@ class ProcessGuest:
         """Read every page through the guest mapping and compare with the expected counters."""
         ctr, valid = content.decode_pages(self.image, 0, self._ps)
         bad = np.flatnonzero(~valid | (ctr != self.expected.counts))
-        first = [{"page": int(p), "counter": int(ctr[p]), "expected": int(self.expected.counts[p]),
-                  "valid": bool(valid[p])} for p in bad[:20]]  # fmt: skip
+        first = [
+            {
+                "page": int(p),
+                "counter": int(ctr[p]),
+                "expected": int(self.expected.counts[p]),
+                "valid": bool(valid[p]),
+            }
+            for p in bad[:20]
+        ]
         return {"pages": self.n_pages, "mismatches": len(bad), "first": first}
 
 
@@ -187,8 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefill", action="store_true", help="write every page once before the handoff")
     ap.add_argument("--control", action="store_true", help="then take commands on stdin")
     ap.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the agent")
-    ap.add_argument("--fresh", action="store_true",
-                    help="start a new incarnation even if an earlier VMM's evicted pages exist under this id")  # fmt: skip
+    ap.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start a new incarnation even if an earlier VMM's evicted pages exist under this id",
+    )
     args = ap.parse_args(argv)
     try:
         size = parse_memory(args.memory)
@@ -203,8 +220,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.prefill:
             guest.prefill()
         gm.handoff(args.socket, timeout=args.timeout, fresh=args.fresh)
-        _emit({"ready": True, "vm_id": gm.vm_id, "pid": os.getpid(), "mode": gm.mode, "base": gm.base,
-               "size": gm.size, "pages": n_pages, "incarnation": gm.incarnation})  # fmt: skip
+        _emit(
+            {
+                "ready": True,
+                "vm_id": gm.vm_id,
+                "pid": os.getpid(),
+                "mode": gm.mode,
+                "base": gm.base,
+                "size": gm.size,
+                "pages": n_pages,
+                "incarnation": gm.incarnation,
+            }
+        )
         if args.batches:
             guest.run(args.batches)
         if not args.control:

@@ -95,8 +95,17 @@ def arm_uffd(uffd: Uffd, base: int, size: int, mode: str, kernel_features: int) 
 class GuestMemory:
     """A VM's guest RAM: a memfd, its guest mapping and the userfaultfd that traps it."""
 
-    def __init__(self, vm_id: str, size: int, page_size: int, mode: str, memfd: int, mapping: Mapping,
-                 uffd: int, features: int) -> None:  # fmt: skip
+    def __init__(
+        self,
+        vm_id: str,
+        size: int,
+        page_size: int,
+        mode: str,
+        memfd: int,
+        mapping: Mapping,
+        uffd: int,
+        features: int,
+    ) -> None:
         self.vm_id = vm_id
         self.size = size
         self.page_size = page_size
@@ -200,8 +209,12 @@ class GuestMemory:
         self.fresh = fresh
         sock, reader = self._connect(socket_path, timeout=timeout, reattach=False)
         self._sock = sock
-        self._thread = threading.Thread(target=self._serve, args=(socket_path, sock, reader, reconnect),
-                                        name=f"vmm-handoff-{self.vm_id}", daemon=True)  # fmt: skip
+        self._thread = threading.Thread(
+            target=self._serve,
+            args=(socket_path, sock, reader, reconnect),
+            name=f"vmm-handoff-{self.vm_id}",
+            daemon=True,
+        )
         self._thread.start()
 
     def _connect(self, path: str, *, timeout: float, reattach: bool) -> tuple[socket.socket, FrameReader]:
@@ -289,8 +302,16 @@ class GuestMemory:
         elif typ == "error":
             log.warning("VM %s: agent error: %s", self.vm_id, msg.get("error"))
         elif rid is not None:
-            sock.sendall(encode_frame({"type": "nack", "id": rid, "error": f"unknown request {typ!r}",
-                                       "errno": errno.EOPNOTSUPP}))  # fmt: skip
+            sock.sendall(
+                encode_frame(
+                    {
+                        "type": "nack",
+                        "id": rid,
+                        "error": f"unknown request {typ!r}",
+                        "errno": errno.EOPNOTSUPP,
+                    }
+                )
+            )
 
     def _zap(self, ranges: Any) -> None:
         if not isinstance(ranges, list):

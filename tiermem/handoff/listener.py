@@ -132,15 +132,23 @@ class HandoffAttach:
         elif self.mode == "uffd":
             assert self.memfd is not None
             backend = UffdBackend(
-                self.uffd_fd, self.memfd, self.regions, self.connection,
-                vmm_pid=self.peer_pid, features=self.features,
-            )  # fmt: skip
+                self.uffd_fd,
+                self.memfd,
+                self.regions,
+                self.connection,
+                vmm_pid=self.peer_pid,
+                features=self.features,
+            )
         else:
             assert self.memfd is not None
             backend = RwpBackend(
-                self.uffd_fd, self.memfd, self.regions, self.connection,
-                vmm_pid=self.peer_pid, features=self.features,
-            )  # fmt: skip
+                self.uffd_fd,
+                self.memfd,
+                self.regions,
+                self.connection,
+                vmm_pid=self.peer_pid,
+                features=self.features,
+            )
         self._taken = True
         if arm and backend.tracking:
             try:
@@ -439,9 +447,19 @@ class HandoffListener:
             _close_all(fds)
             raise
         conn = HandoffConnection(sock, vm_id=vm_id, peer_pid=pid, firecracker=True)
-        return HandoffAttach(vm_id=vm_id, mode="firecracker", regions=regions, uffd_fd=fds[0], memfd=None,
-                             peer_pid=pid, peer_uid=uid, features=0, reattach=False, connection=conn,
-                             description={"regions": desc})  # fmt: skip
+        return HandoffAttach(
+            vm_id=vm_id,
+            mode="firecracker",
+            regions=regions,
+            uffd_fd=fds[0],
+            memfd=None,
+            peer_pid=pid,
+            peer_uid=uid,
+            features=0,
+            reattach=False,
+            connection=conn,
+            description={"regions": desc},
+        )
 
     def _attach(self, desc: Any, fds: list[int], pid: int, uid: int, sock: socket.socket) -> HandoffAttach:
         try:
@@ -449,8 +467,10 @@ class HandoffListener:
                 raise ProtocolError("the handshake must be a JSON object (or Firecracker's JSON array)")
             version = desc.get("version")
             if version != PROTOCOL_VERSION or isinstance(version, bool):
-                raise ProtocolError(f"unsupported protocol version {version!r}; this agent speaks "
-                                    f"{PROTOCOL_VERSION}", "unsupported_version")  # fmt: skip
+                raise ProtocolError(
+                    f"unsupported protocol version {version!r}; this agent speaks {PROTOCOL_VERSION}",
+                    "unsupported_version",
+                )
             typ = desc.get("type", "attach")
             if typ not in ("attach", "reattach"):
                 raise ProtocolError(f"the first message must be attach or reattach, got {typ!r}")
@@ -480,8 +500,12 @@ class HandoffListener:
             if vmm_pid is not None and (not isinstance(vmm_pid, int) or isinstance(vmm_pid, bool)):
                 raise ProtocolError(f"vmm_pid must be an integer, got {vmm_pid!r}")
             if vmm_pid is not None and vmm_pid != pid:
-                log.warning("handoff: vmm_pid differs from SO_PEERCRED (pid namespace?); using SO_PEERCRED",
-                            vm=vm_id, vmm_pid=vmm_pid, peer_pid=pid)  # fmt: skip
+                log.warning(
+                    "handoff: vmm_pid differs from SO_PEERCRED (pid namespace?); using SO_PEERCRED",
+                    vm=vm_id,
+                    vmm_pid=vmm_pid,
+                    peer_pid=pid,
+                )
             if len(fds) != 2:
                 raise ProtocolError(f"the attach message carries exactly 2 fds [uffd, memfd], got {len(fds)}")
             if not is_userfaultfd(fds[0]):
@@ -495,9 +519,21 @@ class HandoffListener:
             _close_all(fds)
             raise
         conn = HandoffConnection(sock, vm_id=vm_id, peer_pid=pid, firecracker=False)
-        return HandoffAttach(vm_id=vm_id, mode=mode, regions=regions, uffd_fd=fds[0], memfd=fds[1], peer_pid=pid,
-                             peer_uid=uid, features=features, reattach=typ == "reattach", connection=conn,
-                             description=desc, secret=secret, fresh=fresh)  # fmt: skip
+        return HandoffAttach(
+            vm_id=vm_id,
+            mode=mode,
+            regions=regions,
+            uffd_fd=fds[0],
+            memfd=fds[1],
+            peer_pid=pid,
+            peer_uid=uid,
+            features=features,
+            reattach=typ == "reattach",
+            connection=conn,
+            description=desc,
+            secret=secret,
+            fresh=fresh,
+        )
 
 
 def _close_all(fds: list[int]) -> None:

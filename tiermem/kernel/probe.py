@@ -60,8 +60,23 @@ def pagemap_scan_accepts(category: int) -> bool | None:
     try:
         addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
         vec = (ctypes.c_uint64 * 3)()
-        arg = bytearray(struct.pack(uapi.PM_SCAN_ARG_FMT, 96, 0, addr, addr + 4096, 0, ctypes.addressof(vec), 1,
-                                    0, 0, category, 0, category))  # fmt: skip
+        arg = bytearray(
+            struct.pack(
+                uapi.PM_SCAN_ARG_FMT,
+                96,
+                0,
+                addr,
+                addr + 4096,
+                0,
+                ctypes.addressof(vec),
+                1,
+                0,
+                0,
+                category,
+                0,
+                category,
+            )
+        )
         fd = os.open("/proc/self/pagemap", os.O_RDONLY)
         try:
             fcntl.ioctl(fd, uapi.PAGEMAP_SCAN, arg)
@@ -158,16 +173,33 @@ def probe_host() -> HostReport:
         uffd_ok = True
         add(Capability("userfaultfd", True, "syscall or /dev/userfaultfd works; UFFDIO_API answered"))
     except OSError as e:
-        add(Capability("userfaultfd", False, f"cannot create a userfaultfd: {e.strerror}",
-                       "run as root, grant CAP_SYS_PTRACE, set vm.unprivileged_userfaultfd=1, or give access to "
-                       "/dev/userfaultfd; in containers allow the userfaultfd syscall (services/agent/seccomp.json)"))  # fmt: skip
-    add(Capability("/dev/userfaultfd", os.path.exists("/dev/userfaultfd"),
-                   "present" if os.path.exists("/dev/userfaultfd") else "missing",
-                   "" if os.path.exists("/dev/userfaultfd") else "Linux >= 6.1 with CONFIG_USERFAULTFD"))  # fmt: skip
+        add(
+            Capability(
+                "userfaultfd",
+                False,
+                f"cannot create a userfaultfd: {e.strerror}",
+                "run as root, grant CAP_SYS_PTRACE, set vm.unprivileged_userfaultfd=1, or give access to "
+                "/dev/userfaultfd; in containers allow the userfaultfd syscall (services/agent/seccomp.json)",
+            )
+        )
+    add(
+        Capability(
+            "/dev/userfaultfd",
+            os.path.exists("/dev/userfaultfd"),
+            "present" if os.path.exists("/dev/userfaultfd") else "missing",
+            "" if os.path.exists("/dev/userfaultfd") else "Linux >= 6.1 with CONFIG_USERFAULTFD",
+        )
+    )
     f = rep.features
     minor = bool(f & uapi.UFFD_FEATURE_MINOR_SHMEM)
-    add(Capability("MINOR_SHMEM", minor, "MINOR faults on shmem/memfd" if minor else "not reported by UFFDIO_API",
-                   "" if minor else "Linux >= 5.14"))  # fmt: skip
+    add(
+        Capability(
+            "MINOR_SHMEM",
+            minor,
+            "MINOR faults on shmem/memfd" if minor else "not reported by UFFDIO_API",
+            "" if minor else "Linux >= 5.14",
+        )
+    )
     add(
         Capability(
             "MISSING_SHMEM", bool(f & uapi.UFFD_FEATURE_MISSING_SHMEM), "MISSING faults on shmem/memfd"
@@ -176,38 +208,80 @@ def probe_host() -> HostReport:
     add(Capability("WP_ASYNC", bool(f & uapi.UFFD_FEATURE_WP_ASYNC), "async write-protect (informational)"))
     rwp = bool(f & uapi.UFFD_FEATURE_RWP)
     rwp_async = bool(f & uapi.UFFD_FEATURE_RWP_ASYNC)
-    add(Capability("RWP (bit 17)", rwp, "UFFD_FEATURE_RWP reported" if rwp else "UFFD_FEATURE_RWP not reported",
-                   "" if rwp else "needs a kernel with the userfaultfd RWP series (linux-next, Linux 7.2)"))  # fmt: skip
-    add(Capability("RWP_ASYNC (bit 18)", rwp_async, "reported" if rwp_async else "not reported",
-                   "" if rwp_async else "needs the RWP series"))  # fmt: skip
+    add(
+        Capability(
+            "RWP (bit 17)",
+            rwp,
+            "UFFD_FEATURE_RWP reported" if rwp else "UFFD_FEATURE_RWP not reported",
+            "" if rwp else "needs a kernel with the userfaultfd RWP series (linux-next, Linux 7.2)",
+        )
+    )
+    add(
+        Capability(
+            "RWP_ASYNC (bit 18)",
+            rwp_async,
+            "reported" if rwp_async else "not reported",
+            "" if rwp_async else "needs the RWP series",
+        )
+    )
     try:
         scan = pagemap_scan_accepts(uapi.PAGE_IS_ACCESSED)
     except OSError as e:
         scan = None
         add(Capability("PAGEMAP_SCAN", False, f"probe failed: {e.strerror}"))
-    add(Capability("PAGEMAP_SCAN PAGE_IS_ACCESSED", bool(scan),
-                   {True: "accepted", False: "EINVAL: category unknown to this kernel",
-                    None: "PAGEMAP_SCAN unavailable"}[scan],
-                   "" if scan else "needs the RWP series (PAGEMAP_SCAN itself needs Linux >= 6.7)"))  # fmt: skip
+    add(
+        Capability(
+            "PAGEMAP_SCAN PAGE_IS_ACCESSED",
+            bool(scan),
+            {
+                True: "accepted",
+                False: "EINVAL: category unknown to this kernel",
+                None: "PAGEMAP_SCAN unavailable",
+            }[scan],
+            "" if scan else "needs the RWP series (PAGEMAP_SCAN itself needs Linux >= 6.7)",
+        )
+    )
     kvm = kvm_api_version()
     rep.kvm = kvm == 12
-    add(Capability("/dev/kvm", rep.kvm, f"KVM API version {kvm}" if kvm is not None else "cannot open /dev/kvm",
-                   "" if rep.kvm else "enable virtualisation (or nested) and give access to /dev/kvm"))  # fmt: skip
+    add(
+        Capability(
+            "/dev/kvm",
+            rep.kvm,
+            f"KVM API version {kvm}" if kvm is not None else "cannot open /dev/kvm",
+            "" if rep.kvm else "enable virtualisation (or nested) and give access to /dev/kvm",
+        )
+    )
     ptrace = _has_ptrace_cap()
-    add(Capability("root or CAP_SYS_PTRACE", ptrace, "yes" if ptrace else "no",
-                   "" if ptrace else "needed to open another process's pagemap (rwp) and to trap kernel faults"))  # fmt: skip
+    add(
+        Capability(
+            "root or CAP_SYS_PTRACE",
+            ptrace,
+            "yes" if ptrace else "no",
+            "" if ptrace else "needed to open another process's pagemap (rwp) and to trap kernel faults",
+        )
+    )
     rep.backends = {
         "sim": True,
         "uffd": uffd_ok and minor,
         "rwp": uffd_ok and rwp and rwp_async and bool(scan),
     }
     rep.reasons = {"sim": "always available"}
-    rep.reasons["uffd"] = ("userfaultfd with MINOR_SHMEM" if rep.backends["uffd"]
-                           else "needs a working userfaultfd with MINOR_SHMEM")  # fmt: skip
+    rep.reasons["uffd"] = (
+        "userfaultfd with MINOR_SHMEM"
+        if rep.backends["uffd"]
+        else "needs a working userfaultfd with MINOR_SHMEM"
+    )
     if rep.backends["rwp"]:
         rep.reasons["rwp"] = "UFFD_FEATURE_RWP, RWP_ASYNC and PAGEMAP_SCAN PAGE_IS_ACCESSED"
     else:
-        missing = [n for n, ok in (("UFFD_FEATURE_RWP", rwp), ("UFFD_FEATURE_RWP_ASYNC", rwp_async),
-                                    ("PAGEMAP_SCAN PAGE_IS_ACCESSED", bool(scan))) if not ok]  # fmt: skip
+        missing = [
+            n
+            for n, ok in (
+                ("UFFD_FEATURE_RWP", rwp),
+                ("UFFD_FEATURE_RWP_ASYNC", rwp_async),
+                ("PAGEMAP_SCAN PAGE_IS_ACCESSED", bool(scan)),
+            )
+            if not ok
+        ]
         rep.reasons["rwp"] = "kernel lacks " + ", ".join(missing) + " (the userfaultfd RWP series)"
     return rep

@@ -437,8 +437,10 @@ class MissingOnlyBackend(RealBackend):
             raise OSError(errno.EINVAL, f"range {start:#x}+{length:#x} is not inside one guest region")
 
     def _nope(self, what: str) -> OSError:
-        return OSError(errno.EOPNOTSUPP, f"{what}: Firecracker-mode guests (private anonymous memory) "
-                                         "only serve MISSING faults")  # fmt: skip
+        return OSError(
+            errno.EOPNOTSUPP,
+            f"{what}: Firecracker-mode guests (private anonymous memory) only serve MISSING faults",
+        )
 
     def api(self, features: int) -> ApiInfo:
         """The VMM negotiated already; only features it reported (none in Firecracker's handshake)."""

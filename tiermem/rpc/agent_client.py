@@ -54,9 +54,14 @@ class GrpcAgents:
     async def attach_vm(self, address: str, spec: VmSpec, policy: EvictionPolicy, timeout: float) -> VmStatus:
         """AttachVm."""
         req = apb.AttachVmRequest(
-            vm_id=spec.vm_id, backend=c.backend_to_pb(spec.backend), memory_bytes=spec.memory_bytes,  # type: ignore[arg-type]
-            policy=c.policy_to_pb(policy), labels=spec.labels, workload=spec.workload, synthetic=spec.synthetic,
-        )  # fmt: skip
+            vm_id=spec.vm_id,
+            backend=c.backend_to_pb(spec.backend),  # type: ignore[arg-type]
+            memory_bytes=spec.memory_bytes,
+            policy=c.policy_to_pb(policy),
+            labels=spec.labels,
+            workload=spec.workload,
+            synthetic=spec.synthetic,
+        )
         resp = await self._call(self._stub(address).AttachVm, req, timeout)
         return c.status_from_pb(resp.status)
 
@@ -129,17 +134,30 @@ class AgentClient:
         """Close the channel."""
         self._channel.close()
 
-    def import_snapshot(self, vm_id: str, *, mem_file: str = "", mem_object: str = "", store: str = "",
-                        compression: Compression = Compression.NONE, prefault_pages_per_s: float | None = None,
-                        prefetch_pages: int | None = None,
-                        timeout: float | None = None) -> Iterator[ImportProgress]:  # fmt: skip
+    def import_snapshot(
+        self,
+        vm_id: str,
+        *,
+        mem_file: str = "",
+        mem_object: str = "",
+        store: str = "",
+        compression: Compression = Compression.NONE,
+        prefault_pages_per_s: float | None = None,
+        prefetch_pages: int | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[ImportProgress]:
         """ImportSnapshot: progress, then the result (no deadline by default: a big file takes its time)."""
         req = apb.ImportSnapshotRequest(
-            vm_id=vm_id, mem_file=mem_file, mem_object=mem_object, store=store,
+            vm_id=vm_id,
+            mem_file=mem_file,
+            mem_object=mem_object,
+            store=store,
             compression=c.compression_to_pb(compression),  # type: ignore[arg-type]
-            prefault_pages_per_second=prefault_pages_per_s or 0.0, has_prefault=prefault_pages_per_s is not None,
-            prefetch_pages=prefetch_pages or 0, has_prefetch=prefetch_pages is not None,
-        )  # fmt: skip
+            prefault_pages_per_second=prefault_pages_per_s or 0.0,
+            has_prefault=prefault_pages_per_s is not None,
+            prefetch_pages=prefetch_pages or 0,
+            has_prefetch=prefetch_pages is not None,
+        )
         try:
             for m in self._stub.ImportSnapshot(req, timeout=timeout, metadata=self._md):
                 info = None

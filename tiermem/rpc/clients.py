@@ -156,7 +156,9 @@ class ControlPlaneClient(_Base):
                 self._follow(leader)
         raise AssertionError("unreachable")
 
-    def _stream(self, method: str, request: Any, timeout: float | None, conv: Callable[[Any], T]) -> Iterator[T]:  # fmt: skip
+    def _stream(
+        self, method: str, request: Any, timeout: float | None, conv: Callable[[Any], T]
+    ) -> Iterator[T]:
         for attempt in (0, 1):
             call = getattr(self._stub, method)(request, timeout=timeout, metadata=self._md)
             started = False
@@ -179,7 +181,9 @@ class ControlPlaneClient(_Base):
         """Register a node; returns the lease TTL, ms."""
         return int(self._call("RegisterNode", _register_node(node), timeout).lease_ttl_ms)
 
-    def heartbeat(self, node_id: str, statuses: Iterable[VmStatus] = (), timeout: float | None = None) -> HeartbeatResult:  # fmt: skip
+    def heartbeat(
+        self, node_id: str, statuses: Iterable[VmStatus] = (), timeout: float | None = None
+    ) -> HeartbeatResult:
         """Renew a node's lease, sending its VMs' statuses."""
         return cc.heartbeat_from_pb(self._call("Heartbeat", _heartbeat(node_id, statuses), timeout))
 
@@ -226,8 +230,13 @@ class ControlPlaneClient(_Base):
         return self._stream("DrainVm", cpb.DrainVmRequest(vm_id=vm_id), timeout, c.drain_from_pb)
 
     # -- policies
-    def set_policy(self, scope: PolicyScope, policy: EvictionPolicy, fields: Sequence[str] = (),
-                   timeout: float | None = None) -> PolicyEntry:  # fmt: skip
+    def set_policy(
+        self,
+        scope: PolicyScope,
+        policy: EvictionPolicy,
+        fields: Sequence[str] = (),
+        timeout: float | None = None,
+    ) -> PolicyEntry:
         """Set a policy; with ``fields`` only those fields change."""
         return cc.entry_from_pb(self._call("SetPolicy", _set_policy(scope, policy, fields), timeout))
 
@@ -244,8 +253,13 @@ class ControlPlaneClient(_Base):
         self._call("DeletePolicy", cpb.DeletePolicyRequest(scope=cc.scope_to_pb(scope)), timeout)
 
     # -- cycles and events
-    def trigger_cycle(self, vm_id: str, mode: CycleMode = CycleMode.EVICT, interval_ms: int = 0,
-                      timeout: float | None = None) -> CycleReport:  # fmt: skip
+    def trigger_cycle(
+        self,
+        vm_id: str,
+        mode: CycleMode = CycleMode.EVICT,
+        interval_ms: int = 0,
+        timeout: float | None = None,
+    ) -> CycleReport:
         """Run one cycle now; the default deadline is the cycle's interval plus ``timeout_s``."""
         if timeout is None:
             iv = interval_ms or self.get_policy(vm_id).policy.interval_ms
@@ -259,8 +273,9 @@ class ControlPlaneClient(_Base):
         req = cpb.ListCycleReportsRequest(vm_id=vm_id, limit=limit)
         return _reports(self._call("ListCycleReports", req, timeout))
 
-    def stream_events(self, vm_id: str = "", after_seq: int = 0, follow: bool = False,
-                      timeout: float | None = None) -> Iterator[Event]:  # fmt: skip
+    def stream_events(
+        self, vm_id: str = "", after_seq: int = 0, follow: bool = False, timeout: float | None = None
+    ) -> Iterator[Event]:
         """Events after ``after_seq``; with ``follow``, then new ones until cancelled."""
         req = tpb.StreamEventsRequest(vm_id=vm_id, after_seq=after_seq, follow=follow)
         t = timeout if (timeout is not None or follow) else self.timeout_s
@@ -313,8 +328,9 @@ class AsyncControlPlaneClient(_Base):
                 self._follow(leader)
         raise AssertionError("unreachable")
 
-    async def _stream(self, method: str, request: Any, timeout: float | None,
-                      conv: Callable[[Any], T]) -> AsyncIterator[T]:  # fmt: skip
+    async def _stream(
+        self, method: str, request: Any, timeout: float | None, conv: Callable[[Any], T]
+    ) -> AsyncIterator[T]:
         for attempt in (0, 1):
             call = getattr(self._stub, method)(request, timeout=timeout, metadata=self._md)
             started = False
@@ -337,7 +353,9 @@ class AsyncControlPlaneClient(_Base):
         """Register a node; returns the lease TTL, ms (heartbeat well within it)."""
         return int((await self._call("RegisterNode", _register_node(node), timeout)).lease_ttl_ms)
 
-    async def heartbeat(self, node_id: str, statuses: Iterable[VmStatus] = (), timeout: float | None = None) -> HeartbeatResult:  # fmt: skip
+    async def heartbeat(
+        self, node_id: str, statuses: Iterable[VmStatus] = (), timeout: float | None = None
+    ) -> HeartbeatResult:
         """Renew the lease with the VMs' statuses; ``reregister`` asks for a new RegisterNode."""
         return cc.heartbeat_from_pb(await self._call("Heartbeat", _heartbeat(node_id, statuses), timeout))
 
@@ -371,7 +389,9 @@ class AsyncControlPlaneClient(_Base):
         """A VM's status."""
         return c.status_from_pb(await self._call("GetVmStatus", cpb.GetVmStatusRequest(vm_id=vm_id), timeout))
 
-    async def list_vm_status(self, node_id: str = "", selector: str = "", timeout: float | None = None) -> list[VmStatus]:  # fmt: skip
+    async def list_vm_status(
+        self, node_id: str = "", selector: str = "", timeout: float | None = None
+    ) -> list[VmStatus]:
         """VM statuses."""
         req = cpb.ListVmStatusRequest(node_id=node_id, selector=selector)
         return _statuses(await self._call("ListVmStatus", req, timeout))
@@ -381,8 +401,13 @@ class AsyncControlPlaneClient(_Base):
         return self._stream("DrainVm", cpb.DrainVmRequest(vm_id=vm_id), timeout, c.drain_from_pb)
 
     # -- policies
-    async def set_policy(self, scope: PolicyScope, policy: EvictionPolicy, fields: Sequence[str] = (),
-                         timeout: float | None = None) -> PolicyEntry:  # fmt: skip
+    async def set_policy(
+        self,
+        scope: PolicyScope,
+        policy: EvictionPolicy,
+        fields: Sequence[str] = (),
+        timeout: float | None = None,
+    ) -> PolicyEntry:
         """Set a policy."""
         return cc.entry_from_pb(await self._call("SetPolicy", _set_policy(scope, policy, fields), timeout))
 
@@ -401,8 +426,13 @@ class AsyncControlPlaneClient(_Base):
         await self._call("DeletePolicy", cpb.DeletePolicyRequest(scope=cc.scope_to_pb(scope)), timeout)
 
     # -- cycles and events
-    async def trigger_cycle(self, vm_id: str, mode: CycleMode = CycleMode.EVICT, interval_ms: int = 0,
-                            timeout: float | None = None) -> CycleReport:  # fmt: skip
+    async def trigger_cycle(
+        self,
+        vm_id: str,
+        mode: CycleMode = CycleMode.EVICT,
+        interval_ms: int = 0,
+        timeout: float | None = None,
+    ) -> CycleReport:
         """Run one cycle now."""
         if timeout is None:
             iv = interval_ms or (await self.get_policy(vm_id)).policy.interval_ms
@@ -410,13 +440,16 @@ class AsyncControlPlaneClient(_Base):
         resp = await self._call("TriggerCycle", _trigger(vm_id, mode, interval_ms), timeout)
         return c.report_from_pb(resp)
 
-    async def list_cycle_reports(self, vm_id: str = "", limit: int = 0, timeout: float | None = None) -> list[CycleReport]:  # fmt: skip
+    async def list_cycle_reports(
+        self, vm_id: str = "", limit: int = 0, timeout: float | None = None
+    ) -> list[CycleReport]:
         """Newest reports first."""
         req = cpb.ListCycleReportsRequest(vm_id=vm_id, limit=limit)
         return _reports(await self._call("ListCycleReports", req, timeout))
 
-    def stream_events(self, vm_id: str = "", after_seq: int = 0, follow: bool = False,
-                      timeout: float | None = None) -> AsyncIterator[Event]:  # fmt: skip
+    def stream_events(
+        self, vm_id: str = "", after_seq: int = 0, follow: bool = False, timeout: float | None = None
+    ) -> AsyncIterator[Event]:
         """Events after ``after_seq``; with ``follow``, then new ones."""
         req = tpb.StreamEventsRequest(vm_id=vm_id, after_seq=after_seq, follow=follow)
         t = timeout if (timeout is not None or follow) else self.timeout_s

@@ -129,11 +129,17 @@ def policy_to_pb(p: EvictionPolicy) -> pb.EvictionPolicy:
         slo_promotion_rate=p.slo_promotion_rate,
         poison_missing=p.poison_missing,
         version=p.version,
+        algorithm=p.algorithm,
+        algorithm_options=p.algorithm_options,
     )
 
 
-def policy_from_pb(m: pb.EvictionPolicy, base: EvictionPolicy | None = None, fields: list[str] | None = None,
-                   validate: bool = True) -> EvictionPolicy:  # fmt: skip
+def policy_from_pb(
+    m: pb.EvictionPolicy,
+    base: EvictionPolicy | None = None,
+    fields: list[str] | None = None,
+    validate: bool = True,
+) -> EvictionPolicy:
     """EvictionPolicy from its message.
 
     With ``fields``, only the named fields are taken from ``m`` and the rest
@@ -142,9 +148,20 @@ def policy_from_pb(m: pb.EvictionPolicy, base: EvictionPolicy | None = None, fie
     """
     base = base or EvictionPolicy()
     names = {
-        "interval_ms", "cold_after", "max_evict", "min_resident_bytes", "store", "compression",
-        "prefetch_pages", "paused", "slo_promotion_rate", "poison_missing", "version",
-    }  # fmt: skip
+        "interval_ms",
+        "cold_after",
+        "max_evict",
+        "min_resident_bytes",
+        "store",
+        "compression",
+        "prefetch_pages",
+        "paused",
+        "slo_promotion_rate",
+        "poison_missing",
+        "version",
+        "algorithm",
+        "algorithm_options",
+    }
     if fields:
         unknown = set(fields) - names
         if unknown:
@@ -188,55 +205,102 @@ def report_to_pb(r: CycleReport) -> pb.CycleReport:
 def report_from_pb(m: pb.CycleReport) -> CycleReport:
     """CycleReport from its message."""
     return CycleReport(
-        vm_id=m.vm_id, cycle=m.cycle, mode=mode_from_pb(m.mode), started_unix_ms=m.started_unix_ms,
-        pages_scanned=m.pages_scanned, pages_hot=m.pages_hot, pages_cold=m.pages_cold,
-        pages_evicted=m.pages_evicted, zero_pages=m.zero_pages, bytes_written=m.bytes_written,
+        vm_id=m.vm_id,
+        cycle=m.cycle,
+        mode=mode_from_pb(m.mode),
+        started_unix_ms=m.started_unix_ms,
+        pages_scanned=m.pages_scanned,
+        pages_hot=m.pages_hot,
+        pages_cold=m.pages_cold,
+        pages_evicted=m.pages_evicted,
+        zero_pages=m.zero_pages,
+        bytes_written=m.bytes_written,
         faults_served=m.faults_served,
         phases=PhaseTimes(**{f: getattr(m.phases, f) for f in vars(PhaseTimes())}),
-        policy_version=m.policy_version, error=m.error, node_id=m.node_id, capped=m.capped,
+        policy_version=m.policy_version,
+        error=m.error,
+        node_id=m.node_id,
+        capped=m.capped,
         pages_unproven=m.pages_unproven,
-    )  # fmt: skip
+    )
 
 
 def usage_to_pb(u: StoreUsage) -> pb.StoreUsage:
     """StoreUsage message."""
     return pb.StoreUsage(
-        store=pb.StoreRef(name=u.store_name, kind=u.store_kind, url=u.store_url), pages=u.pages,
-        zero_pages=u.zero_pages, stored_bytes=u.stored_bytes, logical_bytes=u.logical_bytes,
-    )  # fmt: skip
+        store=pb.StoreRef(name=u.store_name, kind=u.store_kind, url=u.store_url),
+        pages=u.pages,
+        zero_pages=u.zero_pages,
+        stored_bytes=u.stored_bytes,
+        logical_bytes=u.logical_bytes,
+    )
 
 
 def usage_from_pb(m: pb.StoreUsage) -> StoreUsage:
     """StoreUsage from its message."""
-    return StoreUsage(store_name=m.store.name, store_kind=m.store.kind, store_url=m.store.url, pages=m.pages,
-                      zero_pages=m.zero_pages, stored_bytes=m.stored_bytes, logical_bytes=m.logical_bytes)  # fmt: skip
+    return StoreUsage(
+        store_name=m.store.name,
+        store_kind=m.store.kind,
+        store_url=m.store.url,
+        pages=m.pages,
+        zero_pages=m.zero_pages,
+        stored_bytes=m.stored_bytes,
+        logical_bytes=m.logical_bytes,
+    )
 
 
 def status_to_pb(s: VmStatus) -> pb.VmStatus:
     """VmStatus message."""
     return pb.VmStatus(
-        vm_id=s.vm_id, node_id=s.node_id, state=_STATE[s.state], backend=_BACKEND[s.backend],
-        total_pages=s.total_pages, resident_pages=s.resident_pages, evicted_pages=s.evicted_pages,
-        working_set_pages=s.working_set_pages, faults_served=s.faults_served, minor_faults=s.minor_faults,
-        promotion_rate=s.promotion_rate, store_usage=usage_to_pb(s.store_usage), cycles=s.cycles,
-        page_size=s.page_size, labels=s.labels, policy=policy_to_pb(s.policy), fault_p50_us=s.fault_p50_us,
-        fault_p99_us=s.fault_p99_us, updated_unix_ms=s.updated_unix_ms, node_up=s.node_up,
+        vm_id=s.vm_id,
+        node_id=s.node_id,
+        state=_STATE[s.state],
+        backend=_BACKEND[s.backend],
+        total_pages=s.total_pages,
+        resident_pages=s.resident_pages,
+        evicted_pages=s.evicted_pages,
+        working_set_pages=s.working_set_pages,
+        faults_served=s.faults_served,
+        minor_faults=s.minor_faults,
+        promotion_rate=s.promotion_rate,
+        store_usage=usage_to_pb(s.store_usage),
+        cycles=s.cycles,
+        page_size=s.page_size,
+        labels=s.labels,
+        policy=policy_to_pb(s.policy),
+        fault_p50_us=s.fault_p50_us,
+        fault_p99_us=s.fault_p99_us,
+        updated_unix_ms=s.updated_unix_ms,
+        node_up=s.node_up,
         incarnation=s.incarnation,
-    )  # fmt: skip
+    )
 
 
 def status_from_pb(m: pb.VmStatus) -> VmStatus:
     """VmStatus from its message."""
     return VmStatus(
-        vm_id=m.vm_id, node_id=m.node_id, state=_STATE_IN.get(m.state, VmState.ATTACHED),
-        backend=_BACKEND_IN.get(m.backend, Backend.SIM), total_pages=m.total_pages,
-        resident_pages=m.resident_pages, evicted_pages=m.evicted_pages, working_set_pages=m.working_set_pages,
-        faults_served=m.faults_served, minor_faults=m.minor_faults, promotion_rate=m.promotion_rate,
-        store_usage=usage_from_pb(m.store_usage), cycles=m.cycles, page_size=m.page_size or 4096,
-        labels=dict(m.labels), policy=policy_from_pb(m.policy, validate=False), fault_p50_us=m.fault_p50_us,
-        fault_p99_us=m.fault_p99_us, updated_unix_ms=m.updated_unix_ms, node_up=m.node_up,
+        vm_id=m.vm_id,
+        node_id=m.node_id,
+        state=_STATE_IN.get(m.state, VmState.ATTACHED),
+        backend=_BACKEND_IN.get(m.backend, Backend.SIM),
+        total_pages=m.total_pages,
+        resident_pages=m.resident_pages,
+        evicted_pages=m.evicted_pages,
+        working_set_pages=m.working_set_pages,
+        faults_served=m.faults_served,
+        minor_faults=m.minor_faults,
+        promotion_rate=m.promotion_rate,
+        store_usage=usage_from_pb(m.store_usage),
+        cycles=m.cycles,
+        page_size=m.page_size or 4096,
+        labels=dict(m.labels),
+        policy=policy_from_pb(m.policy, validate=False),
+        fault_p50_us=m.fault_p50_us,
+        fault_p99_us=m.fault_p99_us,
+        updated_unix_ms=m.updated_unix_ms,
+        node_up=m.node_up,
         incarnation=m.incarnation,
-    )  # fmt: skip
+    )
 
 
 def drain_to_pb(d: DrainProgress) -> pb.DrainProgress:
@@ -255,11 +319,25 @@ def drain_from_pb(m: pb.DrainProgress) -> DrainProgress:
 
 def event_to_pb(e: Event) -> pb.Event:
     """Event message."""
-    return pb.Event(seq=e.seq, time_unix_ms=e.time_unix_ms, kind=_EVENT[e.kind], vm_id=e.vm_id, node_id=e.node_id,
-                    message=e.message, attributes=e.attributes)  # fmt: skip
+    return pb.Event(
+        seq=e.seq,
+        time_unix_ms=e.time_unix_ms,
+        kind=_EVENT[e.kind],
+        vm_id=e.vm_id,
+        node_id=e.node_id,
+        message=e.message,
+        attributes=e.attributes,
+    )
 
 
 def event_from_pb(m: pb.Event) -> Event:
     """Event from its message."""
-    return Event(kind=_EVENT_IN.get(m.kind, EventKind.CYCLE_COMPLETED), message=m.message, vm_id=m.vm_id,
-                 node_id=m.node_id, seq=m.seq, time_unix_ms=m.time_unix_ms, attributes=dict(m.attributes))  # fmt: skip
+    return Event(
+        kind=_EVENT_IN.get(m.kind, EventKind.CYCLE_COMPLETED),
+        message=m.message,
+        vm_id=m.vm_id,
+        node_id=m.node_id,
+        seq=m.seq,
+        time_unix_ms=m.time_unix_ms,
+        attributes=dict(m.attributes),
+    )

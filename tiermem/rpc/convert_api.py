@@ -43,36 +43,58 @@ def _backends(n: NodeInfo) -> Any:
 def node_to_pb(n: NodeInfo) -> cpb.NodeInfo:
     """NodeInfo message."""
     return cpb.NodeInfo(
-        node_id=n.node_id, address=n.address, capacity_bytes=n.capacity_bytes,
-        backends=_backends(n), up=n.up, lease_expires_unix_ms=n.lease_expires_ms,
-        max_concurrent_cycles=n.max_concurrent_cycles, evict_mbps=n.evict_mbps, vms=n.vms,
-    )  # fmt: skip
+        node_id=n.node_id,
+        address=n.address,
+        capacity_bytes=n.capacity_bytes,
+        backends=_backends(n),
+        up=n.up,
+        lease_expires_unix_ms=n.lease_expires_ms,
+        max_concurrent_cycles=n.max_concurrent_cycles,
+        evict_mbps=n.evict_mbps,
+        vms=n.vms,
+    )
 
 
 def node_from_pb(m: cpb.NodeInfo) -> NodeInfo:
     """NodeInfo from its message (``up``, lease and ``vms`` are the control plane's, and ignored)."""
     backends = tuple(dict.fromkeys(c.backend_from_pb(b) for b in m.backends))
     return NodeInfo(
-        node_id=m.node_id, address=m.address, capacity_bytes=m.capacity_bytes, backends=backends, up=m.up,
-        lease_expires_ms=m.lease_expires_unix_ms, max_concurrent_cycles=m.max_concurrent_cycles,
-        evict_mbps=m.evict_mbps, vms=m.vms,
-    )  # fmt: skip
+        node_id=m.node_id,
+        address=m.address,
+        capacity_bytes=m.capacity_bytes,
+        backends=backends,
+        up=m.up,
+        lease_expires_ms=m.lease_expires_unix_ms,
+        max_concurrent_cycles=m.max_concurrent_cycles,
+        evict_mbps=m.evict_mbps,
+        vms=m.vms,
+    )
 
 
 def spec_to_pb(s: VmSpec) -> cpb.VmSpec:
     """VmSpec message."""
     return cpb.VmSpec(
-        vm_id=s.vm_id, node_id=s.node_id, memory_bytes=s.memory_bytes, labels=s.labels,
-        backend=c.backend_to_pb(s.backend), workload=s.workload, synthetic=s.synthetic,  # type: ignore[arg-type]
-    )  # fmt: skip
+        vm_id=s.vm_id,
+        node_id=s.node_id,
+        memory_bytes=s.memory_bytes,
+        labels=s.labels,
+        backend=c.backend_to_pb(s.backend),  # type: ignore[arg-type]
+        workload=s.workload,
+        synthetic=s.synthetic,
+    )
 
 
 def spec_from_pb(m: cpb.VmSpec) -> VmSpec:
     """VmSpec from its message; an unspecified backend means sim."""
     return VmSpec(
-        vm_id=m.vm_id, node_id=m.node_id, memory_bytes=m.memory_bytes, labels=dict(m.labels),
-        backend=c.backend_from_pb(m.backend, default=Backend.SIM), workload=m.workload, synthetic=m.synthetic,
-    )  # fmt: skip
+        vm_id=m.vm_id,
+        node_id=m.node_id,
+        memory_bytes=m.memory_bytes,
+        labels=dict(m.labels),
+        backend=c.backend_from_pb(m.backend, default=Backend.SIM),
+        workload=m.workload,
+        synthetic=m.synthetic,
+    )
 
 
 def scope_to_pb(s: PolicyScope | None) -> cpb.PolicyScope:

@@ -53,8 +53,23 @@ _RWP = uapi.UFFDIO_REGISTER_MODE_RWP
 _WP = uapi.UFFDIO_REGISTER_MODE_WP
 _MINOR = uapi.UFFDIO_REGISTER_MODE_MINOR
 _MODES = _MISSING | _WP | _MINOR | _RWP
-_OPS = frozenset({"api", "register", "unregister", "rwprotect", "set_mode", "pagemap_scan", "copy", "zeropage",
-                  "continue", "wake", "punch_hole", "io_read", "io_write"})  # fmt: skip
+_OPS = frozenset(
+    {
+        "api",
+        "register",
+        "unregister",
+        "rwprotect",
+        "set_mode",
+        "pagemap_scan",
+        "copy",
+        "zeropage",
+        "continue",
+        "wake",
+        "punch_hole",
+        "io_read",
+        "io_write",
+    }
+)
 
 
 @dataclass
@@ -296,8 +311,16 @@ class SimContext(KernelBackend):
         """PAGEMAP_SCAN; ``flags`` and ``size`` are the pm_scan_arg fields (checked like the kernel)."""
         self._injected("pagemap_scan")
         masks = (category_mask, category_inverted, category_anyof_mask, return_mask)
-        end = check_scan_args(start, end, self.page_size, flags=flags, size=size, masks=masks,
-                              max_pages=max_pages, vec_len=vec_len)  # fmt: skip
+        end = check_scan_args(
+            start,
+            end,
+            self.page_size,
+            flags=flags,
+            size=size,
+            masks=masks,
+            max_pages=max_pages,
+            vec_len=vec_len,
+        )
         p0 = max(0, (start - self.base) // self.page_size)
         p1 = min(self.n_pages, (end - self.base) // self.page_size)
         with self._lock:
@@ -306,15 +329,29 @@ class SimContext(KernelBackend):
                 return ScanResult.empty(end)
             if not max_pages and not vec_len:
                 fast = scan_regions(
-                    self._state, vmas, p0, p1, mask=category_mask, inverted=category_inverted,
-                    anyof=category_anyof_mask, ret=return_mask, base=self.base, page_size=self.page_size,
-                )  # fmt: skip
+                    self._state,
+                    vmas,
+                    p0,
+                    p1,
+                    mask=category_mask,
+                    inverted=category_inverted,
+                    anyof=category_anyof_mask,
+                    ret=return_mask,
+                    base=self.base,
+                    page_size=self.page_size,
+                )
                 if fast is not None:
                     return ScanResult(fast, end)
             s, e, k = scan_runs(
-                self._state, vmas, p0, p1, mask=category_mask, inverted=category_inverted,
-                anyof=category_anyof_mask, ret=return_mask,
-            )  # fmt: skip
+                self._state,
+                vmas,
+                p0,
+                p1,
+                mask=category_mask,
+                inverted=category_inverted,
+                anyof=category_anyof_mask,
+                ret=return_mask,
+            )
         s, e, k, stop = limit_regions(s, e, k, max_pages=max_pages, vec_len=vec_len)
         return ScanResult(
             to_regions(s, e, k, self.base, self.page_size), end if stop is None else self.addr(stop)

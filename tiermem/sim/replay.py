@@ -23,6 +23,7 @@ back without an access, which the model above does not count.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from tiermem.agent.cycle import CycleEngine
 from tiermem.agent.faults import FaultServer
@@ -55,19 +56,43 @@ class ReplayResult:
     cold_after: int
     pages_evicted_total: int
     peak_evicted: int
+    policy: str = "age"
+    policy_options: str = ""
+    series: dict[str, list[int]] | None = None
+    """Per tick: ``evicted`` (count at the end of the tick) and ``promotions`` (when asked for)."""
 
-    def to_json(self) -> dict[str, float | int]:
-        """The ``--json`` object."""
-        return dict(vars(self))
+    def to_json(self) -> dict[str, Any]:
+        """The ``--json`` object (``series`` only when recorded)."""
+        d = dict(vars(self))
+        if d["series"] is None:
+            del d["series"]
+        return d
 
 
-def replay(trace: Trace, interval_ticks: int, cold_after: int, max_evict: EvictionCap | None = None,
-           min_resident_bytes: int = 0) -> ReplayResult:  # fmt: skip
-    """Replay ``trace`` and return the model's figures."""
+def replay(
+    trace: Trace,
+    interval_ticks: int,
+    cold_after: int,
+    max_evict: EvictionCap | None = None,
+    min_resident_bytes: int = 0,
+    *,
+    policy_name: str = "age",
+    options: str = "",
+    series: bool = False,
+) -> ReplayResult:
+    """Replay ``trace`` with eviction algorithm ``policy_name`` and return the model's figures."""
     if interval_ticks < 1:
         raise InvalidArgument("--interval-ticks must be >= 1")
-    policy = EvictionPolicy(interval_ms=1, cold_after=cold_after, max_evict=max_evict or EvictionCap(),
-                            min_resident_bytes=min_resident_bytes, prefetch_pages=0, store="memory").validate()  # fmt: skip
+    policy = EvictionPolicy(
+        interval_ms=1,
+        cold_after=cold_after,
+        max_evict=max_evict or EvictionCap(),
+        min_resident_bytes=min_resident_bytes,
+        prefetch_pages=0,
+        store="memory",
+        algorithm=policy_name,
+        algorithm_options=options,
+    ).validate()
     n = trace.n_pages
     sim = SimKernel(n, synthetic=True)
     sim.api(uapi.UFFD_FEATURE_RWP | uapi.UFFD_FEATURE_RWP_ASYNC)
@@ -76,21 +101,33 @@ def replay(trace: Trace, interval_ticks: int, cold_after: int, max_evict: Evicti
     index = PageIndex(":memory:", fsync=False)
     vm = "replay"
     index.add_vm(VmRecord(vm, Backend.SIM.value, n))
-    s = VmSession(vm_id=vm, backend_kind=Backend.SIM, backend=sim, policy=policy, index=index,
-                  stores=lambda _name: store, events=EventBus(), metrics=AgentMetrics())  # fmt: skip
+    s = VmSession(
+        vm_id=vm,
+        backend_kind=Backend.SIM,
+        backend=sim,
+        policy=policy,
+        index=index,
+        stores=lambda _name: store,
+        events=EventBus(),
+        metrics=AgentMetrics(),
+    )
     s.state = VmState.ARMED
     faults = FaultServer(s, workers=1)
     engine = CycleEngine(s, faults)
     sim.set_fault_handler(faults.handle)
     evicted_sum = 0
+    per_tick: list[int] = []
+    prom_per_tick: list[int] = []
     peak = 0
     cycles = 0
     evicted_total = 0
     try:
         engine.begin()
         for tick, pages, writes in trace.by_tick():
+            served = s.counters.faults_served
             if pages.size:
                 sim.access_batch(pages, writes)
+            prom_per_tick.append(s.counters.faults_served - served)
             if (tick + 1) % interval_ticks == 0:
                 rep = engine.finish(CycleMode.EVICT)
                 if rep.error:
@@ -100,6 +137,7 @@ def replay(trace: Trace, interval_ticks: int, cold_after: int, max_evict: Evicti
                 engine.begin()
             evicted = index.count(vm)
             evicted_sum += evicted
+            per_tick.append(evicted)
             peak = max(peak, evicted)
     finally:
         sim.set_fault_handler(None)
@@ -107,8 +145,20 @@ def replay(trace: Trace, interval_ticks: int, cold_after: int, max_evict: Evicti
         index.close()
     ticks = trace.n_ticks
     promotions = s.counters.faults_served
-    return ReplayResult(
-        pages=n, ticks=ticks, cycles=cycles, evicted_fraction=evicted_sum / (ticks * n) if ticks and n else 0.0,
-        promotions=promotions, promotions_per_tick=promotions / ticks if ticks else 0.0,
-        interval_ticks=interval_ticks, cold_after=cold_after, pages_evicted_total=evicted_total, peak_evicted=peak,
-    )  # fmt: skip
+    res = ReplayResult(
+        pages=n,
+        ticks=ticks,
+        cycles=cycles,
+        evicted_fraction=evicted_sum / (ticks * n) if ticks and n else 0.0,
+        promotions=promotions,
+        promotions_per_tick=promotions / ticks if ticks else 0.0,
+        interval_ticks=interval_ticks,
+        cold_after=cold_after,
+        pages_evicted_total=evicted_total,
+        peak_evicted=peak,
+        policy=policy_name,
+        policy_options=policy.algorithm_options,
+    )
+    if series:
+        res.series = {"evicted": per_tick, "promotions": prom_per_tick}
+    return res

@@ -222,8 +222,9 @@ def scan_regions(
         return None
     matching = 1 if two[0] == _NO_MATCH else 0
     match = matching if val >= 0 else (cmask if matching else 0)
-    return native.match_regions(state[a:b], cmask, val, match, two[matching], base + a * page_size, page_size,
-                                uapi.PAGE_REGION_DTYPE)  # fmt: skip
+    return native.match_regions(
+        state[a:b], cmask, val, match, two[matching], base + a * page_size, page_size, uapi.PAGE_REGION_DTYPE
+    )
 
 
 def limit_regions(
@@ -258,9 +259,16 @@ def kerr(code: int, what: str) -> OSError:
 
 
 def check_scan_args(
-    start: int, end: int, page_size: int, *, flags: int, size: int, masks: Sequence[int], max_pages: int,
+    start: int,
+    end: int,
+    page_size: int,
+    *,
+    flags: int,
+    size: int,
+    masks: Sequence[int],
+    max_pages: int,
     vec_len: int,
-) -> int:  # fmt: skip
+) -> int:
     """pagemap_scan_get_args: EINVAL/EFAULT on a bad pm_scan_arg; returns ``end`` rounded up to a page."""
     if size != 96:
         raise kerr(errno.EINVAL, f"PAGEMAP_SCAN: size {size} != sizeof(struct pm_scan_arg)")

@@ -96,8 +96,11 @@ def _swar8(x: np.ndarray, length: np.ndarray) -> np.ndarray:
     np.bitwise_xor(x, _ZEROS, out=x)  # '0'..'9' -> 0..9, anything else -> > 9
     np.bitwise_and(x, keep, out=x)  # bytes before the field -> 0
     bad: np.ndarray = np.bitwise_and(np.bitwise_or(x + _ADD76, x), _HIGH) != 0  # a byte > 9
-    for mul, sh, mask in ((10, 8, 0x00FF_00FF_00FF_00FF), (100, 16, 0x0000_FFFF_0000_FFFF),
-                          (10000, 32, 0xFFFF_FFFF)):  # fmt: skip
+    for mul, sh, mask in (
+        (10, 8, 0x00FF_00FF_00FF_00FF),
+        (100, 16, 0x0000_FFFF_0000_FFFF),
+        (10000, 32, 0xFFFF_FFFF),
+    ):
         t = np.right_shift(x, np.uint64(sh))
         np.multiply(x, np.uint64(mul), out=x)
         np.add(x, t, out=x)

@@ -15,9 +15,15 @@ __all__ = ["create_sim_vm"]
 
 
 def create_sim_vm(
-    n_pages: int, *, synthetic: bool = False, workload: str = "", vcpus: int = 1, seed: int = 0,
-    trace_dir: str = "", trace_max_bytes: int = DEFAULT_MAX_BYTES,
-) -> tuple[SimKernel, SimGuest | None]:  # fmt: skip
+    n_pages: int,
+    *,
+    synthetic: bool = False,
+    workload: str = "",
+    vcpus: int = 1,
+    seed: int = 0,
+    trace_dir: str = "",
+    trace_max_bytes: int = DEFAULT_MAX_BYTES,
+) -> tuple[SimKernel, SimGuest | None]:
     """A registered sim kernel of ``n_pages`` and its guest (not started) when ``workload`` is set.
 
     The workload spec is checked before the guest memory is allocated

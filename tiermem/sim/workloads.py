@@ -121,9 +121,15 @@ class HotSet(Workload):
     kind = "hotset"
 
     def __init__(
-        self, n_pages: int, fraction: float, *, rate: float = 1.0, noise: float = 0.0, seed: int = 0,
+        self,
+        n_pages: int,
+        fraction: float,
+        *,
+        rate: float = 1.0,
+        noise: float = 0.0,
+        seed: int = 0,
         writes: float = DEFAULT_WRITES,
-    ) -> None:  # fmt: skip
+    ) -> None:
         if not 0.0 < fraction <= 1.0:
             raise InvalidArgument(f"hot-set fraction must be in (0, 1], got {fraction}")
         if not 0.0 < rate <= 1.0:
@@ -162,9 +168,16 @@ class Phases(HotSet):
     kind = "phases"
 
     def __init__(
-        self, n_pages: int, fraction: float, *, period: int = 50, rate: float = 1.0, noise: float = 0.0,
-        seed: int = 0, writes: float = DEFAULT_WRITES,
-    ) -> None:  # fmt: skip
+        self,
+        n_pages: int,
+        fraction: float,
+        *,
+        period: int = 50,
+        rate: float = 1.0,
+        noise: float = 0.0,
+        seed: int = 0,
+        writes: float = DEFAULT_WRITES,
+    ) -> None:
         if period < 1:
             raise InvalidArgument(f"period must be >= 1 batch, got {period}")
         super().__init__(n_pages, fraction, rate=rate, noise=noise, seed=seed, writes=writes)
@@ -320,8 +333,14 @@ def parse_workload(spec: str, n_pages: int, seed: int = 0, traces: TraceDir | No
     if kind in ("hotset", "phases"):
         hot = {"rate": float(values.get("rate", 1.0)), "noise": float(values.get("noise", 0.0))}
         if kind == "phases":
-            return Phases(n_pages, float(values["fraction"]), period=int(values.get("period", 50)), seed=seed,
-                          writes=w, **hot)  # fmt: skip
+            return Phases(
+                n_pages,
+                float(values["fraction"]),
+                period=int(values.get("period", 50)),
+                seed=seed,
+                writes=w,
+                **hot,
+            )
         return HotSet(n_pages, float(values["fraction"]), seed=seed, writes=w, **hot)
     if kind == "zipf":
         return Zipf(n_pages, float(values["exponent"]), seed=seed, writes=w, batch=batch)

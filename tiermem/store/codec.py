@@ -33,9 +33,16 @@ from tiermem.model import Compression
 from tiermem.store.base import Codec
 
 __all__ = [
-    "COMPRESSIONS", "as_codec", "compression_name", "decode", "decode_raw", "encode", "encode_page", "encode_raw",
+    "COMPRESSIONS",
+    "as_codec",
+    "compression_name",
+    "decode",
+    "decode_raw",
+    "encode",
+    "encode_page",
+    "encode_raw",
     "zero_checksum",
-]  # fmt: skip
+]
 
 COMPRESSIONS = ("none", "zstd", "lz4")
 """Compression names a policy may choose."""

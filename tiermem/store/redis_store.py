@@ -157,8 +157,12 @@ class RedisPageStore(PayloadStore):
         """True: puts are refused until Redis is seen to persist (AOF or RDB saves)."""
         self._persistence_ok = not durable
         if not durable:
-            log.warning("REDIS STORE WITHOUT DURABILITY: evicted pages are lost if Redis restarts "
-                        "(durability=none in the store URL)", store=name, url=url)  # fmt: skip
+            log.warning(
+                "REDIS STORE WITHOUT DURABILITY: evicted pages are lost if Redis restarts "
+                "(durability=none in the store URL)",
+                store=name,
+                url=url,
+            )
         self._put = client.register_script(_PUT)
         self._delete = client.register_script(_DELETE)
 

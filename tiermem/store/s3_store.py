@@ -46,12 +46,32 @@ __all__ = ["S3PageStore", "s3_error"]
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _CONFIG = {
-    "NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
-    "AccountProblem", "InvalidBucketName", "PermanentRedirect", "AuthorizationHeaderMalformed",
-    "InvalidToken", "ExpiredToken", "TokenRefreshRequired", "403", "301", "400",
-}  # fmt: skip
-_FULL = {"EntityTooLarge", "QuotaExceeded", "ServiceQuotaExceeded", "XMinioStorageFull", "InsufficientStorage",
-         "StorageFull", "TooManyBuckets", "507"}  # fmt: skip
+    "NoSuchBucket",
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AllAccessDisabled",
+    "AccountProblem",
+    "InvalidBucketName",
+    "PermanentRedirect",
+    "AuthorizationHeaderMalformed",
+    "InvalidToken",
+    "ExpiredToken",
+    "TokenRefreshRequired",
+    "403",
+    "301",
+    "400",
+}
+_FULL = {
+    "EntityTooLarge",
+    "QuotaExceeded",
+    "ServiceQuotaExceeded",
+    "XMinioStorageFull",
+    "InsufficientStorage",
+    "StorageFull",
+    "TooManyBuckets",
+    "507",
+}
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,61}[a-z0-9]$")
 _OPTIONS = {
     "endpoint": Opt("str"),

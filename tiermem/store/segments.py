@@ -206,8 +206,14 @@ class SegmentStore(PayloadStore):
                 out += self._record_index(vm_id, name, pos, end)
                 pos = end
         except (IntegrityError, NotFound) as e:
-            log.error("segment index unreadable from here on; its pages are served by location only",
-                      store=self.url, vm=vm_id, segment=name, offset=pos, error=str(e))  # fmt: skip
+            log.error(
+                "segment index unreadable from here on; its pages are served by location only",
+                store=self.url,
+                vm=vm_id,
+                segment=name,
+                offset=pos,
+                error=str(e),
+            )
             return out, pos
         return out, None
 
@@ -494,8 +500,16 @@ class SegmentStore(PayloadStore):
                 start = min(loc.offset for _, loc in live)
                 end = max(loc.offset + loc.length for _, loc in live)
                 blob = self._blob_read(vm_id, "seg", name, start, end)
-                record = [(k, loc.codec, loc.checksum, loc.seq, blob[loc.offset - start : loc.offset - start + loc.length])
-                          for k, loc in live]  # fmt: skip
+                record = [
+                    (
+                        k,
+                        loc.codec,
+                        loc.checksum,
+                        loc.seq,
+                        blob[loc.offset - start : loc.offset - start + loc.length],
+                    )
+                    for k, loc in live
+                ]
                 ((new, offsets),) = self._write_records(vm_id, st, [record])
                 orphans: list[tuple[str, Key]] = []
                 with st.lock:

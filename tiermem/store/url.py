@@ -48,8 +48,13 @@ def _open_file(url: str, parts: Any, name: str, page_size: int, opts: dict[str, 
             f"file store URL {url} needs an absolute directory: file:///var/lib/tiermem/pages"
         )
     q = parse_options("file", parts.query, opts, _FILE_OPTIONS, url)
-    return LocalPageStore(path, fsync=q["fsync"], name=name, page_size=page_size,
-                          segment_bytes=int(q["segment_mib"] * (1 << 20)))  # fmt: skip
+    return LocalPageStore(
+        path,
+        fsync=q["fsync"],
+        name=name,
+        page_size=page_size,
+        segment_bytes=int(q["segment_mib"] * (1 << 20)),
+    )
 
 
 def open_store(url: str, name: str = "default", page_size: int = 4096, **opts: Any) -> PageStore:

@@ -239,6 +239,8 @@ class EvictionPolicy(_message.Message):
     SLO_PROMOTION_RATE_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     POISON_MISSING_FIELD_NUMBER: _builtins.int
+    ALGORITHM_FIELD_NUMBER: _builtins.int
+    ALGORITHM_OPTIONS_FIELD_NUMBER: _builtins.int
     interval_ms: _builtins.int
     """detection interval, milliseconds, > 0"""
     cold_after: _builtins.int
@@ -259,6 +261,10 @@ class EvictionPolicy(_message.Message):
     """monotonic version, assigned by the control plane"""
     poison_missing: _builtins.bool
     """a page lost from its store: true = UFFDIO_POISON (guest SIGBUS), false = wait"""
+    algorithm: _builtins.str
+    """eviction algorithm: "age" (default), "rrd", "recommended" (tiermem/evict.py)"""
+    algorithm_options: _builtins.str
+    """its options, "key=value[,key=value]" """
     @_builtins.property
     def max_evict(self) -> Global___EvictionCap:
         """per-cycle eviction cap"""
@@ -277,10 +283,12 @@ class EvictionPolicy(_message.Message):
         slo_promotion_rate: _builtins.float = ...,
         version: _builtins.int = ...,
         poison_missing: _builtins.bool = ...,
+        algorithm: _builtins.str = ...,
+        algorithm_options: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["max_evict", b"max_evict"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cold_after", b"cold_after", "compression", b"compression", "interval_ms", b"interval_ms", "max_evict", b"max_evict", "min_resident_bytes", b"min_resident_bytes", "paused", b"paused", "poison_missing", b"poison_missing", "prefetch_pages", b"prefetch_pages", "slo_promotion_rate", b"slo_promotion_rate", "store", b"store", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "algorithm_options", b"algorithm_options", "cold_after", b"cold_after", "compression", b"compression", "interval_ms", b"interval_ms", "max_evict", b"max_evict", "min_resident_bytes", b"min_resident_bytes", "paused", b"paused", "poison_missing", b"poison_missing", "prefetch_pages", b"prefetch_pages", "slo_promotion_rate", b"slo_promotion_rate", "store", b"store", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
