@@ -121,6 +121,14 @@ def test_kvm() -> None:
         assert out[g]["off"]["accesses_per_s"] > 0 and out[g]["on"]["accesses_per_s"] > 0
         assert out[g]["latency"]["fault_p50_us"] <= out[g]["latency"]["fault_p99_us"]
     assert out["ratios"]["kvm_on_over_off"] > 0
+    # MISSING -> COPY through the node agent, on each of its fault paths
+    paths = ["native", "python"] if native.paths()["fault_serve"] == "native" else ["python"]
+    assert [a["fault_path"] for a in out["agent_latency"]] == paths
+    for a in out["agent_latency"]:
+        assert a["faults"] == 50 and a["mismatches"] == 0 and a["verified_pages"] == 16 * 256
+        assert a["touch_evicted_p50_us"] <= a["touch_evicted_p99_us"]
+        assert a["native_served"] == (50 if a["fault_path"] == "native" else 0)  # every sampled fault
+        assert f"agent_{a['fault_path']}_fault_p50_over_pager" in out["ratios"]
 
 
 def test_agent_with_a_local_store_faults_on_the_native_path(tmp_path: Any) -> None:

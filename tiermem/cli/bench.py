@@ -484,6 +484,32 @@ def bench_kvm(
             ],
             rows,
         )
+        _show(
+            "MISSING->COPY on the KVM guest through the node agent (local store), µs",
+            [
+                "fault path",
+                "faults",
+                "served natively",
+                "fault p50",
+                "p99",
+                "resident touch",
+                "p50 / pager's",
+                "mismatches",
+            ],
+            [
+                [
+                    a["fault_path"],
+                    a["faults"],
+                    a["native_served"],
+                    a["fault_p50_us"],
+                    a["fault_p99_us"],
+                    a["touch_resident_p50_us"],
+                    _x(r["ratios"].get(f"agent_{a['fault_path']}_fault_p50_over_pager")),
+                    a["mismatches"],
+                ]
+                for a in r["agent_latency"]
+            ],
+        )
         x = r["ratios"]
         console().print(
             f"KVM/process accesses (off) {_x(x['kvm_over_process_off'])}, fault p50 "
