@@ -1,14 +1,15 @@
 # The two commands of the README:
 #   make demo   set up a virtualenv and run `tiermem demo` on embedded defaults
 #   make test   install everything the tests need (OS packages, Redis, S3 server, a Docker engine) and run
-#               the whole suite, including the deployment tier (the compose stack on a real engine)
+#               the whole suite, including the deployment tier (the compose stack on a real engine),
+#               then the kernel-VM tier (make test-rwp)
 #   make images every image, from a Debian base bootstrapped locally (no registry needed)
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: demo test test-fast setup setup-test os-deps native-deps apt-install engine-deps lint typecheck pytest protos images
+.PHONY: demo test test-fast test-rwp setup setup-test os-deps native-deps apt-install engine-deps lint typecheck pytest protos images
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -68,7 +69,13 @@ typecheck:
 pytest:
 	$(BIN)/pytest $(ARGS)
 
-test: setup-test lint typecheck pytest
+# The kernel-VM tier (docs/kvm-tier.md): every test marked `rwp`, run inside Debian's Linux 7.3 (userfaultfd
+# RWP in mainline) booted under QEMU by scripts/kvm_tier/run.sh. Where QEMU or the kernel packages cannot be
+# had, it reports a skip with the reason instead of failing. RWP_TESTS narrows the selection.
+test-rwp: setup-test
+	scripts/kvm_tier/pytest.sh $(ARGS)
+
+test: setup-test lint typecheck pytest test-rwp
 
 # The fast lane: tests/unit only (about 45 s on an idle 2-core machine). Run `make setup-test` once first.
 test-fast:

@@ -6,10 +6,17 @@ from typing import Any
 
 import pytest
 
+from tests.helpers.timing import scaled
 from tests.integration.test_bench_quick import bench, check_ratio
 from tiermem import native
+from tiermem.kernel.probe import probe_host
 
 pytestmark = [pytest.mark.uffd, pytest.mark.timeout(180)]
+
+
+def probed_mode() -> str:
+    """The mode a process guest picks by itself on this kernel."""
+    return "rwp" if probe_host().backends["rwp"] else "uffd"
 
 
 def check_fault_row(r: dict[str, Any], store: str, faults: int) -> None:
@@ -39,6 +46,7 @@ def test_fault_local() -> None:
     ]
     for r in out["rows"]:
         check_fault_row(r, "local", 200)
+        assert r["mode"] == probed_mode()  # --mode auto: the guest follows the probe
         assert r["mac"]["pages"] == 200 and r["mac"]["verify_us_per_page"] > 0  # the MAC's cost per fault
         assert r["mac_share_of_agent_p50"] is not None and r["mac_share_of_agent_p50"] > 0
         if r["fault_path"] == "native":
@@ -91,7 +99,7 @@ def test_agent_with_redis(redis_srv: Any, path: str) -> None:
     assert out["fault_path"] == expect
     assert out["native_served"] == (1024 if expect == "native" else 0)
     assert out["store"]["kind"] == "redis" and out["mismatches"] == 0
-    assert [t["backend"] for t in out["tracking"]] == ["sim", "sim", "uffd"]
+    assert [t["backend"] for t in out["tracking"]] == ["sim", "sim", probed_mode()]
     for t in out["tracking"][:2]:  # the 10% hot set, found exactly by a detect-only cycle
         assert t["hot"] == round(0.1 * t["pages"]) and t["hot"] + t["cold"] == t["pages"]
         assert t["phases_ms"]["total"] > 0 and t["cpu_ms"] >= 0
@@ -129,6 +137,42 @@ def test_kvm() -> None:
         assert a["touch_evicted_p50_us"] <= a["touch_evicted_p99_us"]
         assert a["native_served"] == (50 if a["fault_path"] == "native" else 0)  # every sampled fault
         assert f"agent_{a['fault_path']}_fault_p50_over_pager" in out["ratios"]
+
+
+@pytest.mark.parametrize("mode", ["uffd", pytest.param("rwp", marks=pytest.mark.rwp)])
+def test_fault_and_evict_in_each_mode(mode: str) -> None:
+    rows = bench("fault", "--faults", "100", "--no-pin", "--mode", mode, timeout=scaled(110))["rows"]
+    assert rows
+    for r in rows:
+        check_fault_row(r, "local", 100)
+        assert r["mode"] == mode
+    (e,) = bench("evict", "--pages", "256", "--mode", mode, timeout=scaled(110))["rows"]
+    assert (e["mode"], e["pages"], e["bytes_written"]) == (mode, 256, 256 * 4096)
+
+
+def test_tracking_off_and_uffd() -> None:
+    out = bench("tracking", "--modes", "off,uffd")
+    off, uffd = out["rows"]
+    assert (off["mode"], uffd["mode"], uffd["registered"]) == ("off", "uffd", "uffd")
+    assert off["cycles"] == 0 and off["agent_cpu_ms_per_gib_per_cycle"] is None
+    assert uffd["cycles"] >= 2 and uffd["agent_cpu_ms_per_gib_per_cycle"] > 0
+    assert uffd["hot_pages_last_cycle"] > 0  # the workload's hot set is seen by the emulated tracking
+    assert off["mismatches"] == uffd["mismatches"] == 0
+    check_ratio(out["access_rate_uffd_vs_off"], uffd["accesses_per_s"], off["accesses_per_s"])
+
+
+@pytest.mark.rwp
+def test_tracking_all_three_modes_on_an_rwp_kernel() -> None:
+    out = bench("tracking", timeout=scaled(110))
+    assert out["rwp_available"] is True
+    rows = {r["mode"]: r for r in out["rows"]}
+    assert list(rows) == ["off", "rwp", "uffd"]
+    assert rows["rwp"]["registered"] == "rwp" and rows["uffd"]["registered"] == "uffd"
+    for m in ("rwp", "uffd"):
+        assert rows[m]["cycles"] >= 1 and rows[m]["hot_pages_last_cycle"] > 0 and rows[m]["mismatches"] == 0
+    check_ratio(out["access_rate_rwp_vs_off"], rows["rwp"]["accesses_per_s"], rows["off"]["accesses_per_s"])
+    check_ratio(out["agent_cpu_per_gib_per_cycle_uffd_vs_rwp"], rows["uffd"]["agent_cpu_ms_per_gib_per_cycle"],
+                rows["rwp"]["agent_cpu_ms_per_gib_per_cycle"])  # fmt: skip
 
 
 def test_agent_with_a_local_store_faults_on_the_native_path(tmp_path: Any) -> None:

@@ -90,11 +90,12 @@ def run_store(
     seed: int = 1,
     tmp: Path | None = None,
     native_faults: bool = True,
+    mode: str = "auto",
 ) -> dict[str, Any]:
     """Evict ``faults`` pages of a process guest to the store at ``url`` and fault them back."""
     vm = f"fault-{label}"
     with bench_agent({"default": url}, tmp=tmp, native_faults=native_faults) as agent:
-        guest = GuestDriver(agent.settings.handoff_path(), vm, f"{faults * PAGE_SIZE // 1024}K")
+        guest = GuestDriver(agent.settings.handoff_path(), vm, f"{faults * PAGE_SIZE // 1024}K", mode=mode)
         try:
             s = wait_attached(agent, vm)
             agent.set_policy(vm, EvictionPolicy(cold_after=1, prefetch_pages=prefetch, store="default"))
@@ -135,6 +136,7 @@ def run_store(
     return {
         "store": label,
         "url": url,
+        "mode": guest.mode,
         "faults": touched["pages"],
         "faults_served": served,
         "prefetch": prefetch,
@@ -180,10 +182,11 @@ def run(
     prefetch: int = 0,
     local: bool = True,
     placements: Sequence[str] = PLACEMENTS,
+    mode: str = "auto",
 ) -> dict[str, Any]:
     """The fault benchmark on each store (a local store first, unless ``local`` is False), per placement,
     each agent run between two runs of the reference C handler with the same placement."""
-    require_uffd()
+    require_uffd(mode)
     if quick:
         faults = min(faults, 512)
     if faults < 1:
@@ -201,7 +204,7 @@ def run(
                 with placement(0 if where == "pinned" else None):
                     for use_native in paths:
                         before = c_handler_touch(order, faults)
-                        row = run_store(t.label, t.url, faults, prefetch, native_faults=use_native)
+                        row = run_store(t.label, t.url, faults, prefetch, native_faults=use_native, mode=mode)
                         after = c_handler_touch(order, faults)
                         c = _c_baseline([before, after])
                         row.update(
