@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers.agents import handoff_agent
 from tests.helpers.guest import GuestProc, pages_spec
 from tests.helpers.servers import RedisServer, free_port, wait_port
 from tests.helpers.timing import scaled
@@ -39,18 +40,8 @@ def mode(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[Agent]:
-    s = AgentSettings(
-        node_id="n1",
-        data_dir=str(tmp_path / "agent"),
-        autonomous=False,
-        handoff_socket=str(tmp_path / "h" / "handoff.sock"),
-    )
-    a = Agent(s)
-    stop = start_handoff(a)
-    yield a
-    if stop:
-        stop()
-    a.close()
+    with handoff_agent(tmp_path) as a:
+        yield a
 
 
 def test_detection_is_exact_and_evicted_pages_fault_back(agent: Agent, mode: str) -> None:
