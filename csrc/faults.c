@@ -4,7 +4,8 @@
  * Division of work (docs/architecture.md, "The native fault path"):
  * - Python owns every decision that is not the common case. This thread serves a message only when
  *   it is a plain MISSING fault (no WP/MINOR/RWP flag), no earlier message is still with Python
- *   (kernel order), the page has an entry in the mirror, its payload reads back whole, decodes to a
+ *   (kernel order), the page has an entry in the mirror, its payload reads back whole (a pread from
+ *   a local segment file, or a GET from Redis: csrc/redis_src.c), decodes to a
  *   page whose keyed MAC (tiermem/store/pagemac.py) is the entry's tag, and UFFDIO_COPY succeeds or
  *   finds the page present.
  *   Anything else (events, tracking faults, zero fills, pages of other stores, a missing or bad
@@ -68,9 +69,9 @@ typedef struct {
     int copied;
 } rec_t;
 
-enum { F_NO_ENTRY, F_NOT_MISSING, F_OPEN, F_READ, F_DECODE, F_VERIFY, F_COPY, F_HANDED_ORDER, F_COUNT };
+enum { F_NO_ENTRY, F_NOT_MISSING, F_OPEN, F_READ, F_DECODE, F_VERIFY, F_COPY, F_HANDED_ORDER, F_STORE, F_COUNT };
 static const char *const fallback_names[F_COUNT] = {
-    "no_entry", "not_missing", "open", "read", "decode", "verify", "copy", "order",
+    "no_entry", "not_missing", "open", "read", "decode", "verify", "copy", "order", "store",
 };
 
 typedef struct {
@@ -79,7 +80,8 @@ typedef struct {
     ent_t *ents;
     seg_t *segs;
     int nsegs, last_seg;
-    char *dirs[MAX_DIRS];
+    char *dirs[MAX_DIRS]; /* a segment directory, or NULL where redis[i] is the source */
+    tm_redis *redis[MAX_DIRS];
     int ndirs;
     pthread_mutex_t idx_mu; /* ents, segs (names), rq */
     pthread_mutex_t read_mu; /* uffd reads, serving, hq, handed */
@@ -152,7 +154,7 @@ static int seg_fd(FaultPath *fp, int seg)
     }
     char path[4096];
     pthread_mutex_lock(&fp->idx_mu);
-    int n = snprintf(path, sizeof path, "%s/%s", fp->dirs[s->dir], s->name);
+    int n = fp->dirs[s->dir] ? snprintf(path, sizeof path, "%s/%s", fp->dirs[s->dir], s->name) : -1;
     pthread_mutex_unlock(&fp->idx_mu);
     if (n <= 0 || (size_t)n >= sizeof path)
         return -1;
@@ -189,6 +191,7 @@ static int try_serve(FaultPath *fp, const struct uffd_msg *m)
     uint64_t page = (addr - fp->base) / fp->ps;
     pthread_mutex_lock(&fp->idx_mu);
     ent_t e = fp->ents[page];
+    tm_redis *rs = e.valid && e.codec != CODEC_ZERO ? fp->redis[fp->segs[e.seg].dir] : NULL;
     pthread_mutex_unlock(&fp->idx_mu);
     if (!e.valid) {
         fp->fallbacks[F_NO_ENTRY]++;
@@ -203,14 +206,22 @@ static int try_serve(FaultPath *fp, const struct uffd_msg *m)
         memset(fp->page, 0, fp->ps);
         /* zero pages carry a tag too: verified below like any page */
     } else {
-        int fd = seg_fd(fp, e.seg);
-        if (fd < 0) {
-            fp->fallbacks[F_OPEN]++;
-            return 0;
-        }
-        if (e.len == 0 || e.len > fp->ps || pread(fd, fp->pbuf, e.len, (off_t)e.off) != (ssize_t)e.len) {
-            fp->fallbacks[F_READ]++;
-            return 0;
+        if (rs != NULL) {
+            /* an outage, a missing key or a payload of another length: Python retries and reports */
+            if (e.len == 0 || tm_redis_get(rs, page, e.gen, fp->pbuf, fp->ps) != (long)e.len) {
+                fp->fallbacks[F_STORE]++;
+                return 0;
+            }
+        } else {
+            int fd = seg_fd(fp, e.seg);
+            if (fd < 0) {
+                fp->fallbacks[F_OPEN]++;
+                return 0;
+            }
+            if (e.len == 0 || e.len > fp->ps || pread(fd, fp->pbuf, e.len, (off_t)e.off) != (ssize_t)e.len) {
+                fp->fallbacks[F_READ]++;
+                return 0;
+            }
         }
         size_t got;
         if (e.codec == CODEC_RAW) {
@@ -417,8 +428,10 @@ static void fp_dealloc(FaultPath *fp)
         for (int i = 0; i < fp->nsegs; i++)
             if (fp->segs[i].fd >= 0)
                 close(fp->segs[i].fd);
-    for (int i = 0; i < fp->ndirs; i++)
+    for (int i = 0; i < fp->ndirs; i++) {
         free(fp->dirs[i]);
+        tm_redis_free(fp->redis[i]);
+    }
     free(fp->ents);
     free(fp->segs);
     free(fp->pbuf);
@@ -488,7 +501,7 @@ static PyObject *fp_add_dir(FaultPath *fp, PyObject *args)
     if (!ready(fp) || !PyArg_ParseTuple(args, "s", &path))
         return NULL;
     for (int i = 0; i < fp->ndirs; i++)
-        if (!strcmp(fp->dirs[i], path))
+        if (fp->dirs[i] != NULL && !strcmp(fp->dirs[i], path))
             return PyLong_FromLong(i);
     if (fp->ndirs == MAX_DIRS) {
         PyErr_SetString(PyExc_ValueError, "FaultPath: too many segment directories");
@@ -499,6 +512,36 @@ static PyObject *fp_add_dir(FaultPath *fp, PyObject *args)
         return PyErr_NoMemory();
     pthread_mutex_lock(&fp->idx_mu);
     fp->dirs[fp->ndirs] = copy;
+    int id = fp->ndirs++;
+    pthread_mutex_unlock(&fp->idx_mu);
+    return PyLong_FromLong(id);
+}
+
+/* add_redis(prefix, host, port, unix_path, user, password, db, timeout_ms, connect_timeout_ms) -> id of a
+ * Redis source: a page's payload is GET <prefix><page>:<generation> (connected on first use) */
+static PyObject *fp_add_redis(FaultPath *fp, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"prefix", "host", "port", "unix_path", "user", "password", "db", "timeout_ms",
+                             "connect_timeout_ms", NULL};
+    const char *prefix, *host, *unix_path, *user, *pass;
+    int port, db, timeout_ms, connect_ms;
+    if (!ready(fp) || !PyArg_ParseTupleAndKeywords(args, kw, "szizzziii", kwlist, &prefix, &host, &port,
+                                                   &unix_path, &user, &pass, &db, &timeout_ms, &connect_ms))
+        return NULL;
+    if (!tm_redis_available()) {
+        PyErr_SetString(PyExc_RuntimeError, "add_redis: built without hiredis");
+        return NULL;
+    }
+    if (fp->ndirs == MAX_DIRS || timeout_ms < 1 || connect_ms < 1 || db < 0 || (!host && !unix_path)) {
+        PyErr_SetString(PyExc_ValueError, "add_redis: too many sources, or a bad endpoint or timeout");
+        return NULL;
+    }
+    tm_redis *r = tm_redis_new(host, port, unix_path, user, pass, db, prefix, timeout_ms, connect_ms);
+    if (r == NULL)
+        return PyErr_NoMemory();
+    pthread_mutex_lock(&fp->idx_mu);
+    fp->dirs[fp->ndirs] = NULL;
+    fp->redis[fp->ndirs] = r;
     int id = fp->ndirs++;
     pthread_mutex_unlock(&fp->idx_mu);
     return PyLong_FromLong(id);
@@ -787,6 +830,9 @@ static PyMethodDef fp_methods[] = {
     {"start", (PyCFunction)fp_start, METH_NOARGS, "Start the fault thread."},
     {"stop", (PyCFunction)fp_stop, METH_NOARGS, "Stop and join the fault thread (before the uffd is closed)."},
     {"add_dir", (PyCFunction)fp_add_dir, METH_VARARGS, "add_dir(path) -> id of a segment directory."},
+    {"add_redis", (PyCFunction)(void (*)(void))fp_add_redis, METH_VARARGS | METH_KEYWORDS,
+     "add_redis(prefix, host, port, unix_path, user, password, db, timeout_ms, connect_timeout_ms) -> id of a "
+     "Redis source (plain TCP or unix socket; the payload of (page, gen) is GET <prefix><page>:<gen>)."},
     {"set_mac", (PyCFunction)fp_set_mac, METH_VARARGS,
      "set_mac(space, keys): the VM's store namespace and the page MAC keys (32 bytes each, current first); "
      "before start. Without it no page verifies: every fault goes to Python."},

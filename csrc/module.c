@@ -153,7 +153,7 @@ PyMODINIT_FUNC PyInit__native(void)
     PyObject *m = PyModule_Create(&moddef);
     if (m == NULL)
         return NULL;
-    if (tm_faults_init(m) < 0) {
+    if (tm_faults_init(m) < 0 || PyModule_AddIntConstant(m, "HAVE_REDIS", tm_redis_available()) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -11,8 +11,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.helpers.capability import REQUIRED, in_ci, redis_reason, require, s3_reason
+from tests.helpers.capability import REQUIRED, in_ci, redis_reason, require, rwp_reason, s3_reason
 from tests.helpers.servers import RedisServer, S3Server
+from tests.helpers.timing import time_scale
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -20,9 +21,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    scale = time_scale()
+    base_timeout = float(config.getini("timeout") or 0)
     for item in items:
         if "soak" in item.keywords and not config.getoption("--soak"):
             item.add_marker(pytest.mark.skip(reason="soak test: run with --soak"))
+        if scale != 1:  # a slow machine (the kernel-VM tier under TCG): stretch every test's time limit
+            m = item.get_closest_marker("timeout")
+            limit = float(m.args[0]) if m is not None and m.args else base_timeout
+            if limit:
+                item.add_marker(pytest.mark.timeout(limit * scale), append=False)
+        # rwp tests skip on kernels without RWP, CI included: `make test-rwp` runs them in a 7.3 VM, where
+        # a missing RWP fails them (rwp_reason) instead of letting the tier go green without them.
+        if item.get_closest_marker("rwp") and (why := rwp_reason()):
+            item.add_marker(pytest.mark.skip(reason=why))
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

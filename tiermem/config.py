@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import (
@@ -20,6 +20,8 @@ from pydantic_settings import (
 )
 
 from tiermem.errors import ConfigurationError
+
+LogLevel = Literal["debug", "info", "warning", "error"]
 
 __all__ = ["AgentSettings", "ClientSettings", "ControlPlaneSettings", "TlsSettings", "load_settings"]
 
@@ -126,10 +128,17 @@ class AgentSettings(_Base):
     """TLS used when calling the control plane."""
     metrics_listen: str = ""
     """Prometheus endpoint host:port (empty: off)."""
+    metrics_tls: TlsSettings = Field(default_factory=TlsSettings)
+    """TLS of the Prometheus endpoint, separate from the gRPC server's (empty: plain HTTP, for a scrape on
+    a pod-local port; ``require_client_cert`` demands a client certificate signed by ``ca_file``)."""
     reflection: bool = False
     """Serve gRPC reflection."""
+    reflection_without_token: bool = False
+    """Serve reflection without a token too (grpcurl's discovery; health needs no token in any case)."""
     log_json: bool = True
     """Structured JSON logs (false: console format)."""
+    log_level: LogLevel = "info"
+    """Least severe log level written: debug, info, warning or error."""
 
     @field_validator("stores")
     @classmethod
@@ -206,10 +215,17 @@ class ControlPlaneSettings(_Base):
     """TLS used when calling agents."""
     metrics_listen: str = ""
     """Prometheus endpoint host:port (empty: off)."""
+    metrics_tls: TlsSettings = Field(default_factory=TlsSettings)
+    """TLS of the Prometheus endpoint, separate from the gRPC server's (empty: plain HTTP, for a scrape on
+    a pod-local port; ``require_client_cert`` demands a client certificate signed by ``ca_file``)."""
     reflection: bool = False
     """Serve gRPC reflection."""
+    reflection_without_token: bool = False
+    """Serve reflection without a token too (grpcurl's discovery; health needs no token in any case)."""
     log_json: bool = True
     """Structured JSON logs."""
+    log_level: LogLevel = "info"
+    """Least severe log level written: debug, info, warning or error."""
 
 
 class ClientSettings(_Base):

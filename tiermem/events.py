@@ -16,7 +16,24 @@ from collections.abc import AsyncIterator, Callable
 
 from tiermem.model import Event, EventKind
 
-__all__ = ["EventBus"]
+__all__ = ["EventBus", "log_level"]
+
+# Failures are logged at warning or error so that a log pipeline filtering on level sees them.
+_LEVELS = {
+    EventKind.INTEGRITY_ERROR: "error",
+    EventKind.STORE_ERROR: "error",
+    EventKind.EVICTION_STOPPED: "error",
+    EventKind.CYCLE_FAILED: "warning",
+    EventKind.NODE_DOWN: "warning",
+    EventKind.VMM_DISCONNECTED: "warning",
+    EventKind.CYCLE_COMPLETED: "debug",
+    EventKind.DRAIN_PROGRESS: "debug",
+}
+
+
+def log_level(kind: EventKind) -> str:
+    """The level an event of ``kind`` is logged at: error, warning, info or debug."""
+    return _LEVELS.get(kind, "info")
 
 
 class _Subscriber:

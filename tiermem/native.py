@@ -1,7 +1,7 @@
 """The optional native extension ``tiermem._native``: whether it is built, and its typed entry points.
 
 The extension is built by pip from ``csrc/`` with the system compiler (``setup.py``;
-``make setup`` installs the compiler and the zstd/lz4/sodium headers from the OS).
+``make setup`` installs the compiler and the zstd/lz4/sodium/hiredis headers from the OS).
 It is optional: without it every caller uses its pure-Python path, and
 ``tiermem doctor`` says so. ``TIERMEM_NATIVE=0`` turns it off (A/B runs, the
 reference path in tests).
@@ -45,6 +45,8 @@ def paths() -> dict[str, str]:
         "extension": "built" if mod is not None else f"unavailable: {reason}",
         "sim_scan": "native" if mod is not None else "numpy",
         "fault_serve": "native" if mod is not None and hasattr(mod, "FaultPath") else "python",
+        # Redis pages on the fault thread need hiredis at build time (rediss:// always stays in Python)
+        "fault_serve_redis": "native" if mod is not None and getattr(mod, "HAVE_REDIS", False) else "python",
     }
 
 

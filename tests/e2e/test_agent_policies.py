@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.agents import handoff_agent
 from tests.helpers.guest import GuestProc
 from tiermem import evict
-from tiermem.agent.attach import start_handoff
 from tiermem.agent.node import Agent
-from tiermem.config import AgentSettings
 from tiermem.model import CycleMode, EvictionPolicy
 
 pytestmark = [pytest.mark.uffd, pytest.mark.timeout(180)]
@@ -20,18 +19,8 @@ pytestmark = [pytest.mark.uffd, pytest.mark.timeout(180)]
 
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[Agent]:
-    s = AgentSettings(
-        node_id="n1",
-        data_dir=str(tmp_path / "agent"),
-        autonomous=False,
-        handoff_socket=str(tmp_path / "h" / "handoff.sock"),
-    )
-    a = Agent(s)
-    stop = start_handoff(a)
-    yield a
-    if stop:
-        stop()
-    a.close()
+    with handoff_agent(tmp_path) as a:
+        yield a
 
 
 @pytest.mark.parametrize("name", ["recommended", *(n for n in evict.NAMES if n not in evict.ALIASES)])

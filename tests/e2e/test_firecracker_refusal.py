@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tiermem.agent.attach import start_handoff
+from tests.helpers.agents import handoff_agent
 from tiermem.agent.node import Agent
-from tiermem.config import AgentSettings
 from tiermem.guests.firecracker import FirecrackerProcess
 from tiermem.model import EventKind
 
@@ -26,18 +25,8 @@ pytestmark = [pytest.mark.uffd, pytest.mark.timeout(120)]
 
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[Agent]:
-    s = AgentSettings(
-        node_id="n1",
-        data_dir=str(tmp_path / "agent"),
-        autonomous=False,
-        handoff_socket=str(tmp_path / "h" / "handoff.sock"),
-    )
-    a = Agent(s)
-    stop = start_handoff(a)
-    yield a
-    if stop:
-        stop()
-    a.close()
+    with handoff_agent(tmp_path) as a:
+        yield a
 
 
 def _refusals(agent: Agent) -> list[str]:

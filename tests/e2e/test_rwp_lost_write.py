@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.agents import handoff_agent
 from tests.helpers.guest import GuestProc
-from tiermem.agent.attach import start_handoff
 from tiermem.agent.node import Agent
-from tiermem.config import AgentSettings
 from tiermem.kernel import uapi
 from tiermem.model import CycleMode, CycleReport, EvictionPolicy
 
@@ -43,18 +42,8 @@ def _skip_reason() -> str | None:
 def agent(tmp_path: Path) -> Iterator[Agent]:
     if why := _skip_reason():
         pytest.skip(why)
-    s = AgentSettings(
-        node_id="n1",
-        data_dir=str(tmp_path / "agent"),
-        autonomous=False,
-        handoff_socket=str(tmp_path / "h" / "handoff.sock"),
-    )
-    a = Agent(s)
-    stop = start_handoff(a)
-    yield a
-    if stop:
-        stop()
-    a.close()
+    with handoff_agent(tmp_path) as a:
+        yield a
 
 
 def cycle_with_writes_during_eviction(agent: Agent, guest: GuestProc, pages: str) -> CycleReport:

@@ -171,6 +171,7 @@ def test_the_real_vmm_reattaches_with_its_secret(node: Node) -> None:
         )
         assert agent.sessions["vm-r"].incarnation == inc
         assert g.cmd("verify")["mismatches"] == 0  # every evicted page came back from its own namespace
-        assert agent.index.count("vm-r") == 0
+        # the native fault path hands installed pages to the index every few ms, so the count lags a little
+        wait_until(lambda: agent.index.count("vm-r") == 0, 10, "every index entry to be dropped")
     finally:
         g.close()

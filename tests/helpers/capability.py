@@ -19,7 +19,16 @@ import pytest
 
 from tiermem.kernel.probe import kvm_api_version, probe_host
 
-__all__ = ["REQUIRED", "in_ci", "kvm_reason", "redis_reason", "require", "s3_reason", "uffd_reason"]
+__all__ = [
+    "REQUIRED",
+    "in_ci",
+    "kvm_reason",
+    "redis_reason",
+    "require",
+    "rwp_reason",
+    "s3_reason",
+    "uffd_reason",
+]
 
 
 def in_ci() -> bool:
@@ -61,6 +70,19 @@ def uffd_reason() -> str | None:
     """None if the real userfaultfd path can run here, else why not."""
     rep = probe_host()
     return None if rep.backends["uffd"] else f"real userfaultfd unavailable: {rep.reasons['uffd']}"
+
+
+@functools.cache
+def rwp_reason() -> str | None:
+    """None if the kernel has userfaultfd RWP (Linux 7.3+), else why not; fails inside the kernel-VM tier."""
+    rep = probe_host()
+    if rep.backends["rwp"]:
+        return None
+    if os.environ.get("KVM_TIER_GUEST") == "1":  # the tier's whole point is this kernel: never skip there
+        pytest.fail(
+            f"inside the kernel-VM tier but the kernel lacks RWP: {rep.reasons['rwp']}", pytrace=False
+        )
+    return f"needs userfaultfd RWP (Linux 7.3+; `make test-rwp` runs these in a 7.3 VM): {rep.reasons['rwp']}"
 
 
 @functools.cache

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from tests.helpers.timing import scaled
 from tiermem.handoff.listener import HandoffAttach, HandoffListener
 from tiermem.kernel import uapi
 from tiermem.kernel.backend import KernelBackend
@@ -49,6 +50,7 @@ class MiniAgent:
         self.saved: dict[int, bytes] = {}
         self.events: list[UffdMsg] = []
         self.rwp_faults: list[int] = []
+        self.minor_faults: list[int] = []
         self.hold_rwp = False
         """When True, sync RWP faults are parked (the vCPU waits) instead of resolved."""
         self.service_us: list[float] = []
@@ -63,7 +65,7 @@ class MiniAgent:
         self.attaches.put(attach)
 
     def wait_attach(self, timeout: float = 10.0) -> HandoffAttach:
-        return self.attaches.get(timeout=timeout)
+        return self.attaches.get(timeout=scaled(timeout))
 
     def serve(self, backend: KernelBackend) -> None:
         t = threading.Thread(target=self._loop, args=(backend,), daemon=True)
@@ -93,6 +95,20 @@ class MiniAgent:
                 self.rwp_faults.append(page)
             if not self.hold_rwp:
                 be.rwprotect(be.addr(page), be.page_size, protect=False)
+            return
+        if m.flags & uapi.UFFD_PAGEFAULT_FLAG_MINOR:
+            # rwp mode registers MINOR too: a page in the memfd but unmapped in the guest mapping (a pwrite,
+            # say) faults MINOR; CONTINUE maps it, as the agent does (the uffd backend handles its own)
+            with self._lock:
+                self.minor_faults.append(page)
+            try:
+                be.continue_(be.addr(page), be.page_size)
+            except OSError as e:
+                if e.errno not in (errno.EEXIST, errno.EFAULT):
+                    raise
+                be.wake(
+                    be.addr(page), be.page_size
+                )  # mapped meanwhile, or punched (its retry faults MISSING)
             return
         t0 = time.perf_counter()
         with self._lock:  # taken before the install, so a test never sees a restored page still "saved"
@@ -140,6 +156,7 @@ class GuestProc:
         prefill: bool = True,
         seed: int = 1,
         extra: list[str] | None = None,
+        mode: str | None = None,
     ) -> None:
         cmd = [
             sys.executable,
@@ -155,6 +172,8 @@ class GuestProc:
             str(seed),
             "--control",
         ]
+        if mode:  # None: the guest probes the kernel (rwp where it has RWP, else uffd)
+            cmd += ["--mode", mode]
         if workload:
             cmd += ["--workload", workload]
         if prefill:

@@ -124,7 +124,8 @@ class Stack:
         self.hosts[("redis", 6379)] = port
         d = self.tmp / "redis"
         d.mkdir()
-        env = {**self.base_env(), **service_env(svc)}
+        # where compose's command listens, moved to loopback and a free port
+        env = {**self.base_env(), **service_env(svc), "REDIS_BIND": "127.0.0.1", "REDIS_PORT": str(port)}
         cmd = list(svc["command"])
         assert cmd[:2] == ["sh", "-c"], cmd
         cmd[2] = cmd[2].replace("/tmp/users.acl", str(d / "users.acl"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -592,3 +593,79 @@ def test_vm_ids_complete_from_the_server(stub: StubClient) -> None:
     stub.fail_with = errors.Unavailable("down")  # an unreachable server completes nothing, silently
     r = CliRunner().invoke(cli, [], prog_name="tiermem", env=env, obj={"client_factory": lambda s: stub})
     assert r.exit_code == 0 and r.stdout.strip() == "" and r.stderr == ""
+
+
+# ---------------------------------------------------------------- output formats (issue 20)
+
+
+def test_tables_are_plain_ascii_off_a_terminal(stub: StubClient) -> None:
+    out = ok(run(stub, "node", "list")).stdout
+    assert "127.0.0.1:7070" in out
+    assert out.isascii(), [c for c in out if not c.isascii()][:5]
+    assert "|" in out and "-" in out
+
+
+@pytest.mark.parametrize("cmd", [["node", "list"], ["vm", "list"]])
+def test_output_json_is_the_json_flag(stub: StubClient, cmd: list[str]) -> None:
+    assert json.loads(ok(run(stub, *cmd, "-o", "json")).stdout) == json.loads(
+        ok(run(stub, *cmd, "--json")).stdout
+    )
+
+
+def test_output_wide_never_folds(stub: StubClient) -> None:
+    env: dict[str, str | None] = {"COLUMNS": "40", "TIERMEM_SERVER": None}
+    narrow = ok(run(stub, "node", "list", env=env)).stdout  # type: ignore[arg-type]
+    wide = ok(run(stub, "node", "list", "-o", "wide", env=env)).stdout  # type: ignore[arg-type]
+    assert len(wide.splitlines()) < len(narrow.splitlines())
+    assert max(len(line) for line in wide.splitlines()) > 40
+
+
+def test_output_and_json_must_agree(stub: StubClient) -> None:
+    assert "disagree" in one_line_error(run(stub, "node", "list", "--json", "-o", "wide"))
+    assert "yaml" in one_line_error(run(stub, "node", "list", "-o", "yaml"))
+
+
+def test_drain_keep_paused_pauses_first(stub: StubClient) -> None:
+    out = ok(run(stub, "vm", "drain", "vm1", "--keep-paused")).stdout
+    names = [c[0] for c in stub.calls]
+    assert names.index("set_policy") < names.index("drain_vm")
+    scope, policy, fields = next(c[1] for c in stub.calls if c[0] == "set_policy")
+    assert scope == PolicyScope.for_vm("vm1") and policy.paused is True and fields == ["paused"]
+    assert "--resume" in out
+
+
+def test_drain_without_keep_paused_changes_no_policy(stub: StubClient) -> None:
+    ok(run(stub, "vm", "drain", "vm1"))
+    assert "set_policy" not in [c[0] for c in stub.calls]
+
+
+def _workload_examples() -> list[str]:
+    """Every workload spec that a --workload help text shows (after "e.g." or as the default)."""
+    import click
+
+    from tiermem.cli.main import cli as root
+
+    found: list[str] = []
+    stack: list[click.Command] = [root]
+    while stack:
+        cmd = stack.pop()
+        stack += list(getattr(cmd, "commands", {}).values())
+        for p in cmd.params:
+            if not (isinstance(p, click.Option) and "--workload" in p.opts):
+                continue
+            if isinstance(p.default, str) and p.default:
+                found.append(p.default)
+            helptext = p.help or ""
+            if "e.g." in helptext:
+                words = re.split(r",\s*|\s+or\s+", helptext.split("e.g.", 1)[1].strip().rstrip("."))
+                found += [w for w in words if w]
+    return found
+
+
+def test_workload_help_examples_are_accepted() -> None:
+    from tiermem.sim.workloads import parse_workload
+
+    examples = _workload_examples()
+    assert "zipf:1.1" in examples and "hotset:0.1" in examples
+    for spec in examples:
+        parse_workload(spec, 4096, 1)

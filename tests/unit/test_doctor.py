@@ -42,7 +42,7 @@ def test_doctor_reports_the_native_paths_and_their_switch() -> None:
             env=env,
         ).stdout
     )["native"]
-    assert off["sim_scan"] == "numpy" and off["fault_serve"] == "python"
+    assert off["sim_scan"] == "numpy" and off["fault_serve"] == off["fault_serve_redis"] == "python"
     assert "TIERMEM_NATIVE=0" in off["extension"]
     on = json.loads(
         subprocess.run(
@@ -54,6 +54,7 @@ def test_doctor_reports_the_native_paths_and_their_switch() -> None:
     )["native"]
     assert on["extension"] == "built", on
     assert on["sim_scan"] == "native"
+    assert on["fault_serve_redis"] == "native"  # make setup-test installs libhiredis-dev
 
 
 @pytest.mark.uffd

@@ -22,6 +22,8 @@ from tiermem.config import AgentSettings, ControlPlaneSettings, TlsSettings
 FILE_ONLY = {
     "controlplane": {
         "leader_lease_ms",
+        "metrics_tls",
+        "reflection_without_token",
         "tenant_manual_cycles",
         "tenant_manual_cycles_per_node",
         "tenant_manual_max_interval_ms",
@@ -37,6 +39,8 @@ FILE_ONLY = {
         "trace_dir",
         "trace_max_bytes",
         "page_key_file",
+        "metrics_tls",
+        "reflection_without_token",
     },
 }
 CASES: list[tuple[str, type[BaseModel], Callable[..., dict[str, Any]]]] = [

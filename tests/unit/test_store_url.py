@@ -233,3 +233,26 @@ def test_tls_defaults_check_hostnames() -> None:
         assert st.durable is True
     finally:
         st.close()
+
+
+def test_redis_endpoint_for_the_native_fault_path() -> None:
+    """The native thread's own connection gets exactly the URL's endpoint and credentials; TLS has none
+    (only redis-py speaks it), and the password never shows in the endpoint's repr."""
+
+    st = RedisPageStore.from_url(
+        "redis://tm:p%40ss@10.1.2.3:6380/2?timeout=0.25&connect_timeout=1.5&prefix=x"
+    )
+    ep = st.endpoint()
+    assert ep is not None
+    assert (ep.host, ep.port, ep.unix_path, ep.username, ep.password, ep.db) == (
+        "10.1.2.3",
+        6380,
+        None,
+        "tm",
+        "p@ss",
+        2,
+    )
+    assert (ep.timeout_s, ep.connect_timeout_s) == (0.25, 1.5)
+    assert "p@ss" not in repr(ep)
+    assert st.key(f"n~vm~{'0' * 16}", 7, 9) == st.key_prefix(f"n~vm~{'0' * 16}") + "7:9"
+    assert RedisPageStore.from_url("rediss://h:6379/0").endpoint() is None

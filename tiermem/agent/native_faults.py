@@ -1,13 +1,14 @@
 """The native fault path of one VM: the C fault thread (``tiermem._native.FaultPath``) and its Python half.
 
-The thread serves MISSING faults on pages evicted to a local store without the GIL
-(read the message, look up the mirror, pread, decode, verify the page MAC,
+The thread serves MISSING faults on pages evicted to a local store or a plain (non-TLS)
+Redis store without the GIL (read the message, look up the mirror, pread or GET, decode,
+verify the page MAC,
 UFFDIO_COPY with DONTWAKE, drop the mirror entry of that generation, wake) and hands
 every other message to the backend's Python reader, in kernel order
 (``csrc/faults.c`` says exactly which). This module:
 
 - keeps the thread's mirror of the index (:class:`NativeMirror`, an
-  :class:`~tiermem.agent.index.IndexMirror`: entries of local-store pages, written after
+  :class:`~tiermem.agent.index.IndexMirror`: entries of local-store and Redis pages, written after
   the durable commit; entries of other stores make it forget the page);
 - drains what the thread served into the Python side every few milliseconds:
   the index entry of the generation installed is dropped (its durable removal is
@@ -31,48 +32,89 @@ from tiermem.agent.metrics import FaultKind
 from tiermem.agent.session import VmSession
 from tiermem.errors import TiermemError
 from tiermem.kernel.uffd_base import RealBackend
-from tiermem.store.base import Codec, StoredPage
+from tiermem.store.base import Codec, PageStore, StoredPage
 from tiermem.store.local import LocalPageStore
+from tiermem.store.redis_store import RedisPageStore
 from tiermem.store.segfile import parse_location
 
-__all__ = ["DRAIN_INTERVAL_S", "NativeFaults", "NativeMirror"]
+__all__ = ["DRAIN_INTERVAL_S", "REDIS_TIMEOUT_CAP_S", "NativeFaults", "NativeMirror", "servable"]
 
 log = structlog.get_logger("tiermem.agent.native_faults")
 
 DRAIN_INTERVAL_S = 0.005
 """How often served faults reach the Python side (index, counters): the lag of its bookkeeping."""
+REDIS_TIMEOUT_CAP_S = 0.5
+"""The fault thread's Redis timeouts are the store's, capped at this: while it waits on a hung Redis it
+reads no other message of the VM, so it gives up early and hands the fault to Python (which waits
+with the store's own timeouts and retries)."""
+
+
+def servable(store: PageStore | None) -> bool:
+    """Whether the fault thread can read this store's pages: a local store, or Redis without TLS (when
+    the extension was built with hiredis)."""
+    if isinstance(store, LocalPageStore):
+        return True
+    return (
+        isinstance(store, RedisPageStore)
+        and bool(getattr(native.mod, "HAVE_REDIS", 0))
+        and store.endpoint() is not None
+    )
 
 
 class NativeMirror:
-    """The fault thread's copy of a VM's index entries, for pages in local stores."""
+    """The fault thread's copy of a VM's index entries, for pages in local and Redis stores."""
 
     def __init__(self, fp: Any, session: VmSession, keys: list[bytes]) -> None:
         self.fp = fp
         self.session = session
         self.keys = keys
         """The page MAC keys the thread verifies with (current first)."""
-        self._dirs: dict[str, int | None] = {}
+        self._dirs: dict[str, tuple[int, bool] | None] = {}
 
-    def _dir(self, store: str) -> int | None:
-        """The thread's id of the store's segment directory for this VM; None if it cannot serve it."""
+    def _source(self, st: PageStore) -> int:
+        if isinstance(st, LocalPageStore):
+            return int(self.fp.add_dir(st.segment_dir(self.session.space)))
+        assert isinstance(st, RedisPageStore)
+        ep = st.endpoint()
+        assert ep is not None
+        return int(
+            self.fp.add_redis(
+                st.key_prefix(self.session.space),
+                ep.host,
+                ep.port,
+                ep.unix_path,
+                ep.username,
+                ep.password,
+                ep.db,
+                max(1, round(min(ep.timeout_s, REDIS_TIMEOUT_CAP_S) * 1000)),
+                max(1, round(min(ep.connect_timeout_s, REDIS_TIMEOUT_CAP_S) * 1000)),
+            )
+        )
+
+    def _dir(self, store: str) -> tuple[int, bool] | None:
+        """The thread's id of the store's source for this VM (a segment directory or a Redis connection)
+        and whether it is Redis; None if it cannot serve it."""
         if store not in self._dirs:
             try:
-                st = self.session.stores(store)
+                st: PageStore | None = self.session.stores(store)
             except TiermemError:
                 st = None
             self._dirs[store] = None
-            if isinstance(st, LocalPageStore) and st.keyring.keys() == self.keys:
-                # the thread verifies with one keyring: a store keyed otherwise stays with Python
-                self._dirs[store] = self.fp.add_dir(st.segment_dir(self.session.space))
+            ok = isinstance(st, LocalPageStore | RedisPageStore) and servable(st)
+            # the thread verifies with one keyring: a store keyed otherwise stays with Python
+            if ok and isinstance(st, LocalPageStore | RedisPageStore) and st.keyring.keys() == self.keys:
+                self._dirs[store] = (self._source(st), isinstance(st, RedisPageStore))
         return self._dirs[store]
 
     def put(self, store: str, entries: Sequence[StoredPage]) -> None:
         """Mirror entries just made durable; pages of stores it cannot read are forgotten."""
-        d = self._dir(store)
+        src = self._dir(store)
+        d, is_redis = src if src is not None else (None, False)
         rows = []
         for e in entries:
             zero = e.codec == Codec.ZERO
-            loc = None if d is None or zero else parse_location(e.location)
+            # a Redis key is derived from (page, generation): the location is never trusted (invariant 5)
+            loc = None if d is None or zero else ("", 0, e.length) if is_redis else parse_location(e.location)
             if d is None or (loc is None and not zero):
                 rows.append((e.page, e.generation, 0, 0, -1, "", 0, 0))  # forget any older entry
             else:
@@ -104,8 +146,8 @@ class NativeFaults:
     @classmethod
     def create(cls, session: VmSession) -> NativeFaults | None:
         """The native path for this VM, or None where it does not apply (no extension, the sim, a
-        snapshot restore, a policy store that is not local: the thread verifies with that store's
-        page MAC keys)."""
+        snapshot restore, a policy store the thread cannot read: S3, Redis over TLS; the thread
+        verifies with that store's page MAC keys)."""
         b = session.backend
         if native.mod is None or not hasattr(native.mod, "FaultPath") or not isinstance(b, RealBackend):
             return None
@@ -115,7 +157,7 @@ class NativeFaults:
             st = session.stores(session.policy.store)
         except TiermemError:
             return None
-        if not isinstance(st, LocalPageStore):
+        if not servable(st) or not isinstance(st, LocalPageStore | RedisPageStore):
             return None
         fp = native.mod.FaultPath(b.uffd_fd, b.base, b.page_size, b.n_pages)
         return cls(session, fp, st.keyring.keys())

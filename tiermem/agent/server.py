@@ -60,7 +60,11 @@ async def serve_agent(settings: AgentSettings, metrics: AgentMetrics | None = No
     restores = await asyncio.to_thread(RestoreService(agent).start)
     servicer = NodeAgentServicer(agent, restores)
     opts = ServerOptions(
-        listen=settings.listen, tls=settings.tls, token=settings.token, reflection=settings.reflection
+        listen=settings.listen,
+        tls=settings.tls,
+        token=settings.token,
+        reflection=settings.reflection,
+        reflection_without_token=settings.reflection_without_token,
     )
     started = await start_server(
         lambda srv: agent_pb2_grpc.add_NodeAgentServicer_to_server(servicer, srv), [SERVICE_NAME], opts
@@ -70,7 +74,11 @@ async def serve_agent(settings: AgentSettings, metrics: AgentMetrics | None = No
     running = RunningAgent(agent, started, address, servicer)
     running.closers.append(restores.close)
     if settings.metrics_listen:
-        start_metrics(settings.metrics_listen, agent.metrics.registry, settings.tls)
+        try:
+            start_metrics(settings.metrics_listen, agent.metrics.registry, settings.metrics_tls)
+        except BaseException:
+            await running.stop(0)  # the gRPC server is up: stop it on this loop, not at interpreter exit
+            raise
         running.closers.append(stop_metrics)
     closer = start_handoff(agent)
     if closer is not None:

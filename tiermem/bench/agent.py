@@ -14,7 +14,7 @@ One in-process agent, one store (Redis by default). Steps:
    same time, on their own threads (capped per cycle), while the guest faults
    back the other half;
 5. **baselines, same run**: single-page GET with the store's plain client (goal:
-   fault p50 during eviction <= 2x that), the same client's batched put rate,
+   fault p50 idle and during eviction <= 1.3x that), the same client's batched put rate,
    and one numpy pass over a GiB's worth of per-page state.
 """
 
@@ -46,7 +46,7 @@ from tiermem.model import PAGE_SIZE, CycleMode, CycleReport, EvictionCap, Evicti
 
 __all__ = ["GOAL_FAULT_VS_GET", "run"]
 
-GOAL_FAULT_VS_GET = 2.0
+GOAL_FAULT_VS_GET = 1.3
 MiB = 1 << 20
 GiB = 1 << 30
 _PHASES = ("protect", "wait", "freeze", "scan", "decide", "evict", "resume", "total")
@@ -94,9 +94,12 @@ def run(
     guest_mib: int = 64,
     cap_mib: int = 256,
     interval_ms: int = 1000,
+    mode: str = "auto",
+    native_faults: bool = True,
 ) -> dict[str, Any]:
-    """Run the agent benchmark against the first store given (default: a spawned redis-server)."""
-    require_uffd()
+    """Run the agent benchmark against the first store given (default: a spawned redis-server);
+    ``native_faults=False`` serves the guest's faults on the pure-Python path."""
+    require_uffd(mode)
     if quick:
         sim_vms, sim_mib, guest_mib = min(sim_vms, 4), min(sim_mib, 32), min(guest_mib, 8)
         cap_mib, interval_ms = min(cap_mib, 8), min(interval_ms, 100)
@@ -107,8 +110,8 @@ def run(
     sim_pages, guest_pages = sim_mib * MiB // PAGE_SIZE, guest_mib * MiB // PAGE_SIZE
     with store_targets(urls, spawn, local=False) as targets:
         target = targets[0]
-        with bench_agent({"default": target.url}) as agent:
-            out = _run(agent, target.label, sim_vms, sim_pages, guest_pages, cap_mib, interval_ms)
+        with bench_agent({"default": target.url}, native_faults=native_faults) as agent:
+            out = _run(agent, target.label, sim_vms, sim_pages, guest_pages, cap_mib, interval_ms, mode)
         raw_name, get_us = raw_get_latencies(target.url, 2000)
         put_name, put_rate = _raw_put_rate(target.url, min(8192, sim_pages))
     g50, g99 = pct(get_us, 50, 99)
@@ -120,8 +123,9 @@ def run(
     out["ratio_fault_p50_idle_vs_raw_get"] = ratio(idle["p50_us"], g50)
     out["ratio_evict_rate_vs_raw_put"] = ratio(out["eviction"]["pages_per_s"], put_rate["pages_per_s"])
     out["goals"] = {
+        f"fault_p50_idle_le_{GOAL_FAULT_VS_GET:g}x_raw_get": idle["p50_us"] <= GOAL_FAULT_VS_GET * g50,
         f"fault_p50_during_eviction_le_{GOAL_FAULT_VS_GET:g}x_raw_get": during["p50_us"]
-        <= GOAL_FAULT_VS_GET * g50
+        <= GOAL_FAULT_VS_GET * g50,
     }
     return out
 
@@ -135,7 +139,14 @@ def _raw_put_rate(url: str, pages: int) -> tuple[str, dict[str, float]]:
 
 
 def _run(
-    agent: Any, label: str, sim_vms: int, sim_pages: int, guest_pages: int, cap_mib: int, interval_ms: int
+    agent: Any,
+    label: str,
+    sim_vms: int,
+    sim_pages: int,
+    guest_pages: int,
+    cap_mib: int,
+    interval_ms: int,
+    mode: str,
 ) -> dict[str, Any]:
     interval_s = interval_ms / 1000
     pol = EvictionPolicy(
@@ -153,7 +164,7 @@ def _run(
         agent.sessions[vm].backend.access_batch(
             np.arange(sim_pages, dtype=np.int64), np.ones(sim_pages, dtype=bool)
         )
-    guest = GuestDriver(agent.settings.handoff_path(), "pg", f"{guest_pages * PAGE_SIZE // 1024}K")
+    guest = GuestDriver(agent.settings.handoff_path(), "pg", f"{guest_pages * PAGE_SIZE // 1024}K", mode=mode)
     try:
         gs = wait_attached(agent, "pg")
         agent.set_policy("pg", EvictionPolicy(interval_ms=interval_ms, cold_after=1, prefetch_pages=0))
@@ -178,7 +189,7 @@ def _run(
         tracking.append(
             {
                 "vm": "pg",
-                "backend": "uffd",
+                "backend": guest.mode,
                 "pages": guest_pages,
                 "hot": rep.pages_hot,
                 "cold": rep.pages_cold,

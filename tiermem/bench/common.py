@@ -27,6 +27,7 @@ from tiermem.errors import ConfigurationError, FailedPrecondition
 from tiermem.model import PAGE_SIZE
 
 __all__ = [
+    "GUEST_MODES",
     "GuestDriver",
     "StoreTarget",
     "bench_agent",
@@ -72,15 +73,19 @@ def cpu_seconds() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def require_uffd() -> None:
-    """FailedPrecondition with the probe's reason unless real userfaultfd works here."""
+GUEST_MODES = ("auto", "uffd", "rwp")
+"""How a scenario's process guests register their memory: ``auto`` follows the kernel probe."""
+
+
+def require_uffd(mode: str = "auto") -> None:
+    """FailedPrecondition with the probe's reason unless real userfaultfd (and RWP for ``rwp``) works here."""
     from tiermem.kernel.probe import probe_host
 
     rep = probe_host()
-    if not rep.backends.get("uffd"):
-        raise FailedPrecondition(
-            f"this scenario needs real userfaultfd: {rep.reasons.get('uffd', 'unavailable')}"
-        )
+    need = "rwp" if mode == "rwp" else "uffd"
+    if not rep.backends.get(need):
+        what = "userfaultfd RWP (Linux 7.3+)" if need == "rwp" else "real userfaultfd"
+        raise FailedPrecondition(f"this scenario needs {what}: {rep.reasons.get(need, 'unavailable')}")
 
 
 # --- stores --------------------------------------------------------------------------------------
@@ -156,7 +161,19 @@ def bench_agent(
 class GuestDriver:
     """``python -m tiermem.guests.process --control`` as a child: one command line, one JSON answer."""
 
-    def __init__(self, socket_path: str, vm_id: str, memory: str, *extra: str, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        socket_path: str,
+        vm_id: str,
+        memory: str,
+        *extra: str,
+        timeout: float = 30.0,
+        mode: str = "auto",
+    ) -> None:
+        if mode not in GUEST_MODES:
+            raise ConfigurationError(f"guest mode must be one of {', '.join(GUEST_MODES)}, got {mode!r}")
+        # auto: the guest probes the kernel (rwp where it has RWP, else uffd), as a real VMM would
+        forced = [] if mode == "auto" else ["--mode", mode]
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -168,8 +185,7 @@ class GuestDriver:
                 vm_id,
                 "--memory",
                 memory,
-                "--mode",
-                "uffd",
+                *forced,
                 "--control",
                 "--timeout",
                 str(timeout),
@@ -188,6 +204,8 @@ class GuestDriver:
             raise FailedPrecondition(
                 f"process guest {vm_id} did not attach: {self.ready.get('error', self.ready)}"
             )
+        self.mode: str = str(self.ready.get("mode", ""))
+        """The mode the guest registered its memory in (``uffd`` or ``rwp``)."""
 
     def _read(self, timeout: float) -> dict[str, Any]:
         out: list[str] = []

@@ -75,7 +75,7 @@ def _raw_put(url: str, pages: int, batch: int) -> tuple[str, dict[str, float], d
         store.close()
 
 
-def run_store(label: str, url: str, pages: int, backend: str = "uffd") -> dict[str, Any]:
+def run_store(label: str, url: str, pages: int, backend: str = "uffd", mode: str = "auto") -> dict[str, Any]:
     """Evict ``pages`` written pages of one guest to the store at ``url``; the cycle's phase times."""
     vm = f"evict-{label}"
     with bench_agent({"default": url}) as agent:
@@ -83,7 +83,9 @@ def run_store(label: str, url: str, pages: int, backend: str = "uffd") -> dict[s
         guest = None
         try:
             if backend == "uffd":
-                guest = GuestDriver(agent.settings.handoff_path(), vm, f"{pages * PAGE_SIZE // 1024}K")
+                guest = GuestDriver(
+                    agent.settings.handoff_path(), vm, f"{pages * PAGE_SIZE // 1024}K", mode=mode
+                )
                 wait_attached(agent, vm)
                 agent.set_policy(vm, pol)
                 guest.cmd(f"touch 0-{pages - 1} w")
@@ -120,6 +122,7 @@ def run_store(label: str, url: str, pages: int, backend: str = "uffd") -> dict[s
         "store": label,
         "url": url,
         "backend": backend,
+        "mode": guest.mode if guest is not None else "sim",
         "pages": pages,
         "batch": EVICT_BATCH_PAGES,
         "bytes_written": rep.bytes_written,
@@ -154,14 +157,15 @@ def run(
     pages: int = 65536,
     backend: str = "uffd",
     local: bool = True,
+    mode: str = "auto",
 ) -> dict[str, Any]:
     """The eviction benchmark on each store (a local store first, unless ``local`` is False)."""
     if backend == "uffd":
-        require_uffd()
+        require_uffd(mode)
     if quick:
         pages = min(pages, 2048)
     if pages < 1:
         raise FailedPrecondition("pages must be >= 1")
     with store_targets(urls, spawn, local=local) as targets:
-        rows = [run_store(t.label, t.url, pages, backend) for t in targets]
+        rows = [run_store(t.label, t.url, pages, backend, mode) for t in targets]
     return {"pages": pages, "page_size": PAGE_SIZE, "backend": backend, "rows": rows}

@@ -17,8 +17,8 @@ client (redis-py GET, ranged get_object, os.pread), and the reference C handler
 the same guest kind the same pages in the same order), run just before and just
 after the agent's run with the same CPU placement. Each store is measured with
 everything pinned to one CPU and unpinned. Goals with the local store, pinned:
-fault p50 <= 4x the C handler's p50, and p99 <= 1 ms. The guest verifies every
-page at the end.
+fault p50 <= 4x the C handler's p50, and p99 <= 1 ms; with Redis: fault p50 <= 1.3x
+the raw GET's p50 (redis-py, same run). The guest verifies every page at the end.
 """
 
 from __future__ import annotations
@@ -49,11 +49,13 @@ from tiermem.bench.mac import mac_cost
 from tiermem.errors import FailedPrecondition
 from tiermem.model import PAGE_SIZE, CycleMode, EvictionPolicy
 
-__all__ = ["GOAL_P50_VS_C", "GOAL_P99_US", "PLACEMENTS", "run", "run_store"]
+__all__ = ["GOAL_P50_VS_C", "GOAL_P99_US", "GOAL_REDIS_P50_VS_GET", "PLACEMENTS", "run", "run_store"]
 
 GOAL_P50_VS_C = 4.0
 """Local store, pinned: fault p50 at most this many times the reference C handler's p50."""
 GOAL_P99_US = 1000.0
+GOAL_REDIS_P50_VS_GET = 1.3
+"""Redis: fault p50 at most this many times the raw single-page GET's p50 (redis-py, same run)."""
 PLACEMENTS = ("pinned", "unpinned")
 """``pinned``: this process, the agent's threads, the guest and the C handler all on CPU 0."""
 _STAGES = ("lookup", "fetch", "install")
@@ -88,11 +90,12 @@ def run_store(
     seed: int = 1,
     tmp: Path | None = None,
     native_faults: bool = True,
+    mode: str = "auto",
 ) -> dict[str, Any]:
     """Evict ``faults`` pages of a process guest to the store at ``url`` and fault them back."""
     vm = f"fault-{label}"
     with bench_agent({"default": url}, tmp=tmp, native_faults=native_faults) as agent:
-        guest = GuestDriver(agent.settings.handoff_path(), vm, f"{faults * PAGE_SIZE // 1024}K")
+        guest = GuestDriver(agent.settings.handoff_path(), vm, f"{faults * PAGE_SIZE // 1024}K", mode=mode)
         try:
             s = wait_attached(agent, vm)
             agent.set_policy(vm, EvictionPolicy(cold_after=1, prefetch_pages=prefetch, store="default"))
@@ -133,6 +136,7 @@ def run_store(
     return {
         "store": label,
         "url": url,
+        "mode": guest.mode,
         "faults": touched["pages"],
         "faults_served": served,
         "prefetch": prefetch,
@@ -152,6 +156,7 @@ def run_store(
         "baseline_get": {"client": raw_name, "samples": len(get_us), "p50_us": r50, "p99_us": r99},
         "ratio_p50_vs_copy": ratio(g50, c50),
         "ratio_p50_vs_copy_plus_get": ratio(g50, c50 + r50),
+        "ratio_p50_vs_get": ratio(g50, r50),
         "ratio_p99_vs_copy_plus_get": ratio(g99, c99 + r99),
         "overhead_p50_us": round(g50 - c50 - r50, 1),
         "mac": mac,
@@ -177,10 +182,11 @@ def run(
     prefetch: int = 0,
     local: bool = True,
     placements: Sequence[str] = PLACEMENTS,
+    mode: str = "auto",
 ) -> dict[str, Any]:
     """The fault benchmark on each store (a local store first, unless ``local`` is False), per placement,
     each agent run between two runs of the reference C handler with the same placement."""
-    require_uffd()
+    require_uffd(mode)
     if quick:
         faults = min(faults, 512)
     if faults < 1:
@@ -198,7 +204,7 @@ def run(
                 with placement(0 if where == "pinned" else None):
                     for use_native in paths:
                         before = c_handler_touch(order, faults)
-                        row = run_store(t.label, t.url, faults, prefetch, native_faults=use_native)
+                        row = run_store(t.label, t.url, faults, prefetch, native_faults=use_native, mode=mode)
                         after = c_handler_touch(order, faults)
                         c = _c_baseline([before, after])
                         row.update(
@@ -207,16 +213,29 @@ def run(
                             ratio_p50_vs_c_handler=ratio(row["guest"]["p50_us"], c["p50_us"]),
                         )
                         rows.append(row)
-    goals: dict[str, bool | None] = {"local_p50_le_4x_c_handler": None, "local_p99_le_1ms": None}
+    goals: dict[str, bool | None] = {
+        "local_p50_le_4x_c_handler": None,
+        "local_p99_le_1ms": None,
+        "redis_p50_le_1.3x_raw_get": None,
+    }
     local_rows = [r for r in rows if r["store"] == "local"]
     if local_rows:
         # the fastest path's row, pinned if measured
         pinned = [x for x in local_rows if x["placement"] == "pinned"] or local_rows
         r = min(pinned, key=lambda x: x["ratio_p50_vs_c_handler"] or float("inf"))
-        goals = {
-            "local_p50_le_4x_c_handler": r["ratio_p50_vs_c_handler"] <= GOAL_P50_VS_C,
-            "local_p99_le_1ms": r["guest"]["p99_us"] <= GOAL_P99_US,
-        }
+        goals.update(
+            local_p50_le_4x_c_handler=r["ratio_p50_vs_c_handler"] <= GOAL_P50_VS_C,
+            local_p99_le_1ms=r["guest"]["p99_us"] <= GOAL_P99_US,
+        )
+    redis_rows = [r for r in rows if r["store"] == "redis" and r["ratio_p50_vs_get"] is not None]
+    if redis_rows:  # the fastest path's row, in every placement measured (the goal is met in all or not)
+        best: dict[str, dict[str, Any]] = {}
+        for r in redis_rows:
+            if r["placement"] not in best or r["ratio_p50_vs_get"] < best[r["placement"]]["ratio_p50_vs_get"]:
+                best[r["placement"]] = r
+        goals["redis_p50_le_1.3x_raw_get"] = all(
+            r["ratio_p50_vs_get"] <= GOAL_REDIS_P50_VS_GET for r in best.values()
+        )
     return {
         "faults": faults,
         "prefetch": prefetch,

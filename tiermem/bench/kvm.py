@@ -19,6 +19,11 @@ RWP_ASYNC). Printed: accesses/s on and off and their ratio per guest, MINOR
 faults/s, and the MISSING -> UFFDIO_COPY fault latency p50/p99 (each evicted page
 touched alone; the same touch of a resident page, measured in the same run, is
 subtracted as the baseline). Every guest is verified at the end.
+
+The same MISSING -> COPY probe then runs with the KVM guest handed off to an
+in-process node agent (local store): each sampled page is evicted by an agent
+cycle and touched alone, once served by the agent's native fault thread and once
+by its pure-Python path (``agent_latency``).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -33,11 +39,14 @@ from typing import Any
 
 import numpy as np
 
+from tiermem import native
+from tiermem.bench.common import bench_agent, settled_count, wait_attached
 from tiermem.guests.kvm import KvmVm
 from tiermem.guests.kvm_machine import PlainRam
 from tiermem.guests.kvm_pager import PagerProcess
 from tiermem.kernel import uapi
 from tiermem.kernel.uffd_ioctl import madvise
+from tiermem.model import CycleMode, EvictionPolicy
 from tiermem.sim import content
 from tiermem.sim.workloads import ExpectedCounters, parse_workload
 
@@ -200,6 +209,64 @@ def _kvm_guest(
     return {"off": off, "on": on, "latency": lat, "verified_pages": checked, "mismatches": bad}
 
 
+def _agent_latency(memory: int, workload: str, n_lat: int, native_faults: bool) -> dict[str, Any]:
+    """MISSING -> COPY with the KVM guest attached to a node agent (local store): every page evicted
+    by one cycle, a resident sample faulted back, then each sampled evicted page touched alone."""
+    with tempfile.TemporaryDirectory(prefix="tiermem-bench-kvm-") as tmp:
+        stores = {"default": f"file://{tmp}/pages"}
+        with (
+            bench_agent(stores, native_faults=native_faults) as agent,
+            KvmVm("bench-kvm-agent", memory, vcpus=1, workload_spec=workload, seed=1) as vm,
+        ):
+            vm.start(agent.settings.handoff_path())
+            s = wait_attached(agent, vm.vm_id)
+            vm.prefill()
+            agent.set_policy(vm.vm_id, EvictionPolicy(cold_after=1, prefetch_pages=0, store="default"))
+            rep = agent.run_cycle(vm.vm_id, CycleMode.EVICT, interval_ms=20)
+            if rep.error or rep.pages_evicted < vm.n_pages // 2:
+                raise RuntimeError(f"the agent evicted {rep.pages_evicted}/{vm.n_pages} pages: {rep.error}")
+            evicted = agent.index.evicted_pages(vm.vm_id)
+            rng = np.random.default_rng(2)
+            victims = rng.choice(evicted, min(n_lat, len(evicted) // 2), replace=False)
+            resident = rng.choice(np.setdiff1d(evicted, victims), min(n_lat, 500), replace=False)
+            vm.touch(resident)  # faulted back: the baseline touches below are of resident pages
+            base = np.empty(len(resident))
+            for i, p in enumerate(resident.tolist()):
+                t = time.perf_counter_ns()
+                vm.touch([p])
+                base[i] = time.perf_counter_ns() - t
+            fs = agent.faults[vm.vm_id]
+            served0 = fs.native.stats()["served"] if fs.native is not None else 0
+            faults0 = settled_count(lambda: s.counters.faults_served)
+            lat = np.empty(len(victims))
+            for i, p in enumerate(victims.tolist()):
+                t = time.perf_counter_ns()
+                vm.touch([p])
+                lat[i] = time.perf_counter_ns() - t
+            native_served = (fs.native.stats()["served"] - served0) if fs.native is not None else 0
+            n_served = settled_count(lambda: s.counters.faults_served) - faults0
+            svc = np.asarray(s.fault_latency.samples()[-n_served:] if n_served else [], dtype=float)
+            path = "native" if fs.native is not None else "python"
+            agent.set_policy(vm.vm_id, EvictionPolicy(cold_after=1, prefetch_pages=256, store="default"))
+            checked, bad = vm.verify()  # every page; the evicted ones fault back (with prefetch: quick)
+    lat /= 1e3
+    base /= 1e3
+    b50 = _pct(base, 50)
+    return {
+        "fault_path": path,
+        "faults": len(victims),
+        "native_served": int(native_served),
+        "touch_resident_p50_us": round(b50, 2),
+        "touch_evicted_p50_us": round(_pct(lat, 50), 2),
+        "touch_evicted_p99_us": round(_pct(lat, 99), 2),
+        "fault_p50_us": round(_pct(lat, 50) - b50, 2),
+        "fault_p99_us": round(_pct(lat, 99) - b50, 2),
+        "agent_service_p50_us": round(_pct(svc, 50), 2),
+        "verified_pages": checked,
+        "mismatches": bad,
+    }
+
+
 def _process_guest(
     memory: int, workload: str, duration_s: float, interval_s: float, n_lat: int, rounds: int
 ) -> dict[str, Any]:
@@ -272,6 +339,9 @@ def run(
     rounds = 1 if quick else 3
     kvm = _kvm_guest(memory, workload, duration_s, interval_s, fault_samples, rounds)
     proc = _process_guest(memory, workload, duration_s, interval_s, fault_samples, rounds)
+    # the agent's two fault paths, the native one only where the extension is built
+    paths = [True, False] if native.paths()["fault_serve"] == "native" else [False]
+    agent_lat = [_agent_latency(memory, workload, fault_samples, use) for use in paths]
 
     def ratio(a: float, b: float) -> float | None:
         return round(a / b, 3) if b else None
@@ -284,6 +354,7 @@ def run(
         "rounds": rounds,
         "kvm": kvm,
         "process": proc,
+        "agent_latency": agent_lat,
         "ratios": {
             "kvm_on_over_off": ratio(kvm["on"]["accesses_per_s"], kvm["off"]["accesses_per_s"]),
             "process_on_over_off": ratio(proc["on"]["accesses_per_s"], proc["off"]["accesses_per_s"]),
@@ -294,6 +365,13 @@ def run(
             "kvm_fault_p99_over_process": ratio(
                 kvm["latency"]["fault_p99_us"], proc["latency"]["fault_p99_us"]
             ),
+            # the agent's fault against the bare pager process's, both on the KVM guest
+            **{
+                f"agent_{a['fault_path']}_fault_p50_over_pager": ratio(
+                    a["fault_p50_us"], kvm["latency"]["fault_p50_us"]
+                )
+                for a in agent_lat
+            },
         },
     }
 
@@ -317,6 +395,12 @@ def _print(r: dict[str, Any]) -> None:
             f"handler service p50 {lat['handler_service_p50_us']} us, p99 {lat['handler_service_p99_us']} us)"
         )
         print(f"  {'':8} verified {g['verified_pages']} pages, {g['mismatches']} mismatches")
+    for a in r["agent_latency"]:
+        print(
+            f"  agent ({a['fault_path']} path, KVM guest, local store) MISSING->COPY fault: p50 {a['fault_p50_us']} us"
+            f"  p99 {a['fault_p99_us']} us over {a['faults']} faults ({a['native_served']} served natively; "
+            f"verified {a['verified_pages']} pages, {a['mismatches']} mismatches)"
+        )
     x = r["ratios"]
     print(
         f"  ratios: KVM on/off {x['kvm_on_over_off']}, process on/off {x['process_on_over_off']}, "

@@ -66,6 +66,17 @@ def _stores(f: F) -> F:
     )(f)
 
 
+def _mode(f: F) -> F:
+    return click.option(
+        "--mode",
+        type=click.Choice(["auto", "uffd", "rwp"]),
+        default="auto",
+        show_default=True,
+        help="How the process guest registers its memory: auto follows the kernel probe "
+        "(rwp on Linux 7.3+, else uffd).",
+    )(f)
+
+
 def _quiet_logs() -> None:
     # The agent logs through structlog; keep stdout for the table or the JSON.
     from tiermem.logging import configure_logging
@@ -207,6 +218,7 @@ def bench_store(
     help="Only pinned to one CPU (--pin) or only unpinned (--no-pin). [default: both; the goal "
     "ratio uses the pinned run]",
 )
+@_mode
 @_common
 def bench_fault(
     urls: tuple[str, ...],
@@ -215,6 +227,7 @@ def bench_fault(
     prefetch: int,
     no_local: bool,
     pin: bool | None,
+    mode: str,
     quick: bool,
     as_json: bool,
 ) -> None:
@@ -223,7 +236,7 @@ def bench_fault(
     from tiermem.bench.fault import PLACEMENTS, run
 
     placements = PLACEMENTS if pin is None else ("pinned",) if pin else ("unpinned",)
-    res = run(urls, spawn, quick, faults, prefetch, local=not no_local, placements=placements)
+    res = run(urls, spawn, quick, faults, prefetch, local=not no_local, placements=placements, mode=mode)
 
     def render(r: dict[str, Any]) -> None:
         _show(
@@ -240,6 +253,7 @@ def bench_fault(
                 "agent p99",
                 "COPY p50",
                 "raw get p50",
+                "p50 / get",
                 "p50 / (COPY+get)",
                 "resident touch",
                 "mismatches",
@@ -257,6 +271,7 @@ def bench_fault(
                     x["agent"]["p99_us"],
                     x["baseline_copy"]["p50_us"],
                     x["baseline_get"]["p50_us"],
+                    _x(x["ratio_p50_vs_get"]),
                     _x(x["ratio_p50_vs_copy_plus_get"]),
                     x["resident_touch"]["p50_us"],
                     x["mismatches"],
@@ -275,6 +290,7 @@ def bench_fault(
 @click.option("--pages", type=click.IntRange(min=1), default=65536, show_default=True)
 @click.option("--backend", type=click.Choice(["uffd", "sim"]), default="uffd", show_default=True)
 @click.option("--no-local", is_flag=True, help="Skip the local store.")
+@_mode
 @_common
 def bench_evict(
     urls: tuple[str, ...],
@@ -282,13 +298,14 @@ def bench_evict(
     pages: int,
     backend: str,
     no_local: bool,
+    mode: str,
     quick: bool,
     as_json: bool,
 ) -> None:
     """Eviction throughput per store: the agent's path vs the store's raw put and put_pages."""
     from tiermem.bench.evict import run
 
-    res = run(urls, spawn, quick, pages, backend, local=not no_local)
+    res = run(urls, spawn, quick, pages, backend, local=not no_local, mode=mode)
 
     def render(r: dict[str, Any]) -> None:
         _show(
@@ -481,6 +498,32 @@ def bench_kvm(
                 "mismatches",
             ],
             rows,
+        )
+        _show(
+            "MISSING->COPY on the KVM guest through the node agent (local store), µs",
+            [
+                "fault path",
+                "faults",
+                "served natively",
+                "fault p50",
+                "p99",
+                "resident touch",
+                "p50 / pager's",
+                "mismatches",
+            ],
+            [
+                [
+                    a["fault_path"],
+                    a["faults"],
+                    a["native_served"],
+                    a["fault_p50_us"],
+                    a["fault_p99_us"],
+                    a["touch_resident_p50_us"],
+                    _x(r["ratios"].get(f"agent_{a['fault_path']}_fault_p50_over_pager")),
+                    a["mismatches"],
+                ]
+                for a in r["agent_latency"]
+            ],
         )
         x = r["ratios"]
         console().print(
@@ -692,6 +735,10 @@ def bench_policy(
     help="Per-cycle eviction cap of each sim VM.",
 )
 @click.option("--interval-ms", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option(
+    "--python-path", is_flag=True, help="Serve faults on the pure-Python path (no native fault thread)."
+)
+@_mode
 @_common
 def bench_agent(
     urls: tuple[str, ...],
@@ -701,13 +748,26 @@ def bench_agent(
     guest_mib: int,
     cap_mib: int,
     interval_ms: int,
+    python_path: bool,
+    mode: str,
     quick: bool,
     as_json: bool,
 ) -> None:
-    """4 sim VMs of 1 GiB + 1 process guest on uffd, one store (default: a spawned Redis)."""
+    """4 sim VMs of 1 GiB + 1 process guest (uffd or rwp), one store (default: a spawned Redis)."""
     from tiermem.bench.agent import run
 
-    res = run(urls, spawn, quick, sim_vms, sim_mib, guest_mib, cap_mib, interval_ms)
+    res = run(
+        urls,
+        spawn,
+        quick,
+        sim_vms,
+        sim_mib,
+        guest_mib,
+        cap_mib,
+        interval_ms,
+        mode=mode,
+        native_faults=not python_path,
+    )
 
     def render(r: dict[str, Any]) -> None:
         _show(
@@ -756,7 +816,7 @@ def bench_agent(
         )
         i, d, g = r["faults_idle"], r["faults_during_eviction"], r["baseline_get"]
         _show(
-            f"fault latency, µs ({r['store']['kind']}); baseline: {g['client']}",
+            f"fault latency, µs ({r['store']['kind']}, {r['fault_path']} fault path); baseline: {g['client']}",
             ["", "faults", "p50", "p99", "agent p50", "agent p99", "p50 vs raw get"],
             [
                 [
@@ -803,6 +863,85 @@ def bench_agent(
         _goals(r["goals"])
 
     _out("agent", res, as_json, render)
+
+
+# --- tracking ---------------------------------------------------------------------------------------
+@bench.command("tracking")
+@click.option(
+    "--modes",
+    default="auto",
+    show_default=True,
+    help="Comma-separated off,rwp,uffd; auto = all three, rwp only where the kernel has it.",
+)
+@click.option("--guest-mib", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--workload", default="hotset:0.1", show_default=True)
+@click.option(
+    "--window",
+    "window_s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=8.0,
+    show_default=True,
+    help="Seconds the guest runs per mode.",
+)
+@click.option("--interval-ms", type=click.IntRange(min=1), default=500, show_default=True)
+@click.option(
+    "--rounds",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Rounds of every mode, in rotated order; figures are medians. 1 with --quick.",
+)
+@_common
+def bench_tracking(
+    modes: str,
+    guest_mib: int,
+    workload: str,
+    window_s: float,
+    interval_ms: int,
+    rounds: int,
+    quick: bool,
+    as_json: bool,
+) -> None:
+    """What RWP buys: guest access rate and agent CPU per GiB per cycle, tracking off / rwp / uffd emulation."""
+    from tiermem.bench.common import ratio
+    from tiermem.bench.tracking import run
+
+    res = run(modes, quick, guest_mib, workload, window_s, interval_ms, rounds=rounds)
+
+    def render(r: dict[str, Any]) -> None:
+        off = next((x for x in r["rows"] if x["mode"] == "off"), None)
+        rwp = next((x for x in r["rows"] if x["mode"] == "rwp"), None)
+        _show(
+            f"tracking cost: {r['guest_mib']} MiB guest, {r['workload']}, {r['window_s']} s per mode, "
+            f"{r['interval_ms']} ms cycles, median of {r['rounds']} rounds (kernel {r['kernel']})",
+            [
+                "mode",
+                "registered",
+                "accesses/s",
+                "vs off",
+                "cycles",
+                "agent CPU ms/GiB/cycle",
+                "vs rwp",
+                "mismatches",
+            ],
+            [
+                [
+                    x["mode"],
+                    x["registered"],
+                    _f(x["accesses_per_s"], 0),
+                    _x(ratio(x["accesses_per_s"], off["accesses_per_s"])) if off else "-",
+                    x["cycles"],
+                    _f(x["agent_cpu_ms_per_gib_per_cycle"]),
+                    _x(ratio(x["agent_cpu_ms_per_gib_per_cycle"], rwp["agent_cpu_ms_per_gib_per_cycle"]))
+                    if rwp
+                    else "-",
+                    x["mismatches"],
+                ]
+                for x in r["rows"]
+            ],
+        )
+
+    _out("tracking", res, as_json, render)
 
 
 # --- restore -----------------------------------------------------------------------------------------

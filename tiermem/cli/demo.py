@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import signal
+import sys
 
 import click
 from rich.console import Console
@@ -77,10 +77,12 @@ def _print_summary(console: Console, s: DemoSummary) -> None:
 @click.option("--duration", default="30s", show_default=True, help="How long to run, e.g. 20s, 2m.")
 @click.option(
     "--backend",
-    type=click.Choice(["sim", "uffd"]),
+    type=click.Choice(["sim", "uffd", "rwp"]),
     default="sim",
     show_default=True,
-    help="sim: simulated RWP kernel; uffd: real process guests on this kernel's userfaultfd.",
+    help="sim: simulated RWP kernel; uffd: real process guests, RWP emulated over userfaultfd "
+    "MINOR faults; rwp: real process guests tracked by the kernel's userfaultfd RWP "
+    "(Linux 7.3+).",
 )
 @click.option("--kvm", is_flag=True, help="Run the four workloads as real KVM guests (needs /dev/kvm).")
 @click.option(
@@ -130,6 +132,8 @@ def demo(
                 EXIT_PRECONDITION,
             )
         backend = "kvm"
+    elif backend in ("uffd", "rwp"):
+        _require_backend(backend)
     cfg = DemoConfig(
         duration_s=dur,
         backend=backend,
@@ -139,7 +143,6 @@ def demo(
         plot=plot or "",
         workdir=workdir or "",
     )
-    logging.getLogger().setLevel(logging.WARNING)
     _quiet_logs()
     console = Console(stderr=as_json)
     if not as_json:
@@ -155,6 +158,18 @@ def demo(
         _print_summary(console, summary)
     if not summary.integrity_ok:
         raise SystemExit(3)
+
+
+def _require_backend(backend: str) -> None:
+    from tiermem.kernel.probe import probe_host
+
+    rep = probe_host()
+    if not rep.backends.get(backend):
+        hint = "; `tiermem doctor` shows what this host has" if backend == "rwp" else ""
+        raise CliExit(
+            f"--backend {backend} is not available here: {rep.reasons.get(backend, 'unknown')}{hint}",
+            EXIT_PRECONDITION,
+        )
 
 
 def _run(cfg: DemoConfig, console: Console, as_json: bool) -> DemoSummary:
@@ -176,6 +191,8 @@ def _run(cfg: DemoConfig, console: Console, as_json: bool) -> DemoSummary:
 
 
 def _quiet_logs() -> None:
-    import structlog
+    # Warnings and errors only, and on stderr: stdout carries the live table or, with --json, nothing but
+    # the JSON (structlog's unconfigured default prints to stdout).
+    from tiermem.logging import configure_logging
 
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    configure_logging(json=False, level="WARNING", stream=sys.stderr)

@@ -47,7 +47,8 @@ def doctor(as_json: bool) -> None:
     paths = native.paths()
     console.print(f"native extension: {paths['extension']}")
     console.print(
-        f"sim scan: [bold]{paths['sim_scan']}[/]; fault serve path: [bold]{paths['fault_serve']}[/]"
+        f"sim scan: [bold]{paths['sim_scan']}[/]; fault serve path: [bold]{paths['fault_serve']}[/] "
+        f"(Redis pages: [bold]{paths['fault_serve_redis']}[/])"
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import queue
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import click
@@ -12,9 +13,13 @@ import click
 from tiermem.cli.options import complete_vm_ids, connection_options, get_client, json_option
 from tiermem.cli.output import emit_json_line, fmt_time
 from tiermem.cli.vm import check_id
+from tiermem.errors import Unavailable
 from tiermem.model import Event, EventKind
 
-__all__ = ["events", "format_event"]
+__all__ = ["events", "format_event", "resuming"]
+
+RETRY_FIRST_S = 0.5
+RETRY_MAX_S = 10.0
 
 _ERROR_KINDS = {
     EventKind.CYCLE_FAILED,
@@ -59,7 +64,7 @@ def events(ctx: click.Context, vm_id: str | None, follow: bool, after_seq: int, 
     """
     if vm_id:
         check_id(vm_id, "VM id", "--vm")
-    stream = get_client(ctx).stream_events(vm_id or "", after_seq, follow)
+    client = get_client(ctx)
 
     def show(e: Event) -> None:
         if as_json:
@@ -68,10 +73,31 @@ def events(ctx: click.Context, vm_id: str | None, follow: bool, after_seq: int, 
             click.secho(format_event(e), fg="red" if e.kind in _ERROR_KINDS else None)
 
     if not follow:
-        for e in stream:
+        for e in client.stream_events(vm_id or "", after_seq, False):
             show(e)
         return
-    _follow(stream, show)
+    _follow(resuming(lambda seq: client.stream_events(vm_id or "", seq, True), after_seq), show)
+
+
+def resuming(
+    open_stream: Callable[[int], Iterator[Event]], after_seq: int, sleep: Callable[[float], None] = time.sleep
+) -> Iterator[Event]:
+    """Events of ``open_stream(after_seq)``, reopened after the last seq seen when the server is unavailable.
+
+    A restarting control plane, a leader change or a dropped connection is UNAVAILABLE: the follow
+    waits (0.5 s doubling to 10 s, reset by any event) and resumes after the last event it printed,
+    so nothing is shown twice and nothing buffered is lost. Any other error ends the follow.
+    """
+    seq, delay = after_seq, RETRY_FIRST_S
+    while True:
+        try:
+            for e in open_stream(seq):
+                seq, delay = max(seq, e.seq), RETRY_FIRST_S
+                yield e
+            return
+        except Unavailable:
+            sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_S)
 
 
 _END = object()

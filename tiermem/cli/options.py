@@ -9,11 +9,13 @@ leave ``ClientSettings`` to the environment (``TIERMEM_SERVER``,
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
 
+from tiermem.cli.output import set_wide
 from tiermem.config import ClientSettings, load_settings
 from tiermem.errors import InvalidArgument
 from tiermem.units import (
@@ -155,8 +157,31 @@ def connection_options(f: F) -> F:
 
 
 def json_option(f: F) -> F:
-    """Add ``--json`` (as the ``as_json`` parameter)."""
-    return click.option("--json", "as_json", is_flag=True, help="Print JSON (the documented fields).")(f)
+    """Add ``--json`` and ``-o/--output table|wide|json`` (kubectl style); the command sees ``as_json``.
+
+    ``-o json`` is ``--json``; ``-o wide`` prints tables at full width, never folding a cell.
+    """
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, output: str | None = None, **kwargs: Any) -> Any:
+        if output == "json":
+            kwargs["as_json"] = True
+        elif output is not None and kwargs.get("as_json"):
+            raise InvalidArgument(f"--json and -o {output} disagree; use one")
+        set_wide(output == "wide")
+        return f(*args, **kwargs)
+
+    wrapper = click.option(
+        "-o",
+        "--output",
+        type=click.Choice(["table", "wide", "json"]),
+        default=None,
+        help="Output format: table (default), wide (never fold cells) or json (= --json).",
+    )(wrapper)
+    return cast(
+        F,
+        click.option("--json", "as_json", is_flag=True, help="Print JSON (the documented fields).")(wrapper),
+    )
 
 
 def client_settings(ctx: click.Context) -> ClientSettings:

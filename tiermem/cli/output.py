@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import click
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -32,12 +33,26 @@ __all__ = [
     "kv_table",
     "phase_table",
     "policy_rows",
+    "set_wide",
     "table",
     "to_jsonable",
 ]
 
 
 _PIPE_WIDTH = 240
+_WIDE_WIDTH = 100_000
+_wide = False
+
+
+def set_wide(wide: bool) -> None:
+    """``-o wide``: tables at their natural width (cells never folded), on a terminal or not."""
+    global _wide
+    _wide = wide
+
+
+def _box() -> box.Box:
+    """Unicode rules on a terminal; plain ASCII (+, -, |) in pipes, files and dumb terminals."""
+    return box.HEAVY_HEAD if sys.stdout.isatty() and os.environ.get("TERM") != "dumb" else box.ASCII
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -74,6 +89,8 @@ def console() -> Console:
     Off a terminal (pipes, files) tables are not squeezed to 80 columns: a row stays
     on one line so ``grep`` and ``awk`` work on it. ``COLUMNS`` still wins.
     """
+    if _wide:
+        return Console(file=sys.stdout, soft_wrap=False, highlight=False, width=_WIDE_WIDTH)
     con = Console(file=sys.stdout, soft_wrap=False, highlight=False)
     if not con.is_terminal and "COLUMNS" not in os.environ:
         con = Console(file=sys.stdout, soft_wrap=False, highlight=False, width=_PIPE_WIDTH)
@@ -82,7 +99,7 @@ def console() -> Console:
 
 def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:
     """A rich table with ``columns``; numeric-looking columns are right-aligned by the caller's text."""
-    t = Table(title=title, show_edge=False, header_style="bold", pad_edge=False)
+    t = Table(title=title, show_edge=False, header_style="bold", pad_edge=False, box=_box())
     for c in columns:
         t.add_column(c, overflow="fold")
     for row in rows:
@@ -92,7 +109,9 @@ def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any
 
 def kv_table(title: str | None, rows: Iterable[tuple[str, Any]]) -> Table:
     """A two-column key/value table."""
-    t = Table(title=title, show_header=False, show_edge=False, pad_edge=False, title_justify="left")
+    t = Table(
+        title=title, show_header=False, show_edge=False, pad_edge=False, title_justify="left", box=_box()
+    )
     t.add_column("key", style="bold")
     t.add_column("value", overflow="fold")
     for k, v in rows:

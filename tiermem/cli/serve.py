@@ -72,6 +72,12 @@ def _common_server_options(f: F) -> F:
             default=None,
             help="Log format [default json].",
         ),
+        click.option(
+            "--log-level",
+            type=click.Choice(["debug", "info", "warning", "error"]),
+            default=None,
+            help="Least severe level logged [default info].",
+        ),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -121,6 +127,7 @@ def controlplane_overrides(**flags: Any) -> dict[str, Any]:
         "metrics_listen": flags.get("metrics_listen"),
         "reflection": flags.get("reflection"),
         "log_json": _log_json(flags.get("log_format")),
+        "log_level": flags.get("log_level"),
     }
     return {k: v for k, v in out.items() if v is not None}
 
@@ -175,7 +182,7 @@ def serve_controlplane(config_file: str | None, **flags: Any) -> None:
     from tiermem.control.server import run_control_plane
     from tiermem.logging import configure_logging
 
-    configure_logging(json=settings.log_json)
+    configure_logging(json=settings.log_json, level=settings.log_level)
     run_control_plane(settings)
 
 
@@ -201,6 +208,7 @@ def agent_overrides(**flags: Any) -> dict[str, Any]:
         "metrics_listen": flags.get("metrics_listen"),
         "reflection": flags.get("reflection"),
         "log_json": _log_json(flags.get("log_format")),
+        "log_level": flags.get("log_level"),
     }
     return {k: v for k, v in out.items() if v is not None}
 
@@ -249,5 +257,5 @@ def serve_agent(config_file: str | None, **flags: Any) -> None:
     from tiermem.agent.server import run_agent
     from tiermem.logging import configure_logging
 
-    configure_logging(json=settings.log_json)
+    configure_logging(json=settings.log_json, level=settings.log_level)
     run_agent(settings)

@@ -8,7 +8,7 @@ from typing import Any
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from tiermem.api import VmSpec
+from tiermem.api import PolicyScope, VmSpec
 from tiermem.cli.errors import fail
 from tiermem.cli.options import (
     MEMORY,
@@ -29,7 +29,7 @@ from tiermem.cli.output import (
     table,
 )
 from tiermem.errors import InvalidArgument
-from tiermem.model import PAGE_SIZE, Backend, DrainProgress, VmStatus, validate_id
+from tiermem.model import PAGE_SIZE, Backend, DrainProgress, EvictionPolicy, VmStatus, validate_id
 from tiermem.selector import parse_selector, validate_labels
 from tiermem.units import format_bytes, format_duration_ms, format_rate_per_min
 
@@ -244,7 +244,10 @@ def cycle_table(reports: list[Any], title: str | None) -> Any:
     help="Kernel backend.",
 )
 @click.option(
-    "--workload", metavar="SPEC", default="", help="Sim backend only: guest workload spec, e.g. zipf."
+    "--workload",
+    metavar="SPEC",
+    default="",
+    help="Sim backend only: guest workload spec, e.g. zipf:1.1, hotset:0.1, scan or idle.",
 )
 @click.option("--attach", is_flag=True, help="Also attach it on its node now.")
 @json_option
@@ -301,16 +304,28 @@ def register_vm(
 
 @vm.command("drain")
 @click.argument("vm_id", metavar="VM", shell_complete=complete_vm_ids)
+@click.option(
+    "--keep-paused",
+    is_flag=True,
+    help="Pause the VM's policy first, so no later cycle evicts it again (undo: policy set VM --resume).",
+)
 @json_option
 @connection_options
 @click.pass_context
-def drain_vm(ctx: click.Context, vm_id: str, as_json: bool) -> None:
+def drain_vm(ctx: click.Context, vm_id: str, keep_paused: bool, as_json: bool) -> None:
     """Bring every evicted page of a VM back into its memory, with a progress bar.
+
+    No cycle runs during the drain. Afterwards the VM's policy applies again, and the next scheduled
+    cycle evicts its cold pages anew, unless --keep-paused paused it (a VM policy entry with
+    paused=true; `tiermem policy set VM --resume` undoes it).
 
     JSON: one DrainProgress object per line (vm_id, pages_total, pages_restored, done).
     """
     check_id(vm_id, "VM id", "VM")
-    stream = get_client(ctx).drain_vm(vm_id)
+    client = get_client(ctx)
+    if keep_paused:
+        client.set_policy(PolicyScope.for_vm(vm_id), EvictionPolicy(paused=True), ["paused"])
+    stream = client.drain_vm(vm_id)
     last = DrainProgress(vm_id)
     if as_json:
         for p in stream:
@@ -332,7 +347,8 @@ def drain_vm(ctx: click.Context, vm_id: str, as_json: bool) -> None:
             for p in stream:
                 bar.update(task, total=max(p.pages_total, 1), completed=p.pages_restored)
                 last = p
-        click.echo(f"VM {vm_id} drained: {last.pages_restored} of {last.pages_total} pages restored")
+        paused = " (paused: policy set VM --resume to tier it again)" if keep_paused else ""
+        click.echo(f"VM {vm_id} drained: {last.pages_restored} of {last.pages_total} pages restored{paused}")
     if not last.done:
         fail(f"drain of {vm_id} ended before it was done ({last.pages_restored}/{last.pages_total} pages)", 2)
 

@@ -14,6 +14,7 @@ import structlog
 
 from tiermem.control.clock import Clock, clock_ms
 from tiermem.control.state import StateStore
+from tiermem.events import log_level
 from tiermem.model import Event, EventKind
 
 __all__ = ["EventLog"]
@@ -43,7 +44,7 @@ class EventLog:
             attributes={k: str(v) for k, v in attributes.items()},
         )
         ev = await self._state.append_event(ev)
-        log.info(
+        getattr(log, log_level(kind))(
             "event", kind=kind.value, seq=ev.seq, vm_id=vm_id or None, node_id=node_id or None, msg=message
         )
         self._new.set()
@@ -67,8 +68,7 @@ class EventLog:
         """Append several events in one store operation and wake followers."""
         out = await self._state.append_events(events)
         for ev in out:
-            emit = log.debug if ev.kind is EventKind.CYCLE_COMPLETED else log.info
-            emit(
+            getattr(log, log_level(ev.kind))(
                 "event",
                 kind=ev.kind.value,
                 seq=ev.seq,

@@ -107,7 +107,7 @@ async def serve_control_plane(
             replica_id=settings.replica_id,
         )
         servicer = ControlPlaneServicer(plane)
-        auth = TokenAuthInterceptor.from_spec(settings.token)
+        auth = TokenAuthInterceptor.from_spec(settings.token, settings.reflection_without_token)
         started = await start_server(
             lambda srv: cgrpc.add_ControlPlaneServicer_to_server(servicer, srv),
             [SERVICE_NAME],
@@ -124,7 +124,13 @@ async def serve_control_plane(
     await plane.start()
     running = RunningControlPlane(plane, started, address, state, agents)
     if settings.metrics_listen:
-        running.metrics_port = start_metrics(settings.metrics_listen, plane.metrics.registry, settings.tls)
+        try:
+            running.metrics_port = start_metrics(
+                settings.metrics_listen, plane.metrics.registry, settings.metrics_tls
+            )
+        except BaseException:
+            await running.stop(0)  # the gRPC server is up: stop it on this loop, not at interpreter exit
+            raise
     log.info(
         "control plane serving",
         address=address,

@@ -56,6 +56,8 @@ class ProcessGuestHandle:
     socket_path: str
     memory: str = "64M"
     seed: int = 1
+    mode: str = "uffd"
+    """How the guest registers its memory: ``uffd`` (MINOR-emulated RWP) or ``rwp`` (the kernel's)."""
     period_s: float = 0.02
     proc: subprocess.Popen[str] | None = None
     _thread: threading.Thread | None = None
@@ -80,6 +82,8 @@ class ProcessGuestHandle:
                 self.workload,
                 "--seed",
                 str(self.seed),
+                "--mode",
+                self.mode,
                 "--control",
                 "--timeout",
                 str(timeout),
@@ -93,6 +97,10 @@ class ProcessGuestHandle:
         ready = self._read()
         if not ready.get("ready"):
             raise FailedPrecondition(f"process guest {self.vm_id} did not attach: {ready}")
+        if ready.get("mode") != self.mode:
+            raise FailedPrecondition(
+                f"process guest {self.vm_id} registered {ready.get('mode')}, not {self.mode}"
+            )
 
     def _read(self) -> dict[str, Any]:
         assert self.proc is not None and self.proc.stdout is not None

@@ -1,6 +1,6 @@
 """Run the demo: a control plane (SQLite), one agent (local directory store), contrasting VMs.
 
-Everything runs in this process except process guests (``--backend uffd``),
+Everything runs in this process except process guests (``--backend uffd|rwp``),
 which are real child processes handing their guest memory to the agent over
 the handoff socket. The control plane's scheduler orders every cycle; the live
 view reads VM status through the control plane, as an operator would.
@@ -102,8 +102,8 @@ async def _wait_node(client: AsyncControlPlaneClient, timeout: float = 10.0) -> 
 
 async def run_demo(cfg: DemoConfig, on_sample: Callable[[Sample], None] | None = None) -> DemoSummary:
     """Run the demo for ``cfg.duration_s`` and return its summary (cleans up on cancel)."""
-    if cfg.backend not in ("sim", "uffd", "kvm"):
-        raise InvalidArgument(f"--backend must be sim or uffd (or --kvm), got {cfg.backend!r}")
+    if cfg.backend not in ("sim", "uffd", "rwp", "kvm"):
+        raise InvalidArgument(f"--backend must be sim, uffd or rwp (or --kvm), got {cfg.backend!r}")
     if cfg.duration_s <= 0:
         raise InvalidArgument("--duration must be > 0")
     work = Path(cfg.workdir) if cfg.workdir else Path(tempfile.mkdtemp(prefix="tiermem-demo-"))
@@ -246,7 +246,8 @@ async def _start_guests(
     mem_mib = cfg.memory_mib or 64
     for i, (name, spec) in enumerate(DEFAULT_WORKLOADS.items()):
         vm = f"proc-{name}"
-        pg = ProcessGuestHandle(vm, spec, sock, memory=f"{mem_mib}M", seed=i + 1)
+        # the guest registers its memory in the chosen mode (never the probe's pick: --backend means it)
+        pg = ProcessGuestHandle(vm, spec, sock, memory=f"{mem_mib}M", seed=i + 1, mode=cfg.backend)
         await asyncio.to_thread(pg.spawn)
         guests.append(pg)
         await asyncio.to_thread(pg._cmd, f"touch 0-{mem_mib * MIB // 4096 - 1} w")  # a booted guest's memory
@@ -256,7 +257,7 @@ async def _start_guests(
                 node_id=NODE,
                 memory_bytes=mem_mib * MIB,
                 labels={"workload": name},
-                backend=Backend.UFFD,
+                backend=Backend(cfg.backend),
             )
         )
         pg.start()

@@ -5,16 +5,10 @@ from __future__ import annotations
 import grpc
 
 from tiermem.config import TlsSettings
+from tiermem.rpc.options import CLIENT_KEEPALIVE_MS, client_options
 from tiermem.rpc.security import channel_credentials
 
 __all__ = ["aio_channel", "auth_metadata", "sync_channel"]
-
-_OPTIONS = [
-    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-    ("grpc.max_send_message_length", 16 * 1024 * 1024),
-    ("grpc.enable_retries", 1),
-    ("grpc.keepalive_time_ms", 30_000),
-]
 
 
 def auth_metadata(token: str) -> tuple[tuple[str, str], ...]:
@@ -22,26 +16,30 @@ def auth_metadata(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
-def _opts(tls: TlsSettings) -> list[tuple[str, object]]:
-    opts: list[tuple[str, object]] = list(_OPTIONS)
+def _opts(tls: TlsSettings, keepalive_ms: int = CLIENT_KEEPALIVE_MS) -> list[tuple[str, object]]:
+    opts = client_options(keepalive_ms)
     if tls.server_name:
         opts.append(("grpc.ssl_target_name_override", tls.server_name))
     return opts
 
 
-def aio_channel(address: str, tls: TlsSettings | None = None) -> grpc.aio.Channel:
+def aio_channel(
+    address: str, tls: TlsSettings | None = None, keepalive_ms: int = CLIENT_KEEPALIVE_MS
+) -> grpc.aio.Channel:
     """An asyncio channel to ``address``."""
     tls = tls or TlsSettings()
     creds = channel_credentials(tls)
     if creds is None:
-        return grpc.aio.insecure_channel(address, options=_opts(tls))
-    return grpc.aio.secure_channel(address, creds, options=_opts(tls))
+        return grpc.aio.insecure_channel(address, options=_opts(tls, keepalive_ms))
+    return grpc.aio.secure_channel(address, creds, options=_opts(tls, keepalive_ms))
 
 
-def sync_channel(address: str, tls: TlsSettings | None = None) -> grpc.Channel:
+def sync_channel(
+    address: str, tls: TlsSettings | None = None, keepalive_ms: int = CLIENT_KEEPALIVE_MS
+) -> grpc.Channel:
     """A blocking channel to ``address`` (the CLI)."""
     tls = tls or TlsSettings()
     creds = channel_credentials(tls)
     if creds is None:
-        return grpc.insecure_channel(address, options=_opts(tls))
-    return grpc.secure_channel(address, creds, options=_opts(tls))
+        return grpc.insecure_channel(address, options=_opts(tls, keepalive_ms))
+    return grpc.secure_channel(address, creds, options=_opts(tls, keepalive_ms))

@@ -65,6 +65,7 @@ __all__ = [
     "ALL_TENANTS",
     "NODE_METHODS",
     "OPEN_METHODS",
+    "REFLECTION_METHODS",
     "TENANT_HEADER",
     "TokenAuthInterceptor",
     "caller_tenant",
@@ -79,6 +80,8 @@ __all__ = [
 ]
 
 OPEN_METHODS = ("/grpc.health.v1.Health/",)
+REFLECTION_METHODS = ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/")
+"""Reflection: open only with ``reflection_without_token`` (it reveals the public schema, nothing else)."""
 """Method prefixes served without a token (probes must work without secrets)."""
 ALL_TENANTS = "*"
 TENANT_HEADER = "x-tiermem-tenant"
@@ -303,7 +306,8 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     spec string (see :func:`parse_tokens`).
     """
 
-    def __init__(self, tokens: Mapping[str, str] | str) -> None:
+    def __init__(self, tokens: Mapping[str, str] | str, open_reflection: bool = False) -> None:
+        self._open = OPEN_METHODS + (REFLECTION_METHODS if open_reflection else ())
         self._tokens = parse_tokens(tokens) if isinstance(tokens, str) else dict(tokens)
         if not self._tokens:
             raise ConfigurationError("token auth needs at least one token")
@@ -316,16 +320,16 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
                 raise ConfigurationError(f"invalid tenant name {who!r}")
 
     @classmethod
-    def from_spec(cls, spec: str) -> TokenAuthInterceptor | None:
+    def from_spec(cls, spec: str, open_reflection: bool = False) -> TokenAuthInterceptor | None:
         """An interceptor for a token spec, or None when the spec is empty (auth off)."""
         tokens = parse_tokens(spec)
-        return cls(tokens) if tokens else None
+        return cls(tokens, open_reflection) if tokens else None
 
     async def intercept_service(
         self, continuation: _Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> _Handler | None:
         method = handler_call_details.method
-        if method.startswith(OPEN_METHODS):
+        if method.startswith(self._open):
             return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
         md = {k.lower(): v for k, v in (handler_call_details.invocation_metadata or ())}

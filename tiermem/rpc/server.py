@@ -15,11 +15,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from tiermem.config import TlsSettings
 from tiermem.errors import ConfigurationError
+from tiermem.rpc.options import MAX_MESSAGE_BYTES, SERVER_MIN_PING_INTERVAL_MS, server_options
 from tiermem.rpc.security import TokenAuthInterceptor, server_credentials
 
-__all__ = ["ServerOptions", "StartedServer", "start_server"]
-
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+__all__ = ["MAX_MESSAGE_BYTES", "ServerOptions", "StartedServer", "start_server"]
 
 
 @dataclass
@@ -30,6 +29,10 @@ class ServerOptions:
     tls: TlsSettings = field(default_factory=TlsSettings)
     token: str = ""
     reflection: bool = False
+    reflection_without_token: bool = False
+    """Serve reflection to callers without a token (grpcurl against a token-protected server)."""
+    min_ping_interval_ms: int = SERVER_MIN_PING_INTERVAL_MS
+    """Keepalive enforcement: clients may ping this often (tests shorten it)."""
 
 
 @dataclass
@@ -55,14 +58,10 @@ async def start_server(
     """Create, populate (``register``) and start a server; returns the bound port."""
     chain: list[Any] = list(interceptors)
     if opts.token:
-        chain.insert(0, TokenAuthInterceptor(opts.token))
+        chain.insert(0, TokenAuthInterceptor(opts.token, opts.reflection_without_token))
     server = grpc.aio.server(
         interceptors=chain,
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.so_reuseport", 0),
-        ],
+        options=server_options(opts.min_ping_interval_ms),
     )
     register(server)
     hs = health.aio.HealthServicer()

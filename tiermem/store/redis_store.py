@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -41,7 +42,7 @@ from tiermem.store.base import StoredPage
 from tiermem.store.options import Opt, parse_options
 from tiermem.store.payload import EncodedPage, PayloadStore
 
-__all__ = ["RedisPageStore", "redis_error"]
+__all__ = ["RedisEndpoint", "RedisPageStore", "redis_error"]
 
 log = structlog.get_logger("tiermem.store.redis")
 
@@ -114,6 +115,20 @@ def redis_error(e: Exception, what: str) -> TiermemError:
     if isinstance(e, redis.exceptions.ResponseError) and "DB index is out of range" in str(e):
         return ConfigurationError(f"{what}: the Redis database number does not exist")
     return StoreUnavailable(msg)
+
+
+@dataclass(frozen=True)
+class RedisEndpoint:
+    """How to reach this store's Redis without redis-py (the native fault path's own connection)."""
+
+    host: str | None
+    port: int
+    unix_path: str | None
+    username: str | None
+    password: str | None = field(repr=False)
+    db: int
+    timeout_s: float
+    connect_timeout_s: float
 
 
 def _text(value: object) -> str:
@@ -235,7 +250,30 @@ class RedisPageStore(PayloadStore):
 
     def key(self, vm_id: str, page: int, generation: int) -> str:
         """The Redis key of one page (deterministic: invariant 5 never trusts a location)."""
-        return f"{self.prefix}:{{{vm_id}}}:p:{page}:{generation}"
+        return f"{self.key_prefix(vm_id)}{page}:{generation}"
+
+    def key_prefix(self, vm_id: str) -> str:
+        """What every page key of ``vm_id`` starts with: the key is ``<key_prefix><page>:<generation>``."""
+        return f"{self.prefix}:{{{vm_id}}}:p:"
+
+    def endpoint(self) -> RedisEndpoint | None:
+        """The plain (TCP or unix socket) endpoint and credentials; None for TLS (rediss://), which only
+        redis-py speaks here."""
+        pool = self.client.connection_pool
+        if issubclass(pool.connection_class, redis.SSLConnection):
+            return None
+        kw = pool.connection_kwargs
+        unix = kw.get("path") if issubclass(pool.connection_class, redis.UnixDomainSocketConnection) else None
+        return RedisEndpoint(
+            host=None if unix else str(kw.get("host", "localhost")),
+            port=int(kw.get("port", 6379)),
+            unix_path=str(unix) if unix else None,
+            username=kw.get("username"),
+            password=kw.get("password"),
+            db=int(kw.get("db", 0)),
+            timeout_s=float(kw.get("socket_timeout") or 5.0),
+            connect_timeout_s=float(kw.get("socket_connect_timeout") or kw.get("socket_timeout") or 2.0),
+        )
 
     def _usage_key(self, vm_id: str) -> str:
         return f"{self.prefix}:{{{vm_id}}}:usage"
