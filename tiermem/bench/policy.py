@@ -142,13 +142,12 @@ def baseline(
             total_ev += need
             ev_sum += need
             peak = max(peak, n_ev)
-    return ReplayResult(
+    return ReplayResult.of(
         pages=n,
         ticks=t_total,
+        evicted_page_ticks=ev_sum,
         cycles=n_cycles,
-        evicted_fraction=ev_sum / (t_total * n) if t_total and n else 0.0,
         promotions=promotions,
-        promotions_per_tick=promotions / t_total if t_total else 0.0,
         interval_ticks=k,
         cold_after=0,
         pages_evicted_total=total_ev,

@@ -121,13 +121,12 @@ def simulate(
             closes[c] = n_ev
     per_tick = np.cumsum(ev_at[:t_total] - prom_at[:t_total])
     ev_sum = int(per_tick.sum())
-    res = ReplayResult(
+    res = ReplayResult.of(
         pages=n,
         ticks=t_total,
+        evicted_page_ticks=ev_sum,
         cycles=n_cycles,
-        evicted_fraction=ev_sum / (t_total * n) if t_total and n else 0.0,
         promotions=promotions,
-        promotions_per_tick=promotions / t_total if t_total else 0.0,
         interval_ticks=k,
         cold_after=cold_after,
         pages_evicted_total=total_ev,

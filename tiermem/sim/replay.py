@@ -61,6 +61,19 @@ class ReplayResult:
     series: dict[str, list[int]] | None = None
     """Per tick: ``evicted`` (count at the end of the tick) and ``promotions`` (when asked for)."""
 
+    @classmethod
+    def of(cls, *, pages: int, ticks: int, evicted_page_ticks: int, **fields: Any) -> ReplayResult:
+        """A result whose two ratios are derived from the counts: ``evicted_fraction`` from the
+        page-ticks spent evicted, ``promotions_per_tick`` from ``promotions`` (every engine the same way)."""
+        promotions = int(fields["promotions"])
+        return cls(
+            pages=pages,
+            ticks=ticks,
+            evicted_fraction=evicted_page_ticks / (ticks * pages) if ticks and pages else 0.0,
+            promotions_per_tick=promotions / ticks if ticks else 0.0,
+            **fields,
+        )
+
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` object (``series`` only when recorded)."""
         d = dict(vars(self))
@@ -145,13 +158,12 @@ def replay(
         index.close()
     ticks = trace.n_ticks
     promotions = s.counters.faults_served
-    res = ReplayResult(
+    res = ReplayResult.of(
         pages=n,
         ticks=ticks,
+        evicted_page_ticks=evicted_sum,
         cycles=cycles,
-        evicted_fraction=evicted_sum / (ticks * n) if ticks and n else 0.0,
         promotions=promotions,
-        promotions_per_tick=promotions / ticks if ticks else 0.0,
         interval_ticks=interval_ticks,
         cold_after=cold_after,
         pages_evicted_total=evicted_total,
